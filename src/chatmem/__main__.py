@@ -1,0 +1,5 @@
+import sys
+
+from chatmem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""Wiring chatmem onto an aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .config import Config
+from .errors import ChatmemError, error_body, error_response
+from .proxy.chat import chat_completions
+from .proxy.compat import health
+from .proxy.http import json_response
+from .proxy.passthrough import passthrough
+from .state import GATEWAY, Gateway
+
+__all__ = ["create_app", "setup"]
+
+log = logging.getLogger("chatmem")
+
+ROUTE_PREFIX = "chatmem."
+
+
+def setup(app: web.Application, config: Config) -> None:
+    """Add chatmem's routes, error handling and lifecycle to an existing application."""
+    gateway = Gateway(config)
+    app[GATEWAY] = gateway
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.middlewares.append(_errors_as_json)
+    routes = app.router
+    routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
+    routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
+    routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
+    routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
+
+
+def create_app(config: Config) -> web.Application:
+    """The standalone gateway (what ``chatmem serve`` runs)."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[_http_errors_as_json]
+    )
+    setup(app, config)
+    return app
+
+
+def _is_chatmem_route(request: web.Request) -> bool:
+    name = request.match_info.route.name
+    return name is not None and name.startswith(ROUTE_PREFIX)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Our exceptions become OpenAI-style errors; the host app's routes are left alone."""
+    try:
+        return await handler(request)
+    except ChatmemError as exc:
+        return error_response(exc)
+    except web.HTTPException:
+        raise
+    except Exception:
+        if not _is_chatmem_route(request):
+            raise
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        body = error_body("internal error in the gateway", "server_error", code="internal_error")
+        return json_response(body, status=500)
+
+
+@web.middleware
+async def _http_errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Standalone only: aiohttp's own 404/405/413 answers in the OpenAI error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        body = error_body(exc.reason, kind, code=exc.reason.lower().replace(" ", "_"))
+        allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return json_response(body, status=exc.status, headers=allow)

@@ -1,0 +1,164 @@
+"""The ``chatmem`` command: serve, mock-upstream, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Config, ConfigError, find_config_file, load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatmem", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="TOML config file (else $CHATMEM_CONFIG, ./chatmem.toml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--upstream", help="base URL of the OpenAI-compatible server, with /v1")
+    serve.add_argument("--db", help="storage URL, e.g. sqlite+aiosqlite:///chatmem.db")
+    serve.add_argument(
+        "--demo", action="store_true", help="run the built-in mock model as the upstream"
+    )
+
+    mock = commands.add_parser("mock-upstream", help="run the built-in fake model server")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    mock.add_argument("--delay-ms", type=float, default=0.0, help="delay between tokens")
+
+    token = commands.add_parser("token", help="encode or decode a JWT (like the old jwt_util.py)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    encode = token_commands.add_parser("encode", help="print a signed JWT for JSON claims")
+    encode.add_argument("--secret", required=True)
+    encode.add_argument("--alg", default="HS256")
+    encode.add_argument("--exp", type=int, help="expire after this many seconds")
+    encode.add_argument("claims", help="JSON object of claims")
+    decode = token_commands.add_parser("decode", help="verify a JWT and print its claims")
+    decode.add_argument("--secret", required=True)
+    decode.add_argument("--alg", default="HS256")
+    decode.add_argument("token")
+    return parser
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for section, key, value in (
+        ("server", "host", args.host),
+        ("server", "port", args.port),
+        ("upstream", "url", args.upstream),
+        ("storage", "url", args.db),
+    ):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _serve(config: Config, demo: bool) -> None:
+    from .mock_upstream import run_mock_upstream
+
+    tasks: list[asyncio.Task[None]] = []
+    if demo:
+        port = _free_port()
+        tasks.append(
+            asyncio.create_task(run_mock_upstream("127.0.0.1", port, tokens=16, delay_ms=20))
+        )
+        config = dataclasses.replace(
+            config, upstream=dataclasses.replace(config.upstream, url=f"http://127.0.0.1:{port}/v1")
+        )
+    runner = web.AppRunner(
+        create_app(config),
+        handler_cancellation=True,
+        shutdown_timeout=config.server.shutdown_grace,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    print(
+        f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
+        f"-> {config.upstream.url}{' (demo model)' if demo else ''}",
+        flush=True,
+    )
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        for task in tasks:
+            task.cancel()
+
+
+def _token(args: argparse.Namespace) -> int:
+    import time
+
+    import jwt
+
+    if args.token_command == "encode":
+        try:
+            claims = json.loads(args.claims)
+        except ValueError:
+            print("chatmem token: claims must be a JSON object", file=sys.stderr)
+            return 2
+        if not isinstance(claims, dict):
+            print("chatmem token: claims must be a JSON object", file=sys.stderr)
+            return 2
+        if args.exp is not None:
+            claims["exp"] = int(time.time()) + args.exp
+        print(jwt.encode(claims, args.secret, algorithm=args.alg))
+        return 0
+    try:
+        decoded = jwt.decode(args.token, args.secret, algorithms=[args.alg])
+    except jwt.PyJWTError as exc:
+        print(f"chatmem token: invalid token: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(decoded))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "token":
+        return _token(args)
+    try:
+        if args.command == "mock-upstream":
+            from .mock_upstream import run_mock_upstream
+
+            print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True)
+            asyncio.run(
+                run_mock_upstream(args.host, args.port, tokens=args.tokens, delay_ms=args.delay_ms)
+            )
+            return 0
+        try:
+            config = load_config(find_config_file(args.config), overrides=_serve_overrides(args))
+        except ConfigError as exc:
+            print(f"chatmem: config error: {exc}", file=sys.stderr)
+            return 2
+        asyncio.run(_serve(config, args.demo))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

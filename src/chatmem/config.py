@@ -1,0 +1,225 @@
+"""Configuration: one TOML file plus the environment, loaded once into a frozen object.
+
+The object is built by :func:`load_config` and passed to whatever needs it; nothing reads
+configuration from globals.  Every problem (unreadable file, unknown key, wrong type,
+unset ``${VAR}``) raises :class:`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "MemoryConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "UpstreamConfig",
+    "find_config_file",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str(exc)`` is one line that names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7001
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Seconds in-flight streams get to finish on SIGTERM/SIGINT before they are cut.
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = field(default=None, repr=False)
+    # How the key is sent: "<auth_header>: <auth_scheme> <key>" (an empty scheme sends the
+    # raw key, as the older conversation service did).
+    auth_header: str = "Authorization"
+    auth_scheme: str = "Bearer"
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    url: str = "sqlite+aiosqlite:///chatmem.db"
+    # SQLite: milliseconds a writer waits for the file lock before giving up.
+    busy_timeout_ms: int = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    jwt_secret: str | None = field(default=None, repr=False)
+    public_key: str | None = field(default=None, repr=False)
+    algorithms: tuple[str, ...] = ("HS256",)
+    tenant_claim: str = "team_id"
+    user_claim: str = "sub"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.jwt_secret or self.public_key)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    max_history_messages: int = 200
+    on_client_disconnect: Literal["discard", "finish"] = "discard"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{key}: environment variable {name} is not set")
+
+    return _VAR.sub(substitute, value)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, env: Mapping[str, str]) -> Any:
+    """Check ``value`` (from TOML) against the annotation ``tp``; expand ``${VAR}``."""
+    if isinstance(value, str):
+        value = _expand(value, key, env)
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None or (value == "" and type(None) in args):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, env)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            wanted = " or ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key}: must be {wanted}, not {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings")
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        # Numbers may come from the environment: port = "${PORT:-7001}".
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}: must be {_type_name(tp)}, not {value!r}") from None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, not {type(value).__name__}")
+    return value
+
+
+def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str]) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}]: must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{section}.{name}"
+        if name not in names:
+            raise ConfigError(f"{key}: unknown key")
+        values[name] = _coerce(value, hints[name], key, env)
+    _validate(section, values)
+    return cls(**values)
+
+
+def _validate(section: str, values: Mapping[str, Any]) -> None:
+    positive = {
+        "server": ("port", "max_body_bytes"),
+        "upstream": ("connect_timeout", "read_timeout"),
+        "memory": ("max_history_messages",),
+    }
+    for name in positive.get(section, ()):
+        if name in values and values[name] <= 0:
+            raise ConfigError(f"{section}.{name}: must be greater than 0")
+    if section == "server" and values.get("port", 1) > 65535:
+        raise ConfigError("server.port: must be at most 65535")
+    if section == "upstream" and "url" in values:
+        url = values["url"]
+        if not re.match(r"^https?://[^/]+", url):
+            raise ConfigError(f"upstream.url: must be an http:// or https:// URL, not {url!r}")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """``--config``, else ``$CHATMEM_CONFIG``, else ``./chatmem.toml`` if it exists."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("CHATMEM_CONFIG"):
+        return Path(env["CHATMEM_CONFIG"])
+    default = Path("chatmem.toml")
+    return default if default.is_file() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the :class:`Config` from a TOML file (optional) and ``overrides`` (CLI flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    if overrides:
+        raw = _merge(raw, overrides)
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"[{name}]: unknown section")
+        section_type = typing.get_type_hints(Config)[name]
+        built[name] = _build_section(section_type, value, name, env)
+    return Config(**built)

@@ -1,0 +1,261 @@
+"""Rebuild the assistant's message from OpenAI ``chat.completion.chunk`` deltas, pure and I/O free.
+
+Upstream servers differ in the details, so every piece is checked before use and a piece of
+the wrong type is skipped: :meth:`StreamAccumulator.add` never raises, whatever it is given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AssistantTurn", "StreamAccumulator", "turn_from_completion"]
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantTurn:
+    """One assistant message, from a stream or from a non-streaming completion."""
+
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[dict[str, Any]] | None
+    finish_reason: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    refusal: str | None = None
+
+
+class StreamAccumulator:
+    """Feed it every SSE data payload of a streamed chat completion, in order."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: dict[str, Any] | None = None
+        self.malformed = False
+        self._model: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._choices: dict[int, _Choice] = {}
+
+    def add(self, data: str) -> None:
+        """Take one SSE data payload: ``[DONE]``, a chunk, or an error object."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except (ValueError, RecursionError):
+            self.malformed = True
+            return
+        if not isinstance(chunk, dict):
+            self.malformed = True
+        elif chunk.get("error") is not None:
+            error = chunk["error"]
+            self.error = error if isinstance(error, dict) else {"message": str(error)}
+        else:
+            self._add_chunk(chunk)
+
+    def turn(self, index: int = 0) -> AssistantTurn | None:
+        """The message accumulated for choice ``index``; None if that choice never appeared."""
+        choice = self._choices.get(index)
+        if choice is None:
+            return None
+        return choice.to_turn(self._model, self._usage)
+
+    @property
+    def completed(self) -> bool:
+        """True when the stream ended cleanly: [DONE], no error, and choice 0 finished."""
+        choice = self._choices.get(0)
+        return (
+            self.done
+            and self.error is None
+            and not self.malformed
+            and choice is not None
+            and choice.finish_reason is not None
+        )
+
+    def _add_chunk(self, chunk: dict[str, Any]) -> None:
+        model = chunk.get("model")
+        if self._model is None and isinstance(model, str) and model:
+            self._model = model
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return
+        for position, raw in enumerate(choices):
+            if not isinstance(raw, dict):
+                continue
+            index = _index_of(raw, position)
+            if index is None:
+                continue
+            choice = self._choices.get(index)
+            if choice is None:
+                choice = self._choices[index] = _Choice()
+            choice.add(raw)
+
+
+@dataclass(slots=True)
+class _Choice:
+    content: list[str] | None = None
+    reasoning: list[str] | None = None
+    refusal: list[str] | None = None
+    finish_reason: str | None = None
+    tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
+
+    def add(self, choice: dict[str, Any]) -> None:
+        finish_reason = choice.get("finish_reason")
+        if isinstance(finish_reason, str) and finish_reason:
+            self.finish_reason = finish_reason
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        self.content = _append(self.content, delta.get("content"))
+        self.reasoning = _append(self.reasoning, _reasoning_of(delta))
+        self.refusal = _append(self.refusal, delta.get("refusal"))
+        tool_calls = delta.get("tool_calls")
+        if not isinstance(tool_calls, list):
+            return
+        for position, raw in enumerate(tool_calls):
+            if not isinstance(raw, dict):
+                continue
+            index = _index_of(raw, position)
+            if index is None:
+                continue
+            call = self.tool_calls.get(index)
+            if call is None:
+                call = self.tool_calls[index] = _ToolCall()
+            call.add(raw)
+
+    def to_turn(self, model: str | None, usage: dict[str, Any] | None) -> AssistantTurn:
+        calls = [self.tool_calls[i].to_dict() for i in sorted(self.tool_calls)]
+        return AssistantTurn(
+            content=_joined(self.content),
+            reasoning=_joined(self.reasoning),
+            tool_calls=calls or None,
+            finish_reason=self.finish_reason,
+            model=model,
+            usage=usage,
+            refusal=_joined(self.refusal),
+        )
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    id: str | None = None
+    type: str | None = None
+    name: str | None = None
+    arguments: list[str] = field(default_factory=list)
+
+    def add(self, delta: dict[str, Any]) -> None:
+        call_id = delta.get("id")
+        if self.id is None and isinstance(call_id, str) and call_id:
+            self.id = call_id
+        call_type = delta.get("type")
+        if self.type is None and isinstance(call_type, str) and call_type:
+            self.type = call_type
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            return
+        name = function.get("name")
+        # Some servers repeat the whole name in every delta, some send "": ignore both.
+        # A different name is taken as the next fragment of a name streamed in pieces.
+        if isinstance(name, str) and name and name != self.name:
+            self.name = name if self.name is None else self.name + name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            self.arguments.append(arguments)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type or "function",
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
+
+
+def turn_from_completion(body: dict[str, Any]) -> AssistantTurn | None:
+    """The assistant message of a non-streaming ``chat.completion``; None if badly shaped."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        return None
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return None
+    model = body.get("model")
+    usage = body.get("usage")
+    finish_reason = choice.get("finish_reason")
+    return AssistantTurn(
+        content=_str_or_none(message.get("content")),
+        reasoning=_reasoning_of(message),
+        tool_calls=_tool_calls_of(message.get("tool_calls")),
+        finish_reason=finish_reason if isinstance(finish_reason, str) and finish_reason else None,
+        model=model if isinstance(model, str) and model else None,
+        usage=usage if isinstance(usage, dict) else None,
+        refusal=_str_or_none(message.get("refusal")),
+    )
+
+
+def _tool_calls_of(value: object) -> list[dict[str, Any]] | None:
+    if not isinstance(value, list):
+        return None
+    calls: list[dict[str, Any]] = []
+    for raw in value:
+        if not isinstance(raw, dict) or not isinstance(raw.get("function"), dict):
+            continue
+        function = raw["function"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict | list):  # a few servers send the object itself
+            arguments = json.dumps(arguments)
+        call_type = raw.get("type")
+        calls.append(
+            {
+                "id": _str_or_none(raw.get("id")),
+                "type": call_type if isinstance(call_type, str) and call_type else "function",
+                "function": {
+                    "name": _str_or_none(function.get("name")),
+                    "arguments": arguments if isinstance(arguments, str) else "",
+                },
+            }
+        )
+    return calls or None
+
+
+def _index_of(item: dict[str, Any], position: int) -> int | None:
+    """``item["index"]``; its position in the list when absent; None when not an int."""
+    index = item.get("index")
+    if index is None:
+        return position
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    return None
+
+
+def _reasoning_of(message: dict[str, Any]) -> str | None:
+    """``reasoning`` or ``reasoning_content``: either name, counted once if both are sent."""
+    reasoning = message.get("reasoning")
+    reasoning_content = message.get("reasoning_content")
+    if isinstance(reasoning, str) and (reasoning or not isinstance(reasoning_content, str)):
+        return reasoning
+    return reasoning_content if isinstance(reasoning_content, str) else None
+
+
+def _append(parts: list[str] | None, value: object) -> list[str] | None:
+    if not isinstance(value, str):
+        return parts
+    if parts is None:
+        return [value]
+    parts.append(value)
+    return parts
+
+
+def _joined(parts: list[str] | None) -> str | None:
+    return None if parts is None else "".join(parts)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

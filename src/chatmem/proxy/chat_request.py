@@ -1,0 +1,105 @@
+"""Reading a /v1/chat/completions request: the conversation id and the messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidRequest
+from ..storage import History
+
+__all__ = ["ChatRequest", "new_conversation_id", "parse_chat_request", "valid_conversation_id"]
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+_ROLES = _SYSTEM_ROLES | {"user", "assistant", "tool", "function"}
+
+
+def new_conversation_id() -> str:
+    return "conv_" + secrets.token_hex(16)
+
+
+def valid_conversation_id(value: object, param: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidRequest(
+            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param=param
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    """The client's body without ``conversation``; everything else goes upstream as is."""
+    conversation_id: str
+    system: list[dict[str, Any]] | None
+    """The request's system/developer messages; ``None`` when it has none."""
+    messages: list[dict[str, Any]]
+    """The request's other messages, in order: the start of the turn to remember."""
+    stream: bool
+
+    def upstream_body(self, history: History) -> bytes:
+        system = self.system if self.system is not None else (history.system or [])
+        body = dict(self.body)
+        body["messages"] = [*system, *history.messages, *self.messages]
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _conversation_from_body(value: object) -> str:
+    if isinstance(value, dict):
+        return valid_conversation_id(value.get("id"), "conversation.id")
+    return valid_conversation_id(value, "conversation")
+
+
+def _check_message(index: int, message: object) -> dict[str, Any]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise InvalidRequest(
+            f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise InvalidRequest(
+            f"{param}.content must be a string, an array of parts or null",
+            param=f"{param}.content",
+        )
+    return message
+
+
+def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
+    """Validate the body; ``conversation_id`` is the (already valid) header value if any."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    if "conversation" in body:
+        from_body = _conversation_from_body(body.pop("conversation"))
+        if conversation_id is not None and conversation_id != from_body:
+            raise InvalidRequest(
+                "X-Conversation-Id header and body field conversation name different conversations",
+                param="conversation",
+            )
+        conversation_id = from_body
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be an array of message objects", param="messages")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", param="stream")
+    checked = [_check_message(i, m) for i, m in enumerate(messages)]
+    system = [m for m in checked if m["role"] in _SYSTEM_ROLES]
+    return ChatRequest(
+        body=body,
+        conversation_id=conversation_id or new_conversation_id(),
+        system=system or None,
+        messages=[m for m in checked if m["role"] not in _SYSTEM_ROLES],
+        stream=stream,
+    )

@@ -1,0 +1,44 @@
+"""Small HTTP helpers shared by the handlers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import PayloadTooLarge, error_body
+
+__all__ = ["error_event", "json_response", "read_body"]
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refusing (413) anything over ``limit`` bytes early."""
+    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_response(
+    payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload, ensure_ascii=False).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:
+    """The SSE event that ends a stream which failed after the response had started."""
+    payload = json.dumps(error_body(message, type_, code=code))
+    return b"data: " + payload.encode() + b"\n\n"

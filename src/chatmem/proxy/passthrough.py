@@ -1,0 +1,83 @@
+"""Everything else under /v1/: relayed to the upstream origin, streamed both ways."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from ..auth import authenticate
+from ..errors import PayloadTooLarge
+from ..state import GATEWAY
+from .upstream import filter_headers
+
+__all__ = ["passthrough", "relay"]
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    from .chat import upstream_failures  # the two modules share the failure mapping
+
+    gateway = request.config_dict[GATEWAY]
+    authenticate(request)
+    upstream = gateway.upstream
+    limit = gateway.config.server.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    url = upstream.url_for(
+        request.rel_url.raw_path.removeprefix("/v1"), request.rel_url.raw_query_string
+    )
+    headers = upstream.request_headers(request.headers)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    body = _limited(request.content, limit) if request.body_exists else None
+    async with (
+        upstream_failures(),
+        upstream.session.request(
+            request.method,
+            url,
+            data=body,
+            headers=headers,
+            timeout=upstream.timeout,
+            allow_redirects=False,
+        ) as response,
+    ):
+        return await relay(request, response)
+
+
+async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        yield chunk
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Copy ``upstream``'s status, end-to-end headers and raw body to the client."""
+    headers = filter_headers(upstream.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            try:
+                await response.write(chunk)
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                upstream.close()
+                return response
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        # The body is incomplete: cut the client's connection so it cannot take the
+        # truncated body for a whole one.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response

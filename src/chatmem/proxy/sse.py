@@ -1,0 +1,125 @@
+"""Incremental Server-Sent-Events parser (WHATWG EventSource rules), pure and I/O free.
+
+Feed it the raw bytes of a ``text/event-stream`` body as they arrive; it returns the ``data``
+payload of every event completed so far. Lines are split on CRLF, LF or CR *before* decoding
+(no UTF-8 multi-byte sequence contains a CR or LF byte), so characters split across chunks
+need no special care. Bytes of an unfinished line are kept as a list of parts and joined once
+when the line ends, so a long line arriving in many small chunks costs linear time.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SSEParser"]
+
+_BOM = b"\xef\xbb\xbf"
+_LF = 0x0A
+
+
+class SSEParser:
+    """Turns a byte stream into the ``data`` payloads of its events, chunk by chunk.
+
+    ``overflowed`` becomes True once the current event (its data lines plus the unfinished
+    line) grows past ``max_event_bytes``; from then on :meth:`feed` returns ``[]`` and keeps
+    nothing, so the caller can go on forwarding bytes without this parser holding memory.
+    """
+
+    __slots__ = (
+        "_data",
+        "_data_size",
+        "_head",
+        "_max",
+        "_partial",
+        "_partial_size",
+        "_pending_cr",
+        "_started",
+        "overflowed",
+    )
+
+    def __init__(self, max_event_bytes: int = 64 * 1024 * 1024) -> None:
+        self._max = max_event_bytes
+        self.overflowed = False
+        self._started = False  # False until we know whether the stream opens with a BOM
+        self._head = b""  # the first bytes, while they could still be a split BOM
+        self._pending_cr = False  # the last chunk ended in CR: a leading LF next is not a line
+        self._partial: list[bytes] = []  # the unfinished line, never holding CR or LF
+        self._partial_size = 0
+        self._data: list[bytes] = []  # data lines of the event being built
+        self._data_size = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Consume ``chunk``; return the data payloads of the events it completed, in order."""
+        if self.overflowed or not chunk:
+            return []
+        if not self._started:
+            chunk = self._skip_bom(chunk)
+            if not chunk:
+                return []
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+                if not chunk:
+                    return []
+        if b"\r" in chunk:
+            self._pending_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            self._partial.append(chunk)
+            self._partial_size += len(chunk)
+            if self._partial_size + self._data_size > self._max:
+                self._overflow()
+            return []
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial.clear()
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        events = self._take_lines(lines)
+        if self.overflowed:
+            return events
+        self._partial_size = len(rest)
+        if rest:
+            self._partial.append(rest)
+            if self._partial_size + self._data_size > self._max:
+                self._overflow()
+        return events
+
+    def _take_lines(self, lines: list[bytes]) -> list[str]:
+        events: list[str] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(b"\n".join(data).decode("utf-8", "replace"))
+                    data.clear()
+                    self._data_size = 0
+                continue
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+            elif line == b"data":
+                value = b""
+            else:
+                continue  # a comment (":..."), or event/id/retry/unknown: not needed here
+            data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > self._max:
+                self._overflow()
+                break
+        return events
+
+    def _skip_bom(self, chunk: bytes) -> bytes:
+        head = self._head + chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            self._head = head
+            return b""
+        self._started = True
+        self._head = b""
+        return head[len(_BOM) :] if head.startswith(_BOM) else head
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._partial.clear()
+        self._partial_size = 0
+        self._data.clear()
+        self._data_size = 0

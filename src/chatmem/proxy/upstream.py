@@ -1,0 +1,94 @@
+"""The one upstream server: its URL, its client session, and which headers cross."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+from yarl import URL
+
+from ..config import UpstreamConfig
+from ..errors import InvalidRequest
+
+__all__ = ["HOP_BY_HOP", "Upstream", "filter_headers"]
+
+# RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Client headers that never go upstream: framing is ours, credentials are the client's.
+_NOT_UPSTREAM = frozenset(
+    {"host", "content-length", "authorization", "cookie", "x-conversation-id", "expect"}
+)
+
+
+def filter_headers(headers: MultiMapping[str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop ones, those named in ``Connection``, and ``drop``."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    skip = HOP_BY_HOP | named | {name.lower() for name in drop}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in skip:
+            out.add(name, value)
+    return out
+
+
+class Upstream:
+    """Builds upstream URLs and headers, and owns the pooled client session."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+        self.base = URL(config.url.rstrip("/"))
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self._auth: tuple[str, str] | None = None
+        if config.api_key:
+            scheme = config.auth_scheme.strip()
+            value = f"{scheme} {config.api_key}" if scheme else config.api_key
+            self._auth = (config.auth_header, value)
+
+    @classmethod
+    def create_session(cls) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        # Cookies from the upstream are the client's business, never the gateway's.
+        return aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        )
+
+    def url_for(self, tail: str, query_string: str = "") -> URL:
+        """``tail`` is the part of the client's path after ``/v1``; the origin is fixed.
+
+        Dot segments are refused rather than resolved: ``/v1/../admin`` must not reach
+        a path outside the upstream's ``/v1`` either.
+        """
+        segments = tail.split("/")
+        if any(segment in (".", "..") for segment in segments):
+            raise InvalidRequest("path must not contain '.' or '..' segments")
+        url = self.base.with_path(self.base.raw_path + tail, encoded=True)
+        return url.with_query(query_string) if query_string else url
+
+    def request_headers(
+        self, client_headers: CIMultiDictProxy[str], drop: Iterable[str] = ()
+    ) -> CIMultiDict[str]:
+        headers = filter_headers(client_headers, (*_NOT_UPSTREAM, *drop))
+        if self._auth is not None:
+            headers[self._auth[0]] = self._auth[1]
+        return headers

@@ -1,0 +1,52 @@
+"""Creating the async engine: SQLite tuned for a gateway, or PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..config import StorageConfig
+
+__all__ = ["WRITE", "create_engine", "is_sqlite"]
+
+# Execution option that marks a connection whose transaction will write.  On SQLite such a
+# transaction starts with BEGIN IMMEDIATE: it takes the write lock up front (waiting up to
+# busy_timeout for it) instead of failing with "database is locked" when a read
+# transaction tries to upgrade while another process writes.
+WRITE = "chatmem_write"
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(config: StorageConfig) -> AsyncEngine:
+    url = make_url(config.url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_pre_ping=True)
+    engine = create_async_engine(url, connect_args={"timeout": config.busy_timeout_ms / 1000})
+    _tune_sqlite(engine, config.busy_timeout_ms)
+    return engine
+
+
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is deferred and late).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        immediate = connection.get_execution_options().get(WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,62 @@
+"""The database schema: conversations and their messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "Conversation", "Message"]
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class Conversation(Base):
+    """One conversation of one owner: ``(tenant, user_id)``.
+
+    ``id`` is the public id and is only unique per owner, so a client-chosen id that
+    someone else also uses simply names the caller's own conversation.  ``last_seq`` is the
+    sequence number of the newest message; a turn reserves its numbers by bumping it in the
+    same statement that takes the row lock (see ``queries.commit_turn``).
+    """
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("tenant", "user_id", "id", name="uq_conversations_owner_id"),
+        Index("ix_conversations_owner_created", "tenant", "user_id", "created_at", "pk"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str] = mapped_column(String(255), default="")
+    system_prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[int] = mapped_column(Integer)
+
+
+class Message(Base):
+    """One stored message; ``(conversation_pk, seq)`` is unique and is the history index."""
+
+    __tablename__ = "messages"
+    __table_args__ = (UniqueConstraint("conversation_pk", "seq", name="uq_messages_seq"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_pk: Mapped[int] = mapped_column(ForeignKey("conversations.pk", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(32))
+    content: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    tool_call_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    reasoning: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    finish_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer)
