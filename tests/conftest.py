@@ -1,0 +1,48 @@
+"""Shared fixtures: the real mock upstream, a real gateway on a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from helpers import GatewayFactory, Rows, make_config, upstream_url
+
+from chatmem import create_app
+from chatmem.mock_upstream import create_mock_app
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> TestServer:
+    """The real mock model server (``chatmem mock-upstream``) on 127.0.0.1."""
+    server: TestServer = await aiohttp_server(create_mock_app(tokens=6))
+    return server
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "chatmem.db"
+
+
+@pytest.fixture
+def gateway_factory(aiohttp_client: Any, db_path: Path) -> GatewayFactory:
+    """``await gateway_factory(upstream_url, memory={...})`` -> a client of a real gateway."""
+
+    async def make(url: str, **sections: dict[str, Any]) -> TestClient[Any, Any]:
+        config = make_config(db_path, url, **sections)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory, upstream: TestServer) -> TestClient[Any, Any]:
+    return await gateway_factory(upstream_url(upstream))
+
+
+@pytest.fixture
+def rows(db_path: Path) -> Iterator[Rows]:
+    yield Rows(db_path)

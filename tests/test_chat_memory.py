@@ -1,0 +1,213 @@
+"""/v1/chat/completions with memory: what goes upstream, what is stored, what comes back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from helpers import GatewayFactory, Rows, received, upstream_url
+
+Client = TestClient[Any, Any]
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+async def chat(client: Client, messages: list[dict[str, Any]], conv: str | None = "c1",
+               **body: Any) -> Any:
+    headers = {"X-Conversation-Id": conv} if conv else {}
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": messages, **body},
+        headers=headers,
+    )
+    return resp
+
+
+def sent_messages(upstream: TestServer, index: int = -1) -> list[dict[str, Any]]:
+    chats = [r for r in received(upstream) if r.path == "/v1/chat/completions"]
+    messages: list[dict[str, Any]] = chats[index].json["messages"]
+    return messages
+
+
+async def test_history_is_prepended_in_order(gateway: Client, upstream: TestServer) -> None:
+    first = await chat(gateway, [user("one")])
+    assert first.status == 200
+    answer1 = (await first.json())["choices"][0]["message"]["content"]
+    second = await chat(gateway, [user("two")])
+    assert second.status == 200
+    answer2 = (await second.json())["choices"][0]["message"]["content"]
+    await chat(gateway, [user("three")])
+    assert sent_messages(upstream) == [
+        user("one"),
+        {"role": "assistant", "content": answer1},
+        user("two"),
+        {"role": "assistant", "content": answer2},
+        user("three"),
+    ]
+
+
+async def test_rows_hold_the_turn_in_order(gateway: Client, rows: Rows) -> None:
+    resp = await chat(gateway, [user("hello")])
+    body = await resp.json()
+    stored = rows.messages("c1")
+    assert [(m["seq"], m["role"]) for m in stored] == [(1, "user"), (2, "assistant")]
+    assert json.loads(stored[0]["content"]) == "hello"
+    assistant = stored[1]
+    assert json.loads(assistant["content"]) == body["choices"][0]["message"]["content"]
+    assert assistant["finish_reason"] == "stop"
+    assert assistant["model"] == "m"
+    assert json.loads(assistant["usage"]) == body["usage"]
+    assert assistant["tool_calls"] is None
+    assert stored[0]["tenant"] == "default"
+
+
+async def test_conversation_from_body_is_stripped(gateway: Client, upstream: TestServer) -> None:
+    for value in ("body-id", {"id": "body-id"}):
+        resp = await chat(gateway, [user("x")], conv=None, conversation=value)
+        assert resp.status == 200
+        assert resp.headers["X-Conversation-Id"] == "body-id"
+        assert "conversation" not in received(upstream)[-1].json
+    assert len(sent_messages(upstream)) == 3  # the first exchange came back as history
+
+
+async def test_new_conversation_gets_an_id(gateway: Client, rows: Rows) -> None:
+    resp = await chat(gateway, [user("x")], conv=None)
+    conv = resp.headers["X-Conversation-Id"]
+    assert conv.startswith("conv_") and len(conv) > 20
+    other = await chat(gateway, [user("x")], conv=None)
+    assert other.headers["X-Conversation-Id"] != conv
+    assert [c["id"] for c in rows.conversations()] == [conv, other.headers["X-Conversation-Id"]]
+
+
+async def test_invalid_ids_are_400(gateway: Client, upstream: TestServer, rows: Rows) -> None:
+    for bad in ("", "a" * 129, "has space", "slash/id", "ünïcode"):
+        resp = await gateway.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [user("x")], "conversation": bad},
+        )
+        assert resp.status == 400, bad
+        error = (await resp.json())["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == "conversation"
+    resp = await chat(gateway, [user("x")], conv="bad id")
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "X-Conversation-Id"
+    assert received(upstream) == []
+    assert rows.messages() == []
+
+
+async def test_header_and_body_disagree_is_400(gateway: Client) -> None:
+    resp = await chat(gateway, [user("x")], conv="a", conversation="b")
+    assert resp.status == 400
+    assert resp.headers["X-Conversation-Id"] == "a"
+
+
+async def test_max_length_id_accepted(gateway: Client) -> None:
+    conv = "A-z0.9_:" * 16
+    resp = await chat(gateway, [user("x")], conv=conv)
+    assert resp.status == 200
+    assert resp.headers["X-Conversation-Id"] == conv
+
+
+async def test_system_prompt_kept_and_replaced(gateway: Client, upstream: TestServer,
+                                               rows: Rows) -> None:
+    system = {"role": "system", "content": "be brief"}
+    await chat(gateway, [system, user("one")])
+    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"]
+    await chat(gateway, [user("two")])
+    assert sent_messages(upstream)[0] == system
+    assert [m["role"] for m in sent_messages(upstream)] == [
+        "system", "user", "assistant", "user"
+    ]
+    developer = {"role": "developer", "content": "be verbose"}
+    await chat(gateway, [developer, user("three")])
+    assert sent_messages(upstream)[0] == developer
+    await chat(gateway, [user("four")])
+    assert sent_messages(upstream)[0] == developer
+    assert sum(m["role"] in ("system", "developer") for m in sent_messages(upstream)) == 1
+
+
+async def test_history_window_is_newest_n(gateway_factory: GatewayFactory,
+                                          upstream: TestServer) -> None:
+    client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 3})
+    for word in ("a", "b", "c"):
+        await chat(client, [user(word)])
+    history = sent_messages(upstream)[:-1]
+    # Four stored messages (a, A, b, B); the newest three go upstream.
+    assert [m["role"] for m in history] == ["assistant", "user", "assistant"]
+    assert history[1] == user("b")
+    assert sent_messages(upstream)[-1] == user("c")
+
+
+async def test_window_never_starts_with_orphan_tool_result(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 2})
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "t1", "type": "function",
+                        "function": {"name": "f", "arguments": "{}"}}],
+    }
+    tool = {"role": "tool", "tool_call_id": "t1", "content": "42"}
+    await chat(client, [user("q"), call, tool])
+    # stored: user, assistant(call), tool, assistant(answer); newest 2 = tool, answer
+    await chat(client, [user("next")])
+    history = sent_messages(upstream)[:-1]
+    assert [m["role"] for m in history] == ["assistant"]
+
+
+async def test_tool_calls_round_trip(gateway: Client, upstream: TestServer, rows: Rows) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    resp = await chat(gateway, [user("find it")], tools=tools, tool_choice="required",
+                      stream=True)
+    await resp.read()
+    stored = rows.messages("c1")[-1]
+    calls = json.loads(stored["tool_calls"])
+    assert calls == [{"id": "call_mock_0", "type": "function",
+                      "function": {"name": "lookup", "arguments": '{"echo":"find it"}'}}]
+    assert stored["finish_reason"] == "tool_calls"
+    tool = {"role": "tool", "tool_call_id": "call_mock_0", "content": "found"}
+    await chat(gateway, [tool])
+    assert sent_messages(upstream) == [
+        user("find it"),
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        tool,
+    ]
+
+
+async def test_reasoning_kept_apart(gateway: Client, upstream: TestServer, rows: Rows) -> None:
+    for stream in (False, True):
+        resp = await gateway.post(
+            "/v1/chat/completions",
+            json={"model": "reasoner", "messages": [user("why")], "stream": stream},
+            headers={"X-Conversation-Id": f"r{stream}"},
+        )
+        await resp.read()
+        stored = rows.messages(f"r{stream}")[-1]
+        assert stored["reasoning"] == "Thinking about it."
+        assert "Thinking" not in json.loads(stored["content"])
+    await chat(gateway, [user("again")], conv="rTrue")
+    assert all("reasoning" not in m for m in sent_messages(upstream))
+
+
+async def test_n_choices_remembers_choice_zero(gateway: Client, rows: Rows) -> None:
+    for stream in (False, True):
+        resp = await chat(gateway, [user("pick")], conv=f"n{stream}", n=2, stream=stream)
+        await resp.read()
+        content = json.loads(rows.messages(f"n{stream}")[-1]["content"])
+        assert content.startswith("Echo") and not content.startswith("[1]")
+
+
+async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) -> None:
+    extra = {"temperature": 0.25, "top_p": 0.5, "seed": 7, "vendor_x": {"a": [1, 2]},
+             "stream_options": None}
+    await chat(gateway, [user("x")], **extra)
+    body = received(upstream)[-1].json
+    for key, value in extra.items():
+        assert body[key] == value
+    assert body["model"] == "m"
