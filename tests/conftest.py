@@ -30,7 +30,7 @@ def db_path(tmp_path: Path) -> Path:
 def gateway_factory(aiohttp_client: Any, db_path: Path) -> GatewayFactory:
     """``await gateway_factory(upstream_url, memory={...})`` -> a client of a real gateway."""
 
-    async def make(url: str, **sections: dict[str, Any]) -> TestClient[Any, Any]:
+    async def make(url: str, /, **sections: dict[str, Any]) -> TestClient[Any, Any]:
         config = make_config(db_path, url, **sections)
         client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
         return client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,9 +26,9 @@ def received(server: TestServer) -> list[ReceivedRequest]:
     return list(server.app[RECEIVED])
 
 
-def make_config(db_path: Path, upstream: str, **sections: dict[str, Any]) -> Config:
+def make_config(db_path: Path, upstream_url: str, /, **sections: dict[str, Any]) -> Config:
     overrides: dict[str, dict[str, Any]] = {
-        "upstream": {"url": upstream},
+        "upstream": {"url": upstream_url},
         "storage": {"url": f"sqlite+aiosqlite:///{db_path}"},
     }
     for name, values in sections.items():
@@ -59,3 +60,45 @@ class Rows:
         with sqlite3.connect(self.path) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(row) for row in conn.execute(query, params)]
+
+
+def chunk(
+    content: str | None = None,
+    *,
+    finish: str | None = None,
+    role: str | None = None,
+    index: int = 0,
+    **delta: Any,
+) -> dict[str, Any]:
+    """One chat.completion.chunk object."""
+    body: dict[str, Any] = dict(delta)
+    if role is not None:
+        body["role"] = role
+    if content is not None:
+        body["content"] = content
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "scripted",
+        "choices": [{"index": index, "delta": body, "finish_reason": finish}],
+    }
+
+
+def sse(payload: Any, newline: bytes = b"\n", space: bool = True) -> bytes:
+    """One SSE event with the given line ending."""
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    prefix = b"data: " if space else b"data:"
+    return prefix + data.encode() + newline + newline
+
+
+def answer_events(text: str = "Hello world", newline: bytes = b"\n") -> list[bytes]:
+    """A complete streamed answer: role, content in two pieces, finish, [DONE]."""
+    half = len(text) // 2
+    return [
+        sse(chunk("", role="assistant"), newline),
+        sse(chunk(text[:half]), newline),
+        sse(chunk(text[half:]), newline),
+        sse(chunk(finish="stop"), newline),
+        sse("[DONE]", newline),
+    ]

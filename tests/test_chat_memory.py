@@ -16,8 +16,9 @@ def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-async def chat(client: Client, messages: list[dict[str, Any]], conv: str | None = "c1",
-               **body: Any) -> Any:
+async def chat(
+    client: Client, messages: list[dict[str, Any]], conv: str | None = "c1", **body: Any
+) -> Any:
     headers = {"X-Conversation-Id": conv} if conv else {}
     resp = await client.post(
         "/v1/chat/completions",
@@ -113,16 +114,15 @@ async def test_max_length_id_accepted(gateway: Client) -> None:
     assert resp.headers["X-Conversation-Id"] == conv
 
 
-async def test_system_prompt_kept_and_replaced(gateway: Client, upstream: TestServer,
-                                               rows: Rows) -> None:
+async def test_system_prompt_kept_and_replaced(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
     system = {"role": "system", "content": "be brief"}
     await chat(gateway, [system, user("one")])
     assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"]
     await chat(gateway, [user("two")])
     assert sent_messages(upstream)[0] == system
-    assert [m["role"] for m in sent_messages(upstream)] == [
-        "system", "user", "assistant", "user"
-    ]
+    assert [m["role"] for m in sent_messages(upstream)] == ["system", "user", "assistant", "user"]
     developer = {"role": "developer", "content": "be verbose"}
     await chat(gateway, [developer, user("three")])
     assert sent_messages(upstream)[0] == developer
@@ -131,8 +131,9 @@ async def test_system_prompt_kept_and_replaced(gateway: Client, upstream: TestSe
     assert sum(m["role"] in ("system", "developer") for m in sent_messages(upstream)) == 1
 
 
-async def test_history_window_is_newest_n(gateway_factory: GatewayFactory,
-                                          upstream: TestServer) -> None:
+async def test_history_window_is_newest_n(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
     client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 3})
     for word in ("a", "b", "c"):
         await chat(client, [user(word)])
@@ -150,8 +151,9 @@ async def test_window_never_starts_with_orphan_tool_result(
     call = {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "t1", "type": "function",
-                        "function": {"name": "f", "arguments": "{}"}}],
+        "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
     }
     tool = {"role": "tool", "tool_call_id": "t1", "content": "42"}
     await chat(client, [user("q"), call, tool])
@@ -163,13 +165,17 @@ async def test_window_never_starts_with_orphan_tool_result(
 
 async def test_tool_calls_round_trip(gateway: Client, upstream: TestServer, rows: Rows) -> None:
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    resp = await chat(gateway, [user("find it")], tools=tools, tool_choice="required",
-                      stream=True)
+    resp = await chat(gateway, [user("find it")], tools=tools, tool_choice="required", stream=True)
     await resp.read()
     stored = rows.messages("c1")[-1]
     calls = json.loads(stored["tool_calls"])
-    assert calls == [{"id": "call_mock_0", "type": "function",
-                      "function": {"name": "lookup", "arguments": '{"echo":"find it"}'}}]
+    assert calls == [
+        {
+            "id": "call_mock_0",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": '{"echo":"find it"}'},
+        }
+    ]
     assert stored["finish_reason"] == "tool_calls"
     tool = {"role": "tool", "tool_call_id": "call_mock_0", "content": "found"}
     await chat(gateway, [tool])
@@ -204,8 +210,13 @@ async def test_n_choices_remembers_choice_zero(gateway: Client, rows: Rows) -> N
 
 
 async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) -> None:
-    extra = {"temperature": 0.25, "top_p": 0.5, "seed": 7, "vendor_x": {"a": [1, 2]},
-             "stream_options": None}
+    extra = {
+        "temperature": 0.25,
+        "top_p": 0.5,
+        "seed": 7,
+        "vendor_x": {"a": [1, 2]},
+        "stream_options": None,
+    }
     await chat(gateway, [user("x")], **extra)
     body = received(upstream)[-1].json
     for key, value in extra.items():

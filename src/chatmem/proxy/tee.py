@@ -18,6 +18,8 @@ from .sse import SSEParser
 
 __all__ = ["tee_stream"]
 
+Commit = Callable[[AssistantTurn], Awaitable[None]]
+
 _CUT_OFF = error_event(
     "the upstream stream ended before the answer completed", code="upstream_incomplete"
 )
@@ -25,36 +27,38 @@ _TIMEOUT = error_event(
     "the upstream sent nothing for longer than upstream.read_timeout", code="upstream_timeout"
 )
 _BROKEN = error_event("the upstream connection broke during the answer", code="upstream_broken")
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
 class _Client:
-    """The client side of the tee; remembers when the client has gone away."""
+    """The client side of the tee: remembers whether the client is still there and
+    whether the bytes sent so far end between two events."""
 
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
         self.gone = False
+        self._tail = b"\n\n"
 
     async def write(self, data: bytes) -> None:
-        if self.gone:
+        if self.gone or not data:
             return
         try:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.gone = True
+        self._tail = data[-4:]
 
-    async def finish(self) -> None:
-        if not self.gone:
-            try:
-                await self.response.write_eof()
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                self.gone = True
+    async def end_with(self, event: bytes) -> None:
+        """Send our own final event, first closing any event the upstream left open."""
+        open_event = not self._tail.endswith(_EVENT_ENDS)
+        await self.write(b"\n\n" + event if open_event else event)
 
 
 async def tee_stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
-    commit: Callable[[AssistantTurn], Awaitable[None]],
+    commit: Commit,
     *,
     finish_without_client: bool,
 ) -> web.StreamResponse:
@@ -62,7 +66,7 @@ async def tee_stream(
 
     The chunk that carries ``[DONE]`` is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
-    turn.  If the commit fails, that chunk is replaced by an error event.
+    turn.  A stream that fails, ends early or was not saved ends with one error event.
     """
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["X-Accel-Buffering"] = "no"
@@ -72,35 +76,49 @@ async def tee_stream(
     answer = StreamAccumulator()
     try:
         async for chunk in upstream.content.iter_any():
-            if not answer.done:
+            if answer.done:
+                await client.write(chunk)  # whatever follows [DONE] is still forwarded
+            else:
                 for data in parser.feed(chunk):
                     answer.add(data)
                 if answer.done:
-                    chunk = await _settle(answer, chunk, commit)
-            await client.write(chunk)
+                    await _finish(client, answer, chunk, commit)
+                else:
+                    await client.write(chunk)
             if client.gone and not finish_without_client:
                 upstream.close()
                 return response
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         # Timeouts first: aiohttp's read timeout is also a ClientConnectionError.
         if not answer.done:
-            await client.write(_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN)
+            await client.end_with(_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN)
         return response
     if not answer.done and answer.error is None:
-        await client.write(_CUT_OFF)
-    await client.finish()
+        await client.end_with(_CUT_OFF)
     return response
 
 
-async def _settle(
-    answer: StreamAccumulator, chunk: bytes, commit: Callable[[AssistantTurn], Awaitable[None]]
-) -> bytes:
-    """``[DONE]`` arrived in ``chunk``: commit a completed answer; return what to write."""
+async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit) -> None:
+    """``[DONE]`` arrived in ``chunk``: commit a completed answer, then release the chunk.
+
+    When the answer is incomplete or cannot be saved, the error event goes in front of the
+    ``[DONE]`` event (a client stops reading at ``[DONE]``).
+    """
     turn = answer.turn(0)
-    if not answer.completed or turn is None:
-        return chunk if answer.error is not None else _CUT_OFF + chunk
-    try:
-        await commit(turn)
-    except ChatmemError as exc:
-        return error_event(f"the answer could not be saved: {exc.message}", code=exc.code)
-    return chunk
+    failure: bytes | None = None
+    if answer.error is not None:
+        pass  # the upstream's own error event is already in the stream
+    elif not answer.completed or turn is None:
+        failure = _CUT_OFF
+    else:
+        try:
+            await commit(turn)
+        except ChatmemError as exc:
+            failure = error_event(f"the answer could not be saved: {exc.message}", code=exc.code)
+    if failure is None:
+        await client.write(chunk)
+        return
+    done_at = chunk.rfind(b"data:", 0, max(chunk.rfind(b"[DONE]"), 0))
+    await client.write(chunk[: max(done_at, 0)])
+    await client.end_with(failure)
+    await client.write(chunk[max(done_at, 0) :])

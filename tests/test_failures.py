@@ -1,0 +1,219 @@
+"""Failure semantics: a clear error for the client, and no half turn in the database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+from helpers import GatewayFactory, Rows, answer_events, chunk, received, sse, upstream_url
+from scripted_upstream import Script, scripted_upstream
+
+STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+PLAIN = {**STREAM, "stream": False}
+FAST_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 0.3}
+
+
+def error_events(body: bytes) -> list[dict[str, Any]]:
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {\"error\"")]
+    return [json.loads(e[6:])["error"] for e in events]
+
+
+async def post(client: Any, body: dict[str, Any], conv: str = "f1") -> Any:
+    return await client.post(
+        "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conv}
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_unreachable_upstream_is_502(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    client = await gateway_factory(f"http://127.0.0.1:{closed_port()}/v1")
+    for body in (PLAIN, STREAM):
+        resp = await post(client, body)
+        assert resp.status == 502
+        error = (await resp.json())["error"]
+        assert error["type"] == "upstream_error" and error["code"] == "upstream_unavailable"
+        assert resp.headers["X-Conversation-Id"] == "f1"
+    passthrough = await client.get("/v1/models")
+    assert passthrough.status == 502
+    assert rows.messages() == []
+
+
+@pytest.mark.parametrize(("fault", "status"), [("reset", 502), ("garbage", 502), ("hang", 504)])
+async def test_fault_before_headers(
+    gateway_factory: GatewayFactory, rows: Rows, fault: Any, status: int
+) -> None:
+    async with scripted_upstream(Script(before_headers=fault)) as up:
+        client = await gateway_factory(up.url, upstream=FAST_TIMEOUTS)
+        for body in (PLAIN, STREAM):
+            resp = await post(client, body)
+            assert resp.status == status
+            assert "error" in await resp.json()
+    assert rows.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body"),
+    [
+        (400, "application/json", b'{"error": {"message": "bad model", "type": "x"}}'),
+        (401, "application/json", b'{"error": "nope"}'),
+        (429, "text/plain", b"slow down"),
+        (500, "text/html", b"<h1>oops</h1>"),
+        (503, "application/json", b""),
+    ],
+)
+async def test_upstream_error_status_passes_through(
+    gateway_factory: GatewayFactory, rows: Rows, status: int, content_type: str, body: bytes
+) -> None:
+    script = Script(status=status, headers={"Content-Type": content_type}, chunks=[body],
+                    framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        for request in (PLAIN, STREAM):
+            resp = await post(client, request)
+            assert resp.status == status
+            assert await resp.read() == body
+            assert resp.headers["Content-Type"].startswith(content_type)
+            assert resp.headers["X-Conversation-Id"] == "f1"
+    assert rows.messages() == []
+
+
+def cut_inside_event() -> list[bytes | float]:
+    events = answer_events()
+    return [events[0], events[1], events[2][:17]]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "end", "code"),
+    [
+        (answer_events()[:2], "reset", "upstream_broken"),
+        (cut_inside_event(), "reset", "upstream_broken"),
+        (answer_events()[:4], "ok", "upstream_incomplete"),  # no [DONE]
+        (answer_events()[:3] + [sse("[DONE]")], "ok", "upstream_incomplete"),  # no finish
+        (answer_events()[:2], "hang", "upstream_timeout"),
+        ([b"\x00\xffgarbage\n\n\x9c"], "ok", "upstream_incomplete"),
+    ],
+    ids=["reset-mid-stream", "reset-mid-event", "no-done", "no-finish-reason", "silence",
+         "garbage"],
+)
+async def test_stream_failure_ends_with_error_event(
+    gateway_factory: GatewayFactory, rows: Rows, chunks: list[bytes | float], end: Any, code: str
+) -> None:
+    async with scripted_upstream(Script(chunks=chunks, end=end)) as up:
+        client = await gateway_factory(up.url, upstream=FAST_TIMEOUTS)
+        resp = await post(client, STREAM)
+        assert resp.status == 200
+        body = await resp.read()
+    upstream_bytes = b"".join(c for c in chunks if isinstance(c, bytes))
+    errors = error_events(body)
+    assert len(errors) == 1 and errors[0]["code"] == code
+    # Every upstream byte reached the client, plus one error event on an event boundary
+    # (before [DONE] if there was one, so that a client reading up to [DONE] sees it).
+    start = body.index(b'data: {"error"')
+    end = body.index(b"\n\n", start) + 2
+    before, after = body[:start], body[end:]
+    assert before.endswith(b"\n\n")
+    assert upstream_bytes in (before + after, before.removesuffix(b"\n\n") + after)
+    assert after in (b"", sse("[DONE]"))
+    assert rows.messages() == []
+
+
+async def test_error_object_inside_stream(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    events = [*answer_events()[:2], sse({"error": {"message": "model crashed", "code": 500}}),
+              sse("[DONE]")]
+    async with scripted_upstream(Script(chunks=events)) as up:
+        client = await gateway_factory(up.url)
+        body = await (await post(client, STREAM)).read()
+    assert body == b"".join(events)  # the upstream's own error, and no second one
+    assert rows.messages() == []
+
+
+async def test_non_stream_invalid_body_is_502(gateway_factory: GatewayFactory,
+                                              rows: Rows) -> None:
+    for payload in (b"not json", b'{"choices": []}', b'{"choices": [{"message": {}}]}'):
+        script = Script(headers={"Content-Type": "application/json"}, chunks=[payload],
+                        framing="length")
+        async with scripted_upstream(script) as up:
+            client = await gateway_factory(up.url)
+            resp = await post(client, PLAIN)
+            assert resp.status == 502, payload
+            assert (await resp.json())["error"]["type"] == "upstream_error"
+    assert rows.messages() == []
+
+
+async def test_non_stream_silence_mid_body_is_504(gateway_factory: GatewayFactory,
+                                                  rows: Rows) -> None:
+    script = Script(headers={"Content-Type": "application/json", "Content-Length": "500"},
+                    chunks=[b'{"id": "x", '], framing="length", end="hang")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream=FAST_TIMEOUTS)
+        resp = await post(client, PLAIN)
+        assert resp.status == 504
+    assert rows.messages() == []
+
+
+async def test_failed_turn_leaves_history_exact(gateway_factory: GatewayFactory,
+                                                upstream: Any) -> None:
+    """A failed turn in between: the next turn's history is exactly the completed turns."""
+    good = await gateway_factory(upstream_url(upstream))
+    await post(good, {**PLAIN, "messages": [{"role": "user", "content": "first"}]})
+    async with scripted_upstream(Script(chunks=answer_events()[:2], end="reset")) as up:
+        broken_gateway = await gateway_factory(up.url)
+        await (await post(broken_gateway, STREAM)).read()
+    await post(good, {**PLAIN, "messages": [{"role": "user", "content": "third"}]})
+    sent = received(upstream)[-1].json["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["first", "third"]
+    assert len(sent) == 3
+
+
+async def test_client_disconnect_closes_upstream(gateway_factory: GatewayFactory,
+                                                 rows: Rows) -> None:
+    script = Script(chunks=answer_events()[:2], end="hang")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, STREAM)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # the client goes away while the upstream is silent
+        await asyncio.wait_for(up.disconnected.wait(), 1.0)
+    assert rows.messages() == []
+
+
+async def test_client_disconnect_with_finish_commits(gateway_factory: GatewayFactory,
+                                                     rows: Rows) -> None:
+    events = answer_events()
+    script = Script(chunks=[events[0], 0.3, *events[1:]])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, memory={"on_client_disconnect": "finish"})
+        resp = await post(client, STREAM)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        for _ in range(100):  # bounded: up to 5 s for the detached answer to finish
+            if rows.messages():
+                break
+            await asyncio.sleep(0.05)
+    assert [m["role"] for m in rows.messages("f1")] == ["user", "assistant"]
+    assert json.loads(rows.messages("f1")[1]["content"]) == "Hello world"
+
+
+async def test_disconnect_with_discard_commits_nothing(gateway_factory: GatewayFactory,
+                                                       rows: Rows) -> None:
+    events = answer_events()
+    script = Script(chunks=[events[0], 0.3, *events[1:]])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, STREAM)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        await asyncio.wait_for(up.disconnected.wait(), 1.0)
+    assert rows.messages() == []
+
+
+_ = chunk

@@ -1,0 +1,176 @@
+"""The streaming tee: exact bytes to the client, the accumulated turn to the database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from helpers import GatewayFactory, Rows, answer_events, chunk, sse
+from scripted_upstream import Script, scripted_upstream
+
+REQUEST = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def run_stream(
+    gateway_factory: GatewayFactory, script: Script, conv: str = "s1", **config: Any
+) -> tuple[int, bytes, Any]:
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, **config)
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": conv}
+        )
+        body = await resp.read()
+        return resp.status, body, resp
+
+
+def split_every(data: bytes, size: int) -> list[bytes | float]:
+    """Chunks of ``size`` bytes with a pause between, so each is its own read."""
+    out: list[bytes | float] = []
+    for start in range(0, len(data), size):
+        out += [data[start : start + size], 0.001]
+    return out
+
+
+def stored_text(rows: Rows, conv: str = "s1") -> Any:
+    stored = rows.messages(conv)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    return json.loads(stored[1]["content"])
+
+
+FRAMINGS = {
+    "lf": b"".join(answer_events(newline=b"\n")),
+    "crlf": b"".join(answer_events(newline=b"\r\n")),
+    "cr": b"".join(answer_events(newline=b"\r")),
+    "no-space": b"".join(
+        sse(e, space=False)
+        for e in [chunk("", role="assistant"), chunk("Hello "), chunk("world"),
+                  chunk(finish="stop"), "[DONE]"]
+    ),
+    "comments-and-keepalives": b": keepalive\n\n" + b"".join(
+        e + b": ping\n\n" for e in answer_events()
+    ),
+    "multi-line-data": (
+        b"data: " + json.dumps(chunk("Hello world")).replace(", ", ",\ndata: ").encode() + b"\n\n"
+        + sse(chunk(finish="stop")) + sse("[DONE]")
+    ),
+    "event-and-id-fields": b"".join(b"event: message\nid: 7\n" + e for e in answer_events()),
+}
+
+
+@pytest.mark.parametrize("framing", sorted(FRAMINGS))
+@pytest.mark.parametrize("piece", [0, 5, 61])
+async def test_framings_forwarded_exactly_and_remembered(
+    gateway_factory: GatewayFactory, rows: Rows, framing: str, piece: int
+) -> None:
+    wire = FRAMINGS[framing]
+    chunks = [wire] if piece == 0 else split_every(wire, piece)
+    status, body, resp = await run_stream(gateway_factory, Script(chunks=chunks))
+    assert status == 200
+    assert body == wire
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Conversation-Id"] == "s1"
+    assert stored_text(rows) == "Hello world"
+
+
+async def test_utf8_split_across_reads(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    text = "héllo wörld 🙂 日本"
+    # Raw UTF-8 in the JSON (not \u escapes), cut inside the 4-byte emoji.
+    raw_event = b"data: " + json.dumps(chunk(text), ensure_ascii=False).encode() + b"\n\n"
+    wire = sse(chunk("", role="assistant")) + raw_event + sse(chunk(finish="stop")) + sse("[DONE]")
+    emoji = raw_event.index("🙂".encode())
+    cut = len(sse(chunk("", role="assistant"))) + emoji + 2  # inside the 4-byte emoji
+    chunks: list[bytes | float] = [wire[:cut], 0.01, wire[cut:]]
+    status, body, _ = await run_stream(gateway_factory, Script(chunks=chunks))
+    assert body == wire
+    assert stored_text(rows) == text
+
+
+async def test_data_line_over_one_megabyte(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    big = "x" * (1536 * 1024)
+    wire = b"".join(answer_events(big))
+    status, body, _ = await run_stream(gateway_factory, Script(chunks=split_every(wire, 65536)))
+    assert status == 200 and body == wire
+    assert stored_text(rows) == big
+
+
+async def test_include_usage_chunk(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    events = answer_events()
+    usage_event = sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                       "model": "scripted", "choices": [], "usage": usage})
+    wire = b"".join([*events[:-1], usage_event, events[-1]])
+    _, body, _ = await run_stream(gateway_factory, Script(chunks=[wire]))
+    assert body == wire
+    assert json.loads(rows.messages("s1")[1]["usage"]) == usage
+    assert rows.messages("s1")[1]["model"] == "scripted"
+
+
+async def test_tool_call_fragments_merged(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    def call(index: int, **fields: Any) -> dict[str, Any]:
+        return chunk(tool_calls=[{"index": index, **fields}])
+
+    events = [
+        chunk(role="assistant"),
+        call(0, id="a", type="function", function={"name": "get", "arguments": ""}),
+        call(1, id="b", type="function", function={"name": "put", "arguments": '{"k"'}),
+        call(0, function={"name": "", "arguments": '{"x":'}),
+        chunk(tool_calls=[{"index": 0, "function": {"arguments": " 1"}},
+                          {"index": 0, "function": {"name": "get", "arguments": "}"}}]),
+        call(1, function={"arguments": ": 2}"}),
+        chunk(finish="tool_calls"),
+        "[DONE]",
+    ]
+    wire = b"".join(sse(e) for e in events)
+    _, body, _ = await run_stream(gateway_factory, Script(chunks=[wire]))
+    assert body == wire
+    stored = rows.messages("s1")[1]
+    assert json.loads(stored["tool_calls"]) == [
+        {"id": "a", "type": "function", "function": {"name": "get", "arguments": '{"x": 1}'}},
+        {"id": "b", "type": "function", "function": {"name": "put", "arguments": '{"k": 2}'}},
+    ]
+    assert stored["content"] is None
+    assert stored["finish_reason"] == "tool_calls"
+
+
+async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    events = [chunk(role="assistant", reasoning_content="Let me "),
+              chunk(reasoning="think."), chunk("Answer."), chunk(finish="stop"), "[DONE]"]
+    await run_stream(gateway_factory, Script(chunks=[b"".join(sse(e) for e in events)]))
+    stored = rows.messages("s1")[1]
+    assert stored["reasoning"] == "Let me think."
+    assert json.loads(stored["content"]) == "Answer."
+
+
+async def test_non_stream_body_forwarded_exactly(gateway_factory: GatewayFactory,
+                                                 rows: Rows) -> None:
+    body = (b'{ "id" : "x", "object": "chat.completion", "model": "scripted",\n'
+            b' "choices": [ {"index": 0, "message": {"role": "assistant", "content": "Hi \xc3\xa9"},'
+            b' "finish_reason": "stop"} ] }')
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body],
+                    framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/v1/chat/completions", headers={"X-Conversation-Id": "s1"},
+                                 json={**REQUEST, "stream": False})
+        assert resp.status == 200
+        assert await resp.read() == body
+    assert stored_text(rows) == "Hi é"
+
+
+async def test_events_arrive_before_upstream_finishes(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The upstream sends two events and then stays silent: a buffering gateway would
+    never deliver them.  Nothing is committed for the unfinished answer."""
+    events = answer_events()
+    script = Script(chunks=[events[0], events[1]], end="hang")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/v1/chat/completions", json=REQUEST)
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        second = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert [first, second] == events[:2]
+        resp.close()
+    assert rows.messages() == []
