@@ -25,7 +25,7 @@ def byte_by_byte(stream: bytes) -> list[bytes]:
 MIXED = (
     BOM
     + b": keepalive\r\n"
-    + b"event: message\r\nid: 1\r\nretry: 1000\r\ndata: {\"a\": 1}\r\n\r\n"
+    + b'event: message\r\nid: 1\r\nretry: 1000\r\ndata: {"a": 1}\r\n\r\n'
     + b"data:no-space\rdata:  two spaces\r\r"
     + b": ping\n\n"
     + b"data\nfoo\ndata: caf\xc3\xa9 \xf0\x9f\x99\x82\n\n"
@@ -226,7 +226,7 @@ def test_feed_never_raises_and_chunking_does_not_matter(chunks: list[bytes]) -> 
 
 
 line_text = st.text(
-    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+    alphabet=st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]),
     max_size=20,
 )
 extra_lines = st.sampled_from(["", ": ping", "event: delta", "id: 3", "retry: 10", "x-unknown: 1"])
