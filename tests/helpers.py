@@ -102,3 +102,64 @@ def answer_events(text: str = "Hello world", newline: bytes = b"\n") -> list[byt
         sse(chunk(finish="stop"), newline),
         sse("[DONE]", newline),
     ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class Process:
+    """A real ``python -m chatmem ...`` process, waited for until ``ready_url`` answers."""
+
+    def __init__(
+        self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.args = args
+        # This checkout's code, whichever copy of chatmem happens to be installed.
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatmem", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": src, **(env or {})},
+            cwd=cwd,
+        )
+
+    def wait_ready(self, url: str, timeout: float = 20.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                _, err = self.proc.communicate()
+                raise RuntimeError(f"{self.args} exited early: {err.decode()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+    def stop(self, sig: int = 2, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+        finally:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()

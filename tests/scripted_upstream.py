@@ -105,43 +105,74 @@ def _head(script: Script) -> bytes:
 
 
 class ScriptedUpstream:
+    """One listening socket; every accepted connection is served by its own tracked task."""
+
     def __init__(self) -> None:
         self.script = Script()
         self.requests: list[RequestRecord] = []
         self.disconnected = asyncio.Event()
         self.url = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._arrived = asyncio.Event()
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._connections: dict[asyncio.Task[None], socket.socket] = {}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        self._acceptor = asyncio.create_task(self._accept(self._listener))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
+        """Stop listening and end every connection; no task or socket outlives this."""
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.gather(self._acceptor, return_exceptions=True)
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        tasks = list(self._connections)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in self._connections.values():  # tasks cancelled before they ever ran
+            conn.close()
+        self._connections.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def wait_for_requests(self, count: int) -> None:
+        """Return once ``count`` requests in all have been read."""
+        while len(self.requests) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = asyncio.create_task(self._serve(conn))
+            self._connections[task] = conn
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        conn = self._connections.pop(task, None)
+        if conn is not None:
+            conn.close()
+
+    async def _serve(self, conn: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn)
         try:
             await self._answer(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # the client went away; _answer already noted it where that matters
         finally:
-            self._tasks.discard(task)
-            writer.transport.abort()
+            writer.transport.abort()  # a no-op after a graceful close
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.requests.append(await _read_request(reader))
+        self._arrived.set()
         script = self.script
         if script.before_headers == "reset":
             _reset(writer)

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
-
 from helpers import GatewayFactory, Rows, received, upstream_url
 
 Client = TestClient[Any, Any]

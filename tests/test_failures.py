@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 import pytest
-from helpers import GatewayFactory, Rows, answer_events, chunk, received, sse, upstream_url
+from helpers import GatewayFactory, Rows, answer_events, received, sse, upstream_url
 from scripted_upstream import Script, scripted_upstream
 
 STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -17,14 +17,12 @@ FAST_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 0.3}
 
 
 def error_events(body: bytes) -> list[dict[str, Any]]:
-    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {\"error\"")]
+    events = [e for e in body.split(b"\n\n") if e.startswith(b'data: {"error"')]
     return [json.loads(e[6:])["error"] for e in events]
 
 
 async def post(client: Any, body: dict[str, Any], conv: str = "f1") -> Any:
-    return await client.post(
-        "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conv}
-    )
+    return await client.post("/v1/chat/completions", json=body, headers={"X-Conversation-Id": conv})
 
 
 def closed_port() -> int:
@@ -73,8 +71,9 @@ async def test_fault_before_headers(
 async def test_upstream_error_status_passes_through(
     gateway_factory: GatewayFactory, rows: Rows, status: int, content_type: str, body: bytes
 ) -> None:
-    script = Script(status=status, headers={"Content-Type": content_type}, chunks=[body],
-                    framing="length")
+    script = Script(
+        status=status, headers={"Content-Type": content_type}, chunks=[body], framing="length"
+    )
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
         for request in (PLAIN, STREAM):
@@ -97,12 +96,18 @@ def cut_inside_event() -> list[bytes | float]:
         (answer_events()[:2], "reset", "upstream_broken"),
         (cut_inside_event(), "reset", "upstream_broken"),
         (answer_events()[:4], "ok", "upstream_incomplete"),  # no [DONE]
-        (answer_events()[:3] + [sse("[DONE]")], "ok", "upstream_incomplete"),  # no finish
+        ([*answer_events()[:3], sse("[DONE]")], "ok", "upstream_incomplete"),  # no finish
         (answer_events()[:2], "hang", "upstream_timeout"),
         ([b"\x00\xffgarbage\n\n\x9c"], "ok", "upstream_incomplete"),
     ],
-    ids=["reset-mid-stream", "reset-mid-event", "no-done", "no-finish-reason", "silence",
-         "garbage"],
+    ids=[
+        "reset-mid-stream",
+        "reset-mid-event",
+        "no-done",
+        "no-finish-reason",
+        "silence",
+        "garbage",
+    ],
 )
 async def test_stream_failure_ends_with_error_event(
     gateway_factory: GatewayFactory, rows: Rows, chunks: list[bytes | float], end: Any, code: str
@@ -127,8 +132,11 @@ async def test_stream_failure_ends_with_error_event(
 
 
 async def test_error_object_inside_stream(gateway_factory: GatewayFactory, rows: Rows) -> None:
-    events = [*answer_events()[:2], sse({"error": {"message": "model crashed", "code": 500}}),
-              sse("[DONE]")]
+    events = [
+        *answer_events()[:2],
+        sse({"error": {"message": "model crashed", "code": 500}}),
+        sse("[DONE]"),
+    ]
     async with scripted_upstream(Script(chunks=events)) as up:
         client = await gateway_factory(up.url)
         body = await (await post(client, STREAM)).read()
@@ -136,11 +144,11 @@ async def test_error_object_inside_stream(gateway_factory: GatewayFactory, rows:
     assert rows.messages() == []
 
 
-async def test_non_stream_invalid_body_is_502(gateway_factory: GatewayFactory,
-                                              rows: Rows) -> None:
+async def test_non_stream_invalid_body_is_502(gateway_factory: GatewayFactory, rows: Rows) -> None:
     for payload in (b"not json", b'{"choices": []}', b'{"choices": [{"message": {}}]}'):
-        script = Script(headers={"Content-Type": "application/json"}, chunks=[payload],
-                        framing="length")
+        script = Script(
+            headers={"Content-Type": "application/json"}, chunks=[payload], framing="length"
+        )
         async with scripted_upstream(script) as up:
             client = await gateway_factory(up.url)
             resp = await post(client, PLAIN)
@@ -149,10 +157,15 @@ async def test_non_stream_invalid_body_is_502(gateway_factory: GatewayFactory,
     assert rows.messages() == []
 
 
-async def test_non_stream_silence_mid_body_is_504(gateway_factory: GatewayFactory,
-                                                  rows: Rows) -> None:
-    script = Script(headers={"Content-Type": "application/json", "Content-Length": "500"},
-                    chunks=[b'{"id": "x", '], framing="length", end="hang")
+async def test_non_stream_silence_mid_body_is_504(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    script = Script(
+        headers={"Content-Type": "application/json", "Content-Length": "500"},
+        chunks=[b'{"id": "x", '],
+        framing="length",
+        end="hang",
+    )
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url, upstream=FAST_TIMEOUTS)
         resp = await post(client, PLAIN)
@@ -160,8 +173,9 @@ async def test_non_stream_silence_mid_body_is_504(gateway_factory: GatewayFactor
     assert rows.messages() == []
 
 
-async def test_failed_turn_leaves_history_exact(gateway_factory: GatewayFactory,
-                                                upstream: Any) -> None:
+async def test_failed_turn_leaves_history_exact(
+    gateway_factory: GatewayFactory, upstream: Any
+) -> None:
     """A failed turn in between: the next turn's history is exactly the completed turns."""
     good = await gateway_factory(upstream_url(upstream))
     await post(good, {**PLAIN, "messages": [{"role": "user", "content": "first"}]})
@@ -174,8 +188,9 @@ async def test_failed_turn_leaves_history_exact(gateway_factory: GatewayFactory,
     assert len(sent) == 3
 
 
-async def test_client_disconnect_closes_upstream(gateway_factory: GatewayFactory,
-                                                 rows: Rows) -> None:
+async def test_client_disconnect_closes_upstream(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
     script = Script(chunks=answer_events()[:2], end="hang")
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
@@ -186,8 +201,9 @@ async def test_client_disconnect_closes_upstream(gateway_factory: GatewayFactory
     assert rows.messages() == []
 
 
-async def test_client_disconnect_with_finish_commits(gateway_factory: GatewayFactory,
-                                                     rows: Rows) -> None:
+async def test_client_disconnect_with_finish_commits(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
     events = answer_events()
     script = Script(chunks=[events[0], 0.3, *events[1:]])
     async with scripted_upstream(script) as up:
@@ -203,8 +219,9 @@ async def test_client_disconnect_with_finish_commits(gateway_factory: GatewayFac
     assert json.loads(rows.messages("f1")[1]["content"]) == "Hello world"
 
 
-async def test_disconnect_with_discard_commits_nothing(gateway_factory: GatewayFactory,
-                                                       rows: Rows) -> None:
+async def test_disconnect_with_discard_commits_nothing(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
     events = answer_events()
     script = Script(chunks=[events[0], 0.3, *events[1:]])
     async with scripted_upstream(script) as up:
@@ -214,6 +231,3 @@ async def test_disconnect_with_discard_commits_nothing(gateway_factory: GatewayF
         resp.close()
         await asyncio.wait_for(up.disconnected.wait(), 1.0)
     assert rows.messages() == []
-
-
-_ = chunk

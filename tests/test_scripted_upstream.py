@@ -6,7 +6,6 @@ import asyncio
 
 import aiohttp
 import pytest
-
 from scripted_upstream import Framing, Script, scripted_upstream
 
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":', b"2}\n\n", b"data: [DONE]\n\n"]
@@ -139,8 +138,7 @@ async def test_script_is_taken_per_request_and_close_leaves_no_task() -> None:
             assert (resp.status, await resp.read()) == (503, b"busy")
         up.script = Script(before_headers="hang")
         pending = asyncio.create_task(session.get(up.url))
-        while len(up.requests) < 3:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(up.wait_for_requests(3), 2)
     # closing the upstream aborted the hanging connection
     with pytest.raises(aiohttp.ClientError):
         await pending

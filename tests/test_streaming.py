@@ -45,15 +45,22 @@ FRAMINGS = {
     "cr": b"".join(answer_events(newline=b"\r")),
     "no-space": b"".join(
         sse(e, space=False)
-        for e in [chunk("", role="assistant"), chunk("Hello "), chunk("world"),
-                  chunk(finish="stop"), "[DONE]"]
+        for e in [
+            chunk("", role="assistant"),
+            chunk("Hello "),
+            chunk("world"),
+            chunk(finish="stop"),
+            "[DONE]",
+        ]
     ),
-    "comments-and-keepalives": b": keepalive\n\n" + b"".join(
-        e + b": ping\n\n" for e in answer_events()
-    ),
+    "comments-and-keepalives": b": keepalive\n\n"
+    + b"".join(e + b": ping\n\n" for e in answer_events()),
     "multi-line-data": (
-        b"data: " + json.dumps(chunk("Hello world")).replace(", ", ",\ndata: ").encode() + b"\n\n"
-        + sse(chunk(finish="stop")) + sse("[DONE]")
+        b"data: "
+        + json.dumps(chunk("Hello world")).replace(", ", ",\ndata: ").encode()
+        + b"\n\n"
+        + sse(chunk(finish="stop"))
+        + sse("[DONE]")
     ),
     "event-and-id-fields": b"".join(b"event: message\nid: 7\n" + e for e in answer_events()),
 }
@@ -83,7 +90,7 @@ async def test_utf8_split_across_reads(gateway_factory: GatewayFactory, rows: Ro
     cut = len(sse(chunk("", role="assistant"))) + emoji + 2  # inside the 4-byte emoji
     chunks: list[bytes | float] = [wire[:cut], 0.01, wire[cut:]]
     status, body, _ = await run_stream(gateway_factory, Script(chunks=chunks))
-    assert body == wire
+    assert status == 200 and body == wire
     assert stored_text(rows) == text
 
 
@@ -98,8 +105,16 @@ async def test_data_line_over_one_megabyte(gateway_factory: GatewayFactory, rows
 async def test_include_usage_chunk(gateway_factory: GatewayFactory, rows: Rows) -> None:
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     events = answer_events()
-    usage_event = sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
-                       "model": "scripted", "choices": [], "usage": usage})
+    usage_event = sse(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "scripted",
+            "choices": [],
+            "usage": usage,
+        }
+    )
     wire = b"".join([*events[:-1], usage_event, events[-1]])
     _, body, _ = await run_stream(gateway_factory, Script(chunks=[wire]))
     assert body == wire
@@ -116,8 +131,12 @@ async def test_tool_call_fragments_merged(gateway_factory: GatewayFactory, rows:
         call(0, id="a", type="function", function={"name": "get", "arguments": ""}),
         call(1, id="b", type="function", function={"name": "put", "arguments": '{"k"'}),
         call(0, function={"name": "", "arguments": '{"x":'}),
-        chunk(tool_calls=[{"index": 0, "function": {"arguments": " 1"}},
-                          {"index": 0, "function": {"name": "get", "arguments": "}"}}]),
+        chunk(
+            tool_calls=[
+                {"index": 0, "function": {"arguments": " 1"}},
+                {"index": 0, "function": {"name": "get", "arguments": "}"}},
+            ]
+        ),
         call(1, function={"arguments": ": 2}"}),
         chunk(finish="tool_calls"),
         "[DONE]",
@@ -135,25 +154,35 @@ async def test_tool_call_fragments_merged(gateway_factory: GatewayFactory, rows:
 
 
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:
-    events = [chunk(role="assistant", reasoning_content="Let me "),
-              chunk(reasoning="think."), chunk("Answer."), chunk(finish="stop"), "[DONE]"]
+    events = [
+        chunk(role="assistant", reasoning_content="Let me "),
+        chunk(reasoning="think."),
+        chunk("Answer."),
+        chunk(finish="stop"),
+        "[DONE]",
+    ]
     await run_stream(gateway_factory, Script(chunks=[b"".join(sse(e) for e in events)]))
     stored = rows.messages("s1")[1]
     assert stored["reasoning"] == "Let me think."
     assert json.loads(stored["content"]) == "Answer."
 
 
-async def test_non_stream_body_forwarded_exactly(gateway_factory: GatewayFactory,
-                                                 rows: Rows) -> None:
-    body = (b'{ "id" : "x", "object": "chat.completion", "model": "scripted",\n'
-            b' "choices": [ {"index": 0, "message": {"role": "assistant", "content": "Hi \xc3\xa9"},'
-            b' "finish_reason": "stop"} ] }')
-    script = Script(headers={"Content-Type": "application/json"}, chunks=[body],
-                    framing="length")
+async def test_non_stream_body_forwarded_exactly(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    body = (
+        b'{ "id" : "x", "object": "chat.completion", "model": "scripted",\n'
+        b' "choices": [ {"index": 0, "message": {"role": "assistant", "content": "Hi \xc3\xa9"},'
+        b' "finish_reason": "stop"} ] }'
+    )
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
-        resp = await client.post("/v1/chat/completions", headers={"X-Conversation-Id": "s1"},
-                                 json={**REQUEST, "stream": False})
+        resp = await client.post(
+            "/v1/chat/completions",
+            headers={"X-Conversation-Id": "s1"},
+            json={**REQUEST, "stream": False},
+        )
         assert resp.status == 200
         assert await resp.read() == body
     assert stored_text(rows) == "Hi é"

@@ -8,7 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from ..auth import authenticate
-from ..errors import PayloadTooLarge
+from ..errors import PayloadTooLarge, UpstreamError
 from ..state import GATEWAY
 from .upstream import filter_headers
 
@@ -31,28 +31,42 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     headers = upstream.request_headers(request.headers)
     if length is not None:
         headers["Content-Length"] = str(length)
-    body = _limited(request.content, limit) if request.body_exists else None
-    async with (
-        upstream_failures(),
-        upstream.session.request(
-            request.method,
-            url,
-            data=body,
-            headers=headers,
-            timeout=upstream.timeout,
-            allow_redirects=False,
-        ) as response,
-    ):
-        return await relay(request, response)
+    body = _LimitedBody(request.content, limit)
+    try:
+        async with (
+            upstream_failures(),
+            upstream.session.request(
+                request.method,
+                url,
+                data=body.stream() if request.body_exists else None,
+                headers=headers,
+                timeout=upstream.timeout,
+                allow_redirects=False,
+            ) as response,
+        ):
+            return await relay(request, response)
+    except UpstreamError:
+        if body.exceeded:  # the client library reports our refusal as a broken upload
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes") from None
+        raise
 
 
-async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        yield chunk
+class _LimitedBody:
+    """The client's body streamed upstream, cut off past ``limit`` bytes."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content = content
+        self.limit = limit
+        self.exceeded = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self.content.iter_any():
+            size += len(chunk)
+            if size > self.limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"request body is larger than {self.limit} bytes")
+            yield chunk
 
 
 async def relay(

@@ -88,7 +88,7 @@ async def tee_stream(
             if client.gone and not finish_without_client:
                 upstream.close()
                 return response
-    except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         # Timeouts first: aiohttp's read timeout is also a ClientConnectionError.
         if not answer.done:
             await client.end_with(_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN)

@@ -56,6 +56,7 @@ class Upstream:
         self.config = config
         self.session = session
         self.base = URL(config.url.rstrip("/"))
+        self._prefix = str(self.base)
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.read_timeout
         )
@@ -82,8 +83,9 @@ class Upstream:
         segments = tail.split("/")
         if any(segment in (".", "..") for segment in segments):
             raise InvalidRequest("path must not contain '.' or '..' segments")
-        url = self.base.with_path(self.base.raw_path + tail, encoded=True)
-        return url.with_query(query_string) if query_string else url
+        # The origin comes first in the string, so no tail can change the host.
+        query = "?" + query_string if query_string else ""
+        return URL(self._prefix + tail + query, encoded=True)
 
     def request_headers(
         self, client_headers: CIMultiDictProxy[str], drop: Iterable[str] = ()

@@ -10,6 +10,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "Conversation", "Message"]
 
+# SQL NULL for None (not the JSON text "null"), so "IS NULL" means what it says.
+Json = JSON(none_as_null=True)
+
 
 class Base(AsyncAttrs, DeclarativeBase):
     pass
@@ -34,8 +37,8 @@ class Conversation(Base):
     id: Mapped[str] = mapped_column(String(128))
     tenant: Mapped[str] = mapped_column(String(255))
     user_id: Mapped[str] = mapped_column(String(255), default="")
-    system_prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
-    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
+    system_prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(Json, nullable=True)
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", Json, nullable=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[int] = mapped_column(Integer)
@@ -51,12 +54,12 @@ class Message(Base):
     conversation_pk: Mapped[int] = mapped_column(ForeignKey("conversations.pk", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(32))
-    content: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    content: Mapped[Any] = mapped_column(Json, nullable=True)
     name: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(Json, nullable=True)
     tool_call_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     reasoning: Mapped[str | None] = mapped_column(Text, nullable=True)
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install chatmem with its test dependencies and everything the tests run for real
+# (Caddy from Debian's packages, the machine's PostgreSQL 15), then run the test suite.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k streaming`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+if ! command -v caddy >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q caddy >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q caddy; }
+fi
+# Debian starts a system Caddy on port 80/443 when it installs the package; the tests
+# run their own, so stop the system one if it is running (harmless when it is not).
+(systemctl stop caddy 2>/dev/null || pkill -x caddy 2>/dev/null) || true
+
+if command -v pg_ctlcluster >/dev/null 2>&1; then
+    pg_ctlcluster 15 main start 2>/dev/null || true
+fi
+
+exec python3 -m pytest -q "$@"

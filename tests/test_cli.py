@@ -1,0 +1,111 @@
+"""The ``chatmem`` command as a user runs it: real processes, the official openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from helpers import Process, free_port
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatmem", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**(env if env is not None else os.environ), "PYTHONPATH": SRC},
+    )
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    db = tmp_path / "demo.db"
+    process = Process(
+        ["serve", "--demo", "--port", str(port), "--db", f"sqlite+aiosqlite:///{db}"], cwd=tmp_path
+    )
+    process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+    yield f"http://127.0.0.1:{port}/v1"
+    assert process.stop(signal.SIGINT) == 0
+
+
+def test_demo_with_the_openai_sdk(demo: str) -> None:
+    client = openai.OpenAI(base_url=demo, api_key="unused", max_retries=0)
+    headers = {"X-Conversation-Id": "sdk-1"}
+    first = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hello"}], extra_headers=headers
+    )
+    assert first.choices[0].message.content.startswith("Echo hello")
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "again"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    # The mock counts the messages it was sent: the first exchange came back as history.
+    assert "(3 messages)" in text
+    raw = client.chat.completions.with_raw_response.create(
+        model="demo", messages=[{"role": "user", "content": "new"}]
+    )
+    assert raw.headers["x-conversation-id"].startswith("conv_")
+    assert [m.id for m in client.models.list()] == ["mock-model"]
+
+
+def test_config_error_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "seven"\n')
+    result = run("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "server.port" in result.stderr
+    env_result = run(
+        "serve", env={"CHATMEM_CONFIG": str(tmp_path / "missing.toml"), "PATH": "/usr/bin"}
+    )
+    assert env_result.returncode == 2 and "missing.toml" in env_result.stderr
+
+
+def test_mock_upstream_command() -> None:
+    port = free_port()
+    process = Process(["mock-upstream", "--port", str(port), "--tokens", "3"])
+    try:
+        process.wait_ready(f"http://127.0.0.1:{port}/v1/models")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "a b"}]}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            body = json.load(resp)
+        assert body["choices"][0]["message"]["content"] == "Echo a b"
+    finally:
+        process.stop(signal.SIGINT)
+
+
+def test_token_encode_decode() -> None:
+    claims = '{"team_id": "tenstorrent", "token_id": "debug-test"}'
+    encoded = run("token", "encode", "--secret", "s", claims)
+    assert encoded.returncode == 0
+    token = encoded.stdout.strip()
+    decoded = run("token", "decode", "--secret", "s", token)
+    assert json.loads(decoded.stdout) == {"team_id": "tenstorrent", "token_id": "debug-test"}
+    wrong = run("token", "decode", "--secret", "other", token)
+    assert wrong.returncode == 1 and "invalid token" in wrong.stderr
+    expiring = run("token", "encode", "--secret", "s", "--exp", "60", claims)
+    assert "exp" in json.loads(
+        run("token", "decode", "--secret", "s", expiring.stdout.strip()).stdout
+    )

@@ -1,0 +1,119 @@
+"""Config: TOML + environment into a frozen typed object; errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from chatmem.config import Config, ConfigError, find_config_file, load_config
+
+FULL = """
+[server]
+host = "0.0.0.0"
+port = 8080
+max_body_bytes = 1024
+
+[upstream]
+url = "${UP_URL:-http://127.0.0.1:9000/v1}"
+api_key = "${UPSTREAM_API_KEY}"
+connect_timeout = 3
+read_timeout = 60.5
+
+[storage]
+url = "sqlite+aiosqlite:///x.db"
+
+[auth]
+jwt_secret = "${JWT_SECRET}"
+algorithms = ["HS256", "HS512"]
+tenant_claim = "team_id"
+user_claim = "sub"
+
+[memory]
+max_history_messages = 50
+on_client_disconnect = "finish"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "chatmem.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_file(tmp_path: Path) -> None:
+    env = {"UPSTREAM_API_KEY": "sk-1", "JWT_SECRET": "s3cret"}
+    config = load_config(write(tmp_path, FULL), env=env)
+    assert config.server.host == "0.0.0.0" and config.server.port == 8080
+    assert config.upstream.url == "http://127.0.0.1:9000/v1"
+    assert config.upstream.api_key == "sk-1"
+    assert config.upstream.connect_timeout == 3.0 and config.upstream.read_timeout == 60.5
+    assert config.auth.algorithms == ("HS256", "HS512") and config.auth.enabled
+    assert config.memory.on_client_disconnect == "finish"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.port = 1  # type: ignore[misc]
+    assert "sk-1" not in repr(config) and "s3cret" not in repr(config)
+
+
+def test_defaults() -> None:
+    config = load_config(None, env={})
+    assert config == Config()
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 7001)
+    assert config.storage.url == "sqlite+aiosqlite:///chatmem.db"
+    assert not config.auth.enabled
+
+
+def test_default_and_env_override(tmp_path: Path) -> None:
+    text = '[upstream]\nurl = "${UP_URL:-http://a:1/v1}"\n[server]\nport = "${PORT:-7001}"\n'
+    path = write(tmp_path, text)
+    assert load_config(path, env={}).upstream.url == "http://a:1/v1"
+    config = load_config(path, env={"UP_URL": "http://b:2/v1", "PORT": "9"})
+    assert config.upstream.url == "http://b:2/v1" and config.server.port == 9
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nport = 1234\nhost = "0.0.0.0"\n')
+    config = load_config(path, overrides={"server": {"port": 9999}}, env={})
+    assert config.server.port == 9999 and config.server.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "server.prot: unknown key"),
+        ("[srever]\nport = 1\n", "[srever]: unknown section"),
+        ('[server]\nport = "abc"\n', "server.port: must be int"),
+        ("[server]\nport = true\n", "server.port: must be int"),
+        ("[server]\nport = 0\n", "server.port: must be greater than 0"),
+        ('[upstream]\nread_timeout = "x"\n', "upstream.read_timeout: must be float"),
+        ('[upstream]\nurl = "ftp://x"\n', "upstream.url: must be an http"),
+        (
+            '[upstream]\napi_key = "${NOPE_NOT_SET}"\n',
+            "upstream.api_key: environment variable NOPE_NOT_SET is not set",
+        ),
+        ('[auth]\nalgorithms = "HS256"\n', "auth.algorithms: must be a list of strings"),
+        ('[memory]\non_client_disconnect = "keep"\n', "memory.on_client_disconnect: must be"),
+        ("server = 1\n", "[server]: must be a table"),
+        ("[server\n", "invalid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+def test_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file(None, env={}) is None
+    (tmp_path / "chatmem.toml").write_text("")
+    assert find_config_file(None, env={}) == Path("chatmem.toml")
+    assert find_config_file(None, env={"CHATMEM_CONFIG": "/etc/x.toml"}) == Path("/etc/x.toml")
+    assert find_config_file("mine.toml", env={"CHATMEM_CONFIG": "/x"}) == Path("mine.toml")

@@ -1,0 +1,74 @@
+"""Bad input gets an OpenAI-style error with the right status, and nothing is stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from helpers import GatewayFactory, Rows, received, upstream_url
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"\xff\xfe", None),
+        (b"[1, 2]", None),
+        (b'{"model": "m"}', "messages"),
+        (b'{"model": "m", "messages": "hi"}', "messages"),
+        (b'{"model": "m", "messages": [42]}', "messages[0]"),
+        (b'{"model": "m", "messages": [{"content": "x"}]}', "messages[0].role"),
+        (b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+        (b'{"model": "m", "messages": [], "stream": "yes"}', "stream"),
+        (b'{"model": "m", "messages": [], "conversation": 7}', "conversation"),
+        (b'{"model": "m", "messages": [], "conversation": {"id": ""}}', "conversation.id"),
+    ],
+)
+async def test_bad_chat_bodies_are_400(
+    gateway: TestClient[Any, Any], upstream: TestServer, rows: Rows, body: bytes, param: str | None
+) -> None:
+    resp = await gateway.post(
+        "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "Traceback" not in error["message"]
+    assert received(upstream) == []
+    assert rows.messages() == []
+
+
+async def test_chat_body_over_limit_is_413(
+    gateway_factory: GatewayFactory, upstream: TestServer, rows: Rows
+) -> None:
+    client = await gateway_factory(upstream_url(upstream), server={"max_body_bytes": 200})
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 300}]}
+    resp = await client.post("/v1/chat/completions", json=big)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+    async def trickle() -> Any:
+        for _ in range(4):
+            yield b"x" * 100
+
+    resp = await client.post("/v1/chat/completions", data=trickle())
+    assert resp.status == 413
+    assert received(upstream) == []
+    assert rows.messages() == []
+
+
+async def test_unknown_route_is_json_404(gateway: TestClient[Any, Any]) -> None:
+    resp = await gateway.get("/nothing-here")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_health(gateway: TestClient[Any, Any]) -> None:
+    for path in ("/v1/health", "/api/v1/health"):
+        resp = await gateway.get(path)
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok"}

@@ -1,0 +1,175 @@
+"""Everything else under /v1/ is relayed to the upstream origin, unchanged."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from helpers import GatewayFactory, received, upstream_url
+
+from chatmem.mock_upstream import RECEIVED
+
+
+async def test_models_and_embeddings(gateway: TestClient[Any, Any], upstream: TestServer) -> None:
+    models = await gateway.get("/v1/models")
+    assert models.status == 200
+    direct = await gateway.session.get(upstream.make_url("/v1/models"))
+    assert await models.read() == await direct.read()
+    emb = await gateway.post("/v1/embeddings", json={"model": "e", "input": ["a", "b"]})
+    assert emb.status == 200
+    assert [d["index"] for d in (await emb.json())["data"]] == [0, 1]
+    assert received(upstream)[-1].json == {"model": "e", "input": ["a", "b"]}
+
+
+@pytest.fixture
+async def echo_upstream(aiohttp_server: Any) -> TestServer:
+    """An upstream that answers with what it received, to inspect the forwarded request."""
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {
+            "X-Echo": "1",
+            "Connection": "close, X-Secret-Hop",
+            "X-Secret-Hop": "no",
+            "Keep-Alive": "timeout=5",
+            "Set-Cookie": "up=1",
+        }
+        if request.path.endswith("/gzip"):
+            payload = gzip.compress(b"compressed body")
+            return web.Response(body=payload, headers={**headers, "Content-Encoding": "gzip"})
+        if request.path.endswith("/status"):
+            return web.Response(status=418, text="teapot", headers=headers)
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": dict(request.headers),
+                "body": body.decode(errors="replace"),
+            },
+            headers=headers,
+        )
+
+    app = web.Application()
+    app[RECEIVED] = __import__("collections").deque()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+@pytest.fixture
+async def echo_gateway(
+    gateway_factory: GatewayFactory, echo_upstream: TestServer
+) -> TestClient[Any, Any]:
+    return await gateway_factory(
+        upstream_url(echo_upstream), upstream={"api_key": "sk-upstream-secret"}
+    )
+
+
+async def test_method_query_body_status_unchanged(echo_gateway: TestClient[Any, Any]) -> None:
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        resp = await echo_gateway.request(
+            method, "/v1/files/abc?limit=3&q=a%20b", data=b"raw \x00 body"
+        )
+        assert resp.status == 200
+        seen = await resp.json()
+        assert seen["method"] == method
+        assert seen["path"] == "/v1/files/abc?limit=3&q=a%20b"
+        assert seen["body"] == "raw \x00 body"
+    teapot = await echo_gateway.get("/v1/x/status")
+    assert teapot.status == 418 and await teapot.text() == "teapot"
+
+
+async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, Any]) -> None:
+    resp = await echo_gateway.get(
+        "/v1/models",
+        headers={
+            "Authorization": "Bearer client-token",
+            "Cookie": "session=client",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "Keep-Alive": "timeout=1",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "X-Custom": "kept",
+            "OpenAI-Organization": "org-1",
+        },
+    )
+    seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+    assert seen["authorization"] == "Bearer sk-upstream-secret"
+    for name in ("cookie", "x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert name not in seen, name
+    assert seen["x-custom"] == "kept" and seen["openai-organization"] == "org-1"
+    # ... and in the other direction:
+    assert resp.headers["X-Echo"] == "1"
+    assert "X-Secret-Hop" not in resp.headers and "Keep-Alive" not in resp.headers
+    assert resp.headers["Set-Cookie"] == "up=1"
+
+
+async def test_no_double_decompression(echo_gateway: TestClient[Any, Any]) -> None:
+    resp = await echo_gateway.get(
+        "/v1/x/gzip", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    )
+    assert resp.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(await resp.read()) == b"compressed body"
+
+
+@pytest.mark.parametrize("path", ["/v1//evil.example/x", "/v1//127.0.0.2:1/x", "/v1/%2F%2Fevil/x"])
+async def test_odd_paths_stay_on_the_upstream(
+    echo_gateway: TestClient[Any, Any], path: str
+) -> None:
+    resp = await echo_gateway.get(path)
+    assert resp.status == 200
+    assert (await resp.json())["path"] == path
+
+
+@pytest.mark.parametrize("path", ["/v1/../admin", "/v1/./models", "/v1/a/%2e%2e/b"])
+async def test_dot_segments_never_leave_v1(echo_gateway: TestClient[Any, Any], path: str) -> None:
+    resp = await echo_gateway.get(path)
+    if resp.status == 200:  # normalised by the server before routing: still under /v1
+        assert (await resp.json())["path"].startswith("/v1/")
+        assert ".." not in (await resp.json())["path"]
+    else:
+        assert resp.status in (400, 404)
+        assert "error" in await resp.json()
+
+
+async def test_absolute_form_target_goes_to_upstream(
+    echo_gateway: TestClient[Any, Any], echo_upstream: TestServer
+) -> None:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(echo_gateway.host, echo_gateway.port)
+    writer.write(
+        b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    seen = json.loads(body)
+    assert seen["path"] == "/v1/models"
+    assert seen["headers"]["Host"] == f"127.0.0.1:{echo_upstream.port}"
+
+
+async def test_body_over_limit_is_413(
+    gateway_factory: GatewayFactory, echo_upstream: TestServer
+) -> None:
+    client = await gateway_factory(upstream_url(echo_upstream), server={"max_body_bytes": 100})
+    resp = await client.post("/v1/embeddings", data=b"x" * 101)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "request_too_large"
+
+    async def chunks() -> Any:
+        for _ in range(5):
+            yield b"x" * 50
+
+    resp = await client.post("/v1/embeddings", data=chunks())
+    assert resp.status == 413
+    ok = await client.post("/v1/embeddings", data=b"x" * 100)
+    assert ok.status == 200

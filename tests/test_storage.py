@@ -1,0 +1,103 @@
+"""Storage on a real SQLite file: turns, history windows, concurrency, pragmas."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatmem.config import StorageConfig
+from chatmem.storage import Owner, Store, create_engine
+
+ALICE = Owner("team-a", "alice")
+
+
+def turn(i: int) -> list[dict[str, object]]:
+    return [
+        {"role": "user", "content": f"q{i}"},
+        {"role": "assistant", "content": f"a{i}", "finish_reason": "stop"},
+    ]
+
+
+async def open_store(path: Path) -> Store:
+    store = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{path}")))
+    await store.create_schema()
+    return store
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(db_path)
+    yield store
+    await store.close()
+
+
+async def test_turn_and_history(store: Store) -> None:
+    await store.commit_turn(ALICE, "c", system=[{"role": "system", "content": "s"}], turn=turn(1))
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(2))
+    history = await store.load_history(ALICE, "c", limit=10)
+    assert history.system == [{"role": "system", "content": "s"}]
+    assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
+    assert history.messages[1] == {"role": "assistant", "content": "a1"}
+    newest = await store.load_history(ALICE, "c", limit=3)
+    assert [m["content"] for m in newest.messages] == ["a1", "q2", "a2"]
+
+
+async def test_owners_are_separate(store: Store) -> None:
+    await store.commit_turn(ALICE, "same", system=None, turn=turn(1))
+    for other in (Owner("team-a", "bob"), Owner("team-b", "alice"), Owner("team-a")):
+        assert (await store.load_history(other, "same", limit=10)).messages == []
+    await store.commit_turn(Owner("team-b", "alice"), "same", system=None, turn=turn(9))
+    assert [m["content"] for m in (await store.load_history(ALICE, "same", 10)).messages] == [
+        "q1",
+        "a1",
+    ]
+
+
+async def test_concurrent_writers_on_one_file(db_path: Path) -> None:
+    """Two engines (as two processes would have) write 2 x 40 turns of one conversation
+    at once: no "database is locked", unique gap-free sequence numbers, adjacent turns."""
+    stores = [await open_store(db_path), await open_store(db_path)]
+    try:
+        await asyncio.gather(
+            *(
+                stores[i % 2].commit_turn(ALICE, "busy", system=None, turn=turn(i))
+                for i in range(80)
+            )
+        )
+    finally:
+        for s in stores:
+            await s.close()
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT seq, role, content FROM messages ORDER BY seq").fetchall()
+        last_seq = conn.execute("SELECT last_seq FROM conversations").fetchone()[0]
+    assert [r[0] for r in rows] == list(range(1, 161)) and last_seq == 160
+    for user_row, assistant_row in zip(rows[::2], rows[1::2], strict=True):
+        assert user_row[1] == "user" and assistant_row[1] == "assistant"
+        assert user_row[2].replace("q", "a") == assistant_row[2]
+    assert len({r[2] for r in rows}) == 160
+
+
+async def test_pragmas_and_cascade(store: Store, db_path: Path) -> None:
+    await store.commit_turn(ALICE, "gone", system=None, turn=turn(1))
+    async with store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+        assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+        assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30000
+    assert await store.delete_conversation(ALICE, "gone")
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+async def test_history_query_uses_the_index(store: Store, db_path: Path) -> None:
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    with sqlite3.connect(db_path) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT role, content FROM messages WHERE conversation_pk = 1 "
+            "ORDER BY seq DESC LIMIT 200"
+        ).fetchall()
+    detail = " ".join(row[-1] for row in plan)
+    assert "USING INDEX" in detail and "TEMP B-TREE" not in detail
