@@ -1,0 +1,397 @@
+"""chatmem benchmark: the gateway next to a direct connection to the same upstream.
+
+    python -m benchmarks.run            # the full run (a few minutes)
+    python -m benchmarks.run --quick    # tiny counts: checks that the benchmark works
+
+It starts the mock upstream and the gateway as real processes on 127.0.0.1, then runs each
+scenario against three targets in alternating rounds (so machine drift hits all alike):
+``direct`` (the upstream itself), ``memory`` (chatmem's /v1/chat/completions with a
+conversation id) and ``passthrough`` (chatmem's plain relay, /v1/completions). It prints a
+table of medians, writes the raw samples as JSON and draws a PNG of the added latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .procs import Proc, cpu_seconds, free_port, rss_mb, start
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Scenario:
+    name: str
+    stream: bool
+    concurrency: int
+    requests: int  # per target per round
+    tokens: int = 16
+    delay_ms: float = 0.0
+    history: int = 0  # stored messages in the conversation (memory target)
+    targets: tuple[str, ...] = ("direct", "memory", "passthrough")
+
+
+@dataclass
+class Sample:
+    target: str
+    round: int
+    latencies_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    gateway_cpu_s: float = 0.0
+    loadgen_cpu_s: float = 0.0
+    errors: int = 0
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    n = 10 if quick else 1
+    return [
+        Scenario("plain c=1", False, 1, 300 // n),
+        Scenario("plain c=32", False, 32, 1600 // n),
+        Scenario("stream64 c=1", True, 1, 150 // n, tokens=64),
+        Scenario("stream64 c=32", True, 32, 640 // n, tokens=64),
+        Scenario(
+            "stream 256x20ms",
+            True,
+            256,
+            256,
+            tokens=16 if quick else 32,
+            delay_ms=20,
+            targets=("direct", "memory"),
+        ),
+        Scenario("history 10", False, 1, 150 // n, history=10, targets=("direct", "memory")),
+        Scenario("history 1000", False, 1, 150 // n, history=1000, targets=("direct", "memory")),
+        Scenario("history 10000", False, 1, 150 // n, history=10000, targets=("direct", "memory")),
+    ]
+
+
+class Bench:
+    def __init__(self, upstream: str, gateway: str, gateway_proc: Proc, db: Path) -> None:
+        self.upstream = upstream
+        self.gateway = gateway
+        self.gateway_proc = gateway_proc
+        self.db = db
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
+        )
+        self.history_cache: dict[int, list[dict[str, Any]]] = {}
+        self.counter = 0
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def request_for(
+        self, sc: Scenario, target: str, client: int
+    ) -> tuple[str, dict[str, Any], dict[str, str]]:
+        self.counter += 1
+        headers = {"X-Mock-Tokens": str(sc.tokens)}
+        if sc.delay_ms:
+            headers["X-Mock-Delay-Ms"] = str(sc.delay_ms)
+        question = {"role": "user", "content": f"question {self.counter} from client {client}"}
+        body: dict[str, Any] = {"model": "bench", "messages": [question], "stream": sc.stream}
+        if target == "direct":
+            # A client without chatmem must send the history itself.
+            body["messages"] = [*self.window(sc.history), question]
+            return f"{self.upstream}/chat/completions", body, headers
+        if target == "passthrough":
+            return f"{self.gateway}/completions", {"model": "bench", "prompt": "x"}, headers
+        if sc.history:
+            conv = history_conversation(sc.history, self.counter)
+        else:
+            conv = f"bench-{self.counter}"  # a new conversation: a miss, then an insert
+        headers["X-Conversation-Id"] = conv
+        return f"{self.gateway}/chat/completions", body, headers
+
+    def window(self, history: int) -> list[dict[str, Any]]:
+        return [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": f"stored message {i}"}
+            for i in range(max(0, history - 200), history)
+        ]
+
+    async def one(self, sc: Scenario, target: str, client: int, sample: Sample) -> None:
+        url, body, headers = self.request_for(sc, target, client)
+        if target == "passthrough" and sc.stream:
+            body["stream"] = False
+        start_t = time.perf_counter()
+        try:
+            async with self.session.post(url, json=body, headers=headers) as resp:
+                first = None
+                async for _ in resp.content.iter_any():
+                    if first is None:
+                        first = time.perf_counter()
+                if resp.status != 200:
+                    sample.errors += 1
+                    return
+        except aiohttp.ClientError:
+            sample.errors += 1
+            return
+        end = time.perf_counter()
+        sample.latencies_ms.append((end - start_t) * 1000)
+        if sc.stream and first is not None:
+            sample.ttft_ms.append((first - start_t) * 1000)
+
+    async def run(self, sc: Scenario, target: str, rnd: int) -> Sample:
+        sample = Sample(target, rnd)
+        queue = iter(range(sc.requests))
+
+        async def worker(client: int) -> None:
+            for _ in queue:
+                await self.one(sc, target, client, sample)
+
+        cpu0 = cpu_seconds(self.gateway_proc.pid)
+        self_cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in range(sc.concurrency)))
+        sample.wall_s = time.perf_counter() - t0
+        sample.gateway_cpu_s = cpu_seconds(self.gateway_proc.pid) - cpu0
+        sample.loadgen_cpu_s = time.process_time() - self_cpu0
+        return sample
+
+
+def history_conversation(size: int, counter: int) -> str:
+    # Small histories get one pre-filled conversation per request, so that they stay at
+    # their size; the 10,000-message ones are shared by a few requests (+0.3 % growth).
+    pool = 10 if size >= 10000 else 400
+    return f"hist-{size}-{counter % pool}"
+
+
+def prefill(db: Path, sizes: list[int]) -> None:
+    """Store conversations of each size straight into the gateway's SQLite file."""
+    now = int(time.time())
+    with sqlite3.connect(db, timeout=60) as conn:
+        for size in sizes:
+            pool = 10 if size >= 10000 else 400
+            for i in range(pool):
+                cur = conn.execute(
+                    "INSERT INTO conversations (id, tenant, user_id, last_seq, created_at,"
+                    " updated_at) VALUES (?, 'default', '', ?, ?, ?)",
+                    (f"hist-{size}-{i}", size, now, now),
+                )
+                pk = cur.lastrowid
+                conn.executemany(
+                    "INSERT INTO messages (conversation_pk, seq, role, content, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        (
+                            pk,
+                            s + 1,
+                            "user" if s % 2 == 0 else "assistant",
+                            json.dumps(f"stored message {s}"),
+                            now,
+                        )
+                        for s in range(size)
+                    ),
+                )
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarise(sc: Scenario, samples: list[Sample]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for target in sc.targets:
+        mine = [s for s in samples if s.target == target]
+        lat = [v for s in mine for v in s.latencies_ms]
+        ttft = [v for s in mine for v in s.ttft_ms]
+        done = sum(len(s.latencies_ms) for s in mine)
+        out[target] = {
+            "p50_ms": statistics.median([pct(s.latencies_ms, 0.5) for s in mine]),
+            "p99_ms": pct(lat, 0.99),
+            "ttft_p50_ms": statistics.median([pct(s.ttft_ms, 0.5) for s in mine])
+            if ttft
+            else float("nan"),
+            "rps": statistics.median([len(s.latencies_ms) / s.wall_s for s in mine]),
+            "gateway_cpu_ms_per_req": 1000 * sum(s.gateway_cpu_s for s in mine) / max(done, 1),
+            "loadgen_cpu_share": statistics.median([s.loadgen_cpu_s / s.wall_s for s in mine]),
+            "errors": sum(s.errors for s in mine),
+            "requests": done,
+        }
+    return out
+
+
+async def held_streams(bench: Bench, count: int) -> dict[str, float]:
+    """``count`` concurrent memory streams held open at once; the gateway's RSS meanwhile."""
+    sc = Scenario("held", True, count, count, tokens=50, delay_ms=40)
+    before = rss_mb(bench.gateway_proc.pid)
+    peak = before
+    sample = Sample("memory", 0)
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_mb(bench.gateway_proc.pid))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(bench.one(sc, "memory", c, sample) for c in range(count)))
+    watcher.cancel()
+    await asyncio.sleep(1)
+    return {
+        "streams": count,
+        "completed": len(sample.latencies_ms),
+        "errors": sample.errors,
+        "rss_before_mb": before,
+        "rss_peak_mb": peak,
+        "rss_after_mb": rss_mb(bench.gateway_proc.pid),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    head = (
+        f"{'scenario':<17}{'target':<12}{'p50 ms':>9}{'p99 ms':>9}{'ttft ms':>9}"
+        f"{'req/s':>9}{'gw cpu ms':>10}{'added p50':>10}{'x direct':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, targets in results["scenarios"].items():
+        direct = targets["direct"]
+        for target, m in targets.items():
+            added = m["p50_ms"] - direct["p50_ms"]
+            ratio = m["rps"] / direct["rps"] if direct["rps"] else float("nan")
+            print(
+                f"{name:<17}{target:<12}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
+                f"{m['ttft_p50_ms']:>9.2f}{m['rps']:>9.0f}{m['gateway_cpu_ms_per_req']:>10.3f}"
+                f"{added:>10.2f}{ratio:>9.2f}"
+            )
+
+
+def draw(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["scenarios"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.38
+    for offset, target in ((-width / 2, "memory"), (width / 2, "passthrough")):
+        values = [
+            results["scenarios"][n][target]["p50_ms"] - results["scenarios"][n]["direct"]["p50_ms"]
+            if target in results["scenarios"][n]
+            else 0.0
+            for n in names
+        ]
+        ax.bar([i + offset for i in range(len(names))], values, width, label=f"chatmem {target}")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("added p50 latency vs direct (ms)")
+    ax.set_title("chatmem: latency added over a direct connection (median of rounds)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "rounds": args.rounds,
+        "scenarios": {},
+        "raw": {},
+    }
+    try:
+        for sc in chosen:
+            # Warm up every target once, then alternate their order round by round.
+            warmup = Scenario(
+                sc.name,
+                sc.stream,
+                sc.concurrency,
+                min(sc.requests, 50),
+                sc.tokens,
+                sc.delay_ms,
+                sc.history,
+            )
+            for target in sc.targets:
+                await bench.run(warmup, target, -1)
+            samples = []
+            for rnd in range(args.rounds):
+                order = sc.targets if rnd % 2 == 0 else tuple(reversed(sc.targets))
+                for target in order:
+                    samples.append(await bench.run(sc, target, rnd))
+            results["scenarios"][sc.name] = summarise(sc, samples)
+            results["raw"][sc.name] = [asdict(s) for s in samples]
+            print(f"done: {sc.name}", file=sys.stderr)
+        if not args.only:
+            results["held_streams"] = await held_streams(bench, 100 if args.quick else 1000)
+    finally:
+        await bench.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts (CI)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", help="run the scenarios whose name contains this")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = min(args.rounds, 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "bench.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    up_port, gw_port = free_port(), free_port()
+    upstream = start(
+        ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
+        f"http://127.0.0.1:{up_port}/v1/models",
+    )
+    gateway = start(
+        [
+            "serve",
+            "--port",
+            str(gw_port),
+            "--upstream",
+            f"http://127.0.0.1:{up_port}/v1",
+            "--db",
+            f"sqlite+aiosqlite:///{db}",
+        ],
+        f"http://127.0.0.1:{gw_port}/v1/health",
+    )
+    try:
+        prefill(db, sorted({s.history for s in chosen if s.history}))
+
+        async def run() -> dict[str, Any]:
+            bench = Bench(
+                f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{gw_port}/v1", gateway, db
+            )
+            return await measure(args, bench, chosen)
+
+        results = asyncio.run(run())
+    finally:
+        gateway.stop()
+        upstream.stop()
+    print_table(results)
+    if "held_streams" in results:
+        print("held streams:", json.dumps(results["held_streams"]))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    draw(results, out / "added_latency.png")
+    print(f"raw results: {out / 'results.json'}; chart: {out / 'added_latency.png'}")
+    errors = sum(m["errors"] for t in results["scenarios"].values() for m in t.values())
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
