@@ -22,8 +22,9 @@ def turn(i: int) -> list[dict[str, object]]:
     ]
 
 
-async def open_store(path: Path) -> Store:
-    store = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{path}")))
+async def open_store(path: Path, *, one_hop: bool = True) -> Store:
+    engine = create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{path}"))
+    store = Store(engine, sqlite_one_hop=one_hop)
     await store.create_schema()
     return store
 
@@ -101,3 +102,51 @@ async def test_history_query_uses_the_index(store: Store, db_path: Path) -> None
         ).fetchall()
     detail = " ".join(row[-1] for row in plan)
     assert "USING INDEX" in detail and "TEMP B-TREE" not in detail
+
+
+@pytest.mark.parametrize("writer_one_hop", [True, False])
+async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop: bool) -> None:
+    """The SQLite one-hop path and the SQLAlchemy path write identical rows and read each
+    other's: the schema and the JSON encoding are the same."""
+    writer = await open_store(db_path, one_hop=writer_one_hop)
+    reader = await open_store(db_path, one_hop=not writer_one_hop)
+    tool_call = [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "é"}], "name": "ann"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": tool_call,
+            "reasoning": "r",
+            "usage": {"total_tokens": 3},
+            "model": "m",
+            "finish_reason": "tool_calls",
+        },
+        {"role": "tool", "content": "42", "tool_call_id": "t"},
+    ]
+    try:
+        await writer.commit_turn(
+            ALICE, "x", system=[{"role": "system", "content": "s"}], turn=messages
+        )
+        await writer.commit_turn(ALICE, "x", system=None, turn=turn(2))
+        for store in (writer, reader):
+            history = await store.load_history(ALICE, "x", limit=10)
+            assert history.system == [{"role": "system", "content": "s"}]
+            assert history.messages[:3] == [
+                {"role": "user", "content": [{"type": "text", "text": "é"}], "name": "ann"},
+                {"role": "assistant", "content": None, "tool_calls": tool_call},
+                {"role": "tool", "content": "42", "tool_call_id": "t"},
+            ]
+            assert len(history.messages) == 5
+    finally:
+        await writer.close()
+        await reader.close()
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute(
+            "SELECT usage, reasoning, name, tool_calls FROM messages WHERE seq = 2"
+        ).fetchone()
+        nulls = conn.execute(
+            "SELECT count(*) FROM messages WHERE tool_calls IS NULL AND usage IS NULL"
+        ).fetchone()[0]
+    assert row[0] == '{"total_tokens": 3}' and row[1] == "r" and row[2] is None
+    assert nulls == 4  # SQL NULL, never the JSON text "null"

@@ -34,7 +34,8 @@ class Gateway:
         """Work that outlives its request (an answer finished after the client left)."""
 
     async def start(self) -> None:
-        self.store = Store(create_engine(self.config.storage))
+        storage = self.config.storage
+        self.store = Store(create_engine(storage), busy_timeout_ms=storage.busy_timeout_ms)
         await self.store.create_schema()
         self.upstream = Upstream(self.config.upstream, Upstream.create_session())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..errors import StorageUnavailable
 from .engine import WRITE, is_sqlite
 from .schema import Base, Conversation, Message
+from .sqlite_turns import SQLiteTurns
 
 __all__ = ["History", "Owner", "Store"]
 
@@ -80,9 +82,18 @@ class Store:
     """The conversation store.  One instance per engine, safe to share between tasks:
     every method opens its own short connection and never holds one across a stream."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, busy_timeout_ms: int = 30_000, sqlite_one_hop: bool = True
+    ) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        # The per-request queries on a SQLite file take the one-hop path (see sqlite_turns).
+        database = engine.url.database
+        self._turns = (
+            SQLiteTurns(database, busy_timeout_ms)
+            if sqlite_one_hop and self._sqlite and database and database != ":memory:"
+            else None
+        )
         # One writer at a time per process on SQLite: waiting here is cheaper than
         # waiting on the file lock, which stays for writers in other processes.
         self._write_lock = asyncio.Lock() if self._sqlite else None
@@ -93,6 +104,8 @@ class Store:
             await conn.run_sync(Base.metadata.create_all)
 
     async def close(self) -> None:
+        if self._turns is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._turns.close)
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -123,6 +136,16 @@ class Store:
 
     async def load_history(self, owner: Owner, conversation_id: str, limit: int) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first."""
+        if self._turns is not None:
+            try:
+                exists, system, window = await self._turns.load_window(
+                    owner.tenant, owner.user, conversation_id, limit
+                )
+            except sqlite3.Error as exc:
+                raise StorageUnavailable("the conversation store is unavailable") from exc
+            if not exists:
+                return History(system=None, messages=[])
+            return History(system=system, messages=drop_orphan_tool_results(window))
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -166,6 +189,14 @@ class Store:
         ``system``, when given, replaces the stored system prompt.
         """
         now = int(time.time())
+        if self._turns is not None:
+            try:
+                await self._turns.append_turn(
+                    owner.tenant, owner.user, conversation_id, system, turn, now
+                )
+            except sqlite3.Error as exc:
+                raise StorageUnavailable("the conversation store is unavailable") from exc
+            return
         count = len(turn)
         upsert = self._insert(conversations).values(
             id=conversation_id,
