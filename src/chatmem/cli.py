@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -135,6 +135,18 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed: the same code, about a third less CPU per
+    proxied request (measured with benchmarks/)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -145,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .mock_upstream import run_mock_upstream
 
             print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True)
-            asyncio.run(
+            _run(
                 run_mock_upstream(args.host, args.port, tokens=args.tokens, delay_ms=args.delay_ms)
             )
             return 0
@@ -154,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"chatmem: config error: {exc}", file=sys.stderr)
             return 2
-        asyncio.run(_serve(config, args.demo))
+        _run(_serve(config, args.demo))
     except KeyboardInterrupt:
         pass
     return 0
