@@ -1,8 +1,8 @@
 """A byte-exact scripted HTTP/1.1 upstream for failure tests.
 
-Built on ``asyncio.start_server`` rather than aiohttp so that every response byte and every
-connection fault is under the test's control. Each connection serves one request and the
-response always says ``Connection: close``.
+Built on a bare listening socket and asyncio streams rather than aiohttp, so that every
+response byte and every connection fault is under the test's control. Each connection
+serves one request and the response always says ``Connection: close``.
 
     async with scripted_upstream(Script(chunks=[b"data: 1\\n\\n", 0.5], end="reset")) as up:
         ...  # point the gateway at up.url; inspect up.requests and up.disconnected
@@ -105,7 +105,11 @@ def _head(script: Script) -> bytes:
 
 
 class ScriptedUpstream:
-    """One listening socket; every accepted connection is served by its own tracked task."""
+    """A listening socket whose connections each get a tracked task.
+
+    Connections are accepted in a plain reader callback, so each one is registered in the
+    same step it is accepted: ``close()`` finds them all, none can slip in half-accepted.
+    """
 
     def __init__(self) -> None:
         self.script = Script()
@@ -114,31 +118,25 @@ class ScriptedUpstream:
         self.url = ""
         self._arrived = asyncio.Event()
         self._listener: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
         self._connections: dict[asyncio.Task[None], socket.socket] = {}
 
     async def start(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.setblocking(False)
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
-        self._acceptor = asyncio.create_task(self._accept(self._listener))
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        asyncio.get_running_loop().add_reader(listener, self._accept, listener)
+        self._listener = listener
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
 
     async def close(self) -> None:
         """Stop listening and end every connection; no task or socket outlives this."""
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            await asyncio.gather(self._acceptor, return_exceptions=True)
-            self._acceptor = None
         if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener)
             self._listener.close()
             self._listener = None
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for conn in self._connections.values():  # tasks cancelled before they ever ran
-            conn.close()
-        self._connections.clear()
 
     async def wait_for_requests(self, count: int) -> None:
         """Return once ``count`` requests in all have been read."""
@@ -146,25 +144,31 @@ class ScriptedUpstream:
             self._arrived.clear()
             await self._arrived.wait()
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _accept(self, listener: socket.socket) -> None:
         while True:
-            conn, _ = await loop.sock_accept(listener)
-            task = asyncio.create_task(self._serve(conn))
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            task = asyncio.get_running_loop().create_task(self._serve(conn))
             self._connections[task] = conn
             task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        conn = self._connections.pop(task, None)
-        if conn is not None:
-            conn.close()
+        self._connections.pop(task).close()  # already closed unless cancelled before it ran
 
     async def _serve(self, conn: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=conn)
         try:
             await self._answer(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the client went away; _answer already noted it where that matters
+        except (
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+        ):
+            pass  # the client went away or sent no HTTP; _answer noted what matters
         finally:
             writer.transport.abort()  # a no-op after a graceful close
             with contextlib.suppress(ConnectionError):

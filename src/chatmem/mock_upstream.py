@@ -73,8 +73,13 @@ _RECORD = web.RequestKey("mock_record", ReceivedRequest)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":")
+)  # built once: json.dumps(**kw) builds one per call
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def _json_response(value: Any) -> web.Response:
@@ -231,21 +236,26 @@ def _delay_s(request: web.Request) -> float:
     return _number_header(request, "X-Mock-Delay-Ms", request.app[_SETTINGS].delay_ms) / 1000
 
 
+def _function_name(tool: Any) -> Any:
+    """``tool["function"]["name"]`` of a tool or a tool choice, None where it is missing."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
+
+
 def _tool_name(payload: dict[str, Any]) -> str | None:
     """The function to call when the request forces a tool call, else None."""
     tools = payload.get("tools")
     choice = payload.get("tool_choice")
     if not isinstance(tools, list) or not tools:
         return None
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-    elif choice == "required":
-        first = tools[0] if isinstance(tools[0], dict) else {}
-        name = (first.get("function") or {}).get("name")
-    else:
+    chosen = _function_name(choice)
+    if isinstance(chosen, str) and chosen:
+        return chosen
+    if choice != "required":
         return None
+    name = _function_name(tools[0])
     if not isinstance(name, str) or not name:
-        raise _BadRequest("Could not find the function name of the tool to call.", "tools")
+        raise _BadRequest("The first tool has no function name to call.", "tools")
     return name
 
 
@@ -360,32 +370,44 @@ async def _complete(reply: _Reply) -> web.Response:
 
 
 class _Events:
-    """Pre-encodes the SSE events of one streamed reply."""
+    """Encodes the SSE events of one streamed reply from pre-rendered JSON templates."""
 
     def __init__(self, reply: _Reply) -> None:
-        head = {
-            "id": reply.id,
-            "object": "chat.completion.chunk",
-            "created": CREATED,
-            "model": reply.model,
-        }
-        self._head = "data: " + _dumps(head)[:-1] + ',"choices":'
+        head = _dumps(
+            {
+                "id": reply.id,
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": reply.model,
+            }
+        )[:-1]
+        self._choice_heads = [
+            f'data: {head},"choices":[{{"index":{i},"delta":' for i in range(reply.n)
+        ]
+        self._usage_head = f'data: {head},"choices":[],"usage":'
         self.reply = reply
 
-    def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return f"{self._head}[{_dumps(choice)}]}}\n\n".encode()
+    def chunk(self, index: int, delta: str, finish_reason: str | None = None) -> bytes:
+        """One choice's event; ``delta`` is already JSON."""
+        finish = "null" if finish_reason is None else json.dumps(finish_reason)
+        tail = f',"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
+        return f"{self._choice_heads[index]}{delta}{tail}".encode()
+
+    def token(self, index: int, field: str, text: str) -> bytes:
+        """The hot path: a delta with one string field, e.g. ``{"content":" word"}``."""
+        return self.chunk(index, f'{{"{field}":{json.dumps(text)}}}')
 
     def usage(self) -> bytes:
-        return f'{self._head}[],"usage":{_dumps(self.reply.usage())}}}\n\n'.encode()
+        return f"{self._usage_head}{_dumps(self.reply.usage())}}}\n\n".encode()
 
     def token_steps(self) -> list[list[bytes]]:
         """One list per step, holding that step's event for every choice."""
         reply = self.reply
+        choices = range(reply.n)
         steps: list[list[bytes]] = []
         if reply.reasoning:
-            for token in REASONING_TOKENS:
-                steps.append([self.chunk(i, {"reasoning_content": token}) for i in range(reply.n)])
+            for text in REASONING_TOKENS:
+                steps.append([self.token(i, "reasoning_content", text) for i in choices])
         if reply.tool_call:
             name, arguments = reply.tool_call
             for k, fragment in enumerate(_fragments(arguments)):
@@ -393,19 +415,20 @@ class _Events:
                 if k == 0:
                     call = {"index": 0, "id": TOOL_CALL_ID, "type": "function"}
                     call["function"] = {"name": name, "arguments": fragment}
-                steps.append([self.chunk(i, {"tool_calls": [call]}) for i in range(reply.n)])
+                delta = _dumps({"tool_calls": [call]})
+                steps.append([self.chunk(i, delta) for i in choices])
             return steps
-        per_choice = [reply.choice_pieces(i) for i in range(reply.n)]
+        per_choice = [reply.choice_pieces(i) for i in choices]
         for k in range(len(reply.pieces)):
-            steps.append([self.chunk(i, {"content": per_choice[i][k]}) for i in range(reply.n)])
+            steps.append([self.token(i, "content", per_choice[i][k]) for i in choices])
         return steps
 
 
 async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
     events = _Events(reply)
-    opening = [events.chunk(i, {"role": "assistant", "content": ""}) for i in range(reply.n)]
+    opening = [events.chunk(i, '{"role":"assistant","content":""}') for i in range(reply.n)]
     steps = events.token_steps()
-    closing = [events.chunk(i, {}, reply.finish_reason) for i in range(reply.n)]
+    closing = [events.chunk(i, "{}", reply.finish_reason) for i in range(reply.n)]
     if reply.include_usage:
         closing.append(events.usage())
     closing.append(b"data: [DONE]\n\n")
