@@ -107,7 +107,9 @@ class Bench:
             body["messages"] = [*self.window(sc.history), question]
             return f"{self.upstream}/chat/completions", body, headers
         if target == "passthrough":
-            return f"{self.gateway}/completions", {"model": "bench", "prompt": "x"}, headers
+            # The plain relay: the same answer as legacy completions, no memory involved.
+            prompt = {"model": "bench", "prompt": question["content"], "stream": sc.stream}
+            return f"{self.gateway}/completions", prompt, headers
         if sc.history:
             conv = history_conversation(sc.history, self.counter)
         else:
@@ -123,8 +125,6 @@ class Bench:
 
     async def one(self, sc: Scenario, target: str, client: int, sample: Sample) -> None:
         url, body, headers = self.request_for(sc, target, client)
-        if target == "passthrough" and sc.stream:
-            body["stream"] = False
         start_t = time.perf_counter()
         try:
             async with self.session.post(url, json=body, headers=headers) as resp:

@@ -290,6 +290,16 @@ async def test_legacy_completions(client: Client) -> None:
     ]
 
 
+async def test_legacy_completions_stream(client: Client) -> None:
+    body = {"model": "m", "prompt": "say this", "max_tokens": 2, "stream": True}
+    raw = await (await client.post("/v1/completions", json=body)).read()
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Echo say"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+
+
 async def test_every_request_is_recorded(client: Client) -> None:
     headers = {"Authorization": "Bearer sk-upstream"}
     await client.post(CHAT, json=_chat("recorded"), headers=headers)

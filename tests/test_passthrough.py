@@ -173,3 +173,13 @@ async def test_body_over_limit_is_413(
     assert resp.status == 413
     ok = await client.post("/v1/embeddings", data=b"x" * 100)
     assert ok.status == 200
+
+
+async def test_streamed_passthrough_is_byte_exact(
+    gateway: TestClient[Any, Any], upstream: TestServer
+) -> None:
+    body = {"model": "m", "prompt": "one two three", "stream": True}
+    via_gateway = await gateway.post("/v1/completions", json=body)
+    assert via_gateway.headers["Content-Type"].startswith("text/event-stream")
+    direct = await gateway.session.post(upstream.make_url("/v1/completions"), json=body)
+    assert await via_gateway.read() == await direct.read()

@@ -461,6 +461,44 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _complete(reply)
 
 
+async def _stream_completion(
+    request: web.Request,
+    completion_id: str,
+    payload: dict[str, Any],
+    pieces: list[str],
+    finish_reason: str,
+) -> web.StreamResponse:
+    """Legacy completions streamed: one ``text_completion`` event per token, then [DONE]."""
+    head = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": CREATED,
+        "model": _model(payload),
+    }
+    delay_s = _delay_s(request)
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    try:
+        for k, piece in enumerate([*pieces, ""]):
+            if k and delay_s:
+                await asyncio.sleep(delay_s)
+            last = k == len(pieces)
+            choice = {
+                "text": piece,
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": finish_reason if last else None,
+            }
+            await resp.write(b"data: " + _dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
+    return resp
+
+
 # --- other routes -----------------------------------------------------------------------
 
 
@@ -489,22 +527,24 @@ async def _embeddings(request: web.Request) -> web.Response:
     )
 
 
-async def _completions(request: web.Request) -> web.Response:
+async def _completions(request: web.Request) -> web.StreamResponse:
     payload = _payload(request)
-    if payload.get("stream") is True:
-        raise _BadRequest("The mock does not stream legacy completions.", "stream")
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise _BadRequest("'prompt' must be a string or an array of strings.", "prompt")
     count, finish_reason = _budget(request, payload)
-    text = "".join(_pieces(["Echo", *prompt.split()], count))
+    pieces = _pieces(["Echo", *prompt.split()], count)
+    completion_id = "cmpl-mock-" + hashlib.sha256(request[_RECORD].body).hexdigest()[:8]
+    if payload.get("stream") is True:
+        return await _stream_completion(request, completion_id, payload, pieces, finish_reason)
+    text = "".join(pieces)
     prompt_tokens = len(prompt.split())
     choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
     return _json_response(
         {
-            "id": "cmpl-mock-" + hashlib.sha256(request[_RECORD].body).hexdigest()[:8],
+            "id": completion_id,
             "object": "text_completion",
             "created": CREATED,
             "model": _model(payload),
