@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 __all__ = [
     "AuthConfig",
+    "CompatConfig",
     "Config",
     "ConfigError",
     "MemoryConfig",
@@ -83,12 +84,26 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CompatConfig:
+    """The endpoints of the older services chatmem replaces (see README, Migration guide)."""
+
+    # Signs and encrypts the /conversation/{model} session cookie (the old FLASK_SECRET).
+    # Unset: a random key per process, so cookies end with the process (logged at start).
+    session_secret: str | None = field(default=None, repr=False)
+    # Seconds the session cookie lives; None: until the client discards it.
+    session_max_age: int | None = None
+    # The model /v1/ask asks (its requests name none).
+    ask_model: str = "gpt-3.5-turbo"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -168,6 +183,9 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
     for name in positive.get(section, ()):
         if name in values and values[name] <= 0:
             raise ConfigError(f"{section}.{name}: must be greater than 0")
+    max_age = values.get("session_max_age") if section == "compat" else None
+    if max_age is not None and max_age <= 0:
+        raise ConfigError("compat.session_max_age: must be greater than 0")
     if section == "server" and values.get("port", 1) > 65535:
         raise ConfigError("server.port: must be at most 65535")
     if section == "upstream" and "url" in values:

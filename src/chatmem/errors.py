@@ -7,7 +7,8 @@ ChatmemError                 status, type, code; ``message`` is safe to show a c
 ├── PayloadTooLarge          413 invalid_request_error
 ├── StorageUnavailable       503 the database did not answer
 └── UpstreamError            502 upstream unreachable or broken
-    └── UpstreamTimeout      504 upstream did not answer in time
+    ├── UpstreamTimeout      504 upstream did not answer in time
+    └── UpstreamAuthFailed   503 upstream refused the gateway's key (older services' routes)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "PayloadTooLarge",
     "StorageUnavailable",
     "Unauthorized",
+    "UpstreamAuthFailed",
     "UpstreamError",
     "UpstreamTimeout",
     "error_body",
@@ -84,6 +86,11 @@ class UpstreamError(ChatmemError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    status = 503
+    code = "upstream_auth_failed"
 
 
 def error_body(

@@ -62,6 +62,11 @@ class StreamAccumulator:
             return None
         return choice.to_turn(self._model, self._usage)
 
+    def content_parts(self, index: int = 0) -> list[str]:
+        """The content pieces of choice ``index`` so far, in order (do not modify the list)."""
+        choice = self._choices.get(index)
+        return choice.content or [] if choice is not None else []
+
     @property
     def completed(self) -> bool:
         """True when the stream ended cleanly: [DONE], no error, and choice 0 finished."""

@@ -6,25 +6,57 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from ..auth import authenticate
-from ..errors import ChatmemError, UpstreamError, UpstreamTimeout, error_response
+from ..errors import (
+    ChatmemError,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamTimeout,
+    error_response,
+)
 from ..state import GATEWAY, Gateway
 from ..storage import History, Owner
 from .accumulate import AssistantTurn, turn_from_completion
 from .chat_request import ChatRequest, parse_chat_request, valid_conversation_id
 from .http import read_body
 from .passthrough import relay
-from .tee import tee_stream
+from .tee import Renderer, tee_stream
 from .upstream import filter_headers
 
-__all__ = ["CONVERSATION_HEADER", "assistant_message", "chat_completions", "upstream_failures"]
+__all__ = [
+    "CONVERSATION_HEADER",
+    "Turn",
+    "assistant_message",
+    "chat_completions",
+    "run_turn",
+    "upstream_failures",
+]
 
 CONVERSATION_HEADER = "X-Conversation-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One exchange with memory: what the caller asks, and how the answer comes back.
+
+    ``/v1/chat/completions`` and the older services' endpoints all run through
+    :func:`run_turn`, so forwarding, teeing and committing exist once.
+    """
+
+    owner: Owner
+    chat: ChatRequest
+    history: History | None = None
+    """The history to send instead of the stored one; None loads the stored history."""
+    render: Renderer | None = None
+    """How the answer reaches the client; None relays the upstream's bytes unchanged."""
+    upstream_auth_is_ours: bool = False
+    """The upstream refusing our key (401/403) is our failure: 503, not its status."""
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -38,17 +70,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = await read_body(request, gateway.config.server.max_body_bytes)
         chat = parse_chat_request(raw, header_id)
         headers[CONVERSATION_HEADER] = chat.conversation_id
-        history = await gateway.store.load_history(
-            owner, chat.conversation_id, gateway.config.memory.max_history_messages
-        )
-        forwarding = _forward(request, gateway, owner, chat, history, headers)
-        if gateway.config.memory.on_client_disconnect == "discard":
-            return await forwarding
-        # "finish": a client that leaves must not stop the answer from being committed,
-        # so the work runs in its own task that the handler's cancellation cannot reach.
-        return await asyncio.shield(gateway.detach(forwarding))
+        return await run_turn(request, Turn(owner, chat), headers)
     except ChatmemError as exc:
         return error_response(exc, headers)
+
+
+async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) -> web.StreamResponse:
+    """Send ``turn`` upstream with its history, answer the client, commit a completed answer.
+
+    ``headers`` go on every response.  Raises :class:`ChatmemError` for failures before the
+    answer started.
+    """
+    gateway = request.config_dict[GATEWAY]
+    history = turn.history
+    if history is None:
+        history = await gateway.store.load_history(
+            turn.owner, turn.chat.conversation_id, gateway.config.memory.max_history_messages
+        )
+    forwarding = _forward(request, gateway, turn, history, headers)
+    if gateway.config.memory.on_client_disconnect == "discard":
+        return await forwarding
+    # "finish": a client that leaves must not stop the answer from being committed,
+    # so the work runs in its own task that the handler's cancellation cannot reach.
+    return await asyncio.shield(gateway.detach(forwarding))
 
 
 def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
@@ -66,24 +110,24 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
 async def _forward(
     request: web.Request,
     gateway: Gateway,
-    owner: Owner,
-    chat: ChatRequest,
+    turn: Turn,
     history: History,
     headers: dict[str, str],
 ) -> web.StreamResponse:
     upstream = gateway.upstream
+    chat = turn.chat
     out = upstream.request_headers(request.headers, drop=("accept-encoding", "content-type"))
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"
 
-    async def commit(turn: AssistantTurn) -> None:
+    async def commit(answer: AssistantTurn) -> None:
         # Shielded: a cancelled handler must not leave the turn half-decided.
         await asyncio.shield(
             gateway.store.commit_turn(
-                owner,
+                turn.owner,
                 chat.conversation_id,
                 system=chat.system,
-                turn=[*chat.messages, assistant_message(turn)],
+                turn=[*chat.messages, assistant_message(answer)],
             )
         )
 
@@ -96,10 +140,16 @@ async def _forward(
             timeout=upstream.timeout,
         ) as response,
     ):
+        if response.status in (401, 403) and turn.upstream_auth_is_ours:
+            raise UpstreamAuthFailed(
+                "the upstream refused the gateway's credentials (see upstream.api_key)"
+            )
         if response.status != 200:
             return await relay(request, response, headers)
         reply_headers = filter_headers(response.headers, ("content-length",))
         reply_headers.update(headers)
+        if turn.render is not None:
+            reply_headers["Content-Type"] = turn.render.content_type
         if response.content_type == "text/event-stream":
             return await tee_stream(
                 request,
@@ -107,12 +157,15 @@ async def _forward(
                 reply_headers,
                 commit,
                 finish_without_client=gateway.config.memory.on_client_disconnect == "finish",
+                render=turn.render,
             )
         body = await response.read()
-        turn = _completed_turn(body)
-        if turn is None:
+        answer = _completed_turn(body)
+        if answer is None:
             raise UpstreamError("the upstream answered with an invalid chat completion")
-        await commit(turn)
+        await commit(answer)
+        if turn.render is not None:  # asked to stream, the upstream answered at once
+            body = (answer.content or "").encode()
         return web.Response(status=200, body=body, headers=reply_headers)
 
 

@@ -1,11 +1,15 @@
 """The streaming tee: upstream SSE bytes go to the client as they arrive, byte for byte,
 while a copy is parsed into the assistant turn that is committed when the answer completes.
+
+A :class:`Renderer` replaces the byte-exact relay with another view of the same answer (the
+older conversation service streams plain text); parsing, committing and failing stay here.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -16,26 +20,40 @@ from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
 from .sse import SSEParser
 
-__all__ = ["tee_stream"]
+__all__ = ["Renderer", "tee_stream"]
 
 Commit = Callable[[AssistantTurn], Awaitable[None]]
+Failure = tuple[str, str | None]
+"""Why a stream failed: a message safe to show the client, and an error code."""
 
-_CUT_OFF = error_event(
-    "the upstream stream ended before the answer completed", code="upstream_incomplete"
+_CUT_OFF: Failure = ("the upstream stream ended before the answer completed", "upstream_incomplete")
+_TIMEOUT: Failure = (
+    "the upstream sent nothing for longer than upstream.read_timeout",
+    "upstream_timeout",
 )
-_TIMEOUT = error_event(
-    "the upstream sent nothing for longer than upstream.read_timeout", code="upstream_timeout"
-)
-_BROKEN = error_event("the upstream connection broke during the answer", code="upstream_broken")
+_BROKEN: Failure = ("the upstream connection broke during the answer", "upstream_broken")
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+class Renderer(Protocol):
+    """What the client reads instead of the upstream's SSE bytes (one instance per answer)."""
+
+    content_type: str
+
+    def progress(self, answer: StreamAccumulator) -> bytes:
+        """The bytes for what ``answer`` gained since the previous call."""
+
+    def failure(self, message: str) -> bytes:
+        """The bytes that end an answer that failed with ``message``."""
 
 
 class _Client:
     """The client side of the tee: remembers whether the client is still there and
     whether the bytes sent so far end between two events."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: web.StreamResponse, render: Renderer | None) -> None:
         self.response = response
+        self.render = render
         self.gone = False
         self._tail = b"\n\n"
 
@@ -48,10 +66,38 @@ class _Client:
             self.gone = True
         self._tail = data[-4:]
 
-    async def end_with(self, event: bytes) -> None:
+    async def relay(self, chunk: bytes, answer: StreamAccumulator) -> None:
+        """Pass on ``chunk`` (already fed to ``answer``): as is, or rendered."""
+        await self.write(chunk if self.render is None else self.render.progress(answer))
+
+    async def end_with(self, failure: Failure) -> None:
         """Send our own final event, first closing any event the upstream left open."""
+        message, code = failure
+        if self.render is not None:
+            await self.write(self.render.failure(message))
+            return
+        event = error_event(message, code=code)
         open_event = not self._tail.endswith(_EVENT_ENDS)
         await self.write(b"\n\n" + event if open_event else event)
+
+    async def upstream_error(self, error: dict[str, Any]) -> None:
+        """The upstream's own error event: already relayed as SSE, shown when rendered."""
+        if self.render is not None:
+            message = error.get("message")
+            await self.end_with((str(message) if message else "the upstream failed", None))
+
+    async def end_before_done(
+        self, chunk: bytes, answer: StreamAccumulator, failure: Failure
+    ) -> None:
+        """``chunk`` holds ``[DONE]``: put the failure in front of it (a client stops there)."""
+        if self.render is not None:
+            await self.relay(chunk, answer)
+            await self.end_with(failure)
+            return
+        done_at = chunk.rfind(b"data:", 0, max(chunk.rfind(b"[DONE]"), 0))
+        await self.write(chunk[: max(done_at, 0)])
+        await self.end_with(failure)
+        await self.write(chunk[max(done_at, 0) :])
 
 
 async def tee_stream(
@@ -61,30 +107,32 @@ async def tee_stream(
     commit: Commit,
     *,
     finish_without_client: bool,
+    render: Renderer | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
     The chunk that carries ``[DONE]`` is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
-    turn.  A stream that fails, ends early or was not saved ends with one error event.
+    turn.  A stream that fails, ends early or was not saved ends with one error event
+    (or, with ``render``, the renderer's failure text).
     """
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["X-Accel-Buffering"] = "no"
     await response.prepare(request)
-    client = _Client(response)
+    client = _Client(response, render)
     parser = SSEParser()
     answer = StreamAccumulator()
     try:
         async for chunk in upstream.content.iter_any():
             if answer.done:
-                await client.write(chunk)  # whatever follows [DONE] is still forwarded
+                await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
             else:
                 for data in parser.feed(chunk):
                     answer.add(data)
                 if answer.done:
                     await _finish(client, answer, chunk, commit)
                 else:
-                    await client.write(chunk)
+                    await client.relay(chunk, answer)
             if client.gone and not finish_without_client:
                 upstream.close()
                 return response
@@ -93,8 +141,11 @@ async def tee_stream(
         if not answer.done:
             await client.end_with(_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN)
         return response
-    if not answer.done and answer.error is None:
-        await client.end_with(_CUT_OFF)
+    if not answer.done:
+        if answer.error is None:
+            await client.end_with(_CUT_OFF)
+        else:
+            await client.upstream_error(answer.error)
     return response
 
 
@@ -105,20 +156,20 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
     ``[DONE]`` event (a client stops reading at ``[DONE]``).
     """
     turn = answer.turn(0)
-    failure: bytes | None = None
+    failure: Failure | None = None
     if answer.error is not None:
-        pass  # the upstream's own error event is already in the stream
-    elif not answer.completed or turn is None:
+        # The upstream's own error event is already in the stream.
+        await client.relay(chunk, answer)
+        await client.upstream_error(answer.error)
+        return
+    if not answer.completed or turn is None:
         failure = _CUT_OFF
     else:
         try:
             await commit(turn)
         except ChatmemError as exc:
-            failure = error_event(f"the answer could not be saved: {exc.message}", code=exc.code)
+            failure = (f"the answer could not be saved: {exc.message}", exc.code)
     if failure is None:
-        await client.write(chunk)
-        return
-    done_at = chunk.rfind(b"data:", 0, max(chunk.rfind(b"[DONE]"), 0))
-    await client.write(chunk[: max(done_at, 0)])
-    await client.end_with(failure)
-    await client.write(chunk[max(done_at, 0) :])
+        await client.relay(chunk, answer)
+    else:
+        await client.end_before_done(chunk, answer, failure)

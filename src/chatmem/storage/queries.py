@@ -134,6 +134,11 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             raise
 
+    async def ping(self) -> None:
+        """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
+        async with self._read() as conn:
+            await conn.execute(select(conversations.c.pk).limit(1))
+
     async def load_history(self, owner: Owner, conversation_id: str, limit: int) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first."""
         if self._turns is not None:
