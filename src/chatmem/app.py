@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 from .config import Config
 from .errors import ChatmemError, error_body, error_response
 from .proxy.chat import chat_completions
-from .proxy.compat import health
+from .proxy.compat import add_compat_routes, health
 from .proxy.http import json_response
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
@@ -38,6 +38,7 @@ def setup(app: web.Application, config: Config) -> None:
     routes = app.router
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
+    add_compat_routes(app, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
 

@@ -11,7 +11,13 @@ from typing import Any
 from ..errors import InvalidRequest
 from ..storage import History
 
-__all__ = ["ChatRequest", "new_conversation_id", "parse_chat_request", "valid_conversation_id"]
+__all__ = [
+    "ChatRequest",
+    "check_message",
+    "new_conversation_id",
+    "parse_chat_request",
+    "valid_conversation_id",
+]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -54,8 +60,8 @@ def _conversation_from_body(value: object) -> str:
     return valid_conversation_id(value, "conversation")
 
 
-def _check_message(index: int, message: object) -> dict[str, Any]:
-    param = f"messages[{index}]"
+def check_message(index: int, message: object, field: str = "messages") -> dict[str, Any]:
+    param = f"{field}[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"{param} must be an object", param=param)
     role = message.get("role")
@@ -94,7 +100,7 @@ def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean", param="stream")
-    checked = [_check_message(i, m) for i, m in enumerate(messages)]
+    checked = [check_message(i, m) for i, m in enumerate(messages)]
     system = [m for m in checked if m["role"] in _SYSTEM_ROLES]
     return ChatRequest(
         body=body,

@@ -1,13 +1,31 @@
-"""The older services' endpoints that chatmem keeps working."""
+"""The older services' endpoints that chatmem keeps working, and the readiness check."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from ..config import Config
+from ..state import GATEWAY
+from .ask import ask
+from .conversation import COOKIE_SESSIONS, CookieSessions, conversation
 from .http import json_response
 
-__all__ = ["health"]
+__all__ = ["add_compat_routes", "health", "ready"]
 
 
 async def health(_request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when the database answers; 503 (``storage_unavailable``) when it does not."""
+    await request.config_dict[GATEWAY].store.ping()
+    return json_response({"status": "ok", "database": "ok"})
+
+
+def add_compat_routes(app: web.Application, config: Config, prefix: str) -> None:
+    """``/v1/ready``, ``/v1/ask`` and ``/conversation/{model}`` (before the /v1 catch-all)."""
+    app[COOKIE_SESSIONS] = CookieSessions(config.compat)
+    app.router.add_get("/v1/ready", ready, name=prefix + "ready")
+    app.router.add_post("/v1/ask", ask, name=prefix + "ask")
+    app.router.add_post("/conversation/{model}", conversation, name=prefix + "conversation")

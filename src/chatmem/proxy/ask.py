@@ -1,0 +1,91 @@
+"""POST /v1/ask: the older api-server's endpoint, now with durable memory.
+
+Request ``{question, history?, client_id, user_id, stream}``; the answer is the upstream's
+``chat.completion`` JSON or its ``chat.completion.chunk`` SSE events, relayed as they are.
+The conversation is the caller's (tenant, user) conversation named by
+:func:`ask_conversation_id`; ``history``, when given, is sent instead of the stored one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ..auth import authenticate
+from ..errors import ChatmemError, InvalidRequest, error_response
+from ..state import GATEWAY
+from ..storage import History
+from .chat import CONVERSATION_HEADER, Turn, run_turn
+from .chat_request import ChatRequest, check_message
+from .fields import json_object, required_str
+from .http import read_body
+
+__all__ = ["ask", "ask_conversation_id"]
+
+_READABLE = re.compile(r"[A-Za-z0-9._-]{1,60}")
+
+
+def ask_conversation_id(client_id: str, user_id: str) -> str:
+    """The conversation id of (client_id, user_id); one-to-one, always a valid id.
+
+    ``ask:<client_id>:<user_id>`` when both are 1-60 characters of ``A-Z a-z 0-9 . _ -``
+    (no ``:``, so the pair can be read back), else ``ask-sha256:`` and the SHA-256 of the
+    JSON array ``[client_id, user_id]``.
+    """
+    if _READABLE.fullmatch(client_id) and _READABLE.fullmatch(user_id):
+        return f"ask:{client_id}:{user_id}"
+    pair = json.dumps([client_id, user_id], ensure_ascii=False).encode()
+    return "ask-sha256:" + hashlib.sha256(pair).hexdigest()
+
+
+def _identifier(body: dict[str, Any], name: str) -> str:
+    """A client or user id: a non-empty string, or an integer (taken as its digits)."""
+    value = body.get(name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    text = required_str(body, name)
+    if not text:
+        raise InvalidRequest(f"{name} must not be empty", param=name)
+    return text
+
+
+def _history(value: object) -> History | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidRequest("history must be an array of message objects", param="history")
+    return History(
+        system=None, messages=[check_message(i, m, "history") for i, m in enumerate(value)]
+    )
+
+
+async def ask(request: web.Request) -> web.StreamResponse:
+    gateway = request.config_dict[GATEWAY]
+    headers: dict[str, str] = {}
+    try:
+        owner = authenticate(request)
+        body = json_object(await read_body(request, gateway.config.server.max_body_bytes))
+        question = required_str(body, "question")
+        history = _history(body.get("history"))
+        conversation_id = ask_conversation_id(
+            _identifier(body, "client_id"), _identifier(body, "user_id")
+        )
+        stream = False if body.get("stream") is None else body["stream"]
+        if not isinstance(stream, bool):
+            raise InvalidRequest("stream must be a boolean", param="stream")
+        headers[CONVERSATION_HEADER] = conversation_id
+        chat = ChatRequest(
+            body={"model": gateway.config.compat.ask_model, "stream": stream},
+            conversation_id=conversation_id,
+            system=None,
+            messages=[{"role": "user", "content": question}],
+            stream=stream,
+        )
+        turn = Turn(owner, chat, history=history, upstream_auth_is_ours=True)
+        return await run_turn(request, turn, headers)
+    except ChatmemError as exc:
+        return error_response(exc, headers)

@@ -1,0 +1,133 @@
+"""POST /conversation/{model}: the older conversation service's endpoint.
+
+Request ``{text, top_k, top_p, temperature, max_tokens, stop_sequence}``; the reply streams
+back as plain text.  The conversation id lives in a signed, encrypted, http-only session
+cookie (aiohttp-session's ``EncryptedCookieStorage``), so ``curl -b cookies.txt -c
+cookies.txt`` continues it; the turns themselves are stored like any other conversation's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from typing import Any
+
+from aiohttp import web
+from aiohttp_session import Session
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from ..auth import authenticate
+from ..config import CompatConfig
+from ..errors import ChatmemError, error_response
+from ..state import GATEWAY
+from .accumulate import StreamAccumulator
+from .chat import CONVERSATION_HEADER, Turn, run_turn
+from .chat_request import ChatRequest, new_conversation_id, valid_conversation_id
+from .fields import json_object, optional_int, optional_number, optional_stop, required_str
+from .http import read_body
+
+__all__ = ["COOKIE_SESSIONS", "CookieSessions", "PlainText", "conversation"]
+
+log = logging.getLogger("chatmem")
+
+COOKIE_NAME = "chatmem_session"
+_CONVERSATION = "conversation"
+
+
+class CookieSessions:
+    """The signed session cookie that names a caller's conversation.
+
+    aiohttp-session's middleware saves a session only into responses that are not yet
+    sent, and this reply streams; so the handler loads the session from the storage
+    directly and sends its cookie with the response headers, before the first byte.  No
+    middleware is installed: other routes and a host application are left alone.
+    """
+
+    def __init__(self, config: CompatConfig) -> None:
+        if config.session_secret:
+            key = hashlib.sha256(config.session_secret.encode()).digest()
+        else:
+            log.warning(
+                "compat.session_secret is not set: /conversation session cookies are "
+                "signed with a random key and stop working when this process stops"
+            )
+            key = secrets.token_bytes(32)
+        self.storage = EncryptedCookieStorage(
+            key, cookie_name=COOKIE_NAME, max_age=config.session_max_age, samesite="Lax"
+        )
+
+    async def load(self, request: web.Request) -> tuple[Session, str]:
+        """The session and its conversation id (a new one for a new or unreadable cookie)."""
+        session = await self.storage.load_session(request)
+        try:
+            conversation_id = valid_conversation_id(session.get(_CONVERSATION), _CONVERSATION)
+        except ChatmemError:
+            conversation_id = new_conversation_id()
+            session[_CONVERSATION] = conversation_id
+        return session, conversation_id
+
+    async def set_cookie_header(self, request: web.Request, session: Session) -> str:
+        """The ``Set-Cookie`` value that saves ``session`` (re-sent to renew its max age)."""
+        scratch = web.Response()
+        await self.storage.save_session(request, scratch, session)
+        return scratch.cookies[COOKIE_NAME].OutputString()
+
+
+COOKIE_SESSIONS = web.AppKey("chatmem.cookie_sessions", CookieSessions)
+
+
+class PlainText:
+    """Renders a streamed answer as the text of choice 0, piece by piece."""
+
+    content_type = "text/plain; charset=utf-8"
+
+    def __init__(self) -> None:
+        self._sent = 0
+
+    def progress(self, answer: StreamAccumulator) -> bytes:
+        parts = answer.content_parts(0)
+        new, self._sent = parts[self._sent :], len(parts)
+        return "".join(new).encode()
+
+    def failure(self, message: str) -> bytes:
+        return f"\n[error: {message}]\n".encode()
+
+
+def _upstream_body(model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The chat completion fields: the seed's names, OpenAI's meaning (``top_k`` is the
+    extra parameter vLLM, llama.cpp and TGI accept)."""
+    fields: dict[str, Any] = {
+        "top_k": optional_int(body, "top_k"),
+        "top_p": optional_number(body, "top_p"),
+        "temperature": optional_number(body, "temperature"),
+        "max_tokens": optional_int(body, "max_tokens"),
+        "stop": optional_stop(body, "stop_sequence"),
+    }
+    sent = {name: value for name, value in fields.items() if value is not None}
+    return {"model": model, "stream": True, **sent}
+
+
+async def conversation(request: web.Request) -> web.StreamResponse:
+    gateway = request.config_dict[GATEWAY]
+    headers: dict[str, str] = {}
+    try:
+        owner = authenticate(request)
+        body = json_object(await read_body(request, gateway.config.server.max_body_bytes))
+        text = required_str(body, "text")
+        upstream_body = _upstream_body(request.match_info["model"], body)
+        sessions = request.config_dict[COOKIE_SESSIONS]
+        session, conversation_id = await sessions.load(request)
+        headers["Set-Cookie"] = await sessions.set_cookie_header(request, session)
+        headers[CONVERSATION_HEADER] = conversation_id
+        chat = ChatRequest(
+            body=upstream_body,
+            conversation_id=conversation_id,
+            system=None,
+            messages=[{"role": "user", "content": text}],
+            stream=True,
+        )
+        turn = Turn(owner, chat, render=PlainText(), upstream_auth_is_ours=True)
+        return await run_turn(request, turn, headers)
+    except ChatmemError as exc:
+        return error_response(exc, headers)
