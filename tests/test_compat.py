@@ -531,3 +531,44 @@ def test_compat_config(tmp_path: Path) -> None:
     path.write_text("[compat]\nsession_max_age = 0\n")
     with pytest.raises(ConfigError, match=r"compat\.session_max_age: must be greater than 0"):
         load_config(path, env={})
+
+
+async def test_conversation_shows_the_upstreams_error_event(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    events = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n',
+        b'data: {"error": {"message": "model overloaded"}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    async with scripted_upstream(Script(chunks=[*events])) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/conversation/m", json={"text": "x"})
+        text = (await resp.read()).decode()
+    assert text == "Hi\n[error: model overloaded]\n"
+    assert rows.messages() == []
+
+
+async def test_conversation_renders_a_non_streamed_answer_as_text(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    completion = {
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi."},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    script = Script(headers={"Content-Type": "application/json"},
+                    chunks=[json.dumps(completion).encode()], framing="length")  # fmt: skip
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/conversation/m", json={"text": "x"})
+        assert (resp.status, await resp.text()) == (200, "Hi.")
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+    stored = rows.messages()
+    assert [json.loads(m["content"]) for m in stored] == ["x", "Hi."]

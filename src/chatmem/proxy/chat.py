@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions with memory: load history, forward, tee, commit."""
+"""Chat turns with memory: load history, forward, tee, commit (/v1/chat/completions and
+the older services' endpoints all run through :func:`run_turn`)."""
 
 from __future__ import annotations
 
