@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, received, upstream_url
+from helpers import GatewayFactory, Rows, make_config, received, upstream_url
 from scripted_upstream import Script, scripted_upstream
 
+import chatmem
 from chatmem.config import ConfigError, load_config
 from chatmem.proxy.ask import ask_conversation_id
 from chatmem.state import GATEWAY
@@ -572,3 +574,20 @@ async def test_conversation_renders_a_non_streamed_answer_as_text(
         assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
     stored = rows.messages()
     assert [json.loads(m["content"]) for m in stored] == ["x", "Hi."]
+
+
+async def test_host_app_routes_get_no_session_cookie(
+    aiohttp_client: Any, upstream: TestServer, db_path: Path
+) -> None:
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="host")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    chatmem.setup(app, make_config(db_path, upstream_url(upstream)))
+    client = await aiohttp_client(app)
+    host = await client.get("/hello", cookies={"chatmem_session": "x"})
+    assert (await host.text(), "Set-Cookie" in host.headers) == ("host", False)
+    ours = await client.post("/conversation/m", json={"text": "x"})
+    assert ours.cookies["chatmem_session"].value
+    assert (await ours.text()).startswith("Echo x")
