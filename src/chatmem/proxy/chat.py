@@ -63,11 +63,11 @@ class Turn:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = request.config_dict[GATEWAY]
     headers: dict[str, str] = {}
+    header_id = request.headers.get(CONVERSATION_HEADER)
     try:
-        owner = authenticate(request)
-        header_id = request.headers.get(CONVERSATION_HEADER)
         if header_id is not None:
             headers[CONVERSATION_HEADER] = valid_conversation_id(header_id, CONVERSATION_HEADER)
+        owner = authenticate(request)
         raw = await read_body(request, gateway.config.server.max_body_bytes)
         chat = parse_chat_request(raw, header_id)
         headers[CONVERSATION_HEADER] = chat.conversation_id
