@@ -10,17 +10,17 @@ from aiohttp.typedefs import Handler
 
 from .config import Config
 from .errors import ChatmemError, error_body, error_response
+from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
 from .proxy.http import json_response
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
+from .tracking import ROUTE_PREFIX, count_response, drain, metrics_endpoint, track
 
 __all__ = ["create_app", "setup"]
 
 log = logging.getLogger("chatmem")
-
-ROUTE_PREFIX = "chatmem."
 
 
 def setup(app: web.Application, config: Config) -> None:
@@ -34,8 +34,14 @@ def setup(app: web.Application, config: Config) -> None:
         await gateway.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
+    app.on_response_prepare.append(count_response)
+    app.on_shutdown.append(drain)
+    app.middlewares.append(track)
     app.middlewares.append(_errors_as_json)
     routes = app.router
+    if config.metrics.path:
+        routes.add_get(config.metrics.path, metrics_endpoint, name=ROUTE_PREFIX + "metrics")
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
     add_compat_routes(app, config, ROUTE_PREFIX)

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import signal
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, find_config_file, load_config
+from .logs import configure_logging
 
 __all__ = ["main"]
 
@@ -33,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo", action="store_true", help="run the built-in mock model as the upstream"
     )
+    serve.add_argument(
+        "--workers", type=int, help="processes sharing the port (SO_REUSEPORT); default 1"
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal
 
     mock = commands.add_parser("mock-upstream", help="run the built-in fake model server")
     mock.add_argument("--host", default="127.0.0.1")
@@ -61,10 +68,25 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("server", "port", args.port),
         ("upstream", "url", args.upstream),
         ("storage", "url", args.db),
+        ("server", "workers", args.workers),
     ):
         if value is not None:
             overrides.setdefault(section, {})[key] = value
     return overrides
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The ``serve`` flags a worker is started with (it reads the same config file)."""
+    out = ["--config", args.config] if args.config else []
+    for flag, value in (
+        ("--host", args.host),
+        ("--port", args.port),
+        ("--upstream", args.upstream),
+        ("--db", args.db),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def _free_port() -> int:
@@ -74,35 +96,55 @@ def _free_port() -> int:
         return port
 
 
-async def _serve(config: Config, demo: bool) -> None:
+def start_demo_upstream(config: Config) -> tuple[Config, asyncio.Task[None]]:
+    """Run the mock model in this process; ``config`` pointed at it."""
     from .mock_upstream import run_mock_upstream
 
+    port = _free_port()
+    task = asyncio.create_task(run_mock_upstream("127.0.0.1", port, tokens=16, delay_ms=20))
+    upstream = dataclasses.replace(config.upstream, url=f"http://127.0.0.1:{port}/v1")
+    return dataclasses.replace(config, upstream=upstream), task
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (a second signal changes nothing)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
+    from .logs import AccessLogger
+
+    stop = stop_event_on_signals()
     tasks: list[asyncio.Task[None]] = []
     if demo:
-        port = _free_port()
-        tasks.append(
-            asyncio.create_task(run_mock_upstream("127.0.0.1", port, tokens=16, delay_ms=20))
-        )
-        config = dataclasses.replace(
-            config, upstream=dataclasses.replace(config.upstream, url=f"http://127.0.0.1:{port}/v1")
-        )
+        config, mock = start_demo_upstream(config)
+        tasks.append(mock)
     runner = web.AppRunner(
         create_app(config),
+        handle_signals=False,
         handler_cancellation=True,
+        # In-flight chatmem requests were already given shutdown_grace in on_shutdown.
         shutdown_timeout=config.server.shutdown_grace,
-        access_log=None,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("chatmem.access") if config.log.access else None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port)
     await site.start()
     print(
         f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
-        f"-> {config.upstream.url}{' (demo model)' if demo else ''}",
+        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})",
         flush=True,
     )
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        logging.getLogger("chatmem").info("shutting down")
     finally:
+        # Stops listening, drains requests in flight (on_shutdown), then closes resources.
         await runner.cleanup()
         for task in tasks:
             task.cancel()
@@ -166,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"chatmem: config error: {exc}", file=sys.stderr)
             return 2
-        _run(_serve(config, args.demo))
+        configure_logging(config.log)
+        if config.server.workers > 1 and not args.worker:
+            from .workers import run_workers
+
+            return run_workers(config, _worker_args(args), demo=args.demo)
+        _run(_serve(config, args.demo, reuse_port=args.worker))
     except KeyboardInterrupt:
         pass
     return 0

@@ -8,6 +8,7 @@ unset ``${VAR}``) raises :class:`ConfigError` with a one-line message naming the
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -23,7 +24,9 @@ __all__ = [
     "CompatConfig",
     "Config",
     "ConfigError",
+    "LogConfig",
     "MemoryConfig",
+    "MetricsConfig",
     "ServerConfig",
     "StorageConfig",
     "UpstreamConfig",
@@ -43,6 +46,10 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     # Seconds in-flight streams get to finish on SIGTERM/SIGINT before they are cut.
     shutdown_grace: float = 30.0
+    # Processes sharing the port (SO_REUSEPORT); ``chatmem serve --workers`` overrides it.
+    workers: int = 1
+    # Peers (IPs or CIDR networks) whose X-Forwarded-For is believed, e.g. the local Caddy.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,22 @@ class CompatConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # One line per request (method, path, status, duration, request id, client address).
+    access: bool = True
+    # Log message content (requests and answers) at debug level; never on in production.
+    debug_content: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Where Prometheus scrapes; "" turns the endpoint off.
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -104,6 +127,8 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -176,7 +201,7 @@ def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str
 
 def _validate(section: str, values: Mapping[str, Any]) -> None:
     positive = {
-        "server": ("port", "max_body_bytes"),
+        "server": ("port", "max_body_bytes", "workers"),
         "upstream": ("connect_timeout", "read_timeout"),
         "memory": ("max_history_messages",),
     }
@@ -188,10 +213,24 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("compat.session_max_age: must be greater than 0")
     if section == "server" and values.get("port", 1) > 65535:
         raise ConfigError("server.port: must be at most 65535")
+    if section == "server":
+        _validate_networks(values.get("trusted_proxies", ()))
+    if section == "metrics" and values.get("path", "/").partition("/")[0] != "":
+        raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
     if section == "upstream" and "url" in values:
         url = values["url"]
         if not re.match(r"^https?://[^/]+", url):
             raise ConfigError(f"upstream.url: must be an http:// or https:// URL, not {url!r}")
+
+
+def _validate_networks(networks: tuple[str, ...]) -> None:
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.trusted_proxies: {network!r} is not an IP address or network"
+            ) from None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

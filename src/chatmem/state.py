@@ -9,7 +9,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from .config import Config
+from .metrics import Metrics
 from .proxy.upstream import Upstream
+from .shutdown import LiveRequests
 from .storage import Store, create_engine
 
 __all__ = ["GATEWAY", "Gateway"]
@@ -32,6 +34,9 @@ class Gateway:
         self.config = config
         self.background: set[asyncio.Task[Any]] = set()
         """Work that outlives its request (an answer finished after the client left)."""
+        self.metrics = Metrics()
+        self.live = LiveRequests(self.metrics)
+        """Requests and streams in flight, drained on shutdown."""
 
     async def start(self) -> None:
         storage = self.config.storage

@@ -21,6 +21,7 @@ from ..errors import (
     UpstreamTimeout,
     error_response,
 )
+from ..logs import log_content
 from ..state import GATEWAY, Gateway
 from ..storage import History, Owner
 from .accumulate import AssistantTurn, turn_from_completion
@@ -123,15 +124,17 @@ async def _forward(
 
     async def commit(answer: AssistantTurn) -> None:
         # Shielded: a cancelled handler must not leave the turn half-decided.
-        await asyncio.shield(
-            gateway.store.commit_turn(
-                turn.owner,
-                chat.conversation_id,
-                system=chat.system,
-                turn=[*chat.messages, assistant_message(answer)],
-            )
+        saving = gateway.store.commit_turn(
+            turn.owner,
+            chat.conversation_id,
+            system=chat.system,
+            turn=[*chat.messages, assistant_message(answer)],
         )
+        await asyncio.shield(gateway.metrics.committing(saving, turn.owner.tenant, answer.usage))
+        log_content(gateway.config.log.debug_content, "turn committed", answer.content)
 
+    log_content(gateway.config.log.debug_content, "messages", chat.messages)
+    timer = gateway.metrics.upstream_timer("chat")
     async with (
         upstream_failures(),
         upstream.session.post(
@@ -141,6 +144,7 @@ async def _forward(
             timeout=upstream.timeout,
         ) as response,
     ):
+        timer.answered()
         if response.status in (401, 403) and turn.upstream_auth_is_ours:
             raise UpstreamAuthFailed(
                 "the upstream refused the gateway's credentials (see upstream.api_key)"
@@ -152,14 +156,16 @@ async def _forward(
         if turn.render is not None:
             reply_headers["Content-Type"] = turn.render.content_type
         if response.content_type == "text/event-stream":
-            return await tee_stream(
-                request,
-                response,
-                reply_headers,
-                commit,
-                finish_without_client=gateway.config.memory.on_client_disconnect == "finish",
-                render=turn.render,
-            )
+            with gateway.live.stream(response):
+                return await tee_stream(
+                    request,
+                    response,
+                    reply_headers,
+                    commit,
+                    finish_without_client=gateway.config.memory.on_client_disconnect == "finish",
+                    render=turn.render,
+                    on_first_chunk=timer.first_chunk,
+                )
         body = await response.read()
         answer = _completed_turn(body)
         if answer is None:

@@ -32,6 +32,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if length is not None:
         headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
+    timer = gateway.metrics.upstream_timer("passthrough")
     try:
         async with (
             upstream_failures(),
@@ -44,6 +45,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 allow_redirects=False,
             ) as response,
         ):
+            timer.answered()
             return await relay(request, response)
     except UpstreamError:
         if body.exceeded:  # the client library reports our refusal as a broken upload

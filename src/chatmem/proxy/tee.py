@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import ChatmemError
+from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
 from .sse import SSEParser
@@ -32,6 +33,7 @@ _TIMEOUT: Failure = (
     "upstream_timeout",
 )
 _BROKEN: Failure = ("the upstream connection broke during the answer", "upstream_broken")
+_STOPPING: Failure = ("the gateway shut down before the answer completed", "gateway_shutting_down")
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
@@ -108,6 +110,7 @@ async def tee_stream(
     *,
     finish_without_client: bool,
     render: Renderer | None = None,
+    on_first_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
@@ -124,6 +127,9 @@ async def tee_stream(
     answer = StreamAccumulator()
     try:
         async for chunk in upstream.content.iter_any():
+            if on_first_chunk is not None:  # metrics: time to first token
+                on_first_chunk()
+                on_first_chunk = None
             if answer.done:
                 await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
             else:
@@ -139,7 +145,7 @@ async def tee_stream(
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         # Timeouts first: aiohttp's read timeout is also a ClientConnectionError.
         if not answer.done:
-            await client.end_with(_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN)
+            await client.end_with(_failure_event(exc))
         return response
     if not answer.done:
         if answer.error is None:
@@ -147,6 +153,12 @@ async def tee_stream(
         else:
             await client.upstream_error(answer.error)
     return response
+
+
+def _failure_event(exc: Exception) -> Failure:
+    if isinstance(exc, GatewayStopping):
+        return _STOPPING
+    return _TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN
 
 
 async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit) -> None:

@@ -10,6 +10,7 @@ from yarl import URL
 
 from ..config import UpstreamConfig
 from ..errors import InvalidRequest
+from ..logs import REQUEST_ID_HEADER, current_request_id
 
 __all__ = ["HOP_BY_HOP", "Upstream", "filter_headers"]
 
@@ -91,6 +92,9 @@ class Upstream:
         self, client_headers: CIMultiDictProxy[str], drop: Iterable[str] = ()
     ) -> CIMultiDict[str]:
         headers = filter_headers(client_headers, (*_NOT_UPSTREAM, *drop))
+        request_id = current_request_id()
+        if request_id is not None:  # the validated or generated one, never the raw header
+            headers[REQUEST_ID_HEADER] = request_id
         if self._auth is not None:
             headers[self._auth[0]] = self._auth[1]
         return headers

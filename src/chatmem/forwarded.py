@@ -1,0 +1,52 @@
+"""The client's address: the peer, or what a trusted proxy (Caddy) says it forwarded for.
+
+``X-Forwarded-For`` is believed only when the TCP peer is one of ``server.trusted_proxies``;
+then the nearest address in the header that is not itself a trusted proxy is the client.
+Anyone else can put anything in that header, so for them it is ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+__all__ = ["TRUSTED_PROXIES", "Networks", "client_address", "parse_networks"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Networks(tuple[Network, ...]):
+    """Parsed ``server.trusted_proxies``."""
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in iter(self))
+
+
+TRUSTED_PROXIES = web.AppKey("chatmem.trusted_proxies", Networks)
+
+
+def parse_networks(values: tuple[str, ...]) -> Networks:
+    return Networks(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def client_address(request: web.BaseRequest) -> str | None:
+    peer = request.remote
+    trusted = request.config_dict.get(TRUSTED_PROXIES) if isinstance(request, web.Request) else None
+    if not trusted or peer not in trusted:
+        return peer
+    hops = [
+        hop.strip()
+        for value in request.headers.getall("X-Forwarded-For", ())
+        for hop in value.split(",")
+    ]
+    for hop in reversed(hops):
+        if hop and hop not in trusted:
+            return hop
+    return peer

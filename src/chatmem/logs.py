@@ -1,0 +1,145 @@
+"""Logging: text or JSON lines, one access line per request, and request ids.
+
+A request id is accepted from the client's ``X-Request-Id`` when it is a short token of
+safe characters, generated otherwise; it is returned on the response, sent upstream and
+put on every log line written while the request is handled (through a context variable,
+which detached tasks inherit).  Nothing here logs headers, bodies or query strings:
+secrets and message content stay out of the logs unless ``log.debug_content`` is on, and
+then only the content, at debug level (see :func:`log_content`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .config import LogConfig
+from .forwarded import client_address
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "AccessLogger",
+    "JsonFormatter",
+    "accept_request_id",
+    "configure_logging",
+    "current_request_id",
+    "log_content",
+    "request_id_var",
+]
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_VALID_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+
+request_id_var: ContextVar[str | None] = ContextVar("chatmem_request_id", default=None)
+"""The id of the request being handled by the current task (None outside requests)."""
+
+content_log = logging.getLogger("chatmem.content")
+access_log = logging.getLogger("chatmem.access")
+
+# LogRecord attributes that are not "extra" fields given by the caller.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's id if it is safe to echo and log, else a new random one."""
+    if value is not None and _VALID_ID.fullmatch(value):
+        return value
+    return secrets.token_hex(16)
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, pid, request id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+JsonFormatter.converter = time.gmtime
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{line} [{request_id}]" if request_id else line
+
+
+def configure_logging(config: LogConfig) -> None:
+    """Set up the root logger for ``chatmem serve`` (an embedding app does its own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            _TextFormatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
+        )
+    logging.basicConfig(level=config.level.upper(), handlers=[handler], force=True)
+    # aiohttp's own access logger would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_content(enabled: bool, what: str, content: Any) -> None:
+    """Message content, only when ``log.debug_content`` asks for it."""
+    if enabled and content_log.isEnabledFor(logging.DEBUG):
+        content_log.debug("%s: %s", what, json.dumps(content, ensure_ascii=False, default=str))
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: no query string, no headers, nothing a client sent as content."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 3),
+                "client": client_address(request),
+                "request_id": response.headers.get(REQUEST_ID_HEADER),
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,87 @@
+"""Graceful shutdown: the requests in flight, and ending them when the grace period is over.
+
+aiohttp stops accepting connections, then runs ``on_shutdown`` (where :meth:`drain` runs),
+then waits ``shutdown_timeout`` for handlers and cancels them.  Left to aiohttp alone a
+stream would be cut mid-event, so chatmem drains first, in the shape of aiohttp-sse's
+graceful-shutdown example: every chatmem request is registered while it runs, and every
+stream with the upstream response it relays.  :meth:`drain` waits up to
+``server.shutdown_grace`` for all of them (finished answers are committed as usual); a
+stream still running then has :class:`GatewayStopping` set on its upstream body, so the tee
+ends it the way it ends any broken upstream: one error event, proper end of the body,
+nothing committed.  Other requests still running are cancelled (before their commit, which
+is shielded, so a turn is either whole or absent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from .metrics import Metrics
+
+__all__ = ["GatewayStopping", "LiveRequests"]
+
+log = logging.getLogger("chatmem")
+
+# Once the grace period is over: how long ended streams get to write their last event.
+_END_WAIT = 5.0
+
+
+class GatewayStopping(aiohttp.ClientConnectionError):
+    """Set on the upstream body of a stream still running when the grace period ends."""
+
+
+class LiveRequests:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.streams: dict[asyncio.Task[object], aiohttp.ClientResponse] = {}
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around a chatmem handler: the task is waited for on shutdown."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - handlers always run in a task
+            yield
+            return
+        self.tasks.add(task)
+        try:
+            yield
+        finally:
+            self.tasks.discard(task)
+
+    @contextmanager
+    def stream(self, upstream: aiohttp.ClientResponse) -> Iterator[None]:
+        """Around relaying ``upstream``'s stream: counted, and endable at the deadline."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.streams[task] = upstream
+        self.metrics.streams_in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.streams_in_flight.dec()
+            if task is not None:
+                self.streams.pop(task, None)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for requests in flight, then end the rest."""
+        pending = {task for task in (*self.tasks, *self.streams) if not task.done()}
+        if not pending:
+            return
+        log.info("waiting up to %ss for %d requests in flight", grace, len(pending))
+        _, pending = await asyncio.wait(pending, timeout=grace)
+        if not pending:
+            return
+        log.warning("shutdown grace period over: ending %d requests", len(pending))
+        for upstream in list(self.streams.values()):
+            upstream.content.set_exception(GatewayStopping("the gateway is shutting down"))
+        for task in pending - self.streams.keys():
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
+        for task in pending:
+            task.cancel()

@@ -1,0 +1,56 @@
+"""Per-request bookkeeping that every chatmem request shares, kept deliberately cheap:
+the request id, the in-flight registry used by graceful shutdown, the request counter,
+and the ``/metrics`` endpoint."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from .state import GATEWAY
+
+__all__ = ["REQUEST_ID", "ROUTE_PREFIX", "count_response", "drain", "metrics_endpoint", "track"]
+
+ROUTE_PREFIX = "chatmem."
+REQUEST_ID = web.RequestKey("chatmem.request_id", str)
+
+
+@web.middleware
+async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request its id (for logs, upstream and the response) and, for chatmem's
+    routes, register it as in flight so that shutdown waits for it."""
+    request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        name = request.match_info.route.name
+        if name is not None and name.startswith(ROUTE_PREFIX):
+            with request.config_dict[GATEWAY].live.request():
+                return await handler(request)
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
+
+
+async def count_response(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: return the request id and count the response by route."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    name = request.match_info.route.name
+    route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
+    request.config_dict[GATEWAY].metrics.response_started(route, response.status)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    from .metrics import CONTENT_TYPE_LATEST
+
+    body = request.config_dict[GATEWAY].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def drain(app: web.Application) -> None:
+    """``on_shutdown``: let requests in flight finish within ``server.shutdown_grace``."""
+    gateway = app[GATEWAY]
+    await gateway.live.drain(gateway.config.server.shutdown_grace)

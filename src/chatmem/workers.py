@@ -1,0 +1,101 @@
+"""``chatmem serve --workers N``: N gateway processes sharing one port.
+
+The master creates the database schema once (so workers do not race to create it), gives
+the workers a fresh prometheus-client multiprocess directory (so ``/metrics`` on any worker
+adds up all of them), starts them (``chatmem serve --worker``: ``SO_REUSEPORT`` on the same
+host and port, the kernel spreads connections over them), forwards SIGTERM/SIGINT and waits.
+Each worker then shuts down gracefully on its own.  If a worker dies on its own, the master
+stops the others and exits 1, so the process manager restarts the whole set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
+
+from .config import Config
+from .metrics import MULTIPROC_ENV
+from .storage import Store, create_engine
+
+__all__ = ["run_workers"]
+
+log = logging.getLogger("chatmem")
+
+# prometheus-client leaves this function unannotated; this is its signature.
+_mark_process_dead: Callable[[int, str], object] = mark_process_dead
+
+
+def run_workers(config: Config, worker_args: list[str], *, demo: bool) -> int:
+    return asyncio.run(_supervise(config, worker_args, demo))
+
+
+async def _create_schema(config: Config) -> None:
+    store = Store(create_engine(config.storage))
+    try:
+        await store.create_schema()
+    finally:
+        await store.close()
+
+
+def _metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
+    """The multiprocess directory, emptied; and whether we created it (and remove it)."""
+    given = env.get(MULTIPROC_ENV)
+    if not given:
+        return tempfile.mkdtemp(prefix="chatmem-metrics-"), True
+    path = Path(given)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # values of a previous run must not be added up
+        stale.unlink()
+    return given, False
+
+
+async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
+    from .cli import start_demo_upstream, stop_event_on_signals
+
+    stop = stop_event_on_signals()
+    mock: asyncio.Task[None] | None = None
+    if demo:
+        config, mock = start_demo_upstream(config)
+        worker_args = [*worker_args, "--upstream", config.upstream.url]
+    await _create_schema(config)
+    env = dict(os.environ)
+    metrics_dir, owned = _metrics_dir(env)
+    env[MULTIPROC_ENV] = metrics_dir
+    command = [sys.executable, "-m", "chatmem", "serve", *worker_args, "--worker"]
+    workers = [
+        await asyncio.create_subprocess_exec(*command, env=env)
+        for _ in range(config.server.workers)
+    ]
+    log.info("started %d workers: %s", len(workers), " ".join(str(w.pid) for w in workers))
+    exits = [asyncio.create_task(worker.wait()) for worker in workers]
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([*exits, stopping], return_when=asyncio.FIRST_COMPLETED)
+    crashed = not stop.is_set()
+    if crashed:
+        log.error("a worker exited on its own; stopping the others")
+    for worker in workers:
+        if worker.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.send_signal(signal.SIGTERM)
+    codes = await asyncio.gather(*exits)
+    stopping.cancel()
+    for worker in workers:
+        _mark_process_dead(worker.pid, metrics_dir)
+    if owned:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if mock is not None:
+        mock.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await mock
+    log.info("workers exited with %s", codes)
+    return 1 if crashed or any(code != 0 for code in codes) else 0
