@@ -33,7 +33,8 @@ BeforeHeaders = Literal["none", "reset", "hang", "garbage"]
 class Script:
     """What to answer, and how to fail.
 
-    ``chunks``: bytes are written (then drained), a float sleeps that many seconds.
+    ``chunks``: bytes are written (then drained), a float sleeps that many seconds, an
+    ``asyncio.Event`` is waited for (the test sets it: no timing involved).
     ``framing``: chunked transfer-encoding, Content-Length, or a body ended by closing.
     With "length" the declared length is the sum of the chunks unless ``headers`` sets
     Content-Length itself (set it larger to cut the body short).
@@ -43,7 +44,7 @@ class Script:
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/event-stream"})
-    chunks: list[bytes | float] = field(default_factory=list)
+    chunks: list[bytes | float | asyncio.Event] = field(default_factory=list)
     framing: Framing = "chunked"
     end: End = "ok"
     before_headers: BeforeHeaders = "none"
@@ -204,7 +205,11 @@ class ScriptedUpstream:
             for chunk in script.chunks:
                 if client_gone.done():
                     break
-                if not isinstance(chunk, bytes):
+                if isinstance(chunk, asyncio.Event):
+                    released = asyncio.create_task(chunk.wait())
+                    await asyncio.wait([client_gone, released], return_when=asyncio.FIRST_COMPLETED)
+                    released.cancel()
+                elif not isinstance(chunk, bytes):
                     await asyncio.wait([client_gone], timeout=chunk)
                 elif chunk:
                     chunked = script.framing == "chunked"

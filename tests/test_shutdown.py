@@ -1,0 +1,114 @@
+"""Graceful shutdown of a real ``chatmem serve`` process on real signals.
+
+The upstream is the scripted one, held at an ``asyncio.Event`` the test releases, so "the
+stream is still running when the signal arrives" is a fact, not a matter of timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+from deploy_helpers import ServedGateway, serve
+from helpers import answer_events, chunk, sse
+from scripted_upstream import Script, scripted_upstream
+
+
+def _messages(db: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT role, content FROM messages ORDER BY seq")
+        return [(role, json.loads(content)) for role, content in rows]
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True  # reset: the connection was queued on the listener as it closed
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
+async def _until_refused(port: int) -> None:
+    for _ in range(400):  # bounded: the gateway closes its listener right after the signal
+        if await _refused(port):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the gateway kept accepting connections after the signal")
+
+
+async def _signal(gateway: ServedGateway, sig: int) -> asyncio.Future[tuple[int, str]]:
+    """Send ``sig`` now; the future is the exit (``stop`` repeats the signal, which a
+    gateway already shutting down ignores)."""
+    gateway.process.proc.send_signal(sig)
+    return asyncio.ensure_future(asyncio.to_thread(gateway.stop, sig))
+
+
+BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_in_flight_stream_finishes_and_is_committed(tmp_path: Path, sig: int) -> None:
+    release = asyncio.Event()
+    first, *rest = answer_events("Hello world")
+    script = Script(chunks=[first, release, *rest])
+    async with scripted_upstream(script) as upstream:
+        gateway = serve(tmp_path, upstream.url, "[server]\nshutdown_grace = 60\n")
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                gateway.url + "/v1/chat/completions",
+                json=BODY,
+                headers={"X-Conversation-Id": "c1"},
+            ) as response,
+        ):
+            received = await response.content.readuntil(b"\n\n")
+            assert received == first
+            exited = await _signal(gateway, sig)
+            await _until_refused(gateway.port)  # stopped accepting, stream still open
+            assert not exited.done()
+            release.set()
+            received += await response.content.read()
+        code, _ = await exited
+    assert received == b"".join(answer_events("Hello world"))
+    assert code == 0
+    assert _messages(gateway.db) == [("user", "hi"), ("assistant", "Hello world")]
+
+
+async def test_stream_still_running_at_the_deadline_ends_cleanly(tmp_path: Path) -> None:
+    first = sse(chunk("", role="assistant"))
+    second = sse(chunk("Hel"))
+    script = Script(chunks=[first, second], end="hang")  # never finishes
+    async with scripted_upstream(script) as upstream:
+        gateway = serve(tmp_path, upstream.url, "[server]\nshutdown_grace = 0.5\n")
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(gateway.url + "/v1/chat/completions", json=BODY) as response,
+        ):
+            assert await response.content.readuntil(b"\n\n") == first
+            assert await response.content.readuntil(b"\n\n") == second
+            exited = await _signal(gateway, signal.SIGTERM)
+            # The rest of the body: one error event, then a proper end (no exception).
+            rest = await response.content.read()
+        code, _ = await exited
+        await upstream.disconnected.wait()  # the upstream request was closed
+    assert rest.startswith(b"data: ") and rest.endswith(b"\n\n")
+    error = json.loads(rest[len(b"data: ") :])["error"]
+    assert error["code"] == "gateway_shutting_down"
+    assert b"[DONE]" not in rest
+    assert code == 0
+    assert _messages(gateway.db) == []  # nothing half-written
+
+
+async def test_idle_gateway_exits_zero_on_sigterm(tmp_path: Path) -> None:
+    async with scripted_upstream() as upstream:
+        gateway = serve(tmp_path, upstream.url)
+        code, stderr = await asyncio.to_thread(gateway.stop, signal.SIGTERM)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
