@@ -34,14 +34,20 @@ class ServedGateway:
 
 
 def serve(
-    tmp_path: Path, upstream: str, toml: str = "", *args: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    upstream: str,
+    toml: str = "",
+    *args: str,
+    env: dict[str, str] | None = None,
+    upstream_toml: str = "",
 ) -> ServedGateway:
-    """Start ``chatmem serve`` with a config file holding ``toml`` plus upstream and storage."""
+    """Start ``chatmem serve`` with a config file holding ``toml`` plus upstream and storage
+    (``upstream_toml``: more keys for the ``[upstream]`` table)."""
     port = free_port()
     db = tmp_path / "chatmem.db"
     config = tmp_path / "chatmem.toml"
     config.write_text(
-        f'[upstream]\nurl = "{upstream}"\n\n[storage]\nurl = "sqlite+aiosqlite:///{db}"\n\n{toml}'
+        f'[upstream]\nurl = "{upstream}"\n{upstream_toml}\n[storage]\nurl = "sqlite+aiosqlite:///{db}"\n\n{toml}'
     )
     process = Process(
         ["serve", "--config", str(config), "--port", str(port), *args], env=env, cwd=tmp_path

@@ -109,9 +109,10 @@ def configure_logging(config: LogConfig) -> None:
         handler.setFormatter(
             _TextFormatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
         )
-    logging.basicConfig(level=config.level.upper(), handlers=[handler], force=True)
-    # aiohttp's own access logger would duplicate ours.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Other libraries stay at WARNING whatever ``log.level`` says: at debug level some of
+    # them (aiosqlite, asyncio) log the SQL parameters, i.e. message content.
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("chatmem").setLevel(config.level.upper())
 
 
 def log_content(enabled: bool, what: str, content: Any) -> None:

@@ -1,0 +1,91 @@
+"""What a real ``chatmem serve`` writes to its log: JSON lines, request ids, the client's
+address (believed from X-Forwarded-For only from a trusted proxy), and no secrets, tokens
+or message content unless ``log.debug_content`` asks for content."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jwt
+from deploy_helpers import json_lines, serve
+
+JWT_SECRET = "jwt-secret-9f2c-long-enough-for-hs256-0123"
+UPSTREAM_KEY = "sk-upstream-key-77aa"
+CONTENT = "private words 5e1d"
+ANSWER_WORD = "5e1d"  # the demo model echoes the message back
+QUERY_SECRET = "query-secret-1b3c"
+
+
+def _requests(base: str) -> str:
+    token = jwt.encode({"team_id": "acme", "sub": "ada"}, JWT_SECRET, algorithm="HS256")
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Request-Id": "log-test-1",
+    }
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": CONTENT}]}
+    chat = urllib.request.Request(
+        base + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers
+    )
+    with urllib.request.urlopen(chat, timeout=20) as response:
+        assert response.read().endswith(b"data: [DONE]\n\n")
+    models = urllib.request.Request(base + f"/v1/models?key={QUERY_SECRET}", headers=headers)
+    with urllib.request.urlopen(models, timeout=20) as response:
+        assert response.status == 200
+    return token
+
+
+def _run(tmp_path: Path, log: str, server: str = "") -> tuple[str, str]:
+    toml = f'[auth]\njwt_secret = "{JWT_SECRET}"\n\n[log]\nformat = "json"\n{log}\n'
+    toml += f"\n[server]\n{server}\n"
+    gateway = serve(
+        tmp_path,
+        "http://unused.invalid/v1",  # --demo replaces it with the built-in mock model
+        toml,
+        "--demo",
+        upstream_toml=f'api_key = "{UPSTREAM_KEY}"\n',
+    )
+    try:
+        token = _requests(gateway.url)
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    return stderr, token
+
+
+def _access(lines: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    [line] = [x for x in lines if x["logger"] == "chatmem.access" and x["path"] == path]
+    return line
+
+
+def test_logs_hold_no_secrets_tokens_or_content(tmp_path: Path) -> None:
+    stderr, token = _run(tmp_path, 'level = "debug"')
+    lines = json_lines(stderr)  # every line is one JSON object
+    for secret in (JWT_SECRET, UPSTREAM_KEY, token, CONTENT, ANSWER_WORD, QUERY_SECRET):
+        assert secret not in stderr
+    chat = _access(lines, "/v1/chat/completions")
+    assert chat["status"] == 200 and chat["method"] == "POST"
+    assert chat["request_id"] == "log-test-1"
+    assert chat["client"] == "127.0.0.1"  # X-Forwarded-For from an untrusted peer: ignored
+    assert _access(lines, "/v1/models")["request_id"] == "log-test-1"
+
+
+def test_debug_content_logs_content_but_still_no_secrets(tmp_path: Path) -> None:
+    stderr, token = _run(
+        tmp_path,
+        'level = "debug"\ndebug_content = true',
+        'trusted_proxies = ["127.0.0.1/32"]',
+    )
+    lines = json_lines(stderr)
+    for secret in (JWT_SECRET, UPSTREAM_KEY, token, QUERY_SECRET):
+        assert secret not in stderr
+    content = [x for x in lines if x["logger"] == "chatmem.content"]
+    assert [x["request_id"] for x in content] == ["log-test-1", "log-test-1"]
+    assert CONTENT in content[0]["message"] and ANSWER_WORD in content[1]["message"]
+    # The peer is a trusted proxy now, so the address it forwarded for is the client.
+    assert _access(lines, "/v1/chat/completions")["client"] == "203.0.113.7"

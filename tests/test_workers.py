@@ -1,0 +1,63 @@
+"""``chatmem serve --workers 2``: two real processes on one port, one set of metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+from deploy_helpers import json_lines, serve
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _open(url: str, request_id: str, body: dict[str, object] | None = None) -> str:
+    # urllib opens a new connection per request, so the kernel picks a worker each time.
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"X-Request-Id": request_id, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-Id"] == request_id
+        return str(response.read().decode())
+
+
+def sample(metrics: str, name: str, labels: dict[str, str] | None = None) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == name and s.labels == (labels or {}):
+                return float(s.value)
+    raise AssertionError(f"{name}{labels} not in the scrape")
+
+
+def test_two_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
+    # --demo: the master runs the mock model; both workers use it.
+    toml = '[log]\nformat = "json"\n'
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    probes, chats = 64, 6
+    try:
+        for i in range(probes):
+            _open(gateway.url + "/v1/health", f"probe-{i}")
+        for i in range(chats):
+            body = {"model": "m", "messages": [{"role": "user", "content": f"turn {i}"}]}
+            _open(gateway.url + "/v1/chat/completions", f"chat-{i}", body)
+        scrape = _open(gateway.url + "/metrics", "scrape")
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    # The kernel spread the connections over both workers: each logged some of them.
+    served_by = {
+        line["pid"]
+        for line in json_lines(stderr)
+        if line.get("logger") == "chatmem.access" and line["request_id"].startswith("probe-")
+    }
+    assert len(served_by) == 2
+    # Whichever worker answered the scrape, it counted the requests of both (and the one
+    # health check that found the gateway ready).
+    health = sample(scrape, "chatmem_requests_total", {"route": "health", "status": "200"})
+    assert health == probes + 1
+    assert sample(scrape, "chatmem_requests_total", {"route": "chat", "status": "200"}) == chats
+    assert sample(scrape, "chatmem_turns_committed_total") == chats
+    assert sample(scrape, "chatmem_streams_in_flight") == 0
