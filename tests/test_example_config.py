@@ -1,0 +1,31 @@
+"""chatmem.example.toml names every configuration key and loads to the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from chatmem.config import Config, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "chatmem.example.toml"
+
+
+def test_example_names_every_key_of_every_section() -> None:
+    example = tomllib.loads(EXAMPLE.read_text())
+    defaults = Config()
+    sections = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Config)}
+    assert set(example) == set(sections)
+    for name, section in sections.items():
+        keys = {f.name for f in dataclasses.fields(section)}
+        assert set(example[name]) == keys, name
+
+
+def test_every_key_has_a_comment() -> None:
+    for line in EXAMPLE.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            assert " # " in line, line
+
+
+def test_example_loads_to_the_defaults() -> None:
+    assert load_config(EXAMPLE, env={}) == Config()
