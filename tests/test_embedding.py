@@ -49,7 +49,7 @@ async def test_host_routes_and_middleware_work_next_to_chatmem(
         assert reply.headers["X-Conversation-Id"] == "embedded-1"
     second = received(upstream)[-1].json
     assert second is not None
-    assert [m["content"] for m in second["messages"]][0] == "my name is Ada"
+    assert second["messages"][0]["content"] == "my name is Ada"
     assert len(second["messages"]) == 3
 
     # Streams through the host app, and chatmem's errors are OpenAI-style JSON.
