@@ -29,3 +29,20 @@ def test_every_key_has_a_comment() -> None:
 
 def test_example_loads_to_the_defaults() -> None:
     assert load_config(EXAMPLE, env={}) == Config()
+
+
+def test_systemd_unit_runs_serve_and_outwaits_the_grace_period() -> None:
+    from chatmem.cli import _parser
+    from chatmem.config import ServerConfig
+
+    unit = dict(
+        line.split("=", 1)
+        for line in (EXAMPLE.parent / "deploy" / "chatmem.service").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    command = unit["ExecStart"].split()
+    assert command[0].endswith("/chatmem")
+    args = _parser().parse_args(command[1:])
+    assert args.command == "serve" and args.workers == 2
+    assert float(unit["TimeoutStopSec"]) > ServerConfig().shutdown_grace
+    assert unit["KillSignal"] == "SIGTERM"
