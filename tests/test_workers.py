@@ -38,6 +38,11 @@ def test_two_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
     gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
     probes, chats = 64, 6
     try:
+        # Both workers print their "listening" line on stdout once they accept connections.
+        stdout = gateway.process.proc.stdout
+        assert stdout is not None
+        listening = [stdout.readline() for _ in range(2)]
+        assert all(b"chatmem listening" in line for line in listening), listening
         for i in range(probes):
             _open(gateway.url + "/v1/health", f"probe-{i}")
         for i in range(chats):
