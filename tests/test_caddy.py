@@ -138,7 +138,8 @@ async def test_streams_and_memory_through_caddy_over_https(
         gateway = serve(
             tmp_path,
             upstream.url,
-            '[server]\ntrusted_proxies = ["127.0.0.1/32", "::1/128"]\n\n[log]\nformat = "json"\n',
+            '[server]\ntrusted_proxies = ["127.0.0.1/32", "::1/128"]\n\n'
+            '[log]\nformat = "json"\naccess = true\n',
         )
         caddy = Caddy(tmp_path, gateway.port)
         try:

@@ -41,7 +41,7 @@ def _requests(base: str) -> str:
 
 
 def _run(tmp_path: Path, log: str, server: str = "") -> tuple[str, str]:
-    toml = f'[auth]\njwt_secret = "{JWT_SECRET}"\n\n[log]\nformat = "json"\n{log}\n'
+    toml = f'[auth]\njwt_secret = "{JWT_SECRET}"\n\n[log]\nformat = "json"\naccess = true\n{log}\n'
     toml += f"\n[server]\n{server}\n"
     gateway = serve(
         tmp_path,

@@ -34,7 +34,7 @@ def sample(metrics: str, name: str, labels: dict[str, str] | None = None) -> flo
 
 def test_two_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
     # --demo: the master runs the mock model; both workers use it.
-    toml = '[log]\nformat = "json"\n'
+    toml = '[log]\nformat = "json"\naccess = true\n'
     gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
     probes, chats = 64, 6
     try:

@@ -108,7 +108,8 @@ class LogConfig:
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
     # One line per request (method, path, status, duration, request id, client address).
-    access: bool = True
+    # Off by default: about 13 us of CPU per request, and Caddy logs requests in front.
+    access: bool = False
     # Log message content (requests and answers) at debug level; never on in production.
     debug_content: bool = False
 
