@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
 from multidict import CIMultiDict
+from scripted_upstream import Script, scripted_upstream
 from test_workers import sample
 
 
@@ -127,3 +128,20 @@ async def test_metrics_path_is_configurable_and_can_be_off(
     assert (await moved.get("/metrics")).status == 404
     off = await gateway_factory(upstream_url(upstream), metrics={"path": ""})
     assert (await off.get("/metrics")).status == 404
+
+
+async def test_the_upstream_s_own_request_id_is_kept_under_another_name(
+    gateway_factory: GatewayFactory,
+) -> None:
+    script = Script(
+        headers={"Content-Type": "application/json", "X-Request-Id": "upstream-77"},
+        chunks=[b'{"object": "list", "data": []}'],
+        framing="length",
+    )
+    async with scripted_upstream(script) as upstream:
+        gateway = await gateway_factory(upstream.url)
+        response = await gateway.get("/v1/models", headers={"X-Request-Id": "mine-1"})
+        assert await response.read() == b'{"object": "list", "data": []}'
+    assert response.headers.getall("X-Request-Id") == ["mine-1"]
+    assert response.headers["X-Upstream-Request-Id"] == "upstream-77"
+    assert CIMultiDict(upstream.requests[0][2])["X-Request-Id"] == "mine-1"

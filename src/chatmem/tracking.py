@@ -10,10 +10,20 @@ from aiohttp.typedefs import Handler
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from .state import GATEWAY
 
-__all__ = ["REQUEST_ID", "ROUTE_PREFIX", "count_response", "drain", "metrics_endpoint", "track"]
+__all__ = [
+    "REQUEST_ID",
+    "ROUTE_PREFIX",
+    "UPSTREAM_REQUEST_ID_HEADER",
+    "count_response",
+    "drain",
+    "metrics_endpoint",
+    "track",
+]
 
 ROUTE_PREFIX = "chatmem."
 REQUEST_ID = web.RequestKey("chatmem.request_id", str)
+# The upstream's own request id (OpenAI and vLLM send one), kept under another name.
+UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
 
 
 @web.middleware
@@ -37,6 +47,9 @@ async def count_response(request: web.Request, response: web.StreamResponse) -> 
     """``on_response_prepare``: return the request id and count the response by route."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
+        theirs = response.headers.get(REQUEST_ID_HEADER)
+        if theirs is not None and theirs != request_id:  # relayed from the upstream
+            response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
         response.headers[REQUEST_ID_HEADER] = request_id
     name = request.match_info.route.name
     route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
