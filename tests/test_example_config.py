@@ -6,7 +6,9 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from chatmem.config import Config, load_config
+import pytest
+
+from chatmem.config import Config, ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "chatmem.example.toml"
 
@@ -46,3 +48,26 @@ def test_systemd_unit_runs_serve_and_outwaits_the_grace_period() -> None:
     assert args.command == "serve" and args.workers == 2
     assert float(unit["TimeoutStopSec"]) > ServerConfig().shutdown_grace
     assert unit["KillSignal"] == "SIGTERM"
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("server", {"trusted_proxies": ["10.0.0.0/8", "caddy"]}, "server.trusted_proxies: 'caddy'"),
+        ("server", {"workers": 0}, "server.workers: must be greater than 0"),
+        ("metrics", {"path": "metrics"}, "metrics.path: must start with '/'"),
+        ("log", {"format": "xml"}, "log.format: must be 'text' or 'json'"),
+        ("log", {"debug_content": "yes"}, "log.debug_content: must be bool"),
+    ],
+)
+def test_deployment_keys_are_checked(section: str, values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides={section: values}, env={})
+    assert str(caught.value).startswith(message)
+
+
+def test_trusted_proxies_accept_addresses_and_networks() -> None:
+    config = load_config(
+        None, overrides={"server": {"trusted_proxies": ["127.0.0.1", "::1/128"]}}, env={}
+    )
+    assert config.server.trusted_proxies == ("127.0.0.1", "::1/128")

@@ -1,0 +1,50 @@
+"""Which X-Forwarded-For hop is the client: only a trusted peer is believed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from helpers import make_config
+
+import chatmem
+from chatmem.forwarded import client_address
+
+
+async def _client_seen(
+    aiohttp_client: Any, db_path: Path, trusted: list[str], xff: list[str]
+) -> str:
+    app = web.Application()
+
+    async def who(request: web.Request) -> web.Response:
+        return web.Response(text=str(client_address(request)))
+
+    app.router.add_get("/who", who)
+    chatmem.setup(
+        app, make_config(db_path, "http://127.0.0.1:9/v1", server={"trusted_proxies": trusted})
+    )
+    client = await aiohttp_client(app)
+    headers = [("X-Forwarded-For", value) for value in xff]
+    response = await client.get("/who", headers=headers)
+    return str(await response.text())
+
+
+@pytest.mark.parametrize(
+    ("trusted", "xff", "seen"),
+    [
+        ([], ["203.0.113.7"], "127.0.0.1"),  # untrusted peer: header ignored
+        (["10.0.0.0/8"], ["203.0.113.7"], "127.0.0.1"),  # the peer is not in the list
+        (["127.0.0.1"], [], "127.0.0.1"),  # trusted, nothing forwarded
+        (["127.0.0.1"], ["203.0.113.7"], "203.0.113.7"),
+        # The nearest hop that is not a trusted proxy; what the client wrote is further left.
+        (["127.0.0.1", "10.0.0.0/8"], ["6.6.6.6, 203.0.113.7, 10.1.2.3"], "203.0.113.7"),
+        (["127.0.0.1"], ["6.6.6.6", "203.0.113.8"], "203.0.113.8"),  # several headers
+        (["127.0.0.1"], ["127.0.0.1"], "127.0.0.1"),  # only proxies: the peer
+    ],
+)
+async def test_client_address(
+    aiohttp_client: Any, db_path: Path, trusted: list[str], xff: list[str], seen: str
+) -> None:
+    assert await _client_seen(aiohttp_client, db_path, trusted, xff) == seen
