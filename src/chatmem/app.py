@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .auth import setup_auth
 from .config import Config
 from .errors import ChatmemError, error_body, error_response
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
+from .proxy.conversations import add_conversation_routes
 from .proxy.http import json_response
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
@@ -35,11 +37,13 @@ def setup(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(lifecycle)
     app.middlewares.append(_errors_as_json)
+    setup_auth(app, config.auth)
     routes = app.router
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
     add_compat_routes(app, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
+    add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
 
 
