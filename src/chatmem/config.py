@@ -227,8 +227,8 @@ def _validate_auth(values: Mapping[str, Any]) -> None:
     if any(a in _ASYMMETRIC for a in algorithms) and values.get("jwt_secret") and not asymmetric:
         raise ConfigError("auth.algorithms: RS/ES/PS/EdDSA need auth.public_key or auth.jwks_url")
     key = values.get("public_key")
-    if key and not key.lstrip().startswith("-----BEGIN") and not Path(key).is_file():
-        raise ConfigError(f"auth.public_key: not a PEM key and no such file: {key!r}")
+    if key:
+        _check_public_key(key)
     url = values.get("jwks_url")
     if url and not re.match(r"^https?://[^/]+", url):
         raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL, not {url!r}")
@@ -237,6 +237,25 @@ def _validate_auth(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"auth.{name}: must not be negative")
     if values.get("max_token_bytes", 1) <= 0:
         raise ConfigError("auth.max_token_bytes: must be greater than 0")
+
+
+def _check_public_key(value: str) -> None:
+    """``auth.public_key`` is inline PEM or the path of a PEM file; either must load."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    pem = value
+    if not value.lstrip().startswith("-----BEGIN"):
+        try:
+            pem = Path(value).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(
+                f"auth.public_key: not a PEM key and not a readable file: {value!r}"
+            ) from None
+    try:
+        load_pem_public_key(pem.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError("auth.public_key: not a valid PEM public key") from None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
