@@ -163,6 +163,7 @@ async def every_upstream_route(client: Client, headers: dict[str, str]) -> None:
     await chat(client, headers, "c1", "hello")
     await chat(client, headers, "c1", "hello again", stream=True)
     for method, path, body in (
+        ("POST", "/v1/ask", {"question": "q", "client_id": "c", "user_id": "u"}),
         ("GET", "/v1/models", None),
         ("POST", "/v1/embeddings", {"input": "x"}),
         ("POST", "/v1/completions", {"prompt": "x"}),
@@ -177,7 +178,7 @@ async def test_upstream_gets_its_key_never_the_clients_credentials(
 ) -> None:
     await every_upstream_route(client, OWNER)
     requests = received(upstream)
-    assert len(requests) == 5
+    assert len(requests) == 6
     for request in requests:
         assert_credentials(request, {"Authorization": f"Bearer {UPSTREAM_KEY}"}, ("Cookie",))
 
@@ -230,9 +231,28 @@ async def test_every_route_needs_a_token(client: Client, upstream: TestServer) -
         ("POST", "/v1/conversations/x/items"),
         ("GET", "/v1/conversations/x/items/msg_1"),
         ("DELETE", "/v1/conversations/x/items/msg_1"),
+        ("POST", "/v1/ask"),
+        ("POST", "/conversation/m"),
     ):
         response = await client.request(method, path, json={})
         assert response.status == 401, (method, path)
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert (await response.json())["error"]["type"] == "authentication_error"
     assert received(upstream) == []
+
+
+@pytest.mark.parametrize("intruder", list(INTRUDERS))
+async def test_ask_history_is_per_owner(
+    client: Client, upstream: TestServer, intruder: str
+) -> None:
+    """The api-server seed's (client_id, user_id) names a conversation of the caller only."""
+    body = {"client_id": "shared-client", "user_id": "u1"}
+    response = await client.post("/v1/ask", json={**body, "question": SECRET_TEXT}, headers=OWNER)
+    assert response.status == 200, await response.text()
+    response = await client.post(
+        "/v1/ask", json={**body, "question": "what was asked?"}, headers=INTRUDERS[intruder]
+    )
+    assert response.status == 200
+    sent = received(upstream)[-1].json
+    assert SECRET_TEXT not in json.dumps(sent)
+    assert [m["content"] for m in sent["messages"]] == ["what was asked?"]
