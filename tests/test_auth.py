@@ -298,3 +298,16 @@ def test_auth_config_errors(auth: dict[str, Any], message: str) -> None:
 def test_hs_with_only_a_public_key_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=re.escape("HS* algorithms need auth.jwt_secret")):
         load_config(None, overrides={"auth": {"public_key": public_pem("rsa")}}, env={})
+
+
+async def test_algorithm_that_does_not_fit_the_public_key(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    client = await gateway_factory(
+        upstream_url(upstream),
+        auth={"public_key": public_pem("rsa"), "algorithms": ["RS256", "ES256", "EdDSA"]},
+    )
+    for kind, alg in (("ec", "ES256"), ("ed", "EdDSA")):
+        forged = token(SEED_CLAIMS, private_key(kind), alg)
+        response = await client.get("/v1/conversations", headers=bearer(forged))
+        await assert_401(response, "its algorithm does not fit the key")

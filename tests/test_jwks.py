@@ -137,3 +137,15 @@ async def test_hs256_token_cannot_pass_as_a_jwks_key(
     client = await make(gateway_factory, upstream, key_server)
     forged = bearer(token(CLAIMS, "k" * 64, "HS256", headers={"kid": "k1"}))
     assert await status(client, forged) == 401
+
+
+async def test_key_of_the_wrong_type_is_a_401(
+    gateway_factory: GatewayFactory, upstream: TestServer, key_server: KeyServer
+) -> None:
+    """e1 is an EC key without a declared alg: an RS256 token naming it must not crash."""
+    client = await make(gateway_factory, upstream, key_server)
+    response = await client.get("/v1/conversations", headers=rs("e1"))
+    assert response.status == 401
+    assert (await response.json())["error"]["message"] == (
+        "invalid token: its algorithm does not fit the key"
+    )

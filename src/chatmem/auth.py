@@ -20,6 +20,8 @@ from typing import Any
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.types import Options
 
 from .config import AuthConfig
@@ -46,11 +48,12 @@ _HMAC = frozenset({"HS256", "HS384", "HS512"})
 _MAX_ID = 255
 
 
-def load_public_key(value: str) -> str:
-    """``auth.public_key`` is inline PEM or the path of a PEM file; the PEM text."""
-    if value.lstrip().startswith("-----BEGIN"):
-        return value
-    return Path(value).read_text(encoding="ascii")
+def load_public_key(value: str) -> Any:
+    """``auth.public_key`` is inline PEM or the path of a PEM file; the key object."""
+    pem = value
+    if not value.lstrip().startswith("-----BEGIN"):
+        pem = Path(value).read_text(encoding="ascii")
+    return serialization.load_pem_public_key(pem.encode())
 
 
 def bearer_token(header: str | None) -> str:
@@ -118,8 +121,12 @@ class Authenticator:
                     leeway=config.leeway,
                     options=options,
                 )
+        except jwt.InvalidKeyError:
+            raise Unauthorized("invalid token: its algorithm does not fit the key") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
+        except (TypeError, ValueError):  # pyjwt's own key checks, one level down
+            raise Unauthorized("invalid token: its algorithm does not fit the key") from None
         return claims
 
     def _key_for(self, alg: str, kid: object) -> Any:
@@ -130,9 +137,9 @@ class Authenticator:
         if self.jwks is not None:
             found = self.jwks.get(kid if isinstance(kid, str) else None, alg)
             if found is not None:
-                return found
+                return _fitting(alg, found)
         if self.public_key is not None:
-            return self.public_key
+            return _fitting(alg, self.public_key)
         raise Unauthorized("invalid token: signed with an unknown key")
 
     def owner_from_claims(self, claims: dict[str, Any]) -> Owner:
@@ -146,6 +153,21 @@ class Authenticator:
         if len(tenant) > _MAX_ID or len(user) > _MAX_ID:
             raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} are too long")
         return Owner(tenant=tenant, user=user)
+
+
+_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+
+
+def _fitting(alg: str, key: Any) -> Any:
+    """``key`` if it is of the kind ``alg`` needs; a 401 otherwise (never pyjwt's TypeError)."""
+    if not isinstance(key, _KEY_TYPES.get(alg[:2], ())):
+        raise Unauthorized("invalid token: its algorithm does not fit the key")
+    return key
 
 
 AUTHENTICATOR = web.AppKey("chatmem.authenticator", Authenticator)
