@@ -156,10 +156,16 @@ def assert_credentials(request: Any, expected: dict[str, str], absent: tuple[str
         assert name.lower() not in headers, (request.path, name)
     assert SECRET not in json.dumps(request.headers)
     assert "client-cookie" not in json.dumps(request.headers)
+    assert "Proxy-Authorization".lower() not in headers
 
 
 async def every_upstream_route(client: Client, headers: dict[str, str]) -> None:
-    client_headers = {**headers, "Cookie": "session=client-cookie"}
+    client_headers = {
+        **headers,
+        "Cookie": "session=client-cookie",
+        "Proxy-Authorization": "Basic Y2xpZW50OnNlY3JldA==",
+        "X-Api-Key": "client-supplied-key",
+    }
     await chat(client, headers, "c1", "hello")
     await chat(client, headers, "c1", "hello again", stream=True)
     for method, path, body in (
@@ -194,6 +200,7 @@ async def test_custom_header_and_raw_key(
     await every_upstream_route(client, OWNER)
     for request in received(upstream):
         assert_credentials(request, {"X-Api-Key": UPSTREAM_KEY}, ("Authorization", "Cookie"))
+        assert "client-supplied-key" not in json.dumps(request.headers)
 
 
 async def test_raw_authorization_like_the_seed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,3 +150,12 @@ async def test_key_of_the_wrong_type_is_a_401(
     assert (await response.json())["error"]["message"] == (
         "invalid token: its algorithm does not fit the key"
     )
+
+
+async def test_concurrent_requests_share_one_fetch(
+    gateway_factory: GatewayFactory, upstream: TestServer, key_server: KeyServer
+) -> None:
+    client = await make(gateway_factory, upstream, key_server, jwks_refetch_interval=0)
+    statuses = await asyncio.gather(*(status(client, rs("k1")) for _ in range(10)))
+    assert statuses == [200] * 10
+    assert key_server.fetches == 1

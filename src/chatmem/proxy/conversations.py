@@ -334,17 +334,12 @@ async def get_item(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
     seq = _item_seq(request.match_info["item_id"])
-    store = request.config_dict[GATEWAY].store
-    page = None
-    if seq is not None:
-        page = await store.list_items(
-            owner, conversation_id, limit=1, after_seq=seq - 1, newest_first=False
-        )
-        if page is None:
-            raise _not_found()
-    if page is None or not page.data or page.data[0]["seq"] != seq:
-        if await store.get_conversation(owner, conversation_id) is None:
-            raise _not_found()
+    page = await request.config_dict[GATEWAY].store.list_items(
+        owner, conversation_id, limit=1, after_seq=(seq or 1) - 1, newest_first=False
+    )
+    if page is None:
+        raise _not_found()
+    if seq is None or not page.data or page.data[0]["seq"] != seq:
         raise NotFound("item not found", param="item_id")
     return json_response(item_json(page.data[0]))
 
