@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .auth import setup_auth
 from .config import Config
 from .errors import ChatmemError, error_body, error_response
 from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
+from .proxy.conversations import add_conversation_routes
 from .proxy.http import json_response
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
@@ -39,6 +41,7 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_shutdown.append(drain)
     app.middlewares.append(track)
     app.middlewares.append(_errors_as_json)
+    setup_auth(app, config.auth)
     routes = app.router
     if config.metrics.path:
         routes.add_get(config.metrics.path, metrics_endpoint, name=ROUTE_PREFIX + "metrics")
@@ -46,6 +49,7 @@ def setup(app: web.Application, config: Config) -> None:
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
     add_compat_routes(app, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
+    add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
 
 

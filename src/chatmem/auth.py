@@ -1,47 +1,214 @@
-"""Who is calling: the (tenant, user) a request acts for, from its bearer JWT."""
+"""Who is calling: the (tenant, user) a request acts for, from its bearer JWT.
+
+The :class:`Authenticator` is built once from :class:`~chatmem.config.AuthConfig` and stored
+on the app.  Verification is synchronous (``authenticate(request)``); keys from a JWKS URL
+are fetched ahead of it by :func:`jwks_middleware`, so handlers never wait on I/O to learn
+who is calling.  The token's own header only ever *selects* among what the config allows:
+its ``alg`` must be one of ``auth.algorithms``, HS* tokens are checked with the secret only,
+and RS/ES/PS/EdDSA tokens with the public key or the JWKS only, so a token cannot pick
+``none`` or turn the public key into an HMAC secret.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.types import Options
 
 from .config import AuthConfig
 from .errors import Unauthorized
-from .state import GATEWAY
+from .jwks import JwksKeys
 from .storage import Owner
 
-__all__ = ["DEFAULT_OWNER", "authenticate", "verify_token"]
+__all__ = [
+    "AUTHENTICATOR",
+    "DEFAULT_OWNER",
+    "Authenticator",
+    "authenticate",
+    "jwks_middleware",
+    "load_public_key",
+]
+
+log = logging.getLogger("chatmem.auth")
 
 DEFAULT_OWNER = Owner(tenant="default")
+"""Everything belongs to it when auth is off: for local, single-user use only."""
+
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+# Longest tenant / user id the schema stores (conversations.tenant, conversations.user_id).
+_MAX_ID = 255
 
 
-def verify_token(config: AuthConfig, token: str) -> dict[str, Any]:
-    key = config.jwt_secret or config.public_key or ""
-    try:
-        claims: dict[str, Any] = jwt.decode(token, key, algorithms=list(config.algorithms))
-    except jwt.PyJWTError as exc:
-        raise Unauthorized(f"invalid token: {exc}") from None
-    return claims
+def load_public_key(value: str) -> Any:
+    """``auth.public_key`` is inline PEM or the path of a PEM file; the key object."""
+    pem = value
+    if not value.lstrip().startswith("-----BEGIN"):
+        pem = Path(value).read_text(encoding="ascii")
+    return serialization.load_pem_public_key(pem.encode())
 
 
-def owner_from_claims(config: AuthConfig, claims: dict[str, Any]) -> Owner:
-    tenant = claims.get(config.tenant_claim)
-    if not isinstance(tenant, str) or not tenant:
-        raise Unauthorized(f"token has no string claim {config.tenant_claim!r}")
-    user = claims.get(config.user_claim, "")
-    if not isinstance(user, str):
-        raise Unauthorized(f"token claim {config.user_claim!r} must be a string")
-    return Owner(tenant=tenant, user=user)
+def bearer_token(header: str | None) -> str:
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token in the Authorization header")
+    return token.strip()
+
+
+class Authenticator:
+    """Verifies bearer JWTs against the configured keys and maps claims to an owner."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.public_key = load_public_key(config.public_key) if config.public_key else None
+        self.jwks = (
+            JwksKeys(
+                config.jwks_url,
+                cache_seconds=config.jwks_cache_seconds,
+                refetch_interval=config.jwks_refetch_interval,
+            )
+            if config.jwks_url
+            else None
+        )
+        secret = config.jwt_secret or ""
+        if secret and len(secret.encode()) < 32:
+            log.warning("auth.jwt_secret is shorter than 32 bytes; use a longer random secret")
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    def owner(self, authorization: str | None) -> Owner:
+        """The owner named by an ``Authorization`` header; :class:`Unauthorized` if none."""
+        if not self.config.enabled:
+            return DEFAULT_OWNER
+        return self.owner_from_claims(self.verify(bearer_token(authorization)))
+
+    def verify(self, token: str) -> dict[str, Any]:
+        config = self.config
+        if len(token) > config.max_token_bytes:
+            raise Unauthorized(f"token is longer than {config.max_token_bytes} bytes")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("invalid token: not a well-formed JWT") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in config.algorithms:
+            raise Unauthorized("invalid token: its algorithm is not accepted")
+        key = self._key_for(alg, header.get("kid"))
+        options: Options = {
+            "require": list(config.require),
+            "verify_aud": config.audience is not None,
+        }
+        try:
+            with warnings.catch_warnings():
+                # A short secret is reported once at startup, not on every request.
+                warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=config.audience,
+                    issuer=config.issuer,
+                    leeway=config.leeway,
+                    options=options,
+                )
+        except jwt.InvalidKeyError:
+            raise Unauthorized("invalid token: its algorithm does not fit the key") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        except (TypeError, ValueError):  # pyjwt's own key checks, one level down
+            raise Unauthorized("invalid token: its algorithm does not fit the key") from None
+        return claims
+
+    def _key_for(self, alg: str, kid: object) -> Any:
+        if alg in _HMAC:
+            if not self.config.jwt_secret:
+                raise Unauthorized("invalid token: its algorithm is not accepted")
+            return self.config.jwt_secret
+        if self.jwks is not None:
+            found = self.jwks.get(kid if isinstance(kid, str) else None, alg)
+            if found is not None:
+                return _fitting(alg, found)
+        if self.public_key is not None:
+            return _fitting(alg, self.public_key)
+        raise Unauthorized("invalid token: signed with an unknown key")
+
+    def owner_from_claims(self, claims: dict[str, Any]) -> Owner:
+        tenant_claim, user_claim = self.config.tenant_claim, self.config.user_claim
+        tenant = claims.get(tenant_claim)
+        if not isinstance(tenant, str) or not tenant:
+            raise Unauthorized(f"token has no non-empty string claim {tenant_claim!r}")
+        user = claims.get(user_claim, "")
+        if not isinstance(user, str):
+            raise Unauthorized(f"token claim {user_claim!r} must be a string")
+        if len(tenant) > _MAX_ID or len(user) > _MAX_ID:
+            raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} are too long")
+        return Owner(tenant=tenant, user=user)
+
+
+_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+
+
+def _fitting(alg: str, key: Any) -> Any:
+    """``key`` if it is of the kind ``alg`` needs; a 401 otherwise (never pyjwt's TypeError)."""
+    if not isinstance(key, _KEY_TYPES.get(alg[:2], ())):
+        raise Unauthorized("invalid token: its algorithm does not fit the key")
+    return key
+
+
+AUTHENTICATOR = web.AppKey("chatmem.authenticator", Authenticator)
+
+
+def setup_auth(app: web.Application, config: AuthConfig) -> None:
+    """Store the authenticator on ``app``; its JWKS client lives as long as the app."""
+    authenticator = Authenticator(config)
+    app[AUTHENTICATOR] = authenticator
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        yield
+        await authenticator.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    if authenticator.jwks is not None:
+        app.middlewares.append(jwks_middleware)
 
 
 def authenticate(request: web.Request) -> Owner:
     """The caller's identity; raises :class:`Unauthorized` (401) without a valid token."""
-    config = request.config_dict[GATEWAY].config.auth
-    if not config.enabled:
-        return DEFAULT_OWNER
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token in the Authorization header")
-    return owner_from_claims(config, verify_token(config, token.strip()))
+    return request.config_dict[AUTHENTICATOR].owner(request.headers.get("Authorization"))
+
+
+@web.middleware
+async def jwks_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Fetch the JWKS keys a bearer token names before the handler verifies it."""
+    authenticator = request.config_dict[AUTHENTICATOR]
+    jwks = authenticator.jwks
+    header = request.headers.get("Authorization", "")
+    name = request.match_info.route.name or ""
+    if (
+        jwks is not None
+        and name.startswith("chatmem.")
+        and header[:7].lower() == "bearer "
+        and len(header) <= authenticator.config.max_token_bytes + 7
+    ):
+        token = header[7:].strip()
+        try:
+            kid = jwt.get_unverified_header(token).get("kid") if token else None
+        except jwt.PyJWTError:
+            kid = None  # authenticate() answers 401 for it
+        await jwks.ensure(kid if isinstance(kid, str) else None)
+    return await handler(request)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from aiohttp import web
 from .app import create_app
 from .config import Config, ConfigError, find_config_file, load_config
 from .logs import configure_logging
+from .token_cli import add_token_parser, run_token
 
 __all__ = ["main"]
 
@@ -47,17 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     mock.add_argument("--delay-ms", type=float, default=0.0, help="delay between tokens")
 
-    token = commands.add_parser("token", help="encode or decode a JWT (like the old jwt_util.py)")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    encode = token_commands.add_parser("encode", help="print a signed JWT for JSON claims")
-    encode.add_argument("--secret", required=True)
-    encode.add_argument("--alg", default="HS256")
-    encode.add_argument("--exp", type=int, help="expire after this many seconds")
-    encode.add_argument("claims", help="JSON object of claims")
-    decode = token_commands.add_parser("decode", help="verify a JWT and print its claims")
-    decode.add_argument("--secret", required=True)
-    decode.add_argument("--alg", default="HS256")
-    decode.add_argument("token")
+    add_token_parser(commands)
     return parser
 
 
@@ -150,33 +140,6 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
             task.cancel()
 
 
-def _token(args: argparse.Namespace) -> int:
-    import time
-
-    import jwt
-
-    if args.token_command == "encode":
-        try:
-            claims = json.loads(args.claims)
-        except ValueError:
-            print("chatmem token: claims must be a JSON object", file=sys.stderr)
-            return 2
-        if not isinstance(claims, dict):
-            print("chatmem token: claims must be a JSON object", file=sys.stderr)
-            return 2
-        if args.exp is not None:
-            claims["exp"] = int(time.time()) + args.exp
-        print(jwt.encode(claims, args.secret, algorithm=args.alg))
-        return 0
-    try:
-        decoded = jwt.decode(args.token, args.secret, algorithms=[args.alg])
-    except jwt.PyJWTError as exc:
-        print(f"chatmem token: invalid token: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(decoded))
-    return 0
-
-
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop where it is installed: the same code, about a third less CPU per
     proxied request (measured with benchmarks/)."""
@@ -193,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "token":
-        return _token(args)
+        return run_token(args)
     try:
         if args.command == "mock-upstream":
             from .mock_upstream import run_mock_upstream

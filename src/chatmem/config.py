@@ -78,10 +78,21 @@ class AuthConfig:
     algorithms: tuple[str, ...] = ("HS256",)
     tenant_claim: str = "team_id"
     user_claim: str = "sub"
+    # public_key is inline PEM ("-----BEGIN PUBLIC KEY-----...") or the path of a PEM file.
+    jwks_url: str | None = None
+    jwks_cache_seconds: float = 300.0
+    # An unknown "kid" triggers a refetch at most this often (seconds).
+    jwks_refetch_interval: float = 30.0
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 0.0
+    # Claims a token must carry, e.g. ["exp"]; exp/nbf are always checked when present.
+    require: tuple[str, ...] = ()
+    max_token_bytes: int = 8192
 
     @property
     def enabled(self) -> bool:
-        return bool(self.jwt_secret or self.public_key)
+        return bool(self.jwt_secret or self.public_key or self.jwks_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +229,8 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         _validate_networks(values.get("trusted_proxies", ()))
     if section == "metrics" and values.get("path", "/").partition("/")[0] != "":
         raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
+    if section == "auth":
+        _validate_auth(values)
     if section == "upstream" and "url" in values:
         url = values["url"]
         if not re.match(r"^https?://[^/]+", url):
@@ -232,6 +245,57 @@ def _validate_networks(networks: tuple[str, ...]) -> None:
             raise ConfigError(
                 f"server.trusted_proxies: {network!r} is not an IP address or network"
             ) from None
+
+
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+_ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def _validate_auth(values: Mapping[str, Any]) -> None:
+    algorithms = values.get("algorithms", ("HS256",))
+    if not algorithms:
+        raise ConfigError("auth.algorithms: must name at least one algorithm")
+    for alg in algorithms:
+        if alg not in _HMAC | _ASYMMETRIC:
+            known = ", ".join(sorted(_HMAC | _ASYMMETRIC))
+            raise ConfigError(f"auth.algorithms: unsupported algorithm {alg!r} (use {known})")
+    asymmetric = values.get("public_key") or values.get("jwks_url")
+    if any(a in _HMAC for a in algorithms) and asymmetric and not values.get("jwt_secret"):
+        raise ConfigError("auth.algorithms: HS* algorithms need auth.jwt_secret")
+    if any(a in _ASYMMETRIC for a in algorithms) and values.get("jwt_secret") and not asymmetric:
+        raise ConfigError("auth.algorithms: RS/ES/PS/EdDSA need auth.public_key or auth.jwks_url")
+    key = values.get("public_key")
+    if key:
+        _check_public_key(key)
+    url = values.get("jwks_url")
+    if url and not re.match(r"^https?://[^/]+", url):
+        raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL, not {url!r}")
+    for name in ("jwks_cache_seconds", "jwks_refetch_interval", "leeway"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"auth.{name}: must not be negative")
+    if values.get("max_token_bytes", 1) <= 0:
+        raise ConfigError("auth.max_token_bytes: must be greater than 0")
+
+
+def _check_public_key(value: str) -> None:
+    """``auth.public_key`` is inline PEM or the path of a PEM file; either must load."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    pem = value
+    if not value.lstrip().startswith("-----BEGIN"):
+        try:
+            pem = Path(value).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(
+                f"auth.public_key: not a PEM key and not a readable file: {value!r}"
+            ) from None
+    try:
+        load_pem_public_key(pem.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError("auth.public_key: not a valid PEM public key") from None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from .engine import create_engine
-from .queries import History, Owner, Store
+from .queries import ConversationInfo, History, Owner, Page, Store
 from .schema import Base, Conversation, Message
 
-__all__ = ["Base", "Conversation", "History", "Message", "Owner", "Store", "create_engine"]
+__all__ = [
+    "Base",
+    "Conversation",
+    "ConversationInfo",
+    "History",
+    "Message",
+    "Owner",
+    "Page",
+    "Store",
+    "create_engine",
+]

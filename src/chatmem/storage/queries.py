@@ -8,9 +8,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Row, delete, insert, select
+from sqlalchemy import Row, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -21,10 +21,12 @@ from .engine import WRITE, is_sqlite
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
-__all__ = ["History", "Owner", "Store"]
+__all__ = ["ConversationInfo", "History", "Owner", "Page", "Store"]
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
+
+T = TypeVar("T")
 
 # Fields of a chat message that are stored and sent back upstream as history.
 _WIRE_FIELDS = ("name", "tool_calls", "tool_call_id")
@@ -44,6 +46,56 @@ class History:
 
     system: list[dict[str, Any]] | None
     messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationInfo:
+    """A conversation as the Conversations API shows it."""
+
+    id: str
+    created_at: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list, in the order asked for; ``has_more`` if the list goes on."""
+
+    data: list[T]
+    has_more: bool
+
+
+def _info(row: Any) -> ConversationInfo:
+    return ConversationInfo(id=row.id, created_at=row.created_at, metadata=row.meta or {})
+
+
+_INFO_COLUMNS = (
+    conversations.c.id,
+    conversations.c.created_at,
+    conversations.c["metadata"].label("meta"),
+)
+# Every stored field of a message, as the Conversations API lists items.
+ITEM_FIELDS = (
+    "seq",
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "reasoning",
+    "model",
+    "finish_reason",
+    "usage",
+    "created_at",
+)
+
+
+def _owned(owner: Owner, conversation_id: str) -> Any:
+    return and_(
+        conversations.c.tenant == owner.tenant,
+        conversations.c.user_id == owner.user,
+        conversations.c.id == conversation_id,
+    )
 
 
 def _to_wire(row: Row[Any]) -> dict[str, Any]:
@@ -232,7 +284,13 @@ class Store:
                 await conn.execute(insert(messages), rows)
 
     async def delete_conversation(self, owner: Owner, conversation_id: str) -> bool:
+        """Delete a conversation and its messages (explicitly: not every database that
+        holds the schema is guaranteed to cascade)."""
+        owned = select(conversations.c.pk).where(_owned(owner, conversation_id))
         async with self._write() as conn:
+            await conn.execute(
+                delete(messages).where(messages.c.conversation_pk == owned.scalar_subquery())
+            )
             result = await conn.execute(
                 delete(conversations).where(
                     conversations.c.tenant == owner.tenant,
@@ -240,4 +298,170 @@ class Store:
                     conversations.c.id == conversation_id,
                 )
             )
+        return bool(result.rowcount)
+
+    async def create_conversation(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        *,
+        metadata: dict[str, str],
+        system: list[dict[str, Any]] | None,
+        items: Sequence[dict[str, Any]],
+    ) -> ConversationInfo:
+        """A new conversation with its first messages, in one transaction."""
+        now = int(time.time())
+        async with self._write() as conn:
+            pk = (
+                await conn.execute(
+                    insert(conversations)
+                    .values(
+                        id=conversation_id,
+                        tenant=owner.tenant,
+                        user_id=owner.user,
+                        system_prompt=system,
+                        metadata=metadata,
+                        last_seq=len(items),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(conversations.c.pk)
+                )
+            ).scalar_one()
+            if items:
+                rows = [
+                    {**_to_row(item, now), "conversation_pk": pk, "seq": seq}
+                    for seq, item in enumerate(items, start=1)
+                ]
+                await conn.execute(insert(messages), rows)
+        return ConversationInfo(id=conversation_id, created_at=now, metadata=metadata)
+
+    async def get_conversation(self, owner: Owner, conversation_id: str) -> ConversationInfo | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(select(*_INFO_COLUMNS).where(_owned(owner, conversation_id)))
+            ).first()
+        return None if row is None else _info(row)
+
+    async def update_metadata(
+        self, owner: Owner, conversation_id: str, metadata: dict[str, str]
+    ) -> ConversationInfo | None:
+        """Replace the conversation's metadata; None if the owner has no such conversation."""
+        stmt = (
+            update(conversations)
+            .where(_owned(owner, conversation_id))
+            .values(metadata=metadata, updated_at=int(time.time()))
+            .returning(*_INFO_COLUMNS)
+        )
+        async with self._write() as conn:
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else _info(row)
+
+    async def list_conversations(
+        self, owner: Owner, *, limit: int, after: str | None, newest_first: bool
+    ) -> Page[ConversationInfo] | None:
+        """The owner's conversations by creation time; None if ``after`` is not one of them."""
+        c = conversations.c
+        query = select(*_INFO_COLUMNS).where(c.tenant == owner.tenant, c.user_id == owner.user)
+        async with self._read() as conn:
+            if after is not None:
+                cursor = (
+                    await conn.execute(select(c.created_at, c.pk).where(_owned(owner, after)))
+                ).first()
+                if cursor is None:
+                    return None
+                if newest_first:
+                    query = query.where(
+                        or_(
+                            c.created_at < cursor.created_at,
+                            and_(c.created_at == cursor.created_at, c.pk < cursor.pk),
+                        )
+                    )
+                else:
+                    query = query.where(
+                        or_(
+                            c.created_at > cursor.created_at,
+                            and_(c.created_at == cursor.created_at, c.pk > cursor.pk),
+                        )
+                    )
+            order = (c.created_at.desc(), c.pk.desc()) if newest_first else (c.created_at, c.pk)
+            rows = (await conn.execute(query.order_by(*order).limit(limit + 1))).all()
+        return Page(data=[_info(row) for row in rows[:limit]], has_more=len(rows) > limit)
+
+    async def list_items(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        *,
+        limit: int,
+        after_seq: int | None,
+        newest_first: bool,
+    ) -> Page[dict[str, Any]] | None:
+        """Stored messages with every field; None if the owner has no such conversation."""
+        m = messages.c
+        async with self._read() as conn:
+            pk = (
+                await conn.execute(select(conversations.c.pk).where(_owned(owner, conversation_id)))
+            ).scalar_one_or_none()
+            if pk is None:
+                return None
+            query = select(*(m[name] for name in ITEM_FIELDS)).where(m.conversation_pk == pk)
+            if after_seq is not None:
+                query = query.where(m.seq < after_seq if newest_first else m.seq > after_seq)
+            order = m.seq.desc() if newest_first else m.seq
+            rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
+        return Page(data=[dict(row._mapping) for row in rows[:limit]], has_more=len(rows) > limit)
+
+    async def append_items(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        *,
+        system: list[dict[str, Any]] | None,
+        items: Sequence[dict[str, Any]],
+    ) -> list[dict[str, Any]] | None:
+        """Append messages to an existing conversation; None if the owner has none such.
+
+        Like :meth:`commit_turn`, bumping ``last_seq`` reserves the sequence numbers and
+        locks the row, so appends and chat turns never interleave.
+        """
+        now = int(time.time())
+        changes: dict[str, Any] = {"last_seq": conversations.c.last_seq + len(items)}
+        changes["updated_at"] = now
+        if system is not None:
+            changes["system_prompt"] = system
+        stmt = (
+            update(conversations)
+            .where(_owned(owner, conversation_id))
+            .values(**changes)
+            .returning(conversations.c.pk, conversations.c.last_seq)
+        )
+        async with self._write() as conn:
+            found = (await conn.execute(stmt)).first()
+            if found is None:
+                return None
+            first = found.last_seq - len(items) + 1
+            rows = [
+                {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
+                for offset, item in enumerate(items)
+            ]
+            if rows:
+                await conn.execute(insert(messages), rows)
+        return [{name: row.get(name) for name in ITEM_FIELDS} for row in rows]
+
+    async def delete_item(self, owner: Owner, conversation_id: str, seq: int) -> bool:
+        """Delete one message; False if the owner has no such conversation or message."""
+        owned = select(conversations.c.pk).where(_owned(owner, conversation_id))
+        async with self._write() as conn:
+            result = await conn.execute(
+                delete(messages).where(
+                    messages.c.conversation_pk == owned.scalar_subquery(), messages.c.seq == seq
+                )
+            )
+            if result.rowcount:
+                await conn.execute(
+                    update(conversations)
+                    .where(_owned(owner, conversation_id))
+                    .values(updated_at=int(time.time()))
+                )
         return bool(result.rowcount)

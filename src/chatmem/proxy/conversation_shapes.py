@@ -1,0 +1,156 @@
+"""The Conversations API's JSON: validating what comes in, shaping what goes out.
+
+Pure functions, no I/O.  Input items are chat messages (optionally OpenAI's ``"type":
+"message"`` form); output follows OpenAI's Conversations API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidRequest
+from ..storage import ConversationInfo, Page
+
+__all__ = [
+    "conversation_json",
+    "item_json",
+    "list_json",
+    "page_json",
+    "parse_items",
+    "parse_metadata",
+]
+
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+_ROLES = _SYSTEM_ROLES | {"user", "assistant", "tool"}
+# Parts of OpenAI's Responses/Conversations shape that chat servers call plain "text".
+_TEXT_PARTS = frozenset({"input_text", "output_text"})
+_OPTIONAL_FIELDS = ("name", "tool_call_id", "reasoning")
+
+
+def parse_metadata(value: object) -> dict[str, str]:
+    """At most 16 pairs of string keys (<= 64 chars) and string values (<= 512 chars)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("metadata must be an object of string values", param="metadata")
+    if len(value) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"metadata has {len(value)} pairs; at most {MAX_METADATA_PAIRS} are allowed",
+            param="metadata",
+        )
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise InvalidRequest(
+                f"metadata key {key[:20]!r}... is {len(key)} characters long; "
+                f"at most {MAX_METADATA_KEY} are allowed",
+                param="metadata",
+            )
+        if not isinstance(item, str):
+            raise InvalidRequest(
+                f"metadata value of {key!r} must be a string, not {_json_type(item)}",
+                param=f"metadata.{key}",
+            )
+        if len(item) > MAX_METADATA_VALUE:
+            raise InvalidRequest(
+                f"metadata value of {key!r} is {len(item)} characters long; "
+                f"at most {MAX_METADATA_VALUE} are allowed",
+                param=f"metadata.{key}",
+            )
+    return dict(value)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "an object")
+
+
+def _content(value: object, param: str) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(part, dict) for part in value):
+        raise InvalidRequest(
+            f"{param} must be a string, an array of content parts or null", param=param
+        )
+    return [{**part, "type": "text"} if part.get("type") in _TEXT_PARTS else part for part in value]
+
+
+def _item(index: int, value: object) -> dict[str, Any]:
+    param = f"items[{index}]"
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{param} must be a message object", param=param)
+    if value.get("type", "message") != "message":
+        raise InvalidRequest(f"{param}.type must be 'message'", param=f"{param}.type")
+    role = value.get("role")
+    if role not in _ROLES:
+        raise InvalidRequest(
+            f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
+        )
+    message: dict[str, Any] = {"role": role, "content": _content(value.get("content"), param)}
+    for name in _OPTIONAL_FIELDS:
+        field = value.get(name)
+        if field is not None and not isinstance(field, str):
+            raise InvalidRequest(f"{param}.{name} must be a string", param=f"{param}.{name}")
+        if field is not None:
+            message[name] = field
+    calls = value.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise InvalidRequest(
+                f"{param}.tool_calls must be an array of objects", param=f"{param}.tool_calls"
+            )
+        message["tool_calls"] = calls
+    return message
+
+
+def parse_items(value: object) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """(system messages or None, the other messages) of an ``items`` array."""
+    if value is None:
+        return None, []
+    if not isinstance(value, list):
+        raise InvalidRequest("items must be an array of message objects", param="items")
+    checked = [_item(i, item) for i, item in enumerate(value)]
+    system = [m for m in checked if m["role"] in _SYSTEM_ROLES]
+    return system or None, [m for m in checked if m["role"] not in _SYSTEM_ROLES]
+
+
+def conversation_json(info: ConversationInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "object": "conversation",
+        "created_at": info.created_at,
+        "metadata": info.metadata,
+    }
+
+
+def item_json(row: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": f"msg_{row['seq']}",
+        "type": "message",
+        "status": "completed",
+        "role": row["role"],
+        "content": row["content"],
+    }
+    for name, value in row.items():
+        if name not in ("seq", "role", "content") and value is not None:
+            item[name] = value
+    return item
+
+
+def list_json(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+def page_json(page: Page[dict[str, Any]]) -> dict[str, Any]:
+    return list_json([item_json(row) for row in page.data], page.has_more)

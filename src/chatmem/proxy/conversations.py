@@ -1,0 +1,234 @@
+"""The Conversations API (shapes of OpenAI's): the caller's conversations and their items.
+
+Every handler authenticates first and passes the caller's :class:`Owner` to the store, whose
+queries all filter on it: another owner's conversation is indistinguishable from one that
+does not exist (404), and never appears in a list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ..auth import authenticate
+from ..errors import InvalidRequest, NotFound
+from ..state import GATEWAY
+from .chat_request import new_conversation_id
+from .conversation_shapes import (
+    conversation_json,
+    item_json,
+    list_json,
+    page_json,
+    parse_items,
+    parse_metadata,
+)
+from .http import json_response, read_body
+
+__all__ = ["add_conversation_routes"]
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ITEM_ID = re.compile(r"msg_([1-9][0-9]{0,17})")
+
+
+def add_conversation_routes(router: web.UrlDispatcher, prefix: str) -> None:
+    """Register the routes (before the ``/v1/{tail}`` passthrough, which they shadow)."""
+    base = "/v1/conversations"
+    one = base + "/{conversation_id}"
+    items = one + "/items"
+    item = items + "/{item_id}"
+    name = prefix + "conversations"
+    router.add_post(base, create_conversation, name=name + ".create")
+    router.add_get(base, list_conversations, name=name + ".list", allow_head=False)
+    router.add_get(one, get_conversation, name=name + ".get", allow_head=False)
+    router.add_post(one, update_conversation, name=name + ".update")
+    router.add_delete(one, delete_conversation, name=name + ".delete")
+    router.add_get(items, list_items, name=name + ".items", allow_head=False)
+    router.add_post(items, append_items, name=name + ".append")
+    router.add_get(item, get_item, name=name + ".item", allow_head=False)
+    router.add_delete(item, delete_item, name=name + ".delete_item")
+    for number, path in enumerate((base, one, items, item)):
+        # Other methods on our paths must not fall through to the upstream passthrough.
+        router.add_route("*", path, _method_not_allowed, name=f"{name}.other{number}")
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await read_body(request, request.config_dict[GATEWAY].config.server.max_body_bytes)
+    if optional and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}", param="limit")
+    return limit
+
+
+def _newest_first(request: web.Request) -> bool:
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be 'asc' or 'desc'", param="order")
+    return order == "desc"
+
+
+def _conversation_id(request: web.Request) -> str:
+    value = request.match_info["conversation_id"]
+    if not _ID.fullmatch(value):
+        raise _not_found()
+    return value
+
+
+def _not_found() -> NotFound:
+    return NotFound("conversation not found", param="conversation_id")
+
+
+def _item_seq(value: str) -> int | None:
+    match = _ITEM_ID.fullmatch(value)
+    return int(match.group(1)) if match else None
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    body = await _json_body(request, optional=True)
+    metadata = parse_metadata(body.get("metadata"))
+    system, items = parse_items(body.get("items"))
+    store = request.config_dict[GATEWAY].store
+    info = await store.create_conversation(
+        owner, new_conversation_id(), metadata=metadata, system=system, items=items
+    )
+    return json_response(conversation_json(info))
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    limit, newest_first = _limit(request), _newest_first(request)
+    after = request.query.get("after")
+    store = request.config_dict[GATEWAY].store
+    page = await store.list_conversations(
+        owner, limit=limit, after=after, newest_first=newest_first
+    )
+    if page is None:
+        raise InvalidRequest("after does not name one of your conversations", param="after")
+    data = [conversation_json(info) for info in page.data]
+    return json_response(list_json(data, page.has_more))
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    info = await request.config_dict[GATEWAY].store.get_conversation(
+        owner, _conversation_id(request)
+    )
+    if info is None:
+        raise _not_found()
+    return json_response(conversation_json(info))
+
+
+async def update_conversation(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    body = await _json_body(request)
+    if "metadata" not in body:
+        raise InvalidRequest("metadata is required", param="metadata")
+    metadata = parse_metadata(body["metadata"])
+    store = request.config_dict[GATEWAY].store
+    info = await store.update_metadata(owner, conversation_id, metadata)
+    if info is None:
+        raise _not_found()
+    return json_response(conversation_json(info))
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    if not await request.config_dict[GATEWAY].store.delete_conversation(owner, conversation_id):
+        raise _not_found()
+    return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+async def list_items(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    limit, newest_first = _limit(request), _newest_first(request)
+    after = request.query.get("after")
+    after_seq = None if after is None else _item_seq(after)
+    if after is not None and after_seq is None:
+        raise InvalidRequest("after must be an item id such as 'msg_1'", param="after")
+    page = await request.config_dict[GATEWAY].store.list_items(
+        owner, conversation_id, limit=limit, after_seq=after_seq, newest_first=newest_first
+    )
+    if page is None:
+        raise _not_found()
+    return json_response(page_json(page))
+
+
+async def append_items(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    body = await _json_body(request)
+    if not isinstance(body.get("items"), list) or not body["items"]:
+        raise InvalidRequest("items must be a non-empty array of message objects", param="items")
+    system, items = parse_items(body["items"])
+    added = await request.config_dict[GATEWAY].store.append_items(
+        owner, conversation_id, system=system, items=items
+    )
+    if added is None:
+        raise _not_found()
+    return json_response(list_json([item_json(row) for row in added], False))
+
+
+async def get_item(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    seq = _item_seq(request.match_info["item_id"])
+    page = await request.config_dict[GATEWAY].store.list_items(
+        owner, conversation_id, limit=1, after_seq=(seq or 1) - 1, newest_first=False
+    )
+    if page is None:
+        raise _not_found()
+    if seq is None or not page.data or page.data[0]["seq"] != seq:
+        raise NotFound("item not found", param="item_id")
+    return json_response(item_json(page.data[0]))
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    owner = authenticate(request)
+    conversation_id = _conversation_id(request)
+    seq = _item_seq(request.match_info["item_id"])
+    store = request.config_dict[GATEWAY].store
+    if seq is None or not await store.delete_item(owner, conversation_id, seq):
+        if await store.get_conversation(owner, conversation_id) is None:
+            raise _not_found()
+        raise NotFound("item not found", param="item_id")
+    info = await store.get_conversation(owner, conversation_id)
+    if info is None:  # deleted meanwhile by another request
+        raise _not_found()
+    return json_response(conversation_json(info))
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    raise web.HTTPMethodNotAllowed(request.method, [])

@@ -1,0 +1,83 @@
+"""``chatmem token encode|decode``: the older services' ``jwt_util.py``, a little safer.
+
+HS256/384/512 take ``--secret``; RS/PS/ES/EdDSA take ``--key`` (a PEM file: the private key
+to encode, the public key to decode).  ``none`` is never accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+__all__ = ["add_token_parser", "run_token"]
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+KEY_ALGORITHMS = (
+    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    *("ES256", "ES384", "ES512", "EdDSA"),
+)
+
+
+def add_token_parser(commands: Any) -> None:
+    token = commands.add_parser("token", help="encode or decode a JWT (like the old jwt_util.py)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    encode = token_commands.add_parser("encode", help="print a signed JWT for JSON claims")
+    _key_arguments(encode, "private")
+    encode.add_argument("--exp", type=int, help="expire after this many seconds")
+    encode.add_argument("claims", help='JSON object of claims, e.g. \'{"team_id": "acme"}\'')
+    decode = token_commands.add_parser("decode", help="verify a JWT and print its claims")
+    _key_arguments(decode, "public")
+    decode.add_argument("token")
+
+
+def _key_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    key = parser.add_mutually_exclusive_group(required=True)
+    key.add_argument("--secret", help="HMAC secret (HS256/384/512)")
+    key.add_argument("--key", metavar="PEM_FILE", help=f"{kind} key file (RS/PS/ES/EdDSA)")
+    parser.add_argument("--alg", default="HS256", choices=HMAC_ALGORITHMS + KEY_ALGORITHMS)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"chatmem token: {message}", file=sys.stderr)
+    return code
+
+
+def run_token(args: argparse.Namespace) -> int:
+    if (args.alg in HMAC_ALGORITHMS) != (args.secret is not None):
+        return _fail(f"{args.alg} needs {'--secret' if args.secret is None else '--key'}")
+    key: str = args.secret
+    if args.key is not None:
+        try:
+            key = Path(args.key).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            return _fail(f"cannot read key file {args.key}: {exc}")
+    if args.token_command == "encode":
+        return _encode(args, key)
+    try:
+        decoded = jwt.decode(args.token, key, algorithms=[args.alg], options={"verify_aud": False})
+    except (jwt.PyJWTError, ValueError) as exc:
+        return _fail(f"invalid token: {exc}", 1)
+    print(json.dumps(decoded))
+    return 0
+
+
+def _encode(args: argparse.Namespace, key: str) -> int:
+    try:
+        claims = json.loads(args.claims)
+    except ValueError:
+        claims = None
+    if not isinstance(claims, dict):
+        return _fail("claims must be a JSON object")
+    if args.exp is not None:
+        claims["exp"] = int(time.time()) + args.exp
+    try:
+        print(jwt.encode(claims, key, algorithm=args.alg))
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        return _fail(f"cannot sign with this key: {exc}")
+    return 0

@@ -1,0 +1,335 @@
+"""The Conversations API: OpenAI's shapes, stored rows, pagination and validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from helpers import Rows, received
+
+Client = TestClient[Any, Any]
+
+
+async def create(client: Client, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = await client.post("/v1/conversations", json=body or {})
+    assert response.status == 200, await response.text()
+    result: dict[str, Any] = await response.json()
+    return result
+
+
+async def ok(response: Any) -> Any:
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def bad(response: Any, fragment: str, param: str | None = None) -> None:
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert fragment in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+async def test_create_get_update_delete(gateway: Client, rows: Rows) -> None:
+    made = await create(
+        gateway,
+        {
+            "metadata": {"topic": "demo"},
+            "items": [
+                {"role": "system", "content": "Be brief."},
+                {"type": "message", "role": "user", "content": "Hello"},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Hi!"}]},
+            ],
+        },
+    )
+    assert set(made) == {"id", "object", "created_at", "metadata"}
+    assert made["object"] == "conversation"
+    assert made["metadata"] == {"topic": "demo"}
+    assert made["id"].startswith("conv_")
+    assert isinstance(made["created_at"], int)
+    conversation_id = made["id"]
+
+    (stored,) = rows.conversations()
+    assert stored["id"] == conversation_id
+    assert stored["system_prompt"] == '[{"role": "system", "content": "Be brief."}]'
+    assert [(m["seq"], m["role"], m["content"]) for m in rows.messages(conversation_id)] == [
+        (1, "user", '"Hello"'),
+        (2, "assistant", '[{"type": "text", "text": "Hi!"}]'),
+    ]
+
+    assert await ok(await gateway.get(f"/v1/conversations/{conversation_id}")) == made
+    updated = await ok(
+        await gateway.post(f"/v1/conversations/{conversation_id}", json={"metadata": {"a": "b"}})
+    )
+    assert updated == {**made, "metadata": {"a": "b"}}
+    assert await ok(await gateway.get(f"/v1/conversations/{conversation_id}")) == updated
+
+    deleted = await ok(await gateway.delete(f"/v1/conversations/{conversation_id}"))
+    assert deleted == {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+    assert rows.conversations() == [] and rows.messages() == []
+    response = await gateway.get(f"/v1/conversations/{conversation_id}")
+    assert response.status == 404
+    assert (await response.json())["error"]["type"] == "not_found_error"
+    assert (await gateway.delete(f"/v1/conversations/{conversation_id}")).status == 404
+
+
+async def test_empty_body_creates_an_empty_conversation(gateway: Client, rows: Rows) -> None:
+    response = await gateway.post("/v1/conversations")
+    made = await ok(response)
+    assert made["metadata"] == {}
+    assert [c["id"] for c in rows.conversations()] == [made["id"]]
+    assert rows.messages() == []
+
+
+async def test_items_list_append_get_delete(gateway: Client, rows: Rows) -> None:
+    made = await create(gateway, {"items": [{"role": "user", "content": f"m{i}"} for i in (1, 2)]})
+    base = f"/v1/conversations/{made['id']}/items"
+    appended = await ok(
+        await gateway.post(
+            base,
+            json={
+                "items": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "42", "name": "calc"},
+                ]
+            },
+        )
+    )
+    assert [i["id"] for i in appended["data"]] == ["msg_3", "msg_4"]
+    assert appended["object"] == "list" and appended["has_more"] is False
+
+    newest = await ok(await gateway.get(base))
+    assert [i["id"] for i in newest["data"]] == ["msg_4", "msg_3", "msg_2", "msg_1"]
+    assert newest["first_id"] == "msg_4" and newest["last_id"] == "msg_1"
+    tool = newest["data"][0]
+    assert tool["type"] == "message" and tool["role"] == "tool"
+    assert tool["tool_call_id"] == "c1" and tool["name"] == "calc" and tool["content"] == "42"
+    assert isinstance(tool["created_at"], int)
+
+    page = await ok(await gateway.get(base, params={"order": "asc", "limit": "2"}))
+    assert [i["id"] for i in page["data"]] == ["msg_1", "msg_2"] and page["has_more"] is True
+    page = await ok(
+        await gateway.get(base, params={"order": "asc", "limit": "2", "after": "msg_2"})
+    )
+    assert [i["id"] for i in page["data"]] == ["msg_3", "msg_4"] and page["has_more"] is False
+    page = await ok(await gateway.get(base, params={"after": "msg_3"}))
+    assert [i["id"] for i in page["data"]] == ["msg_2", "msg_1"]
+
+    one = await ok(await gateway.get(f"{base}/msg_2"))
+    assert one["content"] == "m2" and one["role"] == "user"
+    after_delete = await ok(await gateway.delete(f"{base}/msg_2"))
+    assert after_delete["id"] == made["id"] and after_delete["object"] == "conversation"
+    assert [m["seq"] for m in rows.messages(made["id"])] == [1, 3, 4]
+    for method in ("GET", "DELETE"):
+        for item in ("msg_2", "msg_99", "nonsense", "msg_0"):
+            response = await gateway.request(method, f"{base}/{item}")
+            assert response.status == 404
+            assert (await response.json())["error"]["message"] == "item not found"
+    # Sequence numbers are never reused: the next item after a delete is msg_5.
+    again = await ok(await gateway.post(base, json={"items": [{"role": "user", "content": "x"}]}))
+    assert [i["id"] for i in again["data"]] == ["msg_5"]
+
+
+async def test_items_are_the_chat_history(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    made = await create(
+        gateway,
+        {
+            "items": [
+                {"role": "developer", "content": "Answer in French."},
+                {"role": "user", "content": [{"type": "input_text", "text": "Bonjour"}]},
+                {"role": "assistant", "content": "Salut"},
+            ]
+        },
+    )
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "Ça va?"}]},
+        headers={"X-Conversation-Id": made["id"]},
+    )
+    assert response.status == 200
+    assert received(upstream)[-1].json["messages"] == [
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": [{"type": "text", "text": "Bonjour"}]},
+        {"role": "assistant", "content": "Salut"},
+        {"role": "user", "content": "Ça va?"},
+    ]
+    items = await ok(await gateway.get(f"/v1/conversations/{made['id']}/items?order=asc"))
+    assert [i["role"] for i in items["data"]] == ["user", "assistant", "user", "assistant"]
+    answer = items["data"][-1]
+    assert answer["model"] == "m" and answer["finish_reason"] == "stop"
+    assert answer["usage"]["total_tokens"] > 0
+
+
+async def test_walk_250_conversations_each_exactly_once(gateway: Client) -> None:
+    created = [(await create(gateway, {"metadata": {"n": str(i)}}))["id"] for i in range(250)]
+    for order, expected in (("desc", created[::-1]), ("asc", created)):
+        seen: list[str] = []
+        after: str | None = None
+        for _ in range(100):  # bounded: 250 / 7 pages
+            params = {"limit": "7", "order": order, **({"after": after} if after else {})}
+            page = await ok(await gateway.get("/v1/conversations", params=params))
+            ids = [c["id"] for c in page["data"]]
+            assert page["object"] == "list"
+            assert page["first_id"] == ids[0] and page["last_id"] == ids[-1]
+            seen.extend(ids)
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert seen == expected
+    default = await ok(await gateway.get("/v1/conversations"))
+    assert [c["id"] for c in default["data"]] == created[::-1][:20]
+    assert default["data"][0]["metadata"] == {"n": "249"}
+    full = await ok(await gateway.get("/v1/conversations?limit=100"))
+    assert len(full["data"]) == 100 and full["has_more"] is True
+
+
+async def test_empty_list(gateway: Client) -> None:
+    page = await ok(await gateway.get("/v1/conversations"))
+    assert page == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
+
+
+async def test_chat_conversations_are_listed(gateway: Client) -> None:
+    await gateway.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Conversation-Id": "from-chat"},
+    )
+    page = await ok(await gateway.get("/v1/conversations"))
+    assert [c["id"] for c in page["data"]] == ["from-chat"]
+    assert page["data"][0]["metadata"] == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment", "param"),
+    [
+        ("limit=0", "limit must be an integer from 1 to 100", "limit"),
+        ("limit=101", "limit must be an integer from 1 to 100", "limit"),
+        ("limit=ten", "limit must be an integer from 1 to 100", "limit"),
+        ("order=newest", "order must be 'asc' or 'desc'", "order"),
+        ("after=conv_unknown", "after does not name one of your conversations", "after"),
+    ],
+)
+async def test_list_query_errors(gateway: Client, query: str, fragment: str, param: str) -> None:
+    await bad(await gateway.get(f"/v1/conversations?{query}"), fragment, param)
+
+
+async def test_items_query_errors(gateway: Client) -> None:
+    made = await create(gateway)
+    base = f"/v1/conversations/{made['id']}/items"
+    await bad(await gateway.get(f"{base}?after=item-1"), "after must be an item id", "after")
+    await bad(await gateway.get(f"{base}?limit=500"), "limit must be", "limit")
+    await bad(await gateway.get(f"{base}?order=up"), "order must be", "order")
+
+
+def pairs(count: int) -> dict[str, str]:
+    return {f"k{i}": "v" for i in range(count)}
+
+
+METADATA_ERRORS = [
+    (pairs(17), "metadata has 17 pairs; at most 16 are allowed", "metadata"),
+    ({"k" * 65: "v"}, "is 65 characters long; at most 64 are allowed", "metadata"),
+    ({"k": "v" * 513}, "metadata value of 'k' is 513 characters long; at most 512", "metadata.k"),
+    ({"k": 5}, "metadata value of 'k' must be a string, not a number", "metadata.k"),
+    ({"k": None}, "metadata value of 'k' must be a string, not null", "metadata.k"),
+    (["k", "v"], "metadata must be an object", "metadata"),
+    ("k=v", "metadata must be an object", "metadata"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "fragment", "param"), METADATA_ERRORS)
+async def test_metadata_validation(
+    gateway: Client, rows: Rows, metadata: Any, fragment: str, param: str
+) -> None:
+    await bad(await gateway.post("/v1/conversations", json={"metadata": metadata}), fragment, param)
+    assert rows.conversations() == []
+    made = await create(gateway, {"metadata": {"keep": "me"}})
+    update = await gateway.post(f"/v1/conversations/{made['id']}", json={"metadata": metadata})
+    await bad(update, fragment, param)
+    assert (await ok(await gateway.get(f"/v1/conversations/{made['id']}")))["metadata"] == {
+        "keep": "me"
+    }
+
+
+async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
+    metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    made = await create(gateway, {"metadata": metadata})
+    assert made["metadata"] == metadata
+    cleared = await ok(await gateway.post(f"/v1/conversations/{made['id']}", json={"metadata": {}}))
+    assert cleared["metadata"] == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment", "param"),
+    [
+        ({"items": "hello"}, "items must be an array", "items"),
+        ({"items": [1]}, "items[0] must be a message object", "items[0]"),
+        ({"items": [{"role": "robot", "content": "x"}]}, "items[0].role must be one of", None),
+        ({"items": [{"role": "user", "content": 5}]}, "items[0] must be a string, an array", None),
+        (
+            {"items": [{"role": "user", "content": "a"}, {"type": "reasoning", "role": "user"}]},
+            "items[1].type must be 'message'",
+            "items[1].type",
+        ),
+        ({"items": [{"role": "tool", "tool_call_id": 3}]}, "items[0].tool_call_id must be", None),
+        ({"items": [{"role": "assistant", "tool_calls": {}}]}, "tool_calls must be an array", None),
+    ],
+)
+async def test_item_validation(
+    gateway: Client, rows: Rows, body: dict[str, Any], fragment: str, param: str | None
+) -> None:
+    await bad(await gateway.post("/v1/conversations", json=body), fragment, param)
+    assert rows.conversations() == []
+
+
+async def test_body_errors(gateway: Client) -> None:
+    made = await create(gateway)
+    one = f"/v1/conversations/{made['id']}"
+    await bad(await gateway.post("/v1/conversations", data=b"{nope"), "not valid JSON")
+    await bad(await gateway.post("/v1/conversations", json=[1]), "must be a JSON object")
+    await bad(await gateway.post(one, json={}), "metadata is required", "metadata")
+    await bad(await gateway.post(f"{one}/items", json={"items": []}), "non-empty array", "items")
+    await bad(await gateway.post(f"{one}/items", json={}), "non-empty array", "items")
+
+
+async def test_unknown_ids_are_404(gateway: Client, upstream: TestServer) -> None:
+    for path in ("/v1/conversations/nope", "/v1/conversations/bad%20id!"):
+        for method, suffix in (
+            ("GET", ""),
+            ("POST", ""),
+            ("DELETE", ""),
+            ("GET", "/items"),
+            ("POST", "/items"),
+            ("GET", "/items/msg_1"),
+            ("DELETE", "/items/msg_1"),
+        ):
+            body = {"metadata": {}, "items": [{"role": "user", "content": "x"}]}
+            response = await gateway.request(method, path + suffix, json=body)
+            assert response.status == 404, (method, path + suffix)
+            assert (await response.json())["error"]["message"] == "conversation not found"
+    assert received(upstream) == []
+
+
+async def test_other_methods_do_not_reach_the_upstream(
+    gateway: Client, upstream: TestServer
+) -> None:
+    made = await create(gateway)
+    for method, path in (
+        ("PUT", "/v1/conversations"),
+        ("PATCH", f"/v1/conversations/{made['id']}"),
+        ("PUT", f"/v1/conversations/{made['id']}/items"),
+        ("POST", f"/v1/conversations/{made['id']}/items/msg_1"),
+    ):
+        response = await gateway.request(method, path)
+        assert response.status == 405
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert received(upstream) == []

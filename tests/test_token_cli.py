@@ -1,0 +1,78 @@
+"""``chatmem token encode|decode``: HMAC secrets, PEM keys, expiry, refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from jwt_keys import SECRET, private_pem, public_pem, raw_token
+
+from chatmem.cli import main
+
+SEED = '{"team_id": "tenstorrent", "token_id": "debug-test"}'
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(["token", *args])
+    except SystemExit as exc:  # argparse refusals
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out.strip(), err
+
+
+def test_seed_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
+    code, encoded, _ = run(capsys, "encode", "--secret", SECRET, SEED)
+    assert code == 0
+    assert jwt.get_unverified_header(encoded)["alg"] == "HS256"
+    assert jwt.decode(encoded, SECRET, algorithms=["HS256"]) == json.loads(SEED)
+    code, decoded, _ = run(capsys, "decode", "--secret", SECRET, encoded)
+    assert (code, json.loads(decoded)) == (0, json.loads(SEED))
+
+
+def test_exp(capsys: pytest.CaptureFixture[str]) -> None:
+    before = int(time.time())
+    _, encoded, _ = run(capsys, "encode", "--secret", SECRET, "--exp", "60", SEED)
+    exp = jwt.decode(encoded, SECRET, algorithms=["HS256"])["exp"]
+    assert before + 60 <= exp <= int(time.time()) + 60
+    _, expired, _ = run(capsys, "encode", "--secret", SECRET, "--exp", "-10", SEED)
+    code, _, err = run(capsys, "decode", "--secret", SECRET, expired)
+    assert code == 1 and "Signature has expired" in err
+
+
+@pytest.mark.parametrize(("kind", "alg"), [("rsa", "RS256"), ("ec", "ES256"), ("ed", "EdDSA")])
+def test_pem_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, alg: str) -> None:
+    private, public = tmp_path / "private.pem", tmp_path / "public.pem"
+    private.write_text(private_pem(kind))
+    public.write_text(public_pem(kind))
+    code, encoded, _ = run(capsys, "encode", "--key", str(private), "--alg", alg, SEED)
+    assert code == 0 and jwt.get_unverified_header(encoded)["alg"] == alg
+    code, decoded, _ = run(capsys, "decode", "--key", str(public), "--alg", alg, encoded)
+    assert (code, json.loads(decoded)) == (0, json.loads(SEED))
+
+
+def test_refusals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    unsigned = raw_token({"alg": "none"}, json.loads(SEED), None)
+    assert run(capsys, "decode", "--secret", "", "--alg", "none", unsigned)[0] == 2
+    code, _, err = run(capsys, "decode", "--secret", SECRET, unsigned)
+    assert code == 1 and "invalid token" in err
+    code, _, err = run(
+        capsys,
+        "decode",
+        "--secret",
+        "wrong-" + SECRET,
+        raw_token({"alg": "HS256"}, json.loads(SEED), SECRET.encode()),
+    )
+    assert code == 1 and "Signature verification failed" in err
+    code, _, err = run(capsys, "encode", "--secret", SECRET, "--alg", "RS256", SEED)
+    assert code == 2 and "RS256 needs --key" in err
+    code, _, err = run(capsys, "encode", "--secret", SECRET, "[1, 2]")
+    assert code == 2 and "claims must be a JSON object" in err
+    code, _, err = run(
+        capsys, "encode", "--key", str(tmp_path / "missing.pem"), "--alg", "RS256", SEED
+    )
+    assert code == 2 and "cannot read key file" in err
+    assert SECRET not in err
