@@ -150,3 +150,26 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
         ).fetchone()[0]
     assert row[0] == '{"total_tokens": 3}' and row[1] == "r" and row[2] is None
     assert nulls == 4  # SQL NULL, never the JSON text "null"
+
+
+async def test_writer_waits_off_the_loop_for_another_process_lock(
+    store: Store, db_path: Path
+) -> None:
+    """Another connection (as another process would) holds the write lock: the commit
+    waits for it on the writer thread while the event loop and reads go on, then lands."""
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        pending = asyncio.create_task(store.commit_turn(ALICE, "c", system=None, turn=turn(2)))
+        for _ in range(5):  # the loop keeps turning while the commit waits
+            await asyncio.sleep(0.01)
+        assert not pending.done()
+        history = await store.load_history(ALICE, "c", limit=10)  # WAL: readers never wait
+        assert [m["content"] for m in history.messages] == ["q1", "a1"]
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await asyncio.wait_for(pending, 10)
+    history = await store.load_history(ALICE, "c", limit=10)
+    assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]

@@ -1,13 +1,16 @@
-"""The two queries on every chat request, for SQLite: one thread hop per operation.
+"""The two queries on every chat request, for SQLite, without SQLAlchemy's thread hops.
 
 Through SQLAlchemy's async engine every statement is several hops to aiosqlite's thread
 (execute, fetch, close, begin, rollback), and on this hot path that cost dominated the
-gateway: 1.2 ms of CPU to read a history, 2.0 ms to commit a turn (measured with
-``benchmarks``).  Here each operation is one function run on a database thread that owns
-its ``sqlite3`` connection, with the same SQL the SQLAlchemy models define and the same
-JSON encoding SQLAlchemy's ``JSON`` type uses, so both paths read each other's rows.
-The event loop never waits on the file: a writer that waits for another process's lock
-waits on the writer thread.
+gateway: 1.2 ms of CPU to read a history and 2.0 ms to commit a turn (py-spy, benchmarks/).
+Here both operations first run on the event loop's own ``sqlite3`` connection, which
+never waits: its busy timeout is 0, and it never checkpoints (the fsync of a checkpoint
+runs on the writer thread every ``_CHECKPOINT_EVERY`` commits).  A WAL reader never waits
+for a lock, so reads almost always finish there (5 us; 12 us with history).  A commit that
+finds the write lock taken, by another process or by our own writer thread, is retried on
+the writer thread, whose connection waits up to ``busy_timeout``: the loop never blocks on
+another process.  The SQL is the one the SQLAlchemy models define, with the same JSON
+encoding as SQLAlchemy's ``JSON`` type, so both paths read each other's rows.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ _INSERT = (
 )
 
 
+# Commits on the event loop's connection between two checkpoints run by the writer thread.
+_CHECKPOINT_EVERY = 200
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
 def _dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
@@ -55,10 +70,10 @@ def _load(value: str | None) -> Any:
 class SQLiteTurns:
     """``load_window`` and ``append_turn`` on one SQLite file.
 
-    One reader thread and one writer thread, each with its own connection (WAL lets the
-    reader run while the writer writes); the writer starts every transaction with
-    ``BEGIN IMMEDIATE``, so concurrent writers in other processes wait for the lock
-    (``busy_timeout``) instead of failing with "database is locked".
+    Three connections: the event loop's (fast path, never waits), and one each on a
+    reader and a writer thread (the slow path, which waits for locks).  Every write
+    transaction starts with ``BEGIN IMMEDIATE``, so writers take the lock up front and
+    never fail half-way with "database is locked".
     """
 
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
@@ -67,22 +82,36 @@ class SQLiteTurns:
         self._local = threading.local()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-write")
+        self._inline: sqlite3.Connection | None = None
+        self._since_checkpoint = 0
+
+    def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path,
+            timeout=busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        return conn
 
     def _connection(self) -> sqlite3.Connection:
+        """The calling database thread's connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            self._local.conn = conn
+            conn = self._local.conn = self._open(self._busy_timeout_ms)
         return conn
+
+    def _loop_connection(self) -> sqlite3.Connection:
+        """The event loop's own connection: it never waits for a lock (busy_timeout 0) and
+        never checkpoints (the writer thread does, so the fsync happens there)."""
+        if self._inline is None:
+            self._inline = self._open(0)
+            self._inline.execute("PRAGMA wal_autocheckpoint=0")
+        return self._inline
 
     async def _run(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -91,14 +120,20 @@ class SQLiteTurns:
         self, tenant: str, user: str, conversation_id: str, limit: int
     ) -> tuple[bool, Any, list[dict[str, Any]]]:
         """(found, system prompt, newest ``limit`` messages oldest first)."""
-        return await self._run(
-            self._reader, self._load_window, tenant, user, conversation_id, limit
-        )
+        args = (tenant, user, conversation_id, limit)
+        try:
+            return self._load_window(self._loop_connection(), *args)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+        return await self._run(self._reader, self._on_thread, self._load_window, *args)
+
+    def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self._connection(), *args)
 
     def _load_window(
-        self, tenant: str, user: str, conversation_id: str, limit: int
+        self, conn: sqlite3.Connection, tenant: str, user: str, conversation_id: str, limit: int
     ) -> tuple[bool, Any, list[dict[str, Any]]]:
-        conn = self._connection()
         conn.execute("BEGIN")  # one snapshot for both statements
         try:
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
@@ -128,12 +163,24 @@ class SQLiteTurns:
         turn: Sequence[dict[str, Any]],
         now: int,
     ) -> None:
-        await self._run(
-            self._writer, self._append_turn, tenant, user, conversation_id, system, turn, now
-        )
+        args = (tenant, user, conversation_id, system, turn, now)
+        try:
+            self._append_turn(self._loop_connection(), *args)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            # Another process (or our own writer thread) holds the lock: wait for it on
+            # the writer thread, never on the event loop.
+            await self._run(self._writer, self._on_thread, self._append_turn, *args)
+            return
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= _CHECKPOINT_EVERY:
+            self._since_checkpoint = 0
+            self._writer.submit(self._on_thread, _checkpoint)
 
     def _append_turn(
         self,
+        conn: sqlite3.Connection,
         tenant: str,
         user: str,
         conversation_id: str,
@@ -141,7 +188,6 @@ class SQLiteTurns:
         turn: Sequence[dict[str, Any]],
         now: int,
     ) -> None:
-        conn = self._connection()
         count = len(turn)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -177,6 +223,10 @@ class SQLiteTurns:
             raise
 
     def close(self) -> None:
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+        self._writer.submit(self._on_thread, _checkpoint).result()
         for executor in (self._reader, self._writer):
             executor.submit(self._close_connection).result()
             executor.shutdown(wait=True)
