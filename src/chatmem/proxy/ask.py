@@ -21,8 +21,8 @@ from ..state import GATEWAY
 from ..storage import History
 from .chat import CONVERSATION_HEADER, Turn, run_turn
 from .chat_request import ChatRequest, check_message
-from .fields import json_object, required_str
-from .http import read_body
+from .fields import required_str
+from .http import json_object, read_body
 
 __all__ = ["ask", "ask_conversation_id"]
 

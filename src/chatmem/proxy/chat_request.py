@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..storage import History
+from .http import json_object
 
 __all__ = [
     "ChatRequest",
@@ -80,12 +81,7 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
 
 def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
     """Validate the body; ``conversation_id`` is the (already valid) header value if any."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    body = json_object(raw)
     if "conversation" in body:
         from_body = _conversation_from_body(body.pop("conversation"))
         if conversation_id is not None and conversation_id != from_body:

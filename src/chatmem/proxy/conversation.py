@@ -24,8 +24,8 @@ from ..state import GATEWAY
 from .accumulate import StreamAccumulator
 from .chat import CONVERSATION_HEADER, Turn, run_turn
 from .chat_request import ChatRequest, new_conversation_id, valid_conversation_id
-from .fields import json_object, optional_int, optional_number, optional_stop, required_str
-from .http import read_body
+from .fields import optional_int, optional_number, optional_stop, required_str
+from .http import json_object, read_body
 
 __all__ = ["COOKIE_SESSIONS", "CookieSessions", "PlainText", "conversation"]
 

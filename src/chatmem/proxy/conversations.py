@@ -7,7 +7,6 @@ does not exist (404), and never appears in a list.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -25,7 +24,7 @@ from .conversation_shapes import (
     parse_items,
     parse_metadata,
 )
-from .http import json_response, read_body
+from .http import json_object, json_response, read_body
 
 __all__ = ["add_conversation_routes"]
 
@@ -64,13 +63,7 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> dict[st
     raw = await read_body(request, request.config_dict[GATEWAY].config.server.max_body_bytes)
     if optional and not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
+    return json_object(raw)
 
 
 def _limit(request: web.Request) -> int:

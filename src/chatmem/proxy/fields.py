@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import InvalidRequest
 
-__all__ = ["json_object", "optional_int", "optional_number", "optional_stop", "required_str"]
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidRequest("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
+__all__ = ["optional_int", "optional_number", "optional_stop", "required_str"]
 
 
 def required_str(body: dict[str, Any], name: str) -> str:

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import PayloadTooLarge, error_body
+from ..errors import InvalidRequest, PayloadTooLarge, error_body
 
-__all__ = ["error_event", "json_response", "read_body"]
+__all__ = ["error_event", "json_object", "json_response", "read_body"]
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -25,6 +25,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; 400 otherwise."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
 
 
 def json_response(

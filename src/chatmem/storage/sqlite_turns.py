@@ -226,7 +226,6 @@ class SQLiteTurns:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
-        self._writer.submit(self._on_thread, _checkpoint).result()
         for executor in (self._reader, self._writer):
             executor.submit(self._close_connection).result()
             executor.shutdown(wait=True)
