@@ -18,5 +18,13 @@ fi
 if command -v pg_ctlcluster >/dev/null 2>&1; then
     pg_ctlcluster 15 main start 2>/dev/null || true
 fi
+# The PostgreSQL tests connect over the local socket as the user running them (peer
+# authentication), so that user needs a role that may create the throwaway databases.
+if [ "$(id -u)" = 0 ] && command -v psql >/dev/null 2>&1; then
+    me="$(id -un)"
+    if ! su postgres -c "psql -XtAc \"SELECT 1 FROM pg_roles WHERE rolname = '$me'\"" | grep -q 1; then
+        su postgres -c "createuser --superuser '$me'" || true  # the tests say so if it failed
+    fi
+fi
 
 exec python3 -m pytest -q "$@"

@@ -13,6 +13,9 @@ from helpers import GatewayFactory, Rows, make_config, upstream_url
 from chatmem import create_app
 from chatmem.mock_upstream import create_mock_app
 
+# PostgreSQL fixtures (pg_url, private_postgres, storage_url) live in tests/pg.py.
+pytest_plugins = ["pg"]
+
 
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> TestServer:

@@ -1,4 +1,5 @@
-"""Storage on a real SQLite file: turns, history windows, concurrency, pragmas."""
+"""Storage on a real SQLite file and a real PostgreSQL database (the same tests on both):
+turns, history windows, concurrency, retries, retention; SQLite pragmas."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from chatmem.config import StorageConfig
 from chatmem.storage import Owner, Store, create_engine
@@ -22,15 +25,27 @@ def turn(i: int) -> list[dict[str, object]]:
     ]
 
 
-async def open_store(path: Path, *, one_hop: bool = True) -> Store:
-    engine = create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{path}"))
-    store = Store(engine, sqlite_one_hop=one_hop)
+async def open_store(path_or_url: Path | str, *, one_hop: bool = True) -> Store:
+    url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"
+    store = Store(create_engine(StorageConfig(url=url)), sqlite_one_hop=one_hop)
     await store.create_schema()
     return store
 
 
+async def all_rows(store: Store, query: str) -> list[tuple[Any, ...]]:
+    async with store.engine.connect() as conn:
+        return [tuple(row) for row in await conn.execute(text(query))]
+
+
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
+async def store(storage_url: str) -> AsyncIterator[Store]:
+    store = await open_store(storage_url)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
     store = await open_store(db_path)
     yield store
     await store.close()
@@ -58,10 +73,10 @@ async def test_owners_are_separate(store: Store) -> None:
     ]
 
 
-async def test_concurrent_writers_on_one_file(db_path: Path) -> None:
+async def test_concurrent_writers_on_one_database(storage_url: str) -> None:
     """Two engines (as two processes would have) write 2 x 40 turns of one conversation
     at once: no "database is locked", unique gap-free sequence numbers, adjacent turns."""
-    stores = [await open_store(db_path), await open_store(db_path)]
+    stores = [await open_store(storage_url), await open_store(storage_url)]
     try:
         await asyncio.gather(
             *(
@@ -69,12 +84,11 @@ async def test_concurrent_writers_on_one_file(db_path: Path) -> None:
                 for i in range(80)
             )
         )
+        rows = await all_rows(stores[0], "SELECT seq, role, content FROM messages ORDER BY seq")
+        last_seq = (await all_rows(stores[0], "SELECT last_seq FROM conversations"))[0][0]
     finally:
         for s in stores:
             await s.close()
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute("SELECT seq, role, content FROM messages ORDER BY seq").fetchall()
-        last_seq = conn.execute("SELECT last_seq FROM conversations").fetchone()[0]
     assert [r[0] for r in rows] == list(range(1, 161)) and last_seq == 160
     for user_row, assistant_row in zip(rows[::2], rows[1::2], strict=True):
         assert user_row[1] == "user" and assistant_row[1] == "assistant"
@@ -82,19 +96,25 @@ async def test_concurrent_writers_on_one_file(db_path: Path) -> None:
     assert len({r[2] for r in rows}) == 160
 
 
-async def test_pragmas_and_cascade(store: Store, db_path: Path) -> None:
+async def test_delete_cascades_to_messages(store: Store) -> None:
     await store.commit_turn(ALICE, "gone", system=None, turn=turn(1))
-    async with store.engine.connect() as conn:
+    await store.commit_turn(ALICE, "kept", system=None, turn=turn(2))
+    assert await store.delete_conversation(ALICE, "gone")
+    assert not await store.delete_conversation(ALICE, "gone")
+    query = "SELECT c.id, m.seq FROM messages m JOIN conversations c ON c.pk = m.conversation_pk"
+    assert sorted(await all_rows(store, query)) == [("kept", 1), ("kept", 2)]
+    assert await all_rows(store, "SELECT count(*) FROM messages") == [(2,)]
+
+
+async def test_sqlite_pragmas(sqlite_store: Store) -> None:
+    async with sqlite_store.engine.connect() as conn:
         assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
         assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30000
-    assert await store.delete_conversation(ALICE, "gone")
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
 
 
-async def test_history_query_uses_the_index(store: Store, db_path: Path) -> None:
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+async def test_history_query_uses_the_index(sqlite_store: Store, db_path: Path) -> None:
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
     with sqlite3.connect(db_path) as conn:
         plan = conn.execute(
             "EXPLAIN QUERY PLAN SELECT role, content FROM messages WHERE conversation_pk = 1 "

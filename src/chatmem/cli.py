@@ -17,7 +17,10 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, find_config_file, load_config
+from .db_cli import add_db_commands, one_line, run_db
+from .errors import StorageUnavailable
 from .logs import configure_logging
+from .storage.migrate import SchemaError
 from .token_cli import add_token_parser, run_token
 
 __all__ = ["main"]
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--delay-ms", type=float, default=0.0, help="delay between tokens")
 
     add_token_parser(commands)
+    add_db_commands(commands)
     return parser
 
 
@@ -157,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "token":
         return run_token(args)
+    if args.command == "db":
+        return run_db(args)
     try:
         if args.command == "mock-upstream":
             from .mock_upstream import run_mock_upstream
@@ -177,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_workers(config, _worker_args(args), demo=args.demo)
         _run(_serve(config, args.demo, reuse_port=args.worker))
+    except SchemaError as exc:
+        print(f"chatmem: {exc}", file=sys.stderr)
+        return 1
+    except StorageUnavailable as exc:
+        print(f"chatmem: {exc.message}: {one_line(exc.__cause__)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

@@ -69,6 +69,15 @@ class StorageConfig:
     url: str = "sqlite+aiosqlite:///chatmem.db"
     # SQLite: milliseconds a writer waits for the file lock before giving up.
     busy_timeout_ms: int = 30_000
+    # Connection pool, per gateway instance: connections kept open, extra ones allowed under
+    # load, and seconds a request waits for a free one before answering 503.
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_timeout: float = 10.0
+    # PostgreSQL: seconds to establish a connection, and the longest one statement may run
+    # (server-side statement_timeout; 0 = no limit).  Either failing answers 503.
+    connect_timeout: float = 5.0
+    statement_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,8 @@ class AuthConfig:
 class MemoryConfig:
     max_history_messages: int = 200
     on_client_disconnect: Literal["discard", "finish"] = "discard"
+    # Conversations not updated for this many days are deleted (0 = keep forever).
+    retention_days: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +227,15 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         "server": ("port", "max_body_bytes", "workers"),
         "upstream": ("connect_timeout", "read_timeout"),
         "memory": ("max_history_messages",),
+        "storage": ("pool_size", "pool_timeout", "connect_timeout"),
     }
+    not_negative = {
+        "storage": ("max_overflow", "statement_timeout"),
+        "memory": ("retention_days",),
+    }
+    for name in not_negative.get(section, ()):
+        if name in values and values[name] < 0:
+            raise ConfigError(f"{section}.{name}: must not be negative")
     for name in positive.get(section, ()):
         if name in values and values[name] <= 0:
             raise ConfigError(f"{section}.{name}: must be greater than 0")

@@ -13,10 +13,13 @@ from .metrics import Metrics
 from .proxy.upstream import Upstream
 from .shutdown import LiveRequests
 from .storage import Store, create_engine
+from .storage.retention import prune_periodically
 
 __all__ = ["GATEWAY", "Gateway"]
 
 T = TypeVar("T")
+
+PRUNE_TASK = "chatmem.retention"
 
 
 class Gateway:
@@ -41,17 +44,27 @@ class Gateway:
     async def start(self) -> None:
         storage = self.config.storage
         self.store = Store(create_engine(storage), busy_timeout_ms=storage.busy_timeout_ms)
-        await self.store.create_schema()
+        try:
+            await self.store.check_schema()
+        except BaseException:
+            await self.store.close()
+            raise
         self.upstream = Upstream(self.config.upstream, Upstream.create_session())
+        if self.config.memory.retention_days:
+            days = self.config.memory.retention_days
+            self.detach(prune_periodically(self.store, days * 86400.0), PRUNE_TASK)
 
     async def stop(self) -> None:
+        for task in self.background:
+            if task.get_name() == PRUNE_TASK:
+                task.cancel()
         if self.background:
             await asyncio.wait(self.background, timeout=self.config.server.shutdown_grace)
         await self.upstream.session.close()
         await self.store.close()
 
-    def detach(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(coro)
+    def detach(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task

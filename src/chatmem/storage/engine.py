@@ -25,11 +25,32 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 def create_engine(config: StorageConfig) -> AsyncEngine:
     url = make_url(config.url)
+    pool: dict[str, Any] = {
+        "pool_size": config.pool_size,
+        "max_overflow": config.max_overflow,
+        "pool_timeout": config.pool_timeout,
+    }
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    engine = create_async_engine(url, connect_args={"timeout": config.busy_timeout_ms / 1000})
+        # pool_pre_ping: a connection that died with the server (restart, failover) is
+        # replaced at checkout, so the gateway recovers without a restart.
+        return create_async_engine(
+            url, pool_pre_ping=True, connect_args=_postgresql_args(config), **pool
+        )
+    if url.database in (None, "", ":memory:"):
+        pool = {}  # an in-memory database lives in one connection: no pool to size
+    engine = create_async_engine(
+        url, connect_args={"timeout": config.busy_timeout_ms / 1000}, **pool
+    )
     _tune_sqlite(engine, config.busy_timeout_ms)
     return engine
+
+
+def _postgresql_args(config: StorageConfig) -> dict[str, Any]:
+    """asyncpg's connect() arguments: connect timeout and server-side settings."""
+    settings = {"application_name": "chatmem"}
+    if config.statement_timeout:
+        settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
+    return {"timeout": config.connect_timeout, "server_settings": settings}
 
 
 def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:

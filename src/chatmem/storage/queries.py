@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Row, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import StorageUnavailable
 from .engine import WRITE, is_sqlite
+from .faults import is_retryable, is_unavailable
+from .migrate import ensure_schema, upgrade
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
@@ -27,6 +31,12 @@ conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
 
 T = TypeVar("T")
+
+log = logging.getLogger("chatmem.storage")
+
+# A write transaction that fails with a serialization failure or a deadlock is re-run this
+# many times in all (with a short random pause) before the client gets a 503.
+WRITE_ATTEMPTS = 5
 
 # Fields of a chat message that are stored and sent back upstream as history.
 _WIRE_FIELDS = ("name", "tool_calls", "tool_call_id")
@@ -152,8 +162,19 @@ class Store:
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
 
     async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+        """Bring the database to the newest schema (the migrations, not create_all)."""
+        await upgrade(self.engine)
+
+    async def check_schema(self) -> None:
+        """The start-up check (see :func:`migrate.ensure_schema`): an empty database is
+        migrated; one at another revision raises ``SchemaError``."""
+        try:
+            upgraded = await ensure_schema(self.engine)
+        except (DBAPIError, PoolTimeout, OSError) as exc:
+            _raise_unavailable(exc)
+            raise
+        if upgraded:
+            log.info("created the database schema (revision %s)", upgraded)
 
     async def close(self) -> None:
         if self._turns is not None:
@@ -165,8 +186,9 @@ class Store:
         try:
             async with self.engine.connect() as conn:
                 yield conn
-        except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
-            raise StorageUnavailable("the conversation store is unavailable") from exc
+        except (DBAPIError, PoolTimeout, OSError) as exc:
+            _raise_unavailable(exc)
+            raise
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -179,17 +201,28 @@ class Store:
                 await conn.execution_options(**{WRITE: True})
                 async with conn.begin():
                     yield conn
-        except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
-            raise StorageUnavailable("the conversation store is unavailable") from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StorageUnavailable("the conversation store is unavailable") from exc
+        except (DBAPIError, PoolTimeout, OSError) as exc:
+            _raise_unavailable(exc)
             raise
 
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
         async with self._read() as conn:
             await conn.execute(select(conversations.c.pk).limit(1))
+
+    async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``work`` in one write transaction.  PostgreSQL may roll a transaction back
+        with a serialization failure or a deadlock when instances contend; it is then
+        re-run (bounded, with jitter) instead of being surfaced to the client."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                async with self._write() as conn:
+                    return await work(conn)
+            except StorageUnavailable as exc:
+                if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
+                    raise
+            await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+        raise AssertionError("unreachable")
 
     async def load_history(self, owner: Owner, conversation_id: str, limit: int) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first."""
@@ -273,7 +306,8 @@ class Store:
         stmt = upsert.on_conflict_do_update(
             index_elements=["tenant", "user_id", "id"], set_=changes
         ).returning(conversations.c.pk, conversations.c.last_seq)
-        async with self._write() as conn:
+
+        async def write(conn: AsyncConnection) -> None:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
             rows = [
@@ -282,6 +316,8 @@ class Store:
             ]
             if rows:
                 await conn.execute(insert(messages), rows)
+
+        await self._run_write(write)
 
     async def delete_conversation(self, owner: Owner, conversation_id: str) -> bool:
         """Delete a conversation and its messages (explicitly: not every database that
@@ -465,3 +501,40 @@ class Store:
                     .values(updated_at=int(time.time()))
                 )
         return bool(result.rowcount)
+
+    async def prune(self, older_than: float, *, batch_size: int = 200) -> int:
+        """Delete whole conversations (with their messages) not updated for
+        ``older_than`` seconds; returns how many.  Each batch is its own short
+        transaction, so live turns get the lock between batches; on PostgreSQL a
+        conversation whose row a live turn holds is skipped, not waited for."""
+        cutoff = int(time.time() - older_than)
+        pick = (
+            select(conversations.c.pk)
+            .where(conversations.c.updated_at < cutoff)
+            .order_by(conversations.c.updated_at)
+            .limit(batch_size)
+        )
+        if not self._sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+
+        async def prune_batch(conn: AsyncConnection) -> int:
+            pks = list((await conn.execute(pick)).scalars())
+            if pks:  # messages explicitly, as delete_conversation does, then the rows
+                await conn.execute(delete(messages).where(messages.c.conversation_pk.in_(pks)))
+                await conn.execute(delete(conversations).where(conversations.c.pk.in_(pks)))
+            return len(pks)
+
+        total = 0
+        while True:
+            deleted = await self._run_write(prune_batch)
+            total += deleted
+            if deleted < batch_size:
+                return total
+            await asyncio.sleep(0)
+
+
+def _raise_unavailable(exc: BaseException) -> None:
+    if is_retryable(exc):
+        raise StorageUnavailable("the conversation store is busy; try again") from exc
+    if is_unavailable(exc):
+        raise StorageUnavailable("the conversation store is unavailable") from exc

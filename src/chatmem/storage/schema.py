@@ -15,7 +15,9 @@ Json = JSON(none_as_null=True)
 
 
 class Base(AsyncAttrs, DeclarativeBase):
-    pass
+    """Every table.  The database schema itself is made by the Alembic migrations in
+    ``migrations/versions``; a change here needs a new revision there (a test compares
+    the two)."""
 
 
 class Conversation(Base):
@@ -31,6 +33,7 @@ class Conversation(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "user_id", "id", name="uq_conversations_owner_id"),
         Index("ix_conversations_owner_created", "tenant", "user_id", "created_at", "pk"),
+        Index("ix_conversations_updated", "updated_at"),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -1,0 +1,108 @@
+"""``chatmem db upgrade|downgrade|current|prune``: the schema and retention, by hand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from alembic.util import CommandError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from .config import Config, ConfigError, find_config_file, load_config
+from .errors import StorageUnavailable
+from .storage import Store, create_engine
+from .storage.migrate import current_revision, downgrade, head_revision, upgrade
+from .storage.retention import parse_age
+
+__all__ = ["add_db_commands", "run_db"]
+
+
+def add_db_commands(commands: Any) -> None:
+    """Add ``db`` and its subcommands to the ``chatmem`` parser's subcommands."""
+    db = commands.add_parser("db", help="database schema (migrations) and retention")
+    actions = db.add_subparsers(dest="db_command", required=True)
+    upgrade_ = actions.add_parser("upgrade", help="migrate the schema to a newer revision")
+    upgrade_.add_argument("revision", nargs="?", default="head", help="default: head")
+    downgrade_ = actions.add_parser("downgrade", help="migrate the schema back")
+    downgrade_.add_argument("revision", help="a revision, -1 for one step, base for nothing")
+    actions.add_parser("current", help="print the schema revision of the database")
+    prune = actions.add_parser("prune", help="delete conversations not updated for a while")
+    prune.add_argument(
+        "--older-than", help="age like 30d, 12h, 2w (default: memory.retention_days)"
+    )
+    prune.add_argument("--batch-size", type=int, default=200, help="conversations per batch")
+    for action in (upgrade_, downgrade_, actions.choices["current"], prune):
+        action.add_argument("--config", help="TOML config file (as for serve)")
+        action.add_argument("--db", help="storage URL; overrides the config file")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {"storage": {"url": args.db}} if args.db else None
+    return load_config(find_config_file(args.config), overrides=overrides)
+
+
+async def _run(args: argparse.Namespace, config: Config) -> str:
+    store = Store(create_engine(config.storage))
+    try:
+        if args.db_command == "upgrade":
+            await upgrade(store.engine, args.revision)
+            return f"schema at revision {await current_revision(store.engine)}"
+        if args.db_command == "downgrade":
+            await downgrade(store.engine, args.revision)
+            return f"schema at revision {await current_revision(store.engine) or 'base'}"
+        if args.db_command == "current":
+            current = await current_revision(store.engine)
+            head = head_revision()
+            state = "up to date" if current == head else f"newest is {head}"
+            return f"{current or 'none'} ({state})"
+        return await _prune(args, config, store)
+    finally:
+        await store.close()
+
+
+async def _prune(args: argparse.Namespace, config: Config, store: Store) -> str:
+    if args.older_than is not None:
+        age_text = args.older_than
+        age = parse_age(args.older_than)
+    elif config.memory.retention_days:
+        age_text = f"{config.memory.retention_days}d"
+        age = config.memory.retention_days * 86400.0
+    else:
+        raise ValueError("give --older-than (e.g. 30d) or set memory.retention_days")
+    if args.batch_size <= 0:
+        raise ValueError("--batch-size must be greater than 0")
+    deleted = await store.prune(age, batch_size=args.batch_size)
+    return f"deleted {deleted} conversations not updated for {age_text}"
+
+
+def run_db(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"chatmem: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(asyncio.run(_run(args, config)))
+    except ValueError as exc:
+        print(f"chatmem db: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"chatmem db: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as exc:
+        print(f"chatmem db: {exc.message}: {one_line(exc.__cause__)}", file=sys.stderr)
+        return 1
+    except (DBAPIError, PoolTimeout, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        print(f"chatmem db: the database failed: {one_line(cause)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def one_line(exc: BaseException | None) -> str:
+    """An exception as one short line (driver messages can span several)."""
+    text = " ".join(str(exc).split()) if exc is not None else ""
+    return text[:300] or type(exc).__name__

@@ -1,0 +1,45 @@
+"""Which database errors mean "unavailable" (503) and which mean "try the transaction again".
+
+PostgreSQL reports most faults with a SQLSTATE that SQLAlchemy's asyncpg adapter does not
+map to ``OperationalError`` (a cancelled statement, a server shutting down, too many
+connections all arrive as a plain ``DBAPIError``), so the class of the code decides.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+__all__ = ["is_retryable", "is_unavailable", "sqlstate"]
+
+# 08 connection exception, 53 insufficient resources (too many connections, disk full),
+# 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
+# 58 system error (I/O), 55P03 lock not available (lock_timeout).
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+_UNAVAILABLE_CODES = ("55P03",)
+# Serialization failure and deadlock: the transaction was rolled back and may be re-run.
+_RETRYABLE_CODES = ("40001", "40P01")
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    return isinstance(exc, DBAPIError) and sqlstate(exc) in _RETRYABLE_CODES
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when the database could not do the work, through no fault of the request."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | OSError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = sqlstate(exc)
+    return code is not None and (
+        code[:2] in _UNAVAILABLE_CLASSES or code in _UNAVAILABLE_CODES or code in _RETRYABLE_CODES
+    )

@@ -1,0 +1,137 @@
+"""Schema versions: upgrade, downgrade and the start-up check, with Alembic run in code.
+
+The migrations live in ``chatmem/storage/migrations`` inside the package, so an installed
+chatmem needs no ``alembic.ini``.  Every run holds a lock (PostgreSQL: an advisory lock;
+SQLite: ``BEGIN IMMEDIATE``), so instances that start together on an empty database do
+not migrate it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .engine import WRITE, is_sqlite
+from .schema import Base
+
+__all__ = [
+    "SchemaError",
+    "current_revision",
+    "downgrade",
+    "ensure_schema",
+    "head_revision",
+    "upgrade",
+]
+
+# The revision whose schema equals what chatmem created with create_all before it had
+# migrations: such a database is adopted (stamped) instead of being created again.
+_BASELINE = "0001"
+# Any constant works; it only has to be the same in every chatmem instance.
+_ADVISORY_LOCK = 0x63686174_6D656D  # "chatmem"
+
+
+T = TypeVar("T")
+
+
+class SchemaError(Exception):
+    """The database schema is not the one this chatmem needs; ``str()`` is one line."""
+
+
+def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", "chatmem.storage:migrations")
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _current(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _has_tables(connection: Connection) -> bool:
+    names = set(inspect(connection).get_table_names())
+    return bool(names & set(Base.metadata.tables))
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    if _current(connection) is None and _has_tables(connection):
+        command.stamp(_alembic_config(connection), _BASELINE)
+    command.upgrade(_alembic_config(connection), revision)
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    command.downgrade(_alembic_config(connection), revision)
+
+
+def _check(connection: Connection) -> str | None:
+    """Bring an empty database to head; refuse one at another revision."""
+    head = head_revision()
+    current = _current(connection)
+    if current == head:
+        return None
+    if current is None and not _has_tables(connection):
+        command.upgrade(_alembic_config(connection), "head")
+        return head
+    known = {
+        script.revision
+        for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()
+    }
+    if current is not None and current not in known:
+        raise SchemaError(
+            f"database schema is at revision {current}, newer than this chatmem knows "
+            f"(its newest is {head}): upgrade chatmem"
+        )
+    raise SchemaError(
+        f"database schema is at revision {current or 'none (made before migrations)'}, "
+        f"this chatmem needs {head}: run `chatmem db upgrade` (same --config/--db) first"
+    )
+
+
+async def _locked(engine: AsyncEngine, work: Callable[..., T], *args: Any) -> T:
+    async with engine.connect() as conn:
+        if is_sqlite(engine):
+            await conn.execution_options(**{WRITE: True})
+        async with conn.begin():
+            if not is_sqlite(engine):
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK}
+                )
+            return await conn.run_sync(work, *args)
+    raise AssertionError("unreachable")
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    await _locked(engine, _upgrade, revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    await _locked(engine, _downgrade, revision)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        revision: str | None = await conn.run_sync(_current)
+        return revision
+
+
+async def ensure_schema(engine: AsyncEngine) -> str | None:
+    """The start-up check.  A brand-new (empty) database is migrated to the newest
+    revision, so a first ``chatmem serve`` just works; a database at any other revision
+    raises :class:`SchemaError` saying what to run.  Returns the revision it upgraded to,
+    if it did."""
+    result: str | None = await _locked(engine, _check)
+    return result

@@ -1,0 +1,49 @@
+"""Retention: delete conversations nobody has touched for ``memory.retention_days``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..errors import StorageUnavailable
+from .queries import Store
+
+__all__ = ["PRUNE_INTERVAL", "parse_age", "prune_periodically"]
+
+log = logging.getLogger("chatmem.retention")
+
+# Seconds between two prunes in a running gateway.  Every instance prunes; on PostgreSQL
+# they skip rows another one has locked, so N instances share the work.
+PRUNE_INTERVAL = 3600.0
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"2w"`` or plain seconds -> seconds."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an age like 30d, 12h, 90m or 2w") from None
+    if amount < 0:
+        raise ValueError(f"{text!r}: an age cannot be negative")
+    return amount * (unit or 1)
+
+
+async def prune_periodically(
+    store: Store, older_than: float, interval: float = PRUNE_INTERVAL
+) -> None:
+    """Prune now, then every ``interval`` seconds, until cancelled.  A database that is
+    down is logged and tried again next time, never fatal."""
+    while True:
+        try:
+            deleted = await store.prune(older_than)
+        except StorageUnavailable:
+            log.warning("retention: the database is unavailable; will retry")
+        else:
+            if deleted:
+                log.info("retention: deleted %d old conversations", deleted)
+        await asyncio.sleep(interval)
