@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from chatmem.config import StorageConfig
 from chatmem.storage import Owner, Store, create_engine
@@ -173,8 +174,9 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
 
 
 async def test_writer_waits_off_the_loop_for_another_process_lock(
-    store: Store, db_path: Path
+    sqlite_store: Store, db_path: Path
 ) -> None:
+    store = sqlite_store
     """Another connection (as another process would) holds the write lock: the commit
     waits for it on the writer thread while the event loop and reads go on, then lands."""
     await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
@@ -193,3 +195,39 @@ async def test_writer_waits_off_the_loop_for_another_process_lock(
     await asyncio.wait_for(pending, 10)
     history = await store.load_history(ALICE, "c", limit=10)
     assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
+
+
+async def _age(store: Store, conversation_id: str, days: float) -> None:
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE conversations SET updated_at = :t WHERE id = :id"),
+            {"t": int(time.time() - days * 86400), "id": conversation_id},
+        )
+
+
+async def test_prune_deletes_whole_old_conversations_in_batches(store: Store) -> None:
+    for i in range(7):
+        await store.commit_turn(ALICE, f"old{i}", system=None, turn=turn(i))
+        await _age(store, f"old{i}", 31 + i)
+    await store.commit_turn(ALICE, "recent", system=None, turn=turn(8))
+    await store.commit_turn(ALICE, "touched", system=None, turn=turn(9))
+    await _age(store, "touched", 29)
+    statements: list[str] = []
+
+    def count_deletes(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM CONVERSATIONS"):
+            statements.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", count_deletes)
+    try:
+        assert await store.prune(30 * 86400, batch_size=3) == 7
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", count_deletes)
+    assert len(statements) == 3  # 3 + 3 + 1: one short transaction per batch
+    assert await all_rows(store, "SELECT id FROM conversations ORDER BY id") == [
+        ("recent",),
+        ("touched",),
+    ]
+    # The messages went with their conversations.
+    assert await all_rows(store, "SELECT count(*) FROM messages") == [(4,)]
+    assert await store.prune(30 * 86400) == 0

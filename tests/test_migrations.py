@@ -1,0 +1,165 @@
+"""Alembic migrations on SQLite and PostgreSQL: they make exactly the models' schema, go
+down and up again, and the start-up check migrates only an empty database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmem.config import StorageConfig
+from chatmem.storage import Base, Owner, Store, create_engine
+from chatmem.storage.migrate import (
+    SchemaError,
+    current_revision,
+    downgrade,
+    ensure_schema,
+    head_revision,
+    upgrade,
+)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+async def engine(storage_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(StorageConfig(url=storage_url))
+    yield engine
+    await engine.dispose()
+
+
+def _diff(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+def _tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+async def test_migrations_make_exactly_the_models_schema(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+        assert await conn.run_sync(_tables) == {"alembic_version", "conversations", "messages"}
+    assert await current_revision(engine) == head_revision() == "0002"
+
+
+async def test_downgrade_to_base_and_up_again(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    store = Store(engine)
+    await store.commit_turn(Owner("t"), "c", system=None, turn=[{"role": "user", "content": "x"}])
+    await downgrade(engine, "0001")
+    assert await current_revision(engine) == "0001"
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(
+            lambda c: {i["name"] for i in inspect(c).get_indexes("conversations")}
+        )
+    assert "ix_conversations_updated" not in indexes
+    await downgrade(engine, "base")
+    assert await current_revision(engine) is None
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_tables) == {"alembic_version"}
+    await upgrade(engine)
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+
+
+async def test_startup_creates_an_empty_database(engine: AsyncEngine) -> None:
+    assert await ensure_schema(engine) == "0002"
+    assert await ensure_schema(engine) is None  # already at head: nothing to do
+    assert await current_revision(engine) == "0002"
+
+
+async def test_startup_refuses_an_out_of_date_schema(engine: AsyncEngine) -> None:
+    await upgrade(engine, "0001")
+    with pytest.raises(SchemaError) as caught:
+        await ensure_schema(engine)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "revision 0001" in message and "needs 0002" in message
+    assert "chatmem db upgrade" in message
+    assert await current_revision(engine) == "0001"  # refused, not touched
+
+
+async def test_startup_refuses_a_schema_newer_than_the_code(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(SchemaError, match="newer than this chatmem knows"):
+        await ensure_schema(engine)
+
+
+async def test_a_database_made_before_migrations_is_adopted(engine: AsyncEngine) -> None:
+    """The core gateway made its tables with create_all (revision 0001's schema, without
+    a version table): start-up refuses it, and `db upgrade` stamps and upgrades it."""
+    before = MetaData()
+    for table in Base.metadata.tables.values():
+        table.to_metadata(before)
+    before.tables["conversations"].indexes = {
+        i for i in before.tables["conversations"].indexes if i.name != "ix_conversations_updated"
+    }
+    async with engine.begin() as conn:
+        await conn.run_sync(before.create_all)
+    with pytest.raises(SchemaError, match="made before migrations"):
+        await ensure_schema(engine)
+    await upgrade(engine)
+    assert await current_revision(engine) == "0002"
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+
+
+def chatmem(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatmem", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+
+
+def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None:
+    db = ["--db", storage_url]
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0002)\n"
+    upgraded = chatmem("db", "upgrade", "0001", *db, cwd=tmp_path)
+    assert upgraded.returncode == 0 and upgraded.stdout == "schema at revision 0001\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0002)\n"
+
+    refused = chatmem("serve", "--port", "1", *db, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "chatmem: database schema is at revision 0001, this chatmem needs 0002: "
+        "run `chatmem db upgrade` (same --config/--db) first"
+    )
+
+    assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0002\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0002 (up to date)\n"
+    down = chatmem("db", "downgrade", "base", *db, cwd=tmp_path)
+    assert down.returncode == 0 and down.stdout == "schema at revision base\n"
+    bad = chatmem("db", "downgrade", "nonsense", *db, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "chatmem db: Can't locate revision identified by 'nonsense'"
+    )
+
+
+def test_db_command_against_an_unreachable_database(tmp_path: Path) -> None:
+    from helpers import free_port
+
+    url = f"postgresql+asyncpg://nobody:secret-pw@127.0.0.1:{free_port()}/x"
+    done = chatmem("db", "current", "--db", url, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("chatmem db: the database failed: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "secret-pw" not in done.stderr
