@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from typing import Any
 
@@ -45,7 +46,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _run(args: argparse.Namespace, config: Config) -> str:
-    store = Store(create_engine(config.storage))
+    # A migration of a big table may rightly take longer than any request should.
+    storage = dataclasses.replace(config.storage, statement_timeout=0)
+    store = Store(create_engine(storage))
     try:
         if args.db_command == "upgrade":
             await upgrade(store.engine, args.revision)

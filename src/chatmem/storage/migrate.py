@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
@@ -34,6 +33,7 @@ __all__ = [
 # The revision whose schema equals what chatmem created with create_all before it had
 # migrations: such a database is adopted (stamped) instead of being created again.
 _BASELINE = "0001"
+_VERSION_TABLE = "alembic_version"
 # Any constant works; it only has to be the same in every chatmem instance.
 _ADVISORY_LOCK = 0x63686174_6D656D  # "chatmem"
 
@@ -59,7 +59,12 @@ def head_revision() -> str:
 
 
 def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    # Read directly rather than through a MigrationContext, which logs two lines of
+    # Alembic chatter on every start.
+    if _VERSION_TABLE not in inspect(connection).get_table_names():
+        return None
+    versions = connection.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars()
+    return next(iter(versions), None)
 
 
 def _has_tables(connection: Connection) -> bool:
