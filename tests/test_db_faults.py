@@ -90,7 +90,7 @@ class Traffic:
     async def wait_for(self, count: int, answered: bool) -> None:
         """Until ``count`` more requests were answered (or refused), bounded."""
         start = sum(o.answered == answered for o in self.outcomes)
-        for _ in range(1000):
+        for _ in range(3000):
             if sum(o.answered == answered for o in self.outcomes) >= start + count:
                 return
             await asyncio.sleep(0.02)

@@ -163,3 +163,14 @@ def test_db_command_against_an_unreachable_database(tmp_path: Path) -> None:
     assert done.stderr.startswith("chatmem db: the database failed: ")
     assert len(done.stderr.strip().splitlines()) == 1
     assert "secret-pw" not in done.stderr
+
+
+def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    from helpers import free_port
+
+    url = f"postgresql+asyncpg://chatmem:secret-pw@127.0.0.1:{free_port()}/chatmem"
+    done = chatmem("serve", "--port", str(free_port()), "--db", url, cwd=tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatmem: the conversation store is unavailable: ")
+    assert "secret-pw" not in done.stderr

@@ -194,7 +194,7 @@ async def test_cancelled_requests_leave_no_connection_behind(
             asyncio.create_task(chat(http, base, "c", f"gave up {i}", stream=i % 2 == 0))
             for i in range(6)
         ]
-        for _ in range(200):
+        for _ in range(600):
             waiting = await fetch(
                 pg_url,
                 "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = "
@@ -207,7 +207,7 @@ async def test_cancelled_requests_leave_no_connection_behind(
         for client in clients:
             client.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-        for _ in range(200):  # the gateway noticed and cancelled both queries
+        for _ in range(600):  # the gateway noticed and cancelled both queries
             waiting = await fetch(
                 pg_url,
                 "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = "

@@ -96,7 +96,7 @@ async def busy_backends(url: str) -> list[dict[str, Any]]:
 
 
 async def wait_until_blocked(url: str) -> None:
-    for _ in range(200):
+    for _ in range(600):
         rows = await busy_backends(url)
         if any(r["wait_event_type"] == "Lock" for r in rows):
             return
@@ -119,7 +119,7 @@ async def test_cancelled_mid_query_leaves_no_connection_behind(pg_url: str) -> N
         await holder.close()
         pool: Any = store.engine.pool
         assert pool.checkedout() == 0
-        for _ in range(100):  # the server side ends too: nothing active, nothing idle in tx
+        for _ in range(600):  # the server side ends too: nothing active, nothing idle in tx
             if not await busy_backends(pg_url):
                 break
             await asyncio.sleep(0.05)
