@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import shutil
+import subprocess
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,11 +50,17 @@ def start_gateways(
 
 
 @pytest.fixture
-def gateways(pg_url: str, upstream: TestServer) -> Iterator[list[str]]:
+def instances(pg_url: str, upstream: TestServer) -> Iterator[list[tuple[Process, str]]]:
     started = start_gateways(2, pg_url, upstream_url(upstream))
-    yield [base for _, base in started]
+    yield started
     for process, _ in started:
         assert process.stop() == 0
+
+
+@pytest.fixture
+def gateways(instances: list[tuple[Process, str]]) -> list[str]:
+    """The base URLs of two instances on one database."""
+    return [base for _, base in instances]
 
 
 @pytest.fixture
@@ -229,3 +240,81 @@ async def test_cancelled_requests_leave_no_connection_behind(
         assert len(sessions) <= 2 and {s["state"] for s in sessions} <= {"idle"}
     finally:
         assert process.stop() == 0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def caddyfile(port: int, backends: list[str]) -> str:
+    """The README's "Scaling out" Caddyfile, verbatim but for the addresses, on
+    127.0.0.1 without TLS and without the admin API (tests run side by side)."""
+    readme = README.read_text()
+    section = readme[readme.index("## Scaling out") :]
+    block = section[section.index("```caddy\n") + len("```caddy\n") :]
+    block = block[: block.index("```")]
+    hosts = " ".join(backend.removeprefix("http://") for backend in backends)
+    block = block.replace("chat.example.com", f"http://127.0.0.1:{port}")
+    block = block.replace("10.0.0.11:7001 10.0.0.12:7001 10.0.0.13:7001", hosts)
+    assert hosts in block and str(port) in block
+    return "{\n\tadmin off\n\tauto_https off\n}\n" + block
+
+
+@pytest.fixture
+def caddy_in_front(
+    gateways: list[str], tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        pytest.fail("caddy is not installed (scripts/test.sh installs it)")
+    port = free_port()
+    config = tmp_path / "Caddyfile"
+    config.write_text(caddyfile(port, gateways))
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    with (tmp_path / "caddy.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [caddy, "run", "--config", str(config), "--adapter", "caddyfile"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            try:
+                with urllib.request.urlopen(f"{base}/v1/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("caddy did not start")
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_behind_caddy_round_robin_and_an_instance_going_away(
+    caddy_in_front: tuple[str, subprocess.Popen[bytes]],
+    instances: list[tuple[Process, str]],
+    upstream: TestServer,
+    http: aiohttp.ClientSession,
+    pg_url: str,
+) -> None:
+    """The README's Caddy configuration over both instances: turns alternate between
+    them, and when one stops, Caddy sends the rest to the other; no turn is lost and
+    each sees all the earlier ones."""
+    base, _ = caddy_in_front
+    for i in range(6):
+        await chat(http, base, "via-caddy", f"hop {i}", stream=i % 2 == 0)
+        assert len(sent_for(upstream, f"hop {i}")) == 2 * i + 1
+    # Take the first instance away (its port now refuses connections).
+    assert instances[0][0].stop() == 0
+    for i in range(6, 16):  # least_conn picks at random among idle instances
+        await chat(http, base, "via-caddy", f"hop {i}", stream=i % 2 == 0)
+        assert len(sent_for(upstream, f"hop {i}")) == 2 * i + 1
+    rows = await fetch(
+        pg_url,
+        "SELECT m.seq FROM messages m JOIN conversations c ON c.pk = m.conversation_pk "
+        "WHERE c.id = 'via-caddy' ORDER BY m.seq",
+    )
+    assert [r["seq"] for r in rows] == list(range(1, 33))
