@@ -13,6 +13,7 @@ tests at another server.  If it cannot be reached, the tests that need it fail a
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import secrets
@@ -71,9 +72,35 @@ async def _admin() -> asyncpg.Connection:
         )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _drop_databases_of_dead_runs() -> None:
+    """Databases left by runs that were killed before their teardown (their pid is gone)."""
+    admin = await _admin()
+    try:
+        names = await admin.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'chatmem\\_test\\_%'"
+        )
+        for (name,) in names:
+            pid = name.split("_")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 def pg_run_prefix() -> str:
-    """The prefix of this run's throwaway databases."""
+    """The prefix of this run's throwaway databases (``chatmem_test_<pid>_<random>``)."""
+    asyncio.run(_drop_databases_of_dead_runs())
     return f"chatmem_test_{os.getpid()}_{secrets.token_hex(3)}"
 
 
