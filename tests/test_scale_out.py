@@ -259,34 +259,46 @@ def caddyfile(port: int, backends: list[str]) -> str:
     return "{\n\tadmin off\n\tauto_https off\n}\n" + block
 
 
+def start_caddy(gateways: list[str], tmp_path: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Caddy on a free port, answering (checked by its Server header: on a busy machine
+    the port can be taken between choosing and binding it, and then Caddy exits)."""
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        pytest.fail("caddy is not installed (scripts/test.sh installs it)")
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    for attempt in range(3):
+        port = free_port()
+        config = tmp_path / f"Caddyfile.{attempt}"
+        config.write_text(caddyfile(port, gateways))
+        with (tmp_path / f"caddy.{attempt}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [caddy, "run", "--config", str(config), "--adapter", "caddyfile"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(400):
+            if proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{base}/v1/health", timeout=1) as resp:
+                    if resp.headers.get("Server") == "Caddy":
+                        return base, proc
+            except OSError:
+                pass
+            time.sleep(0.05)
+        proc.terminate()
+        proc.wait(10)
+    pytest.fail(f"caddy did not start; see {tmp_path}/caddy.*.log")
+
+
 @pytest.fixture
 def caddy_in_front(
     gateways: list[str], tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    caddy = shutil.which("caddy")
-    if caddy is None:
-        pytest.fail("caddy is not installed (scripts/test.sh installs it)")
-    port = free_port()
-    config = tmp_path / "Caddyfile"
-    config.write_text(caddyfile(port, gateways))
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    with (tmp_path / "caddy.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [caddy, "run", "--config", str(config), "--adapter", "caddyfile"],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env=env,
-        )
-    base = f"http://127.0.0.1:{port}"
+    base, proc = start_caddy(gateways, tmp_path)
     try:
-        for _ in range(400):
-            try:
-                with urllib.request.urlopen(f"{base}/v1/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("caddy did not start")
         yield base, proc
     finally:
         proc.terminate()
@@ -303,7 +315,7 @@ async def test_behind_caddy_round_robin_and_an_instance_going_away(
     """The README's Caddy configuration over both instances: turns alternate between
     them, and when one stops, Caddy sends the rest to the other; no turn is lost and
     each sees all the earlier ones."""
-    base, _ = caddy_in_front
+    base, caddy = caddy_in_front
     for i in range(6):
         await chat(http, base, "via-caddy", f"hop {i}", stream=i % 2 == 0)
         assert len(sent_for(upstream, f"hop {i}")) == 2 * i + 1
@@ -318,3 +330,4 @@ async def test_behind_caddy_round_robin_and_an_instance_going_away(
         "WHERE c.id = 'via-caddy' ORDER BY m.seq",
     )
     assert [r["seq"] for r in rows] == list(range(1, 33))
+    assert caddy.poll() is None
