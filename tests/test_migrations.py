@@ -136,12 +136,13 @@ def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None
     assert upgraded.returncode == 0 and upgraded.stdout == "schema at revision 0001\n"
     assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0002)\n"
 
-    refused = chatmem("serve", "--port", "1", *db, cwd=tmp_path)
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1] == (
-        "chatmem: database schema is at revision 0001, this chatmem needs 0002: "
-        "run `chatmem db upgrade` (same --config/--db) first"
-    )
+    for workers in ("1", "2"):  # the master of several workers checks it too
+        refused = chatmem("serve", "--port", "1", "--workers", workers, *db, cwd=tmp_path)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "chatmem: database schema is at revision 0001, this chatmem needs 0002: "
+            "run `chatmem db upgrade` (same --config/--db) first"
+        )
 
     assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0002\n"
     assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0002 (up to date)\n"

@@ -40,9 +40,10 @@ def run_workers(config: Config, worker_args: list[str], *, demo: bool) -> int:
 
 
 async def _create_schema(config: Config) -> None:
+    """Create an empty database's schema; refuse an out-of-date one (``SchemaError``)."""
     store = Store(create_engine(config.storage))
     try:
-        await store.create_schema()
+        await store.check_schema()
     finally:
         await store.close()
 
