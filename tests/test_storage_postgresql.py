@@ -181,3 +181,26 @@ async def test_prune_skips_a_conversation_a_live_turn_holds(store: Store, pg_url
         await holder.close()
     assert await fetch(pg_url, "SELECT id FROM conversations") == [{"id": "b"}]
     assert await store.prune(86400) == 1
+
+
+async def test_history_and_retention_queries_have_their_indexes(store: Store, pg_url: str) -> None:
+    """The plans PostgreSQL would use once tables are big (seq scans are disabled so the
+    tiny test tables do not make a scan look cheaper)."""
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    conn = await connect(pg_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        history = await conn.fetch(
+            "EXPLAIN SELECT role, content FROM messages WHERE conversation_pk = 1 "
+            "ORDER BY seq DESC LIMIT 200"
+        )
+        old = await conn.fetch(
+            "EXPLAIN SELECT pk FROM conversations WHERE updated_at < 100 "
+            "ORDER BY updated_at LIMIT 200"
+        )
+    finally:
+        await conn.close()
+    history_plan = " ".join(row[0] for row in history)
+    assert "Index Scan Backward using uq_messages_seq" in history_plan
+    assert "Sort" not in history_plan
+    assert "ix_conversations_updated" in " ".join(row[0] for row in old)
