@@ -175,3 +175,14 @@ def test_serve_with_an_unreachable_database_says_so_in_one_line(tmp_path: Path) 
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("chatmem: the conversation store is unavailable: ")
     assert "secret-pw" not in done.stderr
+
+
+async def test_adopting_tables_made_from_the_current_models(engine: AsyncEngine) -> None:
+    """create_all from today's models (index included), no version table: upgrade
+    stamps the baseline and the index migration does not trip over the existing index."""
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    await upgrade(engine)
+    assert await current_revision(engine) == "0002"
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []

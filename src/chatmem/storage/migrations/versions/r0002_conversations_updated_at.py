@@ -16,7 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_conversations_updated", "conversations", ["updated_at"])
+    # IF NOT EXISTS: a database adopted from before migrations may have been made from
+    # models that already had this index.
+    op.create_index("ix_conversations_updated", "conversations", ["updated_at"], if_not_exists=True)
 
 
 def downgrade() -> None:
