@@ -54,7 +54,8 @@ def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
 
 def head_revision() -> str:
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    assert head is not None
+    if head is None:
+        raise RuntimeError("chatmem's migrations are missing from the installed package")
     return head
 
 
