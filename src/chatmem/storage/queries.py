@@ -149,7 +149,7 @@ class Store:
     ) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
-        # The per-request queries on a SQLite file take the one-hop path (see sqlite_turns).
+        # The per-request queries on a SQLite file take the fast path (see sqlite_turns).
         database = engine.url.database
         self._turns = (
             SQLiteTurns(database, busy_timeout_ms)

@@ -1,0 +1,54 @@
+"""CI runs the benchmark once with tiny counts, so that it keeps working.
+
+Nothing here asserts speed: the figures of a shared CI machine mean nothing. It asserts
+that every scenario ran against every target without an error and left its results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--quick",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["scenarios"]) == {
+        "plain c=1",
+        "plain c=32",
+        "stream64 c=1",
+        "stream64 c=32",
+        "stream 256x20ms",
+        "history 10",
+        "history 1000",
+        "history 10000",
+    }
+    for name, targets in results["scenarios"].items():
+        assert "direct" in targets and "memory" in targets, name
+        for target, figures in targets.items():
+            assert figures["errors"] == 0, (name, target)
+            assert figures["requests"] > 0, (name, target)
+    held = results["held_streams"]
+    assert held["completed"] == held["streams"] == 100
+    assert (tmp_path / "added_latency.png").stat().st_size > 1000
+    assert "x direct" in result.stdout
