@@ -1,4 +1,5 @@
-"""``chatmem db upgrade|downgrade|current|prune``: the schema and retention, by hand."""
+"""``chatmem db upgrade|downgrade|current|prune|check``: the schema, retention and
+integrity, by hand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .config import Config, ConfigError, find_config_file, load_config
 from .errors import StorageUnavailable
 from .storage import Store, create_engine
+from .storage.integrity import check_integrity
 from .storage.migrate import current_revision, downgrade, head_revision, upgrade
 from .storage.retention import parse_age
 
@@ -35,7 +37,14 @@ def add_db_commands(commands: Any) -> None:
         "--older-than", help="age like 30d, 12h, 2w (default: memory.retention_days)"
     )
     prune.add_argument("--batch-size", type=int, default=200, help="conversations per batch")
-    for action in (upgrade_, downgrade_, actions.choices["current"], prune):
+    check = actions.add_parser("check", help="check the store's integrity (exit 1 on problems)")
+    check.add_argument(
+        "--chat-only",
+        action="store_true",
+        help="the store was written by chat turns only (no Conversations API items): also"
+        " require gapless sequence numbers and a last message from the assistant",
+    )
+    for action in (upgrade_, downgrade_, actions.choices["current"], prune, check):
         action.add_argument("--config", help="TOML config file (as for serve)")
         action.add_argument("--db", help="storage URL; overrides the config file")
 
@@ -88,6 +97,8 @@ def run_db(args: argparse.Namespace) -> int:
         print(f"chatmem: config error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.db_command == "check":
+            return _print_problems(asyncio.run(_check(config, args.chat_only)))
         print(asyncio.run(_run(args, config)))
     except ValueError as exc:
         print(f"chatmem db: {exc}", file=sys.stderr)
@@ -103,6 +114,21 @@ def run_db(args: argparse.Namespace) -> int:
         print(f"chatmem db: the database failed: {one_line(cause)}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _check(config: Config, chat_only: bool) -> list[str]:
+    store = Store(create_engine(config.storage))
+    try:
+        return await check_integrity(store, chat_only=chat_only)
+    finally:
+        await store.close()
+
+
+def _print_problems(problems: list[str]) -> int:
+    for problem in problems:
+        print(problem)
+    print(f"chatmem db check: {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def one_line(exc: BaseException | None) -> str:
