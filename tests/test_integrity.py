@@ -31,11 +31,15 @@ DAMAGE = {
     "orphan": (
         "PRAGMA foreign_keys=OFF; UPDATE messages SET conversation_pk = 99 WHERE seq = 4"
         " AND conversation_pk = 2",
-        ["1 orphan message(s) of missing conversation pk=99", "conversation 'b' (pk=2): last_seq"],
+        [
+            "1 orphan message(s) of missing conversation pk=99",
+            "conversation 'b' (pk=2): last_seq is 4, newest message is 3",
+            "conversation 'b' (pk=2): ends with a 'user' message",
+        ],
     ),
     "gap": (
         "DELETE FROM messages WHERE seq = 2 AND conversation_pk = 1",
-        ["conversation 'a' (pk=1): sequence numbers are not 1..4"],
+        ["conversation 'a' (pk=1): sequence numbers are not 1..3 without gaps"],
     ),
     "last-seq": (
         "UPDATE conversations SET last_seq = 6 WHERE pk = 1",
