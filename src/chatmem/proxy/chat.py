@@ -179,7 +179,7 @@ async def _forward(
 def _completed_turn(body: bytes) -> AssistantTurn | None:
     try:
         parsed = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
         return None
     turn = turn_from_completion(parsed) if isinstance(parsed, dict) else None
     return turn if turn is not None and turn.finish_reason is not None else None

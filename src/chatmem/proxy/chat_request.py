@@ -66,10 +66,17 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
     if not isinstance(message, dict):
         raise InvalidRequest(f"{param} must be an object", param=param)
     role = message.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:  # a list or object is unhashable
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
+    for name in ("name", "tool_call_id"):  # stored in VARCHAR(255) columns
+        value = message.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 255):
+            raise InvalidRequest(
+                f"{param}.{name} must be a string of at most 255 characters",
+                param=f"{param}.{name}",
+            )
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise InvalidRequest(

@@ -31,7 +31,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; 400 otherwise."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
