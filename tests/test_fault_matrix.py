@@ -18,6 +18,8 @@ import pytest
 from helpers import GatewayFactory, Rows, answer_events, sse
 from scripted_upstream import Script, ScriptedUpstream, scripted_upstream
 
+from chatmem.proxy.sse import SSEParser
+
 FAST_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 0.3}
 CONV = "fm-1"
 
@@ -112,6 +114,18 @@ FAULTS: dict[str, Fault] = {
     "eof-mid-json-event": stream_fault([*EVENTS[:2], EVENTS[2][:20]], "upstream_incomplete"),
     "done-without-finish-reason": stream_fault([*EVENTS[:3], sse("[DONE]")], "upstream_incomplete"),
     "done-without-any-choice": stream_fault([sse("[DONE]")], "upstream_incomplete"),
+    # [DONE] split across reads or doubled, the answer incomplete: the error still goes in
+    # front of the first [DONE] (found by test_hostile_upstream).
+    "done-split-without-finish-reason": stream_fault(
+        [*EVENTS[:3], b"data: [DO", 0.01, b"NE]\n\n"], "upstream_incomplete"
+    ),
+    "done-blank-line-late-without-finish-reason": stream_fault(
+        [*EVENTS[:3], b"data: [DONE]\n", 0.01, b"\n"], "upstream_incomplete"
+    ),
+    "two-done-events-without-finish-reason": stream_fault(
+        [*EVENTS[:3], sse("[DONE]") + sse("[DONE]")], "upstream_incomplete"
+    ),
+    "eof-inside-done-event": stream_fault([*EVENTS[:4], b"data: [DONE]"], "upstream_incomplete"),
     "garbage-bytes-only": stream_fault([b"\x00\xffgarbage\n\n\x9c"], "upstream_incomplete"),
     "garbage-data-mid-stream": stream_fault(
         [*EVENTS[:2], b"data: \x00\xff{not json\n\n", *EVENTS[2:]], "upstream_incomplete"
@@ -189,7 +203,10 @@ def assert_clear_stream_error(body: bytes, fault: Fault) -> None:
     assert error["code"] == fault.code
     assert split_error_event(after) is None
     assert before == b"" or before.endswith((b"\n\n", b"\r\r", b"\r\n\r\n"))
-    assert after in (b"", sse("[DONE]"))
+    assert "[DONE]" not in SSEParser().feed(before)
+    # After it: the [DONE] event, or an event the upstream never finished (which goes out
+    # unfinished, so that a client drops it instead of parsing half an event).
+    assert set(SSEParser().feed(after)) <= {"[DONE]"}
     upstream = b"".join(fault.upstream_bytes)
     # The gateway closes an event the upstream left open with one blank line of its own.
     assert upstream in (before + after, before.removesuffix(b"\n\n") + after)

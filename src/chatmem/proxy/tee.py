@@ -8,6 +8,7 @@ older conversation service streams plain text); parsing, committing and failing 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -34,7 +35,30 @@ _TIMEOUT: Failure = (
 )
 _BROKEN: Failure = ("the upstream connection broke during the answer", "upstream_broken")
 _STOPPING: Failure = ("the gateway shut down before the answer completed", "gateway_shutting_down")
-_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+# Two line endings in a row (CRLF, CR or LF; a CR right before LF is half of one CRLF).
+_BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
+_MAX_HELD = 4096
+"""An unfinished event up to this size is held until its end arrives (see ``relay``)."""
+
+
+def _unfinished_tail(data: bytes, starts_on_boundary: bool) -> int:
+    """How many bytes at the end of ``data`` follow its last event boundary."""
+    window = data[-(_MAX_HELD + 4) :]
+    ends = [boundary.end() for boundary in _BOUNDARY.finditer(window)]
+    if ends:
+        return len(window) - ends[-1]
+    return len(data) if starts_on_boundary else _MAX_HELD + 1
+
+
+def _done_event_start(data: bytes) -> int:
+    """Where the first ``[DONE]`` event of ``data`` starts (``data`` starts on a boundary)."""
+    start = 0
+    for boundary in _BOUNDARY.finditer(data):
+        if [e.strip() for e in SSEParser().feed(data[start : boundary.end()])] == ["[DONE]"]:
+            return start
+        start = boundary.end()
+    return len(data)  # its start was already sent: too late to put anything in front
 
 
 class Renderer(Protocol):
@@ -57,7 +81,8 @@ class _Client:
         self.response = response
         self.render = render
         self.gone = False
-        self._tail = b"\n\n"
+        self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
+        self._held = b""
 
     async def write(self, data: bytes) -> None:
         if self.gone or not data:
@@ -66,21 +91,49 @@ class _Client:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.gone = True
-        self._tail = data[-4:]
+        self._tail = (self._tail + data)[-4:]
+
+    def _on_boundary(self) -> bool:
+        return _BOUNDARY_AT_END.search(self._tail) is not None
 
     async def relay(self, chunk: bytes, answer: StreamAccumulator) -> None:
-        """Pass on ``chunk`` (already fed to ``answer``): as is, or rendered."""
-        await self.write(chunk if self.render is None else self.render.progress(answer))
+        """Pass on ``chunk`` (already fed to ``answer``): as is, or rendered.
+
+        An unfinished event at the end (up to ``_MAX_HELD`` bytes) is held back until the
+        read that finishes it: it could be ``[DONE]``, in front of which a failure must
+        still be able to go, or an event the upstream never finishes, which must not reach
+        the client as a complete one.  Holding it delays nothing a client can see: an
+        event is only dispatched once its blank line has arrived.
+        """
+        if self.render is not None:
+            await self.write(self.render.progress(answer))
+            return
+        data = self._held + chunk
+        keep = _unfinished_tail(data, bool(self._held) or self._on_boundary())
+        keep = keep if keep <= _MAX_HELD else 0
+        self._held = data[len(data) - keep :] if keep else b""
+        await self.write(data[: len(data) - keep])
+
+    async def flush(self) -> None:
+        held, self._held = self._held, b""
+        await self.write(held)
 
     async def end_with(self, failure: Failure) -> None:
-        """Send our own final event, first closing any event the upstream left open."""
+        """Send our own final event on an event boundary.
+
+        An unfinished event the upstream left that is still held goes after our event,
+        still unfinished, so a client discards it at the end of the stream; one already
+        partly sent has to be closed first (and reaches the client cut short).
+        """
         message, code = failure
         if self.render is not None:
+            await self.flush()
             await self.write(self.render.failure(message))
             return
         event = error_event(message, code=code)
-        open_event = not self._tail.endswith(_EVENT_ENDS)
-        await self.write(b"\n\n" + event if open_event else event)
+        held, self._held = self._held, b""
+        await self.write(event if self._on_boundary() else b"\n\n" + event)
+        await self.write(held)
 
     async def upstream_error(self, error: dict[str, Any]) -> None:
         """The upstream's own error event: already relayed as SSE, shown when rendered."""
@@ -96,10 +149,11 @@ class _Client:
             await self.relay(chunk, answer)
             await self.end_with(failure)
             return
-        done_at = chunk.rfind(b"data:", 0, max(chunk.rfind(b"[DONE]"), 0))
-        await self.write(chunk[: max(done_at, 0)])
+        data, self._held = self._held + chunk, b""
+        done_at = _done_event_start(data)
+        await self.write(data[:done_at])
         await self.end_with(failure)
-        await self.write(chunk[max(done_at, 0) :])
+        await self.write(data[done_at:])
 
 
 async def tee_stream(
@@ -144,14 +198,17 @@ async def tee_stream(
                 return response
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         # Timeouts first: aiohttp's read timeout is also a ClientConnectionError.
-        if not answer.done:
+        if answer.done:
+            await client.flush()
+        else:
             await client.end_with(_failure_event(exc))
         return response
-    if not answer.done:
-        if answer.error is None:
-            await client.end_with(_CUT_OFF)
-        else:
-            await client.upstream_error(answer.error)
+    if not answer.done and answer.error is None:
+        await client.end_with(_CUT_OFF)
+        return response
+    await client.flush()
+    if not answer.done and answer.error is not None:
+        await client.upstream_error(answer.error)
     return response
 
 
