@@ -125,6 +125,7 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
         shutdown_timeout=config.server.shutdown_grace,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("chatmem.access") if config.log.access else None,
+        keepalive_timeout=config.server.idle_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port)

@@ -50,6 +50,10 @@ class ServerConfig:
     workers: int = 1
     # Peers (IPs or CIDR networks) whose X-Forwarded-For is believed, e.g. the local Caddy.
     trusted_proxies: tuple[str, ...] = ()
+    # Seconds a connection may go without a complete request head: from when it opens, or
+    # from the previous response on a kept-alive one. Closes slow-header (slowloris) and
+    # idle connections (aiohttp's keepalive_timeout, which runs from the connection's start).
+    idle_timeout: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +228,7 @@ def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str
 
 def _validate(section: str, values: Mapping[str, Any]) -> None:
     positive = {
-        "server": ("port", "max_body_bytes", "workers"),
+        "server": ("port", "max_body_bytes", "workers", "idle_timeout"),
         "upstream": ("connect_timeout", "read_timeout"),
         "memory": ("max_history_messages",),
         "storage": ("pool_size", "pool_timeout", "connect_timeout"),

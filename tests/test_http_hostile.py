@@ -1,0 +1,191 @@
+"""Hostile HTTP over raw sockets to a real ``chatmem serve``: smuggling attempts, oversized
+heads and bodies, and slow or idle clients are refused or timed out, and the connections
+they used are given back."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import Process, free_port
+
+IDLE_TIMEOUT = 1.0
+BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+SMUGGLED = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@dataclass
+class Server:
+    port: int
+    pid: int
+    db: Path
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return sock
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("http-hostile")
+    config = tmp / "chatmem.toml"
+    config.write_text(f"[server]\nidle_timeout = {IDLE_TIMEOUT}\nmax_body_bytes = 65536\n")
+    port = free_port()
+    db = tmp / "chatmem.db"
+    process = Process(
+        [
+            *("serve", "--demo", "--config", str(config), "--port", str(port)),
+            *("--db", f"sqlite+aiosqlite:///{db}"),
+        ],
+        cwd=tmp,
+    )
+    process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+    yield Server(port, process.proc.pid, db)
+    assert process.stop(signal.SIGINT) == 0
+
+
+def exchange(server: Server, raw: bytes) -> tuple[list[int], bool]:
+    """Send ``raw``; return the statuses of every response and whether the server closed
+    the connection (rather than keeping it open for more)."""
+    with server.connect() as sock:
+        sock.sendall(raw)
+        sock.settimeout(IDLE_TIMEOUT * 5)
+        received = b""
+        closed = False
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+            closed = True
+        except TimeoutError:
+            closed = False  # still open: the server waits for more
+        except ConnectionResetError:
+            closed = True
+    statuses = [int(s) for s in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
+    return statuses, closed
+
+
+SMUGGLING = {
+    "content-length-and-transfer-encoding": POST
+    + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    + SMUGGLED,
+    "duplicate-content-length": POST
+    + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(BODY)
+    + BODY
+    + SMUGGLED,
+    "duplicate-equal-content-length": POST
+    + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(BODY), len(BODY))
+    + BODY,
+    "transfer-encoding-twice": POST
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"
+    + SMUGGLED,
+    "transfer-encoding-obfuscated": POST + b"Transfer-Encoding: xchunked\r\n\r\n" + SMUGGLED,
+    "space-before-colon": POST + b"Content-Length : 4\r\n\r\nabcd" + SMUGGLED,
+    "signed-content-length": POST + b"Content-Length: +4\r\n\r\nabcd" + SMUGGLED,
+    "obs-fold": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n\r\n" + SMUGGLED,
+    "bare-cr-in-header": b"GET /v1/health HTTP/1.1\r\nHost: x\rX-A: b\r\n\r\n" + SMUGGLED,
+    "bare-lf-line-endings": b"GET /v1/health HTTP/1.1\nHost: x\n\n" + SMUGGLED,
+    "nul-in-header": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n" + SMUGGLED,
+    "oversized-header": b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: "
+    + b"a" * 20_000
+    + b"\r\n\r\n",
+    "oversized-request-line": b"GET /v1/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "too-many-headers": b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: a\r\n" % i for i in range(300))
+    + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_malformed_framing_is_refused_and_closed(server: Server, name: str) -> None:
+    """One 400, nothing smuggled behind it is answered, and the connection is closed."""
+    statuses, closed = exchange(server, SMUGGLING[name])
+    assert statuses == [400]
+    assert closed
+
+
+def test_body_over_limit_is_413_before_it_is_sent(server: Server) -> None:
+    statuses, _ = exchange(server, POST + b"Content-Length: 99999999999\r\n\r\n")
+    assert statuses == [413]
+
+
+def test_chunked_body_over_limit_is_413(server: Server) -> None:
+    chunk = b"%x\r\n%s\r\n" % (8192, b"a" * 8192)
+    raw = (
+        POST + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunk * 9 + b"0\r\n\r\n"
+    )
+    statuses, _ = exchange(server, raw)
+    assert statuses == [413]
+
+
+def test_well_formed_keepalive_requests_still_work(server: Server) -> None:
+    """The control: two pipelined requests on one connection are both answered."""
+    raw = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n" + (
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert exchange(server, raw) == ([200, 200], True)
+
+
+def closed_by_server(sock: socket.socket, trickle: bytes, limit_s: float) -> bool:
+    """Send ``trickle`` a byte at a time every 50 ms; True once the server has closed."""
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + limit_s
+    position = 0
+    while time.monotonic() < deadline:
+        try:
+            if position < len(trickle):
+                sock.send(trickle[position : position + 1])
+                position += 1
+            if sock.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+    return False
+
+
+def test_slow_headers_are_cut_off(server: Server) -> None:
+    """A client trickling its request head is closed after server.idle_timeout, however
+    steadily it sends (aiohttp alone would wait an hour: keepalive_timeout 3630 s)."""
+    head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 1000
+    with server.connect() as sock:
+        assert closed_by_server(sock, head, limit_s=IDLE_TIMEOUT * 10)
+
+
+def test_idle_connections_are_closed_and_given_back(server: Server) -> None:
+    """200 connections that never send a full head (half of them start one): all closed
+    by the server, their file descriptors freed, and serving goes on."""
+    before = server.open_fds()
+    socks: list[socket.socket] = []
+    peak = before
+    try:
+        for i in range(200):
+            socks.append(server.connect())
+            if i % 2:
+                socks[-1].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHo")
+            peak = max(peak, server.open_fds())
+        assert peak >= before + 50  # the server did hold them, until the timeout
+        assert all(closed_by_server(sock, b"", limit_s=IDLE_TIMEOUT * 10) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    for _ in range(100):  # bounded: up to 5 s for the server to drop its side
+        if server.open_fds() <= before:
+            break
+        time.sleep(0.05)
+    assert server.open_fds() <= before
+    statuses, _ = exchange(
+        server, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert statuses == [200]
