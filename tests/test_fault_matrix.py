@@ -221,7 +221,8 @@ async def assert_history_is_completed_turns(
     flat = [("user", u) if i % 2 == 0 else ("assistant", a) for u, a in completed for i in (0, 1)]
     assert [(m["role"], json.loads(m["content"])) for m in stored] == flat
     assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
-    assert [c["last_seq"] for c in rows.conversations() if c["id"] == CONV] == [len(stored)]
+    last_seq = [c["last_seq"] for c in rows.conversations() if c["id"] == CONV]
+    assert last_seq == [len(stored)] or (not stored and last_seq == [])
     up.script = good_stream("probe answer")
     seen = len(up.requests)
     resp = await post(client, request("probe", True))
@@ -315,3 +316,23 @@ def test_fault_table_covers_the_issue() -> None:
         "garbage-data-mid-stream",
     ]:
         assert required in names
+
+
+async def test_events_after_done_do_not_change_the_outcome(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """An incomplete answer whose [DONE] is followed, in the same read, by an upstream
+    error event: the client still gets our error in front of [DONE] (found by
+    test_hostile_upstream; the trailing event used to suppress it)."""
+    late_error = sse({"error": {"message": "late"}})
+    wire = [*EVENTS[:3], sse("[DONE]") + late_error]
+    async with scripted_upstream(Script(chunks=wire)) as up:
+        client = await gateway_factory(up.url)
+        body = await (await post(client, request("q", True))).read()
+        parts = split_error_event(body)
+        assert parts is not None
+        before, error, after = parts
+        assert before == b"".join(EVENTS[:3])
+        assert error["code"] == "upstream_incomplete"
+        assert after == sse("[DONE]") + late_error
+        await assert_history_is_completed_turns(client, up, rows, [])

@@ -137,7 +137,9 @@ def generated_stream(
     marker = body.find(GATEWAY_ERROR)
     if marker < 0:
         assert body == wire  # every byte, nothing else
-        upstream_error = any(is_error_event(d) for d in dispatched(body))
+        events = dispatched(body)
+        until_done = events[: events.index("[DONE]")] if "[DONE]" in events else events
+        upstream_error = any(is_error_event(d) for d in until_done)  # after [DONE]: too late
         outcomes["upstream error" if upstream_error else "stored"] += 1
         assert [m["role"] for m in stored] == ([] if upstream_error else ["user", "assistant"])
         return

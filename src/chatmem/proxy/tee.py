@@ -188,6 +188,8 @@ async def tee_stream(
                 await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
             else:
                 for data in parser.feed(chunk):
+                    if answer.done:
+                        break  # events after [DONE] (in the same read) decide nothing
                     answer.add(data)
                 if answer.done:
                     await _finish(client, answer, chunk, commit)
