@@ -75,12 +75,23 @@ class LiveGateway:
             count: int = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
         return count
 
-    def stored(self, conversation_id: str) -> list[dict[str, Any]]:
+    def stored(self, conversation_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
+        query = (
+            "SELECT m.* FROM messages m JOIN conversations c ON c.pk = m.conversation_pk"
+            " WHERE c.id = ?"
+        )
+        params: tuple[str, ...] = (conversation_id,)
+        if tenant is not None:
+            query += " AND c.tenant = ?"
+            params += (tenant,)
         with sqlite3.connect(self.db) as conn:
             conn.row_factory = sqlite3.Row
+            return [dict(row) for row in conn.execute(query + " ORDER BY m.seq", params)]
+
+    def owner_of(self, conversation_id: str) -> list[tuple[str, str]]:
+        """The (tenant, user) of every conversation with this id."""
+        with sqlite3.connect(self.db) as conn:
             rows = conn.execute(
-                "SELECT m.* FROM messages m JOIN conversations c ON c.pk = m.conversation_pk"
-                " WHERE c.id = ? ORDER BY m.seq",
-                (conversation_id,),
+                "SELECT tenant, user_id FROM conversations WHERE id = ?", (conversation_id,)
             )
-            return [dict(row) for row in rows]
+            return [(tenant, user) for tenant, user in rows]
