@@ -98,6 +98,24 @@ def on_event_boundary(sent: bytes) -> bool:
     return dispatched(sent + probe) == [*dispatched(sent), "probe"]
 
 
+def completed(events: list[str]) -> bool:
+    """An independent reading of "the answer completed": [DONE] came, every event before it
+    is a JSON object without an error, and one of them finished choice 0."""
+    if "[DONE]" not in events:
+        return False
+    finished = False
+    for data in events[: events.index("[DONE]")]:
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(parsed, dict) or parsed.get("error") is not None:
+            return False
+        for choice in parsed.get("choices") or []:
+            finished = finished or bool(choice.get("index") == 0 and choice.get("finish_reason"))
+    return finished
+
+
 def is_error_event(data: str) -> bool:
     try:
         parsed = json.loads(data)
@@ -140,6 +158,8 @@ def generated_stream(
         events = dispatched(body)
         until_done = events[: events.index("[DONE]")] if "[DONE]" in events else events
         upstream_error = any(is_error_event(d) for d in until_done)  # after [DONE]: too late
+        # With no error shown, the answer must really have completed, and is stored.
+        assert upstream_error or completed(events), body
         outcomes["upstream error" if upstream_error else "stored"] += 1
         assert [m["role"] for m in stored] == ([] if upstream_error else ["user", "assistant"])
         return
