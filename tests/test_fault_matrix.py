@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
-from helpers import GatewayFactory, Rows, answer_events, sse
+from helpers import GatewayFactory, Rows, answer_events, chunk, sse
 from scripted_upstream import Script, ScriptedUpstream, scripted_upstream
 
 from chatmem.proxy.sse import SSEParser
@@ -104,6 +104,11 @@ FAULTS: dict[str, Fault] = {
     # Without framing, aiohttp reports a reset as the end of the body: still an error.
     "reset-mid-stream-close-framing": stream_fault(
         EVENTS[:3], "upstream_incomplete", end="reset", framing="close"
+    ),
+    # An event too large to hold back (over 4 KiB) is already partly sent when the stream
+    # breaks: the gateway has to close it before its own event.
+    "reset-mid-large-event": stream_fault(
+        [EVENTS[0], sse(chunk("x" * 10_000))[:6000]], "upstream_broken", end="reset"
     ),
     "silence-mid-stream": stream_fault(EVENTS[:2], "upstream_timeout", end="hang"),
     "silence-mid-json-event": stream_fault([EVENTS[0], EVENTS[1][:9]], "upstream_timeout", "hang"),

@@ -47,6 +47,7 @@ events = st.one_of(
     st.builds(lambda n: data_event({"error": {"message": "model died"}}, n), newlines),
     st.builds(lambda n: b"data: {broken" + n + n, newlines),
     st.binary(max_size=16),
+    st.builds(lambda n: data_event(chunk("x" * 20_000), n), newlines),  # too big to hold back
 )
 complete_answers = st.builds(
     lambda text, n: [
