@@ -17,7 +17,7 @@ from helpers import make_config
 from scripted_upstream import ScriptedUpstream
 
 from chatmem import create_app
-from chatmem.mock_upstream import create_mock_app
+from chatmem.mock_upstream import RECEIVED, ReceivedRequest, create_mock_app
 
 T = TypeVar("T")
 
@@ -69,6 +69,10 @@ class LiveGateway:
         await self.scripted.close()
         for server in self._servers:
             await server.close()
+
+    def received(self) -> list[ReceivedRequest]:
+        """What the mock model received, oldest first."""
+        return list(self._servers[0].app[RECEIVED])
 
     def message_count(self) -> int:
         with sqlite3.connect(self.db) as conn:

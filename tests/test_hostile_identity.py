@@ -193,9 +193,11 @@ FAULTS = [
 
 
 def test_tenants_sharing_an_id_stay_apart_under_faults(live: LiveGateway) -> None:
-    """Team A's turns all fail (one fault after another, through the scripted upstream)
-    while team B's succeed concurrently under the same conversation id: B's history has
-    exactly B's turns, A has nothing stored, and a third team sees neither."""
+    """Team A has one turn, then its turns all fail (one fault after another, through the
+    scripted upstream) while team B's succeed concurrently under the same conversation id:
+    B's history has exactly B's turns, A's exactly its one, the model never saw one team's
+    text in the other's request, A's next turn carries only A's turn, and a third team
+    sees neither."""
 
     async def turn(client: Any, auth: dict[str, str], text: str) -> int:
         resp = await client.post(
@@ -207,7 +209,7 @@ def test_tenants_sharing_an_id_stay_apart_under_faults(live: LiveGateway) -> Non
         return int(resp.status)
 
     async def scenario() -> list[int]:
-        statuses = []
+        statuses = [await turn(live.mocked, TENANT_A, "a-first")]
         for round_, fault in enumerate(FAULTS * 2):
             live.scripted.script = fault
             statuses += await asyncio.gather(
@@ -222,10 +224,32 @@ def test_tenants_sharing_an_id_stay_apart_under_faults(live: LiveGateway) -> Non
     assert [json.loads(m["content"]) for m in b_rows[::2]] == [
         f"b-{i}" for i in range(len(FAULTS) * 2)
     ]
-    assert live.stored("shared", tenant="team-a") == []
+    a_rows = live.stored("shared", tenant="team-a")
+    assert [(m["role"], json.loads(m["content"])[:12]) for m in a_rows] == [
+        ("user", "a-first"),
+        ("assistant", "Echo a-first"),
+    ]
+    # What the model was sent for B never carried anything of A's, and the reverse.
+    for request in live.received():
+        texts = [m["content"] for m in request.json["messages"]]
+        mine = {t[0] for t in texts if t.startswith(("a-", "b-"))}
+        assert len(mine) == 1, texts
+    live.scripted.script = Script(chunks=[b"".join(answer_events())])
+
+    async def probe() -> list[Any]:
+        await turn(live.direct, TENANT_A, "a-probe")
+        return list(json.loads(live.scripted.requests[-1][3])["messages"])
+
+    assert [m["content"] for m in live.run(probe())] == [
+        "a-first",
+        json.loads(a_rows[1]["content"]),
+        "a-probe",
+    ]
 
     async def look(auth: dict[str, str]) -> tuple[int, Any, Any]:
-        items = await live.mocked.get("/v1/conversations/shared/items?limit=100", headers=auth)
+        items = await live.mocked.get(
+            "/v1/conversations/shared/items?limit=100&order=asc", headers=auth
+        )
         listing = await live.mocked.get("/v1/conversations", headers=auth)
         return items.status, await items.json(), await listing.json()
 
@@ -234,6 +258,7 @@ def test_tenants_sharing_an_id_stay_apart_under_faults(live: LiveGateway) -> Non
     asked = {i["content"] for i in items["data"] if i["role"] == "user"}
     assert asked == {f"b-{i}" for i in range(len(FAULTS) * 2)}
     assert [c["id"] for c in listing["data"]] == ["shared"]
-    for outsider in (TENANT_A, INTRUDER):
-        status, items, listing = live.run(look(outsider))
-        assert status == 404 and listing["data"] == []
+    status, items, listing = live.run(look(INTRUDER))
+    assert status == 404 and listing["data"] == []
+    status, items, listing = live.run(look(TENANT_A))
+    assert [i["content"] for i in items["data"] if i["role"] == "user"] == ["a-first", "a-probe"]
