@@ -6,7 +6,8 @@
 It starts the mock model (``chatmem mock-upstream``) and the gateway (``chatmem serve`` on
 a fresh SQLite file) as real processes on 127.0.0.1, then runs ``--rounds`` rounds: in
 each, every stream is started at once (``streams / conversations`` concurrent turns per
-conversation), each reads its answer to the end. Afterwards it checks the database: each
+conversation, each round with conversations of its own so that rounds are the same
+work), each reads its answer to the end. Afterwards it checks the database: each
 conversation holds exactly its turns, every question once, each answer right after its
 question and echoing it; and the store passes ``check_integrity``. The gateway's RSS is
 sampled before, during (peak) and after each round, and after a pause at the end.
@@ -75,16 +76,22 @@ class Result:
         )
 
 
+def conversation_id(rnd: int, conv: int) -> str:
+    """Each round has its own conversations, so rounds are the same work and RSS after
+    one round can be compared with RSS after the next."""
+    return f"load-r{rnd}-c{conv}"
+
+
 def question(rnd: int, conv: int, k: int) -> str:
     return f"load round {rnd} conversation {conv} turn {k}"
 
 
 async def _stream(
-    session: aiohttp.ClientSession, url: str, conv: int, text: str, headers: dict[str, str]
+    session: aiohttp.ClientSession, url: str, conv: str, text: str, headers: dict[str, str]
 ) -> str | None:
     """One streaming turn read to the end; None if it completed, else what went wrong."""
     body = {"model": "load", "stream": True, "messages": [{"role": "user", "content": text}]}
-    headers = {**headers, "X-Conversation-Id": f"load-{conv}"}
+    headers = {**headers, "X-Conversation-Id": conv}
     try:
         async with session.post(f"{url}/chat/completions", json=body, headers=headers) as resp:
             data = await resp.read()
@@ -123,7 +130,7 @@ async def run_round(
                 text = question(rnd, conv, k)
                 # Enough tokens for the whole echo: "Echo", the words, "(n messages)".
                 h = {**headers, "X-Mock-Tokens": str(max(tokens, len(text.split()) + 2))}
-                jobs.append(_stream(session, url, conv, text, h))
+                jobs.append(_stream(session, url, conversation_id(rnd, conv), text, h))
         outcomes = await asyncio.gather(*jobs)
     result.wall_s = time.monotonic() - started
     stop.set()
@@ -149,15 +156,16 @@ def check_turns(db: Path, result: Result) -> None:
     for conv_id, role, content in rows:
         by_conversation.setdefault(conv_id, []).append((role, json.loads(content)))
     asked: list[str] = []
-    for conv in range(result.conversations):
-        stored = by_conversation.get(f"load-{conv}", [])
-        for position in range(0, len(stored), 2):
-            user, answer = stored[position], stored[position + 1 : position + 2]
-            asked.append(user[1])
-            adjacent = user[0] == "user" and answer and answer[0][0] == "assistant"
-            own = f" conversation {conv} turn " in str(user[1])  # asked in this conversation
-            if not (adjacent and own and str(answer[0][1]).startswith(f"Echo {user[1]} (")):
-                result.misplaced_answers += 1
+    for rnd in range(len(result.rounds)):
+        for conv in range(result.conversations):
+            stored = by_conversation.get(conversation_id(rnd, conv), [])
+            for position in range(0, len(stored), 2):
+                user, answer = stored[position], stored[position + 1 : position + 2]
+                asked.append(user[1])
+                adjacent = user[0] == "user" and answer and answer[0][0] == "assistant"
+                own = str(user[1]).startswith(f"load round {rnd} conversation {conv} turn ")
+                if not (adjacent and own and str(answer[0][1]).startswith(f"Echo {user[1]} (")):
+                    result.misplaced_answers += 1
     expected = {
         question(rnd, conv, k)
         for rnd in range(len(result.rounds))
@@ -189,7 +197,7 @@ async def run(
     *,
     streams: int,
     conversations: int,
-    rounds: int = 2,
+    rounds: int = 4,
     tokens: int = 16,
     delay_ms: float = 20.0,
     pause_s: float = 5.0,
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--pause", type=float, default=5.0, help="seconds before the last RSS")
