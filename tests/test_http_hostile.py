@@ -163,6 +163,25 @@ def test_slow_headers_are_cut_off(server: Server) -> None:
         assert closed_by_server(sock, head, limit_s=IDLE_TIMEOUT * 10)
 
 
+def test_slow_body_is_408(server: Server) -> None:
+    """A client that sends its head and then trickles the body gets 408 once
+    server.idle_timeout has passed since the head, however steadily it sends."""
+    head = POST + b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    with server.connect() as sock:
+        sock.sendall(head + BODY[:10])
+        sock.settimeout(0.05)
+        received = b""
+        deadline = time.monotonic() + IDLE_TIMEOUT * 10
+        while b"request_timeout" not in received and time.monotonic() < deadline:
+            try:
+                sock.send(b" ")
+                received += sock.recv(65536)
+            except TimeoutError:
+                continue
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b'"code": "request_timeout"' in received
+
+
 def test_idle_connections_are_closed_and_given_back(server: Server) -> None:
     """200 connections that never send a full head (half of them start one): all closed
     by the server, their file descriptors freed, and serving goes on."""

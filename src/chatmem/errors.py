@@ -4,6 +4,7 @@ ChatmemError                 status, type, code; ``message`` is safe to show a c
 ├── InvalidRequest           400 invalid_request_error (bad JSON, wrong field, bad id)
 ├── Unauthorized             401 authentication_error
 ├── NotFound                 404 not_found_error (also for other tenants' objects)
+├── RequestTimeout           408 invalid_request_error (the body did not arrive in time)
 ├── PayloadTooLarge          413 invalid_request_error
 ├── StorageUnavailable       503 the database did not answer
 └── UpstreamError            502 upstream unreachable or broken
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "StorageUnavailable",
     "Unauthorized",
     "UpstreamAuthFailed",
@@ -63,6 +65,13 @@ class NotFound(ChatmemError):
     status = 404
     type = "not_found_error"
     code = "not_found"
+
+
+class RequestTimeout(ChatmemError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    headers = {"Connection": "close"}
 
 
 class PayloadTooLarge(ChatmemError):

@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import InvalidRequest, PayloadTooLarge, error_body
+from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
+from ..state import GATEWAY
 
 __all__ = ["error_event", "json_object", "json_response", "read_body"]
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refusing (413) anything over ``limit`` bytes early."""
+    """The whole request body, refusing (413) anything over ``limit`` bytes early, and
+    (408) a body that has not fully arrived ``server.idle_timeout`` seconds after the
+    request head: a client trickling its body must not hold the handler forever."""
     too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
+    gateway = request.config_dict.get(GATEWAY)
+    deadline = gateway.config.server.idle_timeout if gateway is not None else None
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(65536):
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline):
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {deadline:g} seconds"
+        ) from None
     return b"".join(chunks)
 
 
