@@ -53,8 +53,9 @@ class ServerConfig:
     # Seconds a connection may go without a complete request head: from when it opens, or
     # from the previous response on a kept-alive one. Closes slow-header (slowloris) and
     # idle connections (aiohttp's keepalive_timeout, which runs from the connection's start).
-    # Also the time a JSON request body has to arrive in full (else 408).
-    idle_timeout: float = 75.0
+    # Also the time a JSON request body has to arrive in full (else 408). Longer than
+    # Caddy's upstream keep-alive (2 min), so Caddy never reuses a connection being closed.
+    idle_timeout: float = 130.0
 
 
 @dataclass(frozen=True, slots=True)
