@@ -9,7 +9,7 @@ each, every stream is started at once (``streams / conversations`` concurrent tu
 conversation, each round with conversations of its own so that rounds are the same
 work), each reads its answer to the end. Afterwards it checks the database: each
 conversation holds exactly its turns, every question once, each answer right after its
-question and echoing it; and the store passes ``check_integrity``. The gateway's RSS is
+question and echoing it; and ``chatmem db check --chat-only`` finds nothing. The gateway's RSS is
 sampled before, during (peak) and after each round, and after a pause at the end.
 Results are printed and written as JSON (``--json``, default ``benchmarks/load.json``).
 """
@@ -179,9 +179,12 @@ def check_turns(db: Path, result: Result) -> None:
 
 
 def integrity(db: Path) -> list[str]:
-    """``chatmem check-db`` on the database: the problems it prints, one a line."""
+    """``chatmem db check --chat-only`` on the database: the problems it prints, one a line."""
     check = subprocess.run(
-        [sys.executable, "-m", "chatmem", "check-db", "--db", f"sqlite+aiosqlite:///{db}"],
+        [
+            *(sys.executable, "-m", "chatmem", "db", "check", "--chat-only"),
+            *("--db", f"sqlite+aiosqlite:///{db}"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -189,7 +192,7 @@ def integrity(db: Path) -> list[str]:
     )
     problems = check.stdout.splitlines()
     if check.returncode and not problems:
-        problems = [f"check-db exited {check.returncode}: {check.stderr.strip()}"]
+        problems = [f"db check exited {check.returncode}: {check.stderr.strip()}"]
     return problems
 
 

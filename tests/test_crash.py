@@ -66,7 +66,7 @@ async def chat(
 async def integrity(db: Path) -> list[str]:
     store = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db}")))
     try:
-        return await check_integrity(store)
+        return await check_integrity(store, chat_only=True)
     finally:
         await store.close()
 
@@ -130,7 +130,8 @@ async def test_kill_9_mid_streams_then_restart(tmp_path: Path, mock_url: str) ->
 
     assert await integrity(db) == []
     check = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "chatmem", "check-db", "--db", f"sqlite+aiosqlite:///{db}"],
+        *[sys.executable, "-m", "chatmem", "db", "check", "--chat-only"],
+        *["--db", f"sqlite+aiosqlite:///{db}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={"PYTHONPATH": SRC},
