@@ -306,6 +306,7 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
             "platform": platform.platform(),
         },
         "rounds": args.rounds,
+        "gateway_workers": args.workers,
         "scenarios": {},
         "raw": {},
     }
@@ -344,6 +345,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", help="run the scenarios whose name contains this")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     args = parser.parse_args()
     if args.quick:
         args.rounds = min(args.rounds, 2)
@@ -367,6 +369,8 @@ def main() -> int:
             f"http://127.0.0.1:{up_port}/v1",
             "--db",
             f"sqlite+aiosqlite:///{db}",
+            "--workers",
+            str(args.workers),
         ],
         f"http://127.0.0.1:{gw_port}/v1/health",
     )

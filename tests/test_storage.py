@@ -4,6 +4,7 @@ turns, history windows, concurrency, retries, retention; SQLite pragmas."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -169,7 +170,8 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
         nulls = conn.execute(
             "SELECT count(*) FROM messages WHERE tool_calls IS NULL AND usage IS NULL"
         ).fetchone()[0]
-    assert row[0] == '{"total_tokens": 3}' and row[1] == "r" and row[2] is None
+    assert json.loads(row[0]) == {"total_tokens": 3} and row[1] == "r" and row[2] is None
+    assert isinstance(row[0], str)  # TEXT, as SQLAlchemy's JSON type stores it
     assert nulls == 4  # SQL NULL, never the JSON text "null"
 
 

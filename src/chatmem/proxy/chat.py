@@ -4,7 +4,6 @@ the older services' endpoints all run through :func:`run_turn`)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .. import jsonio
 from ..auth import authenticate
 from ..errors import (
     ChatmemError,
@@ -178,7 +178,7 @@ async def _forward(
 
 def _completed_turn(body: bytes) -> AssistantTurn | None:
     try:
-        parsed = json.loads(body)
+        parsed = jsonio.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
         return None
     turn = turn_from_completion(parsed) if isinstance(parsed, dict) else None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from .. import jsonio
 from ..errors import InvalidRequest
 from ..storage import History
 from .http import json_object
@@ -52,7 +52,7 @@ class ChatRequest:
         system = self.system if self.system is not None else (history.system or [])
         body = dict(self.body)
         body["messages"] = [*system, *history.messages, *self.messages]
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return jsonio.dumps(body)
 
 
 def _conversation_from_body(value: object) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import jsonio
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
 from ..state import GATEWAY
 
@@ -42,8 +43,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; 400 otherwise."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
+        body = jsonio.loads(raw)
+    except (ValueError, RecursionError):  # nested too deep
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")

@@ -16,12 +16,13 @@ encoding as SQLAlchemy's ``JSON`` type, so both paths read each other's rows.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from .. import jsonio
 
 __all__ = ["SQLiteTurns"]
 
@@ -60,11 +61,11 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
+    return None if value is None else jsonio.dumps(value).decode()
 
 
 def _load(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+    return None if value is None else jsonio.loads(value)
 
 
 class SQLiteTurns:
