@@ -288,9 +288,17 @@ def draw(results: dict[str, Any], path: Path) -> None:
             else 0.0
             for n in names
         ]
-        ax.bar([i + offset for i in range(len(names))], values, width, label=f"chatmem {target}")
+        bars = ax.bar(
+            [i + offset for i in range(len(names))], values, width, label=f"chatmem {target}"
+        )
+        labels = [
+            f"{v:.2f}" if target in results["scenarios"][n] else ""
+            for n, v in zip(names, values, strict=True)
+        ]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
+    ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("added p50 latency vs direct (ms)")
+    ax.set_ylabel("added p50 latency vs direct (ms, log above 1)")
     ax.set_title("chatmem: latency added over a direct connection (median of rounds)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend()
