@@ -12,7 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+ROOT = Path(__file__).resolve().parents[1]
+SRC = f"{ROOT / 'src'}:{ROOT}"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -41,10 +42,10 @@ def free_port() -> int:
     return port
 
 
-def start(args: list[str], ready_url: str, timeout: float = 30.0) -> Proc:
-    """``python -m chatmem <args>`` from this checkout, once ``ready_url`` answers."""
+def start(args: list[str], ready_url: str, timeout: float = 30.0, module: str = "chatmem") -> Proc:
+    """``python -m <module> <args>`` from this checkout, once ``ready_url`` answers."""
     popen = subprocess.Popen(
-        [sys.executable, "-m", "chatmem", *args],
+        [sys.executable, "-m", module, *args],
         env={**os.environ, "PYTHONPATH": SRC},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -52,7 +53,7 @@ def start(args: list[str], ready_url: str, timeout: float = 30.0) -> Proc:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            raise RuntimeError(f"chatmem {' '.join(args)} exited with {popen.returncode}")
+            raise RuntimeError(f"{module} {' '.join(args)} exited with {popen.returncode}")
         try:
             with urllib.request.urlopen(ready_url, timeout=1):
                 return Proc(popen)

@@ -4,8 +4,9 @@
     python -m benchmarks.run --quick    # tiny counts: checks that the benchmark works
 
 It starts the mock upstream and the gateway as real processes on 127.0.0.1, then runs each
-scenario against three targets in alternating rounds (so machine drift hits all alike):
-``direct`` (the upstream itself), ``memory`` (chatmem's /v1/chat/completions with a
+scenario against its targets in alternating rounds (so machine drift hits all alike):
+``direct`` (the upstream itself), ``bare`` (a 40-line aiohttp relay, benchmarks/bare_hop.py:
+the floor of any aiohttp hop), ``memory`` (chatmem's /v1/chat/completions with a
 conversation id) and ``passthrough`` (chatmem's plain relay, /v1/completions). It prints a
 table of medians, writes the raw samples as JSON and draws a PNG of the added latency.
 """
@@ -41,7 +42,7 @@ class Scenario:
     tokens: int = 16
     delay_ms: float = 0.0
     history: int = 0  # stored messages in the conversation (memory target)
-    targets: tuple[str, ...] = ("direct", "memory", "passthrough")
+    targets: tuple[str, ...] = ("direct", "bare", "memory", "passthrough")
 
 
 @dataclass
@@ -70,17 +71,27 @@ def scenarios(quick: bool) -> list[Scenario]:
             256,
             tokens=16 if quick else 32,
             delay_ms=20,
-            targets=("direct", "memory"),
+            targets=("direct", "bare", "memory"),
         ),
-        Scenario("history 10", False, 1, 150 // n, history=10, targets=("direct", "memory")),
-        Scenario("history 1000", False, 1, 150 // n, history=1000, targets=("direct", "memory")),
-        Scenario("history 10000", False, 1, 150 // n, history=10000, targets=("direct", "memory")),
+        Scenario(
+            "history 10", False, 1, 150 // n, history=10, targets=("direct", "bare", "memory")
+        ),
+        Scenario(
+            "history 1000", False, 1, 150 // n, history=1000, targets=("direct", "bare", "memory")
+        ),
+        Scenario(
+            "history 10000", False, 1, 150 // n, history=10000, targets=("direct", "bare", "memory")
+        ),
     ]
 
 
 class Bench:
-    def __init__(self, upstream: str, gateway: str, gateway_proc: Proc, db: Path) -> None:
+    def __init__(
+        self, upstream: str, bare: str, gateway: str, gateway_proc: Proc, db: Path
+    ) -> None:
         self.upstream = upstream
+        self.bare = bare
+        self.bare_proc: Proc | None = None
         self.gateway = gateway
         self.gateway_proc = gateway_proc
         self.db = db
@@ -102,10 +113,11 @@ class Bench:
             headers["X-Mock-Delay-Ms"] = str(sc.delay_ms)
         question = {"role": "user", "content": f"question {self.counter} from client {client}"}
         body: dict[str, Any] = {"model": "bench", "messages": [question], "stream": sc.stream}
-        if target == "direct":
+        if target in ("direct", "bare"):
             # A client without chatmem must send the history itself.
             body["messages"] = [*self.window(sc.history), question]
-            return f"{self.upstream}/chat/completions", body, headers
+            base = self.upstream if target == "direct" else self.bare
+            return f"{base}/chat/completions", body, headers
         if target == "passthrough":
             # The plain relay: the same answer as legacy completions, no memory involved.
             prompt = {"model": "bench", "prompt": question["content"], "stream": sc.stream}
@@ -151,12 +163,14 @@ class Bench:
             for _ in queue:
                 await self.one(sc, target, client, sample)
 
-        cpu0 = cpu_seconds(self.gateway_proc.pid)
+        # CPU of the relay the target goes through: the gateway, or the bare hop.
+        relay = self.bare_proc if target == "bare" and self.bare_proc else self.gateway_proc
+        cpu0 = cpu_seconds(relay.pid)
         self_cpu0 = time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in range(sc.concurrency)))
         sample.wall_s = time.perf_counter() - t0
-        sample.gateway_cpu_s = cpu_seconds(self.gateway_proc.pid) - cpu0
+        sample.gateway_cpu_s = 0.0 if target == "direct" else cpu_seconds(relay.pid) - cpu0
         sample.loadgen_cpu_s = time.process_time() - self_cpu0
         return sample
 
@@ -256,7 +270,7 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
 def print_table(results: dict[str, Any]) -> None:
     head = (
         f"{'scenario':<17}{'target':<12}{'p50 ms':>9}{'p99 ms':>9}{'ttft ms':>9}"
-        f"{'req/s':>9}{'gw cpu ms':>10}{'added p50':>10}{'x direct':>9}"
+        f"{'req/s':>9}{'hop cpu ms':>11}{'added p50':>10}{'x direct':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -267,7 +281,7 @@ def print_table(results: dict[str, Any]) -> None:
             ratio = m["rps"] / direct["rps"] if direct["rps"] else float("nan")
             print(
                 f"{name:<17}{target:<12}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
-                f"{m['ttft_p50_ms']:>9.2f}{m['rps']:>9.0f}{m['gateway_cpu_ms_per_req']:>10.3f}"
+                f"{m['ttft_p50_ms']:>9.2f}{m['rps']:>9.0f}{m['gateway_cpu_ms_per_req']:>11.3f}"
                 f"{added:>10.2f}{ratio:>9.2f}"
             )
 
@@ -280,8 +294,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     names = list(results["scenarios"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.38
-    for offset, target in ((-width / 2, "memory"), (width / 2, "passthrough")):
+    width = 0.27
+    for offset, target in ((-width, "bare"), (0.0, "memory"), (width, "passthrough")):
         values = [
             results["scenarios"][n][target]["p50_ms"] - results["scenarios"][n]["direct"]["p50_ms"]
             if target in results["scenarios"][n]
@@ -289,7 +303,10 @@ def draw(results: dict[str, Any], path: Path) -> None:
             for n in names
         ]
         bars = ax.bar(
-            [i + offset for i in range(len(names))], values, width, label=f"chatmem {target}"
+            [i + offset for i in range(len(names))],
+            values,
+            width,
+            label="bare aiohttp relay" if target == "bare" else f"chatmem {target}",
         )
         labels = [
             f"{v:.2f}" if target in results["scenarios"][n] else ""
@@ -363,7 +380,7 @@ def main() -> int:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
-    up_port, gw_port = free_port(), free_port()
+    up_port, gw_port, bare_port = free_port(), free_port(), free_port()
     upstream = start(
         ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
         f"http://127.0.0.1:{up_port}/v1/models",
@@ -382,18 +399,29 @@ def main() -> int:
         ],
         f"http://127.0.0.1:{gw_port}/v1/health",
     )
+    bare = start(
+        [f"http://127.0.0.1:{up_port}", str(bare_port)],
+        f"http://127.0.0.1:{bare_port}/health",
+        module="benchmarks.bare_hop",
+    )
     try:
         prefill(db, sorted({s.history for s in chosen if s.history}))
 
         async def run() -> dict[str, Any]:
             bench = Bench(
-                f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{gw_port}/v1", gateway, db
+                f"http://127.0.0.1:{up_port}/v1",
+                f"http://127.0.0.1:{bare_port}/v1",
+                f"http://127.0.0.1:{gw_port}/v1",
+                gateway,
+                db,
             )
+            bench.bare_proc = bare
             return await measure(args, bench, chosen)
 
         results = asyncio.run(run())
     finally:
         gateway.stop()
+        bare.stop()
         upstream.stop()
     print_table(results)
     if "held_streams" in results:
