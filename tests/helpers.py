@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,23 @@ from chatmem.config import Config, load_config
 from chatmem.mock_upstream import RECEIVED, ReceivedRequest
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+# This checkout's code, whichever copy of chatmem happens to be installed.
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_chatmem(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m chatmem <args>`` from this checkout, to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatmem", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**(env if env is not None else os.environ), "PYTHONPATH": SRC},
+    )
 
 
 def upstream_url(server: TestServer) -> str:
@@ -119,18 +139,12 @@ class Process:
     def __init__(
         self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> None:
-        import os
-        import subprocess
-        import sys
-
         self.args = args
-        # This checkout's code, whichever copy of chatmem happens to be installed.
-        src = str(Path(__file__).resolve().parents[1] / "src")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatmem", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": src, **(env or {})},
+            env={**os.environ, "PYTHONPATH": SRC, **(env or {})},
             cwd=cwd,
         )
 

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from helpers import Process, free_port
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from helpers import Process, free_port, run_chatmem
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chatmem", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**(env if env is not None else os.environ), "PYTHONPATH": SRC},
-    )
+    return run_chatmem(*args, env=env)
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, make_config, received, upstream_url
+from helpers import GatewayFactory, Rows, make_config, received, run_chatmem, upstream_url
 from scripted_upstream import Script, scripted_upstream
 
 import chatmem
@@ -104,14 +101,9 @@ def conversation_command(client: Client, body: str, token: str | None) -> list[s
 
 def seed_token(secret: str = SECRET, claims: str = CLAIMS) -> str:
     """``export JWT_TOKEN="Bearer $(jwt_util.py --secret ... encode ...)"``, with chatmem."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    encoded = subprocess.run(
-        [sys.executable, "-m", "chatmem", "token", "encode", "--secret", secret, claims],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": src},
-    ).stdout.strip()
+    result = run_chatmem("token", "encode", "--secret", secret, claims)
+    assert result.returncode == 0, result.stderr
+    encoded = result.stdout.strip()
     return f"Bearer {encoded}"
 
 

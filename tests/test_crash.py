@@ -16,13 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import Process, free_port
+from helpers import SRC, Process, free_port
 
 from chatmem.config import StorageConfig
 from chatmem.storage import Store, create_engine
 from chatmem.storage.integrity import check_integrity
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 STREAMS = 50
 
 

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SRC
 
 from chatmem.config import StorageConfig
 from chatmem.storage import Owner, Store, create_engine
 from chatmem.storage.integrity import check_integrity
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TURN = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 

@@ -3,15 +3,14 @@ down and up again, and the start-up check migrates only an empty database."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from helpers import run_chatmem
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,8 +25,6 @@ from chatmem.storage.migrate import (
     head_revision,
     upgrade,
 )
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture
@@ -119,14 +116,7 @@ async def test_a_database_made_before_migrations_is_adopted(engine: AsyncEngine)
 
 
 def chatmem(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chatmem", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": SRC},
-    )
+    return run_chatmem(*args, cwd=cwd)
 
 
 def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from helpers import upstream_url
+from helpers import run_chatmem, upstream_url
 from sqlalchemy import text
 
 from chatmem import create_app
@@ -20,7 +18,6 @@ from chatmem.config import ConfigError, StorageConfig, load_config
 from chatmem.storage import Owner, Store, create_engine
 from chatmem.storage.retention import parse_age
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 OWNER = Owner("default")
 
 
@@ -95,14 +92,7 @@ async def test_no_retention_keeps_everything(
 
 
 def chatmem(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chatmem", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": SRC},
-    )
+    return run_chatmem(*args, cwd=cwd)
 
 
 async def test_db_prune_command(storage_url: str, tmp_path: Path) -> None:
