@@ -18,7 +18,14 @@ from .proxy.conversations import add_conversation_routes
 from .proxy.http import json_response
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
-from .tracking import ROUTE_PREFIX, count_response, drain, metrics_endpoint, track
+from .tracking import (
+    ROUTE_PREFIX,
+    count_response,
+    drain,
+    is_chatmem_route,
+    metrics_endpoint,
+    track,
+)
 
 __all__ = ["create_app", "setup"]
 
@@ -62,11 +69,6 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-def _is_chatmem_route(request: web.Request) -> bool:
-    name = request.match_info.route.name
-    return name is not None and name.startswith(ROUTE_PREFIX)
-
-
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Our exceptions become OpenAI-style errors; the host app's routes are left alone."""
@@ -77,7 +79,7 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException:
         raise
     except Exception:
-        if not _is_chatmem_route(request):
+        if not is_chatmem_route(request):
             raise
         log.exception("unhandled error in %s %s", request.method, request.path)
         body = error_body("internal error in the gateway", "server_error", code="internal_error")

@@ -28,6 +28,7 @@ from .config import AuthConfig
 from .errors import Unauthorized
 from .jwks import JwksKeys
 from .storage import Owner
+from .tracking import is_chatmem_route
 
 __all__ = [
     "AUTHENTICATOR",
@@ -198,10 +199,9 @@ async def jwks_middleware(request: web.Request, handler: Handler) -> web.StreamR
     authenticator = request.config_dict[AUTHENTICATOR]
     jwks = authenticator.jwks
     header = request.headers.get("Authorization", "")
-    name = request.match_info.route.name or ""
     if (
         jwks is not None
-        and name.startswith("chatmem.")
+        and is_chatmem_route(request)
         and header[:7].lower() == "bearer "
         and len(header) <= authenticator.config.max_token_bytes + 7
     ):

@@ -16,6 +16,7 @@ __all__ = [
     "UPSTREAM_REQUEST_ID_HEADER",
     "count_response",
     "drain",
+    "is_chatmem_route",
     "metrics_endpoint",
     "track",
 ]
@@ -26,6 +27,12 @@ REQUEST_ID = web.RequestKey("chatmem.request_id", str)
 UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
 
 
+def is_chatmem_route(request: web.Request) -> bool:
+    """Whether ``request`` matched one of chatmem's routes (not the host app's)."""
+    name = request.match_info.route.name
+    return name is not None and name.startswith(ROUTE_PREFIX)
+
+
 @web.middleware
 async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give the request its id (for logs, upstream and the response) and, for chatmem's
@@ -34,8 +41,7 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
-        name = request.match_info.route.name
-        if name is not None and name.startswith(ROUTE_PREFIX):
+        if is_chatmem_route(request):
             with request.config_dict[GATEWAY].live.request():
                 return await handler(request)
         return await handler(request)
