@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import aiohttp
 
 from .metrics import Metrics
+from .proxy.upstream import Answer
 
 __all__ = ["GatewayStopping", "LiveRequests"]
 
@@ -39,7 +40,7 @@ class LiveRequests:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.tasks: set[asyncio.Task[object]] = set()
-        self.streams: dict[asyncio.Task[object], aiohttp.ClientResponse] = {}
+        self.streams: dict[asyncio.Task[object], Answer] = {}
 
     @contextmanager
     def request(self) -> Iterator[None]:
@@ -55,7 +56,7 @@ class LiveRequests:
             self.tasks.discard(task)
 
     @contextmanager
-    def stream(self, upstream: aiohttp.ClientResponse) -> Iterator[None]:
+    def stream(self, upstream: Answer) -> Iterator[None]:
         """Around relaying ``upstream``'s stream: counted, and endable at the deadline."""
         task = asyncio.current_task()
         if task is not None:

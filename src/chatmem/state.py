@@ -60,7 +60,7 @@ class Gateway:
                 task.cancel()
         if self.background:
             await asyncio.wait(self.background, timeout=self.config.server.shutdown_grace)
-        await self.upstream.session.close()
+        await self.upstream.close()
         await self.store.close()
 
     def detach(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:

@@ -135,45 +135,40 @@ async def _forward(
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)
     timer = gateway.metrics.upstream_timer("chat")
-    async with (
-        upstream_failures(),
-        upstream.session.post(
-            upstream.url_for("/chat/completions"),
-            data=chat.upstream_body(history),
-            headers=out,
-            timeout=upstream.timeout,
-        ) as response,
-    ):
-        timer.answered()
-        if response.status in (401, 403) and turn.upstream_auth_is_ours:
-            raise UpstreamAuthFailed(
-                "the upstream refused the gateway's credentials (see upstream.api_key)"
-            )
-        if response.status != 200:
-            return await relay(request, response, headers)
-        reply_headers = filter_headers(response.headers, ("content-length",))
-        reply_headers.update(headers)
-        if turn.render is not None:
-            reply_headers["Content-Type"] = turn.render.content_type
-        if response.content_type == "text/event-stream":
-            with gateway.live.stream(response):
-                return await tee_stream(
-                    request,
-                    response,
-                    reply_headers,
-                    commit,
-                    finish_without_client=gateway.config.memory.on_client_disconnect == "finish",
-                    render=turn.render,
-                    on_first_chunk=timer.first_chunk,
+    async with upstream_failures():
+        response = await upstream.post("/chat/completions", out, chat.upstream_body(history))
+        async with response:
+            timer.answered()
+            if response.status in (401, 403) and turn.upstream_auth_is_ours:
+                raise UpstreamAuthFailed(
+                    "the upstream refused the gateway's credentials (see upstream.api_key)"
                 )
-        body = await response.read()
-        answer = _completed_turn(body)
-        if answer is None:
-            raise UpstreamError("the upstream answered with an invalid chat completion")
-        await commit(answer)
-        if turn.render is not None:  # asked to stream, the upstream answered at once
-            body = (answer.content or "").encode()
-        return web.Response(status=200, body=body, headers=reply_headers)
+            if response.status != 200:
+                return await relay(request, response, headers)
+            reply_headers = filter_headers(response.headers, ("content-length",))
+            reply_headers.update(headers)
+            if turn.render is not None:
+                reply_headers["Content-Type"] = turn.render.content_type
+            if response.content_type == "text/event-stream":
+                with gateway.live.stream(response):
+                    return await tee_stream(
+                        request,
+                        response,
+                        reply_headers,
+                        commit,
+                        finish_without_client=gateway.config.memory.on_client_disconnect
+                        == "finish",
+                        render=turn.render,
+                        on_first_chunk=timer.first_chunk,
+                    )
+            body = await response.read()
+            answer = _completed_turn(body)
+            if answer is None:
+                raise UpstreamError("the upstream answered with an invalid chat completion")
+            await commit(answer)
+            if turn.render is not None:  # asked to stream, the upstream answered at once
+                body = (answer.content or "").encode()
+            return web.Response(status=200, body=body, headers=reply_headers)
 
 
 def _completed_turn(body: bytes) -> AssistantTurn | None:

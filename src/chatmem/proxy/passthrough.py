@@ -10,7 +10,7 @@ from aiohttp import web
 from ..auth import authenticate
 from ..errors import PayloadTooLarge, UpstreamError
 from ..state import GATEWAY
-from .upstream import filter_headers
+from .upstream import Answer, filter_headers
 
 __all__ = ["passthrough", "relay"]
 
@@ -73,7 +73,7 @@ class _LimitedBody:
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Copy ``upstream``'s status, end-to-end headers and raw body to the client."""

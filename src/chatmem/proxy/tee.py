@@ -21,6 +21,7 @@ from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
 from .sse import SSEParser
+from .upstream import Answer
 
 __all__ = ["Renderer", "tee_stream"]
 
@@ -158,7 +159,7 @@ class _Client:
 
 async def tee_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Answer,
     headers: CIMultiDict[str],
     commit: Commit,
     *,

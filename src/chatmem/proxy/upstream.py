@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -11,8 +12,9 @@ from yarl import URL
 from ..config import UpstreamConfig
 from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
+from .pool import UpstreamPool, UpstreamResponse
 
-__all__ = ["HOP_BY_HOP", "Upstream", "filter_headers"]
+__all__ = ["HOP_BY_HOP", "Answer", "Upstream", "filter_headers"]
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -50,16 +52,48 @@ def filter_headers(headers: MultiMapping[str], drop: Iterable[str] = ()) -> CIMu
     return out
 
 
+class Body(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+    def set_exception(self, exc: BaseException) -> None: ...
+
+
+class Answer(Protocol):
+    """An upstream response being relayed: aiohttp's, or the chat path's :mod:`.pool` one."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> Body: ...
+
+    def close(self) -> None: ...
+
+
 class Upstream:
-    """Builds upstream URLs and headers, and owns the pooled client session."""
+    """Builds upstream URLs and headers; owns the connections to the upstream.
+
+    ``pool`` carries the POST of every chat turn (see :mod:`.pool` for why it is not
+    aiohttp's client); ``session`` everything passed through, whatever its method and body.
+    """
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.session = session
         self.base = URL(config.url.rstrip("/"))
         self._prefix = str(self.base)
+        self._path = self.base.raw_path.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self.pool = UpstreamPool(
+            self.base, connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
         )
         self._auth: tuple[str, str] | None = None
         if config.api_key:
@@ -74,6 +108,14 @@ class Upstream:
         return aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
         )
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.session.close()
+
+    async def post(self, tail: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+        """POST ``body`` to ``tail`` (a fixed path of ours, after ``/v1``) on the pool."""
+        return await self.pool.post(self._path + tail, headers, body)
 
     def url_for(self, tail: str, query_string: str = "") -> URL:
         """``tail`` is the part of the client's path after ``/v1``; the origin is fixed.

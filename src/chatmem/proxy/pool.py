@@ -1,0 +1,359 @@
+"""A lean HTTP/1.1 client for the one request every turn makes: the POST upstream.
+
+Why not aiohttp's client, which chatmem uses for everything else: a profile of the gateway
+showed aiohttp's ``ClientSession.post`` spending about 140 us of CPU per request (URL and
+cookie handling, tracing signals, timeout contexts, generic payload writers), a fifth of
+what a whole remembered turn costs.  The chat path needs none of that: one origin, a body
+already in memory, a keep-alive connection.  This module keeps idle connections in a
+stack, writes head and body in one ``write``, and parses the answer with httptools (the
+llhttp parser uvicorn uses); the same POST costs about 45 us.
+
+Failures keep aiohttp's vocabulary, so the relay code handles both clients alike:
+:class:`UpstreamBroken` is an ``aiohttp.ClientConnectionError`` and a read that waits
+longer than ``read_timeout`` raises :class:`UpstreamReadTimeout`, a ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from ..errors import InvalidRequest
+
+__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamReadTimeout", "UpstreamResponse"]
+
+_HIGH_WATER = 256 * 1024
+"""Unread body bytes at which the upstream socket stops being read (the client is slow)."""
+_MAX_IDLE = 512
+"""Idle keep-alive connections kept; more are closed when they come back."""
+
+
+class UpstreamBroken(aiohttp.ClientConnectionError):
+    """The upstream could not be reached, broke the connection or sent invalid HTTP."""
+
+
+class UpstreamReadTimeout(aiohttp.ServerTimeoutError):
+    """Nothing arrived from the upstream for ``read_timeout`` seconds (a TimeoutError)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection and the response being read on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.raw_headers: list[tuple[str, str]] = []
+        self.reason = ""
+        self.status = 0
+        self.framed = False  # Content-Length or chunked: the body does not end with the socket
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False  # any byte of a response arrived
+        self.error: BaseException | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"the upstream sent invalid HTTP: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.complete:
+            return
+        if self.headers_done and not self.framed:
+            self.complete = True  # a body delimited by the end of the connection
+            self._wake()
+        else:
+            self._fail(UpstreamBroken("the upstream closed the connection"))
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200:
+            return  # an interim response: the real one follows
+        self.framed = any(
+            name.lower() in ("content-length", "transfer-encoding") for name, _ in self.raw_headers
+        )
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self.headers_done:  # the end of an interim response
+            self.raw_headers, self.reason = [], ""
+            return
+        self.keep_alive = self.parser.should_keep_alive()  # only known inside the callback
+        self.complete = True
+        self._wake()
+
+    # the reading side
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    async def wait(self, within: float | None) -> None:
+        """Until something happens on the connection; at most ``within`` seconds.
+
+        One timer per wait, not ``asyncio.timeout``: a stream waits once per chunk.
+        """
+        waiter = self.waiter = self.loop.create_future()
+        timer = None if within is None else self.loop.call_later(within, self._timed_out, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing in time"))
+
+    def take(self) -> bytes:
+        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and self.error is None
+            and not self.closed
+            and not self.chunks
+            and self.keep_alive
+        )
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Body:
+    """The response body as it arrives; the shape of aiohttp's ``StreamReader`` that the
+    relays use (``iter_any``, ``set_exception``)."""
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._response = response
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        response = self._response
+        conn = response.conn
+        while True:
+            if conn.error is not None:
+                response.close()
+                raise conn.error
+            if conn.chunks:
+                yield conn.take()
+                continue
+            if conn.complete:
+                response.release()
+                return
+            await conn.wait(response.read_timeout)
+
+    def set_exception(self, exc: BaseException) -> None:
+        """End the body with ``exc``: the next read raises it (used on shutdown)."""
+        self._response.conn._fail(exc)
+
+
+class UpstreamResponse:
+    """Status and headers of an answer, and its body to be read once."""
+
+    def __init__(self, pool: UpstreamPool, conn: _Connection) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.read_timeout = pool.read_timeout
+        self.status = conn.status
+        self.reason: str | None = conn.reason or None
+        self.headers = CIMultiDictProxy(CIMultiDict(conn.raw_headers))
+        self.content = _Body(self)
+        self._done = False
+
+    @property
+    def content_type(self) -> str:
+        value = self.headers.get("Content-Type")
+        if not value:
+            return "application/octet-stream"
+        return value.partition(";")[0].strip().lower()
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.content.iter_any()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self) -> None:
+        """The body was read whole: the connection goes back to the pool if it can."""
+        if not self._done:
+            self._done = True
+            self.pool._put_back(self.conn)
+
+    def close(self) -> None:
+        """Stop reading: the connection is closed, never reused."""
+        if not self._done:
+            self._done = True
+            self.conn.close()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()  # a body not read to its end leaves the connection unusable
+
+
+class UpstreamPool:
+    """Keep-alive connections to one origin, and POSTs on them."""
+
+    def __init__(
+        self, base: URL, *, connect_timeout: float | None, read_timeout: float | None
+    ) -> None:
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"not an http(s) URL: {base}")
+        self.host = base.host
+        self.port = base.port or (443 if base.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if base.scheme == "https" else None
+        )
+        self.host_header = base.host_port_subcomponent or self.host
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def post(self, target: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+        """Send ``body`` to ``target`` (path and query) and wait for the response head.
+
+        A connection taken from the pool may have been closed by the upstream while it was
+        idle; when such a connection ends without a byte of answer the request goes once
+        more on a new connection (the upstream never saw it: it closed before reading).
+        """
+        head = _request_head(target, self.host_header, headers, len(body))
+        while True:
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            conn.send(head + body)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(self.read_timeout)
+            except UpstreamBroken:
+                conn.close()
+                if reused and not conn.received:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return UpstreamResponse(self, conn)
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn._reset()
+                return conn
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                transport, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except OSError as exc:
+            raise UpstreamBroken(f"cannot connect to the upstream: {exc.strerror or exc}") from exc
+        conn.transport = transport  # uvloop calls connection_made a little later
+        return conn
+
+    def _put_back(self, conn: _Connection) -> None:
+        if conn.reusable and not self._closed and len(self._idle) < _MAX_IDLE:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+def _request_head(target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
+    lines = [f"POST {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}")
+    lines.append(f"Content-Length: {length}\r\n\r\n")
+    head = "\r\n".join(lines)
+    breaks = len(lines) + 1
+    if head.count("\n") != breaks or head.count("\r") != breaks:  # inside a name or value
+        raise InvalidRequest("header names and values must not contain line breaks")
+    return head.encode("utf-8", "surrogateescape")

@@ -1,0 +1,228 @@
+"""The chat path's HTTP/1.1 client (chatmem.proxy.pool) against a real keep-alive server.
+
+The server is a bare asyncio server on 127.0.0.1 that answers each request with the next
+scripted raw response, on as many requests per connection as the client sends, and records
+which connection every request came on.  Failures of a single response (reset, garbage,
+timeouts, every framing) are also covered through the whole gateway in test_upstream_faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from yarl import URL
+
+from chatmem.errors import InvalidRequest
+from chatmem.proxy.pool import UpstreamBroken, UpstreamPool, UpstreamReadTimeout
+
+
+def ok(body: bytes, *extra: str) -> bytes:
+    head = ["HTTP/1.1 200 OK", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def chunked(*parts: bytes) -> bytes:
+    out = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for part in parts:
+        out += f"{len(part):x}\r\n".encode() + part + b"\r\n"
+    return out + b"0\r\n\r\n"
+
+
+CLOSE = "close"  # a script entry: close the connection without answering
+
+
+@dataclass
+class KeepAliveServer:
+    """Answers request n with ``script[n]`` (raw bytes), keeping connections open."""
+
+    script: list[bytes | str]
+    requests: list[tuple[int, bytes]] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    @property
+    def url(self) -> URL:
+        return URL(f"http://127.0.0.1:{self.port}/v1")
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.connections += 1
+        number = self.connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                body = await reader.readexactly(length)
+                answer = self.script[len(self.requests)]
+                self.requests.append((number, head + body))
+                if answer == CLOSE:
+                    break
+                assert isinstance(answer, bytes)
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(*script: bytes | str) -> AsyncIterator[KeepAliveServer]:
+    server = KeepAliveServer(list(script))
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        listener.close()
+        for writer in server.writers:
+            writer.close()  # the handler's read ends, and the handler with it
+        await asyncio.sleep(0.01)
+
+
+def pool_for(server: KeepAliveServer, read_timeout: float | None = 30.0) -> UpstreamPool:
+    return UpstreamPool(server.url, connect_timeout=5.0, read_timeout=read_timeout)
+
+
+async def post(pool: UpstreamPool, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await pool.post("/v1/chat/completions", {"Content-Type": "application/json"}, body)
+    async with response:
+        return response.status, await response.read()
+
+
+async def test_turns_share_one_keep_alive_connection_and_the_request_is_exact() -> None:
+    async with serving(ok(b"one"), chunked(b"data: 2\n\n", b"data: [DONE]\n\n"), ok(b"")) as up:
+        pool = pool_for(up)
+        assert await post(pool, b'{"n":1}') == (200, b"one")
+        assert await post(pool) == (200, b"data: 2\n\ndata: [DONE]\n\n")
+        assert await post(pool) == (200, b"")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 1, 1]
+    assert up.requests[0][1] == (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 7\r\n\r\n"
+        b'{"n":1}' % up.port
+    )
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_replaced() -> None:
+    # The second request reaches a connection the server closes without answering, as a
+    # server whose keep-alive timeout ran out does: it goes again on a new connection.
+    async with serving(ok(b"first"), CLOSE, ok(b"second")) as up:
+        pool = pool_for(up)
+        assert await post(pool) == (200, b"first")
+        assert await post(pool, b'{"again":1}') == (200, b"second")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 1, 2]
+    assert up.requests[2][1].endswith(b'{"again":1}')
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:
+    async with serving(CLOSE) as up:
+        pool = pool_for(up)
+        with pytest.raises(UpstreamBroken):
+            await post(pool)
+        await pool.close()
+    assert len(up.requests) == 1  # not sent twice
+
+
+async def test_connection_close_from_the_upstream_is_respected() -> None:
+    async with serving(ok(b"a", "Connection: close"), ok(b"b")) as up:
+        pool = pool_for(up)
+        assert await post(pool) == (200, b"a")
+        assert await post(pool) == (200, b"b")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 2]
+
+
+async def test_a_body_left_unread_closes_its_connection() -> None:
+    async with serving(chunked(b"data: 1\n\n", b"data: 2\n\n"), ok(b"next")) as up:
+        pool = pool_for(up)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        async with response:
+            pass  # the client went away before the body was read
+        assert await post(pool) == (200, b"next")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 2]
+
+
+async def test_an_interim_response_is_skipped() -> None:
+    async with serving(b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"real")) as up:
+        pool = pool_for(up)
+        assert await post(pool) == (200, b"real")
+        await pool.close()
+
+
+async def test_status_reason_and_headers_are_the_upstreams() -> None:
+    raw = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nX-A: 1\r\nX-A: 2\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    async with serving(raw) as up:
+        pool = pool_for(up)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        async with response:
+            assert (response.status, response.reason) == (429, "Too Many Requests")
+            assert response.headers["retry-after"] == "7"
+            assert response.headers.getall("X-A") == ["1", "2"]
+            assert response.content_type == "application/octet-stream"
+            assert await response.read() == b"{}"
+        await pool.close()
+
+
+async def test_a_large_body_for_a_slow_reader_arrives_whole() -> None:
+    # Far above the high-water mark: reading pauses and resumes, nothing is lost.
+    body = bytes(range(256)) * 8192  # 2 MiB
+    async with serving(ok(body), ok(body)) as up:
+        pool = pool_for(up)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        received = bytearray()
+        async with response:
+            async for data in response.content.iter_any():
+                received += data
+                await asyncio.sleep(0)  # a reader slower than the socket
+        assert bytes(received) == body
+        assert await post(pool) == (200, body)  # and the connection is still usable
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 1]
+
+
+async def test_waiting_longer_than_read_timeout_is_a_timeout() -> None:
+    async with serving(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345") as up:
+        pool = pool_for(up, read_timeout=0.2)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        with pytest.raises(UpstreamReadTimeout):
+            async with response:
+                await response.read()
+        await pool.close()
+    assert issubclass(UpstreamReadTimeout, TimeoutError)  # what the relays catch
+
+
+async def test_a_refused_connection_is_broken() -> None:
+    async with serving() as up:
+        port = up.port
+    pool = UpstreamPool(URL(f"http://127.0.0.1:{port}"), connect_timeout=5, read_timeout=5)
+    with pytest.raises(UpstreamBroken, match="cannot connect"):
+        await post(pool)
+
+
+async def test_line_breaks_cannot_smuggle_headers() -> None:
+    async with serving(ok(b"")) as up:
+        pool = pool_for(up)
+        with pytest.raises(InvalidRequest):
+            await pool.post("/v1/x", {"X-A": "1\r\nX-Injected: 2"}, b"")
+        with pytest.raises(InvalidRequest):
+            await pool.post("/v1/x", {"X-A": "1\rX-Injected: 2"}, b"")
+        await pool.close()
+    assert up.requests == []
