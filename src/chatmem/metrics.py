@@ -40,6 +40,24 @@ _multiprocess_collector: Callable[..., object] = MultiProcessCollector
 _TOKEN_KINDS = (("prompt_tokens", "prompt"), ("completion_tokens", "completion"))
 
 
+class _Children:
+    """A labelled metric's children by label values.
+
+    ``labels()`` validates, locks and builds a key on every call; the hot path asks for the
+    same few children on every request, so each is looked up once.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -84,9 +102,12 @@ class Metrics:
             ("tenant", "kind"),
             registry=r,
         )
+        self._requests = _Children(self.requests)
+        self._upstream_latency = _Children(self.upstream_latency)
+        self._upstream_tokens = _Children(self.upstream_tokens)
 
     def response_started(self, route: str, status: int) -> None:
-        self.requests.labels(route, str(status)).inc()
+        self._requests(route, str(status)).inc()
 
     def upstream_timer(self, route: str) -> UpstreamTimer:
         return UpstreamTimer(self, route)
@@ -113,7 +134,7 @@ class Metrics:
             for field, kind in _TOKEN_KINDS:
                 count = usage.get(field)
                 if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-                    self.upstream_tokens.labels(tenant, kind).inc(count)
+                    self._upstream_tokens(tenant, kind).inc(count)
 
     def exposition(self) -> bytes:
         if self.multiprocess_dir is None:
@@ -135,9 +156,7 @@ class UpstreamTimer:
         self._first = False
 
     def answered(self) -> None:
-        self._metrics.upstream_latency.labels(self._route).observe(
-            time.perf_counter() - self._started
-        )
+        self._metrics._upstream_latency(self._route).observe(time.perf_counter() - self._started)
 
     def first_chunk(self) -> None:
         if not self._first:

@@ -15,7 +15,7 @@ from .shutdown import LiveRequests
 from .storage import Store, create_engine
 from .storage.retention import prune_periodically
 
-__all__ = ["GATEWAY", "Gateway"]
+__all__ = ["GATEWAY", "Gateway", "gateway_of"]
 
 T = TypeVar("T")
 
@@ -71,3 +71,18 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("chatmem.gateway", Gateway)
+
+
+_CACHED = web.RequestKey("chatmem.gateway", Gateway)
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    """The request's gateway, looked up once per request.
+
+    ``request.config_dict`` builds a new chain of the app and its parents on every access
+    (chatmem may be mounted in a sub-app), and a turn asks for the gateway several times.
+    """
+    gateway = request.get(_CACHED)
+    if gateway is None:
+        gateway = request[_CACHED] = request.config_dict[GATEWAY]
+    return gateway

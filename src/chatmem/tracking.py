@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
-from .state import GATEWAY
+from .state import GATEWAY, gateway_of
 
 __all__ = [
     "REQUEST_ID",
@@ -42,7 +42,7 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request_id_var.set(request_id)
     try:
         if is_chatmem_route(request):
-            with request.config_dict[GATEWAY].live.request():
+            with gateway_of(request).live.request():
                 return await handler(request)
         return await handler(request)
     finally:
@@ -59,13 +59,13 @@ async def count_response(request: web.Request, response: web.StreamResponse) -> 
         response.headers[REQUEST_ID_HEADER] = request_id
     name = request.match_info.route.name
     route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
-    request.config_dict[GATEWAY].metrics.response_started(route, response.status)
+    gateway_of(request).metrics.response_started(route, response.status)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     from .metrics import CONTENT_TYPE_LATEST
 
-    body = request.config_dict[GATEWAY].metrics.exposition()
+    body = gateway_of(request).metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

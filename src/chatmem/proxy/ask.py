@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..auth import authenticate
 from ..errors import ChatmemError, InvalidRequest, error_response
-from ..state import GATEWAY
+from ..state import gateway_of
 from ..storage import History
 from .chat import CONVERSATION_HEADER, Turn, run_turn
 from .chat_request import ChatRequest, check_message
@@ -64,7 +64,7 @@ def _history(value: object) -> History | None:
 
 
 async def ask(request: web.Request) -> web.StreamResponse:
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     headers: dict[str, str] = {}
     try:
         owner = authenticate(request)

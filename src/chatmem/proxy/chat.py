@@ -22,7 +22,7 @@ from ..errors import (
     error_response,
 )
 from ..logs import log_content
-from ..state import GATEWAY, Gateway
+from ..state import Gateway, gateway_of
 from ..storage import History, Owner
 from .accumulate import AssistantTurn, turn_from_completion
 from .chat_request import ChatRequest, parse_chat_request, valid_conversation_id
@@ -62,7 +62,7 @@ class Turn:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     headers: dict[str, str] = {}
     header_id = request.headers.get(CONVERSATION_HEADER)
     try:
@@ -83,7 +83,7 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     ``headers`` go on every response.  Raises :class:`ChatmemError` for failures before the
     answer started.
     """
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     history = turn.history
     if history is None:
         history = await gateway.store.load_history(

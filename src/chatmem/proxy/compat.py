@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config import Config
-from ..state import GATEWAY
+from ..state import gateway_of
 from .ask import ask
 from .conversation import COOKIE_SESSIONS, CookieSessions, conversation
 from .http import json_response
@@ -19,7 +19,7 @@ async def health(_request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """Ready when the database answers; 503 (``storage_unavailable``) when it does not."""
-    await request.config_dict[GATEWAY].store.ping()
+    await gateway_of(request).store.ping()
     return json_response({"status": "ok", "database": "ok"})
 
 

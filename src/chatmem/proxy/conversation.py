@@ -20,7 +20,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from ..auth import authenticate
 from ..config import CompatConfig
 from ..errors import ChatmemError, error_response
-from ..state import GATEWAY
+from ..state import gateway_of
 from .accumulate import StreamAccumulator
 from .chat import CONVERSATION_HEADER, Turn, run_turn
 from .chat_request import ChatRequest, new_conversation_id, valid_conversation_id
@@ -109,7 +109,7 @@ def _upstream_body(model: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def conversation(request: web.Request) -> web.StreamResponse:
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     headers: dict[str, str] = {}
     try:
         owner = authenticate(request)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..auth import authenticate
 from ..errors import InvalidRequest, NotFound
-from ..state import GATEWAY
+from ..state import gateway_of
 from .chat_request import new_conversation_id
 from .conversation_shapes import (
     conversation_json,
@@ -60,7 +60,7 @@ def add_conversation_routes(router: web.UrlDispatcher, prefix: str) -> None:
 
 
 async def _json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await read_body(request, request.config_dict[GATEWAY].config.server.max_body_bytes)
+    raw = await read_body(request, gateway_of(request).config.server.max_body_bytes)
     if optional and not raw.strip():
         return {}
     return json_object(raw)
@@ -110,7 +110,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     body = await _json_body(request, optional=True)
     metadata = parse_metadata(body.get("metadata"))
     system, items = parse_items(body.get("items"))
-    store = request.config_dict[GATEWAY].store
+    store = gateway_of(request).store
     info = await store.create_conversation(
         owner, new_conversation_id(), metadata=metadata, system=system, items=items
     )
@@ -121,7 +121,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     owner = authenticate(request)
     limit, newest_first = _limit(request), _newest_first(request)
     after = request.query.get("after")
-    store = request.config_dict[GATEWAY].store
+    store = gateway_of(request).store
     page = await store.list_conversations(
         owner, limit=limit, after=after, newest_first=newest_first
     )
@@ -133,9 +133,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 async def get_conversation(request: web.Request) -> web.Response:
     owner = authenticate(request)
-    info = await request.config_dict[GATEWAY].store.get_conversation(
-        owner, _conversation_id(request)
-    )
+    info = await gateway_of(request).store.get_conversation(owner, _conversation_id(request))
     if info is None:
         raise _not_found()
     return json_response(conversation_json(info))
@@ -148,7 +146,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     if "metadata" not in body:
         raise InvalidRequest("metadata is required", param="metadata")
     metadata = parse_metadata(body["metadata"])
-    store = request.config_dict[GATEWAY].store
+    store = gateway_of(request).store
     info = await store.update_metadata(owner, conversation_id, metadata)
     if info is None:
         raise _not_found()
@@ -158,7 +156,7 @@ async def update_conversation(request: web.Request) -> web.Response:
 async def delete_conversation(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
-    if not await request.config_dict[GATEWAY].store.delete_conversation(owner, conversation_id):
+    if not await gateway_of(request).store.delete_conversation(owner, conversation_id):
         raise _not_found()
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
@@ -171,7 +169,7 @@ async def list_items(request: web.Request) -> web.Response:
     after_seq = None if after is None else _item_seq(after)
     if after is not None and after_seq is None:
         raise InvalidRequest("after must be an item id such as 'msg_1'", param="after")
-    page = await request.config_dict[GATEWAY].store.list_items(
+    page = await gateway_of(request).store.list_items(
         owner, conversation_id, limit=limit, after_seq=after_seq, newest_first=newest_first
     )
     if page is None:
@@ -186,7 +184,7 @@ async def append_items(request: web.Request) -> web.Response:
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])
-    added = await request.config_dict[GATEWAY].store.append_items(
+    added = await gateway_of(request).store.append_items(
         owner, conversation_id, system=system, items=items
     )
     if added is None:
@@ -198,7 +196,7 @@ async def get_item(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
     seq = _item_seq(request.match_info["item_id"])
-    page = await request.config_dict[GATEWAY].store.list_items(
+    page = await gateway_of(request).store.list_items(
         owner, conversation_id, limit=1, after_seq=(seq or 1) - 1, newest_first=False
     )
     if page is None:
@@ -212,7 +210,7 @@ async def delete_item(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
     seq = _item_seq(request.match_info["item_id"])
-    store = request.config_dict[GATEWAY].store
+    store = gateway_of(request).store
     if seq is None or not await store.delete_item(owner, conversation_id, seq):
         if await store.get_conversation(owner, conversation_id) is None:
             raise _not_found()

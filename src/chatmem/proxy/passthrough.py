@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ..auth import authenticate
 from ..errors import PayloadTooLarge, UpstreamError
-from ..state import GATEWAY
+from ..state import gateway_of
 from .upstream import Answer, filter_headers
 
 __all__ = ["passthrough", "relay"]
@@ -18,7 +18,7 @@ __all__ = ["passthrough", "relay"]
 async def passthrough(request: web.Request) -> web.StreamResponse:
     from .chat import upstream_failures  # the two modules share the failure mapping
 
-    gateway = request.config_dict[GATEWAY]
+    gateway = gateway_of(request)
     authenticate(request)
     upstream = gateway.upstream
     limit = gateway.config.server.max_body_bytes
