@@ -123,14 +123,23 @@ async def _forward(
     out["Accept-Encoding"] = "identity"
 
     async def commit(answer: AssistantTurn) -> None:
-        # Shielded: a cancelled handler must not leave the turn half-decided.
-        saving = gateway.store.commit_turn(
-            turn.owner,
-            chat.conversation_id,
-            system=chat.system,
-            turn=[*chat.messages, assistant_message(answer)],
+        saving = gateway.metrics.committing(
+            gateway.store.commit_turn(
+                turn.owner,
+                chat.conversation_id,
+                system=chat.system,
+                turn=[*chat.messages, assistant_message(answer)],
+                # Other requests in flight: let turns that finish together commit together.
+                together=len(gateway.live.tasks) > 1,
+            ),
+            turn.owner.tenant,
+            answer.usage,
         )
-        await asyncio.shield(gateway.metrics.committing(saving, turn.owner.tenant, answer.usage))
+        if gateway.config.memory.on_client_disconnect == "finish":
+            await saving  # run_turn runs this in a task no cancellation reaches
+        else:
+            # Shielded: a cancelled handler must not leave the turn half-decided.
+            await asyncio.shield(saving)
         log_content(gateway.config.log.debug_content, "turn committed", answer.content)
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)

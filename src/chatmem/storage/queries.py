@@ -270,8 +270,12 @@ class Store:
         *,
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
+        together: bool = False,
     ) -> None:
         """Append one turn (the request's messages and the answer) in one transaction.
+
+        ``together`` (SQLite): other turns are in flight, so this one may share its
+        transaction with those that finish in the same loop iteration (group commit).
 
         The upsert creates the conversation if needed and reserves the turn's sequence
         numbers by bumping ``last_seq``; it locks the conversation row until commit, so
@@ -282,7 +286,7 @@ class Store:
         if self._turns is not None:
             try:
                 await self._turns.append_turn(
-                    owner.tenant, owner.user, conversation_id, system, turn, now
+                    owner.tenant, owner.user, conversation_id, system, turn, now, together=together
                 )
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc

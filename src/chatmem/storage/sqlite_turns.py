@@ -52,6 +52,32 @@ _INSERT = (
 _CHECKPOINT_EVERY = 200
 
 
+_TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int]
+"""tenant, user, conversation id, system prompt, messages, time: one turn to append."""
+
+
+def _settle(
+    futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | None]
+) -> None:
+    for future, error in zip(futures, outcome, strict=True):
+        if future.done():  # its caller was cancelled; the turn is committed all the same
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def _settle_from(futures: Sequence[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
+    """Settle ``futures`` from a batch written on the writer thread."""
+    if done.cancelled():
+        _settle(futures, [asyncio.CancelledError()] * len(futures))
+    elif (error := done.exception()) is not None:
+        _settle(futures, [error] * len(futures))
+    else:
+        _settle(futures, done.result())
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
     return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -85,6 +111,8 @@ class SQLiteTurns:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-write")
         self._inline: sqlite3.Connection | None = None
         self._since_checkpoint = 0
+        self._queued: list[tuple[_TurnArgs, asyncio.Future[None]]] = []
+        self._waiting: set[asyncio.Future[Any]] = set()
 
     def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -163,23 +191,104 @@ class SQLiteTurns:
         system: Any,
         turn: Sequence[dict[str, Any]],
         now: int,
+        *,
+        together: bool = False,
     ) -> None:
+        """Append ``turn`` in a transaction of its own or, ``together``, in one transaction
+        with every other turn appended in the same pass of the event loop.
+
+        Under load most of a commit's cost is shared (the same index and table pages go
+        to the WAL, the same locks are taken), so turns that finish together commit
+        together: the caller waits one loop iteration, then all of them are written, each
+        in its own savepoint, and committed at once.  Each caller still returns only
+        after its turn is committed.
+        """
         args = (tenant, user, conversation_id, system, turn, now)
+        if together:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queued.append((args, future))
+            if len(self._queued) == 1:
+                asyncio.get_running_loop().call_soon(self._flush)
+            await future
+            return
         try:
-            self._append_turn(self._loop_connection(), *args)
+            self._write(self._loop_connection(), [args])
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
             # Another process (or our own writer thread) holds the lock: wait for it on
             # the writer thread, never on the event loop.
-            await self._run(self._writer, self._on_thread, self._append_turn, *args)
+            outcome = await self._run(self._writer, self._on_thread, self._write, [args])
+        else:
+            self._committed()
             return
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _flush(self) -> None:
+        """Commit the turns queued in this loop iteration (see :meth:`append_turn`)."""
+        queued, self._queued = self._queued, []
+        batch = [args for args, _ in queued]
+        futures = [future for _, future in queued]
+        try:
+            outcome = self._write(self._loop_connection(), batch)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                _settle(futures, [exc] * len(futures))
+                return
+            waiting = asyncio.ensure_future(
+                self._run(self._writer, self._on_thread, self._write, batch)
+            )
+            self._waiting.add(waiting)
+            waiting.add_done_callback(self._waiting.discard)
+            waiting.add_done_callback(lambda done: _settle_from(futures, done))
+            return
+        except Exception as exc:  # handed to every caller of the batch
+            _settle(futures, [exc] * len(futures))
+            return
+        self._committed()
+        _settle(futures, outcome)
+
+    def _committed(self) -> None:
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
             self._since_checkpoint = 0
             self._writer.submit(self._on_thread, _checkpoint)
 
-    def _append_turn(
+    def _write(
+        self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]
+    ) -> list[Exception | None]:
+        """Write ``batch`` in one ``BEGIN IMMEDIATE`` transaction; what became of each turn.
+
+        With several turns each goes in a savepoint, so one that fails (its exception is
+        in the returned list) does not take the others with it.  Raises when the
+        transaction itself fails: the lock is taken, or the commit failed.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if len(batch) == 1:
+                self._write_turn(conn, *batch[0])
+                outcome: list[Exception | None] = [None]
+            else:
+                outcome = []
+                for args in batch:
+                    conn.execute("SAVEPOINT turn")
+                    try:
+                        self._write_turn(conn, *args)
+                    except Exception as exc:  # that turn's caller gets it
+                        conn.execute("ROLLBACK TO turn")
+                        outcome.append(exc)
+                    else:
+                        outcome.append(None)
+                    conn.execute("RELEASE turn")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcome
+
+    def _write_turn(
         self,
         conn: sqlite3.Connection,
         tenant: str,
@@ -190,38 +299,31 @@ class SQLiteTurns:
         now: int,
     ) -> None:
         count = len(turn)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            pk, last_seq = conn.execute(
-                _UPSERT,
-                (conversation_id, tenant, user, _dump(system), count, now, now),
-            ).fetchone()
-            first = last_seq - count + 1
-            conn.executemany(
-                _INSERT,
-                [
-                    (
-                        pk,
-                        first + offset,
-                        m["role"],
-                        _dump(m.get("content")),
-                        m.get("name"),
-                        _dump(m.get("tool_calls")),
-                        m.get("tool_call_id"),
-                        m.get("reasoning"),
-                        m.get("model"),
-                        m.get("finish_reason"),
-                        _dump(m.get("usage")),
-                        now,
-                    )
-                    for offset, m in enumerate(turn)
-                ],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        pk, last_seq = conn.execute(
+            _UPSERT,
+            (conversation_id, tenant, user, _dump(system), count, now, now),
+        ).fetchone()
+        first = last_seq - count + 1
+        conn.executemany(
+            _INSERT,
+            [
+                (
+                    pk,
+                    first + offset,
+                    m["role"],
+                    _dump(m.get("content")),
+                    m.get("name"),
+                    _dump(m.get("tool_calls")),
+                    m.get("tool_call_id"),
+                    m.get("reasoning"),
+                    m.get("model"),
+                    m.get("finish_reason"),
+                    _dump(m.get("usage")),
+                    now,
+                )
+                for offset, m in enumerate(turn)
+            ],
+        )
 
     def close(self) -> None:
         if self._inline is not None:
