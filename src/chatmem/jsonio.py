@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "dumps_elements", "loads"]
 
 
 def _no_constants(name: str) -> Any:
@@ -34,3 +34,9 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def dumps_elements(values: list[Any]) -> bytes:
+    """The elements of a JSON array joined by commas, without the brackets (b"" for
+    none): a piece to splice into a larger array."""
+    return dumps(values)[1:-1]

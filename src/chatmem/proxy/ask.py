@@ -58,8 +58,8 @@ def _history(value: object) -> History | None:
         return None
     if not isinstance(value, list):
         raise InvalidRequest("history must be an array of message objects", param="history")
-    return History(
-        system=None, messages=[check_message(i, m, "history") for i, m in enumerate(value)]
+    return History.from_messages(
+        None, [check_message(i, m, "history") for i, m in enumerate(value)]
     )
 
 

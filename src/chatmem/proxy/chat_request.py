@@ -49,10 +49,23 @@ class ChatRequest:
     stream: bool
 
     def upstream_body(self, history: History) -> bytes:
+        """The client's body with ``messages`` = the system prompt (the request's, else the
+        stored one), the stored history, then the request's messages.
+
+        Spliced together as bytes: the history is already JSON (``History.encoded``), and
+        decoding and encoding it again on every request made a request's cost grow with
+        the window (up to ``memory.max_history_messages`` messages).
+        """
         system = self.system if self.system is not None else (history.system or [])
-        body = dict(self.body)
-        body["messages"] = [*system, *history.messages, *self.messages]
-        return jsonio.dumps(body)
+        pieces = (
+            jsonio.dumps_elements(system),
+            history.encoded,
+            jsonio.dumps_elements(self.messages),
+        )
+        messages = b",".join(piece for piece in pieces if piece)
+        rest = jsonio.dumps({k: v for k, v in self.body.items() if k != "messages"})
+        head = b"{" if rest == b"{}" else rest[:-1] + b","  # rest ends with "}"
+        return b"".join((head, b'"messages":[', messages, b"]}"))
 
 
 def _conversation_from_body(value: object) -> str:

@@ -7,7 +7,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .. import jsonio
 from ..errors import StorageUnavailable
 from .engine import WRITE, is_sqlite
 from .faults import is_retryable, is_unavailable
@@ -52,10 +53,28 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """What is stored for a conversation, ready to be sent upstream."""
+    """What is stored for a conversation, ready to be sent upstream.
+
+    ``encoded`` is the window of stored messages, oldest first, as JSON objects joined by
+    commas (b"" for none): the request body is spliced together around it
+    (``ChatRequest.upstream_body``), so on SQLite the stored messages reach the upstream
+    without being decoded and encoded again.  ``messages`` decodes it for everyone else.
+    """
 
     system: list[dict[str, Any]] | None
-    messages: list[dict[str, Any]]
+    encoded: bytes = b""
+
+    @classmethod
+    def from_messages(
+        cls, system: list[dict[str, Any]] | None, messages: list[dict[str, Any]]
+    ) -> History:
+        return cls(system, jsonio.dumps_elements(messages))
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The window's messages, decoded anew on each access."""
+        messages: list[dict[str, Any]] = jsonio.loads(b"[" + self.encoded + b"]")
+        return messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +151,13 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
     }
 
 
-def drop_orphan_tool_results(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A history window must not start with tool results whose call was cut off."""
+def drop_orphan_tool_results(window: list[T], roles: Iterable[str]) -> list[T]:
+    """A history window must not start with tool results whose call was cut off.
+    ``roles`` are the roles of ``window``'s messages, in order."""
     start = 0
-    while start < len(window) and window[start]["role"] == "tool":
+    for role in roles:
+        if role != "tool":
+            break
         start += 1
     return window[start:] if start else window
 
@@ -234,8 +256,9 @@ class Store:
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
-                return History(system=None, messages=[])
-            return History(system=system, messages=drop_orphan_tool_results(window))
+                return History(system=None)
+            kept = drop_orphan_tool_results(window, (role for role, _ in window))
+            return History(system=system, encoded=b",".join(message for _, message in kept))
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -247,7 +270,7 @@ class Store:
                 )
             ).first()
             if found is None:
-                return History(system=None, messages=[])
+                return History(system=None)
             rows = (
                 await conn.execute(
                     select(
@@ -260,8 +283,9 @@ class Store:
                     .limit(limit)
                 )
             ).all()
-        window = [_to_wire(row) for row in reversed(rows)]
-        return History(system=found.system_prompt, messages=drop_orphan_tool_results(window))
+        wire = [_to_wire(row) for row in reversed(rows)]
+        kept_wire = drop_orphan_tool_results(wire, (message["role"] for message in wire))
+        return History.from_messages(found.system_prompt, kept_wire)
 
     async def commit_turn(
         self,

@@ -1,0 +1,335 @@
+"""The stored history goes upstream spliced in as the JSON text it is stored as (the SQLite
+fast path), never decoded and encoded again.  What the upstream receives, parsed, must be
+exactly what the dict path sends: the system prompt, the stored window oldest first
+(never starting with orphan tool results), then the request's messages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from helpers import GatewayFactory, received, upstream_url
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from live import LiveGateway
+
+from chatmem.config import StorageConfig
+from chatmem.storage import Owner, Store, create_engine
+
+Client = TestClient[Any, Any]
+OWNER = Owner("default")  # the identity of a gateway without auth
+
+CALLS = [
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": '{"q": "caf\\u00e9 \\"x\\"", "n": 1}'},
+    },
+    {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+]
+AWKWARD: list[dict[str, Any]] = [
+    {
+        "role": "user",
+        "content": 'naïve "quoted" \\back\\slash\\ \n new\r\nline \t tab \x00 nul \u2028'
+        " 🦊👩‍👩‍👧 日本語",
+        "name": 'ann "o\'brien" \\',
+    },
+    {"role": "assistant", "content": None, "tool_calls": CALLS},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"answer": "42 ° \\u00e9"}'},
+    {
+        "role": "tool",
+        "tool_call_id": "call_2",
+        "content": [{"type": "text", "text": '12:00 "Z"\n'}],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this? \\u0041 is not A"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR=="}},
+            {"type": "text", "text": "", "extra": {"n": 2**64 - 1, "f": 0.1, "e": -1.5e-300}},
+        ],
+    },
+    {"role": "assistant", "content": "", "reasoning": "stored apart, never sent"},
+    {"role": "user", "unknown_field": "dropped"},  # no content: stored NULL, sent as null
+    {"role": "function", "name": "legacy_fn", "content": "[1, 2]"},
+    {"role": "user", "content": "null"},  # the string "null", not JSON null
+]
+
+
+def wire(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as the history sends it back: role, content, and the set wire fields."""
+    sent = {"role": message["role"], "content": message.get("content")}
+    for name in ("name", "tool_calls", "tool_call_id"):
+        if message.get(name) is not None:
+            sent[name] = message[name]
+    return sent
+
+
+def window(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` messages, without leading tool results."""
+    kept = stored[-limit:]
+    while kept and kept[0]["role"] == "tool":
+        kept = kept[1:]
+    return kept
+
+
+def strict_loads(body: bytes) -> Any:
+    """Parse JSON, refusing a duplicate key (a wrong splice could add a second "messages")."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+        return dict(items)
+
+    return json.loads(body, object_pairs_hook=pairs)
+
+
+def upstream_bodies(upstream: TestServer) -> list[Any]:
+    return [strict_loads(r.body) for r in received(upstream) if r.path == "/v1/chat/completions"]
+
+
+async def sqlalchemy_store(db_path: Path) -> Store:
+    """A store on the same file that reads through SQLAlchemy: the dict path."""
+    return Store(
+        create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")), sqlite_one_hop=False
+    )
+
+
+async def post(client: Client, conversation: str, **body: Any) -> Any:
+    resp = await client.post(
+        "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conversation}
+    )
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def test_awkward_history_reaches_the_upstream_exactly(
+    gateway: Client, upstream: TestServer, db_path: Path
+) -> None:
+    system = {"role": "system", "content": 'Système "S" \\ 🦊\n'}
+    first = await post(gateway, "awk", model="m", messages=[system, *AWKWARD])
+    answer = first["choices"][0]["message"]["content"]
+    # What the dict path (SQLAlchemy reading the same rows) would send as the history.
+    reader = await sqlalchemy_store(db_path)
+    try:
+        history = await reader.load_history(OWNER, "awk", 200)
+    finally:
+        await reader.close()
+    new = [{"role": "user", "content": "and now? ✓ \"'\\"}]
+    await post(gateway, "awk", model="m", messages=new, temperature=0.5, stream=False, n=1)
+
+    body = upstream_bodies(upstream)[-1]
+    stored = [*map(wire, AWKWARD), {"role": "assistant", "content": answer}]
+    assert body == {
+        "model": "m",
+        "temperature": 0.5,
+        "stream": False,
+        "n": 1,
+        "messages": [system, *stored, *new],
+    }
+    assert history.system == [system]
+    assert body["messages"] == [system, *history.messages, *new]
+
+
+async def test_orphan_tool_results_at_the_window_edge_are_dropped(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 3})
+    question = {"role": "user", "content": "q"}
+    results = [
+        {"role": "tool", "tool_call_id": "call_1", "content": "a"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "b"},
+    ]
+    # Stored: question, call, result, result, answer; the newest 3 start with two results.
+    both = {"role": "assistant", "content": None, "tool_calls": CALLS}
+    answer = await post(client, "two", model="m", messages=[question, both, *results])
+    await post(client, "two", model="m", messages=[question])
+    assert upstream_bodies(upstream)[-1]["messages"] == [
+        {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+        question,
+    ]
+    # Stored: question, call, result, answer; the newest 3 start with the call: all kept.
+    one = {"role": "assistant", "content": None, "tool_calls": CALLS[:1]}
+    answer = await post(client, "one", model="m", messages=[question, one, results[0]])
+    await post(client, "one", model="m", messages=[question])
+    assert upstream_bodies(upstream)[-1]["messages"] == [
+        one,
+        results[0],
+        {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+        question,
+    ]
+
+
+async def test_numbers_in_json_columns_come_back(gateway: Client, upstream: TestServer) -> None:
+    """The JSON columns have SQLite's NUMERIC affinity, so a stored number comes back as an
+    int or a float, not as JSON text; the conversation must still be readable."""
+    odd = [
+        {"role": "assistant", "content": "x", "tool_calls": 5},
+        {"role": "assistant", "content": "y", "tool_calls": 0.5},
+        {"role": "assistant", "content": "z", "tool_calls": "7"},
+    ]
+    first = await post(gateway, "num", model="m", messages=odd)
+    await post(gateway, "num", model="m", messages=[{"role": "user", "content": "q"}])
+    assert upstream_bodies(upstream)[-1]["messages"] == [
+        *odd,
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "q"},
+    ]
+
+
+@pytest.mark.parametrize("limit", range(1, len(AWKWARD) + 2))
+async def test_sqlite_fast_path_and_sqlalchemy_path_agree(
+    db_path: Path, limit: int, storage_writer: str
+) -> None:
+    """Rows written by either path (orjson on the fast path; SQLAlchemy's json.dumps with
+    ASCII escapes and spaces on the other) read back the same through both, at every
+    window size."""
+    fast = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")))
+    slow = await sqlalchemy_store(db_path)
+    await fast.create_schema()
+    turn = [*AWKWARD, {"role": "assistant", "content": "done", "usage": {"total_tokens": 1}}]
+    try:
+        writer = fast if storage_writer == "fast" else slow
+        await writer.commit_turn(OWNER, "c", system=[{"role": "system", "content": "é"}], turn=turn)
+        expected = window([wire(m) for m in turn], limit)
+        for store in (fast, slow):
+            history = await store.load_history(OWNER, "c", limit)
+            assert history.system == [{"role": "system", "content": "é"}]
+            assert history.messages == expected
+            assert json.loads(b"[" + history.encoded + b"]") == expected
+    finally:
+        await fast.close()
+        await slow.close()
+
+
+@pytest.fixture(params=["fast", "sqlalchemy"])
+def storage_writer(request: pytest.FixtureRequest) -> str:
+    param: str = request.param
+    return param
+
+
+async def test_history_on_every_store(storage_url: str) -> None:
+    """SQLite (fast path) and PostgreSQL give the same history for awkward messages."""
+    store = Store(create_engine(StorageConfig(url=storage_url)))
+    await store.create_schema()
+    try:
+        await store.commit_turn(OWNER, "c", system=None, turn=AWKWARD)
+        history = await store.load_history(OWNER, "c", 200)
+        assert history.system is None
+        assert history.messages == [wire(m) for m in AWKWARD]
+        assert (await store.load_history(OWNER, "missing", 200)).encoded == b""
+    finally:
+        await store.close()
+
+
+# Generated conversations through a running gateway.
+
+ROLES = ["user", "assistant", "tool", "function"]
+# Integers within 64 bits: the request parser (orjson) reads a bigger one as a float.
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=8,
+)
+parts = st.lists(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=30)},
+        optional={"extra": json_values},
+    ),
+    max_size=3,
+)
+tool_calls = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": st.text(max_size=10),
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {"name": st.text(max_size=10), "arguments": st.text(max_size=30)}
+            ),
+        }
+    ),
+    max_size=2,
+) | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(ROLES)},
+    optional={
+        "content": st.text(max_size=60) | parts | st.none(),
+        "name": st.text(max_size=20),
+        "tool_calls": tool_calls,
+        "tool_call_id": st.text(max_size=20),
+        "reasoning": st.text(max_size=10),
+    },
+)
+systems = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer"]), "content": st.text(max_size=30)}
+    ),
+    max_size=1,
+)
+LIMIT = 5
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveGateway]:
+    with LiveGateway(tmp_path / "splice.db", memory={"max_history_messages": LIMIT}) as gateway:
+        yield gateway
+
+
+def test_generated_history_reaches_the_upstream_exactly(live: LiveGateway) -> None:
+    generated_history(live, itertools.count())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    system=systems,
+    first=st.lists(messages, min_size=1, max_size=6),
+    later_system=systems,
+    new=st.lists(messages, max_size=2),
+    extra=st.dictionaries(st.sampled_from(["temperature", "stop", "vendor_x"]), json_values),
+)
+def generated_history(
+    live: LiveGateway,
+    ids: Iterator[int],
+    system: list[dict[str, Any]],
+    first: list[dict[str, Any]],
+    later_system: list[dict[str, Any]],
+    new: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> None:
+    headers = {"X-Conversation-Id": f"gen-{next(ids)}"}
+
+    async def turns() -> tuple[Any, bytes]:
+        resp = await live.mocked.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [*system, *first]},
+            headers=headers,
+        )
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+        body = {**extra, "model": "m", "messages": [*later_system, *new]}
+        resp = await live.mocked.post("/v1/chat/completions", json=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+        return answer, live.received()[-1].body
+
+    answer, sent = live.run(turns())
+    stored = [
+        *map(wire, first),
+        {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+    ]
+    assert strict_loads(sent) == {
+        **extra,
+        "model": "m",
+        "messages": [*(later_system or system), *window(stored, LIMIT), *new],
+    }
