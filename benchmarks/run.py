@@ -32,6 +32,8 @@ import uvloop
 from .procs import Proc, cpu_seconds, free_port, rss_mb, start
 
 HERE = Path(__file__).resolve().parent
+WARMUP_MAX = 50
+"""Requests per target in the warm-up of a scenario."""
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Bench:
         )
         self.history_cache: dict[int, list[dict[str, Any]]] = {}
         self.counter = 0
+        self.visits = 0  # memory requests in the history scenarios
+        self.pool = 1  # pre-filled conversations of each history size
 
     async def close(self) -> None:
         await self.session.close()
@@ -124,7 +128,8 @@ class Bench:
             prompt = {"model": "bench", "prompt": question["content"], "stream": sc.stream}
             return f"{self.gateway}/completions", prompt, headers
         if sc.history:
-            conv = history_conversation(sc.history, self.counter)
+            conv = history_conversation(sc.history, self.visits, self.pool)
+            self.visits += 1
         else:
             conv = f"bench-{self.counter}"  # a new conversation: a miss, then an insert
         headers["X-Conversation-Id"] = conv
@@ -176,19 +181,30 @@ class Bench:
         return sample
 
 
-def history_conversation(size: int, counter: int) -> str:
-    # Small histories get one pre-filled conversation per request, so that they stay at
-    # their size; the 10,000-message ones are shared by a few requests (+0.3 % growth).
-    pool = 10 if size >= 10000 else 400
-    return f"hist-{size}-{counter % pool}"
+VISITS = 4
+"""Requests in a row on one pre-filled conversation in the history scenarios."""
 
 
-def prefill(db: Path, sizes: list[int]) -> None:
+def history_conversation(size: int, counter: int, pool: int) -> str:
+    """A user going on with a chat: ``VISITS`` requests in a row on one pre-filled
+    conversation of ``size`` messages, then the next one.  The first request of each
+    reads the window from the database, the others find it in the gateway's window
+    cache; every size has the same pattern, and grows by only ``2 * VISITS`` messages."""
+    return f"hist-{size}-{(counter // VISITS) % pool}"
+
+
+def history_pool(chosen: list[Scenario], rounds: int) -> int:
+    """Enough pre-filled conversations per size for every memory request of a history
+    scenario (warm-up included) to make its ``VISITS`` on a conversation of its own."""
+    most = max((WARMUP_MAX + rounds * s.requests for s in chosen if s.history), default=0)
+    return max(1, -(-most // VISITS))
+
+
+def prefill(db: Path, sizes: list[int], pool: int) -> None:
     """Store conversations of each size straight into the gateway's SQLite file."""
     now = int(time.time())
     with sqlite3.connect(db, timeout=60) as conn:
         for size in sizes:
-            pool = 10 if size >= 10000 else 400
             for i in range(pool):
                 cur = conn.execute(
                     "INSERT INTO conversations (id, tenant, user_id, last_seq, created_at,"
@@ -343,7 +359,7 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
                 sc.name,
                 sc.stream,
                 sc.concurrency,
-                min(sc.requests, 50),
+                min(sc.requests, WARMUP_MAX),
                 sc.tokens,
                 sc.delay_ms,
                 sc.history,
@@ -406,7 +422,8 @@ def main() -> int:
         module="benchmarks.bare_hop",
     )
     try:
-        prefill(db, sorted({s.history for s in chosen if s.history}))
+        pool = history_pool(chosen, args.rounds)
+        prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
         async def run() -> dict[str, Any]:
             bench = Bench(
@@ -417,6 +434,7 @@ def main() -> int:
                 db,
             )
             bench.bare_proc = bare
+            bench.pool = pool
             return await measure(args, bench, chosen)
 
         # uvloop in the load generator too: the cheaper it is, the less it limits "direct".

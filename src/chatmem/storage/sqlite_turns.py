@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .. import jsonio
+from .window_cache import Message, WindowCache
 
 __all__ = ["SQLiteTurns"]
 
@@ -55,18 +56,26 @@ _CHECKPOINT_EVERY = 200
 
 _TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int]
 """tenant, user, conversation id, system prompt, messages, time: one turn to append."""
+_Turn = tuple[bool, list[Message], str | None]
+"""A turn written: whether it created its conversation, its messages as a read gives them
+back, and the system prompt as stored."""
+_Written = _Turn | Exception
+
+
+def _utf8(value: str | None) -> bytes | None:
+    return None if value is None else value.encode()
 
 
 def _settle(
-    futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | None]
+    futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | _Turn | None]
 ) -> None:
     for future, error in zip(futures, outcome, strict=True):
         if future.done():  # its caller was cancelled; the turn is committed all the same
             continue
-        if error is None:
-            future.set_result(None)
-        else:
+        if isinstance(error, BaseException):
             future.set_exception(error)
+        else:
+            future.set_result(None)
 
 
 def _settle_from(futures: Sequence[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
@@ -153,6 +162,8 @@ class SQLiteTurns:
         self._inline: sqlite3.Connection | None = None
         self._since_checkpoint = 0
         self._queued: list[tuple[_TurnArgs, asyncio.Future[None]]] = []
+        self._windows = WindowCache()
+        """Windows of the conversations going on, valid for the loop's connection."""
         self._waiting: set[asyncio.Future[Any]] = set()
 
     def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -195,12 +206,21 @@ class SQLiteTurns:
         """(found, system prompt, newest ``limit`` messages oldest first, each as its role
         and its JSON text)."""
         args = (tenant, user, conversation_id, limit)
+        key = (tenant, user, conversation_id)
+        conn = self._loop_connection()
         try:
-            return self._load_window(self._loop_connection(), *args)
+            self._windows.validate(conn, limit)
+            cached = self._windows.get(key)
+            if cached is not None:
+                return True, cached[0], cached[1]
+            found, system, window = self._load_window(conn, *args)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
-        return await self._run(self._reader, self._on_thread, self._load_window, *args)
+            return await self._run(self._reader, self._on_thread, self._load_window, *args)
+        if found:
+            self._windows.put(key, system, window)
+        return found, system, window
 
     def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(self._connection(), *args)
@@ -252,18 +272,17 @@ class SQLiteTurns:
             await future
             return
         try:
-            self._write(self._loop_connection(), [args])
+            written = self._write(self._loop_connection(), [args])
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
             # Another process (or our own writer thread) holds the lock: wait for it on
             # the writer thread, never on the event loop.
-            outcome = await self._run(self._writer, self._on_thread, self._write, [args])
-        else:
-            self._committed()
+            written = await self._run(self._writer, self._on_thread, self._write, [args])
+            if isinstance(written[0], Exception):
+                raise written[0] from None
             return
-        if outcome[0] is not None:
-            raise outcome[0]
+        self._committed([args], written)
 
     def _flush(self) -> None:
         """Commit the turns queued in this loop iteration (see :meth:`append_turn`)."""
@@ -271,7 +290,7 @@ class SQLiteTurns:
         batch = [args for args, _ in queued]
         futures = [future for _, future in queued]
         try:
-            outcome = self._write(self._loop_connection(), batch)
+            written = self._write(self._loop_connection(), batch)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 _settle(futures, [exc] * len(futures))
@@ -286,18 +305,27 @@ class SQLiteTurns:
         except Exception as exc:  # handed to every caller of the batch
             _settle(futures, [exc] * len(futures))
             return
-        self._committed()
-        _settle(futures, outcome)
+        self._committed(batch, written)
+        _settle(futures, written)
 
-    def _committed(self) -> None:
+    def _committed(self, batch: Sequence[_TurnArgs], written: Sequence[_Written]) -> None:
+        """After a commit on the loop's connection: the windows grow, checkpoints are due."""
+        for args, turn in zip(batch, written, strict=True):
+            if not isinstance(turn, Exception):
+                tenant, user, conversation_id = args[:3]
+                created, messages, stored_system = turn
+                self._windows.committed(
+                    (tenant, user, conversation_id),
+                    None if stored_system is None else jsonio.loads(stored_system),
+                    messages,
+                    created=created,
+                )
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
             self._since_checkpoint = 0
             self._writer.submit(self._on_thread, _checkpoint)
 
-    def _write(
-        self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]
-    ) -> list[Exception | None]:
+    def _write(self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]) -> list[_Written]:
         """Write ``batch`` in one ``BEGIN IMMEDIATE`` transaction; what became of each turn.
 
         With several turns each goes in a savepoint, so one that fails (its exception is
@@ -307,19 +335,16 @@ class SQLiteTurns:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if len(batch) == 1:
-                self._write_turn(conn, *batch[0])
-                outcome: list[Exception | None] = [None]
+                outcome: list[_Written] = [self._write_turn(conn, *batch[0])]
             else:
                 outcome = []
                 for args in batch:
                     conn.execute("SAVEPOINT turn")
                     try:
-                        self._write_turn(conn, *args)
+                        outcome.append(self._write_turn(conn, *args))
                     except Exception as exc:  # that turn's caller gets it
                         conn.execute("ROLLBACK TO turn")
                         outcome.append(exc)
-                    else:
-                        outcome.append(None)
                     conn.execute("RELEASE turn")
             conn.execute("COMMIT")
         except BaseException:
@@ -337,33 +362,38 @@ class SQLiteTurns:
         system: Any,
         turn: Sequence[dict[str, Any]],
         now: int,
-    ) -> None:
+    ) -> _Turn:
         count = len(turn)
+        stored_system = _dump(system)
         pk, last_seq = conn.execute(
             _UPSERT,
-            (conversation_id, tenant, user, _dump(system), count, now, now),
+            (conversation_id, tenant, user, stored_system, count, now, now),
         ).fetchone()
         first = last_seq - count + 1
-        conn.executemany(
-            _INSERT,
-            [
-                (
-                    pk,
-                    first + offset,
-                    m["role"],
-                    _dump(m.get("content")),
-                    m.get("name"),
-                    _dump(m.get("tool_calls")),
-                    m.get("tool_call_id"),
-                    m.get("reasoning"),
-                    m.get("model"),
-                    m.get("finish_reason"),
-                    _dump(m.get("usage")),
-                    now,
-                )
-                for offset, m in enumerate(turn)
-            ],
-        )
+        rows = [
+            (
+                pk,
+                first + offset,
+                m["role"],
+                _dump(m.get("content")),
+                m.get("name"),
+                _dump(m.get("tool_calls")),
+                m.get("tool_call_id"),
+                m.get("reasoning"),
+                m.get("model"),
+                m.get("finish_reason"),
+                _dump(m.get("usage")),
+                now,
+            )
+            for offset, m in enumerate(turn)
+        ]
+        conn.executemany(_INSERT, rows)
+        # The window cache gets each message as a read would give it back.
+        messages = [
+            (role, _message_json(role.encode(), *map(_utf8, rest)))
+            for role, *rest in (row[2:7] for row in rows)
+        ]
+        return last_seq == count, messages, stored_system
 
     def close(self) -> None:
         if self._inline is not None:

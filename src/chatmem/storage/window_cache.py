@@ -1,0 +1,117 @@
+"""The history windows of the conversations a gateway process is serving, kept in memory.
+
+A conversation that goes on is read again at its next turn: the newest
+``memory.max_history_messages`` messages, the same ones as last time plus the turn this
+process just committed.  Reading them is the one per-request cost that grows with the
+history (an index walk and a table lookup per message), so the fast path keeps each
+window as the JSON text it sends upstream and extends it when it commits a turn.
+
+The cache can only be trusted while no other connection wrote to the database: the
+writer thread's, the SQLAlchemy engine of the Conversations API and of retention, another
+process.  SQLite says exactly that through ``PRAGMA data_version``, which changes for a
+connection when any other connection commits; :meth:`WindowCache.validate` reads it on
+every load and forgets everything when it moved.  Every write the cache does not see is
+therefore covered, at the price of one pragma per request.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Key", "Message", "WindowCache"]
+
+Key = tuple[str, str, str]
+"""tenant, user, conversation id"""
+Message = tuple[str, bytes]
+"""a stored message: its role, and its JSON text as sent upstream"""
+
+_MAX_BYTES = 64 * 1024 * 1024
+_MAX_CONVERSATIONS = 10_000
+
+
+@dataclass(slots=True)
+class _Window:
+    system: Any
+    messages: list[Message]
+    size: int
+
+
+def _size(messages: Sequence[Message]) -> int:
+    return sum(len(text) for _, text in messages) + 64 * len(messages)
+
+
+class WindowCache:
+    """Least recently used windows, up to 64 MiB of message text or 10,000 conversations."""
+
+    def __init__(
+        self, max_bytes: int = _MAX_BYTES, max_conversations: int = _MAX_CONVERSATIONS
+    ) -> None:
+        self._windows: OrderedDict[Key, _Window] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_conversations = max_conversations
+        self._version: int | None = None
+        self._limit: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def validate(self, conn: sqlite3.Connection, limit: int) -> None:
+        """Forget everything if another connection committed since the last call (or the
+        window size asked for changed)."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version or limit != self._limit:
+            self.clear()
+            self._version = version
+            self._limit = limit
+
+    def get(self, key: Key) -> tuple[Any, list[Message]] | None:
+        window = self._windows.get(key)
+        if window is None:
+            return None
+        self._windows.move_to_end(key)
+        return window.system, list(window.messages)
+
+    def put(self, key: Key, system: Any, messages: list[Message]) -> None:
+        """The window as just read from the database (call :meth:`validate` first)."""
+        self._store(key, _Window(system, messages, _size(messages)))
+
+    def committed(
+        self, key: Key, system: Any, messages: Sequence[Message], *, created: bool
+    ) -> None:
+        """A turn of ``key`` was committed on the validated connection: ``messages`` go at
+        the end of its window, ``system`` (when not None) replaces its system prompt.  A
+        conversation the turn ``created`` holds exactly the turn."""
+        if self._limit is None:
+            return
+        window = self._windows.pop(key, None)
+        if window is not None:
+            self._bytes -= window.size
+            joined = [*window.messages, *messages][-self._limit :]
+            kept_system = window.system if system is None else system
+        elif created:
+            joined = list(messages)[-self._limit :]
+            kept_system = system
+        else:
+            return  # not known here: the next load reads it
+        self._store(key, _Window(kept_system, joined, _size(joined)))
+
+    def clear(self) -> None:
+        self._windows.clear()
+        self._bytes = 0
+
+    def _store(self, key: Key, window: _Window) -> None:
+        old = self._windows.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._windows[key] = window
+        self._bytes += window.size
+        while self._windows and (
+            self._bytes > self._max_bytes or len(self._windows) > self._max_conversations
+        ):
+            _, evicted = self._windows.popitem(last=False)
+            self._bytes -= evicted.size
