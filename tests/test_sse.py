@@ -260,3 +260,31 @@ def test_round_trip_with_random_framing_and_splits(
     points = sorted({cut % (len(stream) + 1) for cut in cuts})
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parse(*chunks) == expected
+
+
+whole_event = st.one_of(
+    line_text.map(lambda text: b"data: " + text.encode() + b"\n\n"),
+    st.sampled_from(
+        [
+            b"data: [DONE]\n\n",
+            b"data:no-space\n\n",
+            b"data:  two spaces\n\n",
+            b": ping\n\n",
+            b"data: a\ndata: b\n\n",
+            b"event: e\ndata: y\n\n",
+            b"\n\n",
+            b"data: \xff invalid\n\n",
+            b"data: x\n\n\n",
+        ]
+    ),
+)
+
+
+@given(st.lists(st.lists(whole_event, min_size=1, max_size=5), max_size=10))
+def test_chunks_of_whole_events_parse_as_the_byte_by_byte_stream(
+    groups: list[list[bytes]],
+) -> None:
+    # Chunks made of whole events take the parser's fast path when every event is one
+    # "data: " line; byte by byte never does.  Both must give the same events.
+    chunks = [b"".join(group) for group in groups]
+    assert parse(*chunks) == parse(*byte_by_byte(b"".join(chunks)))

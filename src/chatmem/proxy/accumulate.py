@@ -82,9 +82,10 @@ class StreamAccumulator:
         )
 
     def _add_chunk(self, chunk: dict[str, Any]) -> None:
-        model = chunk.get("model")
-        if self._model is None and isinstance(model, str) and model:
-            self._model = model
+        if self._model is None:
+            model = chunk.get("model")
+            if isinstance(model, str) and model:
+                self._model = model
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
@@ -118,9 +119,18 @@ class _Choice:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
-        self.content = _append(self.content, delta.get("content"))
-        self.reasoning = _append(self.reasoning, _reasoning_of(delta))
-        self.refusal = _append(self.refusal, delta.get("refusal"))
+        content = delta.get("content")
+        if isinstance(content, str):  # once per token: no helper calls on this path
+            if self.content is None:
+                self.content = [content]
+            else:
+                self.content.append(content)
+        if "reasoning" in delta or "reasoning_content" in delta:
+            self.reasoning = _append(self.reasoning, _reasoning_of(delta))
+        if "refusal" in delta:
+            self.refusal = _append(self.refusal, delta.get("refusal"))
+        if "tool_calls" not in delta:
+            return
         tool_calls = delta.get("tool_calls")
         if not isinstance(tool_calls, list):
             return

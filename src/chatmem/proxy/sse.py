@@ -15,6 +15,16 @@ _BOM = b"\xef\xbb\xbf"
 _LF = 0x0A
 
 
+def _simple_events(chunk: bytes) -> list[str] | None:
+    """The payloads of ``chunk`` when it is nothing but whole one-line ``data: ...`` events
+    (what OpenAI-compatible servers send); None when it needs the line-by-line parser."""
+    events = chunk[:-2].split(b"\n\n")
+    for event in events:
+        if not event.startswith(b"data: ") or b"\n" in event:
+            return None
+    return [event[6:].decode("utf-8", "replace") for event in events]
+
+
 class SSEParser:
     """Turns a byte stream into the ``data`` payloads of its events, chunk by chunk.
 
@@ -54,6 +64,17 @@ class SSEParser:
             chunk = self._skip_bom(chunk)
             if not chunk:
                 return []
+        if (
+            chunk[-2:] == b"\n\n"
+            and not self._partial
+            and not self._data
+            and not self._pending_cr
+            and len(chunk) <= self._max
+            and b"\r" not in chunk
+        ):
+            events = _simple_events(chunk)
+            if events is not None:
+                return events
         if self._pending_cr:
             self._pending_cr = False
             if chunk[0] == _LF:

@@ -45,6 +45,8 @@ _MAX_HELD = 4096
 
 def _unfinished_tail(data: bytes, starts_on_boundary: bool) -> int:
     """How many bytes at the end of ``data`` follow its last event boundary."""
+    if data[-2:] == b"\n\n" and data[-3:-2] not in (b"\n", b"\r"):
+        return 0  # the usual case: a blank line that nothing before it could pair with
     window = data[-(_MAX_HELD + 4) :]
     ends = [boundary.end() for boundary in _BOUNDARY.finditer(window)]
     if ends:
@@ -92,7 +94,7 @@ class _Client:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.gone = True
-        self._tail = (self._tail + data)[-4:]
+        self._tail = (self._tail + data[-4:])[-4:]
 
     def _on_boundary(self) -> bool:
         return _BOUNDARY_AT_END.search(self._tail) is not None
