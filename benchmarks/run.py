@@ -303,6 +303,63 @@ def print_table(results: dict[str, Any]) -> None:
             )
 
 
+def targets(results: dict[str, Any]) -> list[tuple[str, float, float, float, str]]:
+    """Issue #8's targets: (what, chatmem with memory, the bare relay, target, kind)."""
+    sc = results["scenarios"]
+    rows: list[tuple[str, float, float, float, str]] = []
+
+    def add(what: str, name: str, figure: Any, target: float, kind: str) -> None:
+        if name in sc:
+            rows.append((what, figure(sc[name], "memory"), figure(sc[name], "bare"), target, kind))
+
+    def added(field: str) -> Any:
+        return lambda s, t: s[t][field] - s["direct"][field]
+
+    add(
+        "CPU ms/request, plain", "plain c=1", lambda s, t: s[t]["gateway_cpu_ms_per_req"], 1.0, "<="
+    )
+    add(
+        "CPU ms/request, 64-token stream",
+        "stream64 c=1",
+        lambda s, t: s[t]["gateway_cpu_ms_per_req"],
+        2.0,
+        "<=",
+    )
+    add("added p50 ms, plain c=1", "plain c=1", added("p50_ms"), 1.0, "<=")
+    add(
+        "x direct req/s, plain c=32",
+        "plain c=32",
+        lambda s, t: s[t]["rps"] / s["direct"]["rps"],
+        0.6,
+        ">=",
+    )
+    add("added TTFT ms, stream c=1", "stream64 c=1", added("ttft_p50_ms"), 0.5, "<=")
+    add(
+        "x direct time, 256 x 20 ms streams",
+        "stream 256x20ms",
+        lambda s, t: s[t]["p50_ms"] / s["direct"]["p50_ms"],
+        1.05,
+        "<=",
+    )
+    if "history 10" in sc and "history 10000" in sc:
+
+        def growth(target: str) -> float:
+            small, large = sc["history 10"], sc["history 10000"]
+            return float(added("p50_ms")(large, target) / added("p50_ms")(small, target))
+
+        rows.append(("added p50, 10,000 / 10 stored", growth("memory"), growth("bare"), 1.2, "<="))
+    return rows
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    print(f"{'target (issue #8)':<38}{'memory':>9}{'bare':>9}{'target':>10}  met")
+    for what, memory, bare, target, kind in targets(results):
+        met = memory <= target if kind == "<=" else memory >= target
+        print(
+            f"{what:<38}{memory:>9.2f}{bare:>9.2f}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}"
+        )
+
+
 def draw(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -381,22 +438,11 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny counts (CI)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", help="run the scenarios whose name contains this")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--workers", type=int, default=1, help="gateway processes")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds = min(args.rounds, 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict[str, Any]:
+    """Start the mock, the gateway and the bare relay on a fresh database; measure."""
     db = out / "bench.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
     up_port, gw_port, bare_port = free_port(), free_port(), free_port()
     upstream = start(
         ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
@@ -438,12 +484,58 @@ def main() -> int:
             return await measure(args, bench, chosen)
 
         # uvloop in the load generator too: the cheaper it is, the less it limits "direct".
-        results = uvloop.run(run())
+        return uvloop.run(run())
     finally:
         gateway.stop()
         bare.stop()
         upstream.stop()
+
+
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every figure of every scenario and target: the median over the runs."""
+    combined = dict(runs[0])
+    combined["runs"] = len(runs)
+    combined["scenarios"] = {
+        name: {
+            target: {
+                metric: statistics.median(run["scenarios"][name][target][metric] for run in runs)
+                for metric in figures
+            }
+            for target, figures in targets.items()
+        }
+        for name, targets in runs[0]["scenarios"].items()
+    }
+    combined["raw"] = [run["raw"] for run in runs]
+    if "held_streams" in runs[0]:
+        combined["held_streams"] = [run["held_streams"] for run in runs]
+    return combined
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts (CI)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=1, help="whole runs; figures are medians")
+    parser.add_argument("--only", help="run the scenarios whose name contains this")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = min(args.rounds, 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    runs = []
+    for number in range(max(1, args.runs)):
+        runs.append(one_run(args, out, chosen))
+        if args.runs > 1:
+            print(f"run {number + 1} of {args.runs}:")
+            print_table(runs[-1])
+    results = runs[0] if len(runs) == 1 else median_of_runs(runs)
+    if len(runs) > 1:
+        print(f"median of {len(runs)} runs:")
     print_table(results)
+    print_targets(results)
     if "held_streams" in results:
         print("held streams:", json.dumps(results["held_streams"]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
