@@ -49,7 +49,7 @@ async def serve(upstream: str, port: int) -> None:
     app.router.add_get("/health", health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
     try:
         await asyncio.Event().wait()
     finally:

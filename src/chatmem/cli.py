@@ -128,7 +128,11 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
         keepalive_timeout=config.server.idle_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port)
+    # A burst of new clients must not overflow the accept queue: the default of 128 made
+    # 256 simultaneous connections wait a second for a SYN retransmit.
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=1024
+    )
     await site.start()
     print(
         f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "

@@ -594,7 +594,7 @@ async def run_mock_upstream(host: str, port: int, *, tokens: int, delay_ms: floa
     runner = web.AppRunner(create_mock_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=1024).start()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
