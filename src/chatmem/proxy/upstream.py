@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -32,19 +32,24 @@ HOP_BY_HOP = frozenset(
 )
 
 # Client headers that never go upstream: framing is ours, credentials are the client's.
-_NOT_UPSTREAM = frozenset(
-    {"host", "content-length", "authorization", "cookie", "x-conversation-id", "expect"}
-)
+_NOT_UPSTREAM = ("host", "content-length", "authorization", "cookie", "x-conversation-id", "expect")
 
 
-def filter_headers(headers: MultiMapping[str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
+_SKIPPED: dict[tuple[str, ...], frozenset[str]] = {}
+"""The names each call site drops, with the hop-by-hop ones (a few call sites, computed once)."""
+
+
+def filter_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop ones, those named in ``Connection``, and ``drop``."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    skip = HOP_BY_HOP | named | {name.lower() for name in drop}
+    skip = _SKIPPED.get(drop)
+    if skip is None:
+        skip = _SKIPPED[drop] = HOP_BY_HOP | {name.lower() for name in drop}
+    if "Connection" in headers:
+        skip = skip | {
+            token.strip().lower()
+            for value in headers.getall("Connection", ())
+            for token in value.split(",")
+        }
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in skip:
@@ -131,7 +136,7 @@ class Upstream:
         return URL(self._prefix + tail + query, encoded=True)
 
     def request_headers(
-        self, client_headers: CIMultiDictProxy[str], drop: Iterable[str] = ()
+        self, client_headers: CIMultiDictProxy[str], drop: tuple[str, ...] = ()
     ) -> CIMultiDict[str]:
         headers = filter_headers(client_headers, (*_NOT_UPSTREAM, *drop))
         request_id = current_request_id()

@@ -232,6 +232,8 @@ class SQLiteTurns:
         stored JSON columns, to be spliced into the request body.  Decoding them to str
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
+        if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
+            return False, None, []  # a new conversation: one statement, no transaction
         conn.execute("BEGIN")  # one snapshot for both statements
         try:
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
@@ -328,30 +330,39 @@ class SQLiteTurns:
     def _write(self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]) -> list[_Written]:
         """Write ``batch`` in one ``BEGIN IMMEDIATE`` transaction; what became of each turn.
 
-        With several turns each goes in a savepoint, so one that fails (its exception is
-        in the returned list) does not take the others with it.  Raises when the
-        transaction itself fails: the lock is taken, or the commit failed.
+        When a turn of several fails, the batch is written again with each turn in a
+        savepoint, so that one (its exception is in the returned list) does not take the
+        others with it.  Raises when the transaction itself fails: the lock is taken, or
+        the commit failed.
         """
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if len(batch) == 1:
-                outcome: list[_Written] = [self._write_turn(conn, *batch[0])]
-            else:
-                outcome = []
-                for args in batch:
-                    conn.execute("SAVEPOINT turn")
-                    try:
-                        outcome.append(self._write_turn(conn, *args))
-                    except Exception as exc:  # that turn's caller gets it
-                        conn.execute("ROLLBACK TO turn")
-                        outcome.append(exc)
-                    conn.execute("RELEASE turn")
+            try:
+                outcome: list[_Written] = [self._write_turn(conn, *args) for args in batch]
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                # A turn of the batch failed: write them one by one, each in a savepoint,
+                # so that it takes only itself (rare: a batch is all or nothing otherwise).
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcome = [self._write_alone(conn, args) for args in batch]
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return outcome
+
+    def _write_alone(self, conn: sqlite3.Connection, args: _TurnArgs) -> _Written:
+        conn.execute("SAVEPOINT turn")
+        try:
+            return self._write_turn(conn, *args)
+        except Exception as exc:  # that turn's caller gets it
+            conn.execute("ROLLBACK TO turn")
+            return exc
+        finally:
+            conn.execute("RELEASE turn")
 
     def _write_turn(
         self,
