@@ -71,6 +71,8 @@ class JwksKeys:
         self.refetch_interval = refetch_interval
         self.clock = clock
         self.fetches = 0
+        self.version = 0
+        """Bumped whenever the key set is replaced (what was verified before may not be)."""
         self._keys: dict[str | None, _Key] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
@@ -116,6 +118,7 @@ class JwksKeys:
                 )
                 return
             self._keys = keys
+            self.version += 1
             self._fetched_at = self.clock()
 
     async def _fetch(self) -> Any:
