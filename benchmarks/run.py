@@ -390,7 +390,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("added p50 latency vs direct (ms, log above 1)")
-    ax.set_title("chatmem: latency added over a direct connection (median of rounds)")
+    ax.set_title("chatmem: latency added over a direct connection (medians)")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend()
     fig.tight_layout()
