@@ -303,49 +303,43 @@ def print_table(results: dict[str, Any]) -> None:
             )
 
 
+def _cpu(s: dict[str, Any], t: str) -> float:
+    return float(s[t]["gateway_cpu_ms_per_req"])
+
+
+def _added(field: str) -> Any:
+    return lambda s, t: s[t][field] - s["direct"][field]
+
+
+def _ratio(field: str) -> Any:
+    return lambda s, t: s[t][field] / s["direct"][field]
+
+
+TARGETS = [
+    # (what, scenario, figure of (scenario results, target), target, kind)
+    ("CPU ms/request, plain", "plain c=1", _cpu, 1.0, "<="),
+    ("CPU ms/request, 64-token stream", "stream64 c=1", _cpu, 2.0, "<="),
+    ("added p50 ms, plain c=1", "plain c=1", _added("p50_ms"), 1.0, "<="),
+    ("x direct req/s, plain c=32", "plain c=32", _ratio("rps"), 0.6, ">="),
+    ("added TTFT ms, stream c=1", "stream64 c=1", _added("ttft_p50_ms"), 0.5, "<="),
+    ("x direct time, 256 x 20 ms streams", "stream 256x20ms", _ratio("p50_ms"), 1.05, "<="),
+]
+"""Issue #8's targets that one scenario decides."""
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, float, float, float, str]]:
     """Issue #8's targets: (what, chatmem with memory, the bare relay, target, kind)."""
     sc = results["scenarios"]
-    rows: list[tuple[str, float, float, float, str]] = []
-
-    def add(what: str, name: str, figure: Any, target: float, kind: str) -> None:
-        if name in sc:
-            rows.append((what, figure(sc[name], "memory"), figure(sc[name], "bare"), target, kind))
-
-    def added(field: str) -> Any:
-        return lambda s, t: s[t][field] - s["direct"][field]
-
-    add(
-        "CPU ms/request, plain", "plain c=1", lambda s, t: s[t]["gateway_cpu_ms_per_req"], 1.0, "<="
-    )
-    add(
-        "CPU ms/request, 64-token stream",
-        "stream64 c=1",
-        lambda s, t: s[t]["gateway_cpu_ms_per_req"],
-        2.0,
-        "<=",
-    )
-    add("added p50 ms, plain c=1", "plain c=1", added("p50_ms"), 1.0, "<=")
-    add(
-        "x direct req/s, plain c=32",
-        "plain c=32",
-        lambda s, t: s[t]["rps"] / s["direct"]["rps"],
-        0.6,
-        ">=",
-    )
-    add("added TTFT ms, stream c=1", "stream64 c=1", added("ttft_p50_ms"), 0.5, "<=")
-    add(
-        "x direct time, 256 x 20 ms streams",
-        "stream 256x20ms",
-        lambda s, t: s[t]["p50_ms"] / s["direct"]["p50_ms"],
-        1.05,
-        "<=",
-    )
+    rows = [
+        (what, figure(sc[name], "memory"), figure(sc[name], "bare"), target, kind)
+        for what, name, figure, target, kind in TARGETS
+        if name in sc
+    ]
     if "history 10" in sc and "history 10000" in sc:
 
         def growth(target: str) -> float:
-            small, large = sc["history 10"], sc["history 10000"]
-            return float(added("p50_ms")(large, target) / added("p50_ms")(small, target))
+            added = _added("p50_ms")
+            return float(added(sc["history 10000"], target) / added(sc["history 10"], target))
 
         rows.append(("added p50, 10,000 / 10 stored", growth("memory"), growth("bare"), 1.2, "<="))
     return rows

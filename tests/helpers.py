@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatmem.config import Config, load_config
+from chatmem.config import Config, StorageConfig, load_config
 from chatmem.mock_upstream import RECEIVED, ReceivedRequest
+from chatmem.storage import Store, create_engine
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -177,3 +178,22 @@ class Process:
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def strict_loads(body: bytes) -> Any:
+    """Parse JSON, refusing a duplicate key (a wrong splice could add a second "messages")."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+        return dict(items)
+
+    return json.loads(body, object_pairs_hook=pairs)
+
+
+async def open_store(path_or_url: Path | str, *, one_hop: bool = True, **settings: Any) -> Store:
+    """A Store on a SQLite file (a path) or any database URL, with its schema created."""
+    url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"
+    store = Store(create_engine(StorageConfig(url=url, **settings)), sqlite_one_hop=one_hop)
+    await store.create_schema()
+    return store

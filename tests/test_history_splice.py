@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, received, upstream_url
+from helpers import GatewayFactory, received, strict_loads, upstream_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import LiveGateway
@@ -76,17 +76,6 @@ def window(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     while kept and kept[0]["role"] == "tool":
         kept = kept[1:]
     return kept
-
-
-def strict_loads(body: bytes) -> Any:
-    """Parse JSON, refusing a duplicate key (a wrong splice could add a second "messages")."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
-        return dict(items)
-
-    return json.loads(body, object_pairs_hook=pairs)
 
 
 def upstream_bodies(upstream: TestServer) -> list[Any]:

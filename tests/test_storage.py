@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import open_store
 from sqlalchemy import event, text
 
-from chatmem.config import StorageConfig
-from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage import Owner, Store
 
 ALICE = Owner("team-a", "alice")
 
@@ -25,13 +25,6 @@ def turn(i: int) -> list[dict[str, object]]:
         {"role": "user", "content": f"q{i}"},
         {"role": "assistant", "content": f"a{i}", "finish_reason": "stop"},
     ]
-
-
-async def open_store(path_or_url: Path | str, *, one_hop: bool = True) -> Store:
-    url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"
-    store = Store(create_engine(StorageConfig(url=url)), sqlite_one_hop=one_hop)
-    await store.create_schema()
-    return store
 
 
 async def all_rows(store: Store, query: str) -> list[tuple[Any, ...]]:

@@ -9,11 +9,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from helpers import open_store
 from pg import connect, fetch
 
-from chatmem.config import StorageConfig
 from chatmem.errors import StorageUnavailable
-from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage import Owner, Store
 from chatmem.storage.queries import WRITE_ATTEMPTS
 
 ALICE = Owner("team-a", "alice")
@@ -21,12 +21,6 @@ ALICE = Owner("team-a", "alice")
 
 def turn(i: int) -> list[dict[str, Any]]:
     return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-
-
-async def open_store(url: str, **settings: Any) -> Store:
-    store = Store(create_engine(StorageConfig(url=url, **settings)))
-    await store.create_schema()
-    return store
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import strict_loads
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,15 +22,6 @@ STORED = [
     {"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function"}]},
     {"role": "tool", "tool_call_id": "t", "content": [{"type": "text", "text": "42"}]},
 ]
-
-
-def strict_loads(body: bytes) -> Any:
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
-        return dict(items)
-
-    return json.loads(body, object_pairs_hook=pairs)
 
 
 def dict_path(chat: ChatRequest, history: History) -> dict[str, Any]:

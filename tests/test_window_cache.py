@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import open_store
 
-from chatmem.config import StorageConfig
-from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage import Owner, Store
 from chatmem.storage.window_cache import WindowCache
 
 ALICE = Owner("team-a", "alice")
@@ -29,13 +29,6 @@ def turn(i: int) -> list[dict[str, Any]]:
         {"role": "user", "content": f'q{i} \u00e9\U0001f600 "quoted"\n', "name": "al"},
         {"role": "assistant", "content": f"a{i}", "finish_reason": "stop", "model": "m"},
     ]
-
-
-async def open_store(db_path: Path, *, one_hop: bool = True) -> Store:
-    url = f"sqlite+aiosqlite:///{db_path}"
-    store = Store(create_engine(StorageConfig(url=url)), sqlite_one_hop=one_hop)
-    await store.create_schema()
-    return store
 
 
 @pytest.fixture
