@@ -41,7 +41,8 @@ class _Window:
 
 
 def _size(messages: Sequence[Message]) -> int:
-    return sum(len(text) for _, text in messages) + 64 * len(messages)
+    # The text, and what Python spends around it: the bytes object, its tuple, a list slot.
+    return sum(len(text) for _, text in messages) + 160 * len(messages)
 
 
 class WindowCache:
