@@ -226,3 +226,34 @@ async def test_line_breaks_cannot_smuggle_headers() -> None:
             await pool.post("/v1/x", {"X-A": "1\rX-Injected: 2"}, b"")
         await pool.close()
     assert up.requests == []
+
+
+async def test_credentials_in_the_url_are_sent_as_basic_auth() -> None:
+    async with serving(ok(b"a"), ok(b"b")) as up:
+        url = URL(f"http://user:s%40cret@127.0.0.1:{up.port}/v1")
+        pool = UpstreamPool(url, connect_timeout=5, read_timeout=5)
+        assert await post(pool) == (200, b"a")
+        # A configured key (upstream.api_key) goes instead, never both.
+        response = await pool.post("/v1/x", {"Authorization": "Bearer k"}, b"")
+        async with response:
+            await response.read()
+        await pool.close()
+    first, second = (request for _, request in up.requests)
+    assert b"\r\nAuthorization: Basic dXNlcjpzQGNyZXQ=\r\n" in first  # user:s@cret
+    assert b"Authorization: Bearer k\r\n" in second and b"Basic" not in second
+
+
+async def test_a_response_head_over_64_kib_is_refused() -> None:
+    flood = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(70))
+    async with serving(b"HTTP/1.1 200 OK\r\n" + flood + b"Content-Length: 0\r\n\r\n") as up:
+        pool = pool_for(up)
+        with pytest.raises(UpstreamBroken, match="64 KiB"):
+            await post(pool)
+        await pool.close()
+
+
+def test_the_startup_line_never_shows_an_upstream_password() -> None:
+    from chatmem.cli import _shown
+
+    assert _shown("https://user:hunter2@llm.example/v1") == "https://user:***@llm.example/v1"
+    assert _shown("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

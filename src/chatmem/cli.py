@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from .app import create_app
 from .config import Config, ConfigError, find_config_file, load_config
@@ -83,6 +84,12 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _shown(url: str) -> str:
+    """``url`` without a password it may carry (``http://user:secret@host/v1``)."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -136,7 +143,7 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     await site.start()
     print(
         f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
-        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})",
+        f"-> {_shown(config.upstream.url)}{' (demo model)' if demo else ''} (pid {os.getpid()})",
         flush=True,
     )
     try:

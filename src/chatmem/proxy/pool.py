@@ -16,9 +16,10 @@ longer than ``read_timeout`` raises :class:`UpstreamReadTimeout`, a ``TimeoutErr
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 
 import aiohttp
@@ -34,6 +35,8 @@ _HIGH_WATER = 256 * 1024
 """Unread body bytes at which the upstream socket stops being read (the client is slow)."""
 _MAX_IDLE = 512
 """Idle keep-alive connections kept; more are closed when they come back."""
+_MAX_HEAD = 64 * 1024
+"""Response status line and headers larger than this are refused (aiohttp allows 8 KiB a line)."""
 
 
 class UpstreamBroken(aiohttp.ClientConnectionError):
@@ -56,6 +59,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.raw_headers: list[tuple[str, str]] = []
+        self.head_size = 0
         self.reason = ""
         self.status = 0
         self.framed = False  # Content-Length or chunked: the body does not end with the socket
@@ -78,6 +82,9 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # raised by a callback of ours
+            self._fail(exc.__cause__ or exc.__context__ or UpstreamBroken(str(exc)))
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"the upstream sent invalid HTTP: {exc}"))
             self.close()
@@ -101,6 +108,9 @@ class _Connection(asyncio.Protocol):
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > _MAX_HEAD:
+            raise UpstreamBroken("the upstream sent response headers over 64 KiB")
         self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -276,6 +286,11 @@ class UpstreamPool:
             ssl.create_default_context() if base.scheme == "https" else None
         )
         self.host_header = base.host_port_subcomponent or self.host
+        self.authorization: str | None = None
+        """Credentials in the URL (``http://user:password@host``), sent as aiohttp did."""
+        if base.user is not None:
+            pair = f"{base.user}:{base.password or ''}".encode("latin-1")
+            self.authorization = "Basic " + base64.b64encode(pair).decode("ascii")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[_Connection] = []
@@ -288,7 +303,10 @@ class UpstreamPool:
         idle; when such a connection ends without a byte of answer the request goes once
         more on a new connection (the upstream never saw it: it closed before reading).
         """
-        head = _request_head(target, self.host_header, headers, len(body))
+        items: list[tuple[str, str]] = list(headers.items())
+        if self.authorization is not None and "Authorization" not in headers:
+            items.append(("Authorization", self.authorization))
+        head = _request_head(target, self.host_header, items, len(body))
         while True:
             conn = self._take_idle()
             reused = conn is not None
@@ -347,9 +365,9 @@ class UpstreamPool:
         self._idle.clear()
 
 
-def _request_head(target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
+def _request_head(target: str, host: str, headers: Iterable[tuple[str, str]], length: int) -> bytes:
     lines = [f"POST {target} HTTP/1.1", f"Host: {host}"]
-    for name, value in headers.items():
+    for name, value in headers:
         lines.append(f"{name}: {value}")
     lines.append(f"Content-Length: {length}\r\n\r\n")
     head = "\r\n".join(lines)
