@@ -41,7 +41,7 @@ CLOSE = "close"  # a script entry: close the connection without answering
 class KeepAliveServer:
     """Answers request n with ``script[n]`` (raw bytes), keeping connections open."""
 
-    script: list[bytes | str]
+    script: list[bytes | str | list[bytes | float]]
     requests: list[tuple[int, bytes]] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -68,9 +68,13 @@ class KeepAliveServer:
                 self.requests.append((number, head + body))
                 if answer == CLOSE:
                     break
-                assert isinstance(answer, bytes)
-                writer.write(answer)
-                await writer.drain()
+                for piece in answer if isinstance(answer, list) else [answer]:
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)  # a float in the script: a pause
+                    else:
+                        assert isinstance(piece, bytes)
+                        writer.write(piece)
+                        await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -78,7 +82,7 @@ class KeepAliveServer:
 
 
 @contextlib.asynccontextmanager
-async def serving(*script: bytes | str) -> AsyncIterator[KeepAliveServer]:
+async def serving(*script: bytes | str | list[bytes | float]) -> AsyncIterator[KeepAliveServer]:
     server = KeepAliveServer(list(script))
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     server.port = listener.sockets[0].getsockname()[1]
@@ -207,6 +211,20 @@ async def test_waiting_longer_than_read_timeout_is_a_timeout() -> None:
                 await response.read()
         await pool.close()
     assert issubclass(UpstreamReadTimeout, TimeoutError)  # what the relays catch
+
+
+async def test_a_slow_but_steady_body_is_not_a_timeout() -> None:
+    # Every piece comes well within read_timeout, the whole body takes longer than it.
+    pieces = [b"data: %d\n\n" % i for i in range(12)]
+    head = chunked()[: -len(b"0\r\n\r\n")]  # status line and headers, no chunk yet
+    trickle: list[bytes | float] = [head]
+    for piece in pieces:
+        trickle += [0.05, f"{len(piece):x}\r\n".encode() + piece + b"\r\n"]
+    trickle.append(b"0\r\n\r\n")
+    async with serving(trickle) as up:
+        pool = pool_for(up, read_timeout=0.5)
+        assert await post(pool) == (200, b"".join(pieces))
+        await pool.close()
 
 
 async def test_a_refused_connection_is_broken() -> None:

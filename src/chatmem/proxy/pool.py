@@ -55,6 +55,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.last_activity = loop.time()
+        self.timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -80,6 +82,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        self.last_activity = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:  # raised by a callback of ours
@@ -152,21 +155,29 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     async def wait(self, within: float | None) -> None:
-        """Until something happens on the connection; at most ``within`` seconds.
+        """Until something happens on the connection; ``within`` seconds at most after the
+        last bytes arrived (or the request went out).
 
-        One timer per wait, not ``asyncio.timeout``: a stream waits once per chunk.
+        A stream waits once per chunk, so the deadline is not a timer per wait: one timer
+        per connection, armed for the last activity plus ``within``, which when it fires
+        either ends a wait that has been silent that long or arms itself again.
         """
         waiter = self.waiter = self.loop.create_future()
-        timer = None if within is None else self.loop.call_later(within, self._timed_out, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if within is not None and self.timer is None:
+            self.timer = self.loop.call_at(self.last_activity + within, self._deadline, within)
+        await waiter
 
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _deadline(self, within: float) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done() or self.closed:
+            return  # nobody waits: the next wait arms it again
+        silent_until = self.last_activity + within
+        if self.loop.time() >= silent_until:
+            self.waiter = None
             waiter.set_exception(UpstreamReadTimeout("the upstream sent nothing in time"))
+        else:
+            self.timer = self.loop.call_at(silent_until, self._deadline, within)
 
     def take(self) -> bytes:
         data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -189,10 +200,14 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
+        self.last_activity = self.loop.time()
         self.transport.write(data)
 
     def close(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
 
