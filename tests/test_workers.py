@@ -66,3 +66,34 @@ def test_two_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
     assert sample(scrape, "chatmem_requests_total", {"route": "chat", "status": "200"}) == chats
     assert sample(scrape, "chatmem_turns_committed_total") == chats
     assert sample(scrape, "chatmem_streams_in_flight") == 0
+
+
+def test_one_conversation_across_two_workers_sees_every_turn(tmp_path: Path) -> None:
+    """Each worker keeps its own window cache of the one SQLite file; a turn committed by
+    the other worker must be in the next history either way.  The demo model answers
+    with the number of messages it received, so every answer tells what history went."""
+    toml = '[log]\nformat = "json"\naccess = true\n'
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    turns = 16
+    try:
+        stdout = gateway.process.proc.stdout
+        assert stdout is not None
+        assert all(b"chatmem listening" in stdout.readline() for _ in range(2))
+        for turn in range(1, turns + 1):
+            body = {
+                "model": "m",
+                "conversation": "shared",
+                "messages": [{"role": "user", "content": f"turn {turn}"}],
+            }
+            answer = json.loads(_open(gateway.url + "/v1/chat/completions", f"turn-{turn}", body))
+            # Turn k goes upstream with the 2(k-1) stored messages and its own.
+            assert f"({2 * turn - 1} messages)" in answer["choices"][0]["message"]["content"]
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    served_by = {
+        line["pid"]
+        for line in json_lines(stderr)
+        if line.get("logger") == "chatmem.access" and line["request_id"].startswith("turn-")
+    }
+    assert len(served_by) == 2  # both workers took turns of the conversation
