@@ -24,6 +24,15 @@ def _open(url: str, request_id: str, body: dict[str, object] | None = None) -> s
         return str(response.read().decode())
 
 
+def served_by(stderr: str, request_ids: str) -> set[int]:
+    """The pids of the workers whose access log has a request id starting with ``request_ids``."""
+    return {
+        line["pid"]
+        for line in json_lines(stderr)
+        if line.get("logger") == "chatmem.access" and line["request_id"].startswith(request_ids)
+    }
+
+
 def sample(metrics: str, name: str, labels: dict[str, str] | None = None) -> float:
     for family in text_string_to_metric_families(metrics):
         for s in family.samples:
@@ -53,12 +62,7 @@ def test_two_workers_share_the_port_and_metrics(tmp_path: Path) -> None:
         code, stderr = gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
     # The kernel spread the connections over both workers: each logged some of them.
-    served_by = {
-        line["pid"]
-        for line in json_lines(stderr)
-        if line.get("logger") == "chatmem.access" and line["request_id"].startswith("probe-")
-    }
-    assert len(served_by) == 2
+    assert len(served_by(stderr, "probe-")) == 2
     # Whichever worker answered the scrape, it counted the requests of both (and the one
     # health check that found the gateway ready).
     health = sample(scrape, "chatmem_requests_total", {"route": "health", "status": "200"})
@@ -91,9 +95,4 @@ def test_one_conversation_across_two_workers_sees_every_turn(tmp_path: Path) -> 
     finally:
         code, stderr = gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
-    served_by = {
-        line["pid"]
-        for line in json_lines(stderr)
-        if line.get("logger") == "chatmem.access" and line["request_id"].startswith("turn-")
-    }
-    assert len(served_by) == 2  # both workers took turns of the conversation
+    assert len(served_by(stderr, "turn-")) == 2  # both workers took turns of the conversation
