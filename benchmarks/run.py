@@ -89,19 +89,15 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 
 class Bench:
-    def __init__(
-        self, upstream: str, bare: str, gateway: str, gateway_proc: Proc, db: Path
-    ) -> None:
+    def __init__(self, upstream: str, bare: str, gateway: str, gateway_proc: Proc) -> None:
         self.upstream = upstream
         self.bare = bare
         self.bare_proc: Proc | None = None
         self.gateway = gateway
         self.gateway_proc = gateway_proc
-        self.db = db
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
         )
-        self.history_cache: dict[int, list[dict[str, Any]]] = {}
         self.counter = 0
         self.visits = 0  # memory requests in the history scenarios
         self.pool = 1  # pre-filled conversations of each history size
@@ -471,7 +467,6 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
                 f"http://127.0.0.1:{bare_port}/v1",
                 f"http://127.0.0.1:{gw_port}/v1",
                 gateway,
-                db,
             )
             bench.bare_proc = bare
             bench.pool = pool

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, make_config, upstream_url
+from helpers import GatewayFactory, Rows, make_config, open_store, upstream_url
 
 from chatmem import create_app
 from chatmem.mock_upstream import create_mock_app
+from chatmem.storage import Store
 
 # PostgreSQL fixtures (pg_url, private_postgres, storage_url) live in tests/pg.py.
 pytest_plugins = ["pg"]
@@ -27,6 +28,14 @@ async def upstream(aiohttp_server: Any) -> TestServer:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "chatmem.db"
+
+
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
+    """A Store on a fresh SQLite file, with its schema."""
+    store = await open_store(db_path)
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from chatmem.config import StorageConfig
 from chatmem.errors import StorageUnavailable
-from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage import Owner, Store
 
 ALICE = Owner("team-a", "alice")
 
@@ -27,17 +23,9 @@ def turn(i: int) -> list[dict[str, object]]:
     ]
 
 
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    store = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")))
-    await store.create_schema()
-    yield store
-    await store.close()
-
-
-def commits_on_the_loop_connection(store: Store) -> list[str]:
-    """Every COMMIT the store runs on the event loop's connection, from now on."""
-    turns = store._turns
+def commits_on_the_loop_connection(sqlite_store: Store) -> list[str]:
+    """Every COMMIT the Store runs on the event loop's connection, from now on."""
+    turns = sqlite_store._turns
     assert turns is not None, "SQLite stores commit on their own connection"
     statements: list[str] = []
     turns._loop_connection().set_trace_callback(statements.append)
@@ -53,13 +41,13 @@ def rows(db_path: Path) -> list[tuple[str, int, str]]:
 
 
 async def test_turns_finishing_together_commit_in_one_transaction(
-    store: Store, db_path: Path
+    sqlite_store: Store, db_path: Path
 ) -> None:
-    trace = commits_on_the_loop_connection(store)
+    trace = commits_on_the_loop_connection(sqlite_store)
     # Twelve turns at once, four of them on one conversation: one transaction.
     await asyncio.gather(
         *(
-            store.commit_turn(
+            sqlite_store.commit_turn(
                 ALICE, "shared" if i < 4 else f"c{i}", system=None, turn=turn(i), together=True
             )
             for i in range(12)
@@ -73,24 +61,26 @@ async def test_turns_finishing_together_commit_in_one_transaction(
         (n + 1, f'"{t}{i}"') for i in range(4) for n, t in ((2 * i, "q"), (2 * i + 1, "a"))
     ]
     assert len(stored) == 24
-    history = await store.load_history(ALICE, "c7", limit=10)
+    history = await sqlite_store.load_history(ALICE, "c7", limit=10)
     assert [m["content"] for m in history.messages] == ["q7", "a7"]
 
 
-async def test_a_turn_alone_is_not_delayed_into_a_batch(store: Store) -> None:
-    trace = commits_on_the_loop_connection(store)
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(2))
+async def test_a_turn_alone_is_not_delayed_into_a_batch(sqlite_store: Store) -> None:
+    trace = commits_on_the_loop_connection(sqlite_store)
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(2))
     assert trace.count("COMMIT") == 2
     assert not any(statement.startswith("SAVEPOINT") for statement in trace)
 
 
-async def test_a_failing_turn_leaves_the_others_of_its_batch(store: Store, db_path: Path) -> None:
+async def test_a_failing_turn_leaves_the_others_of_its_batch(
+    sqlite_store: Store, db_path: Path
+) -> None:
     broken = [{"role": None, "content": "no role"}]  # NOT NULL: this turn's insert fails
     outcome = await asyncio.gather(
-        store.commit_turn(ALICE, "a", system=None, turn=turn(1), together=True),
-        store.commit_turn(ALICE, "b", system=None, turn=broken, together=True),
-        store.commit_turn(ALICE, "c", system=None, turn=turn(3), together=True),
+        sqlite_store.commit_turn(ALICE, "a", system=None, turn=turn(1), together=True),
+        sqlite_store.commit_turn(ALICE, "b", system=None, turn=broken, together=True),
+        sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(3), together=True),
         return_exceptions=True,
     )
     assert outcome[0] is None and outcome[2] is None
@@ -102,14 +92,14 @@ async def test_a_failing_turn_leaves_the_others_of_its_batch(store: Store, db_pa
 
 
 async def test_a_batch_waits_on_the_writer_thread_while_another_process_writes(
-    store: Store, db_path: Path
+    sqlite_store: Store, db_path: Path
 ) -> None:
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     try:
         pending = asyncio.gather(
             *(
-                store.commit_turn(ALICE, f"c{i}", system=None, turn=turn(i), together=True)
+                sqlite_store.commit_turn(ALICE, f"c{i}", system=None, turn=turn(i), together=True)
                 for i in range(5)
             )
         )
@@ -125,13 +115,13 @@ async def test_a_batch_waits_on_the_writer_thread_while_another_process_writes(
 
 
 async def test_a_caller_that_stops_waiting_does_not_lose_its_turn(
-    store: Store, db_path: Path
+    sqlite_store: Store, db_path: Path
 ) -> None:
     leaving = asyncio.ensure_future(
-        store.commit_turn(ALICE, "left", system=None, turn=turn(1), together=True)
+        sqlite_store.commit_turn(ALICE, "left", system=None, turn=turn(1), together=True)
     )
     staying = asyncio.ensure_future(
-        store.commit_turn(ALICE, "stayed", system=None, turn=turn(2), together=True)
+        sqlite_store.commit_turn(ALICE, "stayed", system=None, turn=turn(2), together=True)
     )
     await asyncio.sleep(0)  # both are queued
     leaving.cancel()

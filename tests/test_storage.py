@@ -39,13 +39,6 @@ async def store(storage_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
-@pytest.fixture
-async def sqlite_store(db_path: Path) -> AsyncIterator[Store]:
-    store = await open_store(db_path)
-    yield store
-    await store.close()
-
-
 async def test_turn_and_history(store: Store) -> None:
     await store.commit_turn(ALICE, "c", system=[{"role": "system", "content": "s"}], turn=turn(1))
     await store.commit_turn(ALICE, "c", system=None, turn=turn(2))

@@ -32,98 +32,93 @@ def turn(i: int) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    store = await open_store(db_path)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def reference(db_path: Path, store: Store) -> AsyncIterator[Store]:
+async def reference(db_path: Path, sqlite_store: Store) -> AsyncIterator[Store]:
     """The SQLAlchemy path on the same file: what a read without any cache gives."""
     other = await open_store(db_path, one_hop=False)
     yield other
     await other.close()
 
 
-def traced(store: Store) -> list[str]:
-    turns = store._turns
+def traced(sqlite_store: Store) -> list[str]:
+    turns = sqlite_store._turns
     assert turns is not None
     statements: list[str] = []
     turns._loop_connection().set_trace_callback(statements.append)
     return statements
 
 
-async def same_as_database(store: Store, reference: Store, cid: str, limit: int) -> None:
-    cached = await store.load_history(ALICE, cid, limit)
+async def same_as_database(sqlite_store: Store, reference: Store, cid: str, limit: int) -> None:
+    cached = await sqlite_store.load_history(ALICE, cid, limit)
     fresh = await reference.load_history(ALICE, cid, limit)
     assert (cached.system, cached.messages) == (fresh.system, fresh.messages)
 
 
 async def test_a_conversation_that_goes_on_is_not_read_again(
-    store: Store, reference: Store
+    sqlite_store: Store, reference: Store
 ) -> None:
-    statements = traced(store)
+    statements = traced(sqlite_store)
     # As the gateway goes: read (a new conversation), commit, read, commit...
-    assert (await store.load_history(ALICE, "c", limit=10)).messages == []
-    await store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
+    assert (await sqlite_store.load_history(ALICE, "c", limit=10)).messages == []
+    await sqlite_store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
     for i in range(2, 5):
-        history = await store.load_history(ALICE, "c", limit=10)
+        history = await sqlite_store.load_history(ALICE, "c", limit=10)
         assert [m["content"] for m in history.messages][-1] == f"a{i - 1}"
-        await store.commit_turn(ALICE, "c", system=None, turn=turn(i))
+        await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(i))
     reads = [s for s in statements if s.startswith("SELECT")]
     assert len(reads) == 1 and "FROM conversations" in reads[0]  # the first, a miss
     assert sum(s == "PRAGMA data_version" for s in statements) == 4
-    await same_as_database(store, reference, "c", 10)
+    await same_as_database(sqlite_store, reference, "c", 10)
 
 
-async def test_the_cached_window_keeps_to_its_limit(store: Store, reference: Store) -> None:
+async def test_the_cached_window_keeps_to_its_limit(sqlite_store: Store, reference: Store) -> None:
     for i in range(1, 8):
-        await store.commit_turn(ALICE, "c", system=None, turn=turn(i))
-        await same_as_database(store, reference, "c", 5)  # odd: a window can start mid-turn
+        await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(i))
+        await same_as_database(sqlite_store, reference, "c", 5)  # odd: a window can start mid-turn
 
 
-async def test_a_new_system_prompt_replaces_the_cached_one(store: Store, reference: Store) -> None:
-    await store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
-    await store.load_history(ALICE, "c", 10)
+async def test_a_new_system_prompt_replaces_the_cached_one(
+    sqlite_store: Store, reference: Store
+) -> None:
+    await sqlite_store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
+    await sqlite_store.load_history(ALICE, "c", 10)
     new = [{"role": "developer", "content": "be long"}]
-    await store.commit_turn(ALICE, "c", system=new, turn=turn(2))
-    assert (await store.load_history(ALICE, "c", 10)).system == new
-    await same_as_database(store, reference, "c", 10)
+    await sqlite_store.commit_turn(ALICE, "c", system=new, turn=turn(2))
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).system == new
+    await same_as_database(sqlite_store, reference, "c", 10)
 
 
-async def test_another_process_writing_is_seen(store: Store, db_path: Path) -> None:
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
-    await store.load_history(ALICE, "c", 10)  # cached
+async def test_another_process_writing_is_seen(sqlite_store: Store, db_path: Path) -> None:
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    await sqlite_store.load_history(ALICE, "c", 10)  # cached
     elsewhere = await open_store(db_path)  # its own connections, as another process has
     try:
         await elsewhere.commit_turn(ALICE, "c", system=None, turn=turn(2))
     finally:
         await elsewhere.close()
-    history = await store.load_history(ALICE, "c", 10)
+    history = await sqlite_store.load_history(ALICE, "c", 10)
     assert [m["content"] for m in history.messages][2:] == [turn(2)[0]["content"], "a2"]
 
 
-async def test_a_deleted_conversation_is_gone(store: Store) -> None:
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
-    assert (await store.load_history(ALICE, "c", 10)).messages  # cached
-    assert await store.delete_conversation(ALICE, "c")  # the SQLAlchemy engine writes
-    assert (await store.load_history(ALICE, "c", 10)).messages == []
+async def test_a_deleted_conversation_is_gone(sqlite_store: Store) -> None:
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).messages  # cached
+    assert await sqlite_store.delete_conversation(ALICE, "c")  # the SQLAlchemy engine writes
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).messages == []
 
 
 async def test_a_commit_that_waited_on_the_writer_thread_is_seen(
-    store: Store, reference: Store, db_path: Path
+    sqlite_store: Store, reference: Store, db_path: Path
 ) -> None:
-    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
-    await store.load_history(ALICE, "c", 10)  # cached
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    await sqlite_store.load_history(ALICE, "c", 10)  # cached
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
-    pending = asyncio.ensure_future(store.commit_turn(ALICE, "c", system=None, turn=turn(2)))
+    pending = asyncio.ensure_future(sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(2)))
     await asyncio.sleep(0.05)
     other.execute("COMMIT")
     other.close()
     await asyncio.wait_for(pending, 10)
-    await same_as_database(store, reference, "c", 10)
+    await same_as_database(sqlite_store, reference, "c", 10)
 
 
 def test_the_cache_is_bounded() -> None:

@@ -109,6 +109,9 @@ class Metrics:
     def response_started(self, route: str, status: int) -> None:
         self._requests(route, str(status)).inc()
 
+    def upstream_answered(self, route: str, seconds: float) -> None:
+        self._upstream_latency(route).observe(seconds)
+
     def upstream_timer(self, route: str) -> UpstreamTimer:
         return UpstreamTimer(self, route)
 
@@ -156,7 +159,7 @@ class UpstreamTimer:
         self._first = False
 
     def answered(self) -> None:
-        self._metrics._upstream_latency(self._route).observe(time.perf_counter() - self._started)
+        self._metrics.upstream_answered(self._route, time.perf_counter() - self._started)
 
     def first_chunk(self) -> None:
         if not self._first:

@@ -121,6 +121,8 @@ async def _forward(
     out = upstream.request_headers(request.headers, drop=("accept-encoding", "content-type"))
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"
+    # "finish": run_turn runs this in a task no cancellation reaches.
+    finish = gateway.config.memory.on_client_disconnect == "finish"
 
     async def commit(answer: AssistantTurn) -> None:
         saving = gateway.metrics.committing(
@@ -135,8 +137,8 @@ async def _forward(
             turn.owner.tenant,
             answer.usage,
         )
-        if gateway.config.memory.on_client_disconnect == "finish":
-            await saving  # run_turn runs this in a task no cancellation reaches
+        if finish:
+            await saving
         else:
             # Shielded: a cancelled handler must not leave the turn half-decided.
             await asyncio.shield(saving)
@@ -165,8 +167,7 @@ async def _forward(
                         response,
                         reply_headers,
                         commit,
-                        finish_without_client=gateway.config.memory.on_client_disconnect
-                        == "finish",
+                        finish_without_client=finish,
                         render=turn.render,
                         on_first_chunk=timer.first_chunk,
                     )

@@ -19,14 +19,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole request body, refusing (413) anything over ``limit`` bytes early, and
     (408) a body that has not fully arrived ``server.idle_timeout`` seconds after the
     request head: a client trickling its body must not hold the handler forever."""
-    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise _too_large(limit)
     content = request.content
     if content.is_eof():  # all of it has arrived (a small body usually has): no timer
         body = content.read_nowait()
         if len(body) > limit:
-            raise too_large
+            raise _too_large(limit)
         return body
     gateway = request.config_dict.get(GATEWAY)
     deadline = gateway.config.server.idle_timeout if gateway is not None else None
@@ -37,13 +36,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             while chunk := await request.content.read(65536):
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {deadline:g} seconds"
         ) from None
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than {limit} bytes")
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

@@ -69,11 +69,11 @@ def _utf8(value: str | None) -> bytes | None:
 def _settle(
     futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | _Turn | None]
 ) -> None:
-    for future, error in zip(futures, outcome, strict=True):
+    for future, result in zip(futures, outcome, strict=True):
         if future.done():  # its caller was cancelled; the turn is committed all the same
             continue
-        if isinstance(error, BaseException):
-            future.set_exception(error)
+        if isinstance(result, BaseException):
+            future.set_exception(result)
         else:
             future.set_result(None)
 
@@ -261,9 +261,9 @@ class SQLiteTurns:
 
         Under load most of a commit's cost is shared (the same index and table pages go
         to the WAL, the same locks are taken), so turns that finish together commit
-        together: the caller waits one loop iteration, then all of them are written, each
-        in its own savepoint, and committed at once.  Each caller still returns only
-        after its turn is committed.
+        together: the caller waits one loop iteration, then all of them are written and
+        committed at once (see :meth:`_write` for a turn that fails).  Each caller still
+        returns only after its turn is committed.
         """
         args = (tenant, user, conversation_id, system, turn, now)
         if together:
