@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,3 +205,35 @@ async def test_events_arrive_before_upstream_finishes(
         assert [first, second] == events[:2]
         resp.close()
     assert rows.messages() == []
+
+
+@pytest.mark.parametrize("reads", ["one read", "5-byte reads"])
+async def test_only_done_waits_for_the_commit(
+    gateway_factory: GatewayFactory, rows: Rows, db_path: Path, reads: str
+) -> None:
+    """Another connection holds SQLite's write lock, so the commit has to wait: every
+    event in front of [DONE] reaches the client (whether the answer came in one read or
+    with [DONE] itself split across reads), and [DONE] only once the turn is stored."""
+    events = answer_events()
+    before_done = b"".join(events[:-1])
+    whole = b"".join(events)
+    chunks = [whole] if reads == "one read" else split_every(whole, 5)
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            resp = await client.post(
+                "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+            )
+            assert await asyncio.wait_for(resp.content.readexactly(len(before_done)), 5) == (
+                before_done
+            )
+            with pytest.raises(TimeoutError):  # [DONE] waits for the lock
+                await asyncio.wait_for(resp.content.read(1), 0.3)
+            assert rows.messages("s1") == []
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        assert await asyncio.wait_for(resp.content.read(), 10) == events[-1]
+    assert stored_text(rows) == "Hello world"

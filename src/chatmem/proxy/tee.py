@@ -41,6 +41,8 @@ _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
 _MAX_HELD = 4096
 """An unfinished event up to this size is held until its end arrives (see ``relay``)."""
+_DONE = b"[DONE]"
+"""In the bytes of every ``[DONE]`` event: a read without them cannot end the answer."""
 
 
 def _unfinished_tail(data: bytes, starts_on_boundary: bool) -> int:
@@ -58,7 +60,8 @@ def _done_event_start(data: bytes) -> int:
     """Where the first ``[DONE]`` event of ``data`` starts (``data`` starts on a boundary)."""
     start = 0
     for boundary in _BOUNDARY.finditer(data):
-        if [e.strip() for e in SSEParser().feed(data[start : boundary.end()])] == ["[DONE]"]:
+        event = data[start : boundary.end()]
+        if _DONE in event and [e.strip() for e in SSEParser().feed(event)] == ["[DONE]"]:
             return start
         start = boundary.end()
     return len(data)  # its start was already sent: too late to put anything in front
@@ -95,6 +98,17 @@ class _Client:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.gone = True
         self._tail = (self._tail + data[-4:])[-4:]
+
+    def may_end(self, chunk: bytes) -> bool:
+        """Whether ``chunk``, after what is held, may finish a ``[DONE]`` event."""
+        return _DONE in (self._held + chunk if self._held else chunk)
+
+    async def send_before_done(self, chunk: bytes) -> bytes:
+        """Write what is held and ``chunk`` up to the ``[DONE]`` event; return the rest."""
+        data, self._held = self._held + chunk, b""
+        done_at = _done_event_start(data)
+        await self.write(data[:done_at])
+        return data[done_at:]
 
     def _on_boundary(self) -> bool:
         return _BOUNDARY_AT_END.search(self._tail) is not None
@@ -171,7 +185,7 @@ async def tee_stream(
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
-    The chunk that carries ``[DONE]`` is written only after the commit returned, so a
+    The ``[DONE]`` event is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
     turn.  A stream that fails, ends early or was not saved ends with one error event
     (or, with ``render``, the renderer's failure text).
@@ -189,15 +203,19 @@ async def tee_stream(
                 on_first_chunk = None
             if answer.done:
                 await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
-            else:
-                for data in parser.feed(chunk):
-                    if answer.done:
-                        break  # events after [DONE] (in the same read) decide nothing
-                    answer.add(data)
+                continue
+            # Bytes that cannot end the answer go to the client before they are parsed.
+            ahead = render is None and not client.may_end(chunk)
+            if ahead:
+                await client.relay(chunk, answer)
+            for data in parser.feed(chunk):
                 if answer.done:
-                    await _finish(client, answer, chunk, commit)
-                else:
-                    await client.relay(chunk, answer)
+                    break  # events after [DONE] (in the same read) decide nothing
+                answer.add(data)
+            if answer.done:
+                await _finish(client, answer, chunk, commit)
+            elif not ahead:
+                await client.relay(chunk, answer)
             if client.gone and not finish_without_client:
                 upstream.close()
                 return response
@@ -224,7 +242,7 @@ def _failure_event(exc: Exception) -> Failure:
 
 
 async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit) -> None:
-    """``[DONE]`` arrived in ``chunk``: commit a completed answer, then release the chunk.
+    """``[DONE]`` arrived in ``chunk``: commit a completed answer, then release ``[DONE]``.
 
     When the answer is incomplete or cannot be saved, the error event goes in front of the
     ``[DONE]`` event (a client stops reading at ``[DONE]``).
@@ -236,6 +254,10 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         await client.relay(chunk, answer)
         await client.upstream_error(answer.error)
         return
+    if client.render is None:
+        # The events in front of [DONE] arrived like any other: they go out now; only the
+        # [DONE] event waits for the commit.
+        chunk = await client.send_before_done(chunk)
     if not answer.completed or turn is None:
         failure = _CUT_OFF
     else:
