@@ -374,6 +374,18 @@ def print_targets(results: dict[str, Any]) -> None:
         print(
             f"{what:<38}{memory:>9.2f}{bare:>9.2f}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}"
         )
+    if (budget := cpu_budget(results)) is not None:
+        print(
+            f"at 32 clients, 0.6x direct on one event loop needs <= {budget:.3f} ms of relay"
+            " CPU per request"
+        )
+
+
+def cpu_budget(results: dict[str, Any]) -> float | None:
+    """The relay CPU per request (ms) at which one event loop, a core at most, keeps
+    0.6x of direct's req/s at 32 clients: what the throughput target asks of a relay."""
+    direct = results["scenarios"].get("plain c=32", {}).get("direct")
+    return 1000 / (0.6 * direct["rps"]) if direct and direct["rps"] else None
 
 
 def draw(results: dict[str, Any], path: Path) -> None:
