@@ -99,6 +99,29 @@ async def test_another_process_writing_is_seen(sqlite_store: Store, db_path: Pat
     assert [m["content"] for m in history.messages][2:] == [turn(2)[0]["content"], "a2"]
 
 
+async def test_a_miss_skips_the_pragma_and_a_write_elsewhere_is_still_seen(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """A miss reads the database anyway, so only a cached window is checked against
+    ``data_version``; a write elsewhere before the miss is still caught at the next hit."""
+    await sqlite_store.commit_turn(ALICE, "a", system=None, turn=turn(1))
+    await sqlite_store.load_history(ALICE, "a", 10)  # cached, and validated
+    elsewhere = await open_store(db_path)
+    try:
+        await elsewhere.commit_turn(ALICE, "a", system=None, turn=turn(2))
+    finally:
+        await elsewhere.close()
+    statements = traced(sqlite_store)
+    assert (await sqlite_store.load_history(ALICE, "new", 10)).messages == []
+    assert statements == [
+        "SELECT pk, system_prompt FROM conversations"
+        " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'new'"
+    ]
+    history = await sqlite_store.load_history(ALICE, "a", 10)
+    assert [m["content"] for m in history.messages][-1] == "a2"
+    assert statements.count("PRAGMA data_version") == 1
+
+
 async def test_a_deleted_conversation_is_gone(sqlite_store: Store) -> None:
     await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
     assert (await sqlite_store.load_history(ALICE, "c", 10)).messages  # cached

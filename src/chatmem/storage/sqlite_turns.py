@@ -209,10 +209,13 @@ class SQLiteTurns:
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
         try:
-            self._windows.validate(conn, limit)
-            cached = self._windows.get(key)
-            if cached is not None:
-                return True, cached[0], cached[1]
+            # A cached window is trusted only if nobody else wrote since; a miss reads the
+            # database anyway (an empty cache is validated to start keeping windows).
+            if key in self._windows or not self._windows:
+                self._windows.validate(conn, limit)
+                cached = self._windows.get(key)
+                if cached is not None:
+                    return True, cached[0], cached[1]
             found, system, window = self._load_window(conn, *args)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):

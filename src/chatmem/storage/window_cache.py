@@ -9,9 +9,10 @@ window as the JSON text it sends upstream and extends it when it commits a turn.
 The cache can only be trusted while no other connection wrote to the database: the
 writer thread's, the SQLAlchemy engine of the Conversations API and of retention, another
 process.  SQLite says exactly that through ``PRAGMA data_version``, which changes for a
-connection when any other connection commits; :meth:`WindowCache.validate` reads it on
-every load and forgets everything when it moved.  Every write the cache does not see is
-therefore covered, at the price of one pragma per request.
+connection when any other connection commits; :meth:`WindowCache.validate` reads it
+before a cached window is used and forgets everything when it moved.  Every write the
+cache does not see is therefore covered, at the price of one pragma per cache hit (a miss
+reads the database anyway, and a window stored then is checked at its first use).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class WindowCache:
     def __len__(self) -> int:
         return len(self._windows)
 
+    def __contains__(self, key: Key) -> bool:
+        return key in self._windows
+
     def validate(self, conn: sqlite3.Connection, limit: int) -> None:
         """Forget everything if another connection committed since the last call (or the
         window size asked for changed)."""
@@ -78,7 +82,7 @@ class WindowCache:
         return window.system, list(window.messages)
 
     def put(self, key: Key, system: Any, messages: list[Message]) -> None:
-        """The window as just read from the database (call :meth:`validate` first)."""
+        """The window as just read from the database."""
         self._store(key, _Window(system, messages, _size(messages)))
 
     def committed(
