@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import hashlib
 import itertools
 import json
@@ -595,6 +596,9 @@ async def run_mock_upstream(host: str, port: int, *, tokens: int, delay_ms: floa
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
+        # As the gateway does (cli._serve): what exists now lives as long as the process,
+        # and a full collection that walked it paused every stream for up to 60 ms.
+        gc.freeze()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
