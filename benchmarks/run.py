@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -511,7 +512,9 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
             bench.pool = pool
             return await measure(args, bench, chosen)
 
-        # uvloop in the load generator too: the cheaper it is, the less it limits "direct".
+        # uvloop in the load generator too: the cheaper it is, the less it limits "direct";
+        # and no full collection of everything imported in the middle of a round.
+        gc.freeze()
         return uvloop.run(run())
     finally:
         gateway.stop()
