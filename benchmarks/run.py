@@ -373,7 +373,7 @@ def print_targets(results: dict[str, Any]) -> None:
     for what, memory, bare, target, kind in targets(results):
         met = memory <= target if kind == "<=" else memory >= target
         print(
-            f"{what:<38}{memory:>9.2f}{bare:>9.2f}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}"
+            f"{what:<38}{memory:>9.3f}{bare:>9.3f}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}"
         )
     if (budget := cpu_budget(results)) is not None:
         print(
