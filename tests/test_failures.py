@@ -5,13 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import GatewayFactory, Rows, answer_events, received, sse, upstream_url
+from helpers import (
+    GatewayFactory,
+    Rows,
+    answer_events,
+    make_config,
+    received,
+    sse,
+    upstream_url,
+)
 from scripted_upstream import Script, scripted_upstream
+from test_workers import sample
 
+from chatmem.app import create_app
 from chatmem.proxy.sse import SSEParser
+from chatmem.state import GATEWAY
 
 STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 PLAIN = {**STREAM, "stream": False}
@@ -220,6 +233,41 @@ async def test_client_disconnect_with_finish_commits(
             await asyncio.sleep(0.05)
     assert [m["role"] for m in rows.messages("f1")] == ["user", "assistant"]
     assert json.loads(rows.messages("f1")[1]["content"]) == "Hello world"
+
+
+async def test_a_client_leaving_during_the_commit_does_not_stop_it(
+    aiohttp_client: Any, db_path: Path, rows: Rows
+) -> None:
+    """As ``chatmem serve`` runs, with aiohttp cancelling the handler of a client that
+    left: the answer is complete and its commit waits for SQLite's write lock when the
+    client goes.  The handler ends; the turn is still committed, once, and counted."""
+    events = answer_events()
+    async with scripted_upstream(Script(chunks=[b"".join(events)])) as up:
+        app = create_app(make_config(db_path, up.url))
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        live = app[GATEWAY].live
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            resp = await post(client, STREAM)
+            await resp.content.readexactly(len(b"".join(events[:-1])))  # all but [DONE]
+            resp.close()
+            for _ in range(100):  # bounded: up to 5 s for aiohttp to cancel the handler
+                if not live.tasks:
+                    break
+                await asyncio.sleep(0.05)
+            assert not live.tasks
+            assert rows.messages() == []  # the commit still waits for the lock
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        for _ in range(100):  # bounded: up to 5 s for the writer thread
+            if rows.messages():
+                break
+            await asyncio.sleep(0.05)
+        assert [m["role"] for m in rows.messages("f1")] == ["user", "assistant"]
+        scrape = await (await client.get("/metrics")).text()
+    assert sample(scrape, "chatmem_turns_committed_total") == 1
 
 
 async def test_disconnect_with_discard_commits_nothing(

@@ -13,9 +13,10 @@ all of them (gauges of live processes only).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -123,15 +124,23 @@ class Metrics:
         finally:
             self.streams_in_flight.dec()
 
-    async def committing(
-        self, commit: Awaitable[None], tenant: str, usage: Mapping[str, Any] | None
+    def count_commit(
+        self, saving: asyncio.Future[None], tenant: str, usage: Mapping[str, Any] | None
     ) -> None:
-        """Await ``commit`` (a turn being saved) and count how it went."""
-        try:
-            await commit
-        except ChatmemError:
+        """Count how ``saving`` (a turn being committed) went, once it is decided, whether
+        or not anyone still waits for it."""
+        saving.add_done_callback(lambda done: self._counted(done, tenant, usage))
+
+    def _counted(
+        self, done: asyncio.Future[None], tenant: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()  # retrieved here even when its waiter has gone
+        if isinstance(error, ChatmemError):
             self.commits_failed.inc()
-            raise
+        if error is not None:
+            return
         self.turns_committed.inc()
         if usage:
             for field, kind in _TOKEN_KINDS:

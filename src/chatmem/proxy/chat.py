@@ -125,23 +125,19 @@ async def _forward(
     finish = gateway.config.memory.on_client_disconnect == "finish"
 
     async def commit(answer: AssistantTurn) -> None:
-        saving = gateway.metrics.committing(
-            gateway.store.commit_turn(
-                turn.owner,
-                chat.conversation_id,
-                system=chat.system,
-                turn=[*chat.messages, assistant_message(answer)],
-                # Other requests in flight: let turns that finish together commit together.
-                together=len(gateway.live.tasks) > 1,
-            ),
-            turn.owner.tenant,
-            answer.usage,
+        # Under way once this returns, and not stopped by a handler that is cancelled
+        # meanwhile: the turn is never left half-decided.
+        saving = gateway.store.commit_turn_soon(
+            turn.owner,
+            chat.conversation_id,
+            system=chat.system,
+            turn=[*chat.messages, assistant_message(answer)],
+            # Other requests in flight: let turns that finish together commit together.
+            together=len(gateway.live.tasks) > 1,
         )
-        if finish:
-            await saving
-        else:
-            # Shielded: a cancelled handler must not leave the turn half-decided.
-            await asyncio.shield(saving)
+        gateway.metrics.count_commit(saving, turn.owner.tenant, answer.usage)
+        # Shielded so that a cancelled handler does not cancel the future itself.
+        await (saving if finish else asyncio.shield(saving))
         log_content(gateway.config.log.debug_content, "turn committed", answer.content)
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)

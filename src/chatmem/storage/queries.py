@@ -306,15 +306,10 @@ class Store:
         concurrent turns of one conversation are serialised and never interleave.
         ``system``, when given, replaces the stored system prompt.
         """
-        now = int(time.time())
         if self._turns is not None:
-            try:
-                await self._turns.append_turn(
-                    owner.tenant, owner.user, conversation_id, system, turn, now, together=together
-                )
-            except sqlite3.Error as exc:
-                raise StorageUnavailable("the conversation store is unavailable") from exc
+            await self._append_turn(owner, conversation_id, system, turn, together)
             return
+        now = int(time.time())
         count = len(turn)
         upsert = self._insert(conversations).values(
             id=conversation_id,
@@ -346,6 +341,42 @@ class Store:
                 await conn.execute(insert(messages), rows)
 
         await self._run_write(write)
+
+    def commit_turn_soon(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        *,
+        system: list[dict[str, Any]] | None,
+        turn: Sequence[dict[str, Any]],
+        together: bool = False,
+    ) -> asyncio.Future[None]:
+        """:meth:`commit_turn`, started now: a future that is done when the turn is
+        committed (or failed), and that a caller who stops waiting does not stop.
+
+        On SQLite the write is already under way when this returns (done, for a turn
+        alone that found the lock free), so no task is made for it; elsewhere it runs in
+        a task of its own.
+        """
+        if self._turns is not None:
+            return self._append_turn(owner, conversation_id, system, turn, together)
+        return asyncio.ensure_future(
+            self.commit_turn(owner, conversation_id, system=system, turn=turn, together=together)
+        )
+
+    def _append_turn(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        system: list[dict[str, Any]] | None,
+        turn: Sequence[dict[str, Any]],
+        together: bool,
+    ) -> asyncio.Future[None]:
+        assert self._turns is not None
+        now = int(time.time())
+        return self._turns.append_turn_soon(
+            owner.tenant, owner.user, conversation_id, system, turn, now, together=together
+        )
 
     async def delete_conversation(self, owner: Owner, conversation_id: str) -> bool:
         """Delete a conversation and its messages (explicitly: not every database that

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .. import jsonio
+from ..errors import StorageUnavailable
 from .window_cache import Message, WindowCache
 
 __all__ = ["SQLiteTurns"]
@@ -66,6 +67,15 @@ def _utf8(value: str | None) -> bytes | None:
     return None if value is None else value.encode()
 
 
+def _failure(exc: BaseException) -> BaseException:
+    """What a caller is told: a database error is the store being unavailable."""
+    if isinstance(exc, sqlite3.Error):
+        unavailable = StorageUnavailable("the conversation store is unavailable")
+        unavailable.__cause__ = exc
+        return unavailable
+    return exc
+
+
 def _settle(
     futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | _Turn | None]
 ) -> None:
@@ -73,7 +83,7 @@ def _settle(
         if future.done():  # its caller was cancelled; the turn is committed all the same
             continue
         if isinstance(result, BaseException):
-            future.set_exception(result)
+            future.set_exception(_failure(result))
         else:
             future.set_result(None)
 
@@ -145,7 +155,7 @@ def _message_json(
 
 
 class SQLiteTurns:
-    """``load_window`` and ``append_turn`` on one SQLite file.
+    """``load_window`` and ``append_turn_soon`` on one SQLite file.
 
     Three connections: the event loop's (fast path, never waits), and one each on a
     reader and a writer thread (the slow path, which waits for locks).  Every write
@@ -248,7 +258,7 @@ class SQLiteTurns:
         window = [(row[0].decode(), _message_json(*row)) for row in reversed(rows)]
         return True, _load(found[1]), window
 
-    async def append_turn(
+    def append_turn_soon(
         self,
         tenant: str,
         user: str,
@@ -258,39 +268,57 @@ class SQLiteTurns:
         now: int,
         *,
         together: bool = False,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """Append ``turn`` in a transaction of its own or, ``together``, in one transaction
-        with every other turn appended in the same pass of the event loop.
+        with every other turn appended in the same pass of the event loop; the future is
+        done once the turn is committed (or failed).
+
+        The write is under way when this returns, and nothing the caller does stops it:
+        cancelling the future only stops waiting for it.  A turn alone is written at once
+        (the future comes back done) unless the lock is taken, when the writer thread
+        waits for it.
 
         Under load most of a commit's cost is shared (the same index and table pages go
         to the WAL, the same locks are taken), so turns that finish together commit
-        together: the caller waits one loop iteration, then all of them are written and
-        committed at once (see :meth:`_write` for a turn that fails).  Each caller still
-        returns only after its turn is committed.
+        together: the future is done one loop iteration later, when all of them are
+        written and committed at once (see :meth:`_write` for a turn that fails).
         """
+        loop = asyncio.get_running_loop()
         args = (tenant, user, conversation_id, system, turn, now)
+        future: asyncio.Future[None] = loop.create_future()
         if together:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queued.append((args, future))
             if len(self._queued) == 1:
-                asyncio.get_running_loop().call_soon(self._flush)
-            await future
-            return
+                loop.call_soon(self._flush)
+            return future
         try:
             written = self._write(self._loop_connection(), [args])
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
-                raise
+                future.set_exception(_failure(exc))
+                return future
             # Another process (or our own writer thread) holds the lock: wait for it on
             # the writer thread, never on the event loop.
-            written = await self._run(self._writer, self._on_thread, self._write, [args])
-            if isinstance(written[0], Exception):
-                raise written[0] from None
-            return
+            waiting = self._run(self._writer, self._on_thread, self._write, [args])
+            self._settle_later([future], asyncio.ensure_future(waiting))
+            return future
+        except Exception as exc:  # handed to the caller
+            future.set_exception(_failure(exc))
+            return future
         self._committed([args], written)
+        _settle([future], written)
+        return future
+
+    def _settle_later(
+        self, futures: list[asyncio.Future[None]], waiting: asyncio.Future[Any]
+    ) -> None:
+        """Settle ``futures`` when the writer thread's batch is done."""
+        self._waiting.add(waiting)
+        waiting.add_done_callback(self._waiting.discard)
+        waiting.add_done_callback(lambda done: _settle_from(futures, done))
 
     def _flush(self) -> None:
-        """Commit the turns queued in this loop iteration (see :meth:`append_turn`)."""
+        """Commit the turns queued in this loop iteration (see :meth:`append_turn_soon`)."""
         queued, self._queued = self._queued, []
         batch = [args for args, _ in queued]
         futures = [future for _, future in queued]
@@ -300,12 +328,8 @@ class SQLiteTurns:
             if not _busy(exc):
                 _settle(futures, [exc] * len(futures))
                 return
-            waiting = asyncio.ensure_future(
-                self._run(self._writer, self._on_thread, self._write, batch)
-            )
-            self._waiting.add(waiting)
-            waiting.add_done_callback(self._waiting.discard)
-            waiting.add_done_callback(lambda done: _settle_from(futures, done))
+            waiting = self._run(self._writer, self._on_thread, self._write, batch)
+            self._settle_later(futures, asyncio.ensure_future(waiting))
             return
         except Exception as exc:  # handed to every caller of the batch
             _settle(futures, [exc] * len(futures))
