@@ -296,10 +296,29 @@ class Store:
         turn: Sequence[dict[str, Any]],
         together: bool = False,
     ) -> None:
-        """Append one turn (the request's messages and the answer) in one transaction.
+        """Append one turn (the request's messages and the answer) in one transaction:
+        :meth:`commit_turn_soon`, waited for."""
+        await self.commit_turn_soon(
+            owner, conversation_id, system=system, turn=turn, together=together
+        )
 
-        ``together`` (SQLite): other turns are in flight, so this one may share its
-        transaction with those that finish in the same loop iteration (group commit).
+    def commit_turn_soon(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        *,
+        system: list[dict[str, Any]] | None,
+        turn: Sequence[dict[str, Any]],
+        together: bool = False,
+    ) -> asyncio.Future[None]:
+        """Append one turn in one transaction, started now: the future is done when the
+        turn is committed (or failed), and a caller who stops waiting for it does not
+        stop the commit.
+
+        On SQLite the write is already under way when this returns (done, for a turn
+        alone that found the lock free), so no task is made for it; ``together``: other
+        turns are in flight, so this one may share its transaction with those that finish
+        in the same loop iteration (group commit).  Elsewhere it runs in a task.
 
         The upsert creates the conversation if needed and reserves the turn's sequence
         numbers by bumping ``last_seq``; it locks the conversation row until commit, so
@@ -307,8 +326,24 @@ class Store:
         ``system``, when given, replaces the stored system prompt.
         """
         if self._turns is not None:
-            await self._append_turn(owner, conversation_id, system, turn, together)
-            return
+            return self._turns.append_turn_soon(
+                owner.tenant,
+                owner.user,
+                conversation_id,
+                system,
+                turn,
+                int(time.time()),
+                together=together,
+            )
+        return asyncio.ensure_future(self._commit_turn(owner, conversation_id, system, turn))
+
+    async def _commit_turn(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        system: list[dict[str, Any]] | None,
+        turn: Sequence[dict[str, Any]],
+    ) -> None:
         now = int(time.time())
         count = len(turn)
         upsert = self._insert(conversations).values(
@@ -341,42 +376,6 @@ class Store:
                 await conn.execute(insert(messages), rows)
 
         await self._run_write(write)
-
-    def commit_turn_soon(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        *,
-        system: list[dict[str, Any]] | None,
-        turn: Sequence[dict[str, Any]],
-        together: bool = False,
-    ) -> asyncio.Future[None]:
-        """:meth:`commit_turn`, started now: a future that is done when the turn is
-        committed (or failed), and that a caller who stops waiting does not stop.
-
-        On SQLite the write is already under way when this returns (done, for a turn
-        alone that found the lock free), so no task is made for it; elsewhere it runs in
-        a task of its own.
-        """
-        if self._turns is not None:
-            return self._append_turn(owner, conversation_id, system, turn, together)
-        return asyncio.ensure_future(
-            self.commit_turn(owner, conversation_id, system=system, turn=turn, together=together)
-        )
-
-    def _append_turn(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        system: list[dict[str, Any]] | None,
-        turn: Sequence[dict[str, Any]],
-        together: bool,
-    ) -> asyncio.Future[None]:
-        assert self._turns is not None
-        now = int(time.time())
-        return self._turns.append_turn_soon(
-            owner.tenant, owner.user, conversation_id, system, turn, now, together=together
-        )
 
     async def delete_conversation(self, owner: Owner, conversation_id: str) -> bool:
         """Delete a conversation and its messages (explicitly: not every database that
