@@ -136,8 +136,9 @@ async def _forward(
             together=len(gateway.live.tasks) > 1,
         )
         gateway.metrics.count_commit(saving, turn.owner.tenant, answer.usage)
-        # Shielded so that a cancelled handler does not cancel the future itself.
-        await (saving if finish else asyncio.shield(saving))
+        # Shielded so that a cancelled handler does not cancel the future itself (free
+        # when it is already done, as a turn committed alone is).
+        await asyncio.shield(saving)
         log_content(gateway.config.log.debug_content, "turn committed", answer.content)
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)
