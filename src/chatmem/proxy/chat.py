@@ -121,8 +121,7 @@ async def _forward(
     out = upstream.request_headers(request.headers, drop=("accept-encoding", "content-type"))
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"
-    # "finish": run_turn runs this in a task no cancellation reaches.
-    finish = gateway.config.memory.on_client_disconnect == "finish"
+    finish_without_client = gateway.config.memory.on_client_disconnect == "finish"
 
     async def commit(answer: AssistantTurn) -> None:
         # Under way once this returns, and not stopped by a handler that is cancelled
@@ -164,7 +163,7 @@ async def _forward(
                         response,
                         reply_headers,
                         commit,
-                        finish_without_client=finish,
+                        finish_without_client=finish_without_client,
                         render=turn.render,
                         on_first_chunk=timer.first_chunk,
                     )

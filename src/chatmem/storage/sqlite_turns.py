@@ -290,46 +290,31 @@ class SQLiteTurns:
             self._queued.append((args, future))
             if len(self._queued) == 1:
                 loop.call_soon(self._flush)
-            return future
-        try:
-            written = self._write(self._loop_connection(), [args])
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc):
-                future.set_exception(_failure(exc))
-                return future
-            # Another process (or our own writer thread) holds the lock: wait for it on
-            # the writer thread, never on the event loop.
-            waiting = self._run(self._writer, self._on_thread, self._write, [args])
-            self._settle_later([future], asyncio.ensure_future(waiting))
-            return future
-        except Exception as exc:  # handed to the caller
-            future.set_exception(_failure(exc))
-            return future
-        self._committed([args], written)
-        _settle([future], written)
+        else:
+            self._commit([args], [future])
         return future
-
-    def _settle_later(
-        self, futures: list[asyncio.Future[None]], waiting: asyncio.Future[Any]
-    ) -> None:
-        """Settle ``futures`` when the writer thread's batch is done."""
-        self._waiting.add(waiting)
-        waiting.add_done_callback(self._waiting.discard)
-        waiting.add_done_callback(lambda done: _settle_from(futures, done))
 
     def _flush(self) -> None:
         """Commit the turns queued in this loop iteration (see :meth:`append_turn_soon`)."""
         queued, self._queued = self._queued, []
-        batch = [args for args, _ in queued]
-        futures = [future for _, future in queued]
+        self._commit([args for args, _ in queued], [future for _, future in queued])
+
+    def _commit(self, batch: Sequence[_TurnArgs], futures: list[asyncio.Future[None]]) -> None:
+        """Write ``batch`` on the loop's connection and settle each turn's future; when
+        another process (or our own writer thread) holds the lock, the writer thread waits
+        for it instead, never the event loop."""
         try:
             written = self._write(self._loop_connection(), batch)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 _settle(futures, [exc] * len(futures))
                 return
-            waiting = self._run(self._writer, self._on_thread, self._write, batch)
-            self._settle_later(futures, asyncio.ensure_future(waiting))
+            waiting = asyncio.ensure_future(
+                self._run(self._writer, self._on_thread, self._write, batch)
+            )
+            self._waiting.add(waiting)
+            waiting.add_done_callback(self._waiting.discard)
+            waiting.add_done_callback(lambda done: _settle_from(futures, done))
             return
         except Exception as exc:  # handed to every caller of the batch
             _settle(futures, [exc] * len(futures))
