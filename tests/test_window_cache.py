@@ -65,9 +65,29 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
         assert [m["content"] for m in history.messages][-1] == f"a{i - 1}"
         await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(i))
     reads = [s for s in statements if s.startswith("SELECT")]
-    assert len(reads) == 1 and "FROM conversations" in reads[0]  # the first, a miss
+    # The first read, a miss; the second turn's, which caches the window (a conversation
+    # is cached from its second turn on); none after.
+    assert [s.split(" WHERE")[0] for s in reads] == [
+        "SELECT pk, system_prompt FROM conversations",
+        "SELECT pk, system_prompt FROM conversations",
+        "SELECT pk, system_prompt FROM conversations",
+        "SELECT role, content, name, tool_calls, tool_call_id FROM messages",
+    ]
+    # Checked while the cache is empty (the first two reads) and before each hit.
     assert sum(s == "PRAGMA data_version" for s in statements) == 4
     await same_as_database(sqlite_store, reference, "c", 10)
+
+
+async def test_a_conversation_of_one_turn_is_not_cached(sqlite_store: Store) -> None:
+    """A flood of one-turn conversations must not push out the windows of those that go on."""
+    turns = sqlite_store._turns
+    assert turns is not None
+    await sqlite_store.commit_turn(ALICE, "goes-on", system=None, turn=turn(1))
+    await sqlite_store.load_history(ALICE, "goes-on", 10)  # its second turn: cached
+    for i in range(5):
+        assert (await sqlite_store.load_history(ALICE, f"once-{i}", 10)).messages == []
+        await sqlite_store.commit_turn(ALICE, f"once-{i}", system=None, turn=turn(i))
+    assert len(turns._windows) == 1 and ("team-a", "alice", "goes-on") in turns._windows
 
 
 async def test_the_cached_window_keeps_to_its_limit(sqlite_store: Store, reference: Store) -> None:

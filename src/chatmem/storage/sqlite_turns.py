@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from .. import jsonio
 from ..errors import StorageUnavailable
-from .window_cache import Message, WindowCache
+from .window_cache import WindowCache
 
 __all__ = ["SQLiteTurns"]
 
@@ -57,9 +57,9 @@ _CHECKPOINT_EVERY = 200
 
 _TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int]
 """tenant, user, conversation id, system prompt, messages, time: one turn to append."""
-_Turn = tuple[bool, list[Message], str | None]
-"""A turn written: whether it created its conversation, its messages as a read gives them
-back, and the system prompt as stored."""
+_Row = tuple[Any, ...]
+_Turn = tuple[list[_Row], str | None]
+"""A turn written: its rows in ``messages``, and the system prompt as stored."""
 _Written = _Turn | Exception
 
 
@@ -325,14 +325,17 @@ class SQLiteTurns:
     def _committed(self, batch: Sequence[_TurnArgs], written: Sequence[_Written]) -> None:
         """After a commit on the loop's connection: the windows grow, checkpoints are due."""
         for args, turn in zip(batch, written, strict=True):
-            if not isinstance(turn, Exception):
-                tenant, user, conversation_id = args[:3]
-                created, messages, stored_system = turn
+            key = args[:3]
+            if key in self._windows and not isinstance(turn, Exception):
+                rows, stored_system = turn
                 self._windows.committed(
-                    (tenant, user, conversation_id),
+                    key,
                     None if stored_system is None else jsonio.loads(stored_system),
-                    messages,
-                    created=created,
+                    # Each message as a read would give it back.
+                    [
+                        (role, _message_json(role.encode(), *map(_utf8, rest)))
+                        for role, *rest in (row[2:7] for row in rows)
+                    ],
                 )
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
@@ -411,12 +414,7 @@ class SQLiteTurns:
             for offset, m in enumerate(turn)
         ]
         conn.executemany(_INSERT, rows)
-        # The window cache gets each message as a read would give it back.
-        messages = [
-            (role, _message_json(role.encode(), *map(_utf8, rest)))
-            for role, *rest in (row[2:7] for row in rows)
-        ]
-        return last_seq == count, messages, stored_system
+        return rows, stored_system
 
     def close(self) -> None:
         if self._inline is not None:

@@ -85,24 +85,22 @@ class WindowCache:
         """The window as just read from the database."""
         self._store(key, _Window(system, messages, _size(messages)))
 
-    def committed(
-        self, key: Key, system: Any, messages: Sequence[Message], *, created: bool
-    ) -> None:
+    def committed(self, key: Key, system: Any, messages: Sequence[Message]) -> None:
         """A turn of ``key`` was committed on the validated connection: ``messages`` go at
-        the end of its window, ``system`` (when not None) replaces its system prompt.  A
-        conversation the turn ``created`` holds exactly the turn."""
+        the end of its window, ``system`` (when not None) replaces its system prompt.
+
+        Only a window already cached grows.  A conversation is cached from its second
+        turn on, when that turn's read puts its window here: a conversation that ends
+        after one turn, as many API calls do, never takes the place of one that goes on.
+        """
         if self._limit is None:
             return
         window = self._windows.pop(key, None)
-        if window is not None:
-            self._bytes -= window.size
-            joined = [*window.messages, *messages][-self._limit :]
-            kept_system = window.system if system is None else system
-        elif created:
-            joined = list(messages)[-self._limit :]
-            kept_system = system
-        else:
+        if window is None:
             return  # not known here: the next load reads it
+        self._bytes -= window.size
+        joined = [*window.messages, *messages][-self._limit :]
+        kept_system = window.system if system is None else system
         self._store(key, _Window(kept_system, joined, _size(joined)))
 
     def clear(self) -> None:
