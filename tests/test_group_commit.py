@@ -1,4 +1,4 @@
-"""Group commit on SQLite: turns that finish in the same loop iteration share a transaction.
+"""Group commit on SQLite: turns that finish together share a transaction.
 
 A real SQLite file; the transactions are counted with sqlite3's statement trace on the
 gateway's own connection, the rows read back from a separate connection.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from chatmem.errors import StorageUnavailable
 from chatmem.storage import Owner, Store
+from chatmem.storage.sqlite_turns import _GATHER_PASSES
 
 ALICE = Owner("team-a", "alice")
 
@@ -63,6 +64,67 @@ async def test_turns_finishing_together_commit_in_one_transaction(
     assert len(stored) == 24
     history = await sqlite_store.load_history(ALICE, "c7", limit=10)
     assert [m["content"] for m in history.messages] == ["q7", "a7"]
+
+
+async def one_turn_per_pass(sqlite_store: Store, passes: int) -> list[int]:
+    """A new turn finishes in each of ``passes`` passes of the event loop (a callback
+    that schedules itself runs once per pass); returns, for each pass, how many of those
+    turns were committed when it began.  Returns once all are committed."""
+    loop = asyncio.get_running_loop()
+    saving: list[asyncio.Future[None]] = []
+    committed_at_pass: list[int] = []
+    all_queued = loop.create_future()
+
+    def next_pass() -> None:
+        committed_at_pass.append(sum(future.done() for future in saving))
+        if len(saving) == passes:
+            all_queued.set_result(None)
+            return
+        i = len(saving)
+        saving.append(
+            sqlite_store.commit_turn_soon(ALICE, f"c{i}", system=None, turn=turn(i), together=True)
+        )
+        loop.call_soon(next_pass)
+
+    next_pass()
+    await all_queued
+    await asyncio.gather(*saving)
+    return committed_at_pass
+
+
+async def test_turns_that_keep_finishing_wait_for_each_other_a_few_passes(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """Under load turns finish in every pass of the loop: a transaction gathers those of
+    a few passes (``_GATHER_PASSES``), then commits, however many more keep coming."""
+    trace = commits_on_the_loop_connection(sqlite_store)
+    await one_turn_per_pass(sqlite_store, passes=3)
+    assert trace.count("COMMIT") == 1  # three passes: one transaction
+    assert len(rows(db_path)) == 6
+
+    trace.clear()
+    committed_at_pass = await one_turn_per_pass(sqlite_store, passes=20)
+    # The first turn waited _GATHER_PASSES passes, then the batch committed.
+    assert committed_at_pass[_GATHER_PASSES] == 0
+    assert committed_at_pass[_GATHER_PASSES + 1] > 0
+    assert 20 // (_GATHER_PASSES + 1) <= trace.count("COMMIT") <= 20 // _GATHER_PASSES
+    assert len(rows(db_path)) == 6 + 40
+
+
+async def test_a_closing_store_commits_the_turns_still_gathering(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """``Store.close`` first commits a group commit that is still gathering turns, on the
+    loop, before its connections close on a thread."""
+    turns = sqlite_store._turns
+    assert turns is not None
+    trace = commits_on_the_loop_connection(sqlite_store)
+    saving = sqlite_store.commit_turn_soon(ALICE, "c", system=None, turn=turn(1), together=True)
+    turns.commit_queued()  # what close() does first; no pass of the loop in between
+    assert saving.done() and saving.exception() is None
+    assert rows(db_path) == [("c", 1, '"q1"'), ("c", 2, '"a1"')]
+    await asyncio.sleep(0.01)  # the group commit's pending pass finds nothing to do
+    assert trace.count("COMMIT") == 1
 
 
 async def test_a_turn_alone_is_not_delayed_into_a_batch(sqlite_store: Store) -> None:

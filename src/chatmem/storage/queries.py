@@ -200,6 +200,7 @@ class Store:
 
     async def close(self) -> None:
         if self._turns is not None:
+            self._turns.commit_queued()  # a group commit still gathering is not dropped
             await asyncio.get_running_loop().run_in_executor(None, self._turns.close)
         await self.engine.dispose()
 
