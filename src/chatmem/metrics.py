@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -115,14 +114,6 @@ class Metrics:
 
     def upstream_timer(self, route: str) -> UpstreamTimer:
         return UpstreamTimer(self, route)
-
-    @contextmanager
-    def stream(self) -> Iterator[None]:
-        self.streams_in_flight.inc()
-        try:
-            yield
-        finally:
-            self.streams_in_flight.dec()
 
     def count_commit(
         self, saving: asyncio.Future[None], tenant: str, usage: Mapping[str, Any] | None

@@ -319,7 +319,8 @@ class Store:
         On SQLite the write is already under way when this returns (done, for a turn
         alone that found the lock free), so no task is made for it; ``together``: other
         turns are in flight, so this one may share its transaction with those that finish
-        in the same loop iteration (group commit).  Elsewhere it runs in a task.
+        around it (group commit, see ``SQLiteTurns.append_turn_soon``).  Elsewhere it
+        runs in a task.
 
         The upsert creates the conversation if needed and reserves the turn's sequence
         numbers by bumping ``last_seq``; it locks the conversation row until commit, so

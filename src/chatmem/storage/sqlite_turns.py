@@ -303,18 +303,18 @@ class SQLiteTurns:
             self._queued.append((args, future))
             if len(self._queued) == 1:
                 self._gathered, self._passes = 0, 0
-                loop.call_soon(self._flush)
+                loop.call_soon(self._flush, loop)
         else:
             self._commit([args], [future])
         return future
 
-    def _flush(self) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """A pass of the event loop since the group commit was due: commit its turns,
         unless more joined in the last pass (see :meth:`append_turn_soon`)."""
         if len(self._queued) > self._gathered and self._passes < _GATHER_PASSES:
             self._gathered = len(self._queued)
             self._passes += 1
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush, loop)
             return
         self.commit_queued()
 
