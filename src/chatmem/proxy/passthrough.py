@@ -34,19 +34,17 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     body = _LimitedBody(request.content, limit)
     timer = gateway.metrics.upstream_timer("passthrough")
     try:
-        async with (
-            upstream_failures(),
-            upstream.session.request(
+        with upstream_failures():
+            async with upstream.session.request(
                 request.method,
                 url,
                 data=body.stream() if request.body_exists else None,
                 headers=headers,
                 timeout=upstream.timeout,
                 allow_redirects=False,
-            ) as response,
-        ):
-            timer.answered()
-            return await relay(request, response)
+            ) as response:
+                timer.answered()
+                return await relay(request, response)
     except UpstreamError:
         if body.exceeded:  # the client library reports our refusal as a broken upload
             raise PayloadTooLarge(f"request body is larger than {limit} bytes") from None

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 import aiohttp
@@ -214,12 +214,30 @@ class _Connection(asyncio.Protocol):
 
 class _Body:
     """The response body as it arrives; the shape of aiohttp's ``StreamReader`` that the
-    relays use (``iter_any``, ``set_exception``)."""
+    relays use (``iter_any``, ``set_exception``).
+
+    An async iterator object rather than an async generator: the event loop registers
+    every async generator in a ``WeakSet`` (pure Python on 3.11) when it starts and
+    removes it when it is collected, a cost each request paid for its one read.
+    """
 
     def __init__(self, response: UpstreamResponse) -> None:
         self._response = response
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    def iter_any(self) -> _Body:
+        return self
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def next_chunk(self) -> bytes | None:
+        """The bytes that arrived since the last call (waiting for some); None at the end."""
         response = self._response
         conn = response.conn
         while True:
@@ -227,11 +245,10 @@ class _Body:
                 response.close()
                 raise conn.error
             if conn.chunks:
-                yield conn.take()
-                continue
+                return conn.take()
             if conn.complete:
                 response.release()
-                return
+                return None
             await conn.wait(response.read_timeout)
 
     def set_exception(self, exc: BaseException) -> None:
@@ -260,7 +277,9 @@ class UpstreamResponse:
         return value.partition(";")[0].strip().lower()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.content.iter_any()]
+        parts = []
+        while (chunk := await self.content.next_chunk()) is not None:
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:

@@ -11,8 +11,10 @@ writer thread's, the SQLAlchemy engine of the Conversations API and of retention
 process.  SQLite says exactly that through ``PRAGMA data_version``, which changes for a
 connection when any other connection commits; :meth:`WindowCache.validate` reads it
 before a cached window is used and forgets everything when it moved.  Every write the
-cache does not see is therefore covered, at the price of one pragma per cache hit (a miss
-reads the database anyway, and a window stored then is checked at its first use).
+cache does not see is therefore covered, at the price of one pragma per cache hit.  A
+miss reads the database anyway: a window read there comes with the version of the
+snapshot it was read in (:meth:`WindowCache.put`), and a new conversation, which has no
+window to keep, costs no pragma at all.
 """
 
 from __future__ import annotations
@@ -81,8 +83,13 @@ class WindowCache:
         self._windows.move_to_end(key)
         return window.system, list(window.messages)
 
-    def put(self, key: Key, system: Any, messages: list[Message]) -> None:
-        """The window as just read from the database."""
+    def put(self, key: Key, system: Any, messages: list[Message], version: int, limit: int) -> None:
+        """The window as just read from the database, in a snapshot whose ``data_version``
+        was ``version``: the windows kept from another version are forgotten."""
+        if version != self._version or limit != self._limit:
+            self.clear()
+            self._version = version
+            self._limit = limit
         self._store(key, _Window(system, messages, _size(messages)))
 
     def committed(self, key: Key, system: Any, messages: Sequence[Message]) -> None:
