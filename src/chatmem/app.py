@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -10,7 +9,7 @@ from aiohttp.typedefs import Handler
 
 from .auth import setup_auth
 from .config import Config
-from .errors import ChatmemError, error_body, error_response
+from .errors import error_body
 from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
@@ -22,14 +21,11 @@ from .tracking import (
     ROUTE_PREFIX,
     count_response,
     drain,
-    is_chatmem_route,
     metrics_endpoint,
     track,
 )
 
 __all__ = ["create_app", "setup"]
-
-log = logging.getLogger("chatmem")
 
 
 def setup(app: web.Application, config: Config) -> None:
@@ -47,7 +43,6 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_response_prepare.append(count_response)
     app.on_shutdown.append(drain)
     app.middlewares.append(track)
-    app.middlewares.append(_errors_as_json)
     setup_auth(app, config.auth)
     routes = app.router
     if config.metrics.path:
@@ -67,23 +62,6 @@ def create_app(config: Config) -> web.Application:
     )
     setup(app, config)
     return app
-
-
-@web.middleware
-async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Our exceptions become OpenAI-style errors; the host app's routes are left alone."""
-    try:
-        return await handler(request)
-    except ChatmemError as exc:
-        return error_response(exc)
-    except web.HTTPException:
-        raise
-    except Exception:
-        if not is_chatmem_route(request):
-            raise
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        body = error_body("internal error in the gateway", "server_error", code="internal_error")
-        return json_response(body, status=500)
 
 
 @web.middleware

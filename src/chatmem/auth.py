@@ -234,8 +234,12 @@ def setup_auth(app: web.Application, config: AuthConfig) -> None:
 
 
 def authenticate(request: web.Request) -> Owner:
-    """The caller's identity; raises :class:`Unauthorized` (401) without a valid token."""
-    return request.config_dict[AUTHENTICATOR].owner(request.headers.get("Authorization"))
+    """The caller's identity; raises :class:`Unauthorized` (401) without a valid token.
+
+    Called by chatmem's handlers only, so ``request.app`` is the app :func:`setup_auth`
+    stored the authenticator on (``config_dict`` would build a chain of apps each time).
+    """
+    return request.app[AUTHENTICATOR].owner(request.headers.get("Authorization"))
 
 
 @web.middleware

@@ -40,20 +40,8 @@ class LiveRequests:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.tasks: set[asyncio.Task[object]] = set()
+        """The tasks of chatmem's requests in flight (``tracking.track`` keeps it)."""
         self.streams: dict[asyncio.Task[object], Answer] = {}
-
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        """Around a chatmem handler: the task is waited for on shutdown."""
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - handlers always run in a task
-            yield
-            return
-        self.tasks.add(task)
-        try:
-            yield
-        finally:
-            self.tasks.discard(task)
 
     @contextmanager
     def stream(self, upstream: Answer) -> Iterator[None]:

@@ -1,13 +1,18 @@
 """Per-request bookkeeping that every chatmem request shares, kept deliberately cheap:
-the request id, the in-flight registry used by graceful shutdown, the request counter,
-and the ``/metrics`` endpoint."""
+the request id, the in-flight registry used by graceful shutdown, failures as
+OpenAI-style errors, the request counter, and the ``/metrics`` endpoint."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .errors import ChatmemError, error_body, error_response
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from .proxy.http import json_response
 from .state import GATEWAY, gateway_of
 
 __all__ = [
@@ -20,6 +25,8 @@ __all__ = [
     "metrics_endpoint",
     "track",
 ]
+
+log = logging.getLogger("chatmem")
 
 ROUTE_PREFIX = "chatmem."
 REQUEST_ID = web.RequestKey("chatmem.request_id", str)
@@ -35,16 +42,37 @@ def is_chatmem_route(request: web.Request) -> bool:
 
 @web.middleware
 async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the request its id (for logs, upstream and the response) and, for chatmem's
-    routes, register it as in flight so that shutdown waits for it."""
+    """Give the request its id (for logs, upstream and the response).  A request to one of
+    chatmem's routes is also registered as in flight, so that shutdown waits for it, and
+    its failures become OpenAI-style errors; the host app's routes are left alone.
+
+    One middleware for all of it: each one more is a coroutine and two calls on every
+    request.
+    """
     request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
-        if is_chatmem_route(request):
-            with gateway_of(request).live.request():
-                return await handler(request)
-        return await handler(request)
+        if not is_chatmem_route(request):
+            return await handler(request)
+        in_flight = gateway_of(request).live.tasks
+        task = asyncio.current_task()
+        if task is not None:  # handlers always run in a task
+            in_flight.add(task)
+        try:
+            return await handler(request)
+        except ChatmemError as exc:
+            return error_response(exc)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            body = error_body(
+                "internal error in the gateway", "server_error", code="internal_error"
+            )
+            return json_response(body, status=500)
+        finally:
+            in_flight.discard(task)
     finally:
         request_id_var.reset(token)
 
