@@ -49,11 +49,11 @@ class LiveRequests:
         task = asyncio.current_task()
         if task is not None:
             self.streams[task] = upstream
-        self.metrics.streams_in_flight.inc()
+        self.metrics.stream_started()
         try:
             yield
         finally:
-            self.metrics.streams_in_flight.dec()
+            self.metrics.stream_ended()
             if task is not None:
                 self.streams.pop(task, None)
 
