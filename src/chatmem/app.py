@@ -19,10 +19,10 @@ from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
 from .tracking import (
     ROUTE_PREFIX,
-    count_response,
     drain,
     metrics_endpoint,
-    track,
+    response_counter,
+    tracker,
 )
 
 __all__ = ["create_app", "setup"]
@@ -40,9 +40,9 @@ def setup(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(lifecycle)
     app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
-    app.on_response_prepare.append(count_response)
+    app.on_response_prepare.append(response_counter(gateway))
     app.on_shutdown.append(drain)
-    app.middlewares.append(track)
+    app.middlewares.append(tracker(gateway))
     setup_auth(app, config.auth)
     routes = app.router
     if config.metrics.path:

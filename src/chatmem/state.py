@@ -82,7 +82,13 @@ def gateway_of(request: web.Request) -> Gateway:
     ``request.config_dict`` builds a new chain of the app and its parents on every access
     (chatmem may be mounted in a sub-app), and a turn asks for the gateway several times.
     """
-    gateway = request.get(_CACHED)
-    if gateway is None:
+    try:
+        return request[_CACHED]  # put there by chatmem's middleware
+    except KeyError:
         gateway = request[_CACHED] = request.config_dict[GATEWAY]
-    return gateway
+        return gateway
+
+
+def remember_gateway(request: web.Request, gateway: Gateway) -> None:
+    """Spare :func:`gateway_of` its lookup for ``request``."""
+    request[_CACHED] = gateway

@@ -6,24 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ChatmemError, error_body, error_response
 from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from .proxy.http import json_response
-from .state import GATEWAY, gateway_of
+from .state import GATEWAY, Gateway, gateway_of, remember_gateway
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 __all__ = [
     "REQUEST_ID",
     "ROUTE_PREFIX",
     "UPSTREAM_REQUEST_ID_HEADER",
-    "count_response",
     "drain",
     "is_chatmem_route",
     "metrics_endpoint",
-    "track",
+    "response_counter",
+    "tracker",
 ]
 
 log = logging.getLogger("chatmem")
@@ -40,54 +43,69 @@ def is_chatmem_route(request: web.Request) -> bool:
     return name is not None and name.startswith(ROUTE_PREFIX)
 
 
-@web.middleware
-async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the request its id (for logs, upstream and the response).  A request to one of
-    chatmem's routes is also registered as in flight, so that shutdown waits for it, and
-    its failures become OpenAI-style errors; the host app's routes are left alone.
+def tracker(gateway: Gateway) -> Middleware:
+    """The middleware of ``gateway``'s app.
 
-    One middleware for all of it: each one more is a coroutine and two calls on every
-    request.
+    It gives each request its id (for logs, upstream and the response) and its gateway
+    (for :func:`~chatmem.state.gateway_of`).  A request to one of chatmem's routes is also
+    registered as in flight, so that shutdown waits for it, and its failures become
+    OpenAI-style errors; the host app's routes are left alone.
+
+    One middleware for all of it, with the gateway at hand: each middleware more is a
+    coroutine and two calls on every request, and looking the gateway up in the request's
+    chain of apps is several more.
     """
-    request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-    request[REQUEST_ID] = request_id
-    token = request_id_var.set(request_id)
-    try:
-        if not is_chatmem_route(request):
-            return await handler(request)
-        in_flight = gateway_of(request).live.tasks
-        task = asyncio.current_task()
-        if task is not None:  # handlers always run in a task
-            in_flight.add(task)
+    in_flight = gateway.live.tasks
+
+    @web.middleware
+    async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = request_id
+        remember_gateway(request, gateway)
+        token = request_id_var.set(request_id)
         try:
-            return await handler(request)
-        except ChatmemError as exc:
-            return error_response(exc)
-        except web.HTTPException:
-            raise
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            body = error_body(
-                "internal error in the gateway", "server_error", code="internal_error"
-            )
-            return json_response(body, status=500)
+            if not is_chatmem_route(request):
+                return await handler(request)
+            task = asyncio.current_task()
+            if task is not None:  # handlers always run in a task
+                in_flight.add(task)
+            try:
+                return await handler(request)
+            except ChatmemError as exc:
+                return error_response(exc)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                body = error_body(
+                    "internal error in the gateway", "server_error", code="internal_error"
+                )
+                return json_response(body, status=500)
+            finally:
+                in_flight.discard(task)
         finally:
-            in_flight.discard(task)
-    finally:
-        request_id_var.reset(token)
+            request_id_var.reset(token)
+
+    return track
 
 
-async def count_response(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: return the request id and count the response by route."""
-    request_id = request.get(REQUEST_ID)
-    if request_id is not None:
-        theirs = response.headers.get(REQUEST_ID_HEADER)
-        if theirs is not None and theirs != request_id:  # relayed from the upstream
-            response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
-        response.headers[REQUEST_ID_HEADER] = request_id
-    name = request.match_info.route.name
-    route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
-    gateway_of(request).metrics.response_started(route, response.status)
+def response_counter(gateway: Gateway) -> ResponseHook:
+    """The ``on_response_prepare`` hook of ``gateway``'s app: return the request id and
+    count the response by route."""
+    metrics = gateway.metrics
+
+    async def count_response(request: web.Request, response: web.StreamResponse) -> None:
+        request_id = request.get(REQUEST_ID)
+        if request_id is not None:
+            theirs = response.headers.get(REQUEST_ID_HEADER)
+            if theirs is not None and theirs != request_id:  # relayed from the upstream
+                response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
+            response.headers[REQUEST_ID_HEADER] = request_id
+        name = request.match_info.route.name
+        route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
+        metrics.response_started(route, response.status)
+
+    return count_response
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
