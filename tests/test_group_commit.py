@@ -10,6 +10,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+from helpers import open_store
+
 from chatmem.errors import StorageUnavailable
 from chatmem.storage import Owner, Store
 from chatmem.storage.sqlite_turns import _GATHER_PASSES
@@ -189,3 +191,38 @@ async def test_a_caller_that_stops_waiting_does_not_lose_its_turn(
     leaving.cancel()
     await asyncio.wait_for(staying, 10)
     assert {cid for cid, _, _ in rows(db_path)} == {"left", "stayed"}
+
+
+async def test_a_conversation_read_as_new_is_created_with_a_plain_insert(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    trace = commits_on_the_loop_connection(sqlite_store)
+    assert (await sqlite_store.load_history(ALICE, "new", 10)).messages == []
+    await sqlite_store.commit_turn(ALICE, "new", system=None, turn=turn(1))
+    await sqlite_store.commit_turn(ALICE, "new", system=None, turn=turn(2))
+    creates = [s for s in trace if s.startswith("INSERT INTO conversations")]
+    # The first turn creates it; the second one upserts (no read found it missing).
+    assert ["ON CONFLICT" in s for s in creates] == [False, True]
+    assert [seq for _, seq, _ in rows(db_path)] == [1, 2, 3, 4]
+
+
+async def test_a_conversation_created_after_its_read_still_gets_the_turn(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """Read as missing, then created by another process before the turn commits: the
+    plain insert fails on the unique key and the upsert appends after what is there."""
+    assert (await sqlite_store.load_history(ALICE, "raced", 10)).messages == []
+    other = await open_store(db_path)  # its own connections, as another process has
+    try:
+        await other.commit_turn(ALICE, "raced", system=None, turn=turn(1))
+    finally:
+        await other.close()
+    await sqlite_store.commit_turn(ALICE, "raced", system=None, turn=turn(2))
+    assert rows(db_path) == [
+        ("raced", 1, '"q1"'),
+        ("raced", 2, '"a1"'),
+        ("raced", 3, '"q2"'),
+        ("raced", 4, '"a2"'),
+    ]
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT last_seq FROM conversations").fetchall() == [(4,)]

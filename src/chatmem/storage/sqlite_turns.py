@@ -44,6 +44,10 @@ _UPSERT = (
     " system_prompt = coalesce(excluded.system_prompt, system_prompt)"
     " RETURNING pk, last_seq"
 )
+_CREATE = (
+    "INSERT INTO conversations (id, tenant, user_id, system_prompt, last_seq, created_at,"
+    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT = (
     "INSERT INTO messages (conversation_pk, seq, role, content, name, tool_calls, tool_call_id,"
     " reasoning, model, finish_reason, usage, created_at)"
@@ -53,6 +57,9 @@ _INSERT = (
 
 # Commits on the event loop's connection between two checkpoints run by the writer thread.
 _CHECKPOINT_EVERY = 200
+
+_MAX_UNSEEN = 10_000
+"""Conversations remembered as read missing (see ``SQLiteTurns._unseen``)."""
 
 _GATHER_PASSES = 4
 """How many more passes of the event loop a group commit waits while turns keep joining
@@ -201,6 +208,10 @@ class SQLiteTurns:
         self._passes = 0
         self._windows = WindowCache()
         """Windows of the conversations going on, valid for the loop's connection."""
+        self._unseen: set[tuple[str, str, str]] = set()
+        """Conversations the last read found missing.  Their first turn is created with a
+        plain insert, 2.3 us cheaper than the upsert; a hint only: when the conversation
+        was created meanwhile the insert fails and the upsert runs after all."""
         self._waiting: set[asyncio.Future[Any]] = set()
 
     def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -257,6 +268,10 @@ class SQLiteTurns:
                 if cached is not None:
                     return True, cached[0], cached[1]
             found, system, window, version = self._load_window(conn, *args)
+            if not found:
+                if len(self._unseen) >= _MAX_UNSEEN:  # turns that never came
+                    self._unseen.clear()
+                self._unseen.add(key)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
@@ -455,10 +470,16 @@ class SQLiteTurns:
         its messages, to be inserted, and its system prompt as stored."""
         count = len(turn)
         stored_system = _dump(system)
-        pk, last_seq = conn.execute(
-            _UPSERT,
-            (conversation_id, tenant, user, stored_system, count, now, now),
-        ).fetchone()
+        values = (conversation_id, tenant, user, stored_system, count, now, now)
+        key = (tenant, user, conversation_id)
+        if key in self._unseen:
+            self._unseen.discard(key)
+            try:
+                pk, last_seq = conn.execute(_CREATE, values).lastrowid, count
+            except sqlite3.IntegrityError:  # created since it was read: upsert after all
+                pk, last_seq = conn.execute(_UPSERT, values).fetchone()
+        else:
+            pk, last_seq = conn.execute(_UPSERT, values).fetchone()
         first = last_seq - count + 1
         rows = [
             (
