@@ -18,7 +18,7 @@ import pytest
 from helpers import open_store
 
 from chatmem.storage import Owner, Store
-from chatmem.storage.window_cache import WindowCache
+from chatmem.storage.window_cache import WindowCache, _size
 
 ALICE = Owner("team-a", "alice")
 SYSTEM = [{"role": "system", "content": "be brief"}]
@@ -183,3 +183,19 @@ def test_the_cache_is_bounded() -> None:
     assert cache.get(("t", "u", "a")) is None and cache.get(("t", "u", "b")) is not None
     cache.validate(sqlite3.connect(":memory:"), limit=20)  # another window size
     assert cache.get(("t", "u", "b")) is None
+
+
+def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
+    """A commit adjusts the window's size by what came and what was cut off the front."""
+    cache = WindowCache()
+    key = ("t", "u", "c")
+    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], version=1, limit=3)
+    for i in range(5):
+        cache.committed(key, None, [("user", b"q" * i), ("assistant", b"a" * (7 * i))])
+        window = cache._windows[key]
+        assert len(window.messages) == 3
+        assert window.size == cache._bytes == _size(window.messages)
+    assert cache.get(key) == (
+        None,
+        [("assistant", b"a" * 21), ("user", b"q" * 4), ("assistant", b"a" * 28)],
+    )

@@ -259,7 +259,7 @@ class Store:
             if not exists:
                 return History(system=None)
             kept = drop_orphan_tool_results(window, (role for role, _ in window))
-            return History(system=system, encoded=b",".join(message for _, message in kept))
+            return History(system=system, encoded=b",".join([message for _, message in kept]))
         async with self._read() as conn:
             found = (
                 await conn.execute(

@@ -172,6 +172,8 @@ def _message_json(
     tool_calls and tool_call_id when not NULL (the keys ``queries._to_wire`` gives on the
     SQLAlchemy path).  The JSON columns go in as the text they are stored as."""
     head = _HEADS.get(role) or b'{"role":' + _quote(role) + b',"content":'
+    if name is None and tool_calls is None and tool_call_id is None and type(content) is bytes:
+        return head + content + b"}"  # most messages: role and text
     parts = [head, b"null" if content is None else _json_text(content)]
     if name is not None:
         parts += (b',"name":', _quote(name))

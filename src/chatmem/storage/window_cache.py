@@ -106,9 +106,12 @@ class WindowCache:
         if window is None:
             return  # not known here: the next load reads it
         self._bytes -= window.size
-        joined = [*window.messages, *messages][-self._limit :]
+        joined = [*window.messages, *messages]
+        cut = len(joined) - self._limit
+        # The size changes by what comes and goes, not by a sum over the whole window.
+        size = window.size + _size(messages) - (_size(joined[:cut]) if cut > 0 else 0)
         kept_system = window.system if system is None else system
-        self._store(key, _Window(kept_system, joined, _size(joined)))
+        self._store(key, _Window(kept_system, joined[cut:] if cut > 0 else joined, size))
 
     def clear(self) -> None:
         self._windows.clear()
