@@ -226,3 +226,22 @@ async def test_a_conversation_created_after_its_read_still_gets_the_turn(
     ]
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT last_seq FROM conversations").fetchall() == [(4,)]
+
+
+async def test_a_conversation_found_after_a_miss_is_not_inserted_again(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """A miss whose turn never came, then the conversation created elsewhere and read:
+    its next turn upserts at once, with no insert bound to fail."""
+    assert (await sqlite_store.load_history(ALICE, "later", 10)).messages == []
+    other = await open_store(db_path)
+    try:
+        await other.commit_turn(ALICE, "later", system=None, turn=turn(1))
+    finally:
+        await other.close()
+    assert len((await sqlite_store.load_history(ALICE, "later", 10)).messages) == 2
+    trace = commits_on_the_loop_connection(sqlite_store)
+    await sqlite_store.commit_turn(ALICE, "later", system=None, turn=turn(2))
+    creates = [s for s in trace if s.startswith("INSERT INTO conversations")]
+    assert len(creates) == 1 and "ON CONFLICT" in creates[0]
+    assert [seq for _, seq, _ in rows(db_path)] == [1, 2, 3, 4]

@@ -270,7 +270,9 @@ class SQLiteTurns:
                 if cached is not None:
                     return True, cached[0], cached[1]
             found, system, window, version = self._load_window(conn, *args)
-            if not found:
+            if found:
+                self._unseen.discard(key)  # created elsewhere after an earlier miss
+            else:
                 if len(self._unseen) >= _MAX_UNSEEN:  # turns that never came
                     self._unseen.clear()
                 self._unseen.add(key)
