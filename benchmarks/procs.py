@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,20 @@ def free_port() -> int:
     return port
 
 
-def start(args: list[str], ready_url: str, timeout: float = 30.0, module: str = "chatmem") -> Proc:
-    """``python -m <module> <args>`` from this checkout, once ``ready_url`` answers."""
+def start(
+    args: list[str],
+    ready_url: str,
+    timeout: float = 30.0,
+    module: str = "chatmem",
+    *,
+    prefix: Sequence[str] = (),
+    pythonpath: str = SRC,
+) -> Proc:
+    """``python -m <module> <args>`` from this checkout (or ``pythonpath``), run by
+    ``prefix`` if given (``valgrind ...``), once ``ready_url`` answers."""
     popen = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        env={**os.environ, "PYTHONPATH": SRC},
+        [*prefix, sys.executable, "-m", module, *args],
+        env={**os.environ, "PYTHONPATH": pythonpath},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
