@@ -8,6 +8,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
 
+from chatmem.state import GATEWAY
+
 Client = TestClient[Any, Any]
 
 
@@ -81,6 +83,35 @@ async def test_new_conversation_gets_an_id(gateway: Client, rows: Rows) -> None:
     other = await chat(gateway, [user("x")], conv=None)
     assert other.headers["X-Conversation-Id"] != conv
     assert [c["id"] for c in rows.conversations()] == [conv, other.headers["X-Conversation-Id"]]
+
+
+async def test_a_conversation_the_gateway_names_is_not_read_first(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    """Nothing can be stored under a ``conv_`` id the gateway has just chosen: its first
+    turn reads nothing and creates the conversation with a plain insert; the next turn,
+    which names it, reads it as usual."""
+    turns = gateway.server.app[GATEWAY].store._turns
+    assert turns is not None
+    statements: list[str] = []
+    turns._loop_connection().set_trace_callback(statements.append)
+    first = await chat(gateway, [user("one")], conv=None)
+    assert first.status == 200
+    conv = first.headers["X-Conversation-Id"]
+    assert not [s for s in statements if s.startswith("SELECT")]
+    assert any(s.startswith("INSERT INTO conversations") for s in statements)
+    assert not [s for s in statements if "ON CONFLICT" in s]
+    answer = (await first.json())["choices"][0]["message"]["content"]
+    statements.clear()
+    second = await chat(gateway, [user("two")], conv=conv)
+    assert second.status == 200
+    assert any(s.startswith("SELECT pk, system_prompt FROM conversations") for s in statements)
+    assert sent_messages(upstream) == [
+        user("one"),
+        {"role": "assistant", "content": answer},
+        user("two"),
+    ]
+    assert [m["seq"] for m in rows.messages(conv)] == [1, 2, 3, 4]
 
 
 async def test_invalid_ids_are_400(gateway: Client, upstream: TestServer, rows: Rows) -> None:

@@ -84,7 +84,9 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     """
     gateway = gateway_of(request)
     history = turn.history
-    if history is None:
+    if history is None and turn.chat.named_here:
+        history = gateway.store.new_conversation(turn.owner, turn.chat.conversation_id)
+    elif history is None:
         history = await gateway.store.load_history(
             turn.owner, turn.chat.conversation_id, gateway.config.memory.max_history_messages
         )

@@ -47,6 +47,9 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     """The request's other messages, in order: the start of the turn to remember."""
     stream: bool
+    named_here: bool = False
+    """The request named no conversation and the gateway chose ``conversation_id``:
+    nothing can be stored under it yet, so there is no history to read."""
 
     def upstream_body(self, history: History) -> bytes:
         """The client's body with ``messages`` = the system prompt (the request's, else the
@@ -124,4 +127,5 @@ def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
         system=system or None,
         messages=[m for m in checked if m["role"] not in _SYSTEM_ROLES],
         stream=stream,
+        named_here=conversation_id is None,
     )

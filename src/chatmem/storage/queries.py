@@ -247,6 +247,14 @@ class Store:
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         raise AssertionError("unreachable")
 
+    def new_conversation(self, owner: Owner, conversation_id: str) -> History:
+        """The history of a conversation the gateway has just named (``conv_`` and 128
+        random bits): empty, without a read; its first turn is created with a plain
+        insert on SQLite, as after a read that found it missing."""
+        if self._turns is not None:
+            self._turns.expect_new(owner.tenant, owner.user, conversation_id)
+        return History(system=None)
+
     async def load_history(self, owner: Owner, conversation_id: str, limit: int) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first."""
         if self._turns is not None:

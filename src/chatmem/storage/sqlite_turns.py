@@ -273,9 +273,7 @@ class SQLiteTurns:
             if found:
                 self._unseen.discard(key)  # created elsewhere after an earlier miss
             else:
-                if len(self._unseen) >= _MAX_UNSEEN:  # turns that never came
-                    self._unseen.clear()
-                self._unseen.add(key)
+                self.expect_new(*key)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
@@ -286,6 +284,13 @@ class SQLiteTurns:
         if version is not None:  # found, in a snapshot of that version
             self._windows.put(key, system, window, version, limit)
         return found, system, window
+
+    def expect_new(self, tenant: str, user: str, conversation_id: str) -> None:
+        """Remember that this conversation is not stored (yet): its first turn is created
+        with a plain insert."""
+        if len(self._unseen) >= _MAX_UNSEEN:  # turns that never came
+            self._unseen.clear()
+        self._unseen.add((tenant, user, conversation_id))
 
     def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(self._connection(), *args)
