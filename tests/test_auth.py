@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -107,6 +109,8 @@ ATTACKS: dict[str, tuple[dict[str, str], str]] = {
     "list tenant": (bearer(token({"team_id": ["a", "b"]})), "'team_id'"),
     "object user": (bearer(token({"team_id": "a", "sub": {"id": 1}})), "must be a string"),
     "huge tenant": (bearer(token({"team_id": "t" * 300})), "too long"),
+    "lone surrogate tenant": (bearer(token({"team_id": "a\ud800"})), "must be text"),
+    "lone surrogate user": (bearer(token({"team_id": "a", "sub": "\udfff"})), "must be text"),
 }
 
 
@@ -121,6 +125,32 @@ async def test_attacks_get_401(
         await assert_401(response, fragment)
     assert rows.conversations() == []
     assert received(upstream) == []
+
+
+@pytest.mark.parametrize(
+    "value", [b"Bearer \xe9\xff", b"Bearer " + token(SEED_CLAIMS).encode()[:-2] + b"\xe9"]
+)
+async def test_an_authorization_header_that_is_not_ascii_is_a_401(
+    hs_gateway: TestClient[Any, Any], rows: Rows, value: bytes
+) -> None:
+    """Sent as raw bytes (not UTF-8): aiohttp keeps them as surrogate escapes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", hs_gateway.server.port)
+    try:
+        writer.write(
+            b"GET /v1/conversations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + value + b"\r\n\r\n"
+        )
+        response = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    error = json.loads(body)["error"]
+    assert (error["type"], error["message"]) == (
+        "authentication_error",
+        "invalid token: not a well-formed JWT",
+    )
+    assert rows.conversations() == []
 
 
 async def test_tampered_payload(hs_gateway: TestClient[Any, Any]) -> None:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.types import Options
 
+from . import jsonio
 from .config import AuthConfig
 from .errors import Unauthorized
 from .jwks import JwksKeys
@@ -142,6 +143,8 @@ class Authenticator:
         config = self.config
         if len(token) > config.max_token_bytes:
             raise Unauthorized(f"token is longer than {config.max_token_bytes} bytes")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise Unauthorized("invalid token: not a well-formed JWT")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -196,6 +199,8 @@ class Authenticator:
         user = claims.get(user_claim, "")
         if not isinstance(user, str):
             raise Unauthorized(f"token claim {user_claim!r} must be a string")
+        if not (jsonio.is_text(tenant) and jsonio.is_text(user)):
+            raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} must be text")
         if len(tenant) > _MAX_ID or len(user) > _MAX_ID:
             raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} are too long")
         return Owner(tenant=tenant, user=user)
@@ -253,6 +258,7 @@ async def jwks_middleware(request: web.Request, handler: Handler) -> web.StreamR
         and is_chatmem_route(request)
         and header[:7].lower() == "bearer "
         and len(header) <= authenticator.config.max_token_bytes + 7
+        and header.isascii()
     ):
         token = header[7:].strip()
         try:

@@ -9,31 +9,88 @@ refused by both paths alike.
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Literal
 
 import orjson
 
-__all__ = ["dumps", "dumps_elements", "loads"]
+__all__ = ["LoneSurrogate", "as_text", "dumps", "dumps_elements", "is_text", "loads", "utf8"]
+
+_LONE = re.compile("[\ud800-\udfff]")
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def loads(data: bytes | str) -> Any:
-    """Parse JSON; raises ``ValueError`` (or ``RecursionError``) for anything invalid."""
+class LoneSurrogate(ValueError):
+    """A string escapes half of a UTF-16 surrogate pair (``"\\ud800"``) without the other."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not"
+            " a Unicode character"
+        )
+
+
+def loads(data: bytes | str, *, lone_surrogates: Literal["reject", "keep"] = "reject") -> Any:
+    """Parse JSON; raises ``ValueError`` (or ``RecursionError``) for anything invalid.
+
+    JSON's grammar lets a string escape half of a surrogate pair, but such a string is
+    not text: it cannot be encoded to UTF-8.  Those are refused (:class:`LoneSurrogate`),
+    or with ``"keep"`` (what an upstream streams: a pair may come as two halves in two
+    chunks) kept, to be made text when the value is encoded (:func:`dumps`, :func:`utf8`).
+    """
     try:
-        return orjson.loads(data)
+        return orjson.loads(data)  # refuses lone surrogates: only then is the walk needed
     except orjson.JSONDecodeError:
-        return json.loads(data, parse_constant=_no_constants)
+        value = json.loads(data, parse_constant=_no_constants)
+    if lone_surrogates == "reject" and _has_lone_surrogate(value):
+        raise LoneSurrogate()
+    return value
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` holds no lone surrogate (it can be encoded to UTF-8)."""
+    return _LONE.search(value) is None
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return not is_text(value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def as_text(value: Any) -> Any:
+    """``value`` with every string made text: a pair of surrogates escaped as two halves
+    (``"\\ud83d\\ude00"``) becomes its character, a lone half U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {as_text(k): as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    return value
+
+
+def utf8(text: str) -> bytes:
+    """``text`` encoded as UTF-8, lone surrogates made text first (see :func:`as_text`)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return as_text(text).encode()  # type: ignore[no-any-return]
 
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON."""
     try:
         return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except orjson.JSONEncodeError:  # over 64-bit integers, or strings that are not text
+        return utf8(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def dumps_elements(values: list[Any]) -> bytes:

@@ -45,7 +45,9 @@ class StreamAccumulator:
             self.done = True
             return
         try:
-            chunk = jsonio.loads(data)
+            # A surrogate pair may come as two halves in two chunks: kept for the commit,
+            # which makes the joined text whole (jsonio.dumps).
+            chunk = jsonio.loads(data, lone_surrogates="keep")
         except (ValueError, RecursionError):
             self.malformed = True
             return

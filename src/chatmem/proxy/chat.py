@@ -174,13 +174,13 @@ async def _forward(
                 raise UpstreamError("the upstream answered with an invalid chat completion")
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
-                body = (answer.content or "").encode()
+                body = jsonio.utf8(answer.content or "")
             return web.Response(status=200, body=body, headers=reply_headers)
 
 
 def _completed_turn(body: bytes) -> AssistantTurn | None:
     try:
-        parsed = jsonio.loads(body)
+        parsed = jsonio.loads(body, lone_surrogates="keep")
     except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
         return None
     turn = turn_from_completion(parsed) if isinstance(parsed, dict) else None

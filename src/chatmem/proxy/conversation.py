@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp_session import Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
+from .. import jsonio
 from ..auth import authenticate
 from ..config import CompatConfig
 from ..errors import ChatmemError, error_response
@@ -88,7 +89,7 @@ class PlainText:
     def progress(self, answer: StreamAccumulator) -> bytes:
         parts = answer.content_parts(0)
         new, self._sent = parts[self._sent :], len(parts)
-        return "".join(new).encode()
+        return jsonio.utf8("".join(new))
 
     def failure(self, message: str) -> bytes:
         return f"\n[error: {message}]\n".encode()

@@ -53,6 +53,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; 400 otherwise."""
     try:
         body = jsonio.loads(raw)
+    except jsonio.LoneSurrogate as exc:
+        raise InvalidRequest(f"request body is not valid text: {exc}") from None
     except (ValueError, RecursionError):  # nested too deep
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -65,7 +67,7 @@ def json_response(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(payload, ensure_ascii=False).encode(),
+        body=jsonio.utf8(json.dumps(payload, ensure_ascii=False)),
         content_type="application/json",
         headers=headers,
     )
