@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -65,6 +66,31 @@ def test_config_error_is_one_line(tmp_path: Path) -> None:
         "serve", env={"CHATMEM_CONFIG": str(tmp_path / "missing.toml"), "PATH": "/usr/bin"}
     )
     assert env_result.returncode == 2 and "missing.toml" in env_result.stderr
+
+
+@pytest.mark.parametrize("url", ["foo://bar", "garbage", "mysql://u:hunter2@db.example/app"])
+def test_a_storage_url_without_an_async_driver_we_run_is_a_config_error(
+    tmp_path: Path, url: str
+) -> None:
+    result = run_chatmem("serve", "--db", url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("chatmem: config error: storage.url: use sqlite+aiosqlite")
+    assert result.stderr.strip().count("\n") == 0
+    assert "hunter2" not in result.stderr
+
+
+def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+        result = run_chatmem("serve", "--port", str(port), "--db", db, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_mock_upstream_command() -> None:

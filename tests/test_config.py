@@ -117,3 +117,17 @@ def test_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert find_config_file(None, env={}) == Path("chatmem.toml")
     assert find_config_file(None, env={"CHATMEM_CONFIG": "/etc/x.toml"}) == Path("/etc/x.toml")
     assert find_config_file("mine.toml", env={"CHATMEM_CONFIG": "/x"}) == Path("mine.toml")
+
+
+@pytest.mark.parametrize(
+    ("written", "used"),
+    [
+        ("sqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+        ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgres://u@/db?host=/run/pg", "postgresql+asyncpg://u@/db?host=/run/pg"),
+        ("sqlite+aiosqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+    ],
+)
+def test_a_storage_url_without_its_async_driver_gets_it(written: str, used: str) -> None:
+    assert load_config(overrides={"storage": {"url": written}}).storage.url == used
+

@@ -117,6 +117,10 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+class CannotListen(Exception):
+    """The server's address cannot be bound; the message is the one line to print."""
+
+
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     from .logs import AccessLogger
 
@@ -141,7 +145,17 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     site = web.TCPSite(
         runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=1024
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # in use, not an address of this machine, not allowed
+        await runner.cleanup()
+        for task in tasks:
+            task.cancel()
+        where = f"{config.server.host}:{config.server.port}"
+        # asyncio's message repeats the address; the errno's text is the reason.
+        errno = None if isinstance(exc, socket.gaierror) else exc.errno
+        reason = os.strerror(errno) if errno else (exc.strerror or str(exc))
+        raise CannotListen(f"cannot listen on {where}: {reason}") from None
     # Everything alive now (modules, the app, the config) lives as long as the process:
     # take it out of the collector's reach, so that a full collection walks only what
     # requests create.  Without this a full collection, which the allocations of a burst
@@ -214,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_workers(config, _worker_args(args), demo=args.demo)
         _run(_serve(config, args.demo, reuse_port=args.worker))
-    except SchemaError as exc:
+    except (SchemaError, CannotListen) as exc:
         print(f"chatmem: {exc}", file=sys.stderr)
         return 1
     except StorageUnavailable as exc:

@@ -224,6 +224,8 @@ def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str
         if name not in names:
             raise ConfigError(f"{key}: unknown key")
         values[name] = _coerce(value, hints[name], key, env)
+    if section == "storage" and "url" in values:
+        values["url"] = _storage_url(values["url"])
     _validate(section, values)
     return cls(**values)
 
@@ -260,6 +262,29 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         url = values["url"]
         if not re.match(r"^https?://[^/]+", url):
             raise ConfigError(f"upstream.url: must be an http:// or https:// URL, not {url!r}")
+
+
+_DRIVERS = {
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+"""The database URL schemes the gateway takes, and the async driver each one runs on."""
+
+
+def _storage_url(url: str) -> str:
+    """``url`` with its async driver (``sqlite://`` and ``postgresql://`` get theirs).
+
+    The URL is never shown in an error: it may hold a password."""
+    wanted = "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DATABASE"
+    scheme, sep, rest = url.partition("://")
+    driver = _DRIVERS.get(scheme.lower()) if sep else None
+    if driver is None:
+        named = f"not {scheme}://" if sep and len(scheme) <= 40 else "the URL has no scheme"
+        raise ConfigError(f"storage.url: {wanted} ({named})")
+    return f"{driver}://{rest}"
 
 
 def _validate_networks(networks: tuple[str, ...]) -> None:
