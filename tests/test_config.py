@@ -130,4 +130,3 @@ def test_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_a_storage_url_without_its_async_driver_gets_it(written: str, used: str) -> None:
     assert load_config(overrides={"storage": {"url": written}}).storage.url == used
-
