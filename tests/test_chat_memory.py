@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jwt
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
 
+from chatmem.proxy.chat_request import valid_conversation_id
 from chatmem.state import GATEWAY
 
 Client = TestClient[Any, Any]
@@ -129,6 +131,39 @@ async def test_invalid_ids_are_400(gateway: Client, upstream: TestServer, rows: 
     assert (await resp.json())["error"]["param"] == "X-Conversation-Id"
     assert received(upstream) == []
     assert rows.messages() == []
+
+
+async def test_errors_before_an_id_is_known_still_name_a_conversation(
+    gateway_factory: GatewayFactory, upstream: TestServer, rows: Rows
+) -> None:
+    """Every response carries X-Conversation-Id: a request that fails before naming one
+    gets the id a new conversation would have had, under which nothing is stored."""
+    client = await gateway_factory(
+        upstream_url(upstream), server={"max_body_bytes": 1000}, auth={"jwt_secret": "s" * 32}
+    )
+    token = jwt.encode({"team_id": "t"}, "s" * 32)
+    authorized = {"Authorization": f"Bearer {token}"}
+    failures = [
+        (401, b'{"messages": []}', {}),
+        (400, b"not json", authorized),
+        (400, b"[1]", authorized),
+        (400, b'{"messages": "hi"}', authorized),
+        (400, b'{"messages": []}', {**authorized, "X-Conversation-Id": "bad id"}),
+        (413, b'{"messages": [], "pad": "' + b"x" * 2000 + b'"}', authorized),
+    ]
+    seen = set()
+    for status, raw, headers in failures:
+        resp = await client.post("/v1/chat/completions", data=raw, headers=headers)
+        assert resp.status == status, raw
+        conv = resp.headers["X-Conversation-Id"]
+        assert conv.startswith("conv_") and valid_conversation_id(conv, "") == conv
+        seen.add(conv)
+    assert len(seen) == len(failures)
+    named = await client.post(
+        "/v1/chat/completions", data=b"not json", headers={**authorized, "X-Conversation-Id": "c"}
+    )
+    assert named.status == 400 and named.headers["X-Conversation-Id"] == "c"
+    assert received(upstream) == [] and rows.conversations() == []
 
 
 async def test_header_and_body_disagree_is_400(gateway: Client) -> None:

@@ -24,7 +24,12 @@ from ..logs import log_content
 from ..state import Gateway, gateway_of
 from ..storage import History, Owner
 from .accumulate import AssistantTurn, turn_from_completion
-from .chat_request import ChatRequest, parse_chat_request, valid_conversation_id
+from .chat_request import (
+    ChatRequest,
+    new_conversation_id,
+    parse_chat_request,
+    valid_conversation_id,
+)
 from .http import read_body
 from .passthrough import relay
 from .tee import Renderer, tee_stream
@@ -73,6 +78,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers[CONVERSATION_HEADER] = chat.conversation_id
         return await run_turn(request, Turn(owner, chat), headers)
     except ChatmemError as exc:
+        if CONVERSATION_HEADER not in headers:
+            # Every response names a conversation: before one was known, the id a new
+            # conversation would have had (nothing is stored under it).
+            headers[CONVERSATION_HEADER] = new_conversation_id()
         return error_response(exc, headers)
 
 
