@@ -109,6 +109,19 @@ async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, A
     assert resp.headers["Set-Cookie"] == "up=1"
 
 
+async def test_headers_the_client_did_not_send_are_not_added(
+    echo_gateway: TestClient[Any, Any],
+) -> None:
+    mine = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+    resp = await echo_gateway.post("/v1/x/echo", data=b"raw", skip_auto_headers=mine)
+    seen = {k.lower() for k in (await resp.json())["headers"]}
+    assert not seen & {name.lower() for name in mine}, seen
+    sent = dict(zip(mine, ("text/plain", "br", "my-agent/1", "application/x-thing"), strict=True))
+    resp = await echo_gateway.post("/v1/x/echo", data=b"raw", headers=sent)
+    seen_values = (await resp.json())["headers"]
+    assert {name: seen_values[name] for name in mine} == sent
+
+
 async def test_no_double_decompression(echo_gateway: TestClient[Any, Any]) -> None:
     resp = await echo_gateway.get(
         "/v1/x/gzip", headers={"Accept-Encoding": "gzip"}, auto_decompress=False

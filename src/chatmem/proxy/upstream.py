@@ -39,6 +39,10 @@ _SKIPPED: dict[tuple[str, ...], frozenset[str]] = {}
 """The names each call site drops, with the hop-by-hop ones (a few call sites, computed once)."""
 
 
+_NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+"""Headers aiohttp's client adds when they are missing; passthrough relays the client's."""
+
+
 def filter_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop ones, those named in ``Connection``, and ``drop``."""
     skip = _SKIPPED.get(drop)
@@ -109,9 +113,14 @@ class Upstream:
     @classmethod
     def create_session(cls) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
-        # Cookies from the upstream are the client's business, never the gateway's.
+        # Cookies from the upstream are the client's business, never the gateway's; and
+        # the headers aiohttp would add of its own are the client's to send or not (an
+        # Accept-Encoding the client never sent got it a compressed body).
         return aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_NOT_OURS_TO_ADD,
         )
 
     async def close(self) -> None:
