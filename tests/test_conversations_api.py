@@ -333,3 +333,22 @@ async def test_other_methods_do_not_reach_the_upstream(
         assert response.status == 405
         assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert received(upstream) == []
+
+
+async def test_other_paths_under_conversations_do_not_reach_the_upstream(
+    gateway: Client, upstream: TestServer
+) -> None:
+    made = await create(gateway)
+    for method, path in (
+        ("GET", "/v1/conversations/"),
+        ("GET", f"/v1/conversations/{made['id']}/"),
+        ("POST", f"/v1/conversations/{made['id']}/foo"),
+        ("GET", f"/v1/conversations/{made['id']}/items/"),
+        ("DELETE", f"/v1/conversations/{made['id']}/items/msg_1/x"),
+    ):
+        response = await gateway.request(method, path)
+        assert response.status == 404, path
+        error = (await response.json())["error"]
+        assert error["message"] == f"no such route: {method} {path}"
+    assert received(upstream) == []
+

@@ -54,6 +54,8 @@ def add_conversation_routes(router: web.UrlDispatcher, prefix: str) -> None:
     for number, path in enumerate((base, one, items, item)):
         # Other methods on our paths must not fall through to the upstream passthrough.
         router.add_route("*", path, _method_not_allowed, name=f"{name}.other{number}")
+    # Nor may other paths under ours ("/v1/conversations/", ".../items/", ".../x/y").
+    router.add_route("*", base + "/{rest:.*}", _no_such_path, name=name + ".unknown")
 
 
 # --- requests -------------------------------------------------------------------------
@@ -223,3 +225,8 @@ async def delete_item(request: web.Request) -> web.Response:
 
 async def _method_not_allowed(request: web.Request) -> web.Response:
     raise web.HTTPMethodNotAllowed(request.method, [])
+
+
+async def _no_such_path(request: web.Request) -> web.Response:
+    authenticate(request)
+    raise NotFound(f"no such route: {request.method} {request.path}")
