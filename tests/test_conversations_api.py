@@ -351,4 +351,3 @@ async def test_other_paths_under_conversations_do_not_reach_the_upstream(
         error = (await response.json())["error"]
         assert error["message"] == f"no such route: {method} {path}"
     assert received(upstream) == []
-
