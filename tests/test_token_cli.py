@@ -76,3 +76,24 @@ def test_refusals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     )
     assert code == 2 and "cannot read key file" in err
     assert SECRET not in err
+
+
+def test_the_seed_s_order_works_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """jwt_util.py took its secret before the command: ``--secret S encode '{...}'``."""
+    code, encoded, _ = run(capsys, "--secret", SECRET, "encode", SEED)
+    assert code == 0 and jwt.decode(encoded, SECRET, algorithms=["HS256"]) == json.loads(SEED)
+    code, decoded, _ = run(capsys, "--secret", SECRET, "decode", encoded)
+    assert (code, json.loads(decoded)) == (0, json.loads(SEED))
+    code, _, err = run(capsys, "--secret", SECRET, "encode", "--secret", "other", SEED)
+    assert code == 2 and "--secret given twice" in err
+    code, _, err = run(capsys, "encode", SEED)
+    assert code == 2 and "give one of --secret" in err
+
+
+def test_a_short_secret_is_one_warning_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, encoded, err = run(capsys, "encode", "--secret", "short", SEED)
+    assert code == 0 and encoded.count(".") == 2
+    assert err.splitlines() == [
+        "chatmem token: warning: The HMAC key is 5 bytes long, which is below the minimum"
+        " recommended length of 32 bytes for SHA256. See RFC 7518 Section 3.2."
+    ]

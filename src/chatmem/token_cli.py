@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ KEY_ALGORITHMS = (
 
 def add_token_parser(commands: Any) -> None:
     token = commands.add_parser("token", help="encode or decode a JWT (like the old jwt_util.py)")
+    # jwt_util.py took its secret before the command (``--secret S encode ...``): both work.
+    _key_arguments(token, "private or public", dest_prefix="outer_")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     encode = token_commands.add_parser("encode", help="print a signed JWT for JSON claims")
     _key_arguments(encode, "private")
@@ -36,11 +39,32 @@ def add_token_parser(commands: Any) -> None:
     decode.add_argument("token")
 
 
-def _key_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    key = parser.add_mutually_exclusive_group(required=True)
-    key.add_argument("--secret", help="HMAC secret (HS256/384/512)")
-    key.add_argument("--key", metavar="PEM_FILE", help=f"{kind} key file (RS/PS/ES/EdDSA)")
-    parser.add_argument("--alg", default="HS256", choices=HMAC_ALGORITHMS + KEY_ALGORITHMS)
+def _key_arguments(parser: argparse.ArgumentParser, kind: str, dest_prefix: str = "") -> None:
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--secret", dest=dest_prefix + "secret", help="HMAC secret (HS256/384/512)")
+    key.add_argument(
+        "--key",
+        dest=dest_prefix + "key",
+        metavar="PEM_FILE",
+        help=f"{kind} key file (RS/PS/ES/EdDSA)",
+    )
+    parser.add_argument("--alg", dest=dest_prefix + "alg", choices=HMAC_ALGORITHMS + KEY_ALGORITHMS)
+
+
+def _merge_key_arguments(args: argparse.Namespace) -> str | None:
+    """Fold the options given before the command into ``args``; the problem, if any."""
+    for name in ("secret", "key", "alg"):
+        inner, outer = getattr(args, name), getattr(args, "outer_" + name)
+        if inner is not None and outer is not None and inner != outer:
+            return f"--{name} given twice"
+        setattr(args, name, inner if inner is not None else outer)
+    if (args.secret is None) == (args.key is None):
+        return "give one of --secret (HS256/384/512) or --key (a PEM file)"
+    if args.alg is None:
+        args.alg = "HS256" if args.secret is not None else None
+    if args.alg is None:
+        return "--key needs --alg (RS/PS/ES/EdDSA)"
+    return None
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -49,6 +73,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def run_token(args: argparse.Namespace) -> int:
+    problem = _merge_key_arguments(args)
+    if problem is not None:
+        return _fail(problem)
     if (args.alg in HMAC_ALGORITHMS) != (args.secret is not None):
         return _fail(f"{args.alg} needs {'--secret' if args.secret is None else '--key'}")
     key: str = args.secret
@@ -57,8 +84,15 @@ def run_token(args: argparse.Namespace) -> int:
             key = Path(args.key).read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError) as exc:
             return _fail(f"cannot read key file {args.key}: {exc}")
-    if args.token_command == "encode":
-        return _encode(args, key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", jwt.InsecureKeyLengthWarning)
+        code = _encode(args, key) if args.token_command == "encode" else _decode(args, key)
+    for warning in {str(w.message) for w in caught}:  # one line each, not Python's two
+        print(f"chatmem token: warning: {warning}", file=sys.stderr)
+    return code
+
+
+def _decode(args: argparse.Namespace, key: str) -> int:
     try:
         decoded = jwt.decode(args.token, key, algorithms=[args.alg], options={"verify_aud": False})
     except (jwt.PyJWTError, ValueError) as exc:
