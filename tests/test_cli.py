@@ -93,6 +93,32 @@ def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_mock_upstream_refuses_what_it_cannot_do() -> None:
+    negative = run("mock-upstream", "--tokens", "-1")
+    assert negative.returncode == 2
+    assert "argument --tokens: must be at least 0, not -1" in negative.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run("mock-upstream", "--port", str(port))
+    assert busy.returncode == 1 and busy.stdout == ""  # no "mock upstream on ..." line
+    assert busy.stderr == f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_serving_without_auth_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    process = Process(
+        ["serve", "--port", str(port), "--db", f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"],
+        cwd=tmp_path,
+    )
+    process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+    process.proc.send_signal(signal.SIGINT)
+    _, err = process.proc.communicate(timeout=20)
+    assert process.proc.returncode == 0
+    assert "INFO chatmem auth is off (no auth.jwt_secret" in err.decode()
+
+
 def test_mock_upstream_command() -> None:
     port = free_port()
     process = Process(["mock-upstream", "--port", str(port), "--tokens", "3"])

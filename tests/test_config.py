@@ -94,6 +94,8 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ),
         ('[auth]\nalgorithms = "HS256"\n', "auth.algorithms: must be a list of strings"),
         ('[memory]\non_client_disconnect = "keep"\n', "memory.on_client_disconnect: must be"),
+        ('[auth]\ntenant_claim = ""\n', "auth.tenant_claim: must name a claim"),
+        ('[storage]\nurl = "mysql://u:pw@h/db"\n', "storage.url: use sqlite+aiosqlite"),
         ("server = 1\n", "[server]: must be a table"),
         ("[server\n", "invalid TOML"),
     ],

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -49,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     mock = commands.add_parser("mock-upstream", help="run the built-in fake model server")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8000)
-    mock.add_argument("--tokens", type=int, default=16, help="tokens per answer")
-    mock.add_argument("--delay-ms", type=float, default=0.0, help="delay between tokens")
+    mock.add_argument("--tokens", type=_at_least_0(int), default=16, help="tokens per answer")
+    mock.add_argument(
+        "--delay-ms", type=_at_least_0(float), default=0.0, help="delay between tokens"
+    )
 
     add_token_parser(commands)
     add_db_commands(commands)
@@ -121,6 +124,31 @@ class CannotListen(Exception):
     """The server's address cannot be bound; the message is the one line to print."""
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _bind_failure(exc: OSError) -> str:
+    """Why a bind failed (asyncio's message repeats the address; the errno's text is why)."""
+    errno = None if isinstance(exc, socket.gaierror) else exc.errno
+    return os.strerror(errno) if errno else (exc.strerror or str(exc))
+
+
+def _at_least_0(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: ``kind`` (int or float) of the text, refused below 0."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+        return value
+
+    return parse
+
+
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     from .logs import AccessLogger
 
@@ -152,10 +180,7 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
         for task in tasks:
             task.cancel()
         where = f"{config.server.host}:{config.server.port}"
-        # asyncio's message repeats the address; the errno's text is the reason.
-        errno = None if isinstance(exc, socket.gaierror) else exc.errno
-        reason = os.strerror(errno) if errno else (exc.strerror or str(exc))
-        raise CannotListen(f"cannot listen on {where}: {reason}") from None
+        raise CannotListen(f"cannot listen on {where}: {_bind_failure(exc)}") from None
     # Everything alive now (modules, the app, the config) lives as long as the process:
     # take it out of the collector's reach, so that a full collection walks only what
     # requests create.  Without this a full collection, which the allocations of a burst
@@ -168,6 +193,15 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
         f"-> {_shown(config.upstream.url)}{' (demo model)' if demo else ''} (pid {os.getpid()})",
         flush=True,
     )
+    if not config.auth.enabled:
+        # An empty secret (``jwt_secret = "${JWT_SECRET:-}"`` with the variable unset) is
+        # no secret: say so, loudly where others can reach the gateway.
+        level = logging.INFO if _is_loopback(config.server.host) else logging.WARNING
+        logging.getLogger("chatmem").log(
+            level,
+            "auth is off (no auth.jwt_secret, auth.public_key or auth.jwks_url):"
+            " every caller is tenant 'default'",
+        )
     try:
         await stop.wait()
         logging.getLogger("chatmem").info("shutting down")
@@ -212,10 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mock-upstream":
             from .mock_upstream import run_mock_upstream
 
-            print(f"mock upstream on http://{args.host}:{args.port}/v1", flush=True)
-            _run(
-                run_mock_upstream(args.host, args.port, tokens=args.tokens, delay_ms=args.delay_ms)
+            where = f"{args.host}:{args.port}"
+            mock = run_mock_upstream(
+                args.host,
+                args.port,
+                tokens=args.tokens,
+                delay_ms=args.delay_ms,
+                on_ready=lambda: print(f"mock upstream on http://{where}/v1", flush=True),
             )
+            try:
+                _run(mock)
+            except OSError as exc:
+                raise CannotListen(f"cannot listen on {where}: {_bind_failure(exc)}") from None
             return 0
         try:
             config = load_config(find_config_file(args.config), overrides=_serve_overrides(args))

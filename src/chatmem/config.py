@@ -304,6 +304,8 @@ _ASYMMETRIC = frozenset(
 
 
 def _validate_auth(values: Mapping[str, Any]) -> None:
+    if values.get("tenant_claim", "team_id") == "":
+        raise ConfigError("auth.tenant_claim: must name a claim (it gives the tenant)")
     algorithms = values.get("algorithms", ("HS256",))
     if not algorithms:
         raise ConfigError("auth.algorithms: must name at least one algorithm")

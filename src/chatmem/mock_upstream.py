@@ -590,12 +590,21 @@ def create_mock_app(*, tokens: int = 16, delay_ms: float = 0.0) -> web.Applicati
     return app
 
 
-async def run_mock_upstream(host: str, port: int, *, tokens: int, delay_ms: float) -> None:
-    """Serve the mock on ``host:port`` until cancelled."""
+async def run_mock_upstream(
+    host: str,
+    port: int,
+    *,
+    tokens: int,
+    delay_ms: float,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve the mock on ``host:port`` until cancelled; ``on_ready`` once it listens."""
     runner = web.AppRunner(create_mock_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
+        if on_ready is not None:
+            on_ready()
         # As the gateway does (cli._serve): what exists now lives as long as the process,
         # and a full collection that walked it paused every stream for up to 60 ms.
         gc.freeze()
