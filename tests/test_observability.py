@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import jwt
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
 from multidict import CIMultiDict
@@ -128,6 +129,21 @@ async def test_metrics_path_is_configurable_and_can_be_off(
     assert (await moved.get("/metrics")).status == 404
     off = await gateway_factory(upstream_url(upstream), metrics={"path": ""})
     assert (await off.get("/metrics")).status == 404
+
+
+async def test_with_auth_on_metrics_need_a_token(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """Its labels name tenants: only health is open to anyone."""
+    secret = "m" * 32
+    client = await gateway_factory(upstream_url(upstream), auth={"jwt_secret": secret})
+    refused = await client.get("/metrics")
+    assert refused.status == 401
+    assert (await refused.json())["error"]["type"] == "authentication_error"
+    scraper = {"Authorization": "Bearer " + jwt.encode({"team_id": "ops"}, secret)}
+    scraped = await client.get("/metrics", headers=scraper)
+    assert scraped.status == 200 and "chatmem_requests_total" in await scraped.text()
+    assert (await client.get("/v1/health")).status == 200
 
 
 async def test_the_upstream_s_own_request_id_is_kept_under_another_name(

@@ -109,7 +109,10 @@ def response_counter(gateway: Gateway) -> ResponseHook:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    from .auth import authenticate
     from .metrics import CONTENT_TYPE_LATEST
+
+    authenticate(request)  # with auth on, any valid token (a scraper sends one): not health
 
     body = gateway_of(request).metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
