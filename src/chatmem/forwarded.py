@@ -38,7 +38,11 @@ def parse_networks(values: tuple[str, ...]) -> Networks:
 
 def client_address(request: web.BaseRequest) -> str | None:
     peer = request.remote
-    trusted = request.config_dict.get(TRUSTED_PROXIES) if isinstance(request, web.Request) else None
+    # A request the HTTP parser refused (answered 400) was never routed: it has no app to
+    # ask, and aiohttp's config_dict asserts that it has (only the private field tells).
+    trusted = None
+    if isinstance(request, web.Request) and request._match_info is not None:
+        trusted = request.config_dict.get(TRUSTED_PROXIES)
     if not trusted or peer not in trusted:
         return peer
     hops = [

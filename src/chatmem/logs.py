@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .config import LogConfig
 from .forwarded import client_address
@@ -115,6 +116,24 @@ def configure_logging(config: LogConfig) -> None:
     # them (aiosqlite, asyncio) log the SQL parameters, i.e. message content.
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("chatmem").setLevel(config.level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequestFilter())
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request its parser refused (answered 400) at ERROR, with a traceback
+    that quotes up to 100 bytes of what the client sent (a header: maybe its token).
+    A client's mistake is one warning line, with the kind of mistake and nothing it sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.msg = f"{record.getMessage()}: malformed request ({type(exc).__name__})"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def log_content(enabled: bool, what: str, content: Any) -> None:
