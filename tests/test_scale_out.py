@@ -208,8 +208,8 @@ async def test_cancelled_requests_leave_no_connection_behind(
         for _ in range(600):
             waiting = await fetch(
                 pg_url,
-                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = "
-                "'chatmem' AND wait_event_type = 'Lock'",
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'chatmem'"
+                " AND datname = current_database() AND wait_event_type = 'Lock'",
             )
             if waiting[0]["n"] == 2:
                 break
@@ -221,8 +221,8 @@ async def test_cancelled_requests_leave_no_connection_behind(
         for _ in range(600):  # the gateway noticed and cancelled both queries
             waiting = await fetch(
                 pg_url,
-                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = "
-                "'chatmem' AND state <> 'idle'",
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'chatmem'"
+                " AND datname = current_database() AND state <> 'idle'",
             )
             if waiting[0]["n"] == 0:
                 break
@@ -235,7 +235,8 @@ async def test_cancelled_requests_leave_no_connection_behind(
         assert not [r for r in received(upstream) if "gave up" in json.dumps(r.json)]
         sessions = await fetch(
             pg_url,
-            "SELECT state FROM pg_stat_activity WHERE application_name = 'chatmem'",
+            "SELECT state FROM pg_stat_activity WHERE application_name = 'chatmem'"
+            " AND datname = current_database()",
         )
         assert len(sessions) <= 2 and {s["state"] for s in sessions} <= {"idle"}
     finally:
