@@ -48,6 +48,8 @@ class Script:
     framing: Framing = "chunked"
     end: End = "ok"
     before_headers: BeforeHeaders = "none"
+    release_head: asyncio.Event | None = None
+    """If set, the response head waits for it (the request has been read by then)."""
 
 
 RequestRecord = tuple[str, str, dict[str, str], bytes]
@@ -200,6 +202,8 @@ class ScriptedUpstream:
         self, script: Script, writer: asyncio.StreamWriter, client_gone: asyncio.Task[None]
     ) -> None:
         try:
+            if script.release_head is not None:
+                await script.release_head.wait()
             writer.write(_head(script))
             await writer.drain()
             for chunk in script.chunks:

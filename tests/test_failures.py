@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sqlite3
@@ -227,6 +228,35 @@ async def test_client_disconnect_with_finish_commits(
         resp = await post(client, STREAM)
         await resp.content.readuntil(b"\n\n")
         resp.close()
+        for _ in range(100):  # bounded: up to 5 s for the detached answer to finish
+            if rows.messages():
+                break
+            await asyncio.sleep(0.05)
+    assert [m["role"] for m in rows.messages("f1")] == ["user", "assistant"]
+    assert json.loads(rows.messages("f1")[1]["content"]) == "Hello world"
+
+
+async def test_with_finish_a_client_gone_before_the_upstream_answers_still_gets_its_turn(
+    aiohttp_client: Any, db_path: Path, rows: Rows
+) -> None:
+    """The client leaves while the upstream has not even sent its headers: with "finish"
+    the answer is still read to its end and committed (the response to the client, which
+    cannot be started any more, is skipped)."""
+    head = asyncio.Event()
+    async with scripted_upstream(Script(chunks=answer_events(), release_head=head)) as up:
+        config = make_config(db_path, up.url, memory={"on_client_disconnect": "finish"})
+        app = create_app(config)
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        request = asyncio.create_task(post(client, STREAM))
+        for _ in range(100):  # bounded: up to 5 s for the request to reach the upstream
+            if up.requests:
+                break
+            await asyncio.sleep(0.05)
+        request.cancel()  # the client leaves: its connection is closed
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.2)  # for aiohttp to see the connection go
+        head.set()
         for _ in range(100):  # bounded: up to 5 s for the detached answer to finish
             if rows.messages():
                 break

@@ -192,8 +192,14 @@ async def tee_stream(
     """
     response = web.StreamResponse(status=upstream.status, headers=headers)
     response.headers["X-Accel-Buffering"] = "no"
-    await response.prepare(request)
     client = _Client(response, render)
+    try:
+        await response.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        client.gone = True  # left before the answer started
+        if not finish_without_client:
+            upstream.close()
+            return response
     parser = SSEParser()
     answer = StreamAccumulator()
     try:
