@@ -155,6 +155,32 @@ async def test_tool_call_fragments_merged(gateway_factory: GatewayFactory, rows:
     assert stored["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.parametrize(
+    ("deltas", "remembered"),
+    [
+        ([{"refusal": "I can't "}, {"refusal": "help."}], "I can't help."),
+        ([{"reasoning_content": "thinking..."}], ""),  # cut off by length before any content
+    ],
+)
+async def test_an_answer_without_content_is_never_remembered_as_null(
+    gateway_factory: GatewayFactory, rows: Rows, deltas: list[dict[str, Any]], remembered: str
+) -> None:
+    """OpenAI refuses an assistant message whose content is null without tool calls, so
+    such a turn must not come back as history that way."""
+    events = [chunk(role="assistant"), *(chunk(**d) for d in deltas), chunk(finish="length")]
+    wire = b"".join(sse(e) for e in [*events, "[DONE]"])
+    async with scripted_upstream(Script(chunks=[wire])) as up:
+        client = await gateway_factory(up.url)
+        for _ in range(2):
+            resp = await client.post(
+                "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "r"}
+            )
+            assert await resp.read() == wire
+        history = json.loads(up.requests[-1][3])["messages"]
+    assert json.loads(rows.messages("r")[1]["content"]) == remembered
+    assert history[1] == {"role": "assistant", "content": remembered}
+
+
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:
     events = [
         chunk(role="assistant", reasoning_content="Let me "),

@@ -108,9 +108,16 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
 
 
 def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
+    """The message to store.  Its ``content`` is never null without tool calls: OpenAI
+    refuses such a message in a later request's history.  A refusal (which has no column
+    of its own) is what the assistant said; an answer with neither (reasoning only, cut
+    off by ``length``) said ""."""
+    content = turn.content
+    if content is None and turn.tool_calls is None:
+        content = turn.refusal if turn.refusal is not None else ""
     return {
         "role": "assistant",
-        "content": turn.content,
+        "content": content,
         "tool_calls": turn.tool_calls,
         "reasoning": turn.reasoning,
         "model": turn.model,
