@@ -47,4 +47,11 @@ def build_app(config: chatmem.Config) -> web.Application:
 
 if __name__ == "__main__":
     config = chatmem.load_config(find_config_file(None))
-    web.run_app(build_app(config), host=config.server.host, port=config.server.port)
+    # handler_cancellation: a client that leaves cancels its handler, which is how chatmem
+    # learns it left (memory.on_client_disconnect = "discard" closes the upstream at once).
+    web.run_app(
+        build_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        handler_cancellation=True,
+    )
