@@ -122,6 +122,14 @@ def test_db_prune_needs_an_age(tmp_path: Path) -> None:
     assert bad.stderr.strip().splitlines()[-1] == (
         "chatmem db: 'soon' is not an age like 30d, 12h, 90m or 2w"
     )
+    for age in ("0", "inf", "nan"):  # 0 would delete everything; inf overflowed
+        refused = chatmem("db", "prune", "--older-than", age, cwd=tmp_path)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert (
+            refused.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"chatmem db: '{age}': an age must be more than 0")
+        )
 
 
 @pytest.mark.parametrize(
@@ -132,7 +140,7 @@ def test_parse_age(text: str, seconds: float) -> None:
     assert parse_age(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "d", "-3d", "3x", "thirty"])
+@pytest.mark.parametrize("text", ["", "d", "-3d", "3x", "thirty", "0", "0d", "inf", "1e400", "nan"])
 def test_parse_age_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_age(text)

@@ -19,6 +19,10 @@ PRUNE_INTERVAL = 3600.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+_LONGEST = 1000 * 365 * 86400.0
+"""Older than this is not an age: ``inf`` or ``1e400`` would overflow the cutoff."""
+
+
 def parse_age(text: str) -> float:
     """``"30d"``, ``"12h"``, ``"90m"``, ``"2w"`` or plain seconds -> seconds."""
     value = text.strip().lower()
@@ -28,9 +32,13 @@ def parse_age(text: str) -> float:
         amount = float(number)
     except ValueError:
         raise ValueError(f"{text!r} is not an age like 30d, 12h, 90m or 2w") from None
-    if amount < 0:
-        raise ValueError(f"{text!r}: an age cannot be negative")
-    return amount * (unit or 1)
+    seconds = amount * (unit or 1)
+    if not 0 < seconds < _LONGEST:  # nan fails both
+        raise ValueError(
+            f"{text!r}: an age must be more than 0 and less than 1000 years"
+            " (memory.retention_days = 0 means keep forever: nothing to prune)"
+        )
+    return seconds
 
 
 async def prune_periodically(
