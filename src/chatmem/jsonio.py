@@ -71,7 +71,7 @@ def as_text(value: Any) -> Any:
     """``value`` with every string made text: a pair of surrogates escaped as two halves
     (``"\\ud83d\\ude00"``) becomes its character, a lone half U+FFFD."""
     if isinstance(value, str):
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return _whole(value)
     if isinstance(value, dict):
         return {as_text(k): as_text(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -79,12 +79,16 @@ def as_text(value: Any) -> Any:
     return value
 
 
+def _whole(text: str) -> str:
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def utf8(text: str) -> bytes:
     """``text`` encoded as UTF-8, lone surrogates made text first (see :func:`as_text`)."""
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return as_text(text).encode()  # type: ignore[no-any-return]
+        return _whole(text).encode()
 
 
 def dumps(value: Any) -> bytes:
