@@ -78,6 +78,23 @@ async def test_conversation_from_body_is_stripped(gateway: Client, upstream: Tes
     assert len(sent_messages(upstream)) == 3  # the first exchange came back as history
 
 
+async def test_a_null_conversation_field_names_none(gateway: Client, upstream: TestServer) -> None:
+    resp = await chat(gateway, [user("x")], conv=None, conversation=None)
+    assert resp.status == 200
+    assert resp.headers["X-Conversation-Id"].startswith("conv_")
+    assert "conversation" not in received(upstream)[-1].json
+
+
+async def test_a_number_too_large_for_a_float_is_a_400(
+    gateway: Client, upstream: TestServer
+) -> None:
+    raw = b'{"model": "m", "messages": [], "seed": 123456789012345678901234, "top_p": 1e400}'
+    resp = await gateway.post("/v1/chat/completions", data=raw)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == "request body is not valid JSON"
+    assert received(upstream) == []
+
+
 async def test_new_conversation_gets_an_id(gateway: Client, rows: Rows) -> None:
     resp = await chat(gateway, [user("x")], conv=None)
     conv = resp.headers["X-Conversation-Id"]

@@ -439,6 +439,22 @@ async def test_conversation_bad_fields_are_400_naming_the_field(
     assert chats(upstream) == [] and rows.messages() == []
 
 
+async def test_other_methods_on_the_old_services_paths_stay_here(
+    gateway: Client, upstream: TestServer
+) -> None:
+    for method, path in (("PUT", "/v1/health"), ("DELETE", "/v1/health"), ("GET", "/v1/ask")):
+        resp = await gateway.request(method, path)
+        assert resp.status == 405, (method, path)
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert received(upstream) == []
+
+
+async def test_a_model_name_may_hold_slashes(gateway: Client, upstream: TestServer) -> None:
+    resp = await gateway.post("/conversation/meta-llama/Llama-3.1-8B-Instruct", json={"text": "x"})
+    assert resp.status == 200
+    assert chats(upstream)[-1]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+
+
 async def test_conversation_sends_only_the_fields_given(
     gateway: Client, upstream: TestServer
 ) -> None:

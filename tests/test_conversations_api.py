@@ -274,7 +274,22 @@ async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
         ({"items": "hello"}, "items must be an array", "items"),
         ({"items": [1]}, "items[0] must be a message object", "items[0]"),
         ({"items": [{"role": "robot", "content": "x"}]}, "items[0].role must be one of", None),
-        ({"items": [{"role": "user", "content": 5}]}, "items[0] must be a string, an array", None),
+        (
+            {"items": [{"role": "user", "content": 5}]},
+            "items[0].content must be a string, an array",
+            "items[0].content",
+        ),
+        ({"items": [{"role": "user"}]}, "items[0].content is required", "items[0].content"),
+        (
+            {"items": [{"role": "assistant", "content": None}]},
+            "items[0].content is required (only an assistant message with tool_calls",
+            "items[0].content",
+        ),
+        (
+            {"items": [{"role": "tool", "content": "42"}]},
+            "items[0].tool_call_id is required",
+            "items[0].tool_call_id",
+        ),
         (
             {"items": [{"role": "user", "content": "a"}, {"type": "reasoning", "role": "user"}]},
             "items[1].type must be 'message'",

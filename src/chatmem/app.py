@@ -14,7 +14,7 @@ from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
-from .proxy.http import json_response
+from .proxy.http import json_response, method_not_allowed
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
 from .tracking import (
@@ -48,6 +48,7 @@ def setup(app: web.Application, config: Config) -> None:
     if config.metrics.path:
         routes.add_get(config.metrics.path, metrics_endpoint, name=ROUTE_PREFIX + "metrics")
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
+    routes.add_route("*", "/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health.other")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
     add_compat_routes(app, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")

@@ -11,6 +11,7 @@ refused by both paths alike.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -23,6 +24,13 @@ _LONE = re.compile("[\ud800-\udfff]")
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: it could only be sent on as Infinity, which is not JSON
+        raise ValueError(f"{text} is too large for a number")
+    return value
 
 
 class LoneSurrogate(ValueError):
@@ -46,7 +54,7 @@ def loads(data: bytes | str, *, lone_surrogates: Literal["reject", "keep"] = "re
     try:
         return orjson.loads(data)  # refuses lone surrogates: only then is the walk needed
     except orjson.JSONDecodeError:
-        value = json.loads(data, parse_constant=_no_constants)
+        value = json.loads(data, parse_constant=_no_constants, parse_float=_finite)
     if lone_surrogates == "reject" and _has_lone_surrogate(value):
         raise LoneSurrogate()
     return value

@@ -105,8 +105,9 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
 def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
     """Validate the body; ``conversation_id`` is the (already valid) header value if any."""
     body = json_object(raw)
-    if "conversation" in body:
-        from_body = _conversation_from_body(body.pop("conversation"))
+    named = body.pop("conversation", None)  # null: not named (removed all the same)
+    if named is not None:
+        from_body = _conversation_from_body(named)
         if conversation_id is not None and conversation_id != from_body:
             raise InvalidRequest(
                 "X-Conversation-Id header and body field conversation name different conversations",

@@ -8,7 +8,7 @@ from ..config import Config
 from ..state import gateway_of
 from .ask import ask
 from .conversation import COOKIE_SESSIONS, CookieSessions, conversation
-from .http import json_response
+from .http import json_response, method_not_allowed
 
 __all__ = ["add_compat_routes", "health", "ready"]
 
@@ -28,4 +28,8 @@ def add_compat_routes(app: web.Application, config: Config, prefix: str) -> None
     app[COOKIE_SESSIONS] = CookieSessions(config.compat)
     app.router.add_get("/v1/ready", ready, name=prefix + "ready")
     app.router.add_post("/v1/ask", ask, name=prefix + "ask")
-    app.router.add_post("/conversation/{model}", conversation, name=prefix + "conversation")
+    # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
+    app.router.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
+    for name, path in (("ready", "/v1/ready"), ("ask", "/v1/ask")):
+        # Other methods on the gateway's own paths must not fall through to the upstream.
+        app.router.add_route("*", path, method_not_allowed, name=f"{prefix}{name}.other")

@@ -91,7 +91,8 @@ def _item(index: int, value: object) -> dict[str, Any]:
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
-    message: dict[str, Any] = {"role": role, "content": _content(value.get("content"), param)}
+    content = _content(value.get("content"), f"{param}.content")
+    message: dict[str, Any] = {"role": role, "content": content}
     for name in _OPTIONAL_FIELDS:
         field = value.get(name)
         if field is not None and not isinstance(field, str):
@@ -105,6 +106,18 @@ def _item(index: int, value: object) -> dict[str, Any]:
                 f"{param}.tool_calls must be an array of objects", param=f"{param}.tool_calls"
             )
         message["tool_calls"] = calls
+    # What a later chat turn could not send: every chat server wants content, but for an
+    # assistant message that calls tools, and a tool result names its call.
+    if content is None and not (role == "assistant" and calls):
+        raise InvalidRequest(
+            f"{param}.content is required (only an assistant message with tool_calls may"
+            " leave it null)",
+            param=f"{param}.content",
+        )
+    if role == "tool" and not message.get("tool_call_id"):
+        raise InvalidRequest(
+            f"{param}.tool_call_id is required for a tool message", param=f"{param}.tool_call_id"
+        )
     return message
 
 

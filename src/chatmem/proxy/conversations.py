@@ -24,7 +24,7 @@ from .conversation_shapes import (
     parse_items,
     parse_metadata,
 )
-from .http import json_object, json_response, read_body
+from .http import json_object, json_response, method_not_allowed, read_body
 
 __all__ = ["add_conversation_routes"]
 
@@ -53,7 +53,7 @@ def add_conversation_routes(router: web.UrlDispatcher, prefix: str) -> None:
     router.add_delete(item, delete_item, name=name + ".delete_item")
     for number, path in enumerate((base, one, items, item)):
         # Other methods on our paths must not fall through to the upstream passthrough.
-        router.add_route("*", path, _method_not_allowed, name=f"{name}.other{number}")
+        router.add_route("*", path, method_not_allowed, name=f"{name}.other{number}")
     # Nor may other paths under ours ("/v1/conversations/", ".../items/", ".../x/y").
     router.add_route("*", base + "/{rest:.*}", _no_such_path, name=name + ".unknown")
 
@@ -221,10 +221,6 @@ async def delete_item(request: web.Request) -> web.Response:
     if info is None:  # deleted meanwhile by another request
         raise _not_found()
     return json_response(conversation_json(info))
-
-
-async def _method_not_allowed(request: web.Request) -> web.Response:
-    raise web.HTTPMethodNotAllowed(request.method, [])
 
 
 async def _no_such_path(request: web.Request) -> web.Response:

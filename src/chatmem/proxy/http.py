@@ -12,7 +12,7 @@ from .. import jsonio
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
 from ..state import GATEWAY
 
-__all__ = ["error_event", "json_object", "json_response", "read_body"]
+__all__ = ["error_event", "json_object", "json_response", "method_not_allowed", "read_body"]
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -77,3 +77,9 @@ def error_event(message: str, type_: str = "upstream_error", code: str | None = 
     """The SSE event that ends a stream which failed after the response had started."""
     payload = json.dumps(error_body(message, type_, code=code))
     return b"data: " + payload.encode() + b"\n\n"
+
+
+async def method_not_allowed(request: web.Request) -> web.Response:
+    """For the other methods on the gateway's own paths: they must not fall through to
+    the ``/v1/`` passthrough (405, in the OpenAI shape like every aiohttp error)."""
+    raise web.HTTPMethodNotAllowed(request.method, [])
