@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,7 +18,12 @@ import pytest
 from yarl import URL
 
 from chatmem.errors import InvalidRequest
-from chatmem.proxy.pool import UpstreamBroken, UpstreamPool, UpstreamReadTimeout
+from chatmem.proxy.pool import (
+    UpstreamBroken,
+    UpstreamConnectTimeout,
+    UpstreamPool,
+    UpstreamReadTimeout,
+)
 
 
 def ok(body: bytes, *extra: str) -> bytes:
@@ -275,3 +281,60 @@ def test_the_startup_line_never_shows_an_upstream_password() -> None:
 
     assert _shown("https://user:hunter2@llm.example/v1") == "https://user:***@llm.example/v1"
     assert _shown("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+async def test_bytes_sent_on_an_idle_connection_retire_it() -> None:
+    """An answer followed, later, by bytes nobody asked for (a second head here): the
+    next request must not read them as its answer."""
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    async with serving([ok(b"first"), 0.05, stray], ok(b"second")) as up:
+        pool = pool_for(up, read_timeout=5.0)
+        assert await post(pool) == (200, b"first")
+        await asyncio.sleep(0.2)  # the stray head arrives while the connection is idle
+        assert await post(pool) == (200, b"second")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 2]  # on a new connection
+
+
+async def test_what_arrived_before_invalid_framing_is_read_first() -> None:
+    """The end of an answer and invalid chunk framing in one read: the answer's bytes
+    come out, then the failure."""
+    good = b"data: the end\n\ndata: [DONE]\n\n"
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    async with serving(head + f"{len(good):x}\r\n".encode() + good + b"\r\nzz\r\n") as up:
+        pool = pool_for(up)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        async with response:
+            assert await response.content.next_chunk() == good
+            with pytest.raises(UpstreamBroken, match="invalid HTTP"):
+                await response.content.next_chunk()
+        await pool.close()
+
+
+async def test_a_connect_timeout_is_a_timeout() -> None:
+    """An upstream whose accept queue is full: the connect times out (a 504 upstream of
+    the gateway), it is not a broken connection (a 502)."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):  # fill the backlog: further SYNs are dropped
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            pool = UpstreamPool(
+                URL(f"http://127.0.0.1:{port}/v1"), connect_timeout=0.5, read_timeout=5
+            )
+            with pytest.raises(UpstreamConnectTimeout):
+                await pool.post("/v1/chat/completions", {}, b"{}")
+            assert isinstance(UpstreamConnectTimeout(), TimeoutError)
+            await pool.close()
+        finally:
+            for filler in fillers:
+                filler.close()

@@ -29,7 +29,13 @@ from yarl import URL
 
 from ..errors import InvalidRequest
 
-__all__ = ["UpstreamBroken", "UpstreamPool", "UpstreamReadTimeout", "UpstreamResponse"]
+__all__ = [
+    "UpstreamBroken",
+    "UpstreamConnectTimeout",
+    "UpstreamPool",
+    "UpstreamReadTimeout",
+    "UpstreamResponse",
+]
 
 _HIGH_WATER = 256 * 1024
 """Unread body bytes at which the upstream socket stops being read (the client is slow)."""
@@ -47,6 +53,10 @@ class UpstreamReadTimeout(aiohttp.ServerTimeoutError):
     """Nothing arrived from the upstream for ``read_timeout`` seconds (a TimeoutError)."""
 
 
+class UpstreamConnectTimeout(aiohttp.ServerTimeoutError):
+    """No connection within ``connect_timeout`` seconds (a TimeoutError)."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the response being read on it."""
 
@@ -55,6 +65,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.idle = False
+        """In the pool between two requests."""
         self.last_activity = loop.time()
         self.timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -81,6 +93,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:  # bytes nobody asked for: the next answer could not be told from them
+            self.close()
+            return
         self.received = True
         self.last_activity = self.loop.time()
         try:
@@ -241,11 +256,11 @@ class _Body:
         response = self._response
         conn = response.conn
         while True:
+            if conn.chunks:  # what arrived before a failure still goes on
+                return conn.take()
             if conn.error is not None:
                 response.close()
                 raise conn.error
-            if conn.chunks:
-                return conn.take()
             if conn.complete:
                 response.release()
                 return None
@@ -366,6 +381,7 @@ class UpstreamPool:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
+                conn.idle = False
                 conn._reset()
                 return conn
         return None
@@ -381,6 +397,10 @@ class UpstreamPool:
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None,
                 )
+        except TimeoutError:  # before OSError, of which it is a subclass: a 504, not a 502
+            raise UpstreamConnectTimeout(
+                "the upstream did not accept a connection in time"
+            ) from None
         except OSError as exc:
             raise UpstreamBroken(f"cannot connect to the upstream: {exc.strerror or exc}") from exc
         conn.transport = transport  # uvloop calls connection_made a little later
@@ -388,6 +408,7 @@ class UpstreamPool:
 
     def _put_back(self, conn: _Connection) -> None:
         if conn.reusable and not self._closed and len(self._idle) < _MAX_IDLE:
+            conn.idle = True
             self._idle.append(conn)
         else:
             conn.close()
