@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 import sqlite3
@@ -213,6 +214,36 @@ async def test_failed_turn_leaves_history_exact(
     sent = received(upstream)[-1].json["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["first", "third"]
     assert len(sent) == 3
+
+
+@pytest.mark.parametrize("body", [STREAM, PLAIN])
+async def test_a_redirect_is_a_502_and_its_location_stays_behind(
+    gateway_factory: GatewayFactory, rows: Rows, body: dict[str, Any]
+) -> None:
+    moved = {"Location": "http://10.0.0.1:8000/v1/chat/completions", "Content-Length": "0"}
+    async with scripted_upstream(Script(status=307, headers=moved, framing="length")) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, body)
+        assert resp.status == 502
+        assert "Location" not in resp.headers
+        error = (await resp.json())["error"]
+        assert "redirect (307)" in error["message"] and "10.0.0.1" not in error["message"]
+    assert rows.messages() == []
+
+
+@pytest.mark.parametrize("body", [STREAM, PLAIN])
+async def test_an_answer_encoded_although_identity_was_asked_is_a_502(
+    gateway_factory: GatewayFactory, rows: Rows, body: dict[str, Any]
+) -> None:
+    headers = {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+    script = Script(headers=headers, chunks=[gzip.compress(b"".join(answer_events()))])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, body)
+        assert resp.status == 502
+        assert "Content-Encoding 'gzip'" in (await resp.json())["error"]["message"]
+        assert up.requests[0][2]["Accept-Encoding"] == "identity"
+    assert rows.messages() == []
 
 
 async def test_client_disconnect_closes_upstream(

@@ -167,8 +167,23 @@ async def _forward(
                 raise UpstreamAuthFailed(
                     "the upstream refused the gateway's credentials (see upstream.api_key)"
                 )
+            if 300 <= response.status < 400:
+                # Relayed, it would send the client past the gateway (and its memory) to
+                # an address of the upstream's side.
+                raise UpstreamError(
+                    f"the upstream answered with a redirect ({response.status}),"
+                    " which the gateway does not follow"
+                )
             if response.status != 200:
                 return await relay(request, response, headers)
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("identity", ""):
+                # It was asked for identity: an answer it encoded anyway cannot be read
+                # into the turn, nor relayed byte for byte with an error event in it.
+                raise UpstreamError(
+                    f"the upstream answered with Content-Encoding {encoding!r}"
+                    " although the gateway asks for identity"
+                )
             reply_headers = filter_headers(response.headers, ("content-length",))
             reply_headers.update(headers)
             if turn.render is not None:
