@@ -156,7 +156,11 @@ async def test_postgresql_stops_and_comes_back_under_traffic(
         if outcome.status == 503:
             assert json.loads(outcome.body)["error"]["code"] == "storage_unavailable"
         else:
-            assert ERROR_EVENT + b'{"message": "the answer could not be saved' in outcome.body
+            start = outcome.body.index(ERROR_EVENT) + len(b"data: ")
+            error = json.loads(outcome.body[start:].split(b"\n\n")[0])["error"]
+            assert error["message"].startswith("the answer could not be saved")
+            # The type a non-streamed answer failing the same way has (the 503 above).
+            assert (error["type"], error["code"]) == ("server_error", "storage_unavailable")
 
     rows = await fetch(
         private_postgres.url,

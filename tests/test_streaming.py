@@ -181,6 +181,33 @@ async def test_an_answer_without_content_is_never_remembered_as_null(
     assert history[1] == {"role": "assistant", "content": remembered}
 
 
+async def test_a_turn_that_cannot_be_saved_ends_the_stream_with_a_server_error(
+    gateway_factory: GatewayFactory, db_path: Path, rows: Rows
+) -> None:
+    """The write lock stays taken past storage.busy_timeout_ms: the events come through,
+    then, instead of [DONE], an error event with the type and code a non-streamed
+    answer failing the same way gets in its 503."""
+    events = answer_events()
+    async with scripted_upstream(Script(chunks=[b"".join(events)])) as up:
+        client = await gateway_factory(up.url, storage={"busy_timeout_ms": 200})
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            resp = await client.post(
+                "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+            )
+            body = await asyncio.wait_for(resp.read(), 10)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+    before_done = b"".join(events[:-1])
+    assert body.startswith(before_done) and body.endswith(events[-1])
+    error = json.loads(body[len(before_done) + len(b"data: ") : -len(events[-1])])["error"]
+    assert error["message"].startswith("the answer could not be saved")
+    assert (error["type"], error["code"]) == ("server_error", "storage_unavailable")
+    assert rows.messages("s1") == []
+
+
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:
     events = [
         chunk(role="assistant", reasoning_content="Let me "),

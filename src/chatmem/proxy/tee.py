@@ -26,16 +26,30 @@ from .upstream import Answer
 __all__ = ["Renderer", "tee_stream"]
 
 Commit = Callable[[AssistantTurn], Awaitable[None]]
-Failure = tuple[str, str | None]
-"""Why a stream failed: a message safe to show the client, and an error code."""
+Failure = tuple[str, str | None, str]
+"""Why a stream failed: a message safe to show the client, an error code, and the error
+type (the one a non-streamed answer failing the same way has)."""
 
-_CUT_OFF: Failure = ("the upstream stream ended before the answer completed", "upstream_incomplete")
+_CUT_OFF: Failure = (
+    "the upstream stream ended before the answer completed",
+    "upstream_incomplete",
+    "upstream_error",
+)
 _TIMEOUT: Failure = (
     "the upstream sent nothing for longer than upstream.read_timeout",
     "upstream_timeout",
+    "upstream_error",
 )
-_BROKEN: Failure = ("the upstream connection broke during the answer", "upstream_broken")
-_STOPPING: Failure = ("the gateway shut down before the answer completed", "gateway_shutting_down")
+_BROKEN: Failure = (
+    "the upstream connection broke during the answer",
+    "upstream_broken",
+    "upstream_error",
+)
+_STOPPING: Failure = (
+    "the gateway shut down before the answer completed",
+    "gateway_shutting_down",
+    "server_error",
+)
 # Two line endings in a row (CRLF, CR or LF; a CR right before LF is half of one CRLF).
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
@@ -142,12 +156,12 @@ class _Client:
         still unfinished, so a client discards it at the end of the stream; one already
         partly sent has to be closed first (and reaches the client cut short).
         """
-        message, code = failure
+        message, code, type_ = failure
         if self.render is not None:
             await self.flush()
             await self.write(self.render.failure(message))
             return
-        event = error_event(message, code=code)
+        event = error_event(message, type_, code=code)
         held, self._held = self._held, b""
         await self.write(event if self._on_boundary() else b"\n\n" + event)
         await self.write(held)
@@ -156,7 +170,8 @@ class _Client:
         """The upstream's own error event: already relayed as SSE, shown when rendered."""
         if self.render is not None:
             message = error.get("message")
-            await self.end_with((str(message) if message else "the upstream failed", None))
+            shown = str(message) if message else "the upstream failed"
+            await self.end_with((shown, None, "upstream_error"))
 
     async def end_before_done(
         self, chunk: bytes, answer: StreamAccumulator, failure: Failure
@@ -270,7 +285,7 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         try:
             await commit(turn)
         except ChatmemError as exc:
-            failure = (f"the answer could not be saved: {exc.message}", exc.code)
+            failure = (f"the answer could not be saved: {exc.message}", exc.code, exc.type)
     if failure is None:
         await client.relay(chunk, answer)
     else:
