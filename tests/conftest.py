@@ -11,11 +11,19 @@ from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, make_config, open_store, upstream_url
 
 from chatmem import create_app
+from chatmem.errors import failures
 from chatmem.mock_upstream import create_mock_app
 from chatmem.storage import Store
 
 # PostgreSQL fixtures (pg_url, private_postgres, storage_url) live in tests/pg.py.
 pytest_plugins = ["pg"]
+
+
+@pytest.fixture(autouse=True)
+def quiet_failure_log() -> None:
+    """Each test starts with no failure reported yet (the log reports one per code and
+    interval, process-wide)."""
+    failures.reset()
 
 
 @pytest.fixture

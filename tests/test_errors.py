@@ -8,6 +8,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
 
+from chatmem.errors import FailureLog
+
 
 @pytest.mark.parametrize(
     ("body", "param"),
@@ -72,3 +74,24 @@ async def test_health(gateway: TestClient[Any, Any]) -> None:
         resp = await gateway.get(path)
         assert resp.status == 200
         assert await resp.json() == {"status": "ok"}
+
+
+def test_failures_are_logged_once_per_code_and_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("chatmem.errors.time.monotonic", lambda: now[0])
+    log = FailureLog(every=10.0)
+    cause = ValueError("INSERT ... parameters: ('private words',)")
+    for _ in range(5):
+        log.note("storage_unavailable", "the conversation store is unavailable", cause)
+    log.note("upstream_timeout", "the upstream did not answer in time")
+    now[0] += 11
+    log.note("storage_unavailable", "the conversation store is unavailable", cause)
+    assert [r.getMessage() for r in caplog.records] == [
+        "storage_unavailable: the conversation store is unavailable (ValueError)",
+        "upstream_timeout: the upstream did not answer in time",
+        "storage_unavailable: the conversation store is unavailable (ValueError);"
+        " 4 more since the last report",
+    ]
+    assert "private words" not in caplog.text

@@ -182,7 +182,7 @@ async def test_an_answer_without_content_is_never_remembered_as_null(
 
 
 async def test_a_turn_that_cannot_be_saved_ends_the_stream_with_a_server_error(
-    gateway_factory: GatewayFactory, db_path: Path, rows: Rows
+    gateway_factory: GatewayFactory, db_path: Path, rows: Rows, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The write lock stays taken past storage.busy_timeout_ms: the events come through,
     then, instead of [DONE], an error event with the type and code a non-streamed
@@ -206,6 +206,9 @@ async def test_a_turn_that_cannot_be_saved_ends_the_stream_with_a_server_error(
     assert error["message"].startswith("the answer could not be saved")
     assert (error["type"], error["code"]) == ("server_error", "storage_unavailable")
     assert rows.messages("s1") == []
+    # And the operator hears of it (the message the client got, no content).
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"storage_unavailable: {error['message']}" in warnings
 
 
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:

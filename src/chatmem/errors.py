@@ -15,12 +15,17 @@ ChatmemError                 status, type, code; ``message`` is safe to show a c
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 from aiohttp import web
 
+log = logging.getLogger("chatmem")
+
 __all__ = [
     "ChatmemError",
+    "FailureLog",
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
@@ -32,6 +37,7 @@ __all__ = [
     "UpstreamTimeout",
     "error_body",
     "error_response",
+    "failures",
 ]
 
 
@@ -108,7 +114,45 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class FailureLog:
+    """The gateway's own failures (5xx, failed streams) in the log, which only the metrics
+    counted before: one warning per error code every ``every`` seconds at most, with how
+    many more there were since, so an outage is a few lines, not one per request.
+
+    A line holds the code, the message the client got and the class of the cause: never
+    the cause's text, which for a database error can quote a statement's parameters
+    (message content).
+    """
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str | None, float] = {}
+        self._since: dict[str | None, int] = {}
+
+    def reset(self) -> None:
+        """Forget what was reported (tests start from a quiet log)."""
+        self._last.clear()
+        self._since.clear()
+
+    def note(self, code: str | None, message: str, cause: BaseException | None = None) -> None:
+        now = time.monotonic()
+        last = self._last.get(code)
+        if last is not None and now - last < self.every:
+            self._since[code] = self._since.get(code, 0) + 1
+            return
+        self._last[code] = now
+        more = self._since.pop(code, 0)
+        because = f" ({type(cause).__name__})" if cause is not None else ""
+        also = f"; {more} more since the last report" if more else ""
+        log.warning("%s: %s%s%s", code, message, because, also)
+
+
+failures = FailureLog()
+
+
 def error_response(exc: ChatmemError, headers: dict[str, str] | None = None) -> web.Response:
+    if exc.status >= 500:
+        failures.note(exc.code, exc.message, exc.__cause__)
     body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
     return web.Response(
         status=exc.status,

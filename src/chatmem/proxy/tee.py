@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..errors import ChatmemError
+from ..errors import ChatmemError, failures
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
@@ -157,6 +157,8 @@ class _Client:
         partly sent has to be closed first (and reaches the client cut short).
         """
         message, code, type_ = failure
+        if code is not None:  # ours, not the upstream's own error event shown as text
+            failures.note(code, message)
         if self.render is not None:
             await self.flush()
             await self.write(self.render.failure(message))
