@@ -486,3 +486,27 @@ def test_turn_from_completion_rejects_bad_shapes(body: dict[str, Any]) -> None:
 
 def test_turn_from_completion_rejects_non_object_body() -> None:
     assert turn_from_completion(cast(dict[str, Any], [1, 2])) is None
+
+
+@pytest.mark.parametrize("keep_pieces", [False, True])
+def test_a_long_answer_is_held_as_joined_text_unless_its_pieces_are_wanted(
+    keep_pieces: bool,
+) -> None:
+    tokens = [f" t{i}" for i in range(2_000)]
+    acc = StreamAccumulator(keep_pieces=keep_pieces)
+    for token in tokens:
+        acc.add(chunk({"content": token, "reasoning_content": token.upper()}))
+    turn = acc.turn()
+    assert turn is not None
+    assert turn.content == "".join(tokens)
+    assert turn.reasoning == "".join(tokens).upper()
+    # Joined 256 at a time, not a string per token, unless a renderer that shows what
+    # each read added needs the pieces.
+    choice = acc._choices[0]
+    if keep_pieces:
+        assert acc.content_parts() == tokens and choice.content_before == []
+    else:
+        assert [len(block) for block in choice.content_before] == [
+            len("".join(tokens[i : i + 256])) for i in range(0, 1_792, 256)
+        ]
+        assert choice.content == tokens[1_792:]

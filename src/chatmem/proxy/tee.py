@@ -218,7 +218,7 @@ async def tee_stream(
             upstream.close()
             return response
     parser = SSEParser()
-    answer = StreamAccumulator()
+    answer = StreamAccumulator(keep_pieces=render is not None)
     try:
         async for chunk in upstream.content.iter_any():
             if on_first_chunk is not None:  # metrics: time to first token
