@@ -176,12 +176,12 @@ async def _forward(
                 )
             if response.status != 200:
                 return await relay(request, response, headers)
-            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-            if encoding not in ("identity", ""):
+            encoding = response.headers.get("Content-Encoding")
+            if encoding is not None and encoding.strip().lower() not in ("identity", ""):
                 # It was asked for identity: an answer it encoded anyway cannot be read
                 # into the turn, nor relayed byte for byte with an error event in it.
                 raise UpstreamError(
-                    f"the upstream answered with Content-Encoding {encoding!r}"
+                    f"the upstream answered with Content-Encoding {encoding.strip()!r}"
                     " although the gateway asks for identity"
                 )
             reply_headers = filter_headers(response.headers, ("content-length",))
