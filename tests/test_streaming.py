@@ -211,6 +211,22 @@ async def test_a_turn_that_cannot_be_saved_ends_the_stream_with_a_server_error(
     assert f"storage_unavailable: {error['message']}" in warnings
 
 
+async def test_an_upstream_that_keeps_the_body_open_after_done_does_not_hold_the_client(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The answer is complete and [DONE] sent, but the upstream never ends its body: the
+    gateway ends the client's body after a short silence, not after read_timeout."""
+    events = answer_events()
+    async with scripted_upstream(Script(chunks=events, end="hang")) as up:
+        client = await gateway_factory(up.url, upstream={"read_timeout": 120})
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+        )
+        assert await asyncio.wait_for(resp.read(), 30) == b"".join(events)
+        await asyncio.wait_for(up.disconnected.wait(), 5)  # and the upstream is let go
+    assert stored_text(rows) == "Hello world"
+
+
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:
     events = [
         chunk(role="assistant", reasoning_content="Let me "),

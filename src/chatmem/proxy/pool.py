@@ -297,6 +297,16 @@ class UpstreamResponse:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def expect_end(self, within: float) -> None:
+        """The answer is complete: what may still follow must end within ``within``
+        seconds of silence (instead of ``read_timeout``), or the read times out."""
+        if within < (self.read_timeout or within + 1):
+            self.read_timeout = within
+            conn = self.conn
+            if conn.timer is not None:  # armed for the longer silence: arm it again
+                conn.timer.cancel()
+                conn.timer = None
+
     def release(self) -> None:
         """The body was read whole: the connection goes back to the pool if it can."""
         if not self._done:

@@ -21,7 +21,7 @@ from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
 from .sse import SSEParser
-from .upstream import Answer
+from .upstream import StreamedAnswer
 
 __all__ = ["Renderer", "tee_stream"]
 
@@ -53,6 +53,8 @@ _STOPPING: Failure = (
 # Two line endings in a row (CRLF, CR or LF; a CR right before LF is half of one CRLF).
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
+_AFTER_DONE = 2.0
+"""Seconds of silence after ``[DONE]`` before the gateway ends the body itself."""
 _MAX_HELD = 4096
 """An unfinished event up to this size is held until its end arrives (see ``relay``)."""
 _DONE = b"[DONE]"
@@ -192,7 +194,7 @@ class _Client:
 
 async def tee_stream(
     request: web.Request,
-    upstream: Answer,
+    upstream: StreamedAnswer,
     headers: CIMultiDict[str],
     commit: Commit,
     *,
@@ -237,6 +239,9 @@ async def tee_stream(
                 answer.add(data)
             if answer.done:
                 await _finish(client, answer, chunk, commit)
+                # What follows [DONE] still goes on, but an upstream that keeps the body
+                # open must not keep a client that has its answer for read_timeout.
+                upstream.expect_end(_AFTER_DONE)
             elif not ahead:
                 await client.relay(chunk, answer)
             if client.gone and not finish_without_client:

@@ -85,6 +85,12 @@ class Answer(Protocol):
     def close(self) -> None: ...
 
 
+class StreamedAnswer(Answer, Protocol):
+    """The chat path's answer (:mod:`.pool`), which the tee reads."""
+
+    def expect_end(self, within: float) -> None: ...
+
+
 class Upstream:
     """Builds upstream URLs and headers; owns the connections to the upstream.
 
