@@ -153,6 +153,14 @@ async def test_an_authorization_header_that_is_not_ascii_is_a_401(
     assert rows.conversations() == []
 
 
+async def test_an_expiry_too_large_for_a_float_is_as_good_as_never(
+    hs_gateway: TestClient[Any, Any], rows: Rows
+) -> None:
+    headers = bearer(token({"team_id": "acme", "exp": 10**400}))
+    for _ in range(2):  # verified, then from the cache of verified tokens
+        assert await whoami(hs_gateway, rows, headers) == ("acme", "")
+
+
 async def test_tampered_payload(hs_gateway: TestClient[Any, Any]) -> None:
     response = await hs_gateway.get("/v1/conversations", headers=bearer(tampered()))
     await assert_401(response, "Signature verification failed")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
 import jwt
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
 
@@ -131,6 +133,45 @@ async def test_a_conversation_the_gateway_names_is_not_read_first(
         user("two"),
     ]
     assert [m["seq"] for m in rows.messages(conv)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("reasoning", {"x": 1}, "reasoning must be a string"),
+        ("model", "m" * 256, "model must be a string of at most 255 characters"),
+        ("finish_reason", "s" * 65, "finish_reason must be a string of at most 64"),
+        ("name", ["n"], "name must be a string of at most 255"),
+    ],
+)
+async def test_a_message_field_the_store_cannot_take_is_a_400_before_the_model_is_asked(
+    gateway: Client, upstream: TestServer, rows: Rows, field: str, value: Any, fragment: str
+) -> None:
+    earlier = {"role": "assistant", "content": "earlier", field: value}
+    for path, body in (
+        ("/v1/chat/completions", {"model": "m", "messages": [earlier, user("now")]}),
+        ("/v1/conversations", {"items": [earlier]}),
+    ):
+        resp = await gateway.post(path, json=body)
+        assert resp.status == 400, path
+        error = (await resp.json())["error"]
+        assert fragment in error["message"] and error["param"].endswith(f"[0].{field}")
+    assert received(upstream) == [] and rows.conversations() == []
+
+
+async def test_a_compressed_request_body_is_read_and_sent_on_as_plain_json(
+    gateway: Client, upstream: TestServer
+) -> None:
+    raw = json.dumps({"model": "m", "messages": [user("zipped")]}).encode()
+    resp = await gateway.post(
+        "/v1/chat/completions",
+        data=gzip.compress(raw),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert resp.status == 200
+    sent = received(upstream)[-1]
+    assert sent.json["messages"] == [user("zipped")]
+    assert "content-encoding" not in {k.lower() for k in sent.headers}
 
 
 async def test_invalid_ids_are_400(gateway: Client, upstream: TestServer, rows: Rows) -> None:

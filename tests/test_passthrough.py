@@ -122,6 +122,20 @@ async def test_headers_the_client_did_not_send_are_not_added(
     assert {name: seen_values[name] for name in mine} == sent
 
 
+async def test_a_compressed_request_body_goes_up_decoded_and_labelled_so(
+    echo_gateway: TestClient[Any, Any],
+) -> None:
+    """aiohttp's server decodes the body; sent on with the client's Content-Encoding and
+    compressed length it reached the upstream cut short and mislabelled."""
+    body = b'{"input": "hello world, ' + b"x" * 500 + b'"}'
+    resp = await echo_gateway.post(
+        "/v1/embeddings", data=gzip.compress(body), headers={"Content-Encoding": "gzip"}
+    )
+    seen = await resp.json()
+    assert seen["body"] == body.decode()
+    assert "content-encoding" not in {k.lower() for k in seen["headers"]}
+
+
 async def test_no_double_decompression(echo_gateway: TestClient[Any, Any]) -> None:
     resp = await echo_gateway.get(
         "/v1/x/gzip", headers={"Accept-Encoding": "gzip"}, auto_decompress=False

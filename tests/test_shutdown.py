@@ -81,12 +81,18 @@ async def test_in_flight_stream_finishes_and_is_committed(tmp_path: Path, sig: i
     assert _messages(gateway.db) == [("user", "hi"), ("assistant", "Hello world")]
 
 
-async def test_stream_still_running_at_the_deadline_ends_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_disconnect", ["discard", "finish"])
+async def test_stream_still_running_at_the_deadline_ends_cleanly(
+    tmp_path: Path, on_disconnect: str
+) -> None:
+    """With "finish" the stream runs in a task of its own, which the handler waits for:
+    the handler must not be cancelled before the stream has ended its body."""
     first = sse(chunk("", role="assistant"))
     second = sse(chunk("Hel"))
     script = Script(chunks=[first, second], end="hang")  # never finishes
+    toml = f'[server]\nshutdown_grace = 0.5\n\n[memory]\non_client_disconnect = "{on_disconnect}"\n'
     async with scripted_upstream(script) as upstream:
-        gateway = serve(tmp_path, upstream.url, "[server]\nshutdown_grace = 0.5\n")
+        gateway = serve(tmp_path, upstream.url, toml)
         async with (
             aiohttp.ClientSession() as client,
             client.post(gateway.url + "/v1/chat/completions", json=BODY) as response,
@@ -96,13 +102,13 @@ async def test_stream_still_running_at_the_deadline_ends_cleanly(tmp_path: Path)
             exited = await _signal(gateway, signal.SIGTERM)
             # The rest of the body: one error event, then a proper end (no exception).
             rest = await response.content.read()
-        code, _ = await exited
+        code, stderr = await exited
         await upstream.disconnected.wait()  # the upstream request was closed
     assert rest.startswith(b"data: ") and rest.endswith(b"\n\n")
     error = json.loads(rest[len(b"data: ") :])["error"]
     assert error["code"] == "gateway_shutting_down"
     assert b"[DONE]" not in rest
-    assert code == 0
+    assert code == 0, stderr
     assert _messages(gateway.db) == []  # nothing half-written
 
 

@@ -12,6 +12,8 @@ import pytest
 from helpers import GatewayFactory, Rows, answer_events, chunk, sse
 from scripted_upstream import Script, scripted_upstream
 
+from chatmem.state import GATEWAY
+
 REQUEST = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -225,6 +227,40 @@ async def test_an_upstream_that_keeps_the_body_open_after_done_does_not_hold_the
         assert await asyncio.wait_for(resp.read(), 30) == b"".join(events)
         await asyncio.wait_for(up.disconnected.wait(), 5)  # and the upstream is let go
     assert stored_text(rows) == "Hello world"
+
+
+async def test_an_upstream_model_name_longer_than_its_column_is_cut_not_fatal(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    events = [chunk("Hi", role="assistant"), chunk(finish="stop"), "[DONE]"]
+    wire = b"".join(sse(e) for e in events).replace(b'"scripted"', b'"' + b"m" * 300 + b'"')
+    status, body, _ = await run_stream(gateway_factory, Script(chunks=[wire]))
+    assert (status, body) == (200, wire)
+    assert rows.messages("s1")[1]["model"] == "m" * 255
+
+
+async def test_an_unforeseen_commit_failure_still_ends_the_stream(
+    gateway_factory: GatewayFactory, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the store raises, a stream that has started gets an error event and the
+    end of its body: a client is never left waiting on it."""
+    events = answer_events()
+    async with scripted_upstream(Script(chunks=[b"".join(events)])) as up:
+        client = await gateway_factory(up.url)
+
+        def broken(*_args: Any, **_kwargs: Any) -> Any:
+            raise RuntimeError("an unforeseen failure")
+
+        monkeypatch.setattr(client.server.app[GATEWAY].store, "commit_turn_soon", broken)
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+        )
+        body = await asyncio.wait_for(resp.read(), 10)
+    before_done = b"".join(events[:-1])
+    assert body.startswith(before_done) and body.endswith(events[-1])
+    error = json.loads(body[len(before_done) + len(b"data: ") : -len(events[-1])])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert rows.messages("s1") == []
 
 
 async def test_reasoning_content_separate(gateway_factory: GatewayFactory, rows: Rows) -> None:

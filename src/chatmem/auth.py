@@ -133,10 +133,10 @@ class Authenticator:
         ``exp + leeway`` on, ``nbf`` and ``iat`` until ``value - leeway``."""
         leeway = self.config.leeway
         start = max(
-            (float(claims[name]) - leeway for name in ("nbf", "iat") if name in claims),
+            (_seconds(claims[name]) - leeway for name in ("nbf", "iat") if name in claims),
             default=-math.inf,
         )
-        end = float(claims["exp"]) + leeway if "exp" in claims else math.inf
+        end = _seconds(claims["exp"]) + leeway if "exp" in claims else math.inf
         return start, end
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -236,6 +236,15 @@ def setup_auth(app: web.Application, config: AuthConfig) -> None:
     app.cleanup_ctx.append(lifecycle)
     if authenticator.jwks is not None:
         app.middlewares.append(jwks_middleware)
+
+
+def _seconds(value: Any) -> float:
+    """A time claim pyjwt accepted, as a float: an integer too large for one (``10**400``,
+    which pyjwt compares as an int) is as good as never."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def authenticate(request: web.Request) -> Owner:

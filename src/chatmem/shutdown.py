@@ -69,8 +69,14 @@ class LiveRequests:
         log.warning("shutdown grace period over: ending %d requests", len(pending))
         for upstream in list(self.streams.values()):
             upstream.content.set_exception(GatewayStopping("the gateway is shutting down"))
+        # The streams end with an error event and a proper end of the body. A handler
+        # waiting on a stream that runs in a task of its own ("finish") then returns on
+        # its own: cancelled now, it would drop the connection before that end.
+        if self.streams:
+            _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
         for task in pending - self.streams.keys():
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
         for task in pending:
             task.cancel()

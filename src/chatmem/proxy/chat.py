@@ -107,6 +107,9 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     return await asyncio.shield(gateway.detach(forwarding))
 
 
+_NOT_FROM_THE_CLIENT = ("accept-encoding", "content-type", "content-encoding")
+
+
 def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
     """The message to store.  Its ``content`` is never null without tool calls: OpenAI
     refuses such a message in a later request's history.  A refusal (which has no column
@@ -120,8 +123,9 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
         "content": content,
         "tool_calls": turn.tool_calls,
         "reasoning": turn.reasoning,
-        "model": turn.model,
-        "finish_reason": turn.finish_reason,
+        # The upstream's words, cut to their columns: an answer is not lost to a long name.
+        "model": turn.model[:255] if turn.model is not None else None,
+        "finish_reason": turn.finish_reason[:64] if turn.finish_reason is not None else None,
         "usage": turn.usage,
     }
 
@@ -135,7 +139,8 @@ async def _forward(
 ) -> web.StreamResponse:
     upstream = gateway.upstream
     chat = turn.chat
-    out = upstream.request_headers(request.headers, drop=("accept-encoding", "content-type"))
+    # The body goes up re-encoded as plain JSON (aiohttp decoded a compressed one).
+    out = upstream.request_headers(request.headers, drop=_NOT_FROM_THE_CLIENT)
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"
     finish_without_client = gateway.config.memory.on_client_disconnect == "finish"

@@ -77,6 +77,28 @@ def _conversation_from_body(value: object) -> str:
     return valid_conversation_id(value, "conversation")
 
 
+STORED_STRINGS: dict[str, int | None] = {
+    "name": 255,
+    "tool_call_id": 255,
+    "model": 255,
+    "finish_reason": 64,
+    "reasoning": None,
+}
+"""Message fields stored in string columns, and their sizes (None: unlimited text)."""
+
+
+def check_stored_strings(message: dict[str, Any], param: str) -> None:
+    """400 for a field the store could not take: not a string, or longer than its column
+    (the model would have answered, at a cost, before the commit failed)."""
+    for name, limit in STORED_STRINGS.items():
+        value = message.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or (limit is not None and len(value) > limit):
+            size = f" of at most {limit} characters" if limit is not None else ""
+            raise InvalidRequest(f"{param}.{name} must be a string{size}", param=f"{param}.{name}")
+
+
 def check_message(index: int, message: object, field: str = "messages") -> dict[str, Any]:
     param = f"{field}[{index}]"
     if not isinstance(message, dict):
@@ -86,13 +108,7 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
-    for name in ("name", "tool_call_id"):  # stored in VARCHAR(255) columns
-        value = message.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > 255):
-            raise InvalidRequest(
-                f"{param}.{name} must be a string of at most 255 characters",
-                param=f"{param}.{name}",
-            )
+    check_stored_strings(message, param)
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise InvalidRequest(

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..storage import ConversationInfo, Page
+from .chat_request import check_stored_strings
 
 __all__ = [
     "conversation_json",
@@ -93,12 +94,10 @@ def _item(index: int, value: object) -> dict[str, Any]:
         )
     content = _content(value.get("content"), f"{param}.content")
     message: dict[str, Any] = {"role": role, "content": content}
+    check_stored_strings(value, param)
     for name in _OPTIONAL_FIELDS:
-        field = value.get(name)
-        if field is not None and not isinstance(field, str):
-            raise InvalidRequest(f"{param}.{name} must be a string", param=f"{param}.{name}")
-        if field is not None:
-            message[name] = field
+        if value.get(name) is not None:
+            message[name] = value[name]
     calls = value.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):

@@ -28,9 +28,14 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     url = upstream.url_for(
         request.rel_url.raw_path.removeprefix("/v1"), request.rel_url.raw_query_string
     )
-    headers = upstream.request_headers(request.headers)
-    if length is not None:
-        headers["Content-Length"] = str(length)
+    if "Content-Encoding" in request.headers:
+        # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its
+        # length is not the one the client sent).
+        headers = upstream.request_headers(request.headers, drop=("content-encoding",))
+    else:
+        headers = upstream.request_headers(request.headers)
+        if length is not None:
+            headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
     timer = gateway.metrics.upstream_timer("passthrough")
     try:

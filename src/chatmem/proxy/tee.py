@@ -8,6 +8,7 @@ older conversation service streams plain text); parsing, committing and failing 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -24,6 +25,8 @@ from .sse import SSEParser
 from .upstream import StreamedAnswer
 
 __all__ = ["Renderer", "tee_stream"]
+
+log = logging.getLogger("chatmem")
 
 Commit = Callable[[AssistantTurn], Awaitable[None]]
 Failure = tuple[str, str | None, str]
@@ -293,6 +296,12 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
             await commit(turn)
         except ChatmemError as exc:
             failure = (f"the answer could not be saved: {exc.message}", exc.code, exc.type)
+        except Exception:
+            # Unforeseen, and logged as such (the engine hides statement parameters). The
+            # stream has started, so no 500 can follow: the client gets an error event and
+            # the end of the body, not a body that hangs.
+            log.exception("the answer could not be saved")
+            failure = ("the answer could not be saved", "internal_error", "server_error")
     if failure is None:
         await client.relay(chunk, answer)
     else:

@@ -34,12 +34,19 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
         # pool_pre_ping: a connection that died with the server (restart, failover) is
         # replaced at checkout, so the gateway recovers without a restart.
         return create_async_engine(
-            url, pool_pre_ping=True, connect_args=_postgresql_args(config), **pool
+            url,
+            pool_pre_ping=True,
+            connect_args=_postgresql_args(config),
+            hide_parameters=True,  # its errors would quote message content (in the logs)
+            **pool,
         )
     if url.database in (None, "", ":memory:"):
         pool = {}  # an in-memory database lives in one connection: no pool to size
     engine = create_async_engine(
-        url, connect_args={"timeout": config.busy_timeout_ms / 1000}, **pool
+        url,
+        connect_args={"timeout": config.busy_timeout_ms / 1000},
+        hide_parameters=True,  # its errors would quote message content (in the logs)
+        **pool,
     )
     _tune_sqlite(engine, config.busy_timeout_ms)
     return engine
