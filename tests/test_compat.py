@@ -416,6 +416,18 @@ async def test_cookie_is_signed_with_the_configured_secret(
         assert len(chats(upstream)[-1]["messages"]) == 1
 
 
+@pytest.mark.parametrize("secure", [False, True])
+async def test_the_session_cookie_is_secure_when_configured(
+    gateway_factory: GatewayFactory, upstream: TestServer, secure: bool
+) -> None:
+    client = await gateway_factory(
+        upstream_url(upstream), compat={"session_secret": "s", "session_cookie_secure": secure}
+    )
+    resp = await client.post("/conversation/m", json={"text": "one"})
+    await resp.read()
+    assert ("; Secure" in resp.headers["Set-Cookie"]) is secure
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -127,6 +127,9 @@ class CompatConfig:
     session_secret: str | None = field(default=None, repr=False)
     # Seconds the session cookie lives; None: until the client discards it.
     session_max_age: int | None = None
+    # Mark the cookie Secure (sent over HTTPS only): on when clients reach the gateway
+    # through TLS (Caddy), which sees plain HTTP itself and cannot tell.
+    session_cookie_secure: bool = False
     # The model /v1/ask asks (its requests name none).
     ask_model: str = "gpt-3.5-turbo"
 

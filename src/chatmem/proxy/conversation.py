@@ -55,7 +55,11 @@ class CookieSessions:
             )
             key = secrets.token_bytes(32)
         self.storage = EncryptedCookieStorage(
-            key, cookie_name=COOKIE_NAME, max_age=config.session_max_age, samesite="Lax"
+            key,
+            cookie_name=COOKIE_NAME,
+            max_age=config.session_max_age,
+            samesite="Lax",
+            secure=config.session_cookie_secure or None,
         )
 
     async def load(self, request: web.Request) -> tuple[Session, str]:
