@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import orjson
 
-__all__ = ["LoneSurrogate", "as_text", "dumps", "dumps_elements", "is_text", "loads", "utf8"]
+__all__ = ["LoneSurrogate", "dumps", "dumps_elements", "is_text", "loads", "utf8"]
 
 _LONE = re.compile("[\ud800-\udfff]")
 
@@ -75,24 +75,14 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def as_text(value: Any) -> Any:
-    """``value`` with every string made text: a pair of surrogates escaped as two halves
-    (``"\\ud83d\\ude00"``) becomes its character, a lone half U+FFFD."""
-    if isinstance(value, str):
-        return _whole(value)
-    if isinstance(value, dict):
-        return {as_text(k): as_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [as_text(v) for v in value]
-    return value
-
-
 def _whole(text: str) -> str:
+    """``text`` made text: a pair of surrogates escaped as two halves (``"\\ud83d\\ude00"``)
+    becomes its character, a lone half U+FFFD."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def utf8(text: str) -> bytes:
-    """``text`` encoded as UTF-8, lone surrogates made text first (see :func:`as_text`)."""
+    """``text`` encoded as UTF-8, lone surrogates made text first."""
     try:
         return text.encode()
     except UnicodeEncodeError:

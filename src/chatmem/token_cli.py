@@ -61,9 +61,9 @@ def _merge_key_arguments(args: argparse.Namespace) -> str | None:
     if (args.secret is None) == (args.key is None):
         return "give one of --secret (HS256/384/512) or --key (a PEM file)"
     if args.alg is None:
-        args.alg = "HS256" if args.secret is not None else None
-    if args.alg is None:
-        return "--key needs --alg (RS/PS/ES/EdDSA)"
+        if args.key is not None:
+            return "--key needs --alg (RS/PS/ES/EdDSA)"
+        args.alg = "HS256"
     return None
 
 

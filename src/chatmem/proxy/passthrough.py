@@ -14,6 +14,9 @@ from .upstream import Answer, filter_headers
 
 __all__ = ["passthrough", "relay"]
 
+_DECODED = ("content-encoding",)
+"""Dropped from a request whose body aiohttp's server decoded."""
+
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     from .chat import upstream_failures  # the two modules share the failure mapping
@@ -28,14 +31,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     url = upstream.url_for(
         request.rel_url.raw_path.removeprefix("/v1"), request.rel_url.raw_query_string
     )
-    if "Content-Encoding" in request.headers:
-        # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its
-        # length is not the one the client sent).
-        headers = upstream.request_headers(request.headers, drop=("content-encoding",))
-    else:
-        headers = upstream.request_headers(request.headers)
-        if length is not None:
-            headers["Content-Length"] = str(length)
+    # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its length
+    # is not the one the client sent).
+    decoded = "Content-Encoding" in request.headers
+    headers = upstream.request_headers(request.headers, drop=_DECODED if decoded else ())
+    if length is not None and not decoded:
+        headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
     timer = gateway.metrics.upstream_timer("passthrough")
     try:

@@ -300,7 +300,7 @@ class UpstreamResponse:
     def expect_end(self, within: float) -> None:
         """The answer is complete: what may still follow must end within ``within``
         seconds of silence (instead of ``read_timeout``), or the read times out."""
-        if within < (self.read_timeout or within + 1):
+        if self.read_timeout is None or within < self.read_timeout:
             self.read_timeout = within
             conn = self.conn
             if conn.timer is not None:  # armed for the longer silence: arm it again
