@@ -2,6 +2,7 @@
 
     python -m benchmarks.instructions                  # 2,000 requests of 32 clients
     python -m benchmarks.instructions --src ../other/src   # another checkout, to compare
+    python -m benchmarks.instructions --stream 64 --clients 1   # 64-token streams, one client
 
 CPU time from ``/proc`` moves by about 5 % from run to run on a shared machine, too much
 to see a change of 2 %.  Instructions do not depend on what else runs: the mock upstream
@@ -37,8 +38,9 @@ _CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
 """Counting starts switched off: the imports and the warm-up are not measured."""
 
 
-async def _load(base: str, requests: int, clients: int, first: int) -> None:
-    """``requests`` chat turns from ``clients`` concurrent clients, each a new conversation."""
+async def _load(base: str, requests: int, clients: int, first: int, stream: int) -> None:
+    """``requests`` chat turns from ``clients`` concurrent clients, each a new conversation;
+    streamed answers of ``stream`` tokens, or plain answers of 16 when ``stream`` is 0."""
     pool = UpstreamPool(URL(base), connect_timeout=30, read_timeout=600)
     numbers = iter(range(first, first + requests))
 
@@ -46,10 +48,14 @@ async def _load(base: str, requests: int, clients: int, first: int) -> None:
         for number in numbers:
             headers = {
                 "Content-Type": "application/json",
-                "X-Mock-Tokens": "16",
+                "X-Mock-Tokens": str(stream or 16),
                 "X-Conversation-Id": f"bench-{number}",
             }
-            body = {"model": "bench", "messages": [{"role": "user", "content": f"q {number}"}]}
+            body = {
+                "model": "bench",
+                "messages": [{"role": "user", "content": f"q {number}"}],
+                "stream": bool(stream),
+            }
             async with await pool.post(
                 "/v1/chat/completions", headers, json.dumps(body).encode()
             ) as response:
@@ -67,7 +73,7 @@ def _callgrind(pid: int, command: str) -> None:
     subprocess.run(["callgrind_control", command, str(pid)], check=True, capture_output=True)
 
 
-def count(src: Path, requests: int, clients: int, warmup: int = 300) -> float:
+def count(src: Path, requests: int, clients: int, stream: int = 0, warmup: int = 300) -> float:
     """Instructions per request of the gateway in ``src`` (a checkout's ``src``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -93,9 +99,9 @@ def count(src: Path, requests: int, clients: int, warmup: int = 300) -> float:
         )
         base = f"http://127.0.0.1:{gateway_port}"
         try:
-            asyncio.run(_load(base, warmup, clients, 0))
+            asyncio.run(_load(base, warmup, clients, 0, stream))
             _callgrind(gateway.pid, "--instr=on")
-            asyncio.run(_load(base, requests, clients, warmup))
+            asyncio.run(_load(base, requests, clients, warmup, stream))
             _callgrind(gateway.pid, "--dump")
             _callgrind(gateway.pid, "--instr=off")
         finally:
@@ -114,15 +120,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--stream", type=int, default=0, help="streamed answers of N tokens")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the source to measure")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is needed: apt-get install valgrind")
         return 2
-    per_request = count(args.src.resolve(), args.requests, args.clients)
+    per_request = count(args.src.resolve(), args.requests, args.clients, args.stream)
+    answers = f"{args.stream}-token streams" if args.stream else "plain answers"
     print(
         f"{per_request / 1e6:.3f} M instructions per request "
-        f"({args.requests} requests, {args.clients} clients, {args.src})"
+        f"({args.requests} requests, {args.clients} clients, {answers}, {args.src})"
     )
     return 0
 

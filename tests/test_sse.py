@@ -288,3 +288,18 @@ def test_chunks_of_whole_events_parse_as_the_byte_by_byte_stream(
     # "data: " line; byte by byte never does.  Both must give the same events.
     chunks = [b"".join(group) for group in groups]
     assert parse(*chunks) == parse(*byte_by_byte(b"".join(chunks)))
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"data: ", b"data:", b"data", b"\n", b"\n\n", b"x", b"\xc3\xa9", b"\xff", b": c"]
+        ),
+        max_size=24,
+    )
+)
+def test_any_chunk_ending_in_a_blank_line_parses_as_byte_by_byte(parts: list[bytes]) -> None:
+    # The fast path decides from counts of LF and "\n\ndata: " alone: pieces that almost
+    # look like simple events (a bare "data", an extra LF, a comment) must not fool it.
+    chunk = b"".join(parts) + b"\n\n"
+    assert parse(chunk) == parse(*byte_by_byte(chunk))

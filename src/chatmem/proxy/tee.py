@@ -21,7 +21,7 @@ from ..errors import ChatmemError, failures
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
-from .sse import SSEParser
+from .sse import SSEParser, only_data_events
 from .upstream import StreamedAnswer
 
 __all__ = ["Renderer", "tee_stream"]
@@ -77,6 +77,17 @@ def _unfinished_tail(data: bytes, starts_on_boundary: bool) -> int:
 
 def _done_event_start(data: bytes) -> int:
     """Where the first ``[DONE]`` event of ``data`` starts (``data`` starts on a boundary)."""
+    first = data.find(_DONE)
+    start = first - len(b"data: ")
+    if (
+        start >= 0
+        and data[start : first + len(_DONE) + 2] == b"data: [DONE]\n\n"
+        and b"\r" not in data
+        and (start == 0 or only_data_events(data[:start]))
+    ):
+        # The usual end of a stream: whole data events, then [DONE], the first one, since
+        # no "[DONE]" comes before it (found without scanning every boundary).
+        return start
     start = 0
     for boundary in _BOUNDARY.finditer(data):
         event = data[start : boundary.end()]
