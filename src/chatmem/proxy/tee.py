@@ -83,7 +83,7 @@ def _done_event_start(data: bytes) -> int:
         start >= 0
         and data[start : first + len(_DONE) + 2] == b"data: [DONE]\n\n"
         and b"\r" not in data
-        and (start == 0 or only_data_events(data[:start]))
+        and (start == 0 or only_data_events(data, start))
     ):
         # The usual end of a stream: whole data events, then [DONE], the first one, since
         # no "[DONE]" comes before it (found without scanning every boundary).
