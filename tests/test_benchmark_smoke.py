@@ -67,3 +67,21 @@ def test_instruction_count_runs_with_tiny_counts() -> None:
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     millions = float(result.stdout.split(" M instructions per request")[0])
     assert 0.05 < millions < 100, result.stdout
+
+
+def test_time_to_first_token_steps_with_tiny_counts() -> None:
+    # The hooks in the relays must still find their functions in aiohttp and chatmem:
+    # every step of both relays gets a figure.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ttft", "--rounds", "1", "--requests", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [line for line in result.stdout.splitlines() if "->" in line]
+    assert len(steps) == 5, result.stdout
+    for line in steps:
+        bare, memory = line.split()[-2:]
+        assert float(bare) > 0 and float(memory) > 0, line

@@ -1,0 +1,210 @@
+"""Where the time to first token goes, step by step: the bare relay next to chatmem.
+
+    python -m benchmarks.ttft                     # 5 rounds of 300 streams per target
+    python -m benchmarks.ttft --pin c=0,r=0,m=1   # client and relay on core 0, mock on 1
+
+One client streams 64-token answers from the mock upstream, alternating between three
+targets as ``benchmarks.run`` does: direct, the bare aiohttp relay and chatmem with
+memory (a new conversation each time).  The relays run with ``benchmarks/ttft_hooks`` on
+their path, which notes when a request's handler starts, when the POST leaves, when the
+upstream's head arrives and when the response head is written; the load generator notes
+when it sent and when the head and the first bytes of the body came back.  All on
+``perf_counter``, the system's monotonic clock, shared by every process.
+
+``--think MS`` waits between two requests, so that every process has gone idle.
+``--pin`` puts the client (``c``), the relays (``r``) and the mock (``m``) on given
+cores (``sched_setaffinity``), to show how much the kernel's placement of the three
+processes on two cores decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+from yarl import URL
+
+from chatmem.proxy.pool import UpstreamPool
+
+from .procs import ROOT, SRC, Proc, free_port, start
+
+__all__ = ["main"]
+
+_HOOKS = str(ROOT / "benchmarks" / "ttft_hooks")
+_TARGETS = ("direct", "bare", "memory")
+_STEPS = (
+    "client sends -> handler starts",
+    "handler -> POST upstream",
+    "POST -> upstream head in",
+    "upstream head -> response head out",
+    "response head out -> client has it",
+)
+
+Sent = tuple[int, int, int, int]
+"""A request as the client saw it: sent, head in, first body bytes in (ns), round."""
+
+
+async def _run(
+    bases: dict[str, str], rounds: int, requests: int, think: float
+) -> dict[str, list[Sent]]:
+    pools = {
+        target: UpstreamPool(URL(base), connect_timeout=30, read_timeout=300)
+        for target, base in bases.items()
+    }
+    seen: dict[str, list[Sent]] = {t: [] for t in bases}
+    number = 0
+    try:
+        for rnd in range(rounds + 1):  # round 0 warms up
+            order = _TARGETS if rnd % 2 else _TARGETS[::-1]
+            for target in order:
+                for _ in range(requests):
+                    number += 1
+                    headers = {"Content-Type": "application/json", "X-Mock-Tokens": "64"}
+                    if target == "memory":
+                        headers["X-Conversation-Id"] = f"ttft-{number}"
+                    body = json.dumps(
+                        {
+                            "model": "bench",
+                            "messages": [{"role": "user", "content": f"question {number}"}],
+                            "stream": True,
+                        }
+                    ).encode()
+                    if think:
+                        await asyncio.sleep(think)
+                    sent = time.perf_counter_ns()
+                    async with await pools[target].post(
+                        "/v1/chat/completions", headers, body
+                    ) as response:
+                        head = time.perf_counter_ns()
+                        first = 0
+                        async for _chunk in response.content.iter_any():
+                            first = first or time.perf_counter_ns()
+                    seen[target].append((sent, head, first, rnd))
+    finally:
+        for pool in pools.values():
+            await pool.close()
+    return seen
+
+
+def _inside(trace: Path) -> list[tuple[int, int, int, int]]:
+    """(handler, POST, upstream head, response head) of each relayed stream, in order."""
+    events: list[tuple[str, int]] = json.loads(trace.read_text())
+    requests: list[list[tuple[str, int]]] = []
+    for kind, at in events:
+        if kind == "h":
+            requests.append([])
+        if requests:
+            requests[-1].append((kind, at))
+    found = []
+    for steps in requests:
+        handler = steps[0][1]
+        rest = steps[1:]
+        post = next((i for i, (kind, _) in enumerate(rest) if kind in "pw"), None)
+        if post is None:
+            continue  # a health check
+        head = next((i for i in range(post + 1, len(rest)) if rest[i][0] == "d"), None)
+        if head is None:
+            continue
+        out = next((i for i in range(head + 1, len(rest)) if rest[i][0] == "w"), None)
+        if out is not None:
+            found.append((handler, rest[post][1], rest[head][1], rest[out][1]))
+    return found
+
+
+def _pin(spec: str, procs: dict[str, list[Proc]]) -> None:
+    for part in spec.split(","):
+        who, _, cores = part.partition("=")
+        cpus = {int(core) for core in cores.split("+")}
+        if who == "c":
+            os.sched_setaffinity(0, cpus)
+        for proc in procs.get(who, []):
+            os.sched_setaffinity(proc.pid, cpus)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=300, help="streams per target a round")
+    parser.add_argument("--pin", help="c=CORE,r=CORE,m=CORE (cores joined by +)")
+    parser.add_argument("--think", type=float, default=0.0, help="ms between two requests")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        up, gw, bp = free_port(), free_port(), free_port()
+        mock = start(["mock-upstream", "--port", str(up)], f"http://127.0.0.1:{up}/v1/models")
+        os.environ["CHATMEM_TTFT_TRACE"] = f"{tmp}/trace"
+        hooked = f"{_HOOKS}:{SRC}"
+        try:
+            gateway = start(
+                [
+                    *("serve", "--port", str(gw), "--upstream", f"http://127.0.0.1:{up}/v1"),
+                    *("--db", f"sqlite+aiosqlite:///{tmp}/ttft.db"),
+                ],
+                f"http://127.0.0.1:{gw}/v1/health",
+                pythonpath=hooked,
+            )
+            bare = start(
+                [f"http://127.0.0.1:{up}", str(bp)],
+                f"http://127.0.0.1:{bp}/health",
+                module="benchmarks.bare_hop",
+                pythonpath=hooked,
+            )
+        finally:
+            del os.environ["CHATMEM_TTFT_TRACE"]
+        relays = {"bare": bare, "memory": gateway}
+        if args.pin:
+            _pin(args.pin, {"r": [bare, gateway], "m": [mock]})
+        bases = {
+            "direct": f"http://127.0.0.1:{up}/v1",
+            "bare": f"http://127.0.0.1:{bp}/v1",
+            "memory": f"http://127.0.0.1:{gw}/v1",
+        }
+        gc.freeze()
+        try:
+            seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000))
+        finally:
+            for proc in (gateway, bare, mock):
+                proc.stop()
+        _report(seen, {t: Path(f"{tmp}/trace.{p.pid}.json") for t, p in relays.items()})
+    return 0
+
+
+def _report(seen: dict[str, list[Sent]], traces: dict[str, Path]) -> None:
+    def median_of_rounds(samples: list[Sent], value: int) -> float:
+        by_round: dict[int, list[float]] = {}
+        for sample in samples:
+            if sample[3]:
+                by_round.setdefault(sample[3], []).append((sample[value] - sample[0]) / 1e3)
+        return statistics.median(statistics.median(v) for v in by_round.values())
+
+    direct = median_of_rounds(seen["direct"], 2)
+    print(f"time to first token, us (median of the rounds' medians; direct {direct:.0f}):")
+    for target in ("bare", "memory"):
+        ttft = median_of_rounds(seen[target], 2)
+        print(f"  {target:<7} {ttft:6.0f}   added {ttft - direct:4.0f}")
+    print(f"\n{'step, us (medians)':<40}{'bare':>8}{'memory':>8}")
+    columns = {}
+    for target, trace in traces.items():
+        inside = _inside(trace)[-len(seen[target]) :]
+        steps: list[list[float]] = [[] for _ in _STEPS]
+        for (sent, head_in, _first, rnd), points in zip(seen[target], inside, strict=True):
+            if not rnd:
+                continue
+            marks = (sent, *points, head_in)
+            for i in range(len(_STEPS)):
+                steps[i].append((marks[i + 1] - marks[i]) / 1e3)
+        columns[target] = [statistics.median(step) for step in steps]
+    for i, step in enumerate(_STEPS):
+        print(f"  {step:<38}{columns['bare'][i]:8.0f}{columns['memory'][i]:8.0f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Timestamps inside a relay, for ``benchmarks.ttft`` only.
+
+Python imports ``sitecustomize`` at start-up from the path; ``benchmarks.ttft`` puts this
+directory on the ``PYTHONPATH`` of the relays it starts, with ``CHATMEM_TTFT_TRACE`` set
+to a file prefix.  Without that variable this module does nothing.
+
+It wraps a few aiohttp and chatmem functions to note, on the clock every process shares
+(``perf_counter``): a request's handler starting (``h``), the POST upstream leaving
+(``p``: chatmem's pool; ``w``: the first write of aiohttp's client), bytes from the
+upstream arriving (``d``) and every write to a socket through aiohttp (``w``).  The list
+is written as JSON when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from typing import Any
+
+_PREFIX = os.environ.get("CHATMEM_TTFT_TRACE")
+
+
+def _install(prefix: str) -> None:
+    from aiohttp import client_proto, http_writer, web_protocol
+
+    events: list[tuple[str, int]] = []
+    now = time.perf_counter_ns
+
+    def dump() -> None:
+        with open(f"{prefix}.{os.getpid()}.json", "w") as out:
+            json.dump(events, out)
+
+    atexit.register(dump)
+
+    def before(owner: Any, name: str, kind: str) -> None:
+        original = getattr(owner, name)
+
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            events.append((kind, now()))
+            return original(*args, **kwargs)
+
+        setattr(owner, name, noted)
+
+    handle = web_protocol.RequestHandler._handle_request
+
+    async def handle_request(*args: Any, **kwargs: Any) -> Any:
+        events.append(("h", now()))
+        return await handle(*args, **kwargs)
+
+    web_protocol.RequestHandler._handle_request = handle_request  # type: ignore[method-assign]
+    before(http_writer.StreamWriter, "_write", "w")
+    before(http_writer.StreamWriter, "_writelines", "w")
+    before(client_proto.ResponseHandler, "data_received", "d")
+    try:
+        from chatmem.proxy import pool
+    except ImportError:  # the bare relay's path has no chatmem
+        return
+    before(pool._Connection, "send", "p")
+    before(pool._Connection, "data_received", "d")
+
+
+if _PREFIX:
+    _install(_PREFIX)
