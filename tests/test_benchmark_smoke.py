@@ -11,27 +11,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the checkout; it must succeed."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--quick",
-            "--rounds",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    return result
+
+
+def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
+    result = run_module("benchmarks.run", "--quick", "--rounds", "1", "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["scenarios"]) == {
         "plain c=1",
@@ -54,17 +53,11 @@ def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert "x direct" in result.stdout
 
 
-def test_instruction_count_runs_with_tiny_counts() -> None:
+@pytest.mark.parametrize("answers", [[], ["--stream", "8"]], ids=["plain", "stream"])
+def test_instruction_count_runs_with_tiny_counts(answers: list[str]) -> None:
     """``benchmarks.instructions`` runs the gateway under callgrind (installed by
     scripts/test.sh) and reports a count: only that it counted something is asserted."""
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", "--requests", "40", "--clients", "4"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    result = run_module("benchmarks.instructions", "--requests", "40", "--clients", "4", *answers)
     millions = float(result.stdout.split(" M instructions per request")[0])
     assert 0.05 < millions < 100, result.stdout
 
@@ -72,14 +65,7 @@ def test_instruction_count_runs_with_tiny_counts() -> None:
 def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # The hooks in the relays must still find their functions in aiohttp and chatmem:
     # every step of both relays gets a figure.
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ttft", "--rounds", "1", "--requests", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_module("benchmarks.ttft", "--rounds", "1", "--requests", "5")
     steps = [line for line in result.stdout.splitlines() if "->" in line]
     assert len(steps) == 5, result.stdout
     for line in steps:
