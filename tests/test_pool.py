@@ -19,6 +19,7 @@ from yarl import URL
 
 from chatmem.errors import InvalidRequest
 from chatmem.proxy.pool import (
+    _HIGH_WATER,
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamPool,
@@ -206,6 +207,24 @@ async def test_a_large_body_for_a_slow_reader_arrives_whole() -> None:
         assert await post(pool) == (200, body)  # and the connection is still usable
         await pool.close()
     assert [number for number, _ in up.requests] == [1, 1]
+
+
+async def test_a_reader_that_stops_stops_the_reading() -> None:
+    # Back-pressure: the pool holds at most the high-water mark plus the one read that
+    # crossed it (the event loop reads up to 256 KiB at once), not the whole answer.
+    body = bytes(range(256)) * 32768  # 8 MiB
+    async with serving(ok(body)) as up:
+        pool = pool_for(up)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        async with response:
+            await asyncio.sleep(0.3)  # the upstream writes as fast as it can meanwhile
+            assert response.conn.paused
+            assert response.conn.buffered <= _HIGH_WATER + 256 * 1024
+            received = bytearray()
+            async for data in response.content.iter_any():
+                received += data
+        assert bytes(received) == body
+        await pool.close()
 
 
 async def test_waiting_longer_than_read_timeout_is_a_timeout() -> None:
