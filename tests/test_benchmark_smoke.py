@@ -71,3 +71,11 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     for line in steps:
         bare, memory = line.split()[-2:]
         assert float(bare) > 0 and float(memory) > 0, line
+
+
+def test_stalled_clients_run_with_tiny_counts() -> None:
+    result = run_module(
+        "benchmarks.stalled", "--clients", "3", "--tokens", "3000", "--seconds", "1"
+    )
+    assert "held for 3 stalled clients:" in result.stdout, result.stdout
+    assert "after they left:" in result.stdout, result.stdout
