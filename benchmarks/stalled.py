@@ -5,14 +5,16 @@
 
 Starts the mock upstream and ``chatmem serve`` (a fresh SQLite file) as processes, then
 opens ``--clients`` connections that each ask for a streamed answer of ``--tokens``
-tokens and never read it (a 4 KiB receive buffer).  The gateway relays until the
-client's socket is full, then stops reading the upstream (back-pressure); what it holds
-meanwhile is its RSS growth, printed each second and after the clients have gone.
+tokens and never read it (a receive buffer of 4 KiB asked for, which Linux makes 8).
+The gateway relays until the client's socket is full, then stops reading the upstream
+(back-pressure); what it holds meanwhile is its RSS growth, printed each second and
+after the clients have gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -41,9 +43,10 @@ def main() -> int:
     body = json.dumps(
         {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "q"}]}
     ).encode()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw = free_port(), free_port()
         mock = start(["mock-upstream", "--port", str(up)], f"http://127.0.0.1:{up}/v1/models")
+        running.callback(mock.stop)
         gateway = start(
             [
                 *("serve", "--port", str(gw), "--upstream", f"http://127.0.0.1:{up}/v1"),
@@ -51,12 +54,12 @@ def main() -> int:
             ],
             f"http://127.0.0.1:{gw}/v1/health",
         )
-        clients: list[socket.socket] = []
-        try:
-            before = rss_mb(gateway.pid)
-            print(f"gateway RSS before: {before:.1f} MB")
+        running.callback(gateway.stop)
+        before = rss_mb(gateway.pid)
+        print(f"gateway RSS before: {before:.1f} MB")
+        with contextlib.ExitStack() as clients:
             for number in range(args.clients):
-                client = socket.create_connection(("127.0.0.1", gw))
+                client = clients.enter_context(socket.create_connection(("127.0.0.1", gw)))
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 head = (
                     "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
@@ -65,7 +68,6 @@ def main() -> int:
                     f"Content-Length: {len(body)}\r\n\r\n"
                 )
                 client.sendall(head.encode() + body)
-                clients.append(client)
             for second in range(1, args.seconds + 1):
                 time.sleep(1)
                 print(f"  {second} s: {rss_mb(gateway.pid):.1f} MB")
@@ -74,13 +76,8 @@ def main() -> int:
                 f"held for {args.clients} stalled clients: {held:.1f} MB "
                 f"({held / args.clients:.2f} MB each)"
             )
-        finally:
-            for client in clients:
-                client.close()
         time.sleep(2)
         print(f"2 s after they left: {rss_mb(gateway.pid):.1f} MB")
-        gateway.stop()
-        mock.stop()
     return 0
 
 

@@ -12,15 +12,16 @@ when it sent and when the head and the first bytes of the body came back.  All o
 ``perf_counter``, the system's monotonic clock, shared by every process.
 
 ``--think MS`` waits between two requests, so that every process has gone idle.
-``--pin`` puts the client (``c``), the relays (``r``) and the mock (``m``) on given
-cores (``sched_setaffinity``), to show how much the kernel's placement of the three
-processes on two cores decides.
+``--pin`` puts the client (``c``), the relays (``r``) and the mock (``m``), every
+thread of each, on given cores (``sched_setaffinity``), to show how much the kernel's
+placement of the three processes on two cores decides.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -35,7 +36,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
-from .procs import ROOT, SRC, Proc, free_port, start
+from .procs import ROOT, SRC, free_port, start
 
 __all__ = ["main"]
 
@@ -47,6 +48,7 @@ _STEPS = (
     "POST -> upstream head in",
     "upstream head -> response head out",
     "response head out -> client has it",
+    "client has the head -> the first token",
 )
 
 Sent = tuple[int, int, int, int]
@@ -120,14 +122,15 @@ def _inside(trace: Path) -> list[tuple[int, int, int, int]]:
     return found
 
 
-def _pin(spec: str, procs: dict[str, list[Proc]]) -> None:
+def _pin(spec: str, procs: dict[str, list[int]]) -> None:
+    """Pin every thread of the processes ``spec`` names (``c``, ``r``, ``m``) to its cores;
+    threads started later inherit it from the thread that starts them."""
     for part in spec.split(","):
         who, _, cores = part.partition("=")
         cpus = {int(core) for core in cores.split("+")}
-        if who == "c":
-            os.sched_setaffinity(0, cpus)
-        for proc in procs.get(who, []):
-            os.sched_setaffinity(proc.pid, cpus)
+        for pid in procs.get(who, []):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), cpus)
 
 
 def main() -> int:
@@ -137,9 +140,10 @@ def main() -> int:
     parser.add_argument("--pin", help="c=CORE,r=CORE,m=CORE (cores joined by +)")
     parser.add_argument("--think", type=float, default=0.0, help="ms between two requests")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw, bp = free_port(), free_port(), free_port()
         mock = start(["mock-upstream", "--port", str(up)], f"http://127.0.0.1:{up}/v1/models")
+        running.callback(mock.stop)
         os.environ["CHATMEM_TTFT_TRACE"] = f"{tmp}/trace"
         hooked = f"{_HOOKS}:{SRC}"
         try:
@@ -151,28 +155,27 @@ def main() -> int:
                 f"http://127.0.0.1:{gw}/v1/health",
                 pythonpath=hooked,
             )
+            running.callback(gateway.stop)
             bare = start(
                 [f"http://127.0.0.1:{up}", str(bp)],
                 f"http://127.0.0.1:{bp}/health",
                 module="benchmarks.bare_hop",
                 pythonpath=hooked,
             )
+            running.callback(bare.stop)
         finally:
             del os.environ["CHATMEM_TTFT_TRACE"]
-        relays = {"bare": bare, "memory": gateway}
         if args.pin:
-            _pin(args.pin, {"r": [bare, gateway], "m": [mock]})
+            _pin(args.pin, {"c": [os.getpid()], "r": [bare.pid, gateway.pid], "m": [mock.pid]})
         bases = {
             "direct": f"http://127.0.0.1:{up}/v1",
             "bare": f"http://127.0.0.1:{bp}/v1",
             "memory": f"http://127.0.0.1:{gw}/v1",
         }
         gc.freeze()
-        try:
-            seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000))
-        finally:
-            for proc in (gateway, bare, mock):
-                proc.stop()
+        seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000))
+        running.close()  # the relays write their traces as they exit
+        relays = {"bare": bare, "memory": gateway}
         _report(seen, {t: Path(f"{tmp}/trace.{p.pid}.json") for t, p in relays.items()})
     return 0
 
@@ -195,10 +198,10 @@ def _report(seen: dict[str, list[Sent]], traces: dict[str, Path]) -> None:
     for target, trace in traces.items():
         inside = _inside(trace)[-len(seen[target]) :]
         steps: list[list[float]] = [[] for _ in _STEPS]
-        for (sent, head_in, _first, rnd), points in zip(seen[target], inside, strict=True):
+        for (sent, head_in, first, rnd), points in zip(seen[target], inside, strict=True):
             if not rnd:
                 continue
-            marks = (sent, *points, head_in)
+            marks = (sent, *points, head_in, first)
             for i in range(len(_STEPS)):
                 steps[i].append((marks[i + 1] - marks[i]) / 1e3)
         columns[target] = [statistics.median(step) for step in steps]

@@ -67,7 +67,7 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # every step of both relays gets a figure.
     result = run_module("benchmarks.ttft", "--rounds", "1", "--requests", "5")
     steps = [line for line in result.stdout.splitlines() if "->" in line]
-    assert len(steps) == 5, result.stdout
+    assert len(steps) == 6, result.stdout
     for line in steps:
         bare, memory = line.split()[-2:]
         assert float(bare) > 0 and float(memory) > 0, line

@@ -40,10 +40,10 @@ __all__ = [
 _HIGH_WATER = 64 * 1024
 """Unread body bytes at which the upstream socket stops being read (the client is slow).
 
-aiohttp's reader pauses at 64 KiB too.  At 256 KiB, 40 clients that stopped reading
-30,000-token streams took the gateway's RSS up by 108 MB; at 64 KiB by 60 MB (32 KiB
-gains nothing more).  An answer flowing normally never comes near it: every read of
-the tee takes all that has arrived."""
+At 256 KiB, 40 clients that stopped reading 30,000-token streams took the gateway's RSS
+up by 108 MB; at 64 KiB by 60 MB, and 32 KiB gains nothing more (``benchmarks.stalled``).
+An answer flowing normally never comes near it: every read of the tee takes all that has
+arrived."""
 _MAX_IDLE = 512
 """Idle keep-alive connections kept; more are closed when they come back."""
 _MAX_HEAD = 64 * 1024
