@@ -174,3 +174,21 @@ async def test_postgresql_stops_and_comes_back_under_traffic(
     # Every answered turn is stored, once; nothing stored that nobody sent.
     assert set(answered) <= set(stored) <= {o.words for o in traffic.outcomes}
     assert len(stored) == len(set(stored))
+
+
+async def test_connections_that_died_with_the_server_are_replaced(
+    gateway: str, private_postgres: PrivateCluster
+) -> None:
+    # The gateway is idle while PostgreSQL restarts: the connections in its pool died
+    # with the server, and the next request must get new ones, not a 503.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for n in range(4):  # concurrent turns, so the pool holds several connections
+            results = await asyncio.gather(
+                *(post(session, gateway, f"warm {n}.{i}") for i in range(3))
+            )
+            assert [status for status, _ in results] == [200, 200, 200]
+        await asyncio.to_thread(private_postgres.stop)
+        await asyncio.to_thread(private_postgres.start)
+        for n in range(6):
+            status, body = await post(session, gateway, f"after the restart {n}")
+            assert status == 200, body

@@ -182,6 +182,11 @@ class Store:
         # waiting on the file lock, which stays for writers in other processes.
         self._write_lock = asyncio.Lock() if self._sqlite else None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
+        # PostgreSQL reads run outside a transaction: at READ COMMITTED each statement sees
+        # its own snapshot either way, and BEGIN and ROLLBACK were two round trips a read.
+        self._reads = (
+            engine if self._sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
 
     async def create_schema(self) -> None:
         """Bring the database to the newest schema (the migrations, not create_all)."""
@@ -207,7 +212,7 @@ class Store:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.connect() as conn:
+            async with self._reads.connect() as conn:
                 yield conn
         except (DBAPIError, PoolTimeout, OSError) as exc:
             _raise_unavailable(exc)
