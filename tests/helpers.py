@@ -194,6 +194,6 @@ def strict_loads(body: bytes) -> Any:
 async def open_store(path_or_url: Path | str, *, one_hop: bool = True, **settings: Any) -> Store:
     """A Store on a SQLite file (a path) or any database URL, with its schema created."""
     url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"
-    store = Store(create_engine(StorageConfig(url=url, **settings)), sqlite_one_hop=one_hop)
+    store = Store(create_engine(StorageConfig(url=url, **settings)), direct=one_hop)
     await store.create_schema()
     return store

@@ -84,9 +84,7 @@ def upstream_bodies(upstream: TestServer) -> list[Any]:
 
 async def sqlalchemy_store(db_path: Path) -> Store:
     """A store on the same file that reads through SQLAlchemy: the dict path."""
-    return Store(
-        create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")), sqlite_one_hop=False
-    )
+    return Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")), direct=False)
 
 
 async def post(client: Client, conversation: str, **body: Any) -> Any:

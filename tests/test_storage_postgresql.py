@@ -4,6 +4,7 @@ cancelled queries that leave no connection behind, and pruning that never waits.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -198,3 +199,75 @@ async def test_history_and_retention_queries_have_their_indexes(store: Store, pg
     assert "Index Scan Backward using uq_messages_seq" in history_plan
     assert "Sort" not in history_plan
     assert "ix_conversations_updated" in " ".join(row[0] for row in old)
+
+
+@pytest.mark.parametrize("writer_direct", [True, False], ids=["asyncpg", "sqlalchemy"])
+@pytest.mark.parametrize("limit", [1, 3, 200])
+async def test_asyncpg_and_sqlalchemy_paths_agree(
+    pg_url: str, writer_direct: bool, limit: int
+) -> None:
+    """The per-request queries on asyncpg itself and SQLAlchemy's statements write the
+    same rows, byte for byte, and read each other's: windows, the system prompt kept and
+    replaced, NULLs, tool calls and results."""
+    writer = await open_store(pg_url, one_hop=writer_direct)
+    reader = await open_store(pg_url, one_hop=not writer_direct)
+    tool_call = [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    first = [
+        {"role": "user", "content": [{"type": "text", "text": "é \u2028"}], "name": "ann"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": tool_call,
+            "reasoning": "r",
+            "usage": {"total_tokens": 3},
+            "model": "m",
+            "finish_reason": "tool_calls",
+        },
+        {"role": "tool", "content": "42", "tool_call_id": "t"},
+    ]
+    stored = [*first, *turn(2), *turn(3)]
+    try:
+        await writer.commit_turn(
+            ALICE, "x", system=[{"role": "system", "content": "s"}], turn=first
+        )
+        await writer.commit_turn(ALICE, "x", system=None, turn=turn(2))  # keeps "s"
+        for store in (writer, reader):
+            history = await store.load_history(ALICE, "x", limit=limit)
+            assert history.system == [{"role": "system", "content": "s"}]
+        await writer.commit_turn(
+            ALICE, "x", system=[{"role": "system", "content": "t"}], turn=turn(3)
+        )
+        expected = [
+            {"role": m["role"], "content": m.get("content")}
+            | {k: m[k] for k in ("name", "tool_calls", "tool_call_id") if k in m}
+            for m in stored[-limit:]
+        ]
+        while expected and expected[0]["role"] == "tool":  # a result without its call
+            expected.pop(0)
+        for store in (writer, reader):
+            history = await store.load_history(ALICE, "x", limit=limit)
+            assert history.system == [{"role": "system", "content": "t"}]
+            assert history.messages == expected
+            assert (await store.load_history(ALICE, "nobody", limit=limit)).messages == []
+    finally:
+        await writer.close()
+        await reader.close()
+    rows = await fetch(
+        pg_url,
+        "SELECT seq, role, content::text, name, tool_calls::text, tool_call_id, reasoning,"
+        " model, finish_reason, usage::text FROM messages ORDER BY seq",
+    )
+    assert [r["seq"] for r in rows] == list(range(1, len(stored) + 1))
+    assert rows[1] == {
+        "seq": 2,
+        "role": "assistant",
+        "content": None,
+        "name": None,
+        "tool_calls": json.dumps(tool_call),
+        "tool_call_id": None,
+        "reasoning": "r",
+        "model": "m",
+        "finish_reason": "tool_calls",
+        "usage": '{"total_tokens": 3}',
+    }
+    assert rows[0]["content"] == json.dumps([{"type": "text", "text": "é \u2028"}])

@@ -7,6 +7,7 @@ connections all arrive as a plain ``DBAPIError``), so the class of the code deci
 
 from __future__ import annotations
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -22,22 +23,28 @@ _RETRYABLE_CODES = ("40001", "40P01")
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    """The SQLSTATE of a SQLAlchemy error, or of asyncpg's own (the per-request queries
+    on PostgreSQL use asyncpg directly, see ``postgres_turns``)."""
+    code = getattr(exc, "sqlstate", None)
+    if not isinstance(code, str):
+        orig = getattr(exc, "orig", None)
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code if isinstance(code, str) else None
 
 
 def is_retryable(exc: BaseException | None) -> bool:
-    return isinstance(exc, DBAPIError) and sqlstate(exc) in _RETRYABLE_CODES
+    return isinstance(exc, DBAPIError | asyncpg.PostgresError) and sqlstate(exc) in _RETRYABLE_CODES
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """True when the database could not do the work, through no fault of the request."""
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout | OSError):
+    if isinstance(
+        exc, OperationalError | InterfaceError | PoolTimeout | OSError | asyncpg.InterfaceError
+    ):
         return True
-    if not isinstance(exc, DBAPIError):
+    if not isinstance(exc, DBAPIError | asyncpg.PostgresError):
         return False
-    if exc.connection_invalidated:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     code = sqlstate(exc)
     return code is not None and (

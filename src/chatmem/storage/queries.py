@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import asyncpg
 from sqlalchemy import Row, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import jsonio
 from ..errors import StorageUnavailable
+from . import postgres_turns
 from .engine import WRITE, is_sqlite
 from .faults import is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
@@ -167,15 +169,18 @@ class Store:
     every method opens its own short connection and never holds one across a stream."""
 
     def __init__(
-        self, engine: AsyncEngine, *, busy_timeout_ms: int = 30_000, sqlite_one_hop: bool = True
+        self, engine: AsyncEngine, *, busy_timeout_ms: int = 30_000, direct: bool = True
     ) -> None:
+        """``direct``: the per-request queries take the fast path, SQLite's own connection
+        (see sqlite_turns) or asyncpg itself (see postgres_turns); off, SQLAlchemy's
+        statements, as every other query (the tests compare the two)."""
         self.engine = engine
         self._sqlite = is_sqlite(engine)
         # The per-request queries on a SQLite file take the fast path (see sqlite_turns).
         database = engine.url.database
         self._turns = (
             SQLiteTurns(database, busy_timeout_ms)
-            if sqlite_one_hop and self._sqlite and database and database != ":memory:"
+            if direct and self._sqlite and database and database != ":memory:"
             else None
         )
         # One writer at a time per process on SQLite: waiting here is cheaper than
@@ -187,6 +192,8 @@ class Store:
         self._reads = (
             engine if self._sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
+        # On asyncpg the per-request queries take the fast path (see postgres_turns).
+        self._asyncpg = direct and not self._sqlite and engine.dialect.driver == "asyncpg"
 
     async def create_schema(self) -> None:
         """Bring the database to the newest schema (the migrations, not create_all)."""
@@ -233,24 +240,64 @@ class Store:
             _raise_unavailable(exc)
             raise
 
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """asyncpg's own connection, from the pool in autocommit (see postgres_turns)."""
+        try:
+            async with self._reads.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                if not isinstance(driver, asyncpg.Connection):  # None once invalidated
+                    raise StorageUnavailable("the conversation store is unavailable")
+                yield driver
+        except (
+            DBAPIError,
+            PoolTimeout,
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
+            _raise_unavailable(exc)
+            raise
+
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
         async with self._read() as conn:
             await conn.execute(select(conversations.c.pk).limit(1))
 
     async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``work`` in one write transaction.  PostgreSQL may roll a transaction back
-        with a serialization failure or a deadlock when instances contend; it is then
-        re-run (bounded, with jitter) instead of being surfaced to the client."""
+        """Run ``work`` in one write transaction (see :meth:`_retried`)."""
+
+        async def transaction() -> T:
+            async with self._write() as conn:
+                return await work(conn)
+
+        return await self._retried(transaction)
+
+    async def _retried(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Run ``write``.  PostgreSQL may roll a transaction back with a serialization
+        failure or a deadlock when instances contend; it is then re-run (bounded, with
+        jitter) instead of being surfaced to the client."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                async with self._write() as conn:
-                    return await work(conn)
+                return await write()
             except StorageUnavailable as exc:
                 if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
                     raise
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         raise AssertionError("unreachable")
+
+    async def _append_turn(
+        self,
+        owner: Owner,
+        conversation_id: str,
+        system: list[dict[str, Any]] | None,
+        turn: Sequence[dict[str, Any]],
+        now: int,
+    ) -> None:
+        async with self._driver() as driver:
+            await postgres_turns.append_turn(
+                driver, owner.tenant, owner.user, conversation_id, system, turn, now
+            )
 
     def new_conversation(self, owner: Owner, conversation_id: str) -> History:
         """The history of a conversation the gateway has just named (``conv_`` and 128
@@ -273,6 +320,15 @@ class Store:
                 return History(system=None)
             kept = drop_orphan_tool_results(window, (role for role, _ in window))
             return History(system=system, encoded=b",".join([message for _, message in kept]))
+        if self._asyncpg:
+            async with self._driver() as driver:
+                exists, system, wire = await postgres_turns.load_window(
+                    driver, owner.tenant, owner.user, conversation_id, limit
+                )
+            if not exists:
+                return History(system=None)
+            kept_wire = drop_orphan_tool_results(wire, (message["role"] for message in wire))
+            return History.from_messages(system, kept_wire)
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -360,6 +416,11 @@ class Store:
         turn: Sequence[dict[str, Any]],
     ) -> None:
         now = int(time.time())
+        if self._asyncpg:
+            await self._retried(
+                lambda: self._append_turn(owner, conversation_id, system, turn, now)
+            )
+            return
         count = len(turn)
         upsert = self._insert(conversations).values(
             id=conversation_id,
