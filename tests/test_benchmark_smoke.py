@@ -79,3 +79,13 @@ def test_stalled_clients_run_with_tiny_counts() -> None:
     )
     assert "held for 3 stalled clients:" in result.stdout, result.stdout
     assert "after they left:" in result.stdout, result.stdout
+
+
+def test_storage_comparison_runs_with_tiny_counts(pg_url: str) -> None:
+    result = run_module("benchmarks.storage", "--quick", "--db", pg_url)
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (database, *scenario.split())
+        for database in ("SQLite", "postgresql")
+        for scenario in ("plain c=1", "plain c=32", "stream64 c=1")
+    ], result.stdout
