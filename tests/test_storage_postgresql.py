@@ -4,6 +4,7 @@ cancelled queries that leave no connection behind, and pruning that never waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -271,3 +272,95 @@ async def test_asyncpg_and_sqlalchemy_paths_agree(
         "usage": '{"total_tokens": 3}',
     }
     assert rows[0]["content"] == json.dumps([{"type": "text", "text": "é \u2028"}])
+
+
+async def in_transaction(url: str) -> list[dict[str, Any]]:
+    return await fetch(
+        url,
+        "SELECT state FROM pg_stat_activity WHERE application_name = 'chatmem'"
+        " AND datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+
+
+async def test_a_write_cancelled_at_any_point_leaves_no_transaction_behind(pg_url: str) -> None:
+    # Cancelled while its BEGIN is on the way, asyncpg and the server both keep a
+    # transaction open on the pooled connection; every later turn on it then ran inside
+    # that transaction, looked committed and was not, holding the conversation's lock.
+    for iterations in range(1, 16):
+        store = await open_store(pg_url, pool_size=1, max_overflow=0)
+        conversation = f"c{iterations}"
+        try:
+            await store.commit_turn(ALICE, conversation, system=None, turn=turn(1))
+            task = asyncio.ensure_future(
+                store.commit_turn(ALICE, conversation, system=None, turn=turn(2))
+            )
+            for _ in range(iterations):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await store.commit_turn(ALICE, conversation, system=None, turn=turn(3))
+            assert await in_transaction(pg_url) == []
+            # Seen by another session: committed, not inside a transaction left open.
+            rows = await fetch(
+                pg_url,
+                "SELECT m.content::text AS content FROM messages m JOIN conversations c"
+                " ON c.pk = m.conversation_pk WHERE c.id = $1 ORDER BY m.seq",
+                conversation,
+            )
+            assert [json.loads(r["content"]) for r in rows][-2:] == [
+                m["content"] for m in turn(3)
+            ], iterations
+        finally:
+            await store.close()
+
+
+async def test_a_write_cancelled_twice_while_it_waits_leaves_a_usable_pool(pg_url: str) -> None:
+    # The second cancel came while asyncpg waited to send its ROLLBACK: the connection
+    # went back "idle in transaction (aborted)" and every later query on it failed.
+    for iterations in range(4):
+        store = await open_store(pg_url, pool_size=1, max_overflow=0, pool_timeout=5)
+        conversation = f"d{iterations}"
+        try:
+            await store.commit_turn(ALICE, conversation, system=None, turn=turn(1))
+            holder = await lock_conversation(pg_url, conversation)
+            task = asyncio.ensure_future(
+                store.commit_turn(ALICE, conversation, system=None, turn=turn(2))
+            )
+            await wait_until_blocked(pg_url)
+            task.cancel()
+            for _ in range(iterations):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await holder.execute("ROLLBACK")
+            await holder.close()
+            await store.commit_turn(ALICE, conversation, system=None, turn=turn(3))
+            history = await store.load_history(ALICE, conversation, 10)
+            assert [m["content"] for m in history.messages] == [
+                m["content"] for m in (*turn(1), *turn(3))
+            ]
+            await store.update_metadata(ALICE, conversation, {"after": "cancel"})
+        finally:
+            await store.close()
+
+
+async def test_halves_of_a_surrogate_pair_in_text_columns_are_stored_as_text(
+    store: Store, pg_url: str
+) -> None:
+    # Streamed reasoning can hold an emoji's two halves, each from its own chunk, and a
+    # lone half; PostgreSQL cannot store them as they are, and the whole turn was lost.
+    answer = {
+        "role": "assistant",
+        "content": "smile \ud83d\ude00",
+        "reasoning": "thought \ud83d\ude00 and \udc00",
+        "model": "m\ud800",
+    }
+    await store.commit_turn(ALICE, "s", system=None, turn=[*turn(1)[:1], answer])
+    rows = await fetch(
+        pg_url, "SELECT content::text AS content, reasoning, model FROM messages WHERE seq = 2"
+    )
+    assert json.loads(rows[0]["content"]) == "smile \U0001f600"
+    assert rows[0]["reasoning"] == "thought \U0001f600 and \ufffd"
+    assert rows[0]["model"] == "m\ufffd"

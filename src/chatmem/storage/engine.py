@@ -64,8 +64,11 @@ def _replace_dead_connections(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        if dbapi_connection.driver_connection.is_closed():
+        driver = dbapi_connection.driver_connection
+        if driver.is_closed():
             raise DisconnectionError("the database closed this connection")
+        if driver.is_in_transaction():  # given back inside one: it must not carry a turn
+            raise DisconnectionError("the connection was given back inside a transaction")
 
 
 def _postgresql_args(config: StorageConfig) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from typing import Any
 
 import asyncpg
 
+from .. import jsonio
+
 __all__ = ["append_turn", "load_window"]
 
 _READ = """
@@ -110,17 +112,27 @@ async def append_turn(
             _json(system),
             len(turn),
             now,
-            [message["role"] for message in turn],
+            [_text(message["role"]) for message in turn],
             [_json(message.get("content")) for message in turn],
-            [message.get("name") for message in turn],
+            [_text(message.get("name")) for message in turn],
             [_json(message.get("tool_calls")) for message in turn],
-            [message.get("tool_call_id") for message in turn],
-            [message.get("reasoning") for message in turn],
-            [message.get("model") for message in turn],
-            [message.get("finish_reason") for message in turn],
+            [_text(message.get("tool_call_id")) for message in turn],
+            [_text(message.get("reasoning")) for message in turn],
+            [_text(message.get("model")) for message in turn],
+            [_text(message.get("finish_reason")) for message in turn],
             [_json(message.get("usage")) for message in turn],
         )
 
 
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
+
+
+def _text(value: Any) -> Any:
+    """A string for a text column.  What the upstream streamed may hold halves of a
+    surrogate pair that arrived in two chunks (``reasoning``), which PostgreSQL cannot
+    store: made text first, the pair its character and a lone half U+FFFD, as on SQLite.
+    (The JSON columns need nothing: ``json.dumps`` escapes them.)"""
+    if isinstance(value, str) and not jsonio.is_text(value):
+        return jsonio.utf8(value).decode()
+    return value

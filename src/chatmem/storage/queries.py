@@ -248,7 +248,17 @@ class Store:
                 driver = (await conn.get_raw_connection()).driver_connection
                 if not isinstance(driver, asyncpg.Connection):  # None once invalidated
                     raise StorageUnavailable("the conversation store is unavailable")
-                yield driver
+                try:
+                    yield driver
+                except BaseException:
+                    # A statement cut short can leave the connection in a transaction that
+                    # asyncpg or the server still thinks open (cancelled while its BEGIN
+                    # was on the way, or cancelled twice before its ROLLBACK went out),
+                    # and later turns would run inside it, never committed.  Closed now,
+                    # without a round trip that a second cancel could cut short, it is
+                    # replaced at the next checkout (engine.py).
+                    driver.terminate()
+                    raise
         except (
             DBAPIError,
             PoolTimeout,
