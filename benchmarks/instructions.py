@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
-from .procs import ROOT, free_port, start
+from .procs import ROOT, chat_turn, free_port, start
 
 __all__ = ["count"]
 
@@ -46,22 +45,7 @@ async def _load(base: str, requests: int, clients: int, first: int, stream: int)
 
     async def client() -> None:
         for number in numbers:
-            headers = {
-                "Content-Type": "application/json",
-                "X-Mock-Tokens": str(stream or 16),
-                "X-Conversation-Id": f"bench-{number}",
-            }
-            body = {
-                "model": "bench",
-                "messages": [{"role": "user", "content": f"q {number}"}],
-                "stream": bool(stream),
-            }
-            async with await pool.post(
-                "/v1/chat/completions", headers, json.dumps(body).encode()
-            ) as response:
-                await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"the gateway answered {response.status}")
+            await chat_turn(pool, f"bench-{number}", tokens=stream or 16, stream=bool(stream))
 
     try:
         await asyncio.gather(*(client() for _ in range(clients)))

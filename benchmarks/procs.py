@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from chatmem.proxy.pool import UpstreamPool
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = f"{ROOT / 'src'}:{ROOT}"
@@ -109,3 +112,22 @@ def rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+async def chat_turn(pool: UpstreamPool, conversation: str, *, tokens: int, stream: bool) -> None:
+    """One turn of a new question in ``conversation`` through ``pool`` (chatmem's lean
+    client, on the gateway's origin), read whole; anything but a 200 is an error."""
+    headers = {
+        "Content-Type": "application/json",
+        "X-Mock-Tokens": str(tokens),
+        "X-Conversation-Id": conversation,
+    }
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": f"a question in {conversation}"}],
+        "stream": stream,
+    }
+    async with await pool.post("/v1/chat/completions", headers, json.dumps(body).encode()) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"the gateway answered {r.status}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
-from .procs import cpu_seconds, free_port, start
+from .procs import chat_turn, cpu_seconds, free_port, start
 
 __all__ = ["main"]
 
@@ -56,23 +55,9 @@ async def _load(base: str, sc: Scenario, tag: str, gateway_pid: int) -> tuple[fl
 
     async def client() -> None:
         for number in numbers:
-            headers = {
-                "Content-Type": "application/json",
-                "X-Mock-Tokens": "64" if sc.stream else "16",
-                "X-Conversation-Id": f"{tag}-{number}",
-            }
-            body = {
-                "model": "bench",
-                "messages": [{"role": "user", "content": f"question {number}"}],
-                "stream": sc.stream,
-            }
             sent = time.perf_counter()
-            async with await pool.post(
-                "/v1/chat/completions", headers, json.dumps(body).encode()
-            ) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"the gateway answered {r.status}")
+            tokens = 64 if sc.stream else 16
+            await chat_turn(pool, f"{tag}-{number}", tokens=tokens, stream=sc.stream)
             latencies.append(time.perf_counter() - sent)
 
     cpu = cpu_seconds(gateway_pid)

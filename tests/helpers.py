@@ -191,6 +191,23 @@ def strict_loads(body: bytes) -> Any:
     return json.loads(body, object_pairs_hook=pairs)
 
 
+TOOL_CALL = [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+EVERY_FIELD_TURN: list[dict[str, Any]] = [
+    {"role": "user", "content": [{"type": "text", "text": "é \u2028"}], "name": "ann"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": TOOL_CALL,
+        "reasoning": "r",
+        "usage": {"total_tokens": 3},
+        "model": "m",
+        "finish_reason": "tool_calls",
+    },
+    {"role": "tool", "content": "42", "tool_call_id": "t"},
+]
+"""A turn that fills every stored column, for the tests that compare two storage paths."""
+
+
 async def open_store(path_or_url: Path | str, *, one_hop: bool = True, **settings: Any) -> Store:
     """A Store on a SQLite file (a path) or any database URL, with its schema created."""
     url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import open_store
+from helpers import EVERY_FIELD_TURN, TOOL_CALL, open_store
 from sqlalchemy import event, text
 
 from chatmem.storage import Owner, Store
@@ -118,20 +118,7 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
     other's: the schema and the JSON encoding are the same."""
     writer = await open_store(db_path, one_hop=writer_one_hop)
     reader = await open_store(db_path, one_hop=not writer_one_hop)
-    tool_call = [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    messages = [
-        {"role": "user", "content": [{"type": "text", "text": "é"}], "name": "ann"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": tool_call,
-            "reasoning": "r",
-            "usage": {"total_tokens": 3},
-            "model": "m",
-            "finish_reason": "tool_calls",
-        },
-        {"role": "tool", "content": "42", "tool_call_id": "t"},
-    ]
+    messages = EVERY_FIELD_TURN
     try:
         await writer.commit_turn(
             ALICE, "x", system=[{"role": "system", "content": "s"}], turn=messages
@@ -141,8 +128,8 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
             history = await store.load_history(ALICE, "x", limit=10)
             assert history.system == [{"role": "system", "content": "s"}]
             assert history.messages[:3] == [
-                {"role": "user", "content": [{"type": "text", "text": "é"}], "name": "ann"},
-                {"role": "assistant", "content": None, "tool_calls": tool_call},
+                {"role": "user", "content": [{"type": "text", "text": "é \u2028"}], "name": "ann"},
+                {"role": "assistant", "content": None, "tool_calls": TOOL_CALL},
                 {"role": "tool", "content": "42", "tool_call_id": "t"},
             ]
             assert len(history.messages) == 5

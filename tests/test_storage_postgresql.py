@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import open_store
+from helpers import EVERY_FIELD_TURN, TOOL_CALL, open_store
 from pg import connect, fetch
 
 from chatmem.errors import StorageUnavailable
@@ -212,20 +212,7 @@ async def test_asyncpg_and_sqlalchemy_paths_agree(
     replaced, NULLs, tool calls and results."""
     writer = await open_store(pg_url, one_hop=writer_direct)
     reader = await open_store(pg_url, one_hop=not writer_direct)
-    tool_call = [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
-    first = [
-        {"role": "user", "content": [{"type": "text", "text": "é \u2028"}], "name": "ann"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": tool_call,
-            "reasoning": "r",
-            "usage": {"total_tokens": 3},
-            "model": "m",
-            "finish_reason": "tool_calls",
-        },
-        {"role": "tool", "content": "42", "tool_call_id": "t"},
-    ]
+    first = EVERY_FIELD_TURN
     stored = [*first, *turn(2), *turn(3)]
     try:
         await writer.commit_turn(
@@ -264,7 +251,7 @@ async def test_asyncpg_and_sqlalchemy_paths_agree(
         "role": "assistant",
         "content": None,
         "name": None,
-        "tool_calls": json.dumps(tool_call),
+        "tool_calls": json.dumps(TOOL_CALL),
         "tool_call_id": None,
         "reasoning": "r",
         "model": "m",
