@@ -13,6 +13,8 @@ import asyncpg
 import pytest
 from helpers import EVERY_FIELD_TURN, TOOL_CALL, open_store
 from pg import connect, fetch
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 
 from chatmem.errors import StorageUnavailable
 from chatmem.storage import Owner, Store
@@ -351,3 +353,17 @@ async def test_halves_of_a_surrogate_pair_in_text_columns_are_stored_as_text(
     assert json.loads(rows[0]["content"]) == "smile \U0001f600"
     assert rows[0]["reasoning"] == "thought \U0001f600 and \ufffd"
     assert rows[0]["model"] == "m\ufffd"
+
+
+async def test_a_server_that_closes_every_new_connection_is_a_503(store: Store) -> None:
+    # While PostgreSQL shuts down it may accept a connection and close it at once: the
+    # pool then gives up after three tries with an error of its own, which reached the
+    # client as a 500.
+    @event.listens_for(store.engine.sync_engine, "checkout")
+    def closed_again(*_args: Any) -> None:
+        raise DisconnectionError("closed as soon as it was made")
+
+    with pytest.raises(StorageUnavailable):
+        await store.load_history(ALICE, "c", 10)
+    with pytest.raises(StorageUnavailable):
+        await store.commit_turn(ALICE, "c", system=None, turn=turn(1))

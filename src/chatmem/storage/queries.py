@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 from sqlalchemy import Row, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -241,24 +241,33 @@ class Store:
             raise
 
     @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _driver(self, *, writing: bool) -> AsyncIterator[asyncpg.Connection]:
         """asyncpg's own connection, from the pool in autocommit (see postgres_turns)."""
         try:
-            async with self._reads.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                if not isinstance(driver, asyncpg.Connection):  # None once invalidated
-                    raise StorageUnavailable("the conversation store is unavailable")
-                try:
-                    yield driver
-                except BaseException:
-                    # A statement cut short can leave the connection in a transaction that
+            conn = await self._reads.connect()
+        except (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Nothing a request did can make a checkout fail: a dead server whose new
+            # connections are closed again as they come (the pool gives up after three)
+            # is as unavailable as one that refuses them.
+            raise StorageUnavailable("the conversation store is unavailable") from exc
+        try:
+            driver = (await conn.get_raw_connection()).driver_connection
+            if not isinstance(driver, asyncpg.Connection):  # None once invalidated
+                raise StorageUnavailable("the conversation store is unavailable")
+            try:
+                yield driver
+            except BaseException:
+                if writing:
+                    # A write cut short can leave the connection in a transaction that
                     # asyncpg or the server still thinks open (cancelled while its BEGIN
                     # was on the way, or cancelled twice before its ROLLBACK went out),
                     # and later turns would run inside it, never committed.  Closed now,
                     # without a round trip that a second cancel could cut short, it is
-                    # replaced at the next checkout (engine.py).
+                    # replaced at the next checkout (engine.py); the server rolls the
+                    # transaction back when it finds the client gone.  A read has no
+                    # transaction: asyncpg's own cancel request stops it on the server.
                     driver.terminate()
-                    raise
+                raise
         except (
             DBAPIError,
             PoolTimeout,
@@ -268,6 +277,8 @@ class Store:
         ) as exc:
             _raise_unavailable(exc)
             raise
+        finally:
+            await conn.close()
 
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
@@ -304,7 +315,7 @@ class Store:
         turn: Sequence[dict[str, Any]],
         now: int,
     ) -> None:
-        async with self._driver() as driver:
+        async with self._driver(writing=True) as driver:
             await postgres_turns.append_turn(
                 driver, owner.tenant, owner.user, conversation_id, system, turn, now
             )
@@ -331,7 +342,7 @@ class Store:
             kept = drop_orphan_tool_results(window, (role for role, _ in window))
             return History(system=system, encoded=b",".join([message for _, message in kept]))
         if self._asyncpg:
-            async with self._driver() as driver:
+            async with self._driver(writing=False) as driver:
                 exists, system, wire = await postgres_turns.load_window(
                     driver, owner.tenant, owner.user, conversation_id, limit
                 )
