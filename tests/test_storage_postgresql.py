@@ -367,3 +367,8 @@ async def test_a_server_that_closes_every_new_connection_is_a_503(store: Store) 
         await store.load_history(ALICE, "c", 10)
     with pytest.raises(StorageUnavailable):
         await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    # And on SQLAlchemy's paths (the Conversations API, readiness, retention).
+    with pytest.raises(StorageUnavailable):
+        await store.ping()
+    with pytest.raises(StorageUnavailable):
+        await store.update_metadata(ALICE, "c", {"k": "v"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import sqlite3
@@ -218,38 +219,34 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
+        conn = await _connect(self._reads)
         try:
-            async with self._reads.connect() as conn:
-                yield conn
+            yield conn
         except (DBAPIError, PoolTimeout, OSError) as exc:
             _raise_unavailable(exc)
             raise
+        finally:
+            await conn.close()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            if self._write_lock is None:
-                async with self.engine.begin() as conn:
-                    yield conn
-                return
-            async with self._write_lock, self.engine.connect() as conn:
-                await conn.execution_options(**{WRITE: True})
+        async with self._write_lock or contextlib.nullcontext():
+            conn = await _connect(self.engine)
+            try:
+                if self._write_lock is not None:
+                    await conn.execution_options(**{WRITE: True})
                 async with conn.begin():
                     yield conn
-        except (DBAPIError, PoolTimeout, OSError) as exc:
-            _raise_unavailable(exc)
-            raise
+            except (DBAPIError, PoolTimeout, OSError) as exc:
+                _raise_unavailable(exc)
+                raise
+            finally:
+                await conn.close()
 
     @asynccontextmanager
     async def _driver(self, *, writing: bool) -> AsyncIterator[asyncpg.Connection]:
         """asyncpg's own connection, from the pool in autocommit (see postgres_turns)."""
-        try:
-            conn = await self._reads.connect()
-        except (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # Nothing a request did can make a checkout fail: a dead server whose new
-            # connections are closed again as they come (the pool gives up after three)
-            # is as unavailable as one that refuses them.
-            raise StorageUnavailable("the conversation store is unavailable") from exc
+        conn = await _connect(self._reads)
         try:
             driver = (await conn.get_raw_connection()).driver_connection
             if not isinstance(driver, asyncpg.Connection):  # None once invalidated
@@ -686,6 +683,17 @@ class Store:
             if deleted < batch_size:
                 return total
             await asyncio.sleep(0)
+
+
+async def _connect(engine: AsyncEngine) -> AsyncConnection:
+    """A connection from ``engine``'s pool.  Nothing a request did can make a checkout
+    fail: a server whose new connections are closed again as they come (while it shuts
+    down; the pool gives up after three with an error of its own) is as unavailable as
+    one that refuses them."""
+    try:
+        return await engine.connect()
+    except (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable("the conversation store is unavailable") from exc
 
 
 def _raise_unavailable(exc: BaseException) -> None:
