@@ -219,35 +219,21 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        conn = await _connect(self._reads)
-        try:
+        async with _checked_out(self._reads) as conn:
             yield conn
-        except (DBAPIError, PoolTimeout, OSError) as exc:
-            _raise_unavailable(exc)
-            raise
-        finally:
-            await conn.close()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock or contextlib.nullcontext():
-            conn = await _connect(self.engine)
-            try:
-                if self._write_lock is not None:
-                    await conn.execution_options(**{WRITE: True})
-                async with conn.begin():
-                    yield conn
-            except (DBAPIError, PoolTimeout, OSError) as exc:
-                _raise_unavailable(exc)
-                raise
-            finally:
-                await conn.close()
+        async with self._write_lock or contextlib.nullcontext(), _checked_out(self.engine) as conn:
+            if self._write_lock is not None:
+                await conn.execution_options(**{WRITE: True})
+            async with conn.begin():
+                yield conn
 
     @asynccontextmanager
     async def _driver(self, *, writing: bool) -> AsyncIterator[asyncpg.Connection]:
         """asyncpg's own connection, from the pool in autocommit (see postgres_turns)."""
-        conn = await _connect(self._reads)
-        try:
+        async with _checked_out(self._reads) as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             if not isinstance(driver, asyncpg.Connection):  # None once invalidated
                 raise StorageUnavailable("the conversation store is unavailable")
@@ -265,17 +251,6 @@ class Store:
                     # transaction: asyncpg's own cancel request stops it on the server.
                     driver.terminate()
                 raise
-        except (
-            DBAPIError,
-            PoolTimeout,
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-        ) as exc:
-            _raise_unavailable(exc)
-            raise
-        finally:
-            await conn.close()
 
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
@@ -685,15 +660,26 @@ class Store:
             await asyncio.sleep(0)
 
 
-async def _connect(engine: AsyncEngine) -> AsyncConnection:
-    """A connection from ``engine``'s pool.  Nothing a request did can make a checkout
-    fail: a server whose new connections are closed again as they come (while it shuts
-    down; the pool gives up after three with an error of its own) is as unavailable as
-    one that refuses them."""
+@asynccontextmanager
+async def _checked_out(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection from ``engine``'s pool; the database's failures while it is used are
+    :class:`StorageUnavailable`.
+
+    Nothing a request did can make the checkout itself fail: a server whose new
+    connections are closed again as they come (while it shuts down; the pool gives up
+    after three with an error of its own) is as unavailable as one that refuses them.
+    """
     try:
-        return await engine.connect()
+        conn = await engine.connect()
     except (SQLAlchemyError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable("the conversation store is unavailable") from exc
+    try:
+        yield conn
+    except (DBAPIError, PoolTimeout, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        _raise_unavailable(exc)
+        raise
+    finally:
+        await conn.close()
 
 
 def _raise_unavailable(exc: BaseException) -> None:
