@@ -67,27 +67,17 @@ FROM c, unnest($7::varchar[], $8::json[], $9::varchar[], $10::json[], $11::varch
 _KEEP_SYSTEM = _WRITE.format(system="")
 _REPLACE_SYSTEM = _WRITE.format(system=", system_prompt = EXCLUDED.system_prompt")
 
-_WIRE_FIELDS = ("name", "tool_calls", "tool_call_id")
-
 
 async def load_window(
     conn: asyncpg.Connection, tenant: str, user: str, conversation_id: str, limit: int
-) -> tuple[bool, Any, list[dict[str, Any]]]:
+) -> tuple[bool, Any, list[asyncpg.Record]]:
     """(whether the conversation exists, its system prompt, its newest ``limit`` messages
-    as sent upstream, oldest first)."""
+    oldest first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``)."""
     rows = await conn.fetch(_READ, tenant, user, conversation_id, limit)
     if not rows:
         return False, None, []
-    window: list[dict[str, Any]] = []
-    for row in reversed(rows):
-        if row["role"] is None:  # the conversation has no messages: the join found none
-            continue
-        message = {"role": row["role"], "content": row["content"]}
-        for name in _WIRE_FIELDS:
-            value = row[name]
-            if value is not None:
-                message[name] = value
-        window.append(message)
+    # A conversation without messages is one row whose message columns are NULL.
+    window = [row for row in reversed(rows) if row["role"] is not None]
     return True, rows[0]["system_prompt"], window
 
 

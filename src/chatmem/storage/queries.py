@@ -8,13 +8,13 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-from sqlalchemy import Row, and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -130,13 +130,19 @@ def _owned(owner: Owner, conversation_id: str) -> Any:
     )
 
 
-def _to_wire(row: Row[Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": row.role, "content": row.content}
+def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": row["role"], "content": row["content"]}
     for name in _WIRE_FIELDS:
-        value = getattr(row, name)
+        value = row[name]
         if value is not None:
             message[name] = value
     return message
+
+
+def _history(system: list[dict[str, Any]] | None, wire: list[dict[str, Any]]) -> History:
+    """The history to send of a window read through SQLAlchemy or asyncpg."""
+    kept = drop_orphan_tool_results(wire, (message["role"] for message in wire))
+    return History.from_messages(system, kept)
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -279,19 +285,6 @@ class Store:
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
         raise AssertionError("unreachable")
 
-    async def _append_turn(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        system: list[dict[str, Any]] | None,
-        turn: Sequence[dict[str, Any]],
-        now: int,
-    ) -> None:
-        async with self._driver(writing=True) as driver:
-            await postgres_turns.append_turn(
-                driver, owner.tenant, owner.user, conversation_id, system, turn, now
-            )
-
     def new_conversation(self, owner: Owner, conversation_id: str) -> History:
         """The history of a conversation the gateway has just named (``conv_`` and 128
         random bits): empty, without a read; its first turn is created with a plain
@@ -315,13 +308,12 @@ class Store:
             return History(system=system, encoded=b",".join([message for _, message in kept]))
         if self._asyncpg:
             async with self._driver(writing=False) as driver:
-                exists, system, wire = await postgres_turns.load_window(
+                exists, system, records = await postgres_turns.load_window(
                     driver, owner.tenant, owner.user, conversation_id, limit
                 )
             if not exists:
                 return History(system=None)
-            kept_wire = drop_orphan_tool_results(wire, (message["role"] for message in wire))
-            return History.from_messages(system, kept_wire)
+            return _history(system, [_to_wire(record) for record in records])
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -346,9 +338,7 @@ class Store:
                     .limit(limit)
                 )
             ).all()
-        wire = [_to_wire(row) for row in reversed(rows)]
-        kept_wire = drop_orphan_tool_results(wire, (message["role"] for message in wire))
-        return History.from_messages(found.system_prompt, kept_wire)
+        return _history(found.system_prompt, [_to_wire(row._mapping) for row in reversed(rows)])
 
     async def commit_turn(
         self,
@@ -410,9 +400,14 @@ class Store:
     ) -> None:
         now = int(time.time())
         if self._asyncpg:
-            await self._retried(
-                lambda: self._append_turn(owner, conversation_id, system, turn, now)
-            )
+
+            async def append() -> None:
+                async with self._driver(writing=True) as driver:
+                    await postgres_turns.append_turn(
+                        driver, owner.tenant, owner.user, conversation_id, system, turn, now
+                    )
+
+            await self._retried(append)
             return
         count = len(turn)
         upsert = self._insert(conversations).values(
