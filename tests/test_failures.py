@@ -172,6 +172,19 @@ async def test_error_object_inside_stream(gateway_factory: GatewayFactory, rows:
     assert rows.messages() == []
 
 
+async def test_error_object_then_the_end_of_the_body(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The upstream's error event is the last thing it sends: no [DONE], and no second
+    error event from the gateway (the reads before the end are parsed when it ends)."""
+    events = [*answer_events()[:2], sse({"error": {"message": "model crashed", "code": 500}})]
+    async with scripted_upstream(Script(chunks=events)) as up:
+        client = await gateway_factory(up.url)
+        body = await (await post(client, STREAM)).read()
+    assert body == b"".join(events)
+    assert rows.messages() == []
+
+
 async def test_non_stream_invalid_body_is_502(gateway_factory: GatewayFactory, rows: Rows) -> None:
     for payload in (b"not json", b'{"choices": []}', b'{"choices": [{"message": {}}]}'):
         script = Script(
