@@ -2,6 +2,8 @@
 
     python -m benchmarks.ttft                     # 5 rounds of 300 streams per target
     python -m benchmarks.ttft --pin c=0,r=0,m=1   # client and relay on core 0, mock on 1
+    python -m benchmarks.ttft --tokens 1          # answers of one token: no burst after it
+    python -m benchmarks.ttft --tokens 16 --delay-ms 1   # tokens 1 ms apart, like a model
 
 One client streams 64-token answers from the mock upstream, alternating between three
 targets as ``benchmarks.run`` does: direct, the bare aiohttp relay and chatmem with
@@ -12,6 +14,9 @@ when it sent and when the head and the first bytes of the body came back.  All o
 ``perf_counter``, the system's monotonic clock, shared by every process.
 
 ``--think MS`` waits between two requests, so that every process has gone idle.
+``--tokens`` and ``--delay-ms`` shape the answers (the mock's ``X-Mock-Tokens`` and
+``X-Mock-Delay-Ms``): by default 64 tokens with no pause, whose burst after the first
+token keeps both cores busy while the client is being woken.
 ``--pin`` puts the client (``c``), the relays (``r``) and the mock (``m``), every
 thread of each, on given cores (``sched_setaffinity``), to show how much the kernel's
 placement of the three processes on two cores decides.
@@ -56,7 +61,7 @@ Sent = tuple[int, int, int, int]
 
 
 async def _run(
-    bases: dict[str, str], rounds: int, requests: int, think: float
+    bases: dict[str, str], rounds: int, requests: int, think: float, answer: dict[str, str]
 ) -> dict[str, list[Sent]]:
     pools = {
         target: UpstreamPool(URL(base), connect_timeout=30, read_timeout=300)
@@ -70,7 +75,7 @@ async def _run(
             for target in order:
                 for _ in range(requests):
                     number += 1
-                    headers = {"Content-Type": "application/json", "X-Mock-Tokens": "64"}
+                    headers = {"Content-Type": "application/json", **answer}
                     if target == "memory":
                         headers["X-Conversation-Id"] = f"ttft-{number}"
                     body = json.dumps(
@@ -139,6 +144,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="streams per target a round")
     parser.add_argument("--pin", help="c=CORE,r=CORE,m=CORE (cores joined by +)")
     parser.add_argument("--think", type=float, default=0.0, help="ms between two requests")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens an answer")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="ms between two tokens")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw, bp = free_port(), free_port(), free_port()
@@ -173,7 +180,8 @@ def main() -> int:
             "memory": f"http://127.0.0.1:{gw}/v1",
         }
         gc.freeze()
-        seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000))
+        answer = {"X-Mock-Tokens": str(args.tokens), "X-Mock-Delay-Ms": str(args.delay_ms)}
+        seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000, answer))
         running.close()  # the relays write their traces as they exit
         relays = {"bare": bare, "memory": gateway}
         _report(seen, {t: Path(f"{tmp}/trace.{p.pid}.json") for t, p in relays.items()})

@@ -65,7 +65,9 @@ def test_instruction_count_runs_with_tiny_counts(answers: list[str]) -> None:
 def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # The hooks in the relays must still find their functions in aiohttp and chatmem:
     # every step of both relays gets a figure.
-    result = run_module("benchmarks.ttft", "--rounds", "1", "--requests", "5")
+    result = run_module(
+        "benchmarks.ttft", "--rounds", "1", "--requests", "5", "--tokens", "3", "--delay-ms", "1"
+    )
     steps = [line for line in result.stdout.splitlines() if "->" in line]
     assert len(steps) == 6, result.stdout
     for line in steps:
