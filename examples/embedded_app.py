@@ -47,11 +47,6 @@ def build_app(config: chatmem.Config) -> web.Application:
 
 if __name__ == "__main__":
     config = chatmem.load_config(find_config_file(None))
-    # handler_cancellation: a client that leaves cancels its handler, which is how chatmem
-    # learns it left (memory.on_client_disconnect = "discard" closes the upstream at once).
-    web.run_app(
-        build_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        handler_cancellation=True,
-    )
+    # handler_cancellation=True would let chatmem learn at once that a client left; without
+    # it chatmem looks twice a second (memory.on_client_disconnect = "discard").
+    web.run_app(build_app(config), host=config.server.host, port=config.server.port)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
+import socket
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import aiohttp
+import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import make_config, received, upstream_url
+from helpers import Rows, answer_events, make_config, received, upstream_url
+from scripted_upstream import Script, scripted_upstream
+
+from chatmem.state import GATEWAY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embedded_app.py"
 
@@ -78,3 +87,51 @@ async def test_an_error_in_a_host_route_is_the_host_s_business(
     response = await client.get("/broken")
     assert response.status == 500
     assert response.content_type == "text/plain"  # aiohttp's, not chatmem's JSON
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+async def test_a_client_that_leaves_is_noticed_without_handler_cancellation(
+    db_path: Path, rows: Rows, stream: bool
+) -> None:
+    """The contract's snippet runs ``web.run_app(app)``, whose handlers aiohttp never
+    cancels (aiohttp's test server always does, so this one is run as ``run_app`` runs
+    it).  A client that leaves while the upstream is silent, mid-stream or before a
+    non-streamed answer, still has its upstream request closed within a second, and
+    nothing is committed ("discard", the default)."""
+    if stream:
+        script = Script(chunks=answer_events()[:2], end="hang")
+    else:
+        script = Script(before_headers="hang")
+    async with scripted_upstream(script) as up:
+        app = _example().build_app(make_config(db_path, up.url))
+        runner = web.AppRunner(app)  # handler_cancellation=False, as web.run_app
+        await runner.setup()
+        listening = socket.create_server(("127.0.0.1", 0))
+        port = listening.getsockname()[1]
+        await web.SockSite(runner, listening).start()
+        body = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                request = asyncio.create_task(session.post(url, json=body))
+                if stream:
+                    response = await request
+                    await response.content.readuntil(b"\n\n")  # the answer has started
+                    response.close()  # the client goes away while the upstream is silent
+                else:
+                    for _ in range(100):  # bounded: up to 5 s for the request to arrive
+                        if up.requests:
+                            break
+                        await asyncio.sleep(0.05)
+                    request.cancel()  # the client goes away: its connection is closed
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await request
+                await asyncio.wait_for(up.disconnected.wait(), 1.0)
+                for _ in range(100):  # bounded: up to 5 s for the handler to end
+                    if not app[GATEWAY].live.tasks:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not app[GATEWAY].live.tasks
+        finally:
+            await runner.cleanup()
+    assert rows.messages() == []

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import aiohttp
+from aiohttp.base_protocol import BaseProtocol
 
 from .metrics import Metrics
 from .proxy.upstream import Answer
@@ -36,12 +37,34 @@ class GatewayStopping(aiohttp.ClientConnectionError):
     """Set on the upstream body of a stream still running when the grace period ends."""
 
 
+_CLIENT_CHECK = 0.5
+"""Seconds between two looks for requests whose client has left (see ``watch_clients``)."""
+
+
 class LiveRequests:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.tasks: set[asyncio.Task[object]] = set()
-        """The tasks of chatmem's requests in flight (``tracking.track`` keeps it)."""
+        self.tasks: dict[asyncio.Task[object], BaseProtocol] = {}
+        """The tasks of chatmem's requests in flight, each with its client connection's
+        protocol (``tracking.track`` keeps it)."""
         self.streams: dict[asyncio.Task[object], Answer] = {}
+
+    async def watch_clients(self) -> None:
+        """Cancel the handler of a request whose client has gone, within ``_CLIENT_CHECK``
+        seconds, as aiohttp does itself only when run with ``handler_cancellation=True``.
+
+        A handler that is not cancelled learns that its client left only when it next
+        writes, so with ``on_client_disconnect = "discard"`` the upstream would be asked
+        for an answer nobody reads until the upstream's next byte, or, for an answer that
+        is not streamed, to its end, and that answer would be committed.  aiohttp's default,
+        what ``web.run_app(app)`` does in an app chatmem is embedded in, is not to cancel.
+        """
+        while True:
+            await asyncio.sleep(_CLIENT_CHECK)
+            for task, protocol in list(self.tasks.items()):
+                # The connection's protocol drops its transport when the connection is lost.
+                if protocol.transport is None and not task.done() and not task.cancelling():
+                    task.cancel()
 
     @contextmanager
     def stream(self, upstream: Answer) -> Iterator[None]:

@@ -20,6 +20,7 @@ __all__ = ["GATEWAY", "Gateway", "gateway_of"]
 T = TypeVar("T")
 
 PRUNE_TASK = "chatmem.retention"
+CLIENT_WATCH_TASK = "chatmem.client_watch"
 
 
 class Gateway:
@@ -50,13 +51,14 @@ class Gateway:
             await self.store.close()
             raise
         self.upstream = Upstream(self.config.upstream, Upstream.create_session())
+        self.detach(self.live.watch_clients(), CLIENT_WATCH_TASK)
         if self.config.memory.retention_days:
             days = self.config.memory.retention_days
             self.detach(prune_periodically(self.store, days * 86400.0), PRUNE_TASK)
 
     async def stop(self) -> None:
         for task in self.background:
-            if task.get_name() == PRUNE_TASK:
+            if task.get_name() in (PRUNE_TASK, CLIENT_WATCH_TASK):
                 task.cancel()
         if self.background:
             await asyncio.wait(self.background, timeout=self.config.server.shutdown_grace)

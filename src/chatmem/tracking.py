@@ -68,7 +68,7 @@ def tracker(gateway: Gateway) -> Middleware:
                 return await handler(request)
             task = asyncio.current_task()
             if task is not None:  # handlers always run in a task
-                in_flight.add(task)
+                in_flight[task] = request.protocol
             try:
                 return await handler(request)
             except ChatmemError as exc:
@@ -82,7 +82,8 @@ def tracker(gateway: Gateway) -> Middleware:
                 )
                 return json_response(body, status=500)
             finally:
-                in_flight.discard(task)
+                if task is not None:
+                    in_flight.pop(task, None)
         finally:
             request_id_var.reset(token)
 
