@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,8 +17,9 @@ from pg import connect, fetch
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 
+from chatmem.config import StorageConfig
 from chatmem.errors import StorageUnavailable
-from chatmem.storage import Owner, Store
+from chatmem.storage import Owner, Store, create_engine
 from chatmem.storage.queries import WRITE_ATTEMPTS
 
 ALICE = Owner("team-a", "alice")
@@ -372,3 +374,76 @@ async def test_a_server_that_closes_every_new_connection_is_a_503(store: Store) 
         await store.ping()
     with pytest.raises(StorageUnavailable):
         await store.update_metadata(ALICE, "c", {"k": "v"})
+
+
+async def test_a_peer_that_is_not_postgresql_is_unavailable() -> None:
+    """Something else answers on the database's port (a broken pooler, a wrong port):
+    asyncpg fails to connect with errors of its own (an ``AttributeError`` for a
+    ReadyForQuery before any authentication).  The turn's checkout says the store is
+    unavailable (a 503), not an internal error."""
+
+    async def not_postgresql(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)  # the startup message
+        writer.write(b"Z\x00\x00\x00\x05I")  # ReadyForQuery, out of turn
+        await writer.drain()
+        await reader.read(100)  # until the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(not_postgresql, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = create_engine(
+        StorageConfig(
+            # No SSL request first: the startup message is what the peer answers out of turn.
+            url=f"postgresql+asyncpg://chatmem@127.0.0.1:{port}/chatmem?ssl=disable",
+            connect_timeout=5,
+        )
+    )
+    store = Store(engine)
+    try:
+        with pytest.raises(StorageUnavailable):
+            await store.load_history(ALICE, "c1", 10)
+        with pytest.raises(StorageUnavailable):
+            await store.commit_turn(ALICE, "c1", system=None, turn=turn(1))
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_connections_given_back_while_cancelled_are_given_back_whole(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads and commits cancelled at random points, some twice, with overflow
+    connections (which are closed when given back, and that close waits on the server).
+    A cancel that lands while a connection is given back must not cut the giving back
+    short: SQLAlchemy then logs "Exception closing connection" and tidies up after it.
+    Afterwards the pool holds its connections, none checked out or in a transaction."""
+    store = await open_store(pg_url, pool_size=2, max_overflow=2, pool_timeout=5)
+    pool = store.engine.sync_engine.pool
+    shuffle = random.Random(8)
+    try:
+        for round_ in range(150):  # bounded
+            conversation = f"g{round_ % 5}"
+
+            async def read(conversation: str = conversation) -> None:
+                await store.load_history(ALICE, conversation, 50)
+
+            async def write(conversation: str = conversation) -> None:
+                await store.commit_turn(ALICE, conversation, system=None, turn=turn(1))
+
+            tasks = [asyncio.ensure_future(work()) for work in (read, write, read, read)]
+            await asyncio.sleep(shuffle.uniform(0, 0.004))
+            for task in tasks:
+                if shuffle.random() < 0.7:
+                    task.cancel()
+            await asyncio.sleep(shuffle.uniform(0, 0.002))
+            for task in tasks:
+                if shuffle.random() < 0.3:
+                    task.cancel()  # a second cancel, maybe while the connection goes back
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert "Exception closing connection" not in caplog.text
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+        await store.load_history(ALICE, "g0", 5)  # the pool still serves
+        assert await in_transaction(pg_url) == []
+    finally:
+        await store.close()

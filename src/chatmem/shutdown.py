@@ -61,10 +61,13 @@ class LiveRequests:
         """
         while True:
             await asyncio.sleep(_CLIENT_CHECK)
-            for task, protocol in list(self.tasks.items()):
-                # The connection's protocol drops its transport when the connection is lost.
-                if protocol.transport is None and not task.done() and not task.cancelling():
-                    task.cancel()
+            try:
+                for task, protocol in list(self.tasks.items()):
+                    # A connection's protocol drops its transport when the connection is lost.
+                    if protocol.transport is None and not task.done() and not task.cancelling():
+                        task.cancel()
+            except Exception:  # never expected; the watch must not end with it
+                log.exception("looking for requests whose client left failed")
 
     @contextmanager
     def stream(self, upstream: Answer) -> Iterator[None]:

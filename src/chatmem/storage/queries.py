@@ -12,6 +12,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -24,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
@@ -279,7 +280,7 @@ class Store:
         finally:
             # Given back in a greenlet, as SQLAlchemy's async engine gives back its own:
             # the pool's reset may call into the driver.
-            await greenlet_spawn(pooled.close)
+            await _to_completion(greenlet_spawn(pooled.close))
 
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
@@ -687,7 +688,27 @@ async def _checked_out(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         with _store_failures():
             yield conn
     finally:
-        await conn.close()
+        await _to_completion(conn.close())
+
+
+async def _to_completion(closing: Coroutine[Any, Any, None]) -> None:
+    """Run ``closing`` (a connection given back) to its end, even if the task is
+    cancelled meanwhile; the cancellation is raised once it is done.
+
+    Giving a connection back may wait (an overflow connection is closed, a transaction
+    rolled back), and cut short there it leaves the pool to tidy up after it, logging
+    the interruption as an error.  As SQLAlchemy's own ``async with`` does.
+    """
+    task = asyncio.ensure_future(closing)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    task.result()
 
 
 async def _checkout(engine: AsyncEngine, connect: Callable[[], Awaitable[T]]) -> T:
@@ -696,19 +717,14 @@ async def _checkout(engine: AsyncEngine, connect: Callable[[], Awaitable[T]]) ->
 
     Nothing a request did can make a checkout fail: a server whose new connections are
     closed again as they come (while it shuts down; the pool gives up after three with
-    an error of its own) is as unavailable as one that refuses them.  SQLAlchemy's
-    ``Connection`` wraps the driver's errors in its own; a raw checkout raises those of
-    the dialect's DBAPI adapter.
+    an error of its own) is as unavailable as one that refuses them.  So is any failure:
+    SQLAlchemy's ``Connection`` wraps the driver's errors in its own, a raw checkout
+    raises those of the dialect's DBAPI adapter, and asyncpg, connecting to a peer that
+    is not a PostgreSQL server, may raise what it likes.
     """
     try:
         return await connect()
-    except (
-        SQLAlchemyError,
-        OSError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        engine.dialect.loaded_dbapi.Error,
-    ) as exc:
+    except Exception as exc:  # asyncpg fails with AttributeError on a peer that is no server
         raise StorageUnavailable("the conversation store is unavailable") from exc
 
 
