@@ -72,6 +72,25 @@ def test_default_and_env_override(tmp_path: Path) -> None:
     assert config.upstream.url == "http://b:2/v1" and config.server.port == 9
 
 
+def test_a_default_stands_in_for_an_empty_variable_too(tmp_path: Path) -> None:
+    # As in the shell: ${VAR:-default} when VAR is unset or empty; ${VAR} is what it is.
+    text = '[upstream]\napi_key = "pre-${K:-d}-post"\n[auth]\njwt_secret = "${S}"\n'
+    path = write(tmp_path, text)
+    config = load_config(path, env={"K": "", "S": ""})
+    assert config.upstream.api_key == "pre-d-post"
+    assert not config.auth.enabled  # an empty secret is no secret
+    assert load_config(path, env={"K": "k", "S": ""}).upstream.api_key == "pre-k-post"
+
+
+@pytest.mark.parametrize("placeholder", ["${K", "a${1X}b", "${K:=x}", "${}"])
+def test_a_broken_placeholder_is_an_error_not_text(tmp_path: Path, placeholder: str) -> None:
+    path = write(tmp_path, f'[upstream]\napi_key = "sk-{placeholder}-secret"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"K": "k"})
+    assert str(caught.value).startswith("upstream.api_key: has a '${' that is not ${VAR}")
+    assert "secret" not in str(caught.value)  # the value itself is never shown
+
+
 def test_flags_override_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\nport = 1234\nhost = "0.0.0.0"\n')
     config = load_config(path, overrides={"server": {"port": 9999}}, env={})

@@ -171,15 +171,33 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
+    """``${VAR}`` and ``${VAR:-default}`` as the shell reads them: the default stands in
+    for a variable that is unset or empty.  Any other ``${`` is an error, not text: a
+    placeholder with a typo would otherwise become, say, the upstream key as written."""
+
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if default is not None:
+            return env.get(name) or default
         if name in env:
             return env[name]
-        if default is not None:
-            return default
         raise ConfigError(f"{key}: environment variable {name} is not set")
 
-    return _VAR.sub(substitute, value)
+    expanded: list[str] = []
+    at = 0
+    for match in _VAR.finditer(value):
+        _check_plain(value[at : match.start()], key)
+        expanded.append(value[at : match.start()])
+        expanded.append(substitute(match))
+        at = match.end()
+    _check_plain(value[at:], key)
+    expanded.append(value[at:])
+    return "".join(expanded)
+
+
+def _check_plain(text: str, key: str) -> None:
+    if "${" in text:  # not quoted: the value may be a secret
+        raise ConfigError(f"{key}: has a '${{' that is not ${{VAR}} or ${{VAR:-default}}")
 
 
 def _type_name(tp: Any) -> str:
