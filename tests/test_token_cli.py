@@ -33,6 +33,21 @@ def test_seed_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, json.loads(decoded)) == (0, json.loads(SEED))
 
 
+@pytest.mark.parametrize("alg", ["HS384", "HS512"])
+def test_decode_with_a_secret_verifies_every_hmac_algorithm(
+    capsys: pytest.CaptureFixture[str], alg: str
+) -> None:
+    # The contract's decode takes no --alg: what encode --alg HS512 signed must verify.
+    _, encoded, _ = run(capsys, "encode", "--secret", SECRET, "--alg", alg, SEED)
+    assert jwt.get_unverified_header(encoded)["alg"] == alg
+    code, decoded, _ = run(capsys, "decode", "--secret", SECRET, encoded)
+    assert (code, json.loads(decoded)) == (0, json.loads(SEED))
+    code, _, err = run(capsys, "decode", "--secret", SECRET, "--alg", "HS256", encoded)
+    assert code == 1 and "invalid token" in err  # an --alg given is still the only one
+    code, _, err = run(capsys, "decode", "--secret", "other", encoded)
+    assert code == 1 and "Signature verification failed" in err
+
+
 def test_exp(capsys: pytest.CaptureFixture[str]) -> None:
     before = int(time.time())
     _, encoded, _ = run(capsys, "encode", "--secret", SECRET, "--exp", "60", SEED)

@@ -1,7 +1,8 @@
 """``chatmem token encode|decode``: the older services' ``jwt_util.py``, a little safer.
 
 HS256/384/512 take ``--secret``; RS/PS/ES/EdDSA take ``--key`` (a PEM file: the private key
-to encode, the public key to decode).  ``none`` is never accepted.
+to encode, the public key to decode).  ``encode --secret`` signs with HS256 unless ``--alg``
+says otherwise; ``decode --secret`` verifies any of the three.  ``none`` is never accepted.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _merge_key_arguments(args: argparse.Namespace) -> str | None:
     if args.alg is None:
         if args.key is not None:
             return "--key needs --alg (RS/PS/ES/EdDSA)"
-        args.alg = "HS256"
+        # Signing takes HS256; a secret verifies any HMAC token (decode names no --alg).
+        args.alg = "HS256" if args.token_command == "encode" else None
     return None
 
 
@@ -76,7 +78,7 @@ def run_token(args: argparse.Namespace) -> int:
     problem = _merge_key_arguments(args)
     if problem is not None:
         return _fail(problem)
-    if (args.alg in HMAC_ALGORITHMS) != (args.secret is not None):
+    if args.alg is not None and (args.alg in HMAC_ALGORITHMS) != (args.secret is not None):
         return _fail(f"{args.alg} needs {'--secret' if args.secret is None else '--key'}")
     key: str = args.secret
     if args.key is not None:
@@ -94,7 +96,8 @@ def run_token(args: argparse.Namespace) -> int:
 
 def _decode(args: argparse.Namespace, key: str) -> int:
     try:
-        decoded = jwt.decode(args.token, key, algorithms=[args.alg], options={"verify_aud": False})
+        algorithms = [args.alg] if args.alg is not None else list(HMAC_ALGORITHMS)
+        decoded = jwt.decode(args.token, key, algorithms=algorithms, options={"verify_aud": False})
     except (jwt.PyJWTError, ValueError) as exc:
         return _fail(f"invalid token: {exc}", 1)
     print(json.dumps(decoded))
