@@ -97,6 +97,25 @@ async def test_a_number_too_large_for_a_float_is_a_400(
     assert received(upstream) == []
 
 
+async def test_integers_beyond_64_bits_go_upstream_unchanged(
+    gateway: Client, upstream: TestServer
+) -> None:
+    # JSON allows them; the contract passes every other body field on unchanged.
+    raw = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}],'
+        b' "seed": 123456789012345678901234567890, "low": -9223372036854775809,'
+        b' "top": 18446744073709551615}'
+    )
+    resp = await gateway.post(
+        "/v1/chat/completions", data=raw, headers={"X-Conversation-Id": "big"}
+    )
+    assert resp.status == 200
+    sent = received(upstream)[-1].body
+    assert b'"seed":123456789012345678901234567890' in sent
+    assert b'"low":-9223372036854775809' in sent
+    assert b'"top":18446744073709551615' in sent
+
+
 async def test_new_conversation_gets_an_id(gateway: Client, rows: Rows) -> None:
     resp = await chat(gateway, [user("x")], conv=None)
     conv = resp.headers["X-Conversation-Id"]
