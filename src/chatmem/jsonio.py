@@ -56,7 +56,10 @@ def loads(data: bytes | str, *, lone_surrogates: Literal["reject", "keep"] = "re
     or with ``"keep"`` (what an upstream streams: a pair may come as two halves in two
     chunks) kept, to be made text when the value is encoded (:func:`dumps`, :func:`utf8`).
     """
-    if (_LONG_DIGITS if isinstance(data, bytes) else _LONG_DIGITS_TEXT).search(data) is None:
+    long_digits = (
+        _LONG_DIGITS.search(data) if isinstance(data, bytes) else _LONG_DIGITS_TEXT.search(data)
+    )
+    if long_digits is None:
         try:
             return orjson.loads(data)  # refuses lone surrogates: only then is the walk needed
         except orjson.JSONDecodeError:
