@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from typing import Any
@@ -151,6 +152,23 @@ async def test_odd_paths_stay_on_the_upstream(
     resp = await echo_gateway.get(path)
     assert resp.status == 200
     assert (await resp.json())["path"] == path
+
+
+@pytest.mark.parametrize("path", ["/v1/%2e%2e/admin", "/v1/a/%2E./b", "/v1/%2e/models"])
+async def test_encoded_dot_segments_are_refused(
+    echo_gateway: TestClient[Any, Any], path: str
+) -> None:
+    # %2e is ".", and an upstream may decode it before resolving the path: /admin.
+    # Sent as raw bytes: aiohttp's client would resolve the segments itself. (The echo
+    # upstream would have answered 200 with the path it was asked for.)
+    reader, writer = await asyncio.open_connection(echo_gateway.host, echo_gateway.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["error"]["message"] == "path must not contain '.' or '..' segments"
 
 
 @pytest.mark.parametrize("path", ["/v1/../admin", "/v1/./models", "/v1/a/%2e%2e/b"])
