@@ -23,8 +23,16 @@ __all__ = ["LoneSurrogate", "dumps", "dumps_elements", "is_text", "loads", "utf8
 _LONE = re.compile("[\ud800-\udfff]")
 # 19 digits in a row: the shortest integers orjson cannot hold (below -2**63, or over
 # 2**64 - 1 with 20) have them; so do long digit strings, for which ``json`` is as right.
-_LONG_DIGITS = re.compile(rb"\d{19}")
-_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+# Found by mapping every digit to "0" and anything else to ".": a regular expression
+# took 3.8 us for a 367-byte completion (orjson parses it in 0.8), this takes 0.4.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _has_long_digits(data: bytes | str) -> bool:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return _LONG_RUN in data.translate(_DIGITS_AS_ZERO)
 
 
 def _no_constants(name: str) -> Any:
@@ -48,18 +56,23 @@ class LoneSurrogate(ValueError):
         )
 
 
-def loads(data: bytes | str, *, lone_surrogates: Literal["reject", "keep"] = "reject") -> Any:
+def loads(
+    data: bytes | str,
+    *,
+    lone_surrogates: Literal["reject", "keep"] = "reject",
+    exact_integers: bool = True,
+) -> Any:
     """Parse JSON; raises ``ValueError`` (or ``RecursionError``) for anything invalid.
 
     JSON's grammar lets a string escape half of a surrogate pair, but such a string is
     not text: it cannot be encoded to UTF-8.  Those are refused (:class:`LoneSurrogate`),
     or with ``"keep"`` (what an upstream streams: a pair may come as two halves in two
     chunks) kept, to be made text when the value is encoded (:func:`dumps`, :func:`utf8`).
+
+    ``exact_integers=False`` spares the look for integers beyond 64 bits (they may come
+    back as floats): for text that is only read, never passed on.
     """
-    long_digits = (
-        _LONG_DIGITS.search(data) if isinstance(data, bytes) else _LONG_DIGITS_TEXT.search(data)
-    )
-    if long_digits is None:
+    if not (exact_integers and _has_long_digits(data)):
         try:
             return orjson.loads(data)  # refuses lone surrogates: only then is the walk needed
         except orjson.JSONDecodeError:

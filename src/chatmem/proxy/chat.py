@@ -216,7 +216,8 @@ async def _forward(
 
 def _completed_turn(body: bytes) -> AssistantTurn | None:
     try:
-        parsed = jsonio.loads(body, lone_surrogates="keep")
+        # Read for the turn only: the client gets the body as it came.
+        parsed = jsonio.loads(body, lone_surrogates="keep", exact_integers=False)
     except (UnicodeDecodeError, ValueError, RecursionError):  # nested too deep
         return None
     turn = turn_from_completion(parsed) if isinstance(parsed, dict) else None
