@@ -142,11 +142,11 @@ class Upstream:
         """``tail`` is the part of the client's path after ``/v1``; the origin is fixed.
 
         Dot segments are refused rather than resolved: ``/v1/../admin`` must not reach
-        a path outside the upstream's ``/v1`` either, nor ``/v1/%2e%2e/admin`` (``%2e``
-        is ``.``, and an upstream may decode it before it resolves the path).
+        a path outside the upstream's ``/v1`` either, nor ``/v1/%2e%2e/admin`` or
+        ``/v1/%2e%2e%2fadmin`` (an upstream may decode ``%2e`` and ``%2f`` before it
+        resolves the path).
         """
-        segments = tail.split("/")
-        if any(unquote(segment) in (".", "..") for segment in segments):
+        if any(segment in (".", "..") for segment in unquote(tail).split("/")):
             raise InvalidRequest("path must not contain '.' or '..' segments")
         # The origin comes first in the string, so no tail can change the host.
         query = "?" + query_string if query_string else ""
