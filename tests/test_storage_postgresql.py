@@ -447,3 +447,62 @@ async def test_connections_given_back_while_cancelled_are_given_back_whole(
         assert await in_transaction(pg_url) == []
     finally:
         await store.close()
+
+
+async def test_connections_the_server_ends_under_traffic_are_503s(pg_url: str) -> None:
+    """The server ends the gateway's connections (pg_terminate_backend, as an admin or a
+    failover does) while turns run.  One that waited in the pool can reach a request
+    before asyncpg has seen its socket close: its next statement fails with
+    InternalClientError ("cannot switch to state ..."), which was a 500.  Every failure
+    is a 503 now, the pool recovers by itself, and every stored turn is whole."""
+    store = await open_store(pg_url, pool_size=4)
+    admin = await connect(pg_url)
+    outcomes: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    async def client(k: int) -> None:
+        i = 0
+        while not stop.is_set():  # bounded: stop is set after the terminations below
+            i += 1
+            try:
+                if i % 2:
+                    await store.load_history(ALICE, f"t{k}", 50)
+                else:
+                    await store.commit_turn(ALICE, f"t{k}", system=None, turn=turn(i))
+                outcome = "ok"
+            except StorageUnavailable:
+                outcome = "503"
+            except Exception as exc:  # what else arrives is the finding
+                outcome = type(exc).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            await asyncio.sleep(0)
+
+    clients = [asyncio.create_task(client(k)) for k in range(8)]
+    terminated = 0
+    try:
+        for _ in range(10):
+            await asyncio.sleep(0.2)
+            terminated += await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'chatmem' AND datname = current_database()"
+            )
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    try:
+        assert terminated > 0
+        assert set(outcomes) <= {"ok", "503"}, outcomes
+        await store.load_history(ALICE, "t0", 5)  # and the pool serves again
+        rows = await admin.fetch(
+            "SELECT c.id, m.seq, m.role FROM messages m JOIN conversations c"
+            " ON c.pk = m.conversation_pk ORDER BY c.id, m.seq"
+        )
+        by_conversation: dict[str, list[str]] = {}
+        for row in rows:
+            by_conversation.setdefault(row["id"], []).append(row["role"])
+        for roles in by_conversation.values():
+            assert roles == ["user", "assistant"] * (len(roles) // 2)
+    finally:
+        await admin.close()
+        await store.close()

@@ -11,7 +11,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-__all__ = ["is_retryable", "is_unavailable", "sqlstate"]
+__all__ = ["BROKEN_CONNECTION", "is_retryable", "is_unavailable", "sqlstate"]
 
 # 08 connection exception, 53 insufficient resources (too many connections, disk full),
 # 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
@@ -20,6 +20,10 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
 _UNAVAILABLE_CODES = ("55P03",)
 # Serialization failure and deadlock: the transaction was rolled back and may be re-run.
 _RETRYABLE_CODES = ("40001", "40P01")
+BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""asyncpg's errors for a connection that cannot be used any more: closed under it, or,
+when the server ended it while it waited in the pool and asyncpg has not yet seen the
+socket close, "cannot switch to state ...; another operation is in progress"."""
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -39,7 +43,7 @@ def is_retryable(exc: BaseException | None) -> bool:
 def is_unavailable(exc: BaseException) -> bool:
     """True when the database could not do the work, through no fault of the request."""
     if isinstance(
-        exc, OperationalError | InterfaceError | PoolTimeout | OSError | asyncpg.InterfaceError
+        exc, (OperationalError, InterfaceError, PoolTimeout, OSError, *BROKEN_CONNECTION)
     ):
         return True
     if not isinstance(exc, DBAPIError | asyncpg.PostgresError):

@@ -34,7 +34,7 @@ from .. import jsonio
 from ..errors import StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, is_sqlite
-from .faults import is_retryable, is_unavailable
+from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
@@ -264,8 +264,8 @@ class Store:
             with _store_failures():
                 try:
                     yield driver
-                except BaseException:
-                    if writing:
+                except BaseException as exc:
+                    if writing or isinstance(exc, BROKEN_CONNECTION):
                         # A write cut short can leave the connection in a transaction
                         # that asyncpg or the server still thinks open (cancelled while
                         # its BEGIN was on the way, or cancelled twice before its
@@ -274,7 +274,8 @@ class Store:
                         # cancel could cut short, it is replaced at the next checkout
                         # (engine.py); the server rolls the transaction back when it
                         # finds the client gone.  A read has no transaction: asyncpg's
-                        # own cancel request stops it on the server.
+                        # own cancel request stops it on the server.  A connection that
+                        # broke goes too, rather than back into the pool.
                         driver.terminate()
                     raise
         finally:
@@ -734,7 +735,7 @@ def _store_failures() -> Iterator[None]:
     :class:`StorageUnavailable` (busy, or unavailable); anything else unchanged."""
     try:
         yield
-    except (DBAPIError, PoolTimeout, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (DBAPIError, PoolTimeout, OSError, asyncpg.PostgresError, *BROKEN_CONNECTION) as exc:
         _raise_unavailable(exc)
         raise
 
