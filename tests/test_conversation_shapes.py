@@ -28,6 +28,27 @@ def test_parse_items_splits_system_and_normalises_parts() -> None:
     assert parse_items([{"role": "user", "content": "x"}])[0] is None
 
 
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        ({"role": [], "content": "x"}, "items[0].role"),
+        ({"role": {}, "content": "x"}, "items[0].role"),
+    ],
+)
+def test_a_role_that_is_not_a_string_is_a_400(item: dict[str, object], param: str) -> None:
+    # A list or an object cannot be looked up among the roles: it was a TypeError, a 500.
+    with pytest.raises(InvalidRequest) as info:
+        parse_items([item])
+    assert info.value.param == param
+
+
+def test_a_part_type_that_is_not_a_string_is_kept_as_it_is() -> None:
+    part = {"type": [], "text": "a"}
+    assert parse_items([{"role": "user", "content": [part]}])[1] == [
+        {"role": "user", "content": [part]}
+    ]
+
+
 def test_parse_metadata_limits() -> None:
     assert parse_metadata(None) == {}
     assert parse_metadata({"k" * 64: "v" * 512}) == {"k" * 64: "v" * 512}

@@ -78,7 +78,12 @@ def _content(value: object, param: str) -> Any:
         raise InvalidRequest(
             f"{param} must be a string, an array of content parts or null", param=param
         )
-    return [{**part, "type": "text"} if part.get("type") in _TEXT_PARTS else part for part in value]
+    return [{**part, "type": "text"} if _is_text_part(part) else part for part in value]
+
+
+def _is_text_part(part: dict[str, Any]) -> bool:
+    kind = part.get("type")
+    return isinstance(kind, str) and kind in _TEXT_PARTS  # a list or object is unhashable
 
 
 def _item(index: int, value: object) -> dict[str, Any]:
@@ -88,7 +93,7 @@ def _item(index: int, value: object) -> dict[str, Any]:
     if value.get("type", "message") != "message":
         raise InvalidRequest(f"{param}.type must be 'message'", param=f"{param}.type")
     role = value.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:  # a list or object is unhashable
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
