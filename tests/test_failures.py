@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import logging
 import socket
 import sqlite3
 from pathlib import Path
@@ -359,4 +360,31 @@ async def test_disconnect_with_discard_commits_nothing(
         await resp.content.readuntil(b"\n\n")
         resp.close()
         await asyncio.wait_for(up.disconnected.wait(), 1.0)
+    assert rows.messages() == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/conversations", "/v1/ask"])
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    gateway_factory: GatewayFactory, rows: Rows, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """Content-Encoding: gzip over bytes that are not gzip: a 400 in the OpenAI shape, not
+    a 500, and no traceback in the log (aiohttp logged one more as it read the rest of
+    the body after the answer), and the connection goes on serving."""
+    async with scripted_upstream(Script(chunks=answer_events())) as up:
+        client = await gateway_factory(up.url)
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        for encoding, body in (
+            ("gzip", b"\x1f\x8b\x08\x00garbagegarbage"),
+            ("deflate", b"garbage"),
+        ):
+            headers["Content-Encoding"] = encoding
+            resp = await client.post(path, data=body, headers=headers)
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+            assert (
+                error["message"] == "request body could not be decoded (see its Content-Encoding)"
+            )
+        assert (await client.get("/v1/health")).status == 200
+        assert up.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert rows.messages() == []

@@ -16,11 +16,27 @@ __all__ = ["error_event", "json_object", "json_response", "method_not_allowed", 
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, refusing (413) anything over ``limit`` bytes early, and
-    (408) a body that has not fully arrived ``server.idle_timeout`` seconds after the
-    request head: a client trickling its body must not hold the handler forever."""
+    """The whole request body, refusing (413) anything over ``limit`` bytes early, (408) a
+    body that has not fully arrived ``server.idle_timeout`` seconds after the request
+    head: a client trickling its body must not hold the handler forever, and (400) one
+    that cannot be decoded (``Content-Encoding: gzip`` over bytes that are not gzip)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    try:
+        return await _read_body(request, limit)
+    except web.RequestPayloadError:
+        # After a body it could not decode, aiohttp cannot tell where the next request on
+        # the connection starts: the connection ends with this answer.  Left to itself,
+        # aiohttp would first read on in the body, meet the error again and log it with
+        # a traceback (a line any client could add).
+        request.content.feed_eof()
+        request.protocol.close()
+        error = InvalidRequest("request body could not be decoded (see its Content-Encoding)")
+        error.headers = {"Connection": "close"}
+        raise error from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     content = request.content
     if content.is_eof():  # all of it has arrived (a small body usually has): no timer
         body = content.read_nowait()
