@@ -611,3 +611,25 @@ async def test_host_app_routes_get_no_session_cookie(
     ours = await client.post("/conversation/m", json={"text": "x"})
     assert ours.cookies["chatmem_session"].value
     assert (await ours.text()).startswith("Echo x")
+
+
+async def test_a_cookie_that_is_not_utf8_starts_a_new_conversation(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    # Found by a hostile-input probe: aiohttp-session failed on it (UnicodeEncodeError),
+    # a 500.  Sent as raw bytes: an HTTP client would encode the value.
+    client = await gateway_factory(upstream_url(upstream), compat={"session_secret": "s"})
+    body = b'{"text": "one"}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /conversation/m HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Cookie: chatmem_session=\xff\xfe\xfd\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"Set-Cookie: chatmem_session=" in head  # a new session
+    assert len(chats(upstream)[-1]["messages"]) == 1

@@ -64,7 +64,10 @@ class CookieSessions:
 
     async def load(self, request: web.Request) -> tuple[Session, str]:
         """The session and its conversation id (a new one for a new or unreadable cookie)."""
-        session = await self.storage.load_session(request)
+        try:
+            session = await self.storage.load_session(request)
+        except UnicodeError:  # a cookie value that is not UTF-8 (aiohttp-session fails)
+            session = Session(None, data=None, new=True, max_age=self.storage.max_age)
         try:
             conversation_id = valid_conversation_id(session.get(_CONVERSATION), _CONVERSATION)
         except ChatmemError:
