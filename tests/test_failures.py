@@ -388,3 +388,36 @@ async def test_a_body_that_cannot_be_decoded_is_a_400(
         assert up.requests == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert rows.messages() == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_body_nested_too_deep_is_a_400_before_the_upstream_is_asked(
+    gateway_factory: GatewayFactory, rows: Rows, stream: bool
+) -> None:
+    """orjson reads 1,024 levels, but writing such a body failed past about 970: a 500,
+    after the model had answered when the depth was in a message.  Over 128 is a 400."""
+    deep_field = b"[" * 200 + b"]" * 200
+    deep_part = b'[{"type": "text", "text": "x", "deep": ' + deep_field + b"}]"
+    async with scripted_upstream(Script(chunks=answer_events())) as up:
+        client = await gateway_factory(up.url)
+        for raw in (
+            b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": "x"}],'
+            b' "x": %s}' % (b"true" if stream else b"false", deep_field),
+            b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": %s}]}'
+            % (b"true" if stream else b"false", deep_part),
+        ):
+            resp = await post_raw(client, "/v1/chat/completions", raw)
+            assert resp.status == 400
+            assert (
+                "nests arrays and objects over 128 deep" in (await resp.json())["error"]["message"]
+            )
+        resp = await post_raw(
+            client, "/v1/conversations", b'{"items": [{"role": "user", "content": %s}]}' % deep_part
+        )
+        assert resp.status == 400
+        assert up.requests == []
+    assert rows.messages() == []
+
+
+async def post_raw(client: Any, path: str, raw: bytes) -> Any:
+    return await client.post(path, data=raw, headers={"Content-Type": "application/json"})

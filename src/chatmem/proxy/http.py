@@ -65,6 +65,13 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
 
 
+MAX_DEPTH = 128
+"""Levels of arrays and objects a request body may nest.  orjson reads 1,024, but what is
+read is also written (upstream, to the store), and past about 970 levels writing it
+failed with a RecursionError: a 500, after the model had answered.  No request of an
+OpenAI-compatible API comes near 128."""
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; 400 otherwise."""
     try:
@@ -75,7 +82,24 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    # Brackets counted first: a body with fewer cannot nest deeper (most bodies).
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _nests_deeper(body, MAX_DEPTH):
+        raise InvalidRequest(f"request body nests arrays and objects over {MAX_DEPTH} deep")
     return body
+
+
+def _nests_deeper(value: object, limit: int) -> bool:
+    """Whether ``value`` holds arrays and objects more than ``limit`` levels deep."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, 1))
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def json_response(
