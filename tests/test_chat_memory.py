@@ -116,6 +116,27 @@ async def test_integers_beyond_64_bits_go_upstream_unchanged(
     assert b'"top":18446744073709551615' in sent
 
 
+async def test_two_conversation_headers_must_agree(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    body = {"model": "m", "messages": [user("x")]}
+    name = "X-Conversation-Id"
+    resp = await gateway.post(
+        "/v1/chat/completions", json=body, headers=[(name, "d1"), (name, "d2")]
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["message"], error["param"]) == (
+        "X-Conversation-Id headers name different conversations",
+        "X-Conversation-Id",
+    )
+    assert received(upstream) == [] and rows.messages() == []
+    resp = await gateway.post(
+        "/v1/chat/completions", json=body, headers=[(name, "d1"), (name, "d1")]
+    )
+    assert resp.status == 200 and resp.headers[name] == "d1"
+
+
 async def test_new_conversation_gets_an_id(gateway: Client, rows: Rows) -> None:
     resp = await chat(gateway, [user("x")], conv=None)
     conv = resp.headers["X-Conversation-Id"]

@@ -15,6 +15,7 @@ from .. import jsonio
 from ..auth import authenticate
 from ..errors import (
     ChatmemError,
+    InvalidRequest,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamTimeout,
@@ -68,9 +69,15 @@ class Turn:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     headers: dict[str, str] = {}
-    header_id = request.headers.get(CONVERSATION_HEADER)
+    header_ids = request.headers.getall(CONVERSATION_HEADER, ())
+    header_id = header_ids[0] if header_ids else None
     try:
         if header_id is not None:
+            if any(other != header_id for other in header_ids[1:]):
+                raise InvalidRequest(
+                    "X-Conversation-Id headers name different conversations",
+                    param=CONVERSATION_HEADER,
+                )
             headers[CONVERSATION_HEADER] = valid_conversation_id(header_id, CONVERSATION_HEADER)
         owner = authenticate(request)
         raw = await read_body(request, gateway.config.server.max_body_bytes)
