@@ -88,7 +88,22 @@ def test_a_broken_placeholder_is_an_error_not_text(tmp_path: Path, placeholder: 
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={"K": "k"})
     assert str(caught.value).startswith("upstream.api_key: has a '${' that is not ${VAR}")
+    assert "write $${ for one" in str(caught.value)
     assert "secret" not in str(caught.value)  # the value itself is never shown
+
+
+def test_a_value_is_expanded_once_and_dollar_brace_can_be_written(tmp_path: Path) -> None:
+    # What a variable holds is taken as it is (a secret may hold "${"), "$${" is a literal
+    # "${", and a flag is not expanded at all: the shell did that.
+    text = '[upstream]\napi_key = "${KEY}"\n[auth]\njwt_secret = "pa$${ss"\n'
+    path = write(tmp_path, text)
+    config = load_config(path, env={"KEY": "sk-a${b", "HOME": "/root"})
+    assert config.upstream.api_key == "sk-a${b"
+    assert config.auth.jwt_secret == "pa${ss"
+    assert load_config(path, env={"KEY": "sk-${HOME}x"}).upstream.api_key == "sk-${HOME}x"
+    flag = {"storage": {"url": "postgresql+asyncpg://u:pa${ss@h/db"}}
+    config = load_config(None, overrides=flag, env={})
+    assert config.storage.url == "postgresql+asyncpg://u:pa${ss@h/db"
 
 
 def test_flags_override_file(tmp_path: Path) -> None:

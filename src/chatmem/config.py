@@ -167,15 +167,25 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+"""``$${`` (a literal ``${``), or a placeholder: ``${VAR}`` or ``${VAR:-default}``."""
+
+
+class _Verbatim(str):
+    """A value given on the command line: the shell has expanded it already."""
+
+    __slots__ = ()
 
 
 def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
     """``${VAR}`` and ``${VAR:-default}`` as the shell reads them: the default stands in
-    for a variable that is unset or empty.  Any other ``${`` is an error, not text: a
-    placeholder with a typo would otherwise become, say, the upstream key as written."""
+    for a variable that is unset or empty.  ``$${`` is a literal ``${``; any other ``${``
+    is an error, not text: a placeholder with a typo would otherwise become, say, the
+    upstream key as written.  What a variable holds is taken as it is."""
 
     def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
         name, default = match.group(1), match.group(2)
         if default is not None:
             return env.get(name) or default
@@ -185,7 +195,7 @@ def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
 
     expanded: list[str] = []
     at = 0
-    for match in _VAR.finditer(value):
+    for match in _TOKEN.finditer(value):
         _check_plain(value[at : match.start()], key)
         expanded.append(value[at : match.start()])
         expanded.append(substitute(match))
@@ -197,7 +207,9 @@ def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
 
 def _check_plain(text: str, key: str) -> None:
     if "${" in text:  # not quoted: the value may be a secret
-        raise ConfigError(f"{key}: has a '${{' that is not ${{VAR}} or ${{VAR:-default}}")
+        raise ConfigError(
+            f"{key}: has a '${{' that is not ${{VAR}} or ${{VAR:-default}} (write $${{ for one)"
+        )
 
 
 def _type_name(tp: Any) -> str:
@@ -205,16 +217,23 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, env: Mapping[str, str]) -> Any:
-    """Check ``value`` (from TOML) against the annotation ``tp``; expand ``${VAR}``."""
-    if isinstance(value, str):
+    """Expand ``${VAR}`` in ``value`` (from TOML; once: a variable may hold ``${``), then
+    check it against the annotation ``tp``."""
+    if isinstance(value, _Verbatim):
+        value = str(value)
+    elif isinstance(value, str):
         value = _expand(value, key, env)
+    return _checked(value, tp, key)
+
+
+def _checked(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None or (value == "" and type(None) in args):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, env)
+        return _checked(value, inner[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -375,6 +394,18 @@ def _check_public_key(value: str) -> None:
         raise ConfigError("auth.public_key: not a valid PEM public key") from None
 
 
+def _verbatim(over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` with its strings marked as not to be expanded (see :class:`_Verbatim`)."""
+    return {
+        key: _verbatim(value)
+        if isinstance(value, Mapping)
+        else _Verbatim(value)
+        if isinstance(value, str)
+        else value
+        for key, value in over.items()
+    }
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
@@ -413,7 +444,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = _merge(raw, _verbatim(overrides))
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built: dict[str, Any] = {}
     for name, value in raw.items():
