@@ -395,28 +395,42 @@ async def test_a_body_nested_too_deep_is_a_400_before_the_upstream_is_asked(
     gateway_factory: GatewayFactory, rows: Rows, stream: bool
 ) -> None:
     """orjson reads 1,024 levels, but writing such a body failed past about 970: a 500,
-    after the model had answered when the depth was in a message.  Over 128 is a 400."""
-    deep_field = b"[" * 200 + b"]" * 200
-    deep_part = b'[{"type": "text", "text": "x", "deep": ' + deep_field + b"}]"
+    after the model had answered when the depth was in a message.  Over 254 levels
+    (what orjson writes) is a 400; 254 still goes."""
+    flag = b"true" if stream else b"false"
+
+    def field(levels: int) -> bytes:  # the body's object is one level, the field the rest
+        n = levels - 1
+        return (
+            b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": "x"}],'
+            b' "x": %s}' % (flag, b"[" * n + b"]" * n)
+        )
+
+    def part(levels: int) -> bytes:  # body, messages, message, content, part: five levels
+        n = levels - 5
+        deep = b'[{"type": "text", "text": "x", "deep": ' + b"[" * n + b"]" * n + b"}]"
+        return b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": %s}]}' % (
+            flag,
+            deep,
+        )
+
     async with scripted_upstream(Script(chunks=answer_events())) as up:
         client = await gateway_factory(up.url)
-        for raw in (
-            b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": "x"}],'
-            b' "x": %s}' % (b"true" if stream else b"false", deep_field),
-            b'{"model": "m", "stream": %s, "messages": [{"role": "user", "content": %s}]}'
-            % (b"true" if stream else b"false", deep_part),
-        ):
+        for raw in (field(255), part(255), field(990)):
             resp = await post_raw(client, "/v1/chat/completions", raw)
             assert resp.status == 400
             assert (
-                "nests arrays and objects over 128 deep" in (await resp.json())["error"]["message"]
+                "nests arrays and objects over 254 deep" in (await resp.json())["error"]["message"]
             )
-        resp = await post_raw(
-            client, "/v1/conversations", b'{"items": [{"role": "user", "content": %s}]}' % deep_part
+        items = (
+            b'{"items": [{"role": "user", "content": [{"type": "text", "text": "x", "d": %s}]}]}'
         )
+        resp = await post_raw(client, "/v1/conversations", items % (b"[" * 300 + b"]" * 300))
         assert resp.status == 400
         assert up.requests == []
-    assert rows.messages() == []
+        resp = await post_raw(client, "/v1/chat/completions", field(254))
+        assert resp.status == 200  # the limit itself still goes
+        await resp.read()
 
 
 async def post_raw(client: Any, path: str, raw: bytes) -> Any:

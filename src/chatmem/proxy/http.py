@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from .. import jsonio
@@ -65,11 +66,11 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
 
 
-MAX_DEPTH = 128
-"""Levels of arrays and objects a request body may nest.  orjson reads 1,024, but what is
-read is also written (upstream, to the store), and past about 970 levels writing it
-failed with a RecursionError: a 500, after the model had answered.  No request of an
-OpenAI-compatible API comes near 128."""
+MAX_DEPTH = 254
+"""Levels of arrays and objects a request body may nest: what orjson writes.  orjson
+reads 1,024, but what is read is also written (upstream, to the store), and past about
+970 levels even the standard library's writer failed with a RecursionError: a 500, after
+the model had answered.  No request of an OpenAI-compatible API comes near it."""
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -83,9 +84,17 @@ def json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     # Brackets counted first: a body with fewer cannot nest deeper (most bodies).
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _nests_deeper(body, MAX_DEPTH):
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body):
         raise InvalidRequest(f"request body nests arrays and objects over {MAX_DEPTH} deep")
     return body
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    try:
+        orjson.dumps(body)  # 9 us for 20 tools, where walking the body took 240
+    except orjson.JSONEncodeError:  # too deep, or an integer beyond 64 bits
+        return _nests_deeper(body, MAX_DEPTH)
+    return False
 
 
 def _nests_deeper(value: object, limit: int) -> bool:
