@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
@@ -280,8 +280,18 @@ class Store:
                     raise
         finally:
             # Given back in a greenlet, as SQLAlchemy's async engine gives back its own:
-            # the pool's reset may call into the driver.
-            await _to_completion(greenlet_spawn(pooled.close))
+            # the pool's reset may call into the driver.  Only an overflow connection
+            # waits on its way back (it is closed): that one is given back whole even if
+            # the task is cancelled meanwhile; the others cost no task and no loop pass.
+            closing = greenlet_spawn(pooled.close)
+            if self._overflowing():
+                await _to_completion(closing)
+            else:
+                await closing
+
+    def _overflowing(self) -> bool:
+        overflow = getattr(self.engine.sync_engine.pool, "overflow", None)
+        return overflow is None or overflow() > 0
 
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
@@ -707,6 +717,8 @@ async def _to_completion(closing: Coroutine[Any, Any, None]) -> None:
             await asyncio.shield(task)
         except asyncio.CancelledError as exc:
             cancelled = exc
+        except Exception:
+            break  # the close failed: raised below, after a cancel that came first
     if cancelled is not None:
         raise cancelled
     task.result()
@@ -726,6 +738,9 @@ async def _checkout(engine: AsyncEngine, connect: Callable[[], Awaitable[T]]) ->
     try:
         return await connect()
     except Exception as exc:  # asyncpg fails with AttributeError on a peer that is no server
+        if not isinstance(exc, (SQLAlchemyError, OSError, asyncpg.PostgresError)):
+            # Could be ours (a pool event listener) as well as a strange peer's: say where.
+            log.warning("checking a connection out failed unexpectedly", exc_info=True)
         raise StorageUnavailable("the conversation store is unavailable") from exc
 
 
