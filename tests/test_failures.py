@@ -363,13 +363,16 @@ async def test_disconnect_with_discard_commits_nothing(
     assert rows.messages() == []
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/conversations", "/v1/ask"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/v1/conversations", "/v1/ask", "/v1/files"]
+)
 async def test_a_body_that_cannot_be_decoded_is_a_400(
     gateway_factory: GatewayFactory, rows: Rows, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     """Content-Encoding: gzip over bytes that are not gzip: a 400 in the OpenAI shape, not
-    a 500, and no traceback in the log (aiohttp logged one more as it read the rest of
-    the body after the answer), and the connection goes on serving."""
+    a 500 (or, passed through, a 502), and no traceback in the log (aiohttp logged one
+    more as it read the rest of the body after the answer).  The answer ends its
+    connection; the gateway goes on serving on new ones."""
     async with scripted_upstream(Script(chunks=answer_events())) as up:
         client = await gateway_factory(up.url)
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}

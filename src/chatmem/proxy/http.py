@@ -13,7 +13,14 @@ from .. import jsonio
 from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
 from ..state import GATEWAY
 
-__all__ = ["error_event", "json_object", "json_response", "method_not_allowed", "read_body"]
+__all__ = [
+    "error_event",
+    "json_object",
+    "json_response",
+    "method_not_allowed",
+    "read_body",
+    "undecodable_body",
+]
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -26,15 +33,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     try:
         return await _read_body(request, limit)
     except web.RequestPayloadError:
-        # After a body it could not decode, aiohttp cannot tell where the next request on
-        # the connection starts: the connection ends with this answer.  Left to itself,
-        # aiohttp would first read on in the body, meet the error again and log it with
-        # a traceback (a line any client could add).
-        request.content.feed_eof()
-        request.protocol.close()
-        error = InvalidRequest("request body could not be decoded (see its Content-Encoding)")
-        error.headers = {"Connection": "close"}
-        raise error from None
+        raise undecodable_body(request) from None
+
+
+def undecodable_body(request: web.Request) -> InvalidRequest:
+    """The 400 for a body aiohttp could not decode (``Content-Encoding``), which also ends
+    the connection: after such a body aiohttp cannot tell where the next request starts.
+    Left to itself, aiohttp would first read on in the body, meet the error again and log
+    it with a traceback (a line any client could add)."""
+    request.content.feed_eof()
+    request.protocol.close()
+    error = InvalidRequest("request body could not be decoded (see its Content-Encoding)")
+    error.headers = {"Connection": "close"}
+    return error
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..auth import authenticate
 from ..errors import PayloadTooLarge, UpstreamError
 from ..state import gateway_of
+from .http import undecodable_body
 from .upstream import Answer, filter_headers
 
 __all__ = ["passthrough", "relay"]
@@ -52,8 +53,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 timer.answered()
                 return await relay(request, response)
     except UpstreamError:
-        if body.exceeded:  # the client library reports our refusal as a broken upload
+        # The client library reports a failed upload as a broken upstream.
+        if body.exceeded:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes") from None
+        if body.undecodable:
+            raise undecodable_body(request) from None
         raise
 
 
@@ -64,15 +68,21 @@ class _LimitedBody:
         self.content = content
         self.limit = limit
         self.exceeded = False
+        self.undecodable = False
+        """The body's ``Content-Encoding`` could not be decoded."""
 
     async def stream(self) -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in self.content.iter_any():
-            size += len(chunk)
-            if size > self.limit:
-                self.exceeded = True
-                raise PayloadTooLarge(f"request body is larger than {self.limit} bytes")
-            yield chunk
+        try:
+            async for chunk in self.content.iter_any():
+                size += len(chunk)
+                if size > self.limit:
+                    self.exceeded = True
+                    raise PayloadTooLarge(f"request body is larger than {self.limit} bytes")
+                yield chunk
+        except web.RequestPayloadError:
+            self.undecodable = True
+            raise
 
 
 async def relay(
