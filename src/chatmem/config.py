@@ -171,12 +171,6 @@ _TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 """``$${`` (a literal ``${``), or a placeholder: ``${VAR}`` or ``${VAR:-default}``."""
 
 
-class _Verbatim(str):
-    """A value given on the command line: the shell has expanded it already."""
-
-    __slots__ = ()
-
-
 def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
     """``${VAR}`` and ``${VAR:-default}`` as the shell reads them: the default stands in
     for a variable that is unset or empty.  ``$${`` is a literal ``${``; any other ``${``
@@ -216,24 +210,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, env: Mapping[str, str]) -> Any:
-    """Expand ``${VAR}`` in ``value`` (from TOML; once: a variable may hold ``${``), then
-    check it against the annotation ``tp``."""
-    if isinstance(value, _Verbatim):
-        value = str(value)
-    elif isinstance(value, str):
-        value = _expand(value, key, env)
-    return _checked(value, tp, key)
-
-
-def _checked(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None or (value == "" and type(None) in args):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _checked(value, inner[0], key)
+        return _coerce(value, inner[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -257,7 +242,7 @@ def _checked(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str]) -> Any:
+def _build_section(cls: type[Any], raw: Any, section: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}]: must be a table")
     hints = typing.get_type_hints(cls)
@@ -267,7 +252,7 @@ def _build_section(cls: type[Any], raw: Any, section: str, env: Mapping[str, str
         key = f"{section}.{name}"
         if name not in names:
             raise ConfigError(f"{key}: unknown key")
-        values[name] = _coerce(value, hints[name], key, env)
+        values[name] = _coerce(value, hints[name], key)
     if section == "storage" and "url" in values:
         values["url"] = _storage_url(values["url"])
     _validate(section, values)
@@ -394,15 +379,17 @@ def _check_public_key(value: str) -> None:
         raise ConfigError("auth.public_key: not a valid PEM public key") from None
 
 
-def _verbatim(over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` with its strings marked as not to be expanded (see :class:`_Verbatim`)."""
+def _expanded(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """The file's tables with ``${VAR}`` expanded in their strings, once (a variable may
+    hold ``${``).  Flags are merged in afterwards, as given: the shell expanded them."""
     return {
-        key: _verbatim(value)
-        if isinstance(value, Mapping)
-        else _Verbatim(value)
-        if isinstance(value, str)
-        else value
-        for key, value in over.items()
+        section: {
+            name: _expand(value, f"{section}.{name}", env) if isinstance(value, str) else value
+            for name, value in table.items()
+        }
+        if isinstance(table, dict)
+        else table
+        for section, table in raw.items()
     }
 
 
@@ -443,13 +430,14 @@ def load_config(
             raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+        raw = _expanded(raw, env)
     if overrides:
-        raw = _merge(raw, _verbatim(overrides))
+        raw = _merge(raw, overrides)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in sections:
             raise ConfigError(f"[{name}]: unknown section")
         section_type = typing.get_type_hints(Config)[name]
-        built[name] = _build_section(section_type, value, name, env)
+        built[name] = _build_section(section_type, value, name)
     return Config(**built)
