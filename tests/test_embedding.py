@@ -135,3 +135,42 @@ async def test_a_client_that_leaves_is_noticed_without_handler_cancellation(
         finally:
             await runner.cleanup()
     assert rows.messages() == []
+
+
+async def test_a_host_can_answer_malformed_http_in_the_openai_shape(
+    db_path: Path, upstream: TestServer
+) -> None:
+    """A request aiohttp cannot parse reaches no app: with ``web.AppRunner`` the host's
+    server answers in plain text quoting the refused line (a token); with chatmem's
+    ``GatewayRunner`` it is the OpenAI-shaped 400 that ``chatmem serve`` gives, and the
+    host's routes are served as before."""
+    from chatmem.server import GatewayRunner
+
+    app = _example().build_app(make_config(db_path, upstream_url(upstream)))
+    runner = GatewayRunner(app)
+    await runner.setup()
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    await web.SockSite(runner, listening).start()
+    token = b"sk-host-client-token"
+
+    def ask(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    try:
+        bad = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\x01\r\n\r\n"
+        response = await asyncio.to_thread(ask, bad)
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 ") and token not in response
+        assert json.loads(body)["error"]["code"] == "malformed_request"
+        index = await asyncio.to_thread(
+            ask, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert index.startswith(b"HTTP/1.1 200 ") and b'"app": "my-host-app"' in index
+    finally:
+        await runner.cleanup()

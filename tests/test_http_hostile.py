@@ -4,6 +4,7 @@ they used are given back."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Process, free_port
@@ -59,6 +61,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def exchange(server: Server, raw: bytes) -> tuple[list[int], bool]:
     """Send ``raw``; return the statuses of every response and whether the server closed
     the connection (rather than keeping it open for more)."""
+    statuses, closed, _ = exchange_bytes(server, raw)
+    return statuses, closed
+
+
+def exchange_bytes(server: Server, raw: bytes) -> tuple[list[int], bool, bytes]:
+    """:func:`exchange`, and every byte the server sent."""
     with server.connect() as sock:
         sock.sendall(raw)
         sock.settimeout(IDLE_TIMEOUT * 5)
@@ -73,7 +81,16 @@ def exchange(server: Server, raw: bytes) -> tuple[list[int], bool]:
         except ConnectionResetError:
             closed = True
     statuses = [int(s) for s in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
-    return statuses, closed
+    return statuses, closed, received
+
+
+def json_error(response: bytes) -> dict[str, Any]:
+    """The OpenAI-shaped error of one whole response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    error: dict[str, Any] = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 SMUGGLING = {
@@ -109,10 +126,35 @@ SMUGGLING = {
 
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
 def test_malformed_framing_is_refused_and_closed(server: Server, name: str) -> None:
-    """One 400, nothing smuggled behind it is answered, and the connection is closed."""
-    statuses, closed = exchange(server, SMUGGLING[name])
+    """One 400 in the OpenAI error shape, nothing smuggled behind it is answered, and the
+    connection is closed."""
+    statuses, closed, response = exchange_bytes(server, SMUGGLING[name])
     assert statuses == [400]
     assert closed
+    error = json_error(response)
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "malformed_request"
+
+
+TOKEN = "sk-token-of-the-client-0123456789"
+QUOTING = {
+    "bad-char-in-value": f"Authorization: Bearer {TOKEN}\x01".encode(),
+    "space-in-name": f"X-My Auth: Bearer {TOKEN}".encode(),
+    "over-8-kib": f"Authorization: Bearer {TOKEN}{'a' * 9000}".encode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUOTING))
+def test_malformed_header_is_not_quoted_back(server: Server, name: str) -> None:
+    """aiohttp's own answer quotes the line it refused, so a client's token would come
+    back in a response body (where proxies and client logs keep it): the error names the
+    kind of mistake and nothing the client sent."""
+    raw = POST + QUOTING[name] + b"\r\nContent-Length: 2\r\n\r\n{}"
+    statuses, _, response = exchange_bytes(server, raw)
+    assert statuses == [400]
+    assert TOKEN.encode() not in response and b"Bearer" not in response
+    message = json_error(response)["message"]
+    assert message.startswith(("the request is not valid HTTP/1.1", "the request line or"))
 
 
 def test_body_over_limit_is_413_before_it_is_sent(server: Server) -> None:

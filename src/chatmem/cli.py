@@ -151,13 +151,14 @@ def _at_least_0(kind: Callable[[str], float]) -> Callable[[str], float]:
 
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     from .logs import AccessLogger
+    from .server import GatewayRunner
 
     stop = stop_event_on_signals()
     tasks: list[asyncio.Task[None]] = []
     if demo:
         config, mock = start_demo_upstream(config)
         tasks.append(mock)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         create_app(config),
         handle_signals=False,
         handler_cancellation=True,
