@@ -141,6 +141,38 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("api_key", "sk-secret-from-a-file\n", "upstream.api_key: must not contain line"),
+        ("api_key", "sk-secret\r\nX-Injected: 1", "upstream.api_key: must not contain"),
+        ("auth_scheme", "Bearer\n", "upstream.auth_scheme: must not contain"),
+        ("auth_header", "X-Api Key", "upstream.auth_header: must be an HTTP header name"),
+        ("auth_header", "", "upstream.auth_header: must be an HTTP header name"),
+        ("url", "http://h/v1?api-key=sk-secret", "upstream.url: must not have a query"),
+        ("url", "http://h/v1#sk-secret", "upstream.url: must not have a query"),
+        ("url", "http://h/v1\n", "upstream.url: must not contain spaces"),
+        ("url", "ftp://user:sk-secret@h/v1", "upstream.url: must be an http"),
+    ],
+)
+def test_upstream_values_that_would_fail_every_request(
+    tmp_path: Path, name: str, value: str, message: str
+) -> None:
+    """A key read from a file with its line break, or a header name with a space, used
+    to start the gateway and then fail every turn with a 400 blaming the client (and a
+    500 on passthrough).  Refused at start-up, from a variable or a flag, without
+    quoting the value."""
+    path = write(tmp_path, f'[upstream]\n{name} = "${{VALUE}}"\n')
+    for load in (
+        lambda: load_config(path, env={"VALUE": value}),
+        lambda: load_config(None, overrides={"upstream": {name: value}}, env={}),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load()
+        assert str(caught.value).startswith(message)
+        assert "secret" not in str(caught.value)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml", env={})

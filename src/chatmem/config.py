@@ -287,10 +287,37 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
     if section == "auth":
         _validate_auth(values)
-    if section == "upstream" and "url" in values:
-        url = values["url"]
+    if section == "upstream":
+        _validate_upstream(values)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _validate_upstream(values: Mapping[str, Any]) -> None:
+    """What would otherwise fail on every request (as the client's fault, a 400) or send
+    part of a secret somewhere else; the values are never quoted (they may be secrets)."""
+    url = values.get("url")
+    if url is not None:
         if not re.match(r"^https?://[^/]+", url):
-            raise ConfigError(f"upstream.url: must be an http:// or https:// URL, not {url!r}")
+            raise ConfigError("upstream.url: must be an http:// or https:// URL")
+        if "?" in url or "#" in url:
+            # The API's paths are appended to it: a query would be dropped from every
+            # request (and is where some put a key).
+            raise ConfigError("upstream.url: must not have a query string or a fragment")
+        if _CONTROL.search(url) or " " in url:
+            raise ConfigError("upstream.url: must not contain spaces or control characters")
+    for name in ("api_key", "auth_scheme"):
+        value = values.get(name)
+        if value is not None and _CONTROL.search(value):
+            # A key read from a file often ends in a line break: strip it where it is set.
+            raise ConfigError(
+                f"upstream.{name}: must not contain line breaks or other control characters"
+            )
+    header = values.get("auth_header")
+    if header is not None and not _HEADER_NAME.fullmatch(header):
+        raise ConfigError("upstream.auth_header: must be an HTTP header name")
 
 
 _DRIVERS = {
