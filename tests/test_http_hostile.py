@@ -258,3 +258,15 @@ def test_idle_connections_are_closed_and_given_back(server: Server) -> None:
         server, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert statuses == [200]
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_an_encoding_aiohttp_cannot_decode_is_named(server: Server, encoding: str) -> None:
+    """aiohttp refuses brotli and zstd bodies (their modules are not installed) in its
+    parser: the answer is the OpenAI-shaped 400 saying what is wrong."""
+    raw = POST + b"Content-Encoding: %s\r\nContent-Length: 4\r\n\r\nabcd" % encoding.encode()
+    statuses, _, response = exchange_bytes(server, raw)
+    assert statuses == [400]
+    assert json_error(response)["message"] == (
+        "the request body's Content-Encoding is not supported (gzip and deflate are)"
+    )

@@ -23,6 +23,7 @@ from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadHttpMethod,
     BadStatusLine,
+    ContentEncodingError,
     InvalidHeader,
     LineTooLong,
 )
@@ -34,6 +35,10 @@ __all__ = ["GatewayRunner", "malformed_request_message"]
 
 _WHAT_WAS_WRONG: tuple[tuple[type[BaseException], str], ...] = (
     (LineTooLong, "the request line or a header is too long"),
+    (
+        ContentEncodingError,
+        "the request body's Content-Encoding is not supported (gzip and deflate are)",
+    ),
     (InvalidHeader, "a request header is malformed"),
     (BadHttpMethod, "the request method is not valid"),
     (BadStatusLine, "the request line is malformed"),
