@@ -105,3 +105,55 @@ def test_debug_content_logs_content_but_still_no_secrets(tmp_path: Path) -> None
     assert CONTENT in content[0]["message"] and ANSWER_WORD in content[1]["message"]
     # The peer is a trusted proxy now, so the address it forwarded for is the client.
     assert _access(lines, "/v1/chat/completions")["client"] == "203.0.113.7"
+
+
+def _leave_early(port: int, request_id: str, stream: bool) -> None:
+    """Ask for a slow answer (the demo model's X-Mock-* headers) and hang up mid-way."""
+    body = json.dumps(
+        {"model": "m", "stream": stream, "messages": [{"role": "user", "content": "a b c"}]}
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {request_id}\r\nX-Mock-Tokens: 40\r\nX-Mock-Delay-Ms: 50\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        raw.sendall(head.encode() + body)
+        if stream:
+            assert raw.recv(65536).startswith(b"HTTP/1.1 200 ")  # the answer has started
+        else:
+            raw.settimeout(0.3)
+            try:
+                raw.recv(65536)  # the answer takes about 2 s: nothing comes in time
+            except TimeoutError:
+                pass
+
+
+def test_a_client_that_leaves_gets_an_access_line(tmp_path: Path) -> None:
+    """aiohttp writes no access line for a request whose handler was cancelled: the
+    requests whose clients left, streamed or not, are logged with status 499."""
+    gateway = serve(
+        tmp_path, "http://unused.invalid/v1", '[log]\nformat = "json"\naccess = true\n', "--demo"
+    )
+    try:
+        _leave_early(gateway.port, "left-mid-stream", stream=True)
+        _leave_early(gateway.port, "left-before-the-answer", stream=False)
+        with urllib.request.urlopen(gateway.url + "/v1/health", timeout=20) as response:
+            assert response.status == 200
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    access = {
+        line["request_id"]: line
+        for line in json_lines(stderr)
+        if line["logger"] == "chatmem.access"
+    }
+    for request_id in ("left-mid-stream", "left-before-the-answer"):
+        line = access[request_id]
+        assert (line["status"], line["path"], line["client"]) == (
+            499,
+            "/v1/chat/completions",
+            "127.0.0.1",
+        )
+        assert line["message"].startswith("POST /v1/chat/completions 499 ")
+        assert line["message"].endswith("ms 127.0.0.1")  # the text line names the client too

@@ -27,12 +27,14 @@ from .config import LogConfig
 from .forwarded import client_address
 
 __all__ = [
+    "CLIENT_GONE",
     "REQUEST_ID_HEADER",
     "AccessLogger",
     "JsonFormatter",
     "accept_request_id",
     "configure_logging",
     "current_request_id",
+    "log_access",
     "log_content",
     "request_id_var",
 ]
@@ -142,26 +144,45 @@ def log_content(enabled: bool, what: str, content: Any) -> None:
         content_log.debug("%s: %s", what, json.dumps(content, ensure_ascii=False, default=str))
 
 
+CLIENT_GONE = 499
+"""The status in the access line of a request whose client left before its answer was
+complete (nginx's "client closed request"): no response status was sent."""
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request: no query string, no headers, nothing a client sent as content."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %s %.1fms",
-            request.method,
-            request.path,
-            response.status,
-            time * 1000,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000, 3),
-                "client": client_address(request),
-                "request_id": response.headers.get(REQUEST_ID_HEADER),
-            },
+        log_access(
+            self.logger, request, response.status, time, response.headers.get(REQUEST_ID_HEADER)
         )
 
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def log_access(
+    logger: logging.Logger,
+    request: web.BaseRequest,
+    status: int,
+    seconds: float,
+    request_id: str | None,
+) -> None:
+    client = client_address(request)
+    logger.info(
+        "%s %s %s %.1fms %s",
+        request.method,
+        request.path,
+        status,
+        seconds * 1000,
+        client,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "client": client,
+            "request_id": request_id,
+        },
+    )

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ChatmemError, error_body, error_response
-from .logs import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from .logs import (
+    CLIENT_GONE,
+    REQUEST_ID_HEADER,
+    accept_request_id,
+    access_log,
+    log_access,
+    request_id_var,
+)
 from .proxy.http import json_response
 from .state import GATEWAY, Gateway, gateway_of, remember_gateway
 
@@ -56,6 +64,8 @@ def tracker(gateway: Gateway) -> Middleware:
     chain of apps is several more.
     """
     in_flight = gateway.live.tasks
+    log_gone = gateway.config.log.access
+    clock = time.monotonic if log_gone else None
 
     @web.middleware
     async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -69,8 +79,15 @@ def tracker(gateway: Gateway) -> Middleware:
             task = asyncio.current_task()
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
+            started = clock() if clock is not None else 0.0
             try:
                 return await handler(request)
+            except asyncio.CancelledError:
+                # The client left (or shutdown's grace ran out): aiohttp logs no line for
+                # a cancelled handler, and these are the requests one looks for.
+                if clock is not None:
+                    log_access(access_log, request, CLIENT_GONE, clock() - started, request_id)
+                raise
             except ChatmemError as exc:
                 return error_response(exc)
             except web.HTTPException:
