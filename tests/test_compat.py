@@ -274,6 +274,22 @@ async def test_ask_keeps_clients_users_and_tenants_apart(
             {"question": "q", "client_id": "1", "user_id": "1", "history": [{"role": "x"}]},
             "history[0].role",
         ),
+        (
+            {"question": "q", "client_id": "1", "user_id": "1", "history": [{"role": "user"}]},
+            "history[0].content",
+        ),
+        (
+            {
+                "question": "q",
+                "client_id": "1",
+                "user_id": "1",
+                "history": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": None},
+                ],
+            },
+            "history[1].content",
+        ),
     ],
 )
 async def test_ask_bad_fields_are_400_naming_the_field(

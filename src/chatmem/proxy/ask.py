@@ -58,9 +58,14 @@ def _history(value: object) -> History | None:
         return None
     if not isinstance(value, list):
         raise InvalidRequest("history must be an array of message objects", param="history")
-    return History.from_messages(
-        None, [check_message(i, m, "history") for i, m in enumerate(value)]
-    )
+    messages = [check_message(i, m, "history") for i, m in enumerate(value)]
+    for i, message in enumerate(messages):
+        # The older service's history is {role, content} pairs: one without content is a
+        # client's mistake to name here, not the upstream's 400 to relay.
+        if message.get("content") is None and not message.get("tool_calls"):
+            param = f"history[{i}].content"
+            raise InvalidRequest(f"{param} is required", param=param)
+    return History.from_messages(None, messages)
 
 
 async def ask(request: web.Request) -> web.StreamResponse:
