@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import json
 import signal
 import socket
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import pg
 import pytest
 from helpers import Process, free_port, run_chatmem
 
@@ -91,6 +94,24 @@ def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
         f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["no such database", "a wrong password"])
+async def test_a_database_that_refuses_the_gateway_is_one_line(
+    tmp_path: Path, problem: str
+) -> None:
+    """Refused for good at start-up (not merely unreachable): one line with the server's
+    own words, not a traceback of SQLAlchemy's wrapper."""
+    if problem == "no such database":
+        url, said = pg.sqlalchemy_url("chatmem_no_such_database"), "does not exist"
+    else:  # the socket's peer authentication ignores passwords: go through TCP
+        url = f"postgresql://{getpass.getuser()}:wrong-pw@127.0.0.1:{pg.PORT}/postgres"
+        said = "password authentication failed"
+    result = await asyncio.to_thread(run_chatmem, "serve", "--db", url, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("chatmem: cannot use the conversation store: ") and said in last
+    assert "Traceback" not in result.stderr and "wrong-pw" not in result.stderr
 
 
 def test_mock_upstream_refuses_what_it_cannot_do() -> None:

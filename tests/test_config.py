@@ -132,6 +132,22 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ('[storage]\nurl = "mysql://u:pw@h/db"\n', "storage.url: use sqlite+aiosqlite"),
         ("server = 1\n", "[server]: must be a table"),
         ("[server\n", "invalid TOML"),
+        ('[server]\nhost = ""\n', "server.host: must not be empty"),
+        ("[server]\nshutdown_grace = -1\n", "server.shutdown_grace: must not be negative"),
+        ("[storage]\nbusy_timeout_ms = -5\n", "storage.busy_timeout_ms: must not be negative"),
+        ('[metrics]\npath = "/v1/health"\n', "metrics.path: must not be one of the gateway's"),
+        ('[metrics]\npath = "/api/v1/health"\n', "metrics.path: must not be one of"),
+        ('[metrics]\npath = "/conversation/m"\n', "metrics.path: must not be one of"),
+        ('[upstream]\nurl = "http://127.0.0.1:99999/v1"\n', "upstream.url: not a valid URL"),
+        ('[upstream]\nurl = "http://h:port/v1"\n', "upstream.url: not a valid URL"),
+        ('[upstream]\nurl = "http://user:pw@/v1"\n', "upstream.url: not a valid URL"),
+        ('[storage]\nurl = "postgresql://u:pw@h:abc/db"\n', "storage.url: not a valid URL"),
+        ('[storage]\nurl = "postgresql://u:pw@h:70000/db"\n', "storage.url: the port must be"),
+        ('[storage]\nurl = "postgresql://u@/db?host=/s&port=5432x"\n', "storage.url: not a valid"),
+        (
+            '[storage]\nurl = "postgresql://u:pw@h/db?sslcert=x"\n',
+            "storage.url: asyncpg does not take 'sslcert' (it takes database,",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -171,6 +187,24 @@ def test_upstream_values_that_would_fail_every_request(
             load()
         assert str(caught.value).startswith(message)
         assert "secret" not in str(caught.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "chatmem.toml"
+    path.write_bytes(b"\xff\xfe[server]\n")
+    with pytest.raises(ConfigError, match=r"chatmem.toml: invalid TOML \(not UTF-8 text\)"):
+        load_config(path, env={})
+
+
+def test_libpq_sslmode_becomes_asyncpg_ssl() -> None:
+    """asyncpg names libpq's ``sslmode`` ``ssl`` (same values); a pasted libpq URL used to
+    fail at the first connection with a TypeError traceback."""
+    url = "postgresql://u@db.example/app?sslmode=verify-full"
+    used = load_config(overrides={"storage": {"url": url}}, env={}).storage.url
+    assert used == "postgresql+asyncpg://u@db.example/app?ssl=verify-full"
+    kept = "postgresql://u@/db?host=/run/pg&ssl=require"
+    used = load_config(overrides={"storage": {"url": kept}}, env={}).storage.url
+    assert used == "postgresql+asyncpg://u@/db?host=/run/pg&ssl=require"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import asyncpg
 import pytest
 from helpers import EVERY_FIELD_TURN, TOOL_CALL, open_store
-from pg import connect, fetch
+from pg import connect, fetch, sqlalchemy_url
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 
 from chatmem.config import StorageConfig
@@ -408,6 +409,33 @@ async def test_a_peer_that_is_not_postgresql_is_unavailable() -> None:
         await store.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_database_dropped_under_the_gateway_is_unavailable_quietly(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database is dropped while the gateway runs: every turn's checkout fails with
+    the driver's own error (``database ... does not exist``), raised by the dialect's
+    adapter since the fast path checks raw connections out.  A 503 each, and no
+    traceback in the log for every request (the README: the class of the cause, never
+    its text)."""
+    store = await open_store(pg_url)
+    try:
+        await store.load_history(ALICE, "c", 10)  # the pool holds a connection now
+        name = make_url(pg_url).database
+        admin = await connect(sqlalchemy_url("postgres"))
+        try:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        for _ in range(3):
+            with pytest.raises(StorageUnavailable):
+                await store.load_history(ALICE, "c", 10)
+            with pytest.raises(StorageUnavailable):
+                await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    finally:
+        await store.close()
+    assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= 40]
 
 
 async def test_connections_given_back_while_cancelled_are_given_back_whole(

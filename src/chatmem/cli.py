@@ -20,7 +20,7 @@ from yarl import URL
 
 from .app import create_app
 from .config import Config, ConfigError, find_config_file, load_config
-from .db_cli import add_db_commands, one_line, run_db
+from .db_cli import add_db_commands, driver_error, one_line, run_db
 from .errors import StorageUnavailable
 from .logs import configure_logging
 from .storage.migrate import SchemaError
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatmem: {exc}", file=sys.stderr)
         return 1
     except StorageUnavailable as exc:
-        print(f"chatmem: {exc.message}: {one_line(exc.__cause__)}", file=sys.stderr)
+        print(f"chatmem: {exc.message}: {one_line(driver_error(exc.__cause__))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

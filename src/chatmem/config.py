@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from yarl import URL
+
 __all__ = [
     "AuthConfig",
     "CompatConfig",
@@ -267,7 +269,8 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         "storage": ("pool_size", "pool_timeout", "connect_timeout"),
     }
     not_negative = {
-        "storage": ("max_overflow", "statement_timeout"),
+        "server": ("shutdown_grace",),
+        "storage": ("max_overflow", "statement_timeout", "busy_timeout_ms"),
         "memory": ("retention_days",),
     }
     for name in not_negative.get(section, ()):
@@ -283,12 +286,25 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("server.port: must be at most 65535")
     if section == "server":
         _validate_networks(values.get("trusted_proxies", ()))
-    if section == "metrics" and values.get("path", "/").partition("/")[0] != "":
-        raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
+        if values.get("host", "127.0.0.1").strip() == "":
+            # asyncio reads an empty host as every interface: say it if it is meant.
+            raise ConfigError("server.host: must not be empty (0.0.0.0 is every interface)")
+    if section == "metrics":
+        _validate_metrics_path(values.get("path", "/metrics"))
     if section == "auth":
         _validate_auth(values)
     if section == "upstream":
         _validate_upstream(values)
+
+
+def _validate_metrics_path(path: str) -> None:
+    if path == "":
+        return
+    if not path.startswith("/"):
+        raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
+    if path.rstrip("/") in ("/v1", "/api/v1/health") or path.startswith(("/v1/", "/conversation/")):
+        # It is added first: it would take the route over (GET /v1/health answering metrics).
+        raise ConfigError("metrics.path: must not be one of the gateway's routes or under /v1/")
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -308,6 +324,13 @@ def _validate_upstream(values: Mapping[str, Any]) -> None:
             raise ConfigError("upstream.url: must not have a query string or a fragment")
         if _CONTROL.search(url) or " " in url:
             raise ConfigError("upstream.url: must not contain spaces or control characters")
+        try:
+            parsed = URL(url)
+            host, _port = parsed.host, parsed.port
+        except ValueError:  # a port out of range or not a number, a broken host
+            raise ConfigError("upstream.url: not a valid URL (check its host and port)") from None
+        if not host:
+            raise ConfigError("upstream.url: has no host")
     for name in ("api_key", "auth_scheme"):
         value = values.get(name)
         if value is not None and _CONTROL.search(value):
@@ -340,7 +363,52 @@ def _storage_url(url: str) -> str:
     if driver is None:
         named = f"not {scheme}://" if sep and len(scheme) <= 40 else "the URL has no scheme"
         raise ConfigError(f"storage.url: {wanted} ({named})")
+    if driver == "postgresql+asyncpg":
+        return _asyncpg_url(f"{driver}://{rest}")
     return f"{driver}://{rest}"
+
+
+_ASYNCPG_QUERY = frozenset(
+    {
+        *("host", "port", "user", "password", "passfile", "database", "ssl", "direct_tls"),
+        *("target_session_attrs", "krbsrvname", "gsslib", "prepared_statement_cache_size"),
+    }
+)
+"""What a ``postgresql+asyncpg://`` URL's query may hold: asyncpg's ``connect()``
+arguments that make sense as text (anything else failed at the first connection with
+a ``TypeError``), and SQLAlchemy's statement cache size."""
+
+
+def _asyncpg_url(url: str) -> str:
+    """A PostgreSQL URL asyncpg can connect with: libpq's ``sslmode`` (what people paste)
+    becomes asyncpg's ``ssl``, which takes the same values."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        port = parsed.port
+    except (ArgumentError, ValueError):  # a port that is not a number, say
+        raise ConfigError("storage.url: not a valid URL (check its host and port)") from None
+    query = dict(parsed.query)
+    in_query = query.get("port", ())  # ?host=/run/postgresql&port=5433, once for each host
+    ports = [str(port)] if port is not None else []
+    ports += [in_query] if isinstance(in_query, str) else list(in_query)
+    for text in ports:
+        if not text.isdigit():
+            raise ConfigError("storage.url: not a valid URL (check its host and port)")
+        if not 0 < int(text) < 65536:
+            raise ConfigError("storage.url: the port must be between 1 and 65535")
+    if "sslmode" in query and "ssl" not in query:
+        ssl = query.pop("sslmode")
+        parsed = parsed.difference_update_query(["sslmode"]).update_query_dict({"ssl": ssl})
+        url = parsed.render_as_string(hide_password=False)
+    unknown = sorted(name for name in query if name not in _ASYNCPG_QUERY)
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:3])
+        known = ", ".join(sorted(_ASYNCPG_QUERY | {"sslmode"}))
+        raise ConfigError(f"storage.url: asyncpg does not take {shown} (it takes {known})")
+    return url
 
 
 def _validate_networks(networks: tuple[str, ...]) -> None:
@@ -457,6 +525,8 @@ def load_config(
             raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: invalid TOML (not UTF-8 text)") from None
         raw = _expanded(raw, env)
     if overrides:
         raw = _merge(raw, overrides)

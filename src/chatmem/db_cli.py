@@ -20,7 +20,7 @@ from .storage.integrity import check_integrity
 from .storage.migrate import current_revision, downgrade, head_revision, upgrade
 from .storage.retention import parse_age
 
-__all__ = ["add_db_commands", "run_db"]
+__all__ = ["add_db_commands", "driver_error", "one_line", "run_db"]
 
 
 def add_db_commands(commands: Any) -> None:
@@ -107,11 +107,12 @@ def run_db(args: argparse.Namespace) -> int:
         print(f"chatmem db: {one_line(exc)}", file=sys.stderr)
         return 2
     except StorageUnavailable as exc:
-        print(f"chatmem db: {exc.message}: {one_line(exc.__cause__)}", file=sys.stderr)
+        print(
+            f"chatmem db: {exc.message}: {one_line(driver_error(exc.__cause__))}", file=sys.stderr
+        )
         return 1
     except (DBAPIError, PoolTimeout, OSError) as exc:
-        cause = getattr(exc, "orig", None) or exc
-        print(f"chatmem db: the database failed: {one_line(cause)}", file=sys.stderr)
+        print(f"chatmem db: the database failed: {one_line(driver_error(exc))}", file=sys.stderr)
         return 1
     return 0
 
@@ -129,6 +130,13 @@ def _print_problems(problems: list[str]) -> int:
         print(problem)
     print(f"chatmem db check: {len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def driver_error(exc: BaseException | None) -> BaseException | None:
+    """The driver's own error inside SQLAlchemy's wrapper, whose text adds the wrapper's
+    class name and a link: ``password authentication failed for user "app"``."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
 
 
 def one_line(exc: BaseException | None) -> str:

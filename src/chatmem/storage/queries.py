@@ -223,7 +223,8 @@ class Store:
             upgraded = await ensure_schema(self.engine)
         except (DBAPIError, PoolTimeout, OSError) as exc:
             _raise_unavailable(exc)
-            raise
+            # Refused for good (a wrong password, no such database): one line at start-up.
+            raise StorageUnavailable("cannot use the conversation store") from exc
         if upgraded:
             log.info("created the database schema (revision %s)", upgraded)
 
@@ -738,7 +739,8 @@ async def _checkout(engine: AsyncEngine, connect: Callable[[], Awaitable[T]]) ->
     try:
         return await connect()
     except Exception as exc:  # asyncpg fails with AttributeError on a peer that is no server
-        if not isinstance(exc, (SQLAlchemyError, OSError, asyncpg.PostgresError)):
+        driver_error = engine.dialect.loaded_dbapi.Error  # a raw checkout raises these
+        if not isinstance(exc, (SQLAlchemyError, OSError, asyncpg.PostgresError, driver_error)):
             # Could be ours (a pool event listener) as well as a strange peer's: say where.
             log.warning("checking a connection out failed unexpectedly", exc_info=True)
         raise StorageUnavailable("the conversation store is unavailable") from exc
