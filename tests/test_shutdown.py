@@ -118,3 +118,41 @@ async def test_idle_gateway_exits_zero_on_sigterm(tmp_path: Path) -> None:
         code, stderr = await asyncio.to_thread(gateway.stop, signal.SIGTERM)
     assert code == 0, stderr
     assert "Traceback" not in stderr
+
+
+async def test_at_the_deadline_other_requests_are_cancelled_at_once(tmp_path: Path) -> None:
+    """A stream and a plain answer are both still running when the grace period ends
+    (the demo model, slowed by its X-Mock-* headers).  The stream gets its error event;
+    the plain request is cancelled then, not once the streams have ended: it used to run
+    on for up to 5 s more, long enough for its answer (3 s) to be committed after the
+    deadline."""
+    gateway = serve(
+        tmp_path, "http://unused.invalid/v1", "[server]\nshutdown_grace = 0.5\n", "--demo"
+    )
+    slow = {"X-Mock-Delay-Ms": "100"}
+    async with aiohttp.ClientSession() as client:
+        stream = await client.post(
+            gateway.url + "/v1/chat/completions",
+            json=BODY,
+            headers={**slow, "X-Mock-Tokens": "60", "X-Conversation-Id": "streamed"},
+        )
+        await stream.content.readuntil(b"\n\n")  # under way
+        plain = asyncio.ensure_future(
+            client.post(
+                gateway.url + "/v1/chat/completions",
+                json={**BODY, "stream": False},
+                headers={**slow, "X-Mock-Tokens": "30", "X-Conversation-Id": "plain"},
+            )
+        )
+        await asyncio.sleep(0.2)  # both in flight (the plain answer takes 3 s)
+        exited = await _signal(gateway, signal.SIGTERM)
+        rest = await stream.content.read()
+        try:
+            answered: int | None = (await plain).status
+        except aiohttp.ClientError:
+            answered = None  # the connection was closed: the request was cancelled
+        code, stderr = await exited
+    assert b"gateway_shutting_down" in rest
+    assert answered is None
+    assert code == 0, stderr
+    assert _messages(gateway.db) == []

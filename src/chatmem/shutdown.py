@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import aiohttp
 from aiohttp.base_protocol import BaseProtocol
@@ -28,6 +29,7 @@ from .proxy.upstream import Answer
 __all__ = ["GatewayStopping", "LiveRequests"]
 
 log = logging.getLogger("chatmem")
+T = TypeVar("T")
 
 # Once the grace period is over: how long ended streams get to write their last event.
 _END_WAIT = 5.0
@@ -48,6 +50,8 @@ class LiveRequests:
         """The tasks of chatmem's requests in flight, each with its client connection's
         protocol (``tracking.track`` keeps it)."""
         self.streams: dict[asyncio.Task[object], Answer] = {}
+        self.waiting: dict[asyncio.Task[object], asyncio.Task[object]] = {}
+        """Handlers whose work runs in a task of its own (``finish``), with that task."""
 
     async def watch_clients(self) -> None:
         """Cancel the handler of a request whose client has gone, within ``_CLIENT_CHECK``
@@ -83,6 +87,18 @@ class LiveRequests:
             if task is not None:
                 self.streams.pop(task, None)
 
+    async def detached(self, work: asyncio.Task[T]) -> T:
+        """The result of ``work``, a task the handler's cancellation cannot reach; while the
+        handler waits, shutdown knows which work it waits for (see ``drain``)."""
+        handler = asyncio.current_task()
+        if handler is not None:
+            self.waiting[handler] = work
+        try:
+            return await asyncio.shield(work)
+        finally:
+            if handler is not None:
+                self.waiting.pop(handler, None)
+
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for requests in flight, then end the rest."""
         pending = {task for task in (*self.tasks, *self.streams) if not task.done()}
@@ -97,12 +113,13 @@ class LiveRequests:
             upstream.content.set_exception(GatewayStopping("the gateway is shutting down"))
         # The streams end with an error event and a proper end of the body. A handler
         # waiting on a stream that runs in a task of its own ("finish") then returns on
-        # its own: cancelled now, it would drop the connection before that end.
-        if self.streams:
-            _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
-        for task in pending - self.streams.keys():
+        # its own: cancelled now, it would drop the connection before that end.  Every
+        # other request is cancelled now, not after the streams have ended.
+        relaying = self.streams.keys() | {
+            handler for handler, work in self.waiting.items() if work in self.streams
+        }
+        for task in pending - relaying:
             task.cancel()
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
+        _, pending = await asyncio.wait(pending, timeout=_END_WAIT)
         for task in pending:
             task.cancel()

@@ -111,7 +111,7 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
         return await forwarding
     # "finish": a client that leaves must not stop the answer from being committed,
     # so the work runs in its own task that the handler's cancellation cannot reach.
-    return await asyncio.shield(gateway.detach(forwarding))
+    return await gateway.live.detached(gateway.detach(forwarding))
 
 
 _NOT_FROM_THE_CLIENT = ("accept-encoding", "content-type", "content-encoding")
