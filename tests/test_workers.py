@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy_helpers import json_lines, serve
+from helpers import Process, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -96,3 +97,21 @@ def test_one_conversation_across_two_workers_sees_every_turn(tmp_path: Path) -> 
         code, stderr = gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
     assert len(served_by(stderr, "turn-")) == 2  # both workers took turns of the conversation
+
+
+def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
+    """SIGTERM right after the master started its workers (``systemctl restart`` just
+    after a start): the workers, still importing, have no handler yet and die of the
+    SIGTERM passed on to them.  They were asked to stop and served nothing: exit 0, not
+    the 1 that tells the process manager a worker failed."""
+    port = free_port()
+    db = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+    process = Process(["serve", "--workers", "2", "--port", str(port), "--db", db], cwd=tmp_path)
+    stderr = process.proc.stderr
+    assert stderr is not None
+    for _ in range(50):  # bounded: the master's first lines
+        line = stderr.readline().decode()
+        if "started 2 workers" in line or not line:
+            break
+    assert "started 2 workers" in line
+    assert process.stop(signal.SIGTERM) == 0
