@@ -118,6 +118,9 @@ def test_mock_upstream_refuses_what_it_cannot_do() -> None:
     negative = run("mock-upstream", "--tokens", "-1")
     assert negative.returncode == 2
     assert "argument --tokens: must be at least 0, not -1" in negative.stderr
+    beyond = run("mock-upstream", "--port", "99999")  # used to listen on 99999 - 65536
+    assert beyond.returncode == 2
+    assert "argument --port: must be 0 to 65535, not 99999" in beyond.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -125,6 +128,18 @@ def test_mock_upstream_refuses_what_it_cannot_do() -> None:
         busy = run("mock-upstream", "--port", str(port))
     assert busy.returncode == 1 and busy.stdout == ""  # no "mock upstream on ..." line
     assert busy.stderr == f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_mock_upstream_on_port_0_names_its_port_and_stops_on_sigterm() -> None:
+    process = Process(["mock-upstream", "--port", "0"])
+    try:
+        assert process.proc.stdout is not None
+        line = process.proc.stdout.readline().decode()
+        assert line.startswith("mock upstream on http://127.0.0.1:") and ":0/" not in line
+        with urllib.request.urlopen(line.split()[-1] + "/models", timeout=10) as models:
+            assert models.status == 200
+    finally:
+        assert process.stop(signal.SIGTERM) == 0  # was 143: killed by the signal
 
 
 def test_serving_without_auth_says_so(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = commands.add_parser("mock-upstream", help="run the built-in fake model server")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--port", type=_port, default=8000, help="0: one the system chooses")
     mock.add_argument("--tokens", type=_at_least_0(int), default=16, help="tokens per answer")
     mock.add_argument(
         "--delay-ms", type=_at_least_0(float), default=0.0, help="delay between tokens"
@@ -135,6 +135,14 @@ def _bind_failure(exc: OSError) -> str:
     """Why a bind failed (asyncio's message repeats the address; the errno's text is why)."""
     errno = None if isinstance(exc, socket.gaierror) else exc.errno
     return os.strerror(errno) if errno else (exc.strerror or str(exc))
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0: the system chooses)."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, not {text}")
+    return port
 
 
 def _at_least_0(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -248,15 +256,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .mock_upstream import run_mock_upstream
 
             where = f"{args.host}:{args.port}"
-            mock = run_mock_upstream(
-                args.host,
-                args.port,
-                tokens=args.tokens,
-                delay_ms=args.delay_ms,
-                on_ready=lambda: print(f"mock upstream on http://{where}/v1", flush=True),
-            )
+
+            async def mock() -> None:
+                await run_mock_upstream(
+                    args.host,
+                    args.port,
+                    tokens=args.tokens,
+                    delay_ms=args.delay_ms,
+                    on_ready=lambda port: print(
+                        f"mock upstream on http://{args.host}:{port}/v1", flush=True
+                    ),
+                    stop=stop_event_on_signals(),  # SIGTERM too ends it cleanly, exit 0
+                )
+
             try:
-                _run(mock)
+                _run(mock())
             except OSError as exc:
                 raise CannotListen(f"cannot listen on {where}: {_bind_failure(exc)}") from None
             return 0

@@ -596,18 +596,20 @@ async def run_mock_upstream(
     *,
     tokens: int,
     delay_ms: float,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve the mock on ``host:port`` until cancelled; ``on_ready`` once it listens."""
+    """Serve the mock on ``host:port`` until cancelled or ``stop`` is set; ``on_ready``
+    with the port it listens on (the one the system chose for port 0)."""
     runner = web.AppRunner(create_mock_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
         if on_ready is not None:
-            on_ready()
+            on_ready(runner.addresses[0][1])
         # As the gateway does (cli._serve): what exists now lives as long as the process,
         # and a full collection that walked it paused every stream for up to 60 ms.
         gc.freeze()
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
     finally:
         await runner.cleanup()
