@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from helpers import run_chatmem
 from sqlalchemy import MetaData, inspect, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmem.config import StorageConfig
@@ -121,6 +121,17 @@ def chatmem(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None:
     db = ["--db", storage_url]
+    if storage_url.startswith("sqlite"):
+        # A read-only command on a SQLite file that is not there (a mistyped path, say)
+        # must not create an empty one.
+        path = make_url(storage_url).database
+        assert path is not None and not Path(path).exists()
+        for command in (["current"], ["check"], ["downgrade", "base"]):
+            missing = chatmem("db", *command, *db, cwd=tmp_path)
+            assert missing.returncode == 1
+            assert missing.stderr == f"chatmem db: no database at {path} (db upgrade creates one)\n"
+        assert not Path(path).exists()
+        Path(path).touch()  # an empty file is a database without a schema
     assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0002)\n"
     upgraded = chatmem("db", "upgrade", "0001", *db, cwd=tmp_path)
     assert upgraded.returncode == 0 and upgraded.stdout == "schema at revision 0001\n"

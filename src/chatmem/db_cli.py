@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from alembic.util import CommandError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -75,17 +77,19 @@ async def _run(args: argparse.Namespace, config: Config) -> str:
         await store.close()
 
 
-async def _prune(args: argparse.Namespace, config: Config, store: Store) -> str:
-    if args.older_than is not None:
-        age_text = args.older_than
-        age = parse_age(args.older_than)
-    elif config.memory.retention_days:
-        age_text = f"{config.memory.retention_days}d"
-        age = config.memory.retention_days * 86400.0
-    else:
-        raise ValueError("give --older-than (e.g. 30d) or set memory.retention_days")
+def _prune_age(args: argparse.Namespace, config: Config) -> tuple[str, float]:
+    """``db prune``'s age, as given and in seconds (ValueError: a usage error)."""
     if args.batch_size <= 0:
         raise ValueError("--batch-size must be greater than 0")
+    if args.older_than is not None:
+        return args.older_than, parse_age(args.older_than)
+    if config.memory.retention_days:
+        return f"{config.memory.retention_days}d", config.memory.retention_days * 86400.0
+    raise ValueError("give --older-than (e.g. 30d) or set memory.retention_days")
+
+
+async def _prune(args: argparse.Namespace, config: Config, store: Store) -> str:
+    age_text, age = _prune_age(args, config)
     deleted = await store.prune(age, batch_size=args.batch_size)
     return f"deleted {deleted} conversations not updated for {age_text}"
 
@@ -96,6 +100,17 @@ def run_db(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"chatmem: config error: {exc}", file=sys.stderr)
         return 2
+    if args.db_command == "prune":
+        try:
+            _prune_age(args, config)  # a usage error first, whatever the database
+        except ValueError as exc:
+            print(f"chatmem db: {exc}", file=sys.stderr)
+            return 2
+    missing = _missing_sqlite_file(config.storage.url)
+    if missing is not None and args.db_command != "upgrade":
+        # Opening it would create an empty file at what may be a mistyped path.
+        print(f"chatmem db: no database at {missing} (db upgrade creates one)", file=sys.stderr)
+        return 1
     try:
         if args.db_command == "check":
             return _print_problems(asyncio.run(_check(config, args.chat_only)))
@@ -130,6 +145,16 @@ def _print_problems(problems: list[str]) -> int:
         print(problem)
     print(f"chatmem db check: {len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist (None for other URLs)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.query.get("mode") == "memory" or parsed.database.startswith("file:"):
+        return None  # a URI filename: left to SQLite
+    return None if Path(parsed.database).exists() else parsed.database
 
 
 def driver_error(exc: BaseException | None) -> BaseException | None:
