@@ -142,6 +142,24 @@ def test_mock_upstream_on_port_0_names_its_port_and_stops_on_sigterm() -> None:
         assert process.stop(signal.SIGTERM) == 0  # was 143: killed by the signal
 
 
+def test_demo_says_that_it_replaces_a_given_upstream(tmp_path: Path) -> None:
+    port = free_port()
+    db = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    upstream = "http://127.0.0.1:9/v1"
+    process = Process(
+        ["serve", "--demo", "--port", str(port), "--db", db, "--upstream", upstream],
+        cwd=tmp_path,
+    )
+    process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+    process.proc.send_signal(signal.SIGINT)
+    out, err = process.proc.communicate(timeout=20)
+    assert process.proc.returncode == 0
+    assert "--demo: the built-in mock model is the upstream; upstream.url is not used" in (
+        err.decode()
+    )
+    assert "(demo model)" in out.decode()
+
+
 def test_serving_without_auth_says_so(tmp_path: Path) -> None:
     port = free_port()
     process = Process(

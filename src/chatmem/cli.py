@@ -19,7 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from .app import create_app
-from .config import Config, ConfigError, find_config_file, load_config
+from .config import Config, ConfigError, UpstreamConfig, find_config_file, load_config
 from .db_cli import add_db_commands, driver_error, one_line, run_db
 from .errors import StorageUnavailable
 from .logs import configure_logging
@@ -105,6 +105,10 @@ def start_demo_upstream(config: Config) -> tuple[Config, asyncio.Task[None]]:
     """Run the mock model in this process; ``config`` pointed at it."""
     from .mock_upstream import run_mock_upstream
 
+    if config.upstream.url != UpstreamConfig().url:
+        logging.getLogger("chatmem").warning(
+            "--demo: the built-in mock model is the upstream; upstream.url is not used"
+        )
     port = _free_port()
     task = asyncio.create_task(run_mock_upstream("127.0.0.1", port, tokens=16, delay_ms=20))
     upstream = dataclasses.replace(config.upstream, url=f"http://127.0.0.1:{port}/v1")
