@@ -470,11 +470,29 @@ async def test_conversation_bad_fields_are_400_naming_the_field(
 async def test_other_methods_on_the_old_services_paths_stay_here(
     gateway: Client, upstream: TestServer
 ) -> None:
-    for method, path in (("PUT", "/v1/health"), ("DELETE", "/v1/health"), ("GET", "/v1/ask")):
+    for method, path, allow in (
+        ("PUT", "/v1/health", "GET,HEAD"),
+        ("DELETE", "/v1/health", "GET,HEAD"),
+        ("GET", "/v1/ask", "POST"),
+        ("GET", "/conversation/m", "POST"),
+    ):
         resp = await gateway.request(method, path)
         assert resp.status == 405, (method, path)
+        assert resp.headers["Allow"] == allow  # RFC 9110: a 405 names what is allowed
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
     assert received(upstream) == []
+
+
+async def test_other_methods_on_the_chat_path_pass_through(
+    gateway: Client, upstream: TestServer
+) -> None:
+    """Only POST is a turn with memory; OpenAI's list of stored completions is GET."""
+    resp = await gateway.get("/v1/chat/completions?limit=2")
+    assert [(r.method, r.path, r.query) for r in received(upstream)] == [
+        ("GET", "/v1/chat/completions", "limit=2")
+    ]
+    assert resp.status == 405  # the mock upstream takes only POST there: its own answer
+    assert resp.headers["Allow"] == "POST"
 
 
 async def test_a_model_name_may_hold_slashes(gateway: Client, upstream: TestServer) -> None:

@@ -338,14 +338,15 @@ async def test_other_methods_do_not_reach_the_upstream(
     gateway: Client, upstream: TestServer
 ) -> None:
     made = await create(gateway)
-    for method, path in (
-        ("PUT", "/v1/conversations"),
-        ("PATCH", f"/v1/conversations/{made['id']}"),
-        ("PUT", f"/v1/conversations/{made['id']}/items"),
-        ("POST", f"/v1/conversations/{made['id']}/items/msg_1"),
+    for method, path, allow in (
+        ("PUT", "/v1/conversations", "GET,POST"),
+        ("PATCH", f"/v1/conversations/{made['id']}", "DELETE,GET,POST"),
+        ("PUT", f"/v1/conversations/{made['id']}/items", "GET,POST"),
+        ("POST", f"/v1/conversations/{made['id']}/items/msg_1", "DELETE,GET"),
     ):
         response = await gateway.request(method, path)
         assert response.status == 405
+        assert response.headers["Allow"] == allow
         assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert received(upstream) == []
 

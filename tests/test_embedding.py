@@ -71,6 +71,10 @@ async def test_host_routes_and_middleware_work_next_to_chatmem(
     assert bad.status == 400
     assert json.loads(await bad.read())["error"]["type"] == "invalid_request_error"
     assert (await client.get("/metrics")).status == 200
+    # A 405 on chatmem's own paths too (aiohttp's plain text before), naming what is allowed.
+    wrong = await client.put("/v1/conversations")
+    assert (wrong.status, wrong.headers["Allow"]) == (405, "GET,POST")
+    assert json.loads(await wrong.read())["error"]["code"] == "method_not_allowed"
 
 
 async def test_an_error_in_a_host_route_is_the_host_s_business(

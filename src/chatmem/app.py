@@ -9,12 +9,11 @@ from aiohttp.typedefs import Handler
 
 from .auth import setup_auth
 from .config import Config
-from .errors import error_body
 from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
-from .proxy.http import json_response, method_not_allowed
+from .proxy.http import http_error_as_json, method_not_allowed
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
 from .tracking import (
@@ -73,7 +72,4 @@ async def _http_errors_as_json(request: web.Request, handler: Handler) -> web.St
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        body = error_body(exc.reason, kind, code=exc.reason.lower().replace(" ", "_"))
-        allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return json_response(body, status=exc.status, headers=allow)
+        return http_error_as_json(exc)

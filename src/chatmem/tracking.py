@@ -21,7 +21,7 @@ from .logs import (
     log_access,
     request_id_var,
 )
-from .proxy.http import json_response
+from .proxy.http import http_error_as_json, json_response
 from .state import GATEWAY, Gateway, gateway_of, remember_gateway
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
@@ -90,8 +90,10 @@ def tracker(gateway: Gateway) -> Middleware:
                 raise
             except ChatmemError as exc:
                 return error_response(exc)
-            except web.HTTPException:
-                raise
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return http_error_as_json(exc)  # chatmem's routes answer in one shape
             except Exception:
                 log.exception("unhandled error in %s %s", request.method, request.path)
                 body = error_body(

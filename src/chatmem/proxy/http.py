@@ -15,6 +15,7 @@ from ..state import GATEWAY
 
 __all__ = [
     "error_event",
+    "http_error_as_json",
     "json_object",
     "json_response",
     "method_not_allowed",
@@ -141,5 +142,23 @@ def error_event(message: str, type_: str = "upstream_error", code: str | None = 
 
 async def method_not_allowed(request: web.Request) -> web.Response:
     """For the other methods on the gateway's own paths: they must not fall through to
-    the ``/v1/`` passthrough (405, in the OpenAI shape like every aiohttp error)."""
-    raise web.HTTPMethodNotAllowed(request.method, [])
+    the ``/v1/`` passthrough (405, in the OpenAI shape like every aiohttp error), with
+    the methods the path does take in ``Allow`` (the routes of its other resources)."""
+    this = request.match_info.route.resource
+    allowed = {
+        route.method
+        for resource in request.app.router.resources()
+        if resource is not this and this is not None and resource.canonical == this.canonical
+        for route in resource
+        if route.method != "*"
+    }
+    raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+
+
+def http_error_as_json(exc: web.HTTPException) -> web.Response:
+    """aiohttp's error ``exc`` (404, 405, 413, ...) in the OpenAI error shape, with its
+    ``Allow`` header."""
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    body = error_body(exc.reason, kind, code=exc.reason.lower().replace(" ", "_"))
+    allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return json_response(body, status=exc.status, headers=allow)
