@@ -178,3 +178,68 @@ async def test_a_host_can_answer_malformed_http_in_the_openai_shape(
         assert index.startswith(b"HTTP/1.1 200 ") and b'"app": "my-host-app"' in index
     finally:
         await runner.cleanup()
+
+
+async def test_a_host_middleware_that_reads_the_body_first(
+    aiohttp_client: Any, upstream: TestServer, db_path: Path, rows: Rows
+) -> None:
+    """``await request.read()`` in a middleware is ordinary aiohttp (the handler gets the
+    same bytes again).  chatmem read the stream itself and found it spent: a chat turn
+    was a 400 'not valid JSON', a new conversation lost its metadata, and a passthrough
+    upload hung until read_timeout (its Content-Length promised bytes never sent)."""
+    import chatmem
+
+    @web.middleware
+    async def reads_first(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.body_exists:
+            await request.read()
+        return await handler(request)
+
+    app = web.Application(middlewares=[reads_first])
+    chatmem.setup(app, make_config(db_path, upstream_url(upstream)))
+    client = await aiohttp_client(app)
+    turn = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+    chat = await client.post(
+        "/v1/chat/completions", json=turn, headers={"X-Conversation-Id": "read"}
+    )
+    assert chat.status == 200
+    assert [m["role"] for m in rows.messages("read")] == ["user", "assistant"]
+    made = await client.post("/v1/conversations", json={"metadata": {"team": "a"}})
+    assert (await made.json())["metadata"] == {"team": "a"}
+    embedded = await asyncio.wait_for(
+        client.post("/v1/embeddings", json={"model": "e", "input": "x"}), 10
+    )
+    assert embedded.status == 200
+    assert received(upstream)[-1].json == {"model": "e", "input": "x"}
+
+
+async def test_chatmem_in_a_sub_app_and_host_routes_under_v1(
+    aiohttp_client: Any, upstream: TestServer, db_path: Path
+) -> None:
+    """``setup`` on a sub-app mounted at /ai/: the passthrough sends the path after
+    /ai/v1 (it sent /v1/ai/v1/models).  And a host route under /v1/ asked with another
+    method is the host's 405, not a request to the model server."""
+    import chatmem
+
+    async def host_thing(_request: web.Request) -> web.Response:
+        return web.json_response({"host": True})
+
+    sub = web.Application()
+    chatmem.setup(sub, make_config(db_path, upstream_url(upstream)))
+    app = web.Application()
+    app.add_subapp("/ai/", sub)
+    client = await aiohttp_client(app)
+    models = await client.get("/ai/v1/models?x=1")
+    assert models.status == 200
+    assert [(r.method, r.path, r.query) for r in received(upstream)] == [
+        ("GET", "/v1/models", "x=1")
+    ]
+
+    host = web.Application()
+    host.router.add_get("/v1/host-thing", host_thing)
+    chatmem.setup(host, make_config(db_path, upstream_url(upstream)))
+    client = await aiohttp_client(host)
+    assert await (await client.get("/v1/host-thing")).json() == {"host": True}
+    refused = await client.post("/v1/host-thing", json={})
+    assert (refused.status, refused.headers["Allow"]) == (405, "GET,HEAD")
+    assert len(received(upstream)) == 1  # nothing more reached the model server

@@ -14,6 +14,7 @@ from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
 from ..state import GATEWAY
 
 __all__ = [
+    "already_read",
     "error_event",
     "http_error_as_json",
     "json_object",
@@ -53,6 +54,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     content = request.content
     if content.is_eof():  # all of it has arrived (a small body usually has): no timer
         body = content.read_nowait()
+        if not body and request.body_exists:
+            body = await already_read(request)
         if len(body) > limit:
             raise _too_large(limit)
         return body
@@ -72,6 +75,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"the request body did not arrive within {deadline:g} seconds"
         ) from None
     return b"".join(chunks)
+
+
+async def already_read(request: web.Request) -> bytes:
+    """The body a host app's middleware read before chatmem's handler (``await
+    request.read()`` is usual in aiohttp, and keeps the body for the handler), or b""."""
+    return await request.read()  # aiohttp's copy; its stream is at its end by now
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -10,7 +10,8 @@ from aiohttp import web
 from ..auth import authenticate
 from ..errors import PayloadTooLarge, UpstreamError
 from ..state import gateway_of
-from .http import undecodable_body
+from ..tracking import ROUTE_PREFIX
+from .http import already_read, undecodable_body
 from .upstream import Answer, filter_headers
 
 __all__ = ["passthrough", "relay"]
@@ -29,9 +30,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    url = upstream.url_for(
-        request.rel_url.raw_path.removeprefix("/v1"), request.rel_url.raw_query_string
-    )
+    path = _upstream_path(request)
+    await _refuse_host_paths(request)
+    url = upstream.url_for(path, request.rel_url.raw_query_string)
     # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its length
     # is not the one the client sent).
     decoded = "Content-Encoding" in request.headers
@@ -39,13 +40,20 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if length is not None and not decoded:
         headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
+    data: AsyncIterator[bytes] | bytes | None = None
+    if request.body_exists and request.content.at_eof():
+        data = await already_read(request)  # by a host app's middleware, say
+        if len(data) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    elif request.body_exists:
+        data = body.stream()
     timer = gateway.metrics.upstream_timer("passthrough")
     try:
         with upstream_failures():
             async with upstream.session.request(
                 request.method,
                 url,
-                data=body.stream() if request.body_exists else None,
+                data=data,
                 headers=headers,
                 timeout=upstream.timeout,
                 allow_redirects=False,
@@ -59,6 +67,48 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         if body.undecodable:
             raise undecodable_body(request) from None
         raise
+
+
+def _upstream_path(request: web.Request) -> str:
+    """The request's path after chatmem's ``/v1``, as the client wrote it (escapes kept).
+
+    In a sub-app mounted at ``/ai/`` the route is ``/ai/v1/{tail}``: the mount prefix is
+    not the upstream's.
+    """
+    raw = request.rel_url.raw_path
+    mount = _mount(request)
+    if not raw.startswith(mount + "/v1/"):  # the prefix written with escapes
+        raise web.HTTPNotFound()
+    return raw[len(mount) + len("/v1") :]
+
+
+def _mount(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else _PASSTHROUGH
+    return canonical.removesuffix(_PASSTHROUGH)
+
+
+_PASSTHROUGH = "/v1/{tail}"
+
+
+async def _refuse_host_paths(request: web.Request) -> None:
+    """A host app's own route under ``/v1/`` asked with another method: aiohttp's router
+    went on to chatmem's catch-all, but the path is the host's, not the upstream's (405,
+    as without chatmem)."""
+    gateway = gateway_of(request)
+    host = gateway.host_paths
+    if host is None:
+        under = _mount(request) + "/v1/"
+        host = gateway.host_paths = tuple(
+            resource
+            for resource in request.app.router.resources()
+            if not (resource.name or "").startswith(ROUTE_PREFIX)
+            and resource.canonical.startswith(under)
+        )
+    for resource in host:
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
 
 
 class _LimitedBody:
