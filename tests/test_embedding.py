@@ -243,3 +243,36 @@ async def test_chatmem_in_a_sub_app_and_host_routes_under_v1(
     refused = await client.post("/v1/host-thing", json={})
     assert (refused.status, refused.headers["Allow"]) == (405, "GET,HEAD")
     assert len(received(upstream)) == 1  # nothing more reached the model server
+
+
+async def test_setup_says_what_is_wrong(
+    upstream: TestServer, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import chatmem
+
+    config = make_config(db_path, upstream_url(upstream))
+    for wrong in ({"upstream": {"url": upstream_url(upstream)}}, "chatmem.toml", None):
+        with pytest.raises(TypeError, match=r"config must be a chatmem\.Config, such as"):
+            chatmem.setup(web.Application(), wrong)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"path must be a file path, not dict \(settings"):
+        chatmem.load_config({"server": {"port": 1}})  # type: ignore[arg-type]
+    twice = web.Application()
+    chatmem.setup(twice, config)
+    with pytest.raises(RuntimeError, match="already called on this app"):
+        chatmem.setup(twice, config)
+    started = web.Application()
+    started.freeze()
+    with pytest.raises(RuntimeError, match="must be called before the app starts"):
+        chatmem.setup(started, config)
+
+    async def mine(_request: web.Request) -> web.Response:
+        return web.Response(text="the host's")
+
+    first = web.Application()
+    first.router.add_post("/v1/chat/completions", mine)
+    chatmem.setup(first, config)
+    warnings = [r.getMessage() for r in caplog.records if "chatmem.setup" in r.getMessage()]
+    assert warnings == [
+        "chatmem.setup: the host app's route /v1/chat/completions was added first and"
+        " answers instead of chatmem's"
+    ]

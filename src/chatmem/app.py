@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -26,11 +27,23 @@ from .tracking import (
 
 __all__ = ["create_app", "setup"]
 
+log = logging.getLogger("chatmem")
+
 
 def setup(app: web.Application, config: Config) -> None:
     """Add chatmem's routes, error handling and lifecycle to an existing application."""
+    if not isinstance(config, Config):
+        raise TypeError(
+            "chatmem.setup(app, config): config must be a chatmem.Config, such as"
+            f" chatmem.load_config('chatmem.toml'), not {type(config).__name__}"
+        )
+    if GATEWAY in app:
+        raise RuntimeError("chatmem.setup(app, config) was already called on this app")
+    if app.frozen:
+        raise RuntimeError("chatmem.setup(app, config) must be called before the app starts")
     gateway = Gateway(config)
     app[GATEWAY] = gateway
+    hosts = {resource.canonical for resource in app.router.resources()}
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await gateway.start()
@@ -53,6 +66,14 @@ def setup(app: web.Application, config: Config) -> None:
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
     add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
+    for resource in routes.resources():
+        if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
+            hosts.discard(resource.canonical)  # once per path
+            log.warning(
+                "chatmem.setup: the host app's route %s was added first and answers"
+                " instead of chatmem's",
+                resource.canonical,
+            )
 
 
 def create_app(config: Config) -> web.Application:

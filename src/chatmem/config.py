@@ -516,6 +516,11 @@ def load_config(
     env: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the :class:`Config` from a TOML file (optional) and ``overrides`` (CLI flags)."""
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"load_config(path): path must be a file path, not {type(path).__name__}"
+            " (settings as a dict go in overrides={'section': {'key': value}})"
+        )
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     if path is not None:

@@ -104,11 +104,13 @@ class LiveRequests:
         pending = {task for task in (*self.tasks, *self.streams) if not task.done()}
         if not pending:
             return
-        log.info("waiting up to %ss for %d requests in flight", grace, len(pending))
+        requests = pending - set(self.waiting.values())
+        log.info("waiting up to %ss for %d requests in flight", grace, len(requests))
         _, pending = await asyncio.wait(pending, timeout=grace)
         if not pending:
             return
-        log.warning("shutdown grace period over: ending %d requests", len(pending))
+        requests = pending - set(self.waiting.values())  # a handler and its work are one
+        log.warning("shutdown grace period over: ending %d requests", len(requests))
         for upstream in list(self.streams.values()):
             upstream.content.set_exception(GatewayStopping("the gateway is shutting down"))
         # The streams end with an error event and a proper end of the body. A handler
