@@ -315,6 +315,28 @@ async def test_events_arrive_before_upstream_finishes(
     assert rows.messages() == []
 
 
+async def test_head_is_not_held_for_a_slow_first_token(gateway_factory: GatewayFactory) -> None:
+    """The response head waits for the first event only when that event is already at
+    hand: an upstream that answers with its head and then thinks (a long prompt) must
+    not keep the client from the status and headers until the first token."""
+    events = answer_events()
+    first_token = asyncio.Event()
+    script = Script(chunks=[first_token, *events])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await asyncio.wait_for(
+            client.post(
+                "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "slow"}
+            ),
+            10,
+        )
+        assert resp.status == 200
+        assert resp.headers["X-Conversation-Id"] == "slow"
+        assert not first_token.is_set()
+        first_token.set()
+        assert await asyncio.wait_for(resp.read(), 10) == b"".join(events)
+
+
 @pytest.mark.parametrize("reads", ["one read", "5-byte reads"])
 async def test_only_done_waits_for_the_commit(
     gateway_factory: GatewayFactory, rows: Rows, db_path: Path, reads: str
