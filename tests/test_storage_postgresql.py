@@ -377,6 +377,14 @@ async def test_a_server_that_closes_every_new_connection_is_a_503(store: Store) 
         await store.update_metadata(ALICE, "c", {"k": "v"})
 
 
+async def turns_are_unavailable(store: Store) -> None:
+    """A turn's read and its commit both say the store is unavailable (a 503)."""
+    with pytest.raises(StorageUnavailable):
+        await store.load_history(ALICE, "c1", 10)
+    with pytest.raises(StorageUnavailable):
+        await store.commit_turn(ALICE, "c1", system=None, turn=turn(1))
+
+
 async def test_a_peer_that_is_not_postgresql_is_unavailable() -> None:
     """Something else answers on the database's port (a broken pooler, a wrong port):
     asyncpg fails to connect with errors of its own (an ``AttributeError`` for a
@@ -401,10 +409,7 @@ async def test_a_peer_that_is_not_postgresql_is_unavailable() -> None:
     )
     store = Store(engine)
     try:
-        with pytest.raises(StorageUnavailable):
-            await store.load_history(ALICE, "c1", 10)
-        with pytest.raises(StorageUnavailable):
-            await store.commit_turn(ALICE, "c1", system=None, turn=turn(1))
+        await turns_are_unavailable(store)
     finally:
         await store.close()
         server.close()
@@ -429,10 +434,7 @@ async def test_a_database_dropped_under_the_gateway_is_unavailable_quietly(
         finally:
             await admin.close()
         for _ in range(3):
-            with pytest.raises(StorageUnavailable):
-                await store.load_history(ALICE, "c", 10)
-            with pytest.raises(StorageUnavailable):
-                await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+            await turns_are_unavailable(store)
     finally:
         await store.close()
     assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= 40]
