@@ -7,6 +7,8 @@ import pytest
 from chatmem.errors import InvalidRequest
 from chatmem.proxy.conversation_shapes import item_json, list_json, parse_items, parse_metadata
 
+CALLS = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+
 
 def test_parse_items_splits_system_and_normalises_parts() -> None:
     system, items = parse_items(
@@ -14,15 +16,15 @@ def test_parse_items_splits_system_and_normalises_parts() -> None:
             {"type": "message", "role": "developer", "content": "rules", "id": "ignored"},
             {
                 "role": "user",
-                "content": [{"type": "input_text", "text": "a"}, {"type": "image_url"}],
+                "content": [{"type": "input_text", "text": "a"}, {"type": "input_audio"}],
             },
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}], "status": "x"},
+            {"role": "assistant", "content": None, "tool_calls": CALLS, "status": "x"},
         ]
     )
     assert system == [{"role": "developer", "content": "rules"}]
     assert items == [
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]},
+        {"role": "assistant", "content": None, "tool_calls": CALLS},
     ]
     assert parse_items(None) == (None, [])
     assert parse_items([{"role": "user", "content": "x"}])[0] is None
@@ -42,11 +44,11 @@ def test_a_role_that_is_not_a_string_is_a_400(item: dict[str, object], param: st
     assert info.value.param == param
 
 
-def test_a_part_type_that_is_not_a_string_is_kept_as_it_is() -> None:
-    part = {"type": [], "text": "a"}
-    assert parse_items([{"role": "user", "content": [part]}])[1] == [
-        {"role": "user", "content": [part]}
-    ]
+def test_a_part_type_that_is_not_a_string_is_a_400_naming_it() -> None:
+    part = {"type": [], "text": "a"}  # unhashable: it must not reach a set lookup
+    with pytest.raises(InvalidRequest, match="must be a string") as info:
+        parse_items([{"role": "user", "content": [part]}])
+    assert info.value.param == "items[0].content[0].type"
 
 
 def test_parse_metadata_limits() -> None:

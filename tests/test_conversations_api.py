@@ -91,7 +91,7 @@ async def test_items_list_append_get_delete(gateway: Client, rows: Rows) -> None
             base,
             json={
                 "items": [
-                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+                    _calls("c1"),
                     {"role": "tool", "tool_call_id": "c1", "content": "42", "name": "calc"},
                 ]
             },
@@ -297,6 +297,42 @@ async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
         ),
         ({"items": [{"role": "tool", "tool_call_id": 3}]}, "items[0].tool_call_id must be", None),
         ({"items": [{"role": "assistant", "tool_calls": {}}]}, "tool_calls must be an array", None),
+        # What a chat server refuses in a later turn's history (found by a probe):
+        (
+            {"items": [{"role": "assistant", "content": None, "tool_calls": [{}]}]},
+            "items[0].tool_calls[0].id must be a non-empty string",
+            "items[0].tool_calls[0].id",
+        ),
+        (
+            {"items": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]},
+            "items[0].tool_calls[0].function must have a string name and string arguments",
+            "items[0].tool_calls[0].function",
+        ),
+        (
+            {"items": [{"role": "user", "content": []}]},
+            "items[0].content must not be an empty array",
+            "items[0].content",
+        ),
+        (
+            {"items": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "items[0].content[0].image_url must be an object with a string url",
+            "items[0].content[0].image_url",
+        ),
+        (
+            {"items": [{"role": "user", "content": [{"type": "input_text"}]}]},
+            "items[0].content[0].text must be a string",
+            "items[0].content[0].text",
+        ),
+        (
+            {
+                "items": [
+                    {"role": "user", "content": "q"},
+                    {"role": "tool", "tool_call_id": "call_9", "content": "r"},
+                ]
+            },
+            "items[1].tool_call_id names no tool call of the assistant message before it",
+            "items[1].tool_call_id",
+        ),
     ],
 )
 async def test_item_validation(
@@ -304,6 +340,49 @@ async def test_item_validation(
 ) -> None:
     await bad(await gateway.post("/v1/conversations", json=body), fragment, param)
     assert rows.conversations() == []
+
+
+def _calls(*ids: str) -> dict[str, Any]:
+    calls = [
+        {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ids
+    ]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+async def test_tool_results_answer_the_call_before_them(gateway: Client, rows: Rows) -> None:
+    """A tool result must answer a call of the assistant message before its run of
+    results, in the request or, for an append, at the end of the stored conversation:
+    chat servers refuse any other history, so every later turn would fail."""
+    made = await create(
+        gateway,
+        {
+            "items": [
+                {"role": "user", "content": "q"},
+                _calls("call_1", "call_2"),
+                {"role": "tool", "tool_call_id": "call_1", "content": "r1"},
+            ]
+        },
+    )
+    items = f"/v1/conversations/{made['id']}/items"
+    answer = {"role": "tool", "tool_call_id": "call_2", "content": "r2"}
+    appended = await gateway.post(items, json={"items": [answer]})
+    assert appended.status == 200  # call_2 is still open at the end of the stored turn
+    stray = {"role": "tool", "tool_call_id": "nonexistent", "content": "x"}
+    await bad(
+        await gateway.post(items, json={"items": [stray]}),
+        "items[0].tool_call_id names no tool call",
+        "items[0].tool_call_id",
+    )
+    await gateway.post(items, json={"items": [{"role": "assistant", "content": "done"}]})
+    late = {"role": "tool", "tool_call_id": "call_1", "content": "again"}
+    await bad(await gateway.post(items, json={"items": [late]}), "names no tool call")
+    assert [m["role"] for m in rows.messages(made["id"])] == [
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "assistant",
+    ]
 
 
 async def test_body_errors(gateway: Client) -> None:

@@ -13,6 +13,7 @@ from ..storage import ConversationInfo, Page
 from .chat_request import check_stored_strings
 
 __all__ = [
+    "check_tool_results",
     "conversation_json",
     "item_json",
     "list_json",
@@ -78,7 +79,67 @@ def _content(value: object, param: str) -> Any:
         raise InvalidRequest(
             f"{param} must be a string, an array of content parts or null", param=param
         )
+    if not value:
+        raise InvalidRequest(f"{param} must not be an empty array", param=param)
+    for number, part in enumerate(value):
+        _check_part(part, f"{param}[{number}]")
     return [{**part, "type": "text"} if _is_text_part(part) else part for part in value]
+
+
+def _check_part(part: dict[str, Any], param: str) -> None:
+    """The fields a chat server needs of the parts it knows (others pass as they are)."""
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest(f"{param}.type must be a string", param=f"{param}.type")
+    if (kind == "text" or kind in _TEXT_PARTS) and not isinstance(part.get("text"), str):
+        raise InvalidRequest(f"{param}.text must be a string", param=f"{param}.text")
+    image = part.get("image_url")
+    if kind == "image_url" and not (isinstance(image, dict) and isinstance(image.get("url"), str)):
+        raise InvalidRequest(
+            f"{param}.image_url must be an object with a string url", param=f"{param}.image_url"
+        )
+
+
+def _check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
+    """OpenAI's tool calls: each with a string ``id``, ``type`` "function" and a
+    ``function`` of string ``name`` and ``arguments``."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise InvalidRequest(f"{param} must be an array of objects", param=param)
+    for number, call in enumerate(calls):
+        at = f"{param}[{number}]"
+        function = call.get("function")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise InvalidRequest(f"{at}.id must be a non-empty string", param=f"{at}.id")
+        if call.get("type", "function") != "function":
+            raise InvalidRequest(f"{at}.type must be 'function'", param=f"{at}.type")
+        if not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise InvalidRequest(
+                f"{at}.function must have a string name and string arguments",
+                param=f"{at}.function",
+            )
+    return calls
+
+
+def check_tool_results(items: list[dict[str, Any]], open_calls: set[str]) -> None:
+    """Every tool result answers a call of the assistant message right before its run
+    of tool results (what chat servers check): one named in ``items`` before it, or, for
+    the first items, one of ``open_calls`` (the stored conversation ends with those)."""
+    answerable = open_calls
+    for number, item in enumerate(items):
+        if item["role"] == "tool":
+            answered = item["tool_call_id"]
+            if not isinstance(answered, str) or answered not in answerable:
+                param = f"items[{number}].tool_call_id"
+                raise InvalidRequest(
+                    f"{param} names no tool call of the assistant message before it",
+                    param=param,
+                )
+        else:
+            answerable = {call["id"] for call in item.get("tool_calls") or ()}
 
 
 def _is_text_part(part: dict[str, Any]) -> bool:
@@ -105,11 +166,7 @@ def _item(index: int, value: object) -> dict[str, Any]:
             message[name] = value[name]
     calls = value.get("tool_calls")
     if calls is not None:
-        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-            raise InvalidRequest(
-                f"{param}.tool_calls must be an array of objects", param=f"{param}.tool_calls"
-            )
-        message["tool_calls"] = calls
+        message["tool_calls"] = _check_tool_calls(calls, f"{param}.tool_calls")
     # What a later chat turn could not send: every chat server wants content, but for an
     # assistant message that calls tools, and a tool result names its call.
     if content is None and not (role == "assistant" and calls):
