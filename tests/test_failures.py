@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from helpers import (
     GatewayFactory,
     Rows,
     answer_events,
+    chunk,
     make_config,
     received,
     sse,
@@ -438,3 +440,38 @@ async def test_a_body_nested_too_deep_is_a_400_before_the_upstream_is_asked(
 
 async def post_raw(client: Any, path: str, raw: bytes) -> Any:
     return await client.post(path, data=raw, headers={"Content-Type": "application/json"})
+
+
+async def test_with_finish_a_client_that_stopped_reading_and_left_still_gets_its_turn(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The client stops reading, so the gateway's writes back up and aiohttp waits for
+    them to drain; then the client resets the connection.  aiohttp fails that wait with a
+    plain ``ConnectionError`` ('Connection lost'), which the tee did not take for a client
+    that left: with "finish" the detached answer died and the turn was lost, silently."""
+    pieces = ["x" * 60_000] * 60  # 3.6 MB of answer: far more than the socket buffers hold
+    events = [sse(chunk("", role="assistant")), *(sse(chunk(p)) for p in pieces)]
+    script = Script(chunks=[*events, sse(chunk(finish="stop")), sse("[DONE]")])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, memory={"on_client_disconnect": "finish"})
+        port = client.server.port
+        body = json.dumps(STREAM).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"X-Conversation-Id: backed-up\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_sendall(sock, head + body)
+        await asyncio.sleep(0.5)  # reads nothing: the gateway's writes back up
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset while aiohttp waits for its writes to drain
+        for _ in range(100):  # bounded: up to 5 s for the detached answer to be committed
+            if rows.messages("backed-up"):
+                break
+            await asyncio.sleep(0.05)
+    stored = rows.messages("backed-up")
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert json.loads(stored[1]["content"]) == "".join(pieces)

@@ -150,7 +150,7 @@ async def relay(
         async for chunk in upstream.content.iter_any():
             try:
                 await response.write(chunk)
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            except ConnectionError:  # the client left (also while a write waited to drain)
                 upstream.close()
                 return response
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):

@@ -125,7 +125,7 @@ class _Client:
             return
         try:
             await self.response.write(data)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:  # reset; or "Connection lost" while a write waited to drain
             self.gone = True
         self._tail = (self._tail + data[-4:])[-4:]
 
@@ -228,7 +228,7 @@ async def tee_stream(
     client = _Client(response, render)
     try:
         await response.prepare(request)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+    except ConnectionError:
         client.gone = True  # left before the answer started
         if not finish_without_client:
             upstream.close()
