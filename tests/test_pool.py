@@ -315,6 +315,23 @@ async def test_bytes_sent_on_an_idle_connection_retire_it() -> None:
     assert [number for number, _ in up.requests] == [1, 2]  # on a new connection
 
 
+@pytest.mark.parametrize(
+    "after",
+    [b"TRAILING-GARBAGE", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nXXXXX"],
+    ids=["garbage", "a second response"],
+)
+async def test_bytes_in_the_same_read_after_a_whole_answer(after: bytes) -> None:
+    """A whole answer, then in the same write bytes nobody asked for: the answer is
+    read as it was (the second response's body used to be appended to it, and garbage
+    made it a failure), and the connection is not used again."""
+    async with serving(ok(b"the answer") + after, ok(b"next")) as up:
+        pool = pool_for(up, read_timeout=5.0)
+        assert await post(pool) == (200, b"the answer")
+        assert await post(pool) == (200, b"next")
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 2]  # on a new connection
+
+
 async def test_what_arrived_before_invalid_framing_is_read_first() -> None:
     """The end of an answer and invalid chunk framing in one read: the answer's bytes
     come out, then the failure."""

@@ -105,11 +105,14 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:  # raised by a callback of ours
-            self._fail(exc.__cause__ or exc.__context__ or UpstreamBroken(str(exc)))
-            self.close()
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"the upstream sent invalid HTTP: {exc}"))
+        except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+            if not self.complete:
+                cause = exc.__cause__ or exc.__context__
+                if not isinstance(exc, httptools.HttpParserCallbackError) or cause is None:
+                    cause = UpstreamBroken(f"the upstream sent invalid HTTP: {exc}")
+                self._fail(cause)
+            # After a whole response: bytes nobody asked for (garbage, or a second
+            # response) are not part of it, and the connection cannot be reused.
             self.close()
 
     def eof_received(self) -> bool:
@@ -126,6 +129,10 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in the same bytes: nobody asked for it
+            raise UpstreamBroken("the upstream sent a response nobody asked for")
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
