@@ -211,7 +211,8 @@ async def _open_tool_calls(store: Store, owner: Owner, conversation_id: str) -> 
     for row in page.data:
         if row["role"] != "tool":
             calls = row["tool_calls"] if row["role"] == "assistant" else None
-            return {call["id"] for call in calls or () if isinstance(call, dict)} - {None}
+            ids = {call.get("id") for call in calls or () if isinstance(call, dict)}
+            return {i for i in ids if isinstance(i, str)}  # stored by older versions: unchecked
     return set()
 
 

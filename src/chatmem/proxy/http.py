@@ -154,12 +154,13 @@ async def method_not_allowed(request: web.Request) -> web.Response:
     the ``/v1/`` passthrough (405, in the OpenAI shape like every aiohttp error), with
     the methods the path does take in ``Allow`` (the routes of its other resources)."""
     this = request.match_info.route.resource
+    path = this.canonical if this is not None else request.path
     allowed = {
         route.method
         for resource in request.app.router.resources()
-        if resource is not this and this is not None and resource.canonical == this.canonical
+        if resource.canonical == path
         for route in resource
-        if route.method != "*"
+        if route.method != "*"  # this resource's own route, the one that got here
     }
     raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
 

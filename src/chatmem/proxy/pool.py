@@ -105,14 +105,13 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+        except httptools.HttpParserError as exc:  # HttpParserCallbackError: one of ours
+            # After a whole response, bytes nobody asked for (garbage, or a second
+            # response) are not part of it: only the connection cannot be reused.
             if not self.complete:
-                cause = exc.__cause__ or exc.__context__
-                if not isinstance(exc, httptools.HttpParserCallbackError) or cause is None:
-                    cause = UpstreamBroken(f"the upstream sent invalid HTTP: {exc}")
-                self._fail(cause)
-            # After a whole response: bytes nobody asked for (garbage, or a second
-            # response) are not part of it, and the connection cannot be reused.
+                ours = isinstance(exc, httptools.HttpParserCallbackError)
+                cause = (exc.__cause__ or exc.__context__) if ours else None
+                self._fail(cause or UpstreamBroken(f"the upstream sent invalid HTTP: {exc}"))
             self.close()
 
     def eof_received(self) -> bool:
