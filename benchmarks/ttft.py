@@ -4,14 +4,15 @@
     python -m benchmarks.ttft --pin c=0,r=0,m=1   # client and relay on core 0, mock on 1
     python -m benchmarks.ttft --tokens 1          # answers of one token: no burst after it
     python -m benchmarks.ttft --tokens 16 --delay-ms 1   # tokens 1 ms apart, like a model
+    python -m benchmarks.ttft --sched             # and who the client waits behind (perf)
 
 One client streams 64-token answers from the mock upstream, alternating between three
 targets as ``benchmarks.run`` does: direct, the bare aiohttp relay and chatmem with
 memory (a new conversation each time).  The relays run with ``benchmarks/ttft_hooks`` on
 their path, which notes when a request's handler starts, when the POST leaves, when the
-upstream's head arrives and when the response head is written; the load generator notes
-when it sent and when the head and the first bytes of the body came back.  All on
-``perf_counter``, the system's monotonic clock, shared by every process.
+upstream's head arrives, when the response head is written and when the first token is;
+the load generator notes when it sent and when the first bytes of the body came back.
+All on ``perf_counter``, the system's monotonic clock, shared by every process.
 
 ``--think MS`` waits between two requests, so that every process has gone idle.
 ``--tokens`` and ``--delay-ms`` shape the answers (the mock's ``X-Mock-Tokens`` and
@@ -20,6 +21,8 @@ token keeps both cores busy while the client is being woken.
 ``--pin`` puts the client (``c``), the relays (``r``) and the mock (``m``), every
 thread of each, on given cores (``sched_setaffinity``), to show how much the kernel's
 placement of the three processes on two cores decides.
+``--sched`` records the scheduler while measuring (``benchmarks.waits``): how long the
+client waited for a core once the response head was written, and behind which process.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +46,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
+from . import waits
 from .procs import ROOT, SRC, free_port, start
 
 __all__ = ["main"]
@@ -52,12 +58,12 @@ _STEPS = (
     "handler -> POST upstream",
     "POST -> upstream head in",
     "upstream head -> response head out",
-    "response head out -> client has it",
-    "client has the head -> the first token",
+    "response head out -> first token out",
+    "first token out -> client has it",
 )
 
-Sent = tuple[int, int, int, int]
-"""A request as the client saw it: sent, head in, first body bytes in (ns), round."""
+Sent = tuple[int, int, int]
+"""A request as the client saw it: sent, first body bytes in (ns), round."""
 
 
 async def _run(
@@ -91,19 +97,19 @@ async def _run(
                     async with await pools[target].post(
                         "/v1/chat/completions", headers, body
                     ) as response:
-                        head = time.perf_counter_ns()
                         first = 0
                         async for _chunk in response.content.iter_any():
                             first = first or time.perf_counter_ns()
-                    seen[target].append((sent, head, first, rnd))
+                    seen[target].append((sent, first, rnd))
     finally:
         for pool in pools.values():
             await pool.close()
     return seen
 
 
-def _inside(trace: Path) -> list[tuple[int, int, int, int]]:
-    """(handler, POST, upstream head, response head) of each relayed stream, in order."""
+def _inside(trace: Path) -> list[tuple[int, int, int, int, int]]:
+    """(handler, POST, upstream head, response head, first body write) of each relayed
+    stream, in order."""
     events: list[tuple[str, int]] = json.loads(trace.read_text())
     requests: list[list[tuple[str, int]]] = []
     for kind, at in events:
@@ -122,8 +128,10 @@ def _inside(trace: Path) -> list[tuple[int, int, int, int]]:
         if head is None:
             continue
         out = next((i for i in range(head + 1, len(rest)) if rest[i][0] == "w"), None)
-        if out is not None:
-            found.append((handler, rest[post][1], rest[head][1], rest[out][1]))
+        if out is None:
+            continue
+        token = next((i for i in range(out + 1, len(rest)) if rest[i][0] == "w"), out)
+        found.append((handler, rest[post][1], rest[head][1], rest[out][1], rest[token][1]))
     return found
 
 
@@ -146,6 +154,9 @@ def main() -> int:
     parser.add_argument("--think", type=float, default=0.0, help="ms between two requests")
     parser.add_argument("--tokens", type=int, default=64, help="tokens an answer")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="ms between two tokens")
+    parser.add_argument(
+        "--sched", action="store_true", help="also record the scheduler (perf) while measuring"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw, bp = free_port(), free_port(), free_port()
@@ -181,35 +192,53 @@ def main() -> int:
         }
         gc.freeze()
         answer = {"X-Mock-Tokens": str(args.tokens), "X-Mock-Delay-Ms": str(args.delay_ms)}
+        sched = Path(tmp) / "sched.data"
+        recorder = _record_scheduler(sched) if args.sched else None
         seen = uvloop.run(_run(bases, args.rounds, args.requests, args.think / 1000, answer))
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(60)
         running.close()  # the relays write their traces as they exit
         relays = {"bare": bare, "memory": gateway}
         _report(seen, {t: Path(f"{tmp}/trace.{p.pid}.json") for t, p in relays.items()})
+        if recorder is not None:
+            pids = {name: proc.pid for name, proc in relays.items()}
+            waits.print_head_waits(sched, os.getpid(), mock.pid, pids)
     return 0
+
+
+def _record_scheduler(output: Path) -> subprocess.Popen[bytes]:
+    recorder = subprocess.Popen(
+        waits.record_command(output), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(1)  # perf is recording once it has set up its buffers
+    if recorder.poll() is not None:
+        raise SystemExit("--sched needs perf (Debian's linux-perf) and leave to trace")
+    return recorder
 
 
 def _report(seen: dict[str, list[Sent]], traces: dict[str, Path]) -> None:
     def median_of_rounds(samples: list[Sent], value: int) -> float:
         by_round: dict[int, list[float]] = {}
         for sample in samples:
-            if sample[3]:
-                by_round.setdefault(sample[3], []).append((sample[value] - sample[0]) / 1e3)
+            if sample[2]:
+                by_round.setdefault(sample[2], []).append((sample[value] - sample[0]) / 1e3)
         return statistics.median(statistics.median(v) for v in by_round.values())
 
-    direct = median_of_rounds(seen["direct"], 2)
+    direct = median_of_rounds(seen["direct"], 1)
     print(f"time to first token, us (median of the rounds' medians; direct {direct:.0f}):")
     for target in ("bare", "memory"):
-        ttft = median_of_rounds(seen[target], 2)
+        ttft = median_of_rounds(seen[target], 1)
         print(f"  {target:<7} {ttft:6.0f}   added {ttft - direct:4.0f}")
     print(f"\n{'step, us (medians)':<40}{'bare':>8}{'memory':>8}")
     columns = {}
     for target, trace in traces.items():
         inside = _inside(trace)[-len(seen[target]) :]
         steps: list[list[float]] = [[] for _ in _STEPS]
-        for (sent, head_in, first, rnd), points in zip(seen[target], inside, strict=True):
+        for (sent, first, rnd), points in zip(seen[target], inside, strict=True):
             if not rnd:
                 continue
-            marks = (sent, *points, head_in, first)
+            marks = (sent, *points, first)
             for i in range(len(_STEPS)):
                 steps[i].append((marks[i + 1] - marks[i]) / 1e3)
         columns[target] = [statistics.median(step) for step in steps]

@@ -91,3 +91,30 @@ def test_storage_comparison_runs_with_tiny_counts(pg_url: str) -> None:
         for database in ("SQLite", "postgresql")
         for scenario in ("plain c=1", "plain c=32", "stream64 c=1")
     ], result.stdout
+
+
+# ``perf sched timehist -w`` as it printed one stream through a relay (pid 30): the relay
+# wakes the upstream (20), the upstream wakes the relay with the head, the relay wakes the
+# client (10) on core 1, where the upstream is busy; the client runs 0.412 ms later.
+_TIMEHIST = """\
+           time    cpu  task name                       wait time  sch delay   run time
+   100.000100 [0000]  python[30]                                                     awakened: python[20]
+   100.000150 [0000]  python[30]                        0.000      0.000      0.300
+   100.000300 [0001]  python[20]                                                     awakened: python[30]
+   100.000400 [0000]  python[30]                                                     awakened: python[10]
+   100.000812 [0001]  python[20]                        0.100      0.000      0.700
+   100.000900 [0001]  python[10]                        0.900      0.412      0.088
+   100.000950 [0000]  python[30]                                                     awakened: python[10]
+   100.000990 [0000]  python[30]                        0.000      0.000      0.590
+   100.001100 [0001]  python[10]                        0.050      0.020      0.050
+"""
+
+
+def test_head_waits_names_who_held_the_clients_core() -> None:
+    from benchmarks.waits import head_waits
+
+    found = head_waits(_TIMEHIST, client=10, upstream=20, relays={"memory": 30, "bare": 40})
+    # Only the first wake after the POST counts (the head), not the later token's.
+    assert found["memory"].delays_us == [412.0]
+    assert found["memory"].behind == {"upstream": 1}
+    assert found["bare"].delays_us == []
