@@ -98,13 +98,13 @@ def test_storage_comparison_runs_with_tiny_counts(pg_url: str) -> None:
 # client (10) on core 1, where the upstream is busy; the client runs 0.412 ms later.
 _TIMEHIST = """\
            time    cpu  task name                       wait time  sch delay   run time
-   100.000100 [0000]  python[30]                                                     awakened: python[20]
+   100.000100 [0000]  python[30]          awakened: python[20]
    100.000150 [0000]  python[30]                        0.000      0.000      0.300
-   100.000300 [0001]  python[20]                                                     awakened: python[30]
-   100.000400 [0000]  python[30]                                                     awakened: python[10]
+   100.000300 [0001]  python[20]          awakened: python[30]
+   100.000400 [0000]  python[30]          awakened: python[10]
    100.000812 [0001]  python[20]                        0.100      0.000      0.700
    100.000900 [0001]  python[10]                        0.900      0.412      0.088
-   100.000950 [0000]  python[30]                                                     awakened: python[10]
+   100.000950 [0000]  python[30]          awakened: python[10]
    100.000990 [0000]  python[30]                        0.000      0.000      0.590
    100.001100 [0001]  python[10]                        0.050      0.020      0.050
 """

@@ -139,6 +139,10 @@ class _Choice:
     refusal: list[str] | None = None
     finish_reason: str | None = None
     tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
+    """The call each index is on."""
+    earlier_calls: list[tuple[int, _ToolCall]] = field(default_factory=list)
+    """Calls an index has moved on from: servers that number every whole call 0 (Ollama),
+    or give no index, so that each is at position 0 of its delta."""
 
     def add(self, choice: dict[str, Any]) -> None:
         finish_reason = choice.get("finish_reason")
@@ -148,6 +152,8 @@ class _Choice:
         if not isinstance(delta, dict):
             return
         content = delta.get("content")
+        if isinstance(content, list):  # content parts, as a few servers stream them
+            content = _text_of_parts(content)
         if isinstance(content, str):  # once per token: no helper calls on this path
             if self.content is None:
                 self.content = [content]
@@ -177,10 +183,15 @@ class _Choice:
             call = self.tool_calls.get(index)
             if call is None:
                 call = self.tool_calls[index] = _ToolCall()
+            elif call.followed_by_another(raw):
+                self.earlier_calls.append((index, call))
+                call = self.tool_calls[index] = _ToolCall()
             call.add(raw)
 
     def to_turn(self, model: str | None, usage: dict[str, Any] | None) -> AssistantTurn:
-        calls = [self.tool_calls[i].to_dict() for i in sorted(self.tool_calls)]
+        # By index; at one index, in the order the calls came (sorted() keeps it).
+        numbered = sorted([*self.earlier_calls, *self.tool_calls.items()], key=_by_index)
+        calls = [call.to_dict() for _, call in numbered]
         return AssistantTurn(
             content=_joined(self.content, self.content_before),
             reasoning=_joined(self.reasoning, self.reasoning_before),
@@ -218,6 +229,26 @@ class _ToolCall:
         if isinstance(arguments, str):
             self.arguments.append(arguments)
 
+    def followed_by_another(self, delta: dict[str, Any]) -> bool:
+        """Whether ``delta``, at this call's index, starts the next call: it has an id of
+        its own and a name, and this call's arguments are already a whole JSON value.
+
+        A server that sends every call whole with index 0 (or none) looks like that; one
+        that repeats a fresh id with every fragment of one call does not, as long as the
+        arguments so far are unfinished.
+        """
+        call_id = delta.get("id")
+        if not isinstance(call_id, str) or not call_id or self.id in (None, call_id):
+            return False
+        function = delta.get("function")
+        if not isinstance(function, dict) or not function.get("name"):
+            return False
+        try:
+            json.loads("".join(self.arguments))
+        except ValueError:
+            return False
+        return True
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -241,7 +272,7 @@ def turn_from_completion(body: dict[str, Any]) -> AssistantTurn | None:
     usage = body.get("usage")
     finish_reason = choice.get("finish_reason")
     return AssistantTurn(
-        content=_str_or_none(message.get("content")),
+        content=_content_of(message.get("content")),
         reasoning=_reasoning_of(message),
         tool_calls=_tool_calls_of(message.get("tool_calls")),
         finish_reason=finish_reason if isinstance(finish_reason, str) and finish_reason else None,
@@ -314,6 +345,22 @@ def _joined(parts: list[str] | None, before: list[str] | None = None) -> str | N
     if parts is None:
         return None
     return "".join(before + parts) if before else "".join(parts)
+
+
+def _by_index(numbered: tuple[int, _ToolCall]) -> int:
+    return numbered[0]
+
+
+def _text_of_parts(parts: list[Any]) -> str | None:
+    """The text of content given as parts (``[{"type": "text", "text": ...}]``, or
+    strings); None when there is none to keep."""
+    texts = [part.get("text") if isinstance(part, dict) else part for part in parts]
+    kept = [text for text in texts if isinstance(text, str)]
+    return "".join(kept) if kept else None
+
+
+def _content_of(value: object) -> str | None:
+    return _text_of_parts(value) if isinstance(value, list) else _str_or_none(value)
 
 
 def _str_or_none(value: object) -> str | None:

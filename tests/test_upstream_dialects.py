@@ -1,0 +1,140 @@
+"""Answers from servers that bend the OpenAI shape: what is stored, and what the next turn
+sends upstream.
+
+Each upstream here is the scripted one (exact bytes); the gateway stores the turn in a real
+SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from helpers import GatewayFactory, Rows, chunk, sse
+from scripted_upstream import Script, scripted_upstream
+
+STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "do two"}]}
+
+
+def call(call_id: str, name: str, arguments: str, index: int | None = 0) -> dict[str, Any]:
+    fragment: dict[str, Any] = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    if index is not None:
+        fragment["index"] = index
+    return fragment
+
+
+def tool_call_stream(*fragments: dict[str, Any]) -> list[bytes | float]:
+    return [
+        sse(chunk(role="assistant")),
+        *(sse(chunk(tool_calls=[fragment])) for fragment in fragments),
+        sse(chunk(finish="tool_calls")),
+        sse("[DONE]"),
+    ]
+
+
+async def stored_then_sent(
+    gateway_factory: GatewayFactory, rows: Rows, chunks: list[bytes | float], follow_up: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stream ``chunks`` as the answer to one turn, then send ``follow_up`` as the next;
+    return the stored assistant message and the messages the upstream got next."""
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        headers = {"X-Conversation-Id": "d1"}
+        first = await client.post("/v1/chat/completions", json=STREAM, headers=headers)
+        assert first.status == 200
+        assert await first.read() == b"".join(c for c in chunks if isinstance(c, bytes))
+        stored = rows.messages("d1")[-1]
+        nxt = {**STREAM, "messages": follow_up}
+        second = await client.post("/v1/chat/completions", json=nxt, headers=headers)
+        assert second.status == 200, await second.text()
+        await second.read()
+        sent = json.loads(up.requests[-1][3])["messages"]
+    return stored, sent
+
+
+TWO_WHOLE_CALLS = [
+    {"id": "call_A", "type": "function", "function": {"name": "f1", "arguments": '{"a": 1}'}},
+    {"id": "call_B", "type": "function", "function": {"name": "f1", "arguments": '{"b": 2}'}},
+]
+
+
+@pytest.mark.parametrize(
+    "index",
+    [0, None],
+    ids=["every-call-index-0 (Ollama)", "no-index (Gemini)"],
+)
+async def test_whole_calls_under_one_index_stay_apart(
+    gateway_factory: GatewayFactory, rows: Rows, index: int | None
+) -> None:
+    chunks = tool_call_stream(
+        call("call_A", "f1", '{"a": 1}', index), call("call_B", "f1", '{"b": 2}', index)
+    )
+    results = [
+        {"role": "tool", "tool_call_id": "call_A", "content": "r1"},
+        {"role": "tool", "tool_call_id": "call_B", "content": "r2"},
+    ]
+    stored, sent = await stored_then_sent(gateway_factory, rows, chunks, results)
+    assert json.loads(stored["tool_calls"]) == TWO_WHOLE_CALLS
+    # Both results answer a call the upstream is shown: a strict server accepts the turn.
+    assistant = {"role": "assistant", "content": None, "tool_calls": TWO_WHOLE_CALLS}
+    assert sent[1:] == [assistant, *results]
+
+
+async def test_a_fresh_id_on_every_fragment_is_still_one_call(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    chunks = tool_call_stream(
+        call("call_1", "lookup", '{"city":'), call("call_2", "lookup", ' "Paris"}')
+    )
+    results = [{"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    stored, _ = await stored_then_sent(gateway_factory, rows, chunks, results)
+    assert json.loads(stored["tool_calls"]) == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": '{"city": "Paris"}'},
+        }
+    ]
+
+
+async def test_content_streamed_as_parts_is_stored_as_its_text(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    chunks: list[bytes | float] = [
+        sse(chunk(role="assistant")),
+        sse(chunk([{"type": "text", "text": "Part one. "}])),  # type: ignore[arg-type]
+        sse(chunk([{"type": "text", "text": "Part two."}], finish="stop")),  # type: ignore[arg-type]
+        sse("[DONE]"),
+    ]
+    follow_up = [{"role": "user", "content": "and?"}]
+    stored, sent = await stored_then_sent(gateway_factory, rows, chunks, follow_up)
+    assert json.loads(stored["content"]) == "Part one. Part two."
+    assert sent[1] == {"role": "assistant", "content": "Part one. Part two."}
+
+
+async def test_a_completion_with_content_parts_is_stored_as_its_text(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    message = {"role": "assistant", "content": [{"type": "text", "text": "Whole answer."}]}
+    body = json.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
+    ).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        plain = {**STREAM, "stream": False}
+        resp = await client.post(
+            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "d2"}
+        )
+        assert await resp.read() == body
+    assert json.loads(rows.messages("d2")[-1]["content"]) == "Whole answer."
