@@ -162,6 +162,28 @@ async def test_stream_failure_ends_with_error_event(
     assert rows.messages() == []
 
 
+@pytest.mark.parametrize(
+    ("chunks", "says"),
+    [
+        (answer_events()[:4], "ended before the answer completed"),
+        ([*answer_events()[:3], sse("[DONE]")], "without a finish_reason"),
+        ([*answer_events()[:2], b"data: {not json\n\n", *answer_events()[2:]], "not a JSON object"),
+        ([*answer_events()[:2], sse([1, 2]), *answer_events()[2:]], "not a JSON object"),
+    ],
+    ids=["no-done", "no-finish-reason", "broken-json", "json-array"],
+)
+async def test_stream_failure_says_what_went_wrong(
+    gateway_factory: GatewayFactory, rows: Rows, chunks: list[bytes | float], says: str
+) -> None:
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        body = await (await post(client, STREAM)).read()
+    (error,) = error_events(body)
+    assert says in error["message"], error
+    assert error["code"] == "upstream_incomplete"
+    assert rows.messages() == []
+
+
 async def test_error_object_inside_stream(gateway_factory: GatewayFactory, rows: Rows) -> None:
     events = [
         *answer_events()[:2],

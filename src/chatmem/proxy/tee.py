@@ -38,6 +38,16 @@ _CUT_OFF: Failure = (
     "upstream_incomplete",
     "upstream_error",
 )
+_NOT_A_CHUNK: Failure = (
+    "the upstream sent an event that is not a JSON object; the answer was not saved",
+    "upstream_incomplete",
+    "upstream_error",
+)
+_NO_FINISH: Failure = (
+    "the upstream ended the stream without a finish_reason for the answer",
+    "upstream_incomplete",
+    "upstream_error",
+)
 _TIMEOUT: Failure = (
     "the upstream sent nothing for longer than upstream.read_timeout",
     "upstream_timeout",
@@ -269,7 +279,7 @@ async def tee_stream(
             await client.end_with(_failure_event(exc))
         return response
     if not answer.done and answer.error is None:
-        await client.end_with(_CUT_OFF)
+        await client.end_with(_NOT_A_CHUNK if answer.malformed else _CUT_OFF)
         return response
     await client.flush()
     if not answer.done and answer.error is not None:
@@ -301,7 +311,7 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         # [DONE] event waits for the commit.
         chunk = await client.send_before_done(chunk)
     if not answer.completed or turn is None:
-        failure = _CUT_OFF
+        failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
     else:
         try:
             await commit(turn)
