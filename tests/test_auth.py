@@ -111,6 +111,8 @@ ATTACKS: dict[str, tuple[dict[str, str], str]] = {
     "huge tenant": (bearer(token({"team_id": "t" * 300})), "too long"),
     "lone surrogate tenant": (bearer(token({"team_id": "a\ud800"})), "must be text"),
     "lone surrogate user": (bearer(token({"team_id": "a", "sub": "\udfff"})), "must be text"),
+    "NUL in tenant": (bearer(token({"team_id": "a\x00b"})), "must be text"),
+    "NUL in user": (bearer(token({"team_id": "a", "sub": "\x00"})), "must be text"),
 }
 
 

@@ -358,6 +358,29 @@ async def test_halves_of_a_surrogate_pair_in_text_columns_are_stored_as_text(
     assert rows[0]["model"] == "m\ufffd"
 
 
+async def test_nul_in_the_upstreams_text_fields_is_stored_as_u_fffd(
+    store: Store, pg_url: str
+) -> None:
+    # PostgreSQL's text columns refuse NUL (a client's NUL is a 400 before the upstream
+    # is asked); the upstream's model and reasoning may hold one, and the turn was lost.
+    answer = {
+        "role": "assistant",
+        "content": "nul \x00 kept",
+        "reasoning": "a\x00b",
+        "model": "m\x00x",
+        "finish_reason": "st\x00op",
+    }
+    await store.commit_turn(ALICE, "n", system=None, turn=[*turn(1)[:1], answer])
+    rows = await fetch(
+        pg_url,
+        "SELECT content::text AS content, reasoning, model, finish_reason FROM messages"
+        " WHERE seq = 2",
+    )
+    assert json.loads(rows[0]["content"]) == "nul \x00 kept"  # JSON escapes it
+    assert (rows[0]["reasoning"], rows[0]["model"]) == ("a\ufffdb", "m\ufffdx")
+    assert rows[0]["finish_reason"] == "st\ufffdop"
+
+
 async def test_a_server_that_closes_every_new_connection_is_a_503(store: Store) -> None:
     # While PostgreSQL shuts down it may accept a connection and close it at once: the
     # pool then gives up after three tries with an error of its own, which reached the

@@ -199,7 +199,7 @@ class Authenticator:
         user = claims.get(user_claim, "")
         if not isinstance(user, str):
             raise Unauthorized(f"token claim {user_claim!r} must be a string")
-        if not (jsonio.is_text(tenant) and jsonio.is_text(user)):
+        if not (jsonio.is_text(tenant) and jsonio.is_text(user)) or "\x00" in tenant + user:
             raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} must be text")
         if len(tenant) > _MAX_ID or len(user) > _MAX_ID:
             raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} are too long")

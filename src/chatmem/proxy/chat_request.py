@@ -88,8 +88,9 @@ STORED_STRINGS: dict[str, int | None] = {
 
 
 def check_stored_strings(message: dict[str, Any], param: str) -> None:
-    """400 for a field the store could not take: not a string, or longer than its column
-    (the model would have answered, at a cost, before the commit failed)."""
+    """400 for a field the store could not take: not a string, longer than its column, or
+    holding a NUL character, which PostgreSQL's text columns refuse (the model would have
+    answered, at a cost, before the commit failed)."""
     for name, limit in STORED_STRINGS.items():
         value = message.get(name)
         if value is None:
@@ -97,6 +98,10 @@ def check_stored_strings(message: dict[str, Any], param: str) -> None:
         if not isinstance(value, str) or (limit is not None and len(value) > limit):
             size = f" of at most {limit} characters" if limit is not None else ""
             raise InvalidRequest(f"{param}.{name} must be a string{size}", param=f"{param}.{name}")
+        if "\x00" in value:
+            raise InvalidRequest(
+                f"{param}.{name} must not contain NUL characters", param=f"{param}.{name}"
+            )
 
 
 def check_message(index: int, message: object, field: str = "messages") -> dict[str, Any]:

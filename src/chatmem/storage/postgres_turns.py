@@ -122,7 +122,11 @@ def _text(value: Any) -> Any:
     """A string for a text column.  What the upstream streamed may hold halves of a
     surrogate pair that arrived in two chunks (``reasoning``), which PostgreSQL cannot
     store: made text first, the pair its character and a lone half U+FFFD, as on SQLite.
+    Nor can it store NUL, which only the upstream's own fields can still hold here (a
+    client's are refused with a 400): U+FFFD too.
     (The JSON columns need nothing: ``json.dumps`` escapes them.)"""
-    if isinstance(value, str) and not jsonio.is_text(value):
-        return jsonio.utf8(value).decode()
-    return value
+    if not isinstance(value, str):
+        return value
+    if not jsonio.is_text(value):
+        value = jsonio.utf8(value).decode()
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
