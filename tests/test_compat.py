@@ -389,17 +389,24 @@ async def test_conversation_seed_examples_with_auth_on(
     for body in (REPEAT, WHAT_NUMBER):
         result = await curl(*conversation_command(client, body, token), cwd=tmp_path)
         assert result.status == 200
+    theirs = result.headers["x-conversation-id"]
     assert chats(upstream)[-1]["messages"][:2] == [
         user("Repeat the number '94572'."),
         assistant(REPEAT_ANSWER),
     ]
     assert {(m["tenant"], m["user_id"]) for m in rows.messages()} == {("tenstorrent", "")}
 
-    # Another tenant replaying the same cookie jar sees nothing of this conversation.
+    # Another tenant replaying the same cookie jar sees nothing of this conversation, not
+    # even its id; the cookie it gets back is its own from then on.
     other = seed_token(claims='{"team_id": "other"}')
     result = await curl(*conversation_command(client, WHAT_NUMBER, other), cwd=tmp_path)
     assert result.status == 200
     assert chats(upstream)[-1]["messages"] == [user("What number did you repeat?")]
+    own = result.headers["x-conversation-id"]
+    assert own.startswith("conv_") and own != theirs
+    again = await curl(*conversation_command(client, REPEAT, other), cwd=tmp_path)
+    assert again.headers["x-conversation-id"] == own
+    assert len(chats(upstream)[-1]["messages"]) == 3  # its own first turn, then this one
 
 
 async def test_cookie_is_signed_with_the_configured_secret(

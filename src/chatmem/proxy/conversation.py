@@ -8,6 +8,7 @@ cookies.txt`` continues it; the turns themselves are stored like any other conve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -22,6 +23,7 @@ from ..auth import authenticate
 from ..config import CompatConfig
 from ..errors import ChatmemError, error_response
 from ..state import gateway_of
+from ..storage.queries import Owner
 from .accumulate import StreamAccumulator
 from .chat import CONVERSATION_HEADER, Turn, run_turn
 from .chat_request import ChatRequest, new_conversation_id, valid_conversation_id
@@ -34,6 +36,7 @@ log = logging.getLogger("chatmem")
 
 COOKIE_NAME = "chatmem_session"
 _CONVERSATION = "conversation"
+_OWNER = "owner"  # [tenant, user] of the caller the cookie was issued to
 
 
 class CookieSessions:
@@ -62,17 +65,24 @@ class CookieSessions:
             secure=config.session_cookie_secure or None,
         )
 
-    async def load(self, request: web.Request) -> tuple[Session, str]:
-        """The session and its conversation id (a new one for a new or unreadable cookie)."""
+    async def load(self, request: web.Request, owner: Owner) -> tuple[Session, str]:
+        """The session and its conversation id: a new one for a new or unreadable cookie,
+        or for one issued to another caller (replayed, it must not even tell them the id
+        of someone else's conversation)."""
         try:
             session = await self.storage.load_session(request)
         except UnicodeError:  # a cookie value that is not UTF-8 (aiohttp-session fails)
             session = Session(None, data=None, new=True, max_age=self.storage.max_age)
-        try:
-            conversation_id = valid_conversation_id(session.get(_CONVERSATION), _CONVERSATION)
-        except ChatmemError:
+        caller = [owner.tenant, owner.user]
+        conversation_id = None
+        # A cookie from before owners were recorded is taken as the caller's.
+        if session.get(_OWNER, caller) == caller:
+            with contextlib.suppress(ChatmemError):
+                conversation_id = valid_conversation_id(session.get(_CONVERSATION), _CONVERSATION)
+        if conversation_id is None:
             conversation_id = new_conversation_id()
             session[_CONVERSATION] = conversation_id
+        session[_OWNER] = caller
         return session, conversation_id
 
     async def set_cookie_header(self, request: web.Request, session: Session) -> str:
@@ -125,7 +135,7 @@ async def conversation(request: web.Request) -> web.StreamResponse:
         text = required_str(body, "text")
         upstream_body = _upstream_body(request.match_info["model"], body)
         sessions = request.config_dict[COOKIE_SESSIONS]
-        session, conversation_id = await sessions.load(request)
+        session, conversation_id = await sessions.load(request, owner)
         headers["Set-Cookie"] = await sessions.set_cookie_header(request, session)
         headers[CONVERSATION_HEADER] = conversation_id
         chat = ChatRequest(
