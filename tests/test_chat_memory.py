@@ -87,6 +87,31 @@ async def test_a_null_conversation_field_names_none(gateway: Client, upstream: T
     assert "conversation" not in received(upstream)[-1].json
 
 
+@pytest.mark.parametrize(
+    ("header", "body", "named"),
+    [
+        ("h1", b"{not json", "h1"),
+        ("h1", b'{"model": "m", "messages": [], "conversation": "b1"}', "h1"),
+        (None, b"{not json", None),
+        ("bad id!", b'{"model": "m", "messages": []}', None),
+    ],
+    ids=["bad-json", "body-names-another", "bad-json-no-header", "invalid-header"],
+)
+async def test_an_error_names_the_headers_conversation_or_a_fresh_one(
+    gateway: Client, rows: Rows, header: str | None, body: bytes, named: str | None
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["X-Conversation-Id"] = header
+    resp = await gateway.post("/v1/chat/completions", data=body, headers=headers)
+    assert resp.status == 400
+    if named is None:
+        assert resp.headers["X-Conversation-Id"].startswith("conv_")
+    else:
+        assert resp.headers["X-Conversation-Id"] == named
+    assert rows.conversations() == []
+
+
 async def test_a_number_too_large_for_a_float_is_a_400(
     gateway: Client, upstream: TestServer
 ) -> None:
