@@ -156,6 +156,44 @@ def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None
     )
 
 
+async def test_db_commands_leave_alone_a_schema_they_do_not_know(
+    engine: AsyncEngine, storage_url: str, tmp_path: Path
+) -> None:
+    db = ["--db", storage_url]
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT 1"))  # on SQLite, makes the (empty) file
+    # No schema yet: the commands that read or delete rows say so, and create nothing.
+    for command in (["check"], ["prune", "--older-than", "1d"]):
+        empty = chatmem("db", *command, *db, cwd=tmp_path)
+        assert empty.returncode == 1
+        assert empty.stderr.strip().splitlines()[-1] == (
+            "chatmem db: the database has no chatmem schema yet: run `chatmem db upgrade`"
+            " (same --config/--db) first"
+        )
+    assert await current_revision(engine) is None
+    # A newer chatmem migrated it: this one says so and touches nothing.
+    await upgrade(engine)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    current = chatmem("db", "current", *db, cwd=tmp_path)
+    assert current.stdout == (
+        "0099 (newer than this chatmem knows; its newest is 0002: upgrade chatmem)\n"
+    )
+    for command in (
+        ["upgrade"],
+        ["downgrade", "-1"],
+        ["check"],
+        ["prune", "--older-than", "1d"],
+    ):
+        refused = chatmem("db", *command, *db, cwd=tmp_path)
+        assert refused.returncode == 1, command
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "chatmem db: database schema is at revision 0099, newer than this chatmem knows"
+            " (its newest is 0002): upgrade chatmem"
+        )
+    assert await current_revision(engine) == "0099"
+
+
 def test_db_command_against_an_unreachable_database(tmp_path: Path) -> None:
     from helpers import free_port
 

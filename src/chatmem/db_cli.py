@@ -19,7 +19,14 @@ from .config import Config, ConfigError, find_config_file, load_config
 from .errors import StorageUnavailable
 from .storage import Store, create_engine
 from .storage.integrity import check_integrity
-from .storage.migrate import current_revision, downgrade, head_revision, upgrade
+from .storage.migrate import (
+    SchemaError,
+    current_revision,
+    describe_revision,
+    downgrade,
+    require_schema,
+    upgrade,
+)
 from .storage.retention import parse_age
 
 __all__ = ["add_db_commands", "driver_error", "one_line", "run_db"]
@@ -68,10 +75,8 @@ async def _run(args: argparse.Namespace, config: Config) -> str:
             await downgrade(store.engine, args.revision)
             return f"schema at revision {await current_revision(store.engine) or 'base'}"
         if args.db_command == "current":
-            current = await current_revision(store.engine)
-            head = head_revision()
-            state = "up to date" if current == head else f"newest is {head}"
-            return f"{current or 'none'} ({state})"
+            return describe_revision(await current_revision(store.engine))
+        await require_schema(store.engine)
         return await _prune(args, config, store)
     finally:
         await store.close()
@@ -121,6 +126,9 @@ def run_db(args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"chatmem db: {one_line(exc)}", file=sys.stderr)
         return 2
+    except SchemaError as exc:
+        print(f"chatmem db: {exc}", file=sys.stderr)
+        return 1
     except StorageUnavailable as exc:
         print(
             f"chatmem db: {exc.message}: {one_line(driver_error(exc.__cause__))}", file=sys.stderr
@@ -135,6 +143,7 @@ def run_db(args: argparse.Namespace) -> int:
 async def _check(config: Config, chat_only: bool) -> list[str]:
     store = Store(create_engine(config.storage))
     try:
+        await require_schema(store.engine)
         return await check_integrity(store, chat_only=chat_only)
     finally:
         await store.close()

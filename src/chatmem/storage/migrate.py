@@ -73,34 +73,47 @@ def _has_tables(connection: Connection) -> bool:
     return bool(names & set(Base.metadata.tables))
 
 
+def _known_revisions() -> set[str]:
+    script = ScriptDirectory.from_config(_alembic_config())
+    return {revision.revision for revision in script.walk_revisions()}
+
+
+def _refuse_unknown(current: str | None, head: str) -> None:
+    """A database a newer chatmem migrated: no command of this one may touch it."""
+    if current is not None and current not in _known_revisions():
+        raise SchemaError(
+            f"database schema is at revision {current}, newer than this chatmem knows "
+            f"(its newest is {head}): upgrade chatmem"
+        )
+
+
 def _upgrade(connection: Connection, revision: str) -> None:
+    _refuse_unknown(_current(connection), head_revision())
     if _current(connection) is None and _has_tables(connection):
         command.stamp(_alembic_config(connection), _BASELINE)
     command.upgrade(_alembic_config(connection), revision)
 
 
 def _downgrade(connection: Connection, revision: str) -> None:
+    _refuse_unknown(_current(connection), head_revision())
     command.downgrade(_alembic_config(connection), revision)
 
 
-def _check(connection: Connection) -> str | None:
-    """Bring an empty database to head; refuse one at another revision."""
+def _check(connection: Connection, create: bool) -> str | None:
+    """Bring an empty database to head if ``create``; refuse one at another revision."""
     head = head_revision()
     current = _current(connection)
     if current == head:
         return None
     if current is None and not _has_tables(connection):
+        if not create:
+            raise SchemaError(
+                "the database has no chatmem schema yet: run `chatmem db upgrade` "
+                "(same --config/--db) first"
+            )
         command.upgrade(_alembic_config(connection), "head")
         return head
-    known = {
-        script.revision
-        for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()
-    }
-    if current is not None and current not in known:
-        raise SchemaError(
-            f"database schema is at revision {current}, newer than this chatmem knows "
-            f"(its newest is {head}): upgrade chatmem"
-        )
+    _refuse_unknown(current, head)
     raise SchemaError(
         f"database schema is at revision {current or 'none (made before migrations)'}, "
         f"this chatmem needs {head}: run `chatmem db upgrade` (same --config/--db) first"
@@ -139,5 +152,22 @@ async def ensure_schema(engine: AsyncEngine) -> str | None:
     revision, so a first ``chatmem serve`` just works; a database at any other revision
     raises :class:`SchemaError` saying what to run.  Returns the revision it upgraded to,
     if it did."""
-    result: str | None = await _locked(engine, _check)
+    result: str | None = await _locked(engine, _check, True)
     return result
+
+
+async def require_schema(engine: AsyncEngine) -> None:
+    """:class:`SchemaError` unless the database is at this chatmem's newest revision
+    (for the commands that read and delete rows: nothing is migrated)."""
+    async with engine.connect() as conn:
+        await conn.run_sync(_check, False)
+
+
+def describe_revision(current: str | None) -> str:
+    """``db current``'s answer: the revision and how it stands to this chatmem's."""
+    head = head_revision()
+    if current == head:
+        return f"{current} (up to date)"
+    if current is not None and current not in _known_revisions():
+        return f"{current} (newer than this chatmem knows; its newest is {head}: upgrade chatmem)"
+    return f"{current or 'none'} (newest is {head})"
