@@ -164,6 +164,45 @@ async def test_items_are_the_chat_history(
     assert answer["usage"]["total_tokens"] > 0
 
 
+async def test_the_conversations_apis_own_parts_go_upstream_as_chat_parts(
+    gateway: Client, upstream: TestServer
+) -> None:
+    # What the OpenAI SDK's typed items hold (found by a probe): no chat server takes
+    # input_image or input_file parts, nor output_text's annotations and logprobs.
+    parts = [
+        {"type": "input_text", "text": "What is in"},
+        {"type": "input_image", "image_url": "https://example.test/a.png", "detail": "low"},
+        {"type": "input_file", "file_id": "file-1", "filename": "a.pdf"},
+        {"type": "video_url", "video_url": {"url": "v.mp4"}},  # vLLM's own: as it is
+    ]
+    answer = [{"type": "output_text", "text": "A cat.", "annotations": [], "logprobs": []}]
+    made = await create(
+        gateway,
+        {"items": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]},
+    )
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "And?"}]},
+        headers={"X-Conversation-Id": made["id"]},
+    )
+    assert response.status == 200
+    assert received(upstream)[-1].json["messages"][:2] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in"},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "https://example.test/a.png", "detail": "low"},
+                },
+                {"type": "file", "file": {"file_id": "file-1", "filename": "a.pdf"}},
+                {"type": "video_url", "video_url": {"url": "v.mp4"}},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    ]
+
+
 async def test_walk_250_conversations_each_exactly_once(gateway: Client) -> None:
     created = [(await create(gateway, {"metadata": {"n": str(i)}}))["id"] for i in range(250)]
     for order, expected in (("desc", created[::-1]), ("asc", created)):
@@ -322,6 +361,16 @@ async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
             {"items": [{"role": "user", "content": [{"type": "input_text"}]}]},
             "items[0].content[0].text must be a string",
             "items[0].content[0].text",
+        ),
+        (
+            {"items": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+            "items[0].content[0].image_url must be a string: chat servers take an image",
+            "items[0].content[0].image_url",
+        ),
+        (
+            {"items": [{"role": "user", "content": [{"type": "input_file", "file_url": "u"}]}]},
+            "items[0].content[0] must have a file_id or file_data",
+            "items[0].content[0]",
         ),
         (
             {

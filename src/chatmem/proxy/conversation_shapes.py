@@ -81,23 +81,54 @@ def _content(value: object, param: str) -> Any:
         )
     if not value:
         raise InvalidRequest(f"{param} must not be an empty array", param=param)
-    for number, part in enumerate(value):
-        _check_part(part, f"{param}[{number}]")
-    return [{**part, "type": "text"} if _is_text_part(part) else part for part in value]
+    return [_chat_part(part, f"{param}[{number}]") for number, part in enumerate(value)]
 
 
-def _check_part(part: dict[str, Any], param: str) -> None:
-    """The fields a chat server needs of the parts it knows (others pass as they are)."""
+def _chat_part(part: dict[str, Any], param: str) -> dict[str, Any]:
+    """``part`` as a chat server takes it: the Conversations API's own part types become
+    chat's (``input_text``/``output_text`` -> ``text``, ``input_image`` -> ``image_url``,
+    ``input_file`` -> ``file``), and the fields a chat server needs of the parts it knows
+    are checked.  Other types pass as they are: servers have their own (vLLM's
+    ``video_url``, say)."""
     kind = part.get("type")
     if not isinstance(kind, str):
         raise InvalidRequest(f"{param}.type must be a string", param=f"{param}.type")
-    if (kind == "text" or kind in _TEXT_PARTS) and not isinstance(part.get("text"), str):
-        raise InvalidRequest(f"{param}.text must be a string", param=f"{param}.text")
-    image = part.get("image_url")
-    if kind == "image_url" and not (isinstance(image, dict) and isinstance(image.get("url"), str)):
-        raise InvalidRequest(
-            f"{param}.image_url must be an object with a string url", param=f"{param}.image_url"
-        )
+    if kind == "text" or kind in _TEXT_PARTS:
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{param}.text must be a string", param=f"{param}.text")
+        return part if kind == "text" else {"type": "text", "text": text}
+    if kind == "image_url":
+        image = part.get("image_url")
+        if not (isinstance(image, dict) and isinstance(image.get("url"), str)):
+            raise InvalidRequest(
+                f"{param}.image_url must be an object with a string url",
+                param=f"{param}.image_url",
+            )
+        return part
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise InvalidRequest(
+                f"{param}.image_url must be a string: chat servers take an image by its URL"
+                " (or a data: URL), not by file_id",
+                param=f"{param}.image_url",
+            )
+        image = {"url": url, **_present(part, "detail")}
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        file = _present(part, "file_id", "file_data", "filename")
+        if "file_id" not in file and "file_data" not in file:
+            raise InvalidRequest(
+                f"{param} must have a file_id or file_data: chat servers take no file_url",
+                param=param,
+            )
+        return {"type": "file", "file": file}
+    return part
+
+
+def _present(part: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: part[name] for name in names if isinstance(part.get(name), str)}
 
 
 def _check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
@@ -140,11 +171,6 @@ def check_tool_results(items: list[dict[str, Any]], open_calls: set[str]) -> Non
                 )
         else:
             answerable = {call["id"] for call in item.get("tool_calls") or ()}
-
-
-def _is_text_part(part: dict[str, Any]) -> bool:
-    kind = part.get("type")
-    return isinstance(kind, str) and kind in _TEXT_PARTS  # a list or object is unhashable
 
 
 def _item(index: int, value: object) -> dict[str, Any]:
