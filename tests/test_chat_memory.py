@@ -208,7 +208,7 @@ async def test_a_conversation_the_gateway_names_is_not_read_first(
         ("finish_reason", "s" * 65, "finish_reason must be a string of at most 64"),
         ("name", ["n"], "name must be a string of at most 255"),
         ("name", "a\x00b", "name must not contain NUL characters"),  # PostgreSQL refuses it
-        ("model", "m\x00", "model must not contain NUL characters"),
+        ("tool_call_id", "c\x00", "tool_call_id must not contain NUL characters"),
     ],
 )
 async def test_a_message_field_the_store_cannot_take_is_a_400_before_the_model_is_asked(

@@ -109,7 +109,7 @@ def expected_owner(body: dict[str, Any] | None) -> tuple[str, str] | None:
     tenant, user = body.get("team_id"), body.get("sub", "")
     if not isinstance(tenant, str) or not tenant or not isinstance(user, str):
         return None
-    if len(tenant) > 255 or len(user) > 255:
+    if len(tenant) > 255 or len(user) > 255 or "\x00" in tenant + user:
         return None
     return tenant, user
 

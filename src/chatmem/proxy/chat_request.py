@@ -87,10 +87,15 @@ STORED_STRINGS: dict[str, int | None] = {
 """Message fields stored in string columns, and their sizes (None: unlimited text)."""
 
 
+_IDENTIFIERS = ("name", "tool_call_id")
+"""Stored strings that pair messages up: they cannot be made storable by replacing a
+character, as other text is on PostgreSQL (see ``storage.postgres_turns``)."""
+
+
 def check_stored_strings(message: dict[str, Any], param: str) -> None:
     """400 for a field the store could not take: not a string, longer than its column, or
-    holding a NUL character, which PostgreSQL's text columns refuse (the model would have
-    answered, at a cost, before the commit failed)."""
+    an identifier holding a NUL character, which PostgreSQL's text columns refuse (the
+    model would have answered, at a cost, before the commit failed)."""
     for name, limit in STORED_STRINGS.items():
         value = message.get(name)
         if value is None:
@@ -98,7 +103,7 @@ def check_stored_strings(message: dict[str, Any], param: str) -> None:
         if not isinstance(value, str) or (limit is not None and len(value) > limit):
             size = f" of at most {limit} characters" if limit is not None else ""
             raise InvalidRequest(f"{param}.{name} must be a string{size}", param=f"{param}.{name}")
-        if "\x00" in value:
+        if name in _IDENTIFIERS and "\x00" in value:
             raise InvalidRequest(
                 f"{param}.{name} must not contain NUL characters", param=f"{param}.{name}"
             )

@@ -122,8 +122,8 @@ def _text(value: Any) -> Any:
     """A string for a text column.  What the upstream streamed may hold halves of a
     surrogate pair that arrived in two chunks (``reasoning``), which PostgreSQL cannot
     store: made text first, the pair its character and a lone half U+FFFD, as on SQLite.
-    Nor can it store NUL, which only the upstream's own fields can still hold here (a
-    client's are refused with a 400): U+FFFD too.
+    Nor can it store NUL: U+FFFD too (a client's ``name`` and ``tool_call_id`` with one
+    are refused with a 400 instead: they pair a tool result with its call).
     (The JSON columns need nothing: ``json.dumps`` escapes them.)"""
     if not isinstance(value, str):
         return value
