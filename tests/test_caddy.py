@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -217,6 +218,43 @@ async def test_streams_and_memory_through_caddy_over_https(
     # chatmem believed Caddy (a trusted proxy) about the client, and Caddy did not pass on
     # the address the client forged.
     assert access["client"] == "127.0.0.1"
+
+
+async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
+    tmp_path: Path, release: asyncio.Event
+) -> None:
+    # With `flush_interval -1` Caddy kept its request to chatmem running after the client
+    # left, so chatmem read the answer to the end and committed a turn nobody received
+    # (found by a probe): the upstream request must end, and nothing be stored.
+    caddy_binary()
+    first, *rest = answer_events("Hello world")
+    async with scripted_upstream(Script(chunks=[first, release, *rest])) as upstream:
+        gateway = serve(tmp_path, upstream.url)
+        caddy = Caddy(tmp_path, gateway.port)
+        try:
+            context = await caddy.client_ssl()
+            body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            async with (
+                caddy.session() as session,
+                session.post(
+                    caddy.url("/v1/chat/completions"),
+                    json=body,
+                    headers={"X-Conversation-Id": "left"},
+                    ssl=context,
+                    server_hostname="localhost",
+                ) as response,
+            ):
+                assert await response.content.readuntil(b"\n\n") == first
+            # The client is gone with the answer unfinished; Caddy must tell chatmem, and
+            # chatmem the upstream (bounded wait: a hang fails the test, it does not time it).
+            await asyncio.wait_for(upstream.disconnected.wait(), timeout=30)
+        finally:
+            release.set()
+            caddy.stop()
+            code, stderr = gateway.stop()
+    assert code == 0, stderr
+    with sqlite3.connect(gateway.db) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
 def _completion(content: str) -> dict[str, object]:
