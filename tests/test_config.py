@@ -169,6 +169,8 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
         ("url", "http://h/v1#sk-secret", "upstream.url: must not have a query"),
         ("url", "http://h/v1\n", "upstream.url: must not contain spaces"),
         ("url", "ftp://user:sk-secret@h/v1", "upstream.url: must be an http"),
+        ("url", "http://admin:sk-secret@h/v1", "upstream.url: must not carry credentials"),
+        ("url", "http://sk-secret@h/v1", "upstream.url: must not carry credentials"),
     ],
 )
 def test_upstream_values_that_would_fail_every_request(

@@ -16,7 +16,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from .app import create_app
 from .config import Config, ConfigError, UpstreamConfig, find_config_file, load_config
@@ -86,12 +85,6 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [flag, str(value)]
     return out
-
-
-def _shown(url: str) -> str:
-    """``url`` without a password it may carry (``http://user:secret@host/v1``)."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
 
 
 def _free_port() -> int:
@@ -203,7 +196,7 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     print(
         f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
-        f"-> {_shown(config.upstream.url)}{' (demo model)' if demo else ''} (pid {os.getpid()})",
+        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})",
         flush=True,
     )
     if not config.auth.enabled:

@@ -331,6 +331,13 @@ def _validate_upstream(values: Mapping[str, Any]) -> None:
             raise ConfigError("upstream.url: not a valid URL (check its host and port)") from None
         if not host:
             raise ConfigError("upstream.url: has no host")
+        if parsed.user is not None or parsed.password is not None:
+            # The chat path sent upstream.api_key instead, the passthrough failed on every
+            # request: a key goes in upstream.api_key (with auth_scheme "Basic" if need be).
+            raise ConfigError(
+                "upstream.url: must not carry credentials (user:password@);"
+                " set upstream.api_key instead"
+            )
     for name in ("api_key", "auth_scheme"):
         value = values.get(name)
         if value is not None and _CONTROL.search(value):
