@@ -42,6 +42,10 @@ async def _client_seen(
         (["127.0.0.1", "10.0.0.0/8"], ["6.6.6.6, 203.0.113.7, 10.1.2.3"], "203.0.113.7"),
         (["127.0.0.1"], ["6.6.6.6", "203.0.113.8"], "203.0.113.8"),  # several headers
         (["127.0.0.1"], ["127.0.0.1"], "127.0.0.1"),  # only proxies: the peer
+        # Not an address (no proxy writes that; it would go into the logs as it is).
+        (["127.0.0.1"], ["1.2.3.4 [forged-request-id] admin-ok"], "127.0.0.1"),
+        (["127.0.0.1"], ["garbage<>"], "127.0.0.1"),
+        (["127.0.0.1"], ["2001:db8::1"], "2001:db8::1"),
     ],
 )
 async def test_client_address(

@@ -128,6 +128,31 @@ def _leave_early(port: int, request_id: str, stream: bool) -> None:
                 raw.recv(65536)  # the answer takes about 2 s: nothing comes in time
 
 
+def test_access_lines_whatever_the_log_level(tmp_path: Path) -> None:
+    """Access lines are at INFO; `log.access = true` asked for them, and `log.level =
+    "warning"` (found by a probe) used to drop every one."""
+    gateway = serve(
+        tmp_path,
+        "http://unused.invalid/v1",
+        '[log]\nformat = "json"\naccess = true\nlevel = "warning"\n',
+        "--demo",
+    )
+    try:
+        asked = urllib.request.Request(
+            gateway.url + "/v1/health", headers={"X-Request-Id": "at-warning-level"}
+        )
+        with urllib.request.urlopen(asked, timeout=20) as response:
+            assert response.status == 200
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    lines = json_lines(stderr)
+    access = [x for x in lines if x["logger"] == "chatmem.access"]
+    assert "at-warning-level" in [x["request_id"] for x in access]
+    # The level still holds for the rest: no INFO line but the access line.
+    assert all(x["level"] != "INFO" for x in lines if x["logger"] != "chatmem.access")
+
+
 def test_a_client_that_leaves_gets_an_access_line(tmp_path: Path) -> None:
     """aiohttp writes no access line for a request whose handler was cancelled: the
     requests whose clients left, streamed or not, are logged with status 499."""

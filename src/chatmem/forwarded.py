@@ -1,8 +1,9 @@
 """The client's address: the peer, or what a trusted proxy (Caddy) says it forwarded for.
 
 ``X-Forwarded-For`` is believed only when the TCP peer is one of ``server.trusted_proxies``;
-then the nearest address in the header that is not itself a trusted proxy is the client.
-Anyone else can put anything in that header, so for them it is ignored.
+then the nearest address in the header that is not itself a trusted proxy is the client
+(if it is an address at all: otherwise the peer is).  Anyone else can put anything in
+that header, so for them it is ignored.
 """
 
 from __future__ import annotations
@@ -52,5 +53,14 @@ def client_address(request: web.BaseRequest) -> str | None:
     ]
     for hop in reversed(hops):
         if hop and hop not in trusted:
-            return hop
+            # Not an address: no proxy wrote that, so it tells nothing (and goes in no log).
+            return hop if _is_address(hop) else peer
     return peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -118,6 +118,8 @@ def configure_logging(config: LogConfig) -> None:
     # them (aiosqlite, asyncio) log the SQL parameters, i.e. message content.
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("chatmem").setLevel(config.level.upper())
+    # `log.access = true` means a line per request, whatever `log.level` (warning, say).
+    logging.getLogger("chatmem.access").setLevel(logging.INFO if config.access else logging.NOTSET)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(_MalformedRequestFilter())
