@@ -295,13 +295,6 @@ async def test_a_response_head_over_64_kib_is_refused() -> None:
         await pool.close()
 
 
-def test_the_startup_line_never_shows_an_upstream_password() -> None:
-    from chatmem.cli import _shown
-
-    assert _shown("https://user:hunter2@llm.example/v1") == "https://user:***@llm.example/v1"
-    assert _shown("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
-
-
 async def test_bytes_sent_on_an_idle_connection_retire_it() -> None:
     """An answer followed, later, by bytes nobody asked for (a second head here): the
     next request must not read them as its answer."""
