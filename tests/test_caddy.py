@@ -17,6 +17,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -86,6 +87,12 @@ class Caddy:
     def url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.port}{path}"
 
+    def post(
+        self, session: aiohttp.ClientSession, path: str, context: ssl.SSLContext, **kwargs: Any
+    ) -> Any:
+        """``session.post`` to ``path`` over HTTPS, trusting ``context`` for localhost."""
+        return session.post(self.url(path), ssl=context, server_hostname="localhost", **kwargs)
+
     def session(self) -> aiohttp.ClientSession:
         """A client for ``https://localhost:PORT`` (connecting to 127.0.0.1 only)."""
         return aiohttp.ClientSession(headers={"Host": f"localhost:{self.port}"})
@@ -154,12 +161,12 @@ async def test_streams_and_memory_through_caddy_over_https(
             body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
             async with (
                 caddy.session() as session,
-                session.post(
-                    caddy.url("/v1/chat/completions"),
+                caddy.post(
+                    session,
+                    "/v1/chat/completions",
+                    context,
                     json=body,
                     headers=headers,
-                    ssl=context,
-                    server_hostname="localhost",
                 ) as response,
             ):
                 assert response.status == 200
@@ -181,12 +188,12 @@ async def test_streams_and_memory_through_caddy_over_https(
             )
             async with (
                 caddy.session() as session,
-                session.post(
-                    caddy.url("/v1/chat/completions"),
+                caddy.post(
+                    session,
+                    "/v1/chat/completions",
+                    context,
                     json={"model": "m", "messages": [{"role": "user", "content": "again"}]},
                     headers={"X-Conversation-Id": "via-caddy"},
-                    ssl=context,
-                    server_hostname="localhost",
                 ) as second,
             ):
                 assert second.status == 200
@@ -236,12 +243,12 @@ async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
             body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
             async with (
                 caddy.session() as session,
-                session.post(
-                    caddy.url("/v1/chat/completions"),
+                caddy.post(
+                    session,
+                    "/v1/chat/completions",
+                    context,
                     json=body,
                     headers={"X-Conversation-Id": "left"},
-                    ssl=context,
-                    server_hostname="localhost",
                 ) as response,
             ):
                 assert await response.content.readuntil(b"\n\n") == first
