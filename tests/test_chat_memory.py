@@ -353,6 +353,19 @@ async def test_window_never_starts_with_orphan_tool_result(
     assert [m["role"] for m in history] == ["assistant"]
 
 
+async def test_window_never_starts_with_orphan_function_result(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    # The deprecated function_call / "function" role pair, cut the same way.
+    client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 2})
+    call = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
+    result = {"role": "function", "name": "f", "content": "42"}
+    await chat(client, [user("q"), call, result])
+    await chat(client, [user("next")])
+    history = sent_messages(upstream)[:-1]
+    assert [m["role"] for m in history] == ["assistant"]
+
+
 async def test_tool_calls_round_trip(gateway: Client, upstream: TestServer, rows: Rows) -> None:
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     resp = await chat(gateway, [user("find it")], tools=tools, tool_choice="required", stream=True)

@@ -170,12 +170,15 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
     }
 
 
+_RESULTS = frozenset({"tool", "function"})  # "function": the deprecated function_call's
+
+
 def drop_orphan_tool_results(window: list[T], roles: Iterable[str]) -> list[T]:
-    """A history window must not start with tool results whose call was cut off.
-    ``roles`` are the roles of ``window``'s messages, in order."""
+    """A history window must not start with tool (or function) results whose call was cut
+    off.  ``roles`` are the roles of ``window``'s messages, in order."""
     start = 0
     for role in roles:
-        if role != "tool":
+        if role not in _RESULTS:
             break
         start += 1
     return window[start:] if start else window
