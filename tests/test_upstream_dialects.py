@@ -138,3 +138,52 @@ async def test_a_completion_with_content_parts_is_stored_as_its_text(
         )
         assert await resp.read() == body
     assert json.loads(rows.messages("d2")[-1]["content"]) == "Whole answer."
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "stream"),
+    [
+        ("/v1/chat/completions", {**STREAM, "stream": False}, False),
+        ("/v1/chat/completions", STREAM, True),
+        ("/v1/ask", {"question": "q", "client_id": "c", "user_id": "u"}, False),
+        ("/v1/models", None, False),  # the passthrough
+    ],
+    ids=["chat", "chat-stream", "ask", "passthrough"],
+)
+async def test_the_upstreams_cookies_stay_with_the_gateway(
+    gateway_factory: GatewayFactory, path: str, body: Any, stream: bool
+) -> None:
+    # A Cloudflare-style cookie of the upstream's session went on to every client (found by
+    # a probe); its other headers still do.
+    if stream:
+        chunks: list[bytes | float] = [
+            sse(chunk(role="assistant")),
+            sse(chunk("hi", finish="stop")),
+            sse("[DONE]"),
+        ]
+        content_type = "text/event-stream"
+    else:
+        message = {"role": "assistant", "content": "hi"}
+        answer = {
+            "id": "c",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
+        chunks, content_type = [json.dumps(answer).encode()], "application/json"
+    headers = {
+        "Content-Type": content_type,
+        "Set-Cookie": "__cf_bm=upstream-session; domain=.llm.example",
+        "OpenAI-Processing-Ms": "12",
+    }
+    script = Script(headers=headers, chunks=chunks, framing="length" if not stream else "chunked")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        if body is None:
+            resp = await client.get(path)
+        else:
+            resp = await client.post(path, json=body, headers={"X-Conversation-Id": "k1"})
+        await resp.read()
+    assert resp.status == 200
+    assert "Set-Cookie" not in resp.headers
+    assert resp.headers["OpenAI-Processing-Ms"] == "12"

@@ -34,7 +34,7 @@ from .chat_request import (
 from .http import read_body
 from .passthrough import relay
 from .tee import Renderer, tee_stream
-from .upstream import filter_headers
+from .upstream import response_headers
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -196,7 +196,7 @@ async def _forward(
                     f"the upstream answered with Content-Encoding {encoding.strip()!r}"
                     " although the gateway asks for identity"
                 )
-            reply_headers = filter_headers(response.headers, ("content-length",))
+            reply_headers = response_headers(response.headers, ("content-length",))
             reply_headers.update(headers)
             if turn.render is not None:
                 reply_headers["Content-Type"] = turn.render.content_type

@@ -12,7 +12,7 @@ from ..errors import PayloadTooLarge, UpstreamError
 from ..state import gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, undecodable_body
-from .upstream import Answer, filter_headers
+from .upstream import Answer, response_headers
 
 __all__ = ["passthrough", "relay"]
 
@@ -141,7 +141,7 @@ async def relay(
     extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Copy ``upstream``'s status, end-to-end headers and raw body to the client."""
-    headers = filter_headers(upstream.headers)
+    headers = response_headers(upstream.headers)
     if extra_headers:
         headers.update(extra_headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)

@@ -15,7 +15,7 @@ from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
 from .pool import UpstreamPool, UpstreamResponse
 
-__all__ = ["HOP_BY_HOP", "Answer", "Upstream", "filter_headers"]
+__all__ = ["HOP_BY_HOP", "Answer", "Upstream", "filter_headers", "response_headers"]
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -42,6 +42,16 @@ _SKIPPED: dict[tuple[str, ...], frozenset[str]] = {}
 
 _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 """Headers aiohttp's client adds when they are missing; passthrough relays the client's."""
+
+
+_NOT_TO_THE_CLIENT = ("set-cookie",)
+"""The upstream's cookies belong to the gateway's session with it (a client's ``Cookie``
+never goes upstream): passed on, they would only hand that session to every client."""
+
+
+def response_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """The upstream's response headers that go on to the client."""
+    return filter_headers(headers, (*_NOT_TO_THE_CLIENT, *drop))
 
 
 def filter_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
