@@ -302,6 +302,15 @@ async def test_ask_bad_fields_are_400_naming_the_field(
     assert chats(upstream) == [] and rows.messages() == []
 
 
+@pytest.mark.parametrize("value", [1.5, True, "", ["1"]])
+async def test_ask_says_which_ids_it_takes(gateway: Client, value: Any) -> None:
+    body = {"question": "q", "client_id": value, "user_id": "u"}
+    resp = await gateway.post("/v1/ask", json=body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["message"] == "client_id must be a non-empty string or an integer"
+
+
 async def test_ask_accepts_integer_ids(gateway: Client, rows: Rows) -> None:
     resp = await gateway.post("/v1/ask", json={"question": "q", "client_id": 7, "user_id": 8})
     assert resp.status == 200

@@ -47,10 +47,11 @@ def _identifier(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    text = required_str(body, name)
-    if not text:
-        raise InvalidRequest(f"{name} must not be empty", param=name)
-    return text
+    if value is None:
+        raise InvalidRequest(f"{name} is required", param=name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{name} must be a non-empty string or an integer", param=name)
+    return value
 
 
 def _history(value: object) -> History | None:
