@@ -21,13 +21,8 @@ class Networks(tuple[Network, ...]):
     """Parsed ``server.trusted_proxies``."""
 
     def __contains__(self, address: object) -> bool:
-        if not isinstance(address, str):
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in iter(self))
+        ip = _ip(address) if isinstance(address, str) else None
+        return ip is not None and any(ip in network for network in iter(self))
 
 
 TRUSTED_PROXIES = web.AppKey("chatmem.trusted_proxies", Networks)
@@ -54,13 +49,12 @@ def client_address(request: web.BaseRequest) -> str | None:
     for hop in reversed(hops):
         if hop and hop not in trusted:
             # Not an address: no proxy wrote that, so it tells nothing (and goes in no log).
-            return hop if _is_address(hop) else peer
+            return hop if _ip(hop) is not None else peer
     return peer
 
 
-def _is_address(text: str) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None

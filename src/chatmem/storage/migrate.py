@@ -78,24 +78,30 @@ def _known_revisions() -> set[str]:
     return {revision.revision for revision in script.walk_revisions()}
 
 
-def _refuse_unknown(current: str | None, head: str) -> None:
+def _newer(current: str | None) -> bool:
+    """Whether a newer chatmem migrated the database to ``current``."""
+    return current is not None and current not in _known_revisions()
+
+
+def _refuse_unknown(current: str | None) -> None:
     """A database a newer chatmem migrated: no command of this one may touch it."""
-    if current is not None and current not in _known_revisions():
+    if _newer(current):
         raise SchemaError(
             f"database schema is at revision {current}, newer than this chatmem knows "
-            f"(its newest is {head}): upgrade chatmem"
+            f"(its newest is {head_revision()}): upgrade chatmem"
         )
 
 
 def _upgrade(connection: Connection, revision: str) -> None:
-    _refuse_unknown(_current(connection), head_revision())
-    if _current(connection) is None and _has_tables(connection):
+    current = _current(connection)
+    _refuse_unknown(current)
+    if current is None and _has_tables(connection):
         command.stamp(_alembic_config(connection), _BASELINE)
     command.upgrade(_alembic_config(connection), revision)
 
 
 def _downgrade(connection: Connection, revision: str) -> None:
-    _refuse_unknown(_current(connection), head_revision())
+    _refuse_unknown(_current(connection))
     command.downgrade(_alembic_config(connection), revision)
 
 
@@ -113,7 +119,7 @@ def _check(connection: Connection, create: bool) -> str | None:
             )
         command.upgrade(_alembic_config(connection), "head")
         return head
-    _refuse_unknown(current, head)
+    _refuse_unknown(current)
     raise SchemaError(
         f"database schema is at revision {current or 'none (made before migrations)'}, "
         f"this chatmem needs {head}: run `chatmem db upgrade` (same --config/--db) first"
@@ -168,6 +174,6 @@ def describe_revision(current: str | None) -> str:
     head = head_revision()
     if current == head:
         return f"{current} (up to date)"
-    if current is not None and current not in _known_revisions():
+    if _newer(current):
         return f"{current} (newer than this chatmem knows; its newest is {head}: upgrade chatmem)"
     return f"{current or 'none'} (newest is {head})"

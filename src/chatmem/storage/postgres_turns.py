@@ -129,4 +129,4 @@ def _text(value: Any) -> Any:
         return value
     if not jsonio.is_text(value):
         value = jsonio.utf8(value).decode()
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    return value.replace("\x00", "\ufffd")
