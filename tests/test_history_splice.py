@@ -71,9 +71,9 @@ def wire(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def window(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` messages, without leading tool results."""
+    """The newest ``limit`` messages, without leading tool or function results."""
     kept = stored[-limit:]
-    while kept and kept[0]["role"] == "tool":
+    while kept and kept[0]["role"] in ("tool", "function"):
         kept = kept[1:]
     return kept
 
