@@ -53,7 +53,7 @@ async def _signal(gateway: ServedGateway, sig: int) -> asyncio.Future[tuple[int,
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_in_flight_stream_finishes_and_is_committed(tmp_path: Path, sig: int) -> None:
     release = asyncio.Event()
     first, *rest = answer_events("Hello world")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import urllib.request
 from pathlib import Path
 
+import pytest
 from deploy_helpers import json_lines, serve
 from helpers import Process, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -115,3 +118,24 @@ def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
             break
     assert "started 2 workers" in line
     assert process.stop(signal.SIGTERM) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sighup_stops_the_master_and_its_workers(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) to the master is a graceful stop of the whole set: it
+    used to kill the master alone (exit 129) and leave both workers serving the port."""
+    gateway = serve(tmp_path, "http://unused.invalid/v1", "", "--workers", "2", "--demo")
+    code, stderr = gateway.stop(signal.SIGHUP)
+    started = next(line for line in stderr.splitlines() if "started 2 workers" in line)
+    pids = [int(pid) for pid in started.rsplit(":", 1)[1].split()]
+    assert code == 0, stderr
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()

@@ -108,11 +108,19 @@ def start_demo_upstream(config: Config) -> tuple[Config, asyncio.Task[None]]:
     return dataclasses.replace(config, upstream=upstream), task
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def stop_event_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (a second signal changes nothing)."""
+    """An event set by SIGTERM, SIGINT or SIGHUP (a second signal changes nothing).
+
+    SIGHUP (the terminal went away, or a manager's "reload") is a graceful stop, not a
+    reload: without a handler it killed the process at once, and a ``--workers`` master
+    died leaving its workers on the port.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     return stop
 

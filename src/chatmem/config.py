@@ -46,7 +46,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7001
     max_body_bytes: int = 4 * 1024 * 1024
-    # Seconds in-flight streams get to finish on SIGTERM/SIGINT before they are cut.
+    # Seconds in-flight streams get to finish on SIGTERM/SIGINT/SIGHUP before they are cut.
     shutdown_grace: float = 30.0
     # Processes sharing the port (SO_REUSEPORT); ``chatmem serve --workers`` overrides it.
     workers: int = 1

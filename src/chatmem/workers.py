@@ -3,7 +3,8 @@
 The master creates the database schema once (so workers do not race to create it), gives
 the workers a fresh prometheus-client multiprocess directory (so ``/metrics`` on any worker
 adds up all of them), starts them (``chatmem serve --worker``: ``SO_REUSEPORT`` on the same
-host and port, the kernel spreads connections over them), forwards SIGTERM/SIGINT and waits.
+host and port, the kernel spreads connections over them), passes SIGTERM, SIGINT or SIGHUP
+on as SIGTERM and waits.
 Each worker then shuts down gracefully on its own.  If a worker dies on its own, the master
 stops the others and exits 1, so the process manager restarts the whole set.
 """
@@ -61,7 +62,7 @@ def _metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
 
 
 async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
-    from .cli import start_demo_upstream, stop_event_on_signals
+    from .cli import STOP_SIGNALS, start_demo_upstream, stop_event_on_signals
 
     stop = stop_event_on_signals()
     mock: asyncio.Task[None] | None = None
@@ -99,7 +100,8 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await mock
     log.info("workers exited with %s", codes)
-    # A worker still starting when the master passed SIGTERM on has no handler for it yet
-    # and dies of it (-15): stopped before it served anything, as it was asked to.
-    stopped = (0, -signal.SIGTERM) if not crashed else (0,)
+    # A worker still starting when the master passed SIGTERM on (or the terminal's SIGINT
+    # or SIGHUP reached it) has no handler for it yet and dies of it: stopped before it
+    # served anything, as it was asked to.
+    stopped = (0, *(-sig for sig in STOP_SIGNALS)) if not crashed else (0,)
     return 1 if crashed or any(code not in stopped for code in codes) else 0
