@@ -264,6 +264,13 @@ async def test_setup_says_what_is_wrong(
     started.freeze()
     with pytest.raises(RuntimeError, match="must be called before the app starts"):
         chatmem.setup(started, config)
+    # Once added, a sub-app's router is frozen: refused before anything of it changed
+    # (it used to fail half-way, with aiohttp's "Cannot modify frozen list").
+    added = web.Application()
+    web.Application().add_subapp("/chat", added)
+    with pytest.raises(RuntimeError, match=r"before app is added to another app \(add_subapp\)"):
+        chatmem.setup(added, config)
+    assert GATEWAY not in added and not added.cleanup_ctx
 
     async def mine(_request: web.Request) -> web.Response:
         return web.Response(text="the host's")

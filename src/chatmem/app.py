@@ -41,6 +41,11 @@ def setup(app: web.Application, config: Config) -> None:
         raise RuntimeError("chatmem.setup(app, config) was already called on this app")
     if app.frozen:
         raise RuntimeError("chatmem.setup(app, config) must be called before the app starts")
+    if app.pre_frozen:  # its router and middlewares can no longer change
+        raise RuntimeError(
+            "chatmem.setup(app, config) must be called before app is added to another app"
+            " (add_subapp)"
+        )
     gateway = Gateway(config)
     app[GATEWAY] = gateway
     hosts = {resource.canonical for resource in app.router.resources()}
