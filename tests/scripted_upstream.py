@@ -50,6 +50,8 @@ class Script:
     before_headers: BeforeHeaders = "none"
     release_head: asyncio.Event | None = None
     """If set, the response head waits for it (the request has been read by then)."""
+    head_with_first_chunk: bool = False
+    """The head and the first bytes chunk go out in one write (one TCP segment)."""
 
 
 RequestRecord = tuple[str, str, dict[str, str], bytes]
@@ -204,8 +206,11 @@ class ScriptedUpstream:
         try:
             if script.release_head is not None:
                 await script.release_head.wait()
-            writer.write(_head(script))
-            await writer.drain()
+            head = _head(script)
+            if not script.head_with_first_chunk:
+                writer.write(head)
+                await writer.drain()
+                head = b""
             for chunk in script.chunks:
                 if client_gone.done():
                     break
@@ -217,8 +222,10 @@ class ScriptedUpstream:
                     await asyncio.wait([client_gone], timeout=chunk)
                 elif chunk:
                     chunked = script.framing == "chunked"
-                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+                    writer.write(head + framed)
                     await writer.drain()
+                    head = b""
         except ConnectionError:
             self.disconnected.set()
             raise

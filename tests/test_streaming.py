@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +369,61 @@ async def test_only_done_waits_for_the_commit(
             other.close()
         assert await asyncio.wait_for(resp.content.read(), 10) == events[-1]
     assert stored_text(rows) == "Hello world"
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """The TCP segments with data this socket received (Linux ``tcpi_data_segs_in``)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+async def test_head_and_first_token_reach_the_client_in_one_segment(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The upstream's head came with its first event: the client gets chatmem's head and
+    that event in one TCP segment, one wake-up instead of two (see README, Performance).
+    Counted by the client's own kernel, while the upstream holds the rest back."""
+    release = asyncio.Event()
+    first, *rest = answer_events("Hello world")
+    script = Script(chunks=[first, release, *rest], head_with_first_chunk=True)
+    async with scripted_upstream(script) as up:
+        gateway = await gateway_factory(up.url)
+        body = json.dumps(REQUEST).encode()
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nX-Conversation-Id: seg\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        loop = asyncio.get_running_loop()
+        with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=10) as sock:
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, request)
+            received = b""
+            for _ in range(100):  # bounded: until the first event is in
+                received += await loop.sock_recv(sock, 65536)
+                if received.endswith(b"%x\r\n%s\r\n" % (len(first), first)):
+                    break
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert received.endswith(b"\r\n\r\n%x\r\n%s\r\n" % (len(first), first))
+            assert _data_segments_in(sock) == 1
+            release.set()
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+    assert received.endswith(b"0\r\n\r\n") and b"[DONE]" in received
+
+
+async def test_head_is_not_held_for_a_first_token_that_has_not_come(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The upstream sent its head alone (the model still reading the prompt): the client
+    has chatmem's head at once, not when the first token comes."""
+    release = asyncio.Event()
+    script = Script(chunks=[release, *answer_events("Hello world")])
+    async with scripted_upstream(script) as up:
+        gateway = await gateway_factory(up.url)
+        async with gateway.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "slow"}
+        ) as resp:
+            assert resp.status == 200 and not release.is_set()
+            release.set()
+            assert await resp.read() == b"".join(answer_events("Hello world"))

@@ -302,6 +302,11 @@ class UpstreamResponse:
             return "application/octet-stream"
         return value.partition(";")[0].strip().lower()
 
+    @property
+    def buffered(self) -> bool:
+        """Whether body bytes have arrived that the next read returns without waiting."""
+        return bool(self.conn.chunks)
+
     async def read(self) -> bytes:
         parts = []
         while (chunk := await self.content.next_chunk()) is not None:

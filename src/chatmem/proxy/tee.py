@@ -119,20 +119,35 @@ class Renderer(Protocol):
         """The bytes that end an answer that failed with ``message``."""
 
 
+class _HeadWithFirstBytes(web.StreamResponse):
+    """A response whose head is held at ``prepare`` and goes out in one send with the
+    first body bytes: aiohttp's own switch, the one its ``web.Response`` uses."""
+
+    _send_headers_immediately = False
+
+
 class _Client:
     """The client side of the tee: remembers whether the client is still there and
-    whether the bytes sent so far end between two events."""
+    whether the bytes sent so far end between two events.
 
-    def __init__(self, response: web.StreamResponse, render: Renderer | None) -> None:
+    ``head_waits``: the response head was held back to go out with the first write
+    (which then goes out even when it is empty).
+    """
+
+    def __init__(
+        self, response: web.StreamResponse, render: Renderer | None, *, head_waits: bool
+    ) -> None:
         self.response = response
         self.render = render
         self.gone = False
+        self.head_waits = head_waits
         self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
         self._held = b""
 
     async def write(self, data: bytes) -> None:
-        if self.gone or not data:
+        if self.gone or not (data or self.head_waits):
             return
+        self.head_waits = False
         try:
             await self.response.write(data)
         except ConnectionError:  # reset; or "Connection lost" while a write waited to drain
@@ -233,9 +248,15 @@ async def tee_stream(
     turn.  A stream that fails, ends early or was not saved ends with one error event
     (or, with ``render``, the renderer's failure text).
     """
-    response = web.StreamResponse(status=upstream.status, headers=headers)
+    # When the first bytes of the answer came in with the upstream's head, the client
+    # gets our head and them in one send: one wake-up, not two.  When they did not, the
+    # head goes now, so that a slow first token does not hold it.
+    head_waits = upstream.buffered
+    response = (_HeadWithFirstBytes if head_waits else web.StreamResponse)(
+        status=upstream.status, headers=headers
+    )
     response.headers["X-Accel-Buffering"] = "no"
-    client = _Client(response, render)
+    client = _Client(response, render, head_waits=head_waits)
     try:
         await response.prepare(request)
     except ConnectionError:

@@ -99,6 +99,9 @@ class Answer(Protocol):
 class StreamedAnswer(Answer, Protocol):
     """The chat path's answer (:mod:`.pool`), which the tee reads."""
 
+    @property
+    def buffered(self) -> bool: ...
+
     def expect_end(self, within: float) -> None: ...
 
 
