@@ -260,9 +260,33 @@ async def test_bad_requests(client: Client, body: bytes, param: str | None) -> N
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
 
 
-async def test_bad_mock_header(client: Client) -> None:
-    resp = await client.post(CHAT, json=_chat(), headers={"X-Mock-Tokens": "many"})
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"X-Mock-Tokens": "many"}, {}),
+        # A client of --demo sets these: it must not make the mock build gigabytes
+        # (1e9 tokens took all the memory) or hold a request for days.
+        ({"X-Mock-Tokens": "1e9"}, {}),
+        ({"X-Mock-Tokens": "100001"}, {}),
+        ({"X-Mock-Tokens": "1000"}, {"n": 101}),
+        ({"X-Mock-Tokens": "1"}, {"n": 129}),
+        ({"X-Mock-Delay-Ms": "1e12"}, {}),
+    ],
+)
+async def test_bad_mock_header(
+    client: Client, headers: dict[str, str], body: dict[str, Any]
+) -> None:
+    resp = await client.post(CHAT, json={**_chat(), **body}, headers=headers)
     assert resp.status == 400
+    assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_the_largest_mock_answer_is_served(client: Client) -> None:
+    headers = {"X-Mock-Tokens": "50000"}
+    resp = await client.post(CHAT, json={**_chat(), "n": 2}, headers=headers)
+    assert resp.status == 200
+    answer = await resp.json()
+    assert [c["finish_reason"] for c in answer["choices"]] == ["stop", "stop"]
 
 
 async def test_embeddings(client: Client) -> None:

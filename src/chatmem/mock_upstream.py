@@ -195,7 +195,14 @@ def _model(payload: dict[str, Any]) -> str:
     return model if isinstance(model, str) and model else MOCK_MODEL
 
 
-def _number_header(request: web.Request, name: str, default: float) -> float:
+_MAX_TOKENS = 100_000
+"""Tokens an answer (all its choices together): a client of ``--demo`` sets the headers,
+and must not make the in-process mock build gigabytes."""
+_MAX_DELAY_MS = 60_000.0
+_MAX_CHOICES = 128  # OpenAI's own limit for n
+
+
+def _number_header(request: web.Request, name: str, default: float, maximum: float) -> float:
     raw = request.headers.get(name)
     if raw is None:
         return default
@@ -203,8 +210,8 @@ def _number_header(request: web.Request, name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0:  # also NaN
-        raise _BadRequest(f"{name} must be a number >= 0.")
+    if not 0 <= value <= maximum:  # also NaN
+        raise _BadRequest(f"{name} must be a number from 0 to {maximum:g}.")
     return value
 
 
@@ -219,7 +226,9 @@ def _int_field(payload: dict[str, Any], name: str, *, minimum: int) -> int | Non
 
 def _budget(request: web.Request, payload: dict[str, Any]) -> tuple[int, str]:
     """How many content tokens to emit per choice, and the finish reason that implies."""
-    wanted = int(_number_header(request, "X-Mock-Tokens", request.app[_SETTINGS].tokens))
+    wanted = int(
+        _number_header(request, "X-Mock-Tokens", request.app[_SETTINGS].tokens, _MAX_TOKENS)
+    )
     caps = [
         cap
         for cap in (
@@ -234,7 +243,8 @@ def _budget(request: web.Request, payload: dict[str, Any]) -> tuple[int, str]:
 
 
 def _delay_s(request: web.Request) -> float:
-    return _number_header(request, "X-Mock-Delay-Ms", request.app[_SETTINGS].delay_ms) / 1000
+    settings = request.app[_SETTINGS]
+    return _number_header(request, "X-Mock-Delay-Ms", settings.delay_ms, _MAX_DELAY_MS) / 1000
 
 
 def _function_name(tool: Any) -> Any:
@@ -314,6 +324,9 @@ def _plan_reply(request: web.Request, payload: dict[str, Any]) -> _Reply:
     messages = _messages(payload)
     last_user = _last_user_text(messages)
     count, finish_reason = _budget(request, payload)
+    n = _int_field(payload, "n", minimum=1) or 1
+    if n > _MAX_CHOICES or n * count > _MAX_TOKENS:
+        raise _BadRequest(f"'n' times the tokens must be at most {_MAX_TOKENS}.", "n")
     tool_name = _tool_name(payload)
     model = _model(payload)
     stream_options = payload.get("stream_options")
@@ -321,7 +334,7 @@ def _plan_reply(request: web.Request, payload: dict[str, Any]) -> _Reply:
     return _Reply(
         id="chatcmpl-mock-" + hashlib.sha256(request[_RECORD].body).hexdigest()[:8],
         model=model,
-        n=_int_field(payload, "n", minimum=1) or 1,
+        n=n,
         pieces=[] if tool_name else _pieces(words, count),
         finish_reason="tool_calls" if tool_name else finish_reason,
         reasoning="reason" in model.lower(),
