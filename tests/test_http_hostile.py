@@ -162,6 +162,37 @@ def test_body_over_limit_is_413_before_it_is_sent(server: Server) -> None:
     assert statuses == [413]
 
 
+def test_expect_continue_over_limit_is_413_without_a_100(server: Server) -> None:
+    """curl sends ``Expect: 100-continue`` for bodies over 1 MB: one over the limit is
+    refused before the client uploads it (aiohttp's default said 100 Continue first)."""
+    raw = POST + b"Expect: 100-continue\r\nContent-Length: 70000\r\n\r\n"
+    statuses, closed, received = exchange_bytes(server, raw)
+    assert statuses == [413] and closed
+    assert json_error(received)["code"] == "request_too_large"
+
+
+def test_expect_continue_within_limit_gets_100_then_the_answer(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(
+            POST + b"Expect: 100-continue\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+        )
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(BODY)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b'"object":"chat.completion"' in received.replace(b" ", b"")
+
+
+def test_an_unknown_expectation_is_a_json_417(server: Server) -> None:
+    raw = POST + b"Expect: teapot\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
+    statuses, _, received = exchange_bytes(server, raw)
+    assert statuses == [417]
+    assert json_error(received)["code"] == "expectation_failed"
+
+
 def test_chunked_body_over_limit_is_413(server: Server) -> None:
     chunk = b"%x\r\n%s\r\n" % (8192, b"a" * 8192)
     raw = (

@@ -14,7 +14,7 @@ from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
-from .proxy.http import http_error_as_json, method_not_allowed
+from .proxy.http import ChatmemRoutes, http_error_as_json, method_not_allowed
 from .proxy.passthrough import passthrough
 from .state import GATEWAY, Gateway
 from .tracking import (
@@ -61,17 +61,17 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_shutdown.append(drain)
     app.middlewares.append(tracker(gateway))
     setup_auth(app, config.auth)
-    routes = app.router
+    routes = ChatmemRoutes(app.router, config.server.max_body_bytes)
     if config.metrics.path:
         routes.add_get(config.metrics.path, metrics_endpoint, name=ROUTE_PREFIX + "metrics")
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
     routes.add_route("*", "/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health.other")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
-    add_compat_routes(app, config, ROUTE_PREFIX)
+    add_compat_routes(app, routes, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
     add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
-    for resource in routes.resources():
+    for resource in app.router.resources():
         if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
             hosts.discard(resource.canonical)  # once per path
             log.warning(

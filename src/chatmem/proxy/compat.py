@@ -8,7 +8,7 @@ from ..config import Config
 from ..state import gateway_of
 from .ask import ask
 from .conversation import COOKIE_SESSIONS, CookieSessions, conversation
-from .http import json_response, method_not_allowed
+from .http import ChatmemRoutes, json_response, method_not_allowed
 
 __all__ = ["add_compat_routes", "health", "ready"]
 
@@ -23,13 +23,15 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "database": "ok"})
 
 
-def add_compat_routes(app: web.Application, config: Config, prefix: str) -> None:
+def add_compat_routes(
+    app: web.Application, routes: ChatmemRoutes, config: Config, prefix: str
+) -> None:
     """``/v1/ready``, ``/v1/ask`` and ``/conversation/{model}`` (before the /v1 catch-all)."""
     app[COOKIE_SESSIONS] = CookieSessions(config.compat)
-    app.router.add_get("/v1/ready", ready, name=prefix + "ready")
-    app.router.add_post("/v1/ask", ask, name=prefix + "ask")
+    routes.add_get("/v1/ready", ready, name=prefix + "ready")
+    routes.add_post("/v1/ask", ask, name=prefix + "ask")
     # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
-    app.router.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
+    routes.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
     for name, path in (("ready", "/v1/ready"), ("ask", "/v1/ask")):
         # Other methods on the gateway's own paths must not fall through to the upstream.
-        app.router.add_route("*", path, method_not_allowed, name=f"{prefix}{name}.other")
+        routes.add_route("*", path, method_not_allowed, name=f"{prefix}{name}.other")

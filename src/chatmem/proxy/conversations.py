@@ -26,7 +26,7 @@ from .conversation_shapes import (
     parse_items,
     parse_metadata,
 )
-from .http import json_object, json_response, method_not_allowed, read_body
+from .http import ChatmemRoutes, json_object, json_response, method_not_allowed, read_body
 
 __all__ = ["add_conversation_routes"]
 
@@ -37,7 +37,7 @@ _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ITEM_ID = re.compile(r"msg_([1-9][0-9]{0,17})")
 
 
-def add_conversation_routes(router: web.UrlDispatcher, prefix: str) -> None:
+def add_conversation_routes(router: ChatmemRoutes, prefix: str) -> None:
     """Register the routes (before the ``/v1/{tail}`` passthrough, which they shadow)."""
     base = "/v1/conversations"
     one = base + "/{conversation_id}"

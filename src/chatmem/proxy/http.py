@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from .. import jsonio
-from ..errors import InvalidRequest, PayloadTooLarge, RequestTimeout, error_body
+from ..errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_body,
+    error_response,
+)
 from ..state import GATEWAY
 
 __all__ = [
+    "ChatmemRoutes",
     "already_read",
     "error_event",
     "http_error_as_json",
@@ -172,3 +180,56 @@ def http_error_as_json(exc: web.HTTPException) -> web.Response:
     body = error_body(exc.reason, kind, code=exc.reason.lower().replace(" ", "_"))
     allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
     return json_response(body, status=exc.status, headers=allow)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def expect_handler(limit: int) -> ExpectHandler:
+    """The answer to ``Expect`` on chatmem's routes.
+
+    aiohttp's default sends ``100 Continue`` whatever the declared length, so a client
+    uploads a body that is then refused with a 413, and it refuses any other expectation
+    with a plain-text 417 before any middleware can give it the OpenAI shape.
+    """
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None  # HTTP/1.0 has no 100 Continue: the client sends its body anyway
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            return http_error_as_json(web.HTTPExpectationFailed())
+        if request.content_length is not None and request.content_length > limit:
+            # The body was not sent, so nothing is read past (aiohttp would wait up to
+            # 10 s for it) and the connection ends with the answer.
+            request.content.feed_eof()
+            response = error_response(_too_large(limit))
+            response.force_close()
+            return response
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the 100 is not the response
+        return None
+
+    return expect
+
+
+class ChatmemRoutes:
+    """``app.router`` for chatmem's own routes: each gets :func:`expect_handler`."""
+
+    def __init__(self, router: web.UrlDispatcher, max_body_bytes: int) -> None:
+        self.router = router
+        self._expect = expect_handler(max_body_bytes)
+
+    def add_route(
+        self, method: str, path: str, handler: Handler, **kwargs: Any
+    ) -> web.AbstractRoute:
+        return self.router.add_route(method, path, handler, expect_handler=self._expect, **kwargs)
+
+    def add_get(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.router.add_get(path, handler, expect_handler=self._expect, **kwargs)
+
+    def add_post(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.add_route(hdrs.METH_POST, path, handler, **kwargs)
+
+    def add_delete(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
+        return self.add_route(hdrs.METH_DELETE, path, handler, **kwargs)
