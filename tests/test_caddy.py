@@ -64,13 +64,14 @@ def test_caddy_validates_the_caddyfile(tmp_path: Path, tls: str) -> None:
 class Caddy:
     def __init__(self, tmp_path: Path, upstream_port: int) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.env = caddy_env(
             tmp_path,
             CHATMEM_DOMAIN="localhost",
             CHATMEM_TLS="internal",
             CHATMEM_UPSTREAM=f"127.0.0.1:{upstream_port}",
             CHATMEM_BIND="127.0.0.1",
-            CHATMEM_HTTP_PORT=str(free_port()),
+            CHATMEM_HTTP_PORT=str(self.http_port),
             CHATMEM_HTTPS_PORT=str(self.port),
             CADDY_ADMIN="off",
         )
@@ -213,6 +214,19 @@ async def test_streams_and_memory_through_caddy_over_https(
                 ) as metrics,
             ):
                 assert metrics.status == 404
+
+            # Plain HTTP is redirected to HTTPS on its own port, the method kept (308).
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{caddy.http_port}/v1/chat/completions?a=1",
+                    headers={"Host": f"localhost:{caddy.http_port}"},
+                    allow_redirects=False,
+                ) as redirected,
+            ):
+                assert redirected.status == 308
+                location = f"https://localhost:{caddy.port}/v1/chat/completions?a=1"
+                assert redirected.headers["Location"] == location
         finally:
             caddy.stop()
             code, stderr = gateway.stop()
