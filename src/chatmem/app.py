@@ -10,6 +10,7 @@ from aiohttp.typedefs import Handler
 
 from .auth import setup_auth
 from .config import Config
+from .cors import Cors
 from .forwarded import TRUSTED_PROXIES, parse_networks
 from .proxy.chat import chat_completions
 from .proxy.compat import add_compat_routes, health
@@ -60,6 +61,10 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_response_prepare.append(response_counter(gateway))
     app.on_shutdown.append(drain)
     app.middlewares.append(tracker(gateway))
+    if config.server.cors_origins:
+        cors = Cors(config.server.cors_origins)
+        app.middlewares.append(cors.preflight())
+        app.on_response_prepare.append(cors.response_headers())
     setup_auth(app, config.auth)
     routes = ChatmemRoutes(app.router, config.server.max_body_bytes)
     if config.metrics.path:

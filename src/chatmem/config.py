@@ -52,6 +52,9 @@ class ServerConfig:
     workers: int = 1
     # Peers (IPs or CIDR networks) whose X-Forwarded-For is believed, e.g. the local Caddy.
     trusted_proxies: tuple[str, ...] = ()
+    # Origins of web pages that may call the gateway ("https://app.example.com", or "*"
+    # for any); empty: CORS is off (and the upstream's own headers are relayed as they are).
+    cors_origins: tuple[str, ...] = ()
     # Seconds a connection may go without a complete request head: from when it opens, or
     # from the previous response on a kept-alive one. Closes slow-header (slowloris) and
     # idle connections (aiohttp's keepalive_timeout, which runs from the connection's start).
@@ -286,6 +289,7 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("server.port: must be at most 65535")
     if section == "server":
         _validate_networks(values.get("trusted_proxies", ()))
+        _validate_origins(values.get("cors_origins", ()))
         if values.get("host", "127.0.0.1").strip() == "":
             # asyncio reads an empty host as every interface: say it if it is meant.
             raise ConfigError("server.host: must not be empty (0.0.0.0 is every interface)")
@@ -426,6 +430,18 @@ def _validate_networks(networks: tuple[str, ...]) -> None:
             raise ConfigError(
                 f"server.trusted_proxies: {network!r} is not an IP address or network"
             ) from None
+
+
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+
+
+def _validate_origins(origins: tuple[str, ...]) -> None:
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin.rstrip("/")):
+            raise ConfigError(
+                f"server.cors_origins: {origin[:80]!r} is not an origin"
+                ' (scheme://host[:port], such as https://app.example.com) or "*"'
+            )
 
 
 _HMAC = frozenset({"HS256", "HS384", "HS512"})

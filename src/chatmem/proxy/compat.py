@@ -32,6 +32,11 @@ def add_compat_routes(
     routes.add_post("/v1/ask", ask, name=prefix + "ask")
     # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
     routes.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
-    for name, path in (("ready", "/v1/ready"), ("ask", "/v1/ask")):
+    paths = (
+        ("ready", "/v1/ready"),
+        ("ask", "/v1/ask"),
+        ("conversation", "/conversation/{model:.+}"),
+    )
+    for name, path in paths:
         # Other methods on the gateway's own paths must not fall through to the upstream.
         routes.add_route("*", path, method_not_allowed, name=f"{prefix}{name}.other")

@@ -1,0 +1,92 @@
+"""Requests from web pages on other origins (``server.cors_origins``).
+
+Off by default: then chatmem adds no CORS header of its own, and on the passthrough the
+upstream's are relayed as they are.  On, chatmem answers the browser's preflight
+(``OPTIONS`` with ``Access-Control-Request-Method``) for every one of its routes itself,
+passthrough included, and gives its answers to an allowed origin the headers that let
+the page read them: one policy for the whole gateway, not the upstream's on some paths
+and none on chatmem's own.
+
+Hand-written rather than aiohttp-cors: that library refuses routes registered for every
+method (``"*"``, aio-libs/aiohttp-cors#241), which is what the passthrough is, and it
+works through the router's protected internals.
+"""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from .logs import REQUEST_ID_HEADER
+from .tracking import UPSTREAM_REQUEST_ID_HEADER, ResponseHook, is_chatmem_route
+
+__all__ = ["Cors"]
+
+_EXPOSED = ", ".join(("X-Conversation-Id", REQUEST_ID_HEADER, UPSTREAM_REQUEST_ID_HEADER))
+_MAX_AGE = "600"  # seconds a browser may reuse a preflight answer
+_PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+
+
+class Cors:
+    """The allowed origins (``"*"``: any) and the two pieces that apply them."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(origin.rstrip("/").lower() for origin in origins)
+
+    def allows(self, origin: str) -> bool:
+        return self.any or origin.lower() in self.origins
+
+    def preflight(self) -> Middleware:
+        """Answers a preflight to one of chatmem's routes (204, or 403 for an origin
+        not allowed) without authentication, as browsers send it without credentials."""
+
+        @web.middleware
+        async def answer_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+            headers = request.headers
+            origin = headers.get(hdrs.ORIGIN)
+            method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD)
+            if (
+                request.method != hdrs.METH_OPTIONS
+                or origin is None
+                or method is None
+                or not is_chatmem_route(request)
+            ):
+                return await handler(request)
+            if not self.allows(origin):
+                raise web.HTTPForbidden(reason="Origin Not Allowed")
+            allowed = {
+                hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: origin,
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: method,
+                hdrs.ACCESS_CONTROL_MAX_AGE: _MAX_AGE,
+                hdrs.VARY: _PREFLIGHT_VARY,
+            }
+            asked = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
+            if asked:
+                allowed[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
+            return web.Response(status=204, headers=allowed)
+
+        return answer_preflight
+
+    def response_headers(self) -> ResponseHook:
+        """The ``on_response_prepare`` hook: an allowed origin may read the answer and
+        chatmem's headers; an upstream's own CORS headers are replaced, not doubled."""
+
+        async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+            origin = request.headers.get(hdrs.ORIGIN)
+            if (
+                origin is None
+                or not is_chatmem_route(request)
+                or hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers  # a preflight's
+            ):
+                return
+            headers = response.headers
+            for name in [name for name in headers if name.lower().startswith("access-control-")]:
+                del headers[name]
+            if not self.allows(origin):
+                return
+            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+            headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED
+            headers.add(hdrs.VARY, hdrs.ORIGIN)
+
+        return add_headers
