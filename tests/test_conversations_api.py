@@ -434,6 +434,63 @@ async def test_tool_results_answer_the_call_before_them(gateway: Client, rows: R
     ]
 
 
+async def test_deleting_keeps_tool_calls_and_results_together(
+    gateway: Client, rows: Rows, upstream: TestServer
+) -> None:
+    """Deleting half of a tool call and its results would leave a history every later
+    turn fails on: a result alone is not deleted (the answer says which item to delete),
+    and deleting the call takes its results with it."""
+    made = await create(
+        gateway,
+        {
+            "items": [
+                {"role": "user", "content": "q"},
+                _calls("call_1", "call_2"),
+                {"role": "tool", "tool_call_id": "call_1", "content": "r1"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "r2"},
+                {"role": "assistant", "content": "done"},
+            ]
+        },
+    )
+    items = f"/v1/conversations/{made['id']}/items"
+    await bad(
+        await gateway.delete(items + "/msg_4"),
+        "msg_4 is the result of a tool call in msg_2: delete msg_2",
+        "item_id",
+    )
+    assert len(rows.messages(made["id"])) == 5
+    deleted = await ok(await gateway.delete(items + "/msg_2"))
+    assert deleted["id"] == made["id"]
+    assert [(m["seq"], m["role"]) for m in rows.messages(made["id"])] == [
+        (1, "user"),
+        (5, "assistant"),
+    ]
+    # What is left goes upstream as a history any server takes.
+    body = {"model": "m", "messages": [{"role": "user", "content": "next"}]}
+    await ok(
+        await gateway.post(
+            "/v1/chat/completions", json=body, headers={"X-Conversation-Id": made["id"]}
+        )
+    )
+    sent = received(upstream)[-1].json["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+
+
+async def test_a_tool_result_whose_call_is_gone_can_be_deleted(gateway: Client, rows: Rows) -> None:
+    """A result stored without its call (by an older version, or a chat request that
+    sent one) answers nothing: deleting it is allowed."""
+    made = await create(gateway, {"items": [{"role": "user", "content": "q"}]})
+    await gateway.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]},
+        headers={"X-Conversation-Id": made["id"]},
+    )
+    roles = [(m["seq"], m["role"]) for m in rows.messages(made["id"])]
+    assert roles[1] == (2, "tool")
+    await ok(await gateway.delete(f"/v1/conversations/{made['id']}/items/msg_2"))
+    assert [m["seq"] for m in rows.messages(made["id"])] == [1, 3]
+
+
 async def test_body_errors(gateway: Client) -> None:
     made = await create(gateway)
     one = f"/v1/conversations/{made['id']}"

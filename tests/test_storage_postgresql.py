@@ -559,3 +559,21 @@ async def test_connections_the_server_ends_under_traffic_are_503s(pg_url: str) -
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_deleting_a_tool_call_takes_its_results_on_postgresql(store: Store) -> None:
+    """tool_calls is JSONB here: the call ids are read from it as from SQLite's JSON."""
+    owner = Owner("t")
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    items = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "r"},
+    ]
+    info = await store.create_conversation(owner, "tools", metadata={}, system=None, items=items)
+    refused = await store.delete_item(owner, info.id, 3)
+    assert refused is not None and (refused.seqs, refused.call_seq) == ([], 2)
+    deleted = await store.delete_item(owner, info.id, 2)
+    assert deleted is not None and deleted.seqs == [2, 3]
+    page = await store.list_items(owner, info.id, limit=10, after_seq=None, newest_first=False)
+    assert page is not None and [row["seq"] for row in page.data] == [1]

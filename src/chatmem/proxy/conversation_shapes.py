@@ -15,6 +15,7 @@ from .chat_request import check_stored_strings
 __all__ = [
     "check_tool_results",
     "conversation_json",
+    "item_id",
     "item_json",
     "list_json",
     "page_json",
@@ -228,9 +229,13 @@ def conversation_json(info: ConversationInfo) -> dict[str, Any]:
     }
 
 
+def item_id(seq: int) -> str:
+    return f"msg_{seq}"
+
+
 def item_json(row: dict[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {
-        "id": f"msg_{row['seq']}",
+        "id": item_id(row["seq"]),
         "type": "message",
         "status": "completed",
         "role": row["role"],

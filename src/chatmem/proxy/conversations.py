@@ -20,6 +20,7 @@ from .chat_request import new_conversation_id
 from .conversation_shapes import (
     check_tool_results,
     conversation_json,
+    item_id,
     item_json,
     list_json,
     page_json,
@@ -240,10 +241,19 @@ async def delete_item(request: web.Request) -> web.Response:
     conversation_id = _conversation_id(request)
     seq = _item_seq(request.match_info["item_id"])
     store = gateway_of(request).store
-    if seq is None or not await store.delete_item(owner, conversation_id, seq):
+    deletion = None if seq is None else await store.delete_item(owner, conversation_id, seq)
+    if deletion is None:
         if await store.get_conversation(owner, conversation_id) is None:
             raise _not_found()
         raise NotFound("item not found", param="item_id")
+    if deletion.call_seq is not None:
+        call = item_id(deletion.call_seq)
+        raise InvalidRequest(
+            f"{request.match_info['item_id']} is the result of a tool call in {call}: delete"
+            f" {call}, and its results go with it (a call left without its result is refused"
+            " by model servers on every later turn)",
+            param="item_id",
+        )
     info = await store.get_conversation(owner, conversation_id)
     if info is None:  # deleted meanwhile by another request
         raise _not_found()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from .engine import create_engine
-from .queries import ConversationInfo, History, Owner, Page, Store
+from .queries import ConversationInfo, Deletion, History, Owner, Page, Store
 from .schema import Base, Conversation, Message
 
 __all__ = [
     "Base",
     "Conversation",
     "ConversationInfo",
+    "Deletion",
     "History",
     "Message",
     "Owner",

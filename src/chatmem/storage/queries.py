@@ -39,7 +39,7 @@ from .migrate import ensure_schema, upgrade
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
-__all__ = ["ConversationInfo", "History", "Owner", "Page", "Store"]
+__all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
@@ -88,6 +88,52 @@ class History:
         """The window's messages, decoded anew on each access."""
         messages: list[dict[str, Any]] = jsonio.loads(b"[" + self.encoded + b"]")
         return messages
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What deleting an item did: the messages deleted (the item first), or nothing
+    because the item is the result of the tool call in message ``call_seq``."""
+
+    seqs: list[int]
+    call_seq: int | None = None
+
+
+_TOOL_RUN = 256
+"""Stored messages looked at on either side of a tool call and its results (more results
+than that after one assistant message would be a strange conversation)."""
+
+
+def _call_ids(tool_calls: Any) -> set[str]:
+    """The ids of a stored message's tool calls (older versions stored them unchecked)."""
+    calls = tool_calls if isinstance(tool_calls, list) else ()
+    ids = {call.get("id") for call in calls if isinstance(call, dict)}
+    return {i for i in ids if isinstance(i, str)}
+
+
+async def _call_answered(conn: AsyncConnection, ours: Any, seq: int, call_id: Any) -> int | None:
+    """The seq of the assistant message whose tool call the tool result at ``seq``
+    answers: the message before its run of tool results, if it made that call."""
+    m = messages.c
+    before = select(m.seq, m.role, m.tool_calls).where(ours, m.seq < seq)
+    for row in await conn.execute(before.order_by(m.seq.desc()).limit(_TOOL_RUN)):
+        if row.role != "tool":
+            answered = row.role == "assistant" and call_id in _call_ids(row.tool_calls)
+            return int(row.seq) if answered else None
+    return None
+
+
+async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
+    """The seqs of the tool results right after ``seq`` that answer ``call_ids``."""
+    m = messages.c
+    after = select(m.seq, m.role, m.tool_call_id).where(ours, m.seq > seq)
+    results = []
+    for row in await conn.execute(after.order_by(m.seq).limit(_TOOL_RUN)):
+        if row.role != "tool":
+            break
+        if row.tool_call_id in call_ids:
+            results.append(int(row.seq))
+    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,22 +692,44 @@ class Store:
                 await conn.execute(insert(messages), rows)
         return [{name: row.get(name) for name in ITEM_FIELDS} for row in rows]
 
-    async def delete_item(self, owner: Owner, conversation_id: str, seq: int) -> bool:
-        """Delete one message; False if the owner has no such conversation or message."""
-        owned = select(conversations.c.pk).where(_owned(owner, conversation_id))
+    async def delete_item(self, owner: Owner, conversation_id: str, seq: int) -> Deletion | None:
+        """Delete one message, so that the history stays one a model server takes.
+
+        An assistant message that made tool calls goes with the tool results after it
+        that answer them (they mean nothing without it); a tool result whose call is
+        still stored is not deleted (``Deletion.call_seq``): the call would be left
+        unanswered, which strict servers refuse on every later turn.  None if the owner
+        has no such conversation or message.
+        """
+        m = messages.c
         async with self._write() as conn:
-            result = await conn.execute(
-                delete(messages).where(
-                    messages.c.conversation_pk == owned.scalar_subquery(), messages.c.seq == seq
-                )
-            )
-            if result.rowcount:
+            pk = (
+                await conn.execute(select(conversations.c.pk).where(_owned(owner, conversation_id)))
+            ).scalar_one_or_none()
+            if pk is None:
+                return None
+            ours = m.conversation_pk == pk
+            row = (
                 await conn.execute(
-                    update(conversations)
-                    .where(_owned(owner, conversation_id))
-                    .values(updated_at=int(time.time()))
+                    select(m.role, m.tool_calls, m.tool_call_id).where(ours, m.seq == seq)
                 )
-        return bool(result.rowcount)
+            ).first()
+            if row is None:
+                return None
+            seqs = [seq]
+            if row.role == "tool":
+                call_seq = await _call_answered(conn, ours, seq, row.tool_call_id)
+                if call_seq is not None:
+                    return Deletion(seqs=[], call_seq=call_seq)
+            elif row.role == "assistant" and _call_ids(row.tool_calls):
+                seqs += await _results_of(conn, ours, seq, _call_ids(row.tool_calls))
+            await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
+            await conn.execute(
+                update(conversations)
+                .where(conversations.c.pk == pk)
+                .values(updated_at=int(time.time()))
+            )
+        return Deletion(seqs=seqs)
 
     async def prune(self, older_than: float, *, batch_size: int = 200) -> int:
         """Delete whole conversations (with their messages) not updated for
