@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.typedefs import Handler
 
 from .. import jsonio
 from ..errors import (
@@ -182,7 +183,6 @@ def http_error_as_json(exc: web.HTTPException) -> web.Response:
     return json_response(body, status=exc.status, headers=allow)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
