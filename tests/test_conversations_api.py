@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -474,6 +475,45 @@ async def test_deleting_keeps_tool_calls_and_results_together(
     )
     sent = received(upstream)[-1].json["messages"]
     assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+
+
+async def test_a_delete_racing_an_append_of_the_results_leaves_no_orphan(
+    gateway: Client, rows: Rows
+) -> None:
+    """Deleting a tool call while its result is being appended: whichever goes first,
+    the other sees it (the append's check runs under the conversation's lock), so the
+    result is either deleted with its call or refused, never stored without it."""
+    for attempt in range(12):  # bounded; the old check, outside the lock, lost most races
+        made = await create(
+            gateway, {"items": [{"role": "user", "content": "q"}, _calls(f"call_{attempt}")]}
+        )
+        items = f"/v1/conversations/{made['id']}/items"
+        result = {"role": "tool", "tool_call_id": f"call_{attempt}", "content": "r"}
+        deleted, appended = await asyncio.gather(
+            gateway.delete(items + "/msg_2"), gateway.post(items, json={"items": [result]})
+        )
+        assert deleted.status == 200, await deleted.text()
+        assert appended.status in (200, 400), await appended.text()
+        assert [m["role"] for m in rows.messages(made["id"])] == ["user"]
+
+
+async def test_a_tool_call_group_of_any_size_stays_together(gateway: Client, rows: Rows) -> None:
+    """300 parallel calls (more than one page of the walk over the run of results)."""
+    ids = [f"c{i}" for i in range(300)]
+    results = [{"role": "tool", "tool_call_id": i, "content": "r"} for i in ids]
+    made = await create(
+        gateway, {"items": [{"role": "user", "content": "q"}, _calls(*ids[:-1]), *results[:-1]]}
+    )
+    items = f"/v1/conversations/{made['id']}/items"
+    await bad(await gateway.post(items, json={"items": [results[-1]]}), "names no tool call")
+    made = await create(
+        gateway, {"items": [{"role": "user", "content": "q"}, _calls(*ids), *results[:-1]]}
+    )
+    items = f"/v1/conversations/{made['id']}/items"
+    await ok(await gateway.post(items, json={"items": [results[-1]]}))  # answers c299
+    await bad(await gateway.delete(items + "/msg_302"), "delete msg_2")
+    await ok(await gateway.delete(items + "/msg_2"))
+    assert [m["role"] for m in rows.messages(made["id"])] == ["user"]
 
 
 async def test_a_tool_result_whose_call_is_gone_can_be_deleted(gateway: Client, rows: Rows) -> None:

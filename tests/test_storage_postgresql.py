@@ -577,3 +577,39 @@ async def test_deleting_a_tool_call_takes_its_results_on_postgresql(store: Store
     assert deleted is not None and deleted.seqs == [2, 3]
     page = await store.list_items(owner, info.id, limit=10, after_seq=None, newest_first=False)
     assert page is not None and [row["seq"] for row in page.data] == [1]
+
+
+async def test_a_delete_racing_an_append_of_the_results_leaves_no_orphan(store: Store) -> None:
+    """The delete locks the conversation's row as the append does, and the append checks
+    the call its result answers under that lock: never a result stored without its call.
+    Two deletes of one item: one deletes it, the other finds nothing (None, a 404)."""
+    from chatmem.errors import InvalidRequest
+    from chatmem.proxy.conversation_shapes import check_tool_results
+
+    owner = Owner("t")
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    result = [{"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    for attempt in range(12):  # bounded
+        items = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+        ]
+        info = await store.create_conversation(
+            owner, f"race-{attempt}", metadata={}, system=None, items=items
+        )
+        outcomes = await asyncio.gather(
+            store.delete_item(owner, info.id, 2),
+            store.delete_item(owner, info.id, 2),
+            store.append_items(
+                owner,
+                info.id,
+                system=None,
+                items=result,
+                check_results=lambda open_calls: check_tool_results(result, open_calls),
+            ),
+            return_exceptions=True,
+        )
+        assert sorted(o is None for o in outcomes[:2]) == [False, True], outcomes
+        assert isinstance(outcomes[2], list | InvalidRequest), outcomes[2]  # appended, or refused
+        page = await store.list_items(owner, info.id, limit=10, after_seq=None, newest_first=False)
+        assert page is not None and [row["role"] for row in page.data] == ["user"]

@@ -15,7 +15,6 @@ from aiohttp import web
 from ..auth import authenticate
 from ..errors import InvalidRequest, NotFound
 from ..state import gateway_of
-from ..storage import Owner, Store
 from .chat_request import new_conversation_id
 from .conversation_shapes import (
     check_tool_results,
@@ -190,36 +189,19 @@ async def append_items(request: web.Request) -> web.Response:
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])
-    store = gateway_of(request).store
-    open_calls: set[str] = set()
-    if items and items[0]["role"] == "tool":  # it answers a call stored last: which?
-        open_calls = await _open_tool_calls(store, owner, conversation_id)
-    check_tool_results(items, open_calls)
-    added = await store.append_items(owner, conversation_id, system=system, items=items)
+    check = None
+    if items and items[0]["role"] == "tool":
+        # It answers a call stored last: checked under the conversation's lock.
+        def check(open_calls: set[str]) -> None:
+            check_tool_results(items, open_calls)
+    else:
+        check_tool_results(items, set())
+    added = await gateway_of(request).store.append_items(
+        owner, conversation_id, system=system, items=items, check_results=check
+    )
     if added is None:
         raise _not_found()
     return json_response(list_json([item_json(row) for row in added], False))
-
-
-async def _open_tool_calls(store: Store, owner: Owner, conversation_id: str) -> set[str]:
-    """The ids of the tool calls of the conversation's last assistant message, when only
-    tool results follow it: the calls a tool item appended now may answer."""
-    page = await store.list_items(
-        owner, conversation_id, limit=_TAIL, after_seq=None, newest_first=True
-    )
-    if page is None:
-        raise _not_found()
-    for row in page.data:
-        if row["role"] != "tool":
-            calls = row["tool_calls"] if row["role"] == "assistant" else None
-            ids = {call.get("id") for call in calls or () if isinstance(call, dict)}
-            return {i for i in ids if isinstance(i, str)}  # stored by older versions: unchecked
-    return set()
-
-
-_TAIL = 256
-"""Stored messages looked at for the call a tool item answers (more results than that
-after one assistant message would be a strange conversation)."""
 
 
 async def get_item(request: web.Request) -> web.Response:

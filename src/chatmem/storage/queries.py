@@ -99,9 +99,8 @@ class Deletion:
     call_seq: int | None = None
 
 
-_TOOL_RUN = 256
-"""Stored messages looked at on either side of a tool call and its results (more results
-than that after one assistant message would be a strange conversation)."""
+_PAGE = 256
+"""Stored messages read at a time while walking a run of tool results."""
 
 
 def _call_ids(tool_calls: Any) -> set[str]:
@@ -111,29 +110,43 @@ def _call_ids(tool_calls: Any) -> set[str]:
     return {i for i in ids if isinstance(i, str)}
 
 
-async def _call_answered(conn: AsyncConnection, ours: Any, seq: int, call_id: Any) -> int | None:
-    """The seq of the assistant message whose tool call the tool result at ``seq``
-    answers: the message before its run of tool results, if it made that call."""
+async def _call_before_run(
+    conn: AsyncConnection, ours: Any, seq: int | None
+) -> tuple[int, set[str]] | None:
+    """The message before the run of tool results that ends right before ``seq`` (None:
+    at the end of the conversation), as (its seq, the ids of its tool calls); None when
+    the run starts the conversation."""
     m = messages.c
-    before = select(m.seq, m.role, m.tool_calls).where(ours, m.seq < seq)
-    for row in await conn.execute(before.order_by(m.seq.desc()).limit(_TOOL_RUN)):
-        if row.role != "tool":
-            answered = row.role == "assistant" and call_id in _call_ids(row.tool_calls)
-            return int(row.seq) if answered else None
-    return None
+    while True:
+        before = select(m.seq, m.role, m.tool_calls).where(ours)
+        if seq is not None:
+            before = before.where(m.seq < seq)
+        rows = (await conn.execute(before.order_by(m.seq.desc()).limit(_PAGE))).all()
+        for row in rows:
+            if row.role != "tool":
+                calls = _call_ids(row.tool_calls) if row.role == "assistant" else set()
+                return int(row.seq), calls
+        if len(rows) < _PAGE:
+            return None
+        seq = int(rows[-1].seq)
 
 
 async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
-    """The seqs of the tool results right after ``seq`` that answer ``call_ids``."""
+    """The seqs of the tool results in the run right after ``seq`` that answer
+    ``call_ids``."""
     m = messages.c
-    after = select(m.seq, m.role, m.tool_call_id).where(ours, m.seq > seq)
-    results = []
-    for row in await conn.execute(after.order_by(m.seq).limit(_TOOL_RUN)):
-        if row.role != "tool":
-            break
-        if row.tool_call_id in call_ids:
-            results.append(int(row.seq))
-    return results
+    results: list[int] = []
+    while True:
+        after = select(m.seq, m.role, m.tool_call_id).where(ours, m.seq > seq)
+        rows = (await conn.execute(after.order_by(m.seq).limit(_PAGE))).all()
+        for row in rows:
+            if row.role != "tool":
+                return results
+            if row.tool_call_id in call_ids:
+                results.append(int(row.seq))
+        if len(rows) < _PAGE:
+            return results
+        seq = int(rows[-1].seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,11 +675,16 @@ class Store:
         *,
         system: list[dict[str, Any]] | None,
         items: Sequence[dict[str, Any]],
+        check_results: Callable[[set[str]], None] | None = None,
     ) -> list[dict[str, Any]] | None:
         """Append messages to an existing conversation; None if the owner has none such.
 
         Like :meth:`commit_turn`, bumping ``last_seq`` reserves the sequence numbers and
-        locks the row, so appends and chat turns never interleave.
+        locks the row, so appends, deletes and chat turns never interleave.
+        ``check_results`` is called with the tool call ids the stored conversation ends
+        with (those a tool result appended now may answer) once the row is locked, so a
+        delete cannot remove the call between the check and the append; what it raises
+        rolls the append back.
         """
         now = int(time.time())
         changes: dict[str, Any] = {"last_seq": conversations.c.last_seq + len(items)}
@@ -684,6 +702,10 @@ class Store:
             if found is None:
                 return None
             first = found.last_seq - len(items) + 1
+            if check_results is not None:
+                ours = messages.c.conversation_pk == found.pk
+                call = await _call_before_run(conn, ours, first)
+                check_results(call[1] if call is not None else set())
             rows = [
                 {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
                 for offset, item in enumerate(items)
@@ -702,10 +724,12 @@ class Store:
         has no such conversation or message.
         """
         m = messages.c
+        find = select(conversations.c.pk).where(_owned(owner, conversation_id))
+        if not self._sqlite:  # SQLite's writers are one at a time already
+            # Locked as an append or a turn locks it: a delete never interleaves with them.
+            find = find.with_for_update()
         async with self._write() as conn:
-            pk = (
-                await conn.execute(select(conversations.c.pk).where(_owned(owner, conversation_id)))
-            ).scalar_one_or_none()
+            pk = (await conn.execute(find)).scalar_one_or_none()
             if pk is None:
                 return None
             ours = m.conversation_pk == pk
@@ -718,12 +742,14 @@ class Store:
                 return None
             seqs = [seq]
             if row.role == "tool":
-                call_seq = await _call_answered(conn, ours, seq, row.tool_call_id)
-                if call_seq is not None:
-                    return Deletion(seqs=[], call_seq=call_seq)
+                call = await _call_before_run(conn, ours, seq)
+                if call is not None and row.tool_call_id in call[1]:
+                    return Deletion(seqs=[], call_seq=call[0])
             elif row.role == "assistant" and _call_ids(row.tool_calls):
                 seqs += await _results_of(conn, ours, seq, _call_ids(row.tool_calls))
-            await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
+            deleted = await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
+            if not deleted.rowcount:
+                return None
             await conn.execute(
                 update(conversations)
                 .where(conversations.c.pk == pk)
