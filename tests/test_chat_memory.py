@@ -356,14 +356,43 @@ async def test_window_never_starts_with_orphan_tool_result(
 async def test_window_never_starts_with_orphan_function_result(
     gateway_factory: GatewayFactory, upstream: TestServer
 ) -> None:
-    # The deprecated function_call / "function" role pair, cut the same way.
+    # A result of the deprecated "function" role (older histories hold them), cut the
+    # same way as a tool result.
     client = await gateway_factory(upstream_url(upstream), memory={"max_history_messages": 2})
-    call = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
     result = {"role": "function", "name": "f", "content": "42"}
-    await chat(client, [user("q"), call, result])
+    await chat(client, [user("q"), result])
     await chat(client, [user("next")])
     history = sent_messages(upstream)[:-1]
     assert [m["role"] for m in history] == ["assistant"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (
+            {"messages": [{"role": "assistant", "content": None, "function_call": {"name": "f"}}]},
+            "messages[0].function_call",
+        ),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+    ],
+)
+async def test_the_deprecated_function_call_api_is_refused(
+    gateway: Client, upstream: TestServer, rows: Rows, body: dict[str, Any], param: str
+) -> None:
+    """Its function_call has no column: stored, the call was lost and every later turn
+    sent an assistant message with null content and nothing else, which servers refuse."""
+    resp = await chat(gateway, [user("q")], **body) if "messages" not in body else None
+    if resp is None:
+        resp = await gateway.post(
+            "/v1/chat/completions",
+            json={"model": "m", **body},
+            headers={"X-Conversation-Id": "c1"},
+        )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == param and "send tools, and tool_calls" in error["message"]
+    assert received(upstream) == [] and rows.messages() == []
 
 
 async def test_tool_calls_round_trip(gateway: Client, upstream: TestServer, rows: Rows) -> None:

@@ -531,6 +531,26 @@ async def test_a_tool_result_whose_call_is_gone_can_be_deleted(gateway: Client, 
     assert [m["seq"] for m in rows.messages(made["id"])] == [1, 3]
 
 
+async def test_items_that_no_server_would_take_are_refused_or_made_plain(
+    gateway: Client, rows: Rows
+) -> None:
+    made = await create(gateway)
+    items = f"/v1/conversations/{made['id']}/items"
+    legacy = {"role": "assistant", "content": None, "function_call": {"name": "f"}}
+    await bad(
+        await gateway.post(items, json={"items": [legacy]}),
+        "send tools, and tool_calls",
+        "items[0].function_call",
+    )
+    # "tool_calls": [] is no calls (servers refuse the empty array): not stored.
+    await ok(
+        await gateway.post(
+            items, json={"items": [{"role": "assistant", "content": "x", "tool_calls": []}]}
+        )
+    )
+    assert [m["tool_calls"] for m in rows.messages(made["id"])] == [None]
+
+
 async def test_body_errors(gateway: Client) -> None:
     made = await create(gateway)
     one = f"/v1/conversations/{made['id']}"

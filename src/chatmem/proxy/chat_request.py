@@ -13,6 +13,7 @@ from ..storage import History
 from .http import json_object
 
 __all__ = [
+    "DEPRECATED_FUNCTIONS",
     "ChatRequest",
     "check_message",
     "new_conversation_id",
@@ -109,6 +110,15 @@ def check_stored_strings(message: dict[str, Any], param: str) -> None:
             )
 
 
+DEPRECATED_FUNCTIONS = (
+    "the deprecated functions/function_call API is not supported: chatmem could not store"
+    " a function_call with the conversation, and every later turn would send a broken"
+    " history; send tools, and tool_calls"
+)
+"""OpenAI replaced it with tools in 2023; the role "function" alone (a result) is still
+taken, as older histories hold it."""
+
+
 def check_message(index: int, message: object, field: str = "messages") -> dict[str, Any]:
     param = f"{field}[{index}]"
     if not isinstance(message, dict):
@@ -118,6 +128,8 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
+    if message.get("function_call") is not None:
+        raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
     check_stored_strings(message, param)
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
@@ -140,6 +152,9 @@ def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
                 param="conversation",
             )
         conversation_id = from_body
+    for deprecated in ("functions", "function_call"):
+        if body.get(deprecated) is not None:
+            raise InvalidRequest(DEPRECATED_FUNCTIONS, param=deprecated)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be an array of message objects", param="messages")

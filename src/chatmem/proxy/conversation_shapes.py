@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..storage import ConversationInfo, Page
-from .chat_request import check_stored_strings
+from .chat_request import DEPRECATED_FUNCTIONS, check_stored_strings
 
 __all__ = [
     "check_tool_results",
@@ -185,6 +185,8 @@ def _item(index: int, value: object) -> dict[str, Any]:
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
+    if value.get("function_call") is not None:
+        raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
     content = _content(value.get("content"), f"{param}.content")
     message: dict[str, Any] = {"role": role, "content": content}
     check_stored_strings(value, param)
@@ -193,7 +195,9 @@ def _item(index: int, value: object) -> dict[str, Any]:
             message[name] = value[name]
     calls = value.get("tool_calls")
     if calls is not None:
-        message["tool_calls"] = _check_tool_calls(calls, f"{param}.tool_calls")
+        calls = _check_tool_calls(calls, f"{param}.tool_calls")
+        if calls:  # an empty array is no calls: servers refuse "tool_calls": []
+            message["tool_calls"] = calls
     # What a later chat turn could not send: every chat server wants content, but for an
     # assistant message that calls tools, and a tool result names its call.
     if content is None and not (role == "assistant" and calls):
