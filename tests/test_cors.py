@@ -56,7 +56,13 @@ async def test_preflights_are_answered_by_the_gateway_without_a_token(
         client = await gateway_factory(
             up.url, server={"cors_origins": [APP]}, auth={"jwt_secret": SECRET}
         )
-        paths = ["/v1/chat/completions", "/v1/models", "/v1/conversations", "/conversation/m"]
+        paths = [
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v1/conversations",
+            "/conversation/m",
+            "/api/v1/health",
+        ]
         for path in paths:
             resp = await preflight(client, path)
             assert resp.status == 204, path
@@ -80,13 +86,15 @@ async def test_an_origin_not_listed_gets_a_403_preflight_and_no_cors_headers(
         )
         assert resp.status == 403
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
-        assert cors_headers(resp.headers) == {}
+        assert cors_headers(resp.headers) == {"Vary": ["Origin"]}
         # A request that is not a preflight is still served (CORS is not access control),
         # with no header that would let that page read it: not even the upstream's own.
-        resp = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
-        assert resp.status == 200
-        assert cors_headers(resp.headers) == {}
-        assert len(up.requests) == 1
+        # Nor without an Origin, where a cache could keep the answer for any page.
+        for origin in ({"Origin": "https://evil.example"}, {}):
+            resp = await client.get("/v1/models", headers=origin)
+            assert resp.status == 200
+            assert cors_headers(resp.headers) == {"Vary": ["Origin"]}
+        assert len(up.requests) == 2
 
 
 async def test_answers_to_a_listed_origin_carry_the_gateways_policy(
@@ -142,8 +150,24 @@ async def test_with_cors_off_nothing_changes(gateway_factory: GatewayFactory) ->
         assert resp.status == 405 and cors_headers(resp.headers) == {}
 
 
+async def test_an_origin_is_matched_as_browsers_write_it(gateway_factory: GatewayFactory) -> None:
+    async with scripted_upstream(models_script()) as up:
+        config = {"cors_origins": ["HTTPS://App.Example.COM:443/"]}
+        client = await gateway_factory(up.url, server=config)
+        assert (await preflight(client, "/v1/models", APP)).status == 204
+        assert (await preflight(client, "/v1/models", APP + ":8443")).status == 403
+
+
 @pytest.mark.parametrize(
-    "origin", ["app.example.com", "https://app.example.com/path", "*.example.com"]
+    "origin",
+    [
+        "app.example.com",
+        "https://app.example.com/path",
+        "*.example.com",
+        "https://*.example.com",
+        "https://user@app.example.com",
+        "https://app.example.com:99999",
+    ],
 )
 def test_an_origin_that_is_not_one_is_refused_at_start_up(origin: str) -> None:
     with pytest.raises(ConfigError, match=r"server.cors_origins: .* is not an origin"):

@@ -169,6 +169,7 @@ def test_expect_continue_over_limit_is_413_without_a_100(server: Server) -> None
     statuses, closed, received = exchange_bytes(server, raw)
     assert statuses == [413] and closed
     assert json_error(received)["code"] == "request_too_large"
+    assert b"\r\nX-Request-Id: " in received  # answered before the middleware, id all the same
 
 
 def test_expect_continue_within_limit_gets_100_then_the_answer(server: Server) -> None:
@@ -191,6 +192,7 @@ def test_an_unknown_expectation_is_a_json_417(server: Server) -> None:
     statuses, _, received = exchange_bytes(server, raw)
     assert statuses == [417]
     assert json_error(received)["code"] == "expectation_failed"
+    assert b"\r\nX-Request-Id: " in received
 
 
 def test_chunked_body_over_limit_is_413(server: Server) -> None:

@@ -72,6 +72,9 @@ def setup(app: web.Application, config: Config) -> None:
     routes.add_get("/v1/health", health, name=ROUTE_PREFIX + "health")
     routes.add_route("*", "/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health.other")
     routes.add_get("/api/v1/health", health, name=ROUTE_PREFIX + "health_api")
+    routes.add_route(
+        "*", "/api/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health_api.other"
+    )
     add_compat_routes(app, routes, config, ROUTE_PREFIX)
     routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
     add_conversation_routes(routes, ROUTE_PREFIX)

@@ -432,12 +432,15 @@ def _validate_networks(networks: tuple[str, ...]) -> None:
             ) from None
 
 
-_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+# What a browser sends in Origin: scheme, host (a name or a bracketed IPv6 address) and a
+# port; no user, path or wildcard.
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:(\d{1,5}))?", re.IGNORECASE)
 
 
 def _validate_origins(origins: tuple[str, ...]) -> None:
     for origin in origins:
-        if origin != "*" and not _ORIGIN.fullmatch(origin.rstrip("/")):
+        match = _ORIGIN.fullmatch(origin.rstrip("/"))
+        if origin != "*" and (match is None or int(match.group(3) or 1) > 65535):
             raise ConfigError(
                 f"server.cors_origins: {origin[:80]!r} is not an origin"
                 ' (scheme://host[:port], such as https://app.example.com) or "*"'

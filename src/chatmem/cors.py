@@ -25,6 +25,17 @@ __all__ = ["Cors"]
 _EXPOSED = ", ".join(("X-Conversation-Id", REQUEST_ID_HEADER, UPSTREAM_REQUEST_ID_HEADER))
 _MAX_AGE = "600"  # seconds a browser may reuse a preflight answer
 _PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+_ANSWERED = web.RequestKey("chatmem.cors_preflight", bool)
+"""Set on a request whose preflight the middleware answered (its headers are final)."""
+
+
+def _serialized(origin: str) -> str:
+    """An origin as browsers send it: lower case, no trailing slash, no default port."""
+    origin = origin.rstrip("/").lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[: -len(port)]
+    return origin
 
 
 class Cors:
@@ -32,7 +43,7 @@ class Cors:
 
     def __init__(self, origins: tuple[str, ...]) -> None:
         self.any = "*" in origins
-        self.origins = frozenset(origin.rstrip("/").lower() for origin in origins)
+        self.origins = frozenset(_serialized(origin) for origin in origins)
 
     def allows(self, origin: str) -> bool:
         return self.any or origin.lower() in self.origins
@@ -61,6 +72,7 @@ class Cors:
                 hdrs.ACCESS_CONTROL_MAX_AGE: _MAX_AGE,
                 hdrs.VARY: _PREFLIGHT_VARY,
             }
+            request[_ANSWERED] = True
             asked = headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS)
             if asked:
                 allowed[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = asked
@@ -73,20 +85,19 @@ class Cors:
         chatmem's headers; an upstream's own CORS headers are replaced, not doubled."""
 
         async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-            origin = request.headers.get(hdrs.ORIGIN)
-            if (
-                origin is None
-                or not is_chatmem_route(request)
-                or hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers  # a preflight's
-            ):
-                return
+            if response.headers.get(hdrs.VARY) == _PREFLIGHT_VARY or not is_chatmem_route(request):
+                return  # our own preflight answer, or the host app's route
             headers = response.headers
             for name in [name for name in headers if name.lower().startswith("access-control-")]:
                 del headers[name]
-            if not self.allows(origin):
-                return
-            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-            headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED
-            headers.add(hdrs.VARY, hdrs.ORIGIN)
+            # Whatever the Origin, or none: a cache must not give this answer to a page of
+            # another origin (the Fetch standard's "CORS protocol and HTTP caches").
+            vary = ",".join(headers.getall(hdrs.VARY, ())).lower()
+            if "origin" not in (value.strip() for value in vary.split(",")):
+                headers.add(hdrs.VARY, hdrs.ORIGIN)
+            origin = request.headers.get(hdrs.ORIGIN)
+            if origin is not None and self.allows(origin):
+                headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+                headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED
 
         return add_headers

@@ -115,11 +115,13 @@ def response_counter(gateway: Gateway) -> ResponseHook:
 
     async def count_response(request: web.Request, response: web.StreamResponse) -> None:
         request_id = request.get(REQUEST_ID)
-        if request_id is not None:
+        if request_id is None:  # answered before the middleware (an Expect refused)
+            request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        else:
             theirs = response.headers.get(REQUEST_ID_HEADER)
             if theirs is not None and theirs != request_id:  # relayed from the upstream
                 response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
-            response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
         name = request.match_info.route.name
         route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
         metrics.response_started(route, response.status)
