@@ -254,8 +254,17 @@ def test_slow_body_is_408(server: Server) -> None:
                 received += sock.recv(65536)
             except TimeoutError:
                 continue
+        # Then the connection ends: it is not kept for the rest of the body, which aiohttp
+        # would go on reading for another 10 s (its lingering time) while the client waits.
+        sock.settimeout(IDLE_TIMEOUT * 5)
+        try:
+            rest = sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
     assert received.startswith(b"HTTP/1.1 408 ")
     assert b'"code": "request_timeout"' in received
+    assert b"\r\nConnection: close\r\n" in received
+    assert rest == b""
 
 
 def test_idle_connections_are_closed_and_given_back(server: Server) -> None:

@@ -154,9 +154,12 @@ def error_response(exc: ChatmemError, headers: dict[str, str] | None = None) -> 
     if exc.status >= 500:
         failures.note(exc.code, exc.message, exc.__cause__)
     body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
-    return web.Response(
+    response = web.Response(
         status=exc.status,
         body=json.dumps(body).encode(),
         content_type="application/json",
         headers={**exc.headers, **(headers or {})},
     )
+    if response.headers.get("Connection") == "close":
+        response.force_close()  # aiohttp decides by this, not by the header
+    return response

@@ -80,6 +80,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
                     raise _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
+        # Not read past, nor waited for any longer: aiohttp would go on reading the rest
+        # of the body for up to 10 s after the 408 ("lingering"), the client trickling.
+        request.content.feed_eof()
         raise RequestTimeout(
             f"the request body did not arrive within {deadline:g} seconds"
         ) from None
