@@ -613,3 +613,21 @@ async def test_a_delete_racing_an_append_of_the_results_leaves_no_orphan(store: 
         assert isinstance(outcomes[2], list | InvalidRequest), outcomes[2]  # appended, or refused
         page = await store.list_items(owner, info.id, limit=10, after_seq=None, newest_first=False)
         assert page is not None and [row["role"] for row in page.data] == ["user"]
+
+
+async def test_deletes_of_a_conversation_and_of_its_items_do_not_deadlock(store: Store) -> None:
+    """Both take the conversation's row before its messages, as turns do: run together,
+    neither fails (a deadlock would be a 503) and the conversation is gone."""
+    owner = Owner("t")
+    for attempt in range(12):  # bounded
+        items = [{"role": "user", "content": f"q{i}"} for i in range(4)]
+        info = await store.create_conversation(
+            owner, f"gone-{attempt}", metadata={}, system=None, items=items
+        )
+        outcomes = await asyncio.gather(
+            store.delete_item(owner, info.id, 2),
+            store.delete_conversation(owner, info.id),
+            store.delete_item(owner, info.id, 3),
+        )
+        assert outcomes[1] is True
+        assert await store.get_conversation(owner, info.id) is None

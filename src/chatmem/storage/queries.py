@@ -542,19 +542,16 @@ class Store:
     async def delete_conversation(self, owner: Owner, conversation_id: str) -> bool:
         """Delete a conversation and its messages (explicitly: not every database that
         holds the schema is guaranteed to cascade)."""
-        owned = select(conversations.c.pk).where(_owned(owner, conversation_id))
-        async with self._write() as conn:
-            await conn.execute(
-                delete(messages).where(messages.c.conversation_pk == owned.scalar_subquery())
-            )
-            result = await conn.execute(
-                delete(conversations).where(
-                    conversations.c.tenant == owner.tenant,
-                    conversations.c.user_id == owner.user,
-                    conversations.c.id == conversation_id,
-                )
-            )
-        return bool(result.rowcount)
+
+        async def delete_it(conn: AsyncConnection) -> bool:
+            pk = await self._lock_conversation(conn, owner, conversation_id)
+            if pk is None:
+                return False
+            await conn.execute(delete(messages).where(messages.c.conversation_pk == pk))
+            result = await conn.execute(delete(conversations).where(conversations.c.pk == pk))
+            return bool(result.rowcount)
+
+        return await self._run_write(delete_it)
 
     async def create_conversation(
         self,
@@ -724,12 +721,9 @@ class Store:
         has no such conversation or message.
         """
         m = messages.c
-        find = select(conversations.c.pk).where(_owned(owner, conversation_id))
-        if not self._sqlite:  # SQLite's writers are one at a time already
-            # Locked as an append or a turn locks it: a delete never interleaves with them.
-            find = find.with_for_update()
-        async with self._write() as conn:
-            pk = (await conn.execute(find)).scalar_one_or_none()
+
+        async def delete_it(conn: AsyncConnection) -> Deletion | None:
+            pk = await self._lock_conversation(conn, owner, conversation_id)
             if pk is None:
                 return None
             ours = m.conversation_pk == pk
@@ -755,7 +749,21 @@ class Store:
                 .where(conversations.c.pk == pk)
                 .values(updated_at=int(time.time()))
             )
-        return Deletion(seqs=seqs)
+            return Deletion(seqs=seqs)
+
+        return await self._run_write(delete_it)
+
+    async def _lock_conversation(
+        self, conn: AsyncConnection, owner: Owner, conversation_id: str
+    ) -> int | None:
+        """The conversation's pk, its row locked for the transaction on PostgreSQL (SQLite's
+        writers are one at a time already): deletes take the conversation's row before its
+        messages, as appends and turns do, so none of them interleave or deadlock."""
+        find = select(conversations.c.pk).where(_owned(owner, conversation_id))
+        if not self._sqlite:
+            find = find.with_for_update()
+        pk: int | None = (await conn.execute(find)).scalar_one_or_none()
+        return pk
 
     async def prune(self, older_than: float, *, batch_size: int = 200) -> int:
         """Delete whole conversations (with their messages) not updated for
