@@ -85,7 +85,7 @@ class Cors:
         chatmem's headers; an upstream's own CORS headers are replaced, not doubled."""
 
         async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-            if response.headers.get(hdrs.VARY) == _PREFLIGHT_VARY or not is_chatmem_route(request):
+            if request.get(_ANSWERED) or not is_chatmem_route(request):
                 return  # our own preflight answer, or the host app's route
             headers = response.headers
             for name in [name for name in headers if name.lower().startswith("access-control-")]:
