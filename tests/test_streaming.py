@@ -427,3 +427,45 @@ async def test_head_is_not_held_for_a_first_token_that_has_not_come(
             assert resp.status == 200 and not release.is_set()
             release.set()
             assert await resp.read() == b"".join(answer_events("Hello world"))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "before_commit", "after_commit"),
+    [
+        ("/v1/chat/completions", REQUEST, b"".join(answer_events()[:-1]), answer_events()[-1]),
+        ("/conversation/m", {"text": "hi"}, b"Hello world", b""),
+    ],
+)
+async def test_a_slow_commit_holds_only_the_end_of_the_stream(
+    gateway_factory: GatewayFactory,
+    db_path: Path,
+    rows: Rows,
+    path: str,
+    body: dict[str, Any],
+    before_commit: bytes,
+    after_commit: bytes,
+) -> None:
+    """The whole answer came with the upstream's head, and another process holds the
+    database's lock: the client has the head and the answer at once (the plain-text
+    /conversation stream used to hold its head until the commit returned); only the end
+    of the body, the sign that the turn is saved, waits for the lock."""
+    whole = b"".join(answer_events())
+    async with scripted_upstream(Script(chunks=[whole], head_with_first_chunk=True)) as up:
+        gateway = await gateway_factory(up.url)
+        await gateway.get("/v1/ready")  # the schema exists before the file is locked
+        locker = sqlite3.connect(db_path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            # Bounded waits: without the fix the head came only when the lock went.
+            resp = await asyncio.wait_for(gateway.post(path, json=body), 10)
+            assert resp.status == 200
+            received = b""
+            while len(received) < len(before_commit):
+                received += await asyncio.wait_for(resp.content.readany(), 10)
+            assert received == before_commit and not resp.content.at_eof()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        received += await resp.read()
+    assert received == before_commit + after_commit
+    assert [m["role"] for m in rows.messages()] == ["user", "assistant"]

@@ -331,6 +331,10 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         # The events in front of [DONE] arrived like any other: they go out now; only the
         # [DONE] event waits for the commit.
         chunk = await client.send_before_done(chunk)
+    else:
+        # The text so far goes out now too (and with it a response head still held):
+        # only the end of the body waits for the commit.
+        await client.relay(chunk, answer)
     if not answer.completed or turn is None:
         failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
     else:
