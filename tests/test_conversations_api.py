@@ -399,20 +399,18 @@ def _calls(*ids: str) -> dict[str, Any]:
     return {"role": "assistant", "content": None, "tool_calls": calls}
 
 
+def _question_and_calls(*answered: str) -> list[dict[str, Any]]:
+    """A user's question, an assistant message calling call_1 and call_2, and results
+    for the calls ``answered``."""
+    results = [{"role": "tool", "tool_call_id": i, "content": f"r{i[-1]}"} for i in answered]
+    return [{"role": "user", "content": "q"}, _calls("call_1", "call_2"), *results]
+
+
 async def test_tool_results_answer_the_call_before_them(gateway: Client, rows: Rows) -> None:
     """A tool result must answer a call of the assistant message before its run of
     results, in the request or, for an append, at the end of the stored conversation:
     chat servers refuse any other history, so every later turn would fail."""
-    made = await create(
-        gateway,
-        {
-            "items": [
-                {"role": "user", "content": "q"},
-                _calls("call_1", "call_2"),
-                {"role": "tool", "tool_call_id": "call_1", "content": "r1"},
-            ]
-        },
-    )
+    made = await create(gateway, {"items": _question_and_calls("call_1")})
     items = f"/v1/conversations/{made['id']}/items"
     answer = {"role": "tool", "tool_call_id": "call_2", "content": "r2"}
     appended = await gateway.post(items, json={"items": [answer]})
@@ -441,18 +439,8 @@ async def test_deleting_keeps_tool_calls_and_results_together(
     """Deleting half of a tool call and its results would leave a history every later
     turn fails on: a result alone is not deleted (the answer says which item to delete),
     and deleting the call takes its results with it."""
-    made = await create(
-        gateway,
-        {
-            "items": [
-                {"role": "user", "content": "q"},
-                _calls("call_1", "call_2"),
-                {"role": "tool", "tool_call_id": "call_1", "content": "r1"},
-                {"role": "tool", "tool_call_id": "call_2", "content": "r2"},
-                {"role": "assistant", "content": "done"},
-            ]
-        },
-    )
+    done = {"role": "assistant", "content": "done"}
+    made = await create(gateway, {"items": [*_question_and_calls("call_1", "call_2"), done]})
     items = f"/v1/conversations/{made['id']}/items"
     await bad(
         await gateway.delete(items + "/msg_4"),
