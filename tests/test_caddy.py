@@ -8,6 +8,7 @@ the client trusts that CA's root certificate and nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -94,6 +95,20 @@ class Caddy:
         """``session.post`` to ``path`` over HTTPS, trusting ``context`` for localhost."""
         return session.post(self.url(path), ssl=context, server_hostname="localhost", **kwargs)
 
+    @contextlib.asynccontextmanager
+    async def chat_stream(
+        self, context: ssl.SSLContext, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streamed chat turn ("hi") through Caddy, its response as it comes."""
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with (
+            self.session() as session,
+            self.post(
+                session, "/v1/chat/completions", context, json=body, headers=headers
+            ) as response,
+        ):
+            yield response
+
     def session(self) -> aiohttp.ClientSession:
         """A client for ``https://localhost:PORT`` (connecting to 127.0.0.1 only)."""
         return aiohttp.ClientSession(headers={"Host": f"localhost:{self.port}"})
@@ -159,17 +174,7 @@ async def test_streams_and_memory_through_caddy_over_https(
                 "X-Forwarded-For": "198.51.100.9",  # forged by the client: must be ignored
                 "Accept-Encoding": "gzip, br",
             }
-            body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-            async with (
-                caddy.session() as session,
-                caddy.post(
-                    session,
-                    "/v1/chat/completions",
-                    context,
-                    json=body,
-                    headers=headers,
-                ) as response,
-            ):
+            async with caddy.chat_stream(context, headers) as response:
                 assert response.status == 200
                 assert "Content-Encoding" not in response.headers  # never compressed
                 assert response.headers["X-Request-Id"] == "caddy-1"
@@ -254,17 +259,7 @@ async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
         caddy = Caddy(tmp_path, gateway.port)
         try:
             context = await caddy.client_ssl()
-            body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-            async with (
-                caddy.session() as session,
-                caddy.post(
-                    session,
-                    "/v1/chat/completions",
-                    context,
-                    json=body,
-                    headers={"X-Conversation-Id": "left"},
-                ) as response,
-            ):
+            async with caddy.chat_stream(context, {"X-Conversation-Id": "left"}) as response:
                 assert await response.content.readuntil(b"\n\n") == first
             # The client is gone with the answer unfinished; Caddy must tell chatmem, and
             # chatmem the upstream (bounded wait: a hang fails the test, it does not time it).

@@ -7,6 +7,7 @@ does not exist (404), and never appears in a list.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -189,15 +190,17 @@ async def append_items(request: web.Request) -> web.Response:
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])
-    check = None
-    if items and items[0]["role"] == "tool":
-        # It answers a call stored last: checked under the conversation's lock.
-        def check(open_calls: set[str]) -> None:
-            check_tool_results(items, open_calls)
-    else:
+    # A first item that is a tool result answers a call stored last: checked under the
+    # conversation's lock, so that no delete can come between.
+    answers_stored_call = bool(items) and items[0]["role"] == "tool"
+    if not answers_stored_call:
         check_tool_results(items, set())
     added = await gateway_of(request).store.append_items(
-        owner, conversation_id, system=system, items=items, check_results=check
+        owner,
+        conversation_id,
+        system=system,
+        items=items,
+        check_results=functools.partial(check_tool_results, items) if answers_stored_call else None,
     )
     if added is None:
         raise _not_found()

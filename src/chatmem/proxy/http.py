@@ -206,9 +206,9 @@ def expect_handler(limit: int) -> ExpectHandler:
             # The body was not sent, so nothing is read past (aiohttp would wait up to
             # 10 s for it) and the connection ends with the answer.
             request.content.feed_eof()
-            response = error_response(_too_large(limit))
-            response.force_close()
-            return response
+            error = _too_large(limit)
+            error.headers = {"Connection": "close"}
+            return error_response(error)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp does: the 100 is not the response
         return None

@@ -739,11 +739,10 @@ class Store:
                 call = await _call_before_run(conn, ours, seq)
                 if call is not None and row.tool_call_id in call[1]:
                     return Deletion(seqs=[], call_seq=call[0])
-            elif row.role == "assistant" and _call_ids(row.tool_calls):
-                seqs += await _results_of(conn, ours, seq, _call_ids(row.tool_calls))
-            deleted = await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
-            if not deleted.rowcount:
-                return None
+            elif row.role == "assistant" and (calls := _call_ids(row.tool_calls)):
+                seqs += await _results_of(conn, ours, seq, calls)
+            # Found under the conversation's lock: a concurrent delete found nothing.
+            await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
             await conn.execute(
                 update(conversations)
                 .where(conversations.c.pk == pk)
