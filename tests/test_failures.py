@@ -497,3 +497,76 @@ async def test_with_finish_a_client_that_stopped_reading_and_left_still_gets_its
     stored = rows.messages("backed-up")
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert json.loads(stored[1]["content"]) == "".join(pieces)
+
+
+async def test_a_streamed_answer_over_max_answer_bytes_ends_with_an_error(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The answer is not held to its end: at the read that crosses the limit the
+    upstream is hung up on, the client gets an error event, and nothing is stored."""
+    events = answer_events("x" * 300)
+    limit = len(b"".join(events[:3])) - 1
+    # The upstream would go on (it waits for the gateway to hang up).
+    script = Script(chunks=[events[0], 0.01, events[1], 0.01, events[2]], end="hang")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"max_answer_bytes": limit})
+        body = await asyncio.wait_for((await post(client, STREAM)).read(), 5.0)
+        await asyncio.wait_for(up.disconnected.wait(), 1.0)
+    (error,) = error_events(body)
+    assert error["code"] == "upstream_answer_too_large"
+    assert "upstream.max_answer_bytes" in error["message"]
+    # What arrived before the limit was crossed went on as it came, then only the error.
+    sent = events[0] + events[1]
+    assert body.startswith(sent)
+    assert body[len(sent) :].startswith(b'data: {"error"') and body.count(b"\n\n") == 3
+    assert rows.messages() == []
+
+
+async def test_a_streamed_answer_of_exactly_max_answer_bytes_is_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    events = answer_events()
+    async with scripted_upstream(Script(chunks=events)) as up:
+        client = await gateway_factory(up.url, upstream={"max_answer_bytes": len(b"".join(events))})
+        body = await (await post(client, STREAM)).read()
+    assert body == b"".join(events)
+    await hello_world_is_committed(rows)
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 502)])
+async def test_a_plain_answer_over_max_answer_bytes_is_a_502(
+    gateway_factory: GatewayFactory, rows: Rows, over: int, status: int
+) -> None:
+    completion = json.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello world"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    ).encode()
+    script = Script(
+        headers={"Content-Type": "application/json"},
+        chunks=[completion[:40], 0.01, completion[40:]],
+    )
+    async with scripted_upstream(script) as up:
+        limit = len(completion) - over
+        client = await gateway_factory(up.url, upstream={"max_answer_bytes": limit})
+        resp = await post(client, PLAIN)
+        assert resp.status == status
+        if status == 200:
+            assert await resp.read() == completion
+            await hello_world_is_committed(rows)
+            return
+        error = (await resp.json())["error"]
+    assert error["code"] == "upstream_answer_too_large"
+    assert error["message"] == (
+        f"the upstream's answer is larger than upstream.max_answer_bytes ({limit})"
+    )
+    assert rows.messages() == []

@@ -73,6 +73,10 @@ class UpstreamConfig:
     auth_scheme: str = "Bearer"
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
+    # The largest chat answer the gateway reads to store (JSON body or SSE stream, in
+    # bytes): a larger one is refused (502, or an error event ending the stream) instead
+    # of being held in memory.  Passthrough answers are streamed and never held.
+    max_answer_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +271,7 @@ def _build_section(cls: type[Any], raw: Any, section: str) -> Any:
 def _validate(section: str, values: Mapping[str, Any]) -> None:
     positive = {
         "server": ("port", "max_body_bytes", "workers", "idle_timeout"),
-        "upstream": ("connect_timeout", "read_timeout"),
+        "upstream": ("connect_timeout", "read_timeout", "max_answer_bytes"),
         "memory": ("max_history_messages",),
         "storage": ("pool_size", "pool_timeout", "connect_timeout"),
     }

@@ -33,6 +33,7 @@ from .chat_request import (
 )
 from .http import read_body
 from .passthrough import relay
+from .pool import BodyTooLarge
 from .tee import Renderer, tee_stream
 from .upstream import response_headers
 
@@ -209,9 +210,17 @@ async def _forward(
                         commit,
                         finish_without_client=finish_without_client,
                         render=turn.render,
+                        max_bytes=gateway.config.upstream.max_answer_bytes,
                         on_first_chunk=timer.first_chunk,
                     )
-            body = await response.read()
+            limit = gateway.config.upstream.max_answer_bytes
+            try:
+                body = await response.read(limit)
+            except BodyTooLarge:
+                raise UpstreamError(
+                    f"the upstream's answer is larger than upstream.max_answer_bytes ({limit})",
+                    code="upstream_answer_too_large",
+                ) from None
             answer = _completed_turn(body)
             if answer is None:
                 raise UpstreamError("the upstream answered with an invalid chat completion")

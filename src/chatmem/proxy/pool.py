@@ -30,6 +30,7 @@ from yarl import URL
 from ..errors import InvalidRequest
 
 __all__ = [
+    "BodyTooLarge",
     "UpstreamBroken",
     "UpstreamConnectTimeout",
     "UpstreamPool",
@@ -60,6 +61,10 @@ class UpstreamReadTimeout(aiohttp.ServerTimeoutError):
 
 class UpstreamConnectTimeout(aiohttp.ServerTimeoutError):
     """No connection within ``connect_timeout`` seconds (a TimeoutError)."""
+
+
+class BodyTooLarge(Exception):
+    """A body read whole was larger than the limit it was read with."""
 
 
 class _Connection(asyncio.Protocol):
@@ -307,10 +312,17 @@ class UpstreamResponse:
         """Whether body bytes have arrived that the next read returns without waiting."""
         return bool(self.conn.chunks)
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; :class:`BodyTooLarge` (and the connection closed) as soon as
+        more than ``limit`` bytes arrived."""
         parts = []
+        size = 0
         while (chunk := await self.content.next_chunk()) is not None:
             parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self.close()
+                raise BodyTooLarge(f"the upstream's answer is larger than {limit} bytes")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def expect_end(self, within: float) -> None:

@@ -58,6 +58,11 @@ _BROKEN: Failure = (
     "upstream_broken",
     "upstream_error",
 )
+_TOO_LARGE: Failure = (
+    "the upstream's answer is larger than upstream.max_answer_bytes; it was not saved",
+    "upstream_answer_too_large",
+    "upstream_error",
+)
 _STOPPING: Failure = (
     "the gateway shut down before the answer completed",
     "gateway_shutting_down",
@@ -239,9 +244,13 @@ async def tee_stream(
     *,
     finish_without_client: bool,
     render: Renderer | None = None,
+    max_bytes: int | None = None,
     on_first_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
+
+    An answer of more than ``max_bytes`` is not held in memory to the end: the stream
+    ends there with an error event, and nothing is committed.
 
     The ``[DONE]`` event is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
@@ -266,11 +275,17 @@ async def tee_stream(
             return response
     parser = SSEParser()
     answer = StreamAccumulator(keep_pieces=render is not None)
+    received = 0
     try:
         async for chunk in upstream.content.iter_any():
             if on_first_chunk is not None:  # metrics: time to first token
                 on_first_chunk()
                 on_first_chunk = None
+            received += len(chunk)
+            if max_bytes is not None and received > max_bytes and not answer.done:
+                upstream.close()
+                await client.end_with(_TOO_LARGE)
+                return response
             if answer.done:
                 await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
                 continue
