@@ -102,6 +102,37 @@ def test_one_conversation_across_two_workers_sees_every_turn(tmp_path: Path) -> 
     assert len(served_by(stderr, "turn-")) == 2  # both workers took turns of the conversation
 
 
+def test_a_conversation_cookie_works_on_every_worker(tmp_path: Path) -> None:
+    """Without ``compat.session_secret`` the workers share the master's random key: a
+    cookie one worker signed continues the conversation on the other."""
+    toml = '[log]\nformat = "json"\naccess = true\n'
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    turns, cookie = 12, ""
+    try:
+        stdout = gateway.process.proc.stdout
+        assert stdout is not None
+        assert all(b"chatmem listening" in stdout.readline() for _ in range(2))
+        for turn in range(1, turns + 1):
+            request = urllib.request.Request(
+                gateway.url + "/conversation/m",
+                data=json.dumps({"text": f"turn {turn}"}).encode(),
+                headers={"X-Request-Id": f"turn-{turn}", "Cookie": cookie},
+            )
+            with urllib.request.urlopen(request, timeout=20) as response:
+                text = response.read().decode()
+                cookie = response.headers["Set-Cookie"].split(";")[0]
+            # Turn k goes upstream with the 2(k-1) stored messages and its own.
+            assert f"({2 * turn - 1} messages)" in text, (turn, text)
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert len(served_by(stderr, "turn-")) == 2  # both workers took turns
+    assert os.environ.get("CHATMEM_WORKERS_SESSION_SECRET") is None
+    assert "CHATMEM_WORKERS_SESSION_SECRET" not in stderr
+    warnings = [line for line in json_lines(stderr) if "session_secret" in line["message"]]
+    assert len(warnings) == 1  # the master's, not one per worker
+
+
 def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
     """SIGTERM right after the master started its workers (``systemctl restart`` just
     after a start): the workers, still importing, have no handler yet and die of the

@@ -289,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .workers import run_workers
 
             return run_workers(config, _worker_args(args), demo=args.demo)
+        if args.worker:
+            from .workers import worker_config
+
+            config = worker_config(config)
         _run(_serve(config, args.demo, reuse_port=args.worker))
     except (SchemaError, CannotListen) as exc:
         print(f"chatmem: {exc}", file=sys.stderr)

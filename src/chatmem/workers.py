@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -28,7 +30,11 @@ from .config import Config
 from .metrics import MULTIPROC_ENV
 from .storage import Store, create_engine
 
-__all__ = ["run_workers"]
+__all__ = ["SESSION_SECRET_ENV", "run_workers", "worker_config"]
+
+SESSION_SECRET_ENV = "CHATMEM_WORKERS_SESSION_SECRET"
+"""How the master hands its workers the one random ``compat.session_secret`` they share
+when the configuration sets none (the environment: never on a command line)."""
 
 log = logging.getLogger("chatmem")
 
@@ -38,6 +44,16 @@ _mark_process_dead: Callable[[int, str], object] = mark_process_dead
 
 def run_workers(config: Config, worker_args: list[str], *, demo: bool) -> int:
     return asyncio.run(_supervise(config, worker_args, demo))
+
+
+def worker_config(config: Config) -> Config:
+    """A worker's configuration: with the master's session secret when it sets none."""
+    secret = os.environ.pop(SESSION_SECRET_ENV, None)
+    if secret is None or config.compat.session_secret:
+        return config
+    return dataclasses.replace(
+        config, compat=dataclasses.replace(config.compat, session_secret=secret)
+    )
 
 
 async def _create_schema(config: Config) -> None:
@@ -71,6 +87,14 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
         worker_args = [*worker_args, "--upstream", config.upstream.url]
     await _create_schema(config)
     env = dict(os.environ)
+    if not config.compat.session_secret:
+        # Each worker would otherwise make its own key, and a /conversation cookie one
+        # worker signed would start a new conversation whenever the other one got it.
+        log.warning(
+            "compat.session_secret is not set: /conversation session cookies are signed "
+            "with a random key and stop working when the gateway stops"
+        )
+        env[SESSION_SECRET_ENV] = secrets.token_urlsafe(32)
     metrics_dir, owned = _metrics_dir(env)
     env[MULTIPROC_ENV] = metrics_dir
     command = [sys.executable, "-m", "chatmem", "serve", *worker_args, "--worker"]
