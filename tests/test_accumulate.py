@@ -484,6 +484,24 @@ def test_turn_from_completion_rejects_bad_shapes(body: dict[str, Any]) -> None:
     assert turn_from_completion(body) is None
 
 
+def test_turn_from_completion_takes_choice_0_by_its_index() -> None:
+    """As in a stream, the turn is choice ``index`` 0, wherever it is in the list (a
+    choice without an index is at its position)."""
+    first, second = "choice zero", "choice one"
+    body = completion({"role": "assistant", "content": first})
+    zero = body["choices"][0]
+    one = {**zero, "index": 1, "message": {"role": "assistant", "content": second}}
+    for choices, stored in [
+        ([one, zero], first),
+        ([zero, one], first),
+        ([{k: v for k, v in zero.items() if k != "index"}, one], first),
+        ([{**one, "index": "0"}, zero], first),  # not an index: skipped
+    ]:
+        turn = turn_from_completion({**body, "choices": choices})
+        assert turn is not None and turn.content == stored, choices
+    assert turn_from_completion({**body, "choices": [one]}) is None  # no choice 0
+
+
 def test_turn_from_completion_rejects_non_object_body() -> None:
     assert turn_from_completion(cast(dict[str, Any], [1, 2])) is None
 
