@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 from helpers import GatewayFactory, Rows, received, upstream_url
 
 from chatmem.proxy.chat_request import valid_conversation_id
@@ -441,6 +442,23 @@ async def test_n_choices_remembers_choice_zero(gateway: Client, rows: Rows) -> N
         assert content.startswith("Echo") and not content.startswith("[1]")
 
 
+async def test_the_query_string_goes_upstream_as_it_came(
+    gateway: Client, upstream: TestServer
+) -> None:
+    """Azure-style servers take ``?api-version=`` on the chat path too."""
+    query = "api-version=2024-10-21&q=a%26b%20c&k=%2F&flag"
+    resp = await gateway.post(
+        URL("/v1/chat/completions?" + query, encoded=True),
+        json={"model": "m", "messages": [user("x")]},
+        headers={"X-Conversation-Id": "q1"},
+    )
+    assert resp.status == 200
+    (sent,) = received(upstream)
+    assert (sent.path, sent.query) == ("/v1/chat/completions", query)
+    await chat(gateway, [user("y")], conv="q1")
+    assert received(upstream)[-1].query == ""
+
+
 async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) -> None:
     extra = {
         "temperature": 0.25,
@@ -454,3 +472,4 @@ async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) 
     for key, value in extra.items():
         assert body[key] == value
     assert body["model"] == "m"
+

@@ -123,7 +123,7 @@ async def _record_middleware(request: web.Request, handler: _Handler) -> web.Str
     record = ReceivedRequest(
         method=request.method,
         path=request.path,
-        query=request.query_string,
+        query=request.rel_url.raw_query_string,  # as it came, escapes and all
         headers=dict(request.headers),
         body=body,
         json=_parse_json(body),

@@ -65,6 +65,8 @@ class Turn:
     """How the answer reaches the client; None relays the upstream's bytes unchanged."""
     upstream_auth_is_ours: bool = False
     """The upstream refusing our key (401/403) is our failure: 503, not its status."""
+    query: str = ""
+    """The client's raw query string, sent upstream with the request."""
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -84,7 +86,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raw = await read_body(request, gateway.config.server.max_body_bytes)
         chat = parse_chat_request(raw, header_id)
         headers[CONVERSATION_HEADER] = chat.conversation_id
-        return await run_turn(request, Turn(owner, chat), headers)
+        turn = Turn(owner, chat, query=request.rel_url.raw_query_string)
+        return await run_turn(request, turn, headers)
     except ChatmemError as exc:
         if CONVERSATION_HEADER not in headers:
             # Every response names a conversation: before one was known, the id a new
@@ -173,7 +176,8 @@ async def _forward(
     log_content(gateway.config.log.debug_content, "messages", chat.messages)
     timer = gateway.metrics.upstream_timer("chat")
     with upstream_failures():
-        response = await upstream.post("/chat/completions", out, chat.upstream_body(history))
+        sent = chat.upstream_body(history)
+        response = await upstream.post("/chat/completions", out, sent, turn.query)
         async with response:
             timer.answered()
             if response.status in (401, 403) and turn.upstream_auth_is_ours:

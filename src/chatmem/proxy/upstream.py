@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
@@ -38,6 +38,11 @@ _NOT_UPSTREAM = ("host", "content-length", "authorization", "cookie", "x-convers
 
 _SKIPPED: dict[tuple[str, ...], frozenset[str]] = {}
 """The names each call site drops, with the hop-by-hop ones (a few call sites, computed once)."""
+
+
+_QUERY_SAFE = "!$%&'()*+,/:;=?@[]~"
+"""What stays as it is in a query sent upstream (with letters, digits and ``-._``; ``%``
+too, so an escape the client made is not escaped again)."""
 
 
 _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -147,9 +152,16 @@ class Upstream:
         await self.pool.close()
         await self.session.close()
 
-    async def post(self, tail: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
-        """POST ``body`` to ``tail`` (a fixed path of ours, after ``/v1``) on the pool."""
-        return await self.pool.post(self._path + tail, headers, body)
+    async def post(
+        self, tail: str, headers: Mapping[str, str], body: bytes, query: str = ""
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``tail`` (a fixed path of ours, after ``/v1``) on the pool,
+        with the client's raw ``query`` (Azure-style servers want ``?api-version=``)."""
+        target = self._path + tail
+        if query:
+            # Percent-encoded as it came; anything a request line cannot carry is encoded.
+            target += "?" + quote(query, safe=_QUERY_SAFE)
+        return await self.pool.post(target, headers, body)
 
     def url_for(self, tail: str, query_string: str = "") -> URL:
         """``tail`` is the part of the client's path after ``/v1``; the origin is fixed.
