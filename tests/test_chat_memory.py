@@ -9,8 +9,8 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from yarl import URL
 from helpers import GatewayFactory, Rows, received, upstream_url
+from yarl import URL
 
 from chatmem.proxy.chat_request import valid_conversation_id
 from chatmem.state import GATEWAY
@@ -243,7 +243,7 @@ async def test_a_compressed_request_body_is_read_and_sent_on_as_plain_json(
 
 
 async def test_invalid_ids_are_400(gateway: Client, upstream: TestServer, rows: Rows) -> None:
-    for bad in ("", "a" * 129, "has space", "slash/id", "ünïcode"):
+    for bad in ("", "a" * 129, "has space", "slash/id", "ünïcode", ".", ".."):
         resp = await gateway.post(
             "/v1/chat/completions",
             json={"model": "m", "messages": [user("x")], "conversation": bad},
@@ -472,4 +472,3 @@ async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) 
     for key, value in extra.items():
         assert body[key] == value
     assert body["model"] == "m"
-

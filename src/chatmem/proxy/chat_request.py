@@ -21,7 +21,9 @@ __all__ = [
     "valid_conversation_id",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Not "." or "..": in a URL path (/v1/conversations/{id}) those are dot segments, which
+# clients (the OpenAI SDK refuses them) and proxies resolve away.
+_ID = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9._:-]{1,128}")
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 _ROLES = _SYSTEM_ROLES | {"user", "assistant", "tool", "function"}
 
@@ -33,7 +35,8 @@ def new_conversation_id() -> str:
 def valid_conversation_id(value: object, param: str) -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise InvalidRequest(
-            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param=param
+            'conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : - (and not "." or "..")',
+            param=param,
         )
     return value
 
