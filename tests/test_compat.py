@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, make_config, received, run_chatmem, upstream_url
+from helpers import (
+    GatewayFactory,
+    Rows,
+    answer_events,
+    make_config,
+    received,
+    run_chatmem,
+    sse,
+    upstream_url,
+)
 from scripted_upstream import Script, scripted_upstream
 
 import chatmem
@@ -202,8 +211,9 @@ async def test_ask_seed_examples_continue_the_stored_conversation(
     assert second.status == 200
     assert second.headers["content-type"].startswith("text/event-stream")
     payloads = sse_payloads(second.body)
-    assert payloads[-1] == "[DONE]"
-    chunks = [json.loads(p) for p in payloads[:-1]]
+    # Every event is a chunk, as the old service sent them: no [DONE] to trip a client
+    # that reads each one as JSON.
+    chunks = [json.loads(p) for p in payloads]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0] == {
@@ -683,3 +693,48 @@ async def test_a_cookie_that_is_not_utf8_starts_a_new_conversation(
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert b"Set-Cookie: chatmem_session=" in head  # a new session
     assert len(chats(upstream)[-1]["messages"]) == 1
+
+
+def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
+    return [piece for i in range(0, len(data), step) for piece in (data[i : i + step], 0.001)]
+
+
+@pytest.mark.parametrize(
+    ("events", "sent", "stored"),
+    [
+        (answer_events(), answer_events()[:-1], True),
+        # [DONE] cut anywhere, even inside its blank line
+        (split_everywhere(b"".join(answer_events()), 7), answer_events()[:-1], True),
+        (
+            [*answer_events()[:2], sse({"error": {"message": "overloaded"}}), sse("[DONE]")],
+            [*answer_events()[:2], sse({"error": {"message": "overloaded"}})],
+            False,
+        ),
+        ([*answer_events()[:3], sse("[DONE]")], answer_events()[:3], False),  # no finish
+    ],
+    ids=["whole", "split", "upstream-error", "no-finish-reason"],
+)
+async def test_ask_streams_end_without_done(
+    gateway_factory: GatewayFactory,
+    rows: Rows,
+    events: list[bytes | float],
+    sent: list[bytes],
+    stored: bool,
+) -> None:
+    """The old api-server's clients read every event as a chat.completion.chunk: its
+    stream had no ``[DONE]``, and /v1/ask's has none either, whatever the upstream sent."""
+    async with scripted_upstream(Script(chunks=events)) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/ask", json={"question": "q", "client_id": "1", "user_id": "2", "stream": True}
+        )
+        body = await resp.read()
+    assert b"[DONE]" not in body
+    assert body.startswith(b"".join(sent))
+    extra = body[len(b"".join(sent)) :]
+    if stored:
+        assert extra == b""
+        assert [m["role"] for m in rows.messages()] == ["user", "assistant"]
+    else:
+        assert extra == b"" or extra.startswith(b'data: {"error"')
+        assert rows.messages() == []

@@ -91,7 +91,7 @@ async def ask(request: web.Request) -> web.StreamResponse:
             messages=[{"role": "user", "content": question}],
             stream=stream,
         )
-        turn = Turn(owner, chat, history=history, upstream_auth_is_ours=True)
+        turn = Turn(owner, chat, history=history, upstream_auth_is_ours=True, done_event=False)
         return await run_turn(request, turn, headers)
     except ChatmemError as exc:
         return error_response(exc, headers)

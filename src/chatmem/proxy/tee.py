@@ -140,10 +140,16 @@ class _Client:
     """
 
     def __init__(
-        self, response: web.StreamResponse, render: Renderer | None, *, head_waits: bool
+        self,
+        response: web.StreamResponse,
+        render: Renderer | None,
+        *,
+        head_waits: bool,
+        done_event: bool,
     ) -> None:
         self.response = response
         self.render = render
+        self.done_event = done_event
         self.gone = False
         self.head_waits = head_waits
         self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
@@ -169,6 +175,13 @@ class _Client:
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         return data[done_at:]
+
+    def from_done(self, data: bytes) -> bytes:
+        """``data``, which starts with the ``[DONE]`` event, as the client gets it."""
+        if self.done_event:
+            return data
+        end = _BOUNDARY.search(data)
+        return data[end.end() :] if end is not None else b""
 
     def _on_boundary(self) -> bool:
         return _BOUNDARY_AT_END.search(self._tail) is not None
@@ -233,7 +246,7 @@ class _Client:
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         await self.end_with(failure)
-        await self.write(data[done_at:])
+        await self.write(self.from_done(data[done_at:]))
 
 
 async def tee_stream(
@@ -244,13 +257,15 @@ async def tee_stream(
     *,
     finish_without_client: bool,
     render: Renderer | None = None,
+    done_event: bool = True,
     max_bytes: int | None = None,
     on_first_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
     An answer of more than ``max_bytes`` is not held in memory to the end: the stream
-    ends there with an error event, and nothing is committed.
+    ends there with an error event, and nothing is committed.  Without ``done_event``
+    the ``[DONE]`` event is left out (the end of the body still waits for the commit).
 
     The ``[DONE]`` event is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
@@ -265,7 +280,7 @@ async def tee_stream(
         status=upstream.status, headers=headers
     )
     response.headers["X-Accel-Buffering"] = "no"
-    client = _Client(response, render, head_waits=head_waits)
+    client = _Client(response, render, head_waits=head_waits, done_event=done_event)
     try:
         await response.prepare(request)
     except ConnectionError:
@@ -339,6 +354,8 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
     failure: Failure | None = None
     if answer.error is not None:
         # The upstream's own error event is already in the stream.
+        if not client.done_event:
+            chunk = client.from_done(await client.send_before_done(chunk))
         await client.relay(chunk, answer)
         await client.upstream_error(answer.error)
         return
@@ -364,6 +381,6 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
             log.exception("the answer could not be saved")
             failure = ("the answer could not be saved", "internal_error", "server_error")
     if failure is None:
-        await client.relay(chunk, answer)
+        await client.relay(client.from_done(chunk), answer)
     else:
         await client.end_before_done(chunk, answer, failure)
