@@ -14,6 +14,7 @@ from yarl import URL
 
 from chatmem.proxy.chat_request import valid_conversation_id
 from chatmem.state import GATEWAY
+from chatmem.storage import Owner
 
 Client = TestClient[Any, Any]
 
@@ -472,3 +473,27 @@ async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) 
     for key, value in extra.items():
         assert body[key] == value
     assert body["model"] == "m"
+
+
+async def test_max_history_bytes_sends_the_newest_history_that_fits(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """A conversation that outgrew the model's context keeps working: only the newest
+    history that fits in ``memory.max_history_bytes`` goes upstream."""
+    budget = 400
+    client = await gateway_factory(upstream_url(upstream), memory={"max_history_bytes": budget})
+    for turn in range(10):
+        assert (
+            await chat(client, [user(f"question {turn} " + "x" * 40)], conv="long")
+        ).status == 200
+    history = sent_messages(upstream)[:-1]
+    store = client.server.app[GATEWAY].store
+    everything = (await store.load_history(Owner("default"), "long", 200)).messages
+    assert len(everything) == 20  # everything is kept; only what is sent is cut
+    stored = everything[:-2]  # what was stored when the last turn was sent
+
+    def size(messages: list[dict[str, Any]]) -> int:
+        return sum(len(json.dumps(m, separators=(",", ":")).encode()) for m in messages)
+
+    assert history == stored[len(stored) - len(history) :]  # the newest, in order
+    assert size(history) <= budget < size(stored[len(stored) - len(history) - 1 :])

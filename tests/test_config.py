@@ -135,6 +135,8 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ('[server]\nhost = ""\n', "server.host: must not be empty"),
         ("[server]\nshutdown_grace = -1\n", "server.shutdown_grace: must not be negative"),
         ("[storage]\nbusy_timeout_ms = -5\n", "storage.busy_timeout_ms: must not be negative"),
+        ("[memory]\nmax_history_bytes = -1\n", "memory.max_history_bytes: must not be negative"),
+        ("[upstream]\nmax_answer_bytes = 0\n", "upstream.max_answer_bytes: must be greater than 0"),
         ('[metrics]\npath = "/v1/health"\n', "metrics.path: must not be one of the gateway's"),
         ('[metrics]\npath = "/api/v1/health"\n', "metrics.path: must not be one of"),
         ('[metrics]\npath = "/conversation/m"\n', "metrics.path: must not be one of"),

@@ -323,3 +323,45 @@ def generated_history(
         "model": "m",
         "messages": [*(later_system or system), *window(stored, LIMIT), *new],
     }
+
+
+def compact(message: dict[str, Any]) -> int:
+    """The size of ``message`` as the upstream gets it (compact JSON, UTF-8)."""
+    return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+BUDGETED = [
+    {"role": "user", "content": "a" * 10},
+    {"role": "assistant", "content": None, "tool_calls": CALLS[:1]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "é" * 30},
+    {"role": "assistant", "content": "d" * 40},
+    {"role": "user", "content": "e" * 5},
+    {"role": "assistant", "content": "f" * 20},
+]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "sqlalchemy"])
+async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
+    storage_url: str, direct: bool
+) -> None:
+    """At every budget around the sizes of the newest messages: the newest ones whose JSON
+    text adds up to at most the budget, then no leading tool result, on every store."""
+    store = Store(create_engine(StorageConfig(url=storage_url)), direct=direct)
+    await store.create_schema()
+    sizes = [compact(wire(m)) for m in BUDGETED]
+    ends = [sum(sizes[k:]) for k in range(len(sizes))]  # messages k.. (the newest) together
+    budgets = sorted({1, *ends, *(e - 1 for e in ends), *(e + 1 for e in ends)})
+    try:
+        await store.commit_turn(OWNER, "b", system=None, turn=BUDGETED)
+        for budget in budgets:
+            newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
+            history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
+            assert history.messages == window(newest, len(newest)), budget
+        unlimited = await store.load_history(OWNER, "b", 200)
+        assert unlimited.messages == [wire(m) for m in BUDGETED]
+        assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right
+        # The message limit applies first: the budget chooses among those messages.
+        two = await store.load_history(OWNER, "b", 2, max_bytes=ends[0])
+        assert two.messages == [wire(m) for m in BUDGETED[-2:]]
+    finally:
+        await store.close()

@@ -126,6 +126,11 @@ class AuthConfig:
 @dataclass(frozen=True, slots=True)
 class MemoryConfig:
     max_history_messages: int = 200
+    # At most this many bytes of stored history (the messages' JSON text) go upstream: the
+    # newest messages that fit.  Set it to fit the model's context (about 4 bytes a token
+    # of English), so that a long conversation does not end in context-length errors on
+    # every turn.  0: no limit but max_history_messages.
+    max_history_bytes: int = 0
     on_client_disconnect: Literal["discard", "finish"] = "discard"
     # Conversations not updated for this many days are deleted (0 = keep forever).
     retention_days: int = 0
@@ -278,7 +283,7 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
     not_negative = {
         "server": ("shutdown_grace",),
         "storage": ("max_overflow", "statement_timeout", "busy_timeout_ms"),
-        "memory": ("retention_days",),
+        "memory": ("retention_days", "max_history_bytes"),
     }
     for name in not_negative.get(section, ()):
         if name in values and values[name] < 0:

@@ -110,8 +110,12 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     if history is None and turn.chat.named_here:
         history = gateway.store.new_conversation(turn.owner, turn.chat.conversation_id)
     elif history is None:
+        memory = gateway.config.memory
         history = await gateway.store.load_history(
-            turn.owner, turn.chat.conversation_id, gateway.config.memory.max_history_messages
+            turn.owner,
+            turn.chat.conversation_id,
+            memory.max_history_messages,
+            max_bytes=memory.max_history_bytes,
         )
     forwarding = _forward(request, gateway, turn, history, headers)
     if gateway.config.memory.on_client_disconnect == "discard":

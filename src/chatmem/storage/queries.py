@@ -208,8 +208,12 @@ def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
     return message
 
 
-def _history(system: list[dict[str, Any]] | None, wire: list[dict[str, Any]]) -> History:
+def _history(
+    system: list[dict[str, Any]] | None, wire: list[dict[str, Any]], max_bytes: int
+) -> History:
     """The history to send of a window read through SQLAlchemy or asyncpg."""
+    if max_bytes:
+        wire = newest_within(wire, [len(jsonio.dumps(message)) for message in wire], max_bytes)
     kept = drop_orphan_tool_results(wire, (message["role"] for message in wire))
     return History.from_messages(system, kept)
 
@@ -230,6 +234,15 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
 
 
 _RESULTS = frozenset({"tool", "function"})  # "function": the deprecated function_call's
+
+
+def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list[T]:
+    """The newest messages of ``window`` whose ``sizes`` add up to at most ``max_bytes``."""
+    start, total = len(window), 0
+    while start and total + sizes[start - 1] <= max_bytes:
+        start -= 1
+        total += sizes[start]
+    return window[start:]
 
 
 def drop_orphan_tool_results(window: list[T], roles: Iterable[str]) -> list[T]:
@@ -391,8 +404,11 @@ class Store:
             self._turns.expect_new(owner.tenant, owner.user, conversation_id)
         return History(system=None)
 
-    async def load_history(self, owner: Owner, conversation_id: str, limit: int) -> History:
-        """The stored system prompt and the newest ``limit`` messages, oldest first."""
+    async def load_history(
+        self, owner: Owner, conversation_id: str, limit: int, *, max_bytes: int = 0
+    ) -> History:
+        """The stored system prompt and the newest ``limit`` messages, oldest first; with
+        ``max_bytes``, only the newest of them whose JSON text fits in that many bytes."""
         if self._turns is not None:
             try:
                 exists, system, window = await self._turns.load_window(
@@ -402,6 +418,8 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None)
+            if max_bytes:
+                window = newest_within(window, [len(text) for _, text in window], max_bytes)
             kept = drop_orphan_tool_results(window, (role for role, _ in window))
             return History(system=system, encoded=b",".join([message for _, message in kept]))
         if self._asyncpg:
@@ -411,7 +429,7 @@ class Store:
                 )
             if not exists:
                 return History(system=None)
-            return _history(system, [_to_wire(record) for record in records])
+            return _history(system, [_to_wire(record) for record in records], max_bytes)
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -436,7 +454,8 @@ class Store:
                     .limit(limit)
                 )
             ).all()
-        return _history(found.system_prompt, [_to_wire(row._mapping) for row in reversed(rows)])
+        wire = [_to_wire(row._mapping) for row in reversed(rows)]
+        return _history(found.system_prompt, wire, max_bytes)
 
     async def commit_turn(
         self,
