@@ -252,6 +252,25 @@ async def test_ask_with_history_uses_it_and_still_remembers(
     assert contents[2:] == ["two", answer]  # the given history is not stored again
 
 
+async def test_ask_sends_a_given_history_as_it_is(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    """A given history is never stored, so what only the store cannot keep (a name over
+    its column, a NUL, the deprecated function_call) goes upstream as the client sent it."""
+    history = [
+        {"role": "user", "content": "hello.", "name": "n" * 300},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f\x00", "content": "42"},
+    ]
+    ask = {"question": "two", "client_id": "c", "user_id": "u", "history": history}
+    resp = await gateway.post("/v1/ask", json=ask)
+    assert resp.status == 200, await resp.text()
+    assert chats(upstream)[-1]["messages"] == [*history, user("two")]
+    stored = rows.messages("ask:c:u")
+    assert [m["role"] for m in stored] == ["user", "assistant"]  # the history is not stored
+    assert json.loads(stored[0]["content"]) == "two"
+
+
 async def test_ask_keeps_clients_users_and_tenants_apart(
     gateway_factory: GatewayFactory, upstream: TestServer, rows: Rows
 ) -> None:

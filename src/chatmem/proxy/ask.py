@@ -59,11 +59,13 @@ def _history(value: object) -> History | None:
         return None
     if not isinstance(value, list):
         raise InvalidRequest("history must be an array of message objects", param="history")
-    messages = [check_message(i, m, "history") for i, m in enumerate(value)]
+    # Sent as it is and never stored: only what a chat server would refuse is checked.
+    messages = [check_message(i, m, "history", stored=False) for i, m in enumerate(value)]
     for i, message in enumerate(messages):
         # The older service's history is {role, content} pairs: one without content is a
         # client's mistake to name here, not the upstream's 400 to relay.
-        if message.get("content") is None and not message.get("tool_calls"):
+        calls = message.get("tool_calls") or message.get("function_call")
+        if message.get("content") is None and not calls:
             param = f"history[{i}].content"
             raise InvalidRequest(f"{param} is required", param=param)
     return History.from_messages(None, messages)

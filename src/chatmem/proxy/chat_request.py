@@ -122,7 +122,11 @@ DEPRECATED_FUNCTIONS = (
 taken, as older histories hold it."""
 
 
-def check_message(index: int, message: object, field: str = "messages") -> dict[str, Any]:
+def check_message(
+    index: int, message: object, field: str = "messages", *, stored: bool = True
+) -> dict[str, Any]:
+    """``message`` if it is one a chat server takes; with ``stored``, also one the store
+    can keep as it is (or a 400 naming the field)."""
     param = f"{field}[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"{param} must be an object", param=param)
@@ -131,9 +135,10 @@ def check_message(index: int, message: object, field: str = "messages") -> dict[
         raise InvalidRequest(
             f"{param}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{param}.role"
         )
-    if message.get("function_call") is not None:
-        raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
-    check_stored_strings(message, param)
+    if stored:
+        if message.get("function_call") is not None:
+            raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
+        check_stored_strings(message, param)
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise InvalidRequest(
