@@ -730,8 +730,25 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
             False,
         ),
         ([*answer_events()[:3], sse("[DONE]")], answer_events()[:3], False),  # no finish
+        ([*answer_events(), sse("[DONE]")], answer_events()[:-1], True),
+        ([*answer_events(), 0.01, b"data: [DONE]\n\ndata: {}\n\n"], answer_events()[:-1], True),
+        ([*answer_events()[:-1], b"data: [DONE]\n"], answer_events()[:-1], False),  # cut off
+        (
+            [*answer_events()[:2], sse({"error": {"message": "x"}}), b"data: [DO"],
+            [*answer_events()[:2], sse({"error": {"message": "x"}})],
+            False,
+        ),
     ],
-    ids=["whole", "split", "upstream-error", "no-finish-reason"],
+    ids=[
+        "whole",
+        "split",
+        "upstream-error",
+        "no-finish-reason",
+        "two-done-events",
+        "more-after-done",
+        "done-cut-off",
+        "error-then-an-unfinished-event",
+    ],
 )
 async def test_ask_streams_end_without_done(
     gateway_factory: GatewayFactory,
@@ -748,12 +765,13 @@ async def test_ask_streams_end_without_done(
             "/v1/ask", json={"question": "q", "client_id": "1", "user_id": "2", "stream": True}
         )
         body = await resp.read()
-    assert b"[DONE]" not in body
+    assert b"[DONE]" not in body and b"[DO" not in body
     assert body.startswith(b"".join(sent))
     extra = body[len(b"".join(sent)) :]
     if stored:
         assert extra == b""
         assert [m["role"] for m in rows.messages()] == ["user", "assistant"]
-    else:
-        assert extra == b"" or extra.startswith(b'data: {"error"')
+    else:  # at most our error event: every event is JSON
+        assert extra == b"" or (extra.startswith(b'data: {"error"') and extra.count(b"\n\n") == 1)
+        assert extra.endswith(b"\n\n") or not extra
         assert rows.messages() == []

@@ -54,10 +54,11 @@ async def test_create_get_update_delete(gateway: Client, rows: Rows) -> None:
 
     (stored,) = rows.conversations()
     assert stored["id"] == conversation_id
-    assert stored["system_prompt"] == '[{"role": "system", "content": "Be brief."}]'
+    # The same compact text as the chat path writes (SQLite sends it as stored).
+    assert stored["system_prompt"] == '[{"role":"system","content":"Be brief."}]'
     assert [(m["seq"], m["role"], m["content"]) for m in rows.messages(conversation_id)] == [
         (1, "user", '"Hello"'),
-        (2, "assistant", '[{"type": "text", "text": "Hi!"}]'),
+        (2, "assistant", '[{"type":"text","text":"Hi!"}]'),
     ]
 
     assert await ok(await gateway.get(f"/v1/conversations/{conversation_id}")) == made

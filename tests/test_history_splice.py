@@ -17,6 +17,7 @@ from helpers import GatewayFactory, received, strict_loads, upstream_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import LiveGateway
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from chatmem.config import StorageConfig
 from chatmem.storage import Owner, Store, create_engine
@@ -173,15 +174,16 @@ async def test_numbers_in_json_columns_come_back(gateway: Client, upstream: Test
 async def test_sqlite_fast_path_and_sqlalchemy_path_agree(
     db_path: Path, limit: int, storage_writer: str
 ) -> None:
-    """Rows written by either path (orjson on the fast path; SQLAlchemy's json.dumps with
-    ASCII escapes and spaces on the other) read back the same through both, at every
-    window size."""
+    """Rows written by either path (orjson on the fast path, the same compact text through
+    SQLAlchemy; "legacy": SQLAlchemy's own json.dumps, with ASCII escapes and spaces, as
+    chatmem wrote before) read back the same through both, at every window size."""
     fast = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")))
     slow = await sqlalchemy_store(db_path)
+    legacy = Store(create_async_engine(f"sqlite+aiosqlite:///{db_path}"), direct=False)
     await fast.create_schema()
     turn = [*AWKWARD, {"role": "assistant", "content": "done", "usage": {"total_tokens": 1}}]
     try:
-        writer = fast if storage_writer == "fast" else slow
+        writer = {"fast": fast, "sqlalchemy": slow, "legacy": legacy}[storage_writer]
         await writer.commit_turn(OWNER, "c", system=[{"role": "system", "content": "é"}], turn=turn)
         expected = window([wire(m) for m in turn], limit)
         for store in (fast, slow):
@@ -192,9 +194,10 @@ async def test_sqlite_fast_path_and_sqlalchemy_path_agree(
     finally:
         await fast.close()
         await slow.close()
+        await legacy.close()
 
 
-@pytest.fixture(params=["fast", "sqlalchemy"])
+@pytest.fixture(params=["fast", "sqlalchemy", "legacy"])
 def storage_writer(request: pytest.FixtureRequest) -> str:
     param: str = request.param
     return param
@@ -340,28 +343,35 @@ BUDGETED = [
 ]
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["fast-path", "sqlalchemy"])
+@pytest.mark.parametrize("writer", ["fast", "sqlalchemy"])
 async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
-    storage_url: str, direct: bool
+    storage_url: str, writer: str
 ) -> None:
     """At every budget around the sizes of the newest messages: the newest ones whose JSON
-    text adds up to at most the budget, then no leading tool result, on every store."""
-    store = Store(create_engine(StorageConfig(url=storage_url)), direct=direct)
-    await store.create_schema()
+    text adds up to at most the budget, then no leading tool result; on every store, read
+    through either path, whichever path wrote them (the Conversations API writes through
+    SQLAlchemy, and the SQLite fast path sends and counts the text as stored)."""
+    fast = Store(create_engine(StorageConfig(url=storage_url)))
+    slow = Store(create_engine(StorageConfig(url=storage_url)), direct=False)
+    await fast.create_schema()
     sizes = [compact(wire(m)) for m in BUDGETED]
     ends = [sum(sizes[k:]) for k in range(len(sizes))]  # messages k.. (the newest) together
     budgets = sorted({1, *ends, *(e - 1 for e in ends), *(e + 1 for e in ends)})
     try:
-        await store.commit_turn(OWNER, "b", system=None, turn=BUDGETED)
-        for budget in budgets:
-            newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
-            history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
-            assert history.messages == window(newest, len(newest)), budget
-        unlimited = await store.load_history(OWNER, "b", 200)
-        assert unlimited.messages == [wire(m) for m in BUDGETED]
-        assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right
-        # The message limit applies first: the budget chooses among those messages.
-        two = await store.load_history(OWNER, "b", 2, max_bytes=ends[0])
-        assert two.messages == [wire(m) for m in BUDGETED[-2:]]
+        await (fast if writer == "fast" else slow).commit_turn(
+            OWNER, "b", system=None, turn=BUDGETED
+        )
+        for store in (fast, slow):
+            for budget in budgets:
+                newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
+                history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
+                assert history.messages == window(newest, len(newest)), budget
+            unlimited = await store.load_history(OWNER, "b", 200)
+            assert unlimited.messages == [wire(m) for m in BUDGETED]
+            assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right
+            # The message limit applies first: the budget chooses among those messages.
+            two = await store.load_history(OWNER, "b", 2, max_bytes=ends[0])
+            assert two.messages == [wire(m) for m in BUDGETED[-2:]]
     finally:
-        await store.close()
+        await fast.close()
+        await slow.close()

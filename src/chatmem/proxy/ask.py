@@ -93,7 +93,7 @@ async def ask(request: web.Request) -> web.StreamResponse:
             messages=[{"role": "user", "content": question}],
             stream=stream,
         )
-        turn = Turn(owner, chat, history=history, upstream_auth_is_ours=True, done_event=False)
+        turn = Turn(owner, chat, history=history, upstream_auth_is_ours=True, chunks_only=True)
         return await run_turn(request, turn, headers)
     except ChatmemError as exc:
         return error_response(exc, headers)

@@ -67,9 +67,9 @@ class Turn:
     """The upstream refusing our key (401/403) is our failure: 503, not its status."""
     query: str = ""
     """The client's raw query string, sent upstream with the request."""
-    done_event: bool = True
-    """Whether the stream's ``data: [DONE]`` reaches the client (the older api-server's
-    clients read every event as a JSON chunk, and never got one)."""
+    chunks_only: bool = False
+    """The stream ends at ``[DONE]`` without passing it on, nor anything after it (the
+    older api-server's clients read every event as a JSON chunk, and never got one)."""
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -221,7 +221,7 @@ async def _forward(
                         commit,
                         finish_without_client=finish_without_client,
                         render=turn.render,
-                        done_event=turn.done_event,
+                        chunks_only=turn.chunks_only,
                         max_bytes=gateway.config.upstream.max_answer_bytes,
                         on_first_chunk=timer.first_chunk,
                     )

@@ -145,11 +145,11 @@ class _Client:
         render: Renderer | None,
         *,
         head_waits: bool,
-        done_event: bool,
+        chunks_only: bool,
     ) -> None:
         self.response = response
         self.render = render
-        self.done_event = done_event
+        self.chunks_only = chunks_only
         self.gone = False
         self.head_waits = head_waits
         self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
@@ -178,10 +178,7 @@ class _Client:
 
     def from_done(self, data: bytes) -> bytes:
         """``data``, which starts with the ``[DONE]`` event, as the client gets it."""
-        if self.done_event:
-            return data
-        end = _BOUNDARY.search(data)
-        return data[end.end() :] if end is not None else b""
+        return b"" if self.chunks_only else data
 
     def _on_boundary(self) -> bool:
         return _BOUNDARY_AT_END.search(self._tail) is not None
@@ -206,7 +203,7 @@ class _Client:
 
     async def flush(self) -> None:
         held, self._held = self._held, b""
-        await self.write(held)
+        await self.write(b"" if self.chunks_only else held)  # an unfinished event, there
 
     async def end_with(self, failure: Failure) -> None:
         """Send our own final event on an event boundary.
@@ -225,7 +222,8 @@ class _Client:
         event = error_event(message, type_, code=code)
         held, self._held = self._held, b""
         await self.write(event if self._on_boundary() else b"\n\n" + event)
-        await self.write(held)
+        if not self.chunks_only:  # (it could be the start of a [DONE] event)
+            await self.write(held)
 
     async def upstream_error(self, error: dict[str, Any]) -> None:
         """The upstream's own error event: already relayed as SSE, shown when rendered."""
@@ -257,15 +255,16 @@ async def tee_stream(
     *,
     finish_without_client: bool,
     render: Renderer | None = None,
-    done_event: bool = True,
+    chunks_only: bool = False,
     max_bytes: int | None = None,
     on_first_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
     An answer of more than ``max_bytes`` is not held in memory to the end: the stream
-    ends there with an error event, and nothing is committed.  Without ``done_event``
-    the ``[DONE]`` event is left out (the end of the body still waits for the commit).
+    ends there with an error event, and nothing is committed.  With ``chunks_only``
+    the stream ends at ``[DONE]``, which is left out with anything after it, as is an
+    unfinished event at a failure (the end of the body still waits for the commit).
 
     The ``[DONE]`` event is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
@@ -280,7 +279,7 @@ async def tee_stream(
         status=upstream.status, headers=headers
     )
     response.headers["X-Accel-Buffering"] = "no"
-    client = _Client(response, render, head_waits=head_waits, done_event=done_event)
+    client = _Client(response, render, head_waits=head_waits, chunks_only=chunks_only)
     try:
         await response.prepare(request)
     except ConnectionError:
@@ -302,7 +301,8 @@ async def tee_stream(
                 await client.end_with(_TOO_LARGE)
                 return response
             if answer.done:
-                await client.relay(chunk, answer)  # whatever follows [DONE] is still forwarded
+                if not client.chunks_only:  # whatever follows [DONE] is still forwarded
+                    await client.relay(chunk, answer)
                 continue
             # Bytes that cannot end the answer go to the client before they are parsed.
             ahead = render is None and not client.may_end(chunk)
@@ -354,7 +354,7 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
     failure: Failure | None = None
     if answer.error is not None:
         # The upstream's own error event is already in the stream.
-        if not client.done_event:
+        if client.chunks_only:
             chunk = client.from_done(await client.send_before_done(chunk))
         await client.relay(chunk, answer)
         await client.upstream_error(answer.error)

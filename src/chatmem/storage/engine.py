@@ -9,6 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .. import jsonio
 from ..config import StorageConfig
 
 __all__ = ["WRITE", "create_engine", "is_sqlite"]
@@ -22,6 +23,14 @@ WRITE = "chatmem_write"
 
 def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def _json_text(value: Any) -> str:
+    """On SQLite, JSON columns written through SQLAlchemy hold the same compact text as
+    the fast path's (not ``json.dumps``' spaces and ASCII escapes): the fast path sends it
+    upstream as stored, and ``memory.max_history_bytes`` counts it.  (On PostgreSQL the
+    asyncpg path writes ``json.dumps``' text, as SQLAlchemy does, and reads re-encode.)"""
+    return jsonio.dumps(value).decode()
 
 
 def create_engine(config: StorageConfig) -> AsyncEngine:
@@ -46,6 +55,7 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
         url,
         connect_args={"timeout": config.busy_timeout_ms / 1000},
         hide_parameters=True,  # its errors would quote message content (in the logs)
+        json_serializer=_json_text,
         **pool,
     )
     _tune_sqlite(engine, config.busy_timeout_ms)
