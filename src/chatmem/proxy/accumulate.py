@@ -261,14 +261,16 @@ def turn_from_completion(body: dict[str, Any]) -> AssistantTurn | None:
     """The assistant message of choice 0 of a non-streaming ``chat.completion`` (by its
     ``index``, as in a stream, not by its place in the list); None if badly shaped."""
     choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list):
+    if not isinstance(choices, list) or not choices:
         return None
-    choice = next(
-        (c for n, c in enumerate(choices) if isinstance(c, dict) and _index_of(c, n) == 0),
-        None,
-    )
-    if choice is None:
-        return None
+    choice = choices[0]  # where it nearly always is
+    if not isinstance(choice, dict) or _index_of(choice, 0) != 0:
+        choice = next(
+            (c for n, c in enumerate(choices) if isinstance(c, dict) and _index_of(c, n) == 0),
+            None,
+        )
+        if choice is None:
+            return None
     message = choice.get("message")
     if not isinstance(message, dict):
         return None
