@@ -21,6 +21,7 @@ from helpers import (
     GatewayFactory,
     Rows,
     answer_events,
+    chunk,
     make_config,
     received,
     run_chatmem,
@@ -738,6 +739,21 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
             [*answer_events()[:2], sse({"error": {"message": "x"}})],
             False,
         ),
+        *(
+            (
+                split_everywhere(b"".join(answer_events(newline=nl)), 3),
+                answer_events(newline=nl)[:-1],
+                True,
+            )
+            for nl in (b"\r\n", b"\r")
+        ),
+        # An event over 4 KiB cut off mid-way: never passed on in part.
+        ([*answer_events()[:2], 0.01, sse(chunk("x" * 9000))[:6000]], answer_events()[:2], False),
+        (
+            [*answer_events()[:2], *split_everywhere(sse(chunk("y" * 9000)), 1500)],
+            [*answer_events()[:2], sse(chunk("y" * 9000))],
+            False,
+        ),
     ],
     ids=[
         "whole",
@@ -748,6 +764,10 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
         "more-after-done",
         "done-cut-off",
         "error-then-an-unfinished-event",
+        "split-crlf",
+        "split-cr",
+        "a-long-event-cut-off",
+        "a-long-event-in-pieces",
     ],
 )
 async def test_ask_streams_end_without_done(

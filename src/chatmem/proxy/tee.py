@@ -190,12 +190,22 @@ class _Client:
         read that finishes it: it could be ``[DONE]``, in front of which a failure must
         still be able to go, or an event the upstream never finishes, which must not reach
         the client as a complete one.  Holding it delays nothing a client can see: an
-        event is only dispatched once its blank line has arrived.
+        event is only dispatched once its blank line has arrived.  With ``chunks_only``
+        an unfinished event of any size is held (``upstream.max_answer_bytes`` bounds
+        it), so that no event ever reaches the client cut short.
         """
         if self.render is not None:
             await self.write(self.render.progress(answer))
             return
         data = self._held + chunk
+        if self.chunks_only:
+            # What is held has no boundary in it: the last one, if any, ends in ``chunk``.
+            end = 0
+            for boundary in _BOUNDARY.finditer(data, max(len(self._held) - 3, 0)):
+                end = boundary.end()
+            self._held = data[end:]
+            await self.write(data[:end])
+            return
         keep = _unfinished_tail(data, bool(self._held) or self._on_boundary())
         keep = keep if keep <= _MAX_HELD else 0
         self._held = data[len(data) - keep :] if keep else b""
