@@ -182,6 +182,7 @@ async def _forward(
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)
     timer = gateway.metrics.upstream_timer("chat")
+    max_answer = gateway.config.upstream.max_answer_bytes
     with upstream_failures():
         sent = chat.upstream_body(history)
         response = await upstream.post("/chat/completions", out, sent, turn.query)
@@ -222,15 +223,15 @@ async def _forward(
                         finish_without_client=finish_without_client,
                         render=turn.render,
                         chunks_only=turn.chunks_only,
-                        max_bytes=gateway.config.upstream.max_answer_bytes,
+                        max_bytes=max_answer,
                         on_first_chunk=timer.first_chunk,
                     )
-            limit = gateway.config.upstream.max_answer_bytes
             try:
-                body = await response.read(limit)
+                body = await response.read(max_answer)
             except BodyTooLarge:
                 raise UpstreamError(
-                    f"the upstream's answer is larger than upstream.max_answer_bytes ({limit})",
+                    "the upstream's answer is larger than upstream.max_answer_bytes"
+                    f" ({max_answer})",
                     code="upstream_answer_too_large",
                 ) from None
             answer = _completed_turn(body)

@@ -9,6 +9,7 @@ import random
 import sqlite3
 import time
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -18,7 +19,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -103,6 +104,25 @@ _PAGE = 256
 """Stored messages read at a time while walking a run of tool results."""
 
 
+async def _walk(
+    conn: AsyncConnection, columns: Sequence[Any], ours: Any, seq: int | None, *, newer: bool
+) -> AsyncGenerator[Any, None]:
+    """The messages after ``seq`` (``newer``, oldest first) or before it (newest first;
+    ``seq`` None: from the end), read ``_PAGE`` at a time."""
+    m = messages.c
+    while True:
+        page = select(m.seq, *columns).where(ours)
+        if seq is not None:
+            page = page.where(m.seq > seq if newer else m.seq < seq)
+        order = m.seq if newer else m.seq.desc()
+        rows = (await conn.execute(page.order_by(order).limit(_PAGE))).all()
+        for row in rows:
+            yield row
+        if len(rows) < _PAGE:
+            return
+        seq = int(rows[-1].seq)
+
+
 def _call_ids(tool_calls: Any) -> set[str]:
     """The ids of a stored message's tool calls (older versions stored them unchecked)."""
     calls = tool_calls if isinstance(tool_calls, list) else ()
@@ -117,18 +137,12 @@ async def _call_before_run(
     at the end of the conversation), as (its seq, the ids of its tool calls); None when
     the run starts the conversation."""
     m = messages.c
-    while True:
-        before = select(m.seq, m.role, m.tool_calls).where(ours)
-        if seq is not None:
-            before = before.where(m.seq < seq)
-        rows = (await conn.execute(before.order_by(m.seq.desc()).limit(_PAGE))).all()
-        for row in rows:
+    async with aclosing(_walk(conn, (m.role, m.tool_calls), ours, seq, newer=False)) as rows:
+        async for row in rows:
             if row.role != "tool":
                 calls = _call_ids(row.tool_calls) if row.role == "assistant" else set()
                 return int(row.seq), calls
-        if len(rows) < _PAGE:
-            return None
-        seq = int(rows[-1].seq)
+    return None
 
 
 async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
@@ -136,17 +150,13 @@ async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[
     ``call_ids``."""
     m = messages.c
     results: list[int] = []
-    while True:
-        after = select(m.seq, m.role, m.tool_call_id).where(ours, m.seq > seq)
-        rows = (await conn.execute(after.order_by(m.seq).limit(_PAGE))).all()
-        for row in rows:
+    async with aclosing(_walk(conn, (m.role, m.tool_call_id), ours, seq, newer=True)) as rows:
+        async for row in rows:
             if row.role != "tool":
-                return results
+                break
             if row.tool_call_id in call_ids:
                 results.append(int(row.seq))
-        if len(rows) < _PAGE:
-            return results
-        seq = int(rows[-1].seq)
+    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,10 +222,19 @@ def _history(
     system: list[dict[str, Any]] | None, wire: list[dict[str, Any]], max_bytes: int
 ) -> History:
     """The history to send of a window read through SQLAlchemy or asyncpg."""
-    if max_bytes:
-        wire = newest_within(wire, [len(jsonio.dumps(message)) for message in wire], max_bytes)
+    if max_bytes:  # the budget counts each message's text: encode each one, once
+        texts = [(message["role"], jsonio.dumps(message)) for message in wire]
+        return _encoded_history(system, texts, max_bytes)
     kept = drop_orphan_tool_results(wire, (message["role"] for message in wire))
     return History.from_messages(system, kept)
+
+
+def _encoded_history(system: Any, window: list[tuple[str, bytes]], max_bytes: int) -> History:
+    """The history to send of a window of (role, JSON text) messages."""
+    if max_bytes:
+        window = newest_within(window, [len(text) for _, text in window], max_bytes)
+    kept = drop_orphan_tool_results(window, (role for role, _ in window))
+    return History(system=system, encoded=b",".join([text for _, text in kept]))
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -418,10 +437,7 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None)
-            if max_bytes:
-                window = newest_within(window, [len(text) for _, text in window], max_bytes)
-            kept = drop_orphan_tool_results(window, (role for role, _ in window))
-            return History(system=system, encoded=b",".join([message for _, message in kept]))
+            return _encoded_history(system, window, max_bytes)
         if self._asyncpg:
             async with self._driver(writing=False) as driver:
                 exists, system, records = await postgres_turns.load_window(
@@ -567,8 +583,9 @@ class Store:
             if pk is None:
                 return False
             await conn.execute(delete(messages).where(messages.c.conversation_pk == pk))
-            result = await conn.execute(delete(conversations).where(conversations.c.pk == pk))
-            return bool(result.rowcount)
+            # Found under the conversation's lock: it is there to delete.
+            await conn.execute(delete(conversations).where(conversations.c.pk == pk))
+            return True
 
         return await self._run_write(delete_it)
 
