@@ -155,6 +155,24 @@ async def test_an_authorization_header_that_is_not_ascii_is_a_401(
     assert rows.conversations() == []
 
 
+async def test_two_authorization_headers_are_a_401(
+    hs_gateway: TestClient[Any, Any], upstream: TestServer, rows: Rows
+) -> None:
+    """Which of two would count is a guess, and a proxy on the way may guess the other:
+    neither counts, even when both are valid."""
+    from multidict import CIMultiDict
+
+    good = bearer(token(SEED_CLAIMS))["Authorization"]
+    other = bearer(token({"team_id": "someone-else"}))["Authorization"]
+    for pair in ((good, other), (good, good), (good, "Basic x")):
+        headers = CIMultiDict([("Authorization", pair[0]), ("Authorization", pair[1])])
+        for method, path in (("GET", "/v1/conversations"), ("POST", "/v1/chat/completions")):
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            response = await hs_gateway.request(method, path, headers=headers, json=body)
+            await assert_401(response, "more than one Authorization header")
+    assert rows.conversations() == [] and received(upstream) == []
+
+
 async def test_an_expiry_too_large_for_a_float_is_as_good_as_never(
     hs_gateway: TestClient[Any, Any], rows: Rows
 ) -> None:

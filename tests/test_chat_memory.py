@@ -58,6 +58,27 @@ async def test_history_is_prepended_in_order(gateway: Client, upstream: TestServ
     ]
 
 
+async def test_a_trailing_slash_keeps_the_memory(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    """``/v1/chat/completions/``: the same turn, not a plain relay of its own (which would
+    have forwarded ``conversation`` and remembered nothing)."""
+    first = await chat(gateway, [user("one")])
+    resp = await gateway.post(
+        "/v1/chat/completions/",
+        json={"model": "m", "messages": [user("two")], "conversation": "c1"},
+    )
+    assert resp.status == 200 and resp.headers["X-Conversation-Id"] == "c1"
+    answer1 = (await first.json())["choices"][0]["message"]["content"]
+    assert sent_messages(upstream) == [
+        user("one"),
+        {"role": "assistant", "content": answer1},
+        user("two"),
+    ]
+    assert "conversation" not in received(upstream)[-1].json
+    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 2
+
+
 async def test_rows_hold_the_turn_in_order(gateway: Client, rows: Rows) -> None:
     resp = await chat(gateway, [user("hello")])
     body = await resp.json()
@@ -226,6 +247,62 @@ async def test_a_message_field_the_store_cannot_take_is_a_400_before_the_model_i
         error = (await resp.json())["error"]
         assert fragment in error["message"] and error["param"].endswith(f"[0].{field}")
     assert received(upstream) == [] and rows.conversations() == []
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "fragment"),
+    [
+        ({"role": "assistant", "tool_calls": "x"}, "tool_calls", "must be an array of objects"),
+        ({"role": "assistant", "tool_calls": [5]}, "tool_calls", "must be an array of objects"),
+        ({"role": "assistant", "tool_calls": [{**CALL, "id": 5}]}, "tool_calls[0].id", "id"),
+        (
+            {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f"}}]},
+            "tool_calls[0].function",
+            "string name and string arguments",
+        ),
+        ({"role": "tool", "content": "r"}, "tool_call_id", "required for a tool message"),
+        ({"role": "user"}, "content", "only an assistant message may leave it null"),
+        ({"role": "system", "content": None}, "content", "only an assistant message"),
+        ({"role": "user", "content": []}, "content", "must not be an empty array"),
+        ({"role": "user", "content": [5]}, "content[0]", "must be a content part"),
+        ({"role": "user", "content": [{"text": "a"}]}, "content[0].type", "must be a string"),
+    ],
+)
+async def test_a_message_no_later_turn_could_send_is_a_400(
+    gateway: Client,
+    upstream: TestServer,
+    rows: Rows,
+    message: dict[str, Any],
+    param: str,
+    fragment: str,
+) -> None:
+    """What a turn stores goes up again with every later turn, and the store pairs tool
+    results with their calls by these fields: a lenient server answering once must not
+    leave a conversation that a strict one (or the store) cannot read."""
+    resp = await chat(gateway, [user("before"), message])
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == f"messages[1].{param}" and fragment in error["message"]
+    assert received(upstream) == [] and rows.conversations() == []
+
+
+async def test_messages_every_chat_server_takes_still_pass(gateway: Client, rows: Rows) -> None:
+    turn = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        user("hi"),
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "assistant", "content": None, "refusal": "no"},  # the server judges this one
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+    ]
+    resp = await chat(gateway, turn)
+    assert resp.status == 200
+    assert [m["role"] for m in rows.messages("c1")] == [
+        *("user", "assistant", "tool", "assistant", "user", "assistant")
+    ]
 
 
 async def test_a_compressed_request_body_is_read_and_sent_on_as_plain_json(

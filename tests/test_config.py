@@ -106,6 +106,23 @@ def test_a_value_is_expanded_once_and_dollar_brace_can_be_written(tmp_path: Path
     assert config.storage.url == "postgresql+asyncpg://u:pa${ss@h/db"
 
 
+def test_variables_are_expanded_in_lists_too(tmp_path: Path) -> None:
+    # A list of strings is as likely to come from the environment as a string: the
+    # algorithms a deployment accepts, the origins CORS allows.
+    text = (
+        '[auth]\njwt_secret = "s"\nalgorithms = ["${ALG}", "${ALG2:-HS512}"]\n'
+        '[server]\ncors_origins = ["https://${SITE}"]\n'
+    )
+    config = load_config(write(tmp_path, text), env={"ALG": "HS384", "SITE": "a.example"})
+    assert config.auth.algorithms == ("HS384", "HS512")
+    assert config.server.cors_origins == ("https://a.example",)
+    # Unset without a default: an error naming the element, not a claim called "${NOPE}".
+    text = '[auth]\njwt_secret = "s"\nrequire = ["exp", "${NOPE}"]\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert str(caught.value) == "auth.require[1]: environment variable NOPE is not set"
+
+
 def test_flags_override_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\nport = 1234\nhost = "0.0.0.0"\n')
     config = load_config(path, overrides={"server": {"port": 9999}}, env={})

@@ -115,6 +115,55 @@ async def test_upstream_error_status_passes_through(
     assert rows.messages() == []
 
 
+@pytest.mark.parametrize("status", [201, 203])
+async def test_a_completed_answer_of_another_2xx_is_remembered(
+    gateway_factory: GatewayFactory, rows: Rows, status: int
+) -> None:
+    """203 (a proxy on the way transformed the answer) or 201: a chat completion all the
+    same, relayed with its status and remembered like a 200's."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": "J"}, "finish_reason": "stop"}
+    plain = json.dumps({"choices": [choice]}).encode()
+    for request, script in (
+        (
+            PLAIN,
+            Script(
+                status=status,
+                headers={"Content-Type": "application/json"},
+                chunks=[plain],
+                framing="length",
+            ),
+        ),
+        (STREAM, Script(status=status, chunks=answer_events("K"))),
+    ):
+        async with scripted_upstream(script) as up:
+            client = await gateway_factory(up.url)
+            resp = await post(client, request)
+            assert resp.status == status
+            assert await resp.read() == b"".join(c for c in script.chunks if isinstance(c, bytes))
+    assert [(m["role"], json.loads(m["content"])) for m in rows.messages("f1")] == [
+        ("user", "hi"),
+        ("assistant", "J"),
+        ("user", "hi"),
+        ("assistant", "K"),
+    ]
+
+
+@pytest.mark.parametrize("status", [202, 204])
+async def test_a_2xx_that_is_no_answer_is_relayed_and_forgotten(
+    gateway_factory: GatewayFactory, rows: Rows, status: int
+) -> None:
+    body = b"" if status == 204 else b'{"id": "job-1", "status": "queued"}'
+    script = Script(
+        status=status, headers={"Content-Type": "application/json"}, chunks=[body], framing="length"
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, PLAIN)
+        assert resp.status == status and await resp.read() == body
+        assert resp.headers["X-Conversation-Id"] == "f1"
+    assert rows.messages() == []
+
+
 def cut_inside_event() -> list[bytes | float]:
     events = answer_events()
     return [events[0], events[1], events[2][:17]]

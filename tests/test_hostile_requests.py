@@ -49,14 +49,13 @@ conversation_ids = (
     | st.builds(lambda s: {"id": s}, st.text(alphabet=ID_CHARS, min_size=1, max_size=10))
     | json_values
 )
-text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}))
+text_parts = st.lists(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}), min_size=1
+)
 plausible_messages = st.fixed_dictionaries(
-    {"role": st.sampled_from(ROLES)},
-    optional={
-        "content": st.text(max_size=40) | text_parts | st.none(),
-        "name": st.text(max_size=10),
-        "tool_call_id": st.text(max_size=10),
-    },
+    # Content, as every chat server wants it (a tool result also needs its call's id).
+    {"role": st.sampled_from(ROLES), "content": st.text(max_size=40) | text_parts},
+    optional={"name": st.text(max_size=10), "tool_call_id": st.text(min_size=1, max_size=10)},
 )
 hostile_messages = st.fixed_dictionaries(
     {"role": st.sampled_from(ROLES) | json_values},

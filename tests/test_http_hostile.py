@@ -170,6 +170,12 @@ def test_expect_continue_over_limit_is_413_without_a_100(server: Server) -> None
     assert statuses == [413] and closed
     assert json_error(received)["code"] == "request_too_large"
     assert b"\r\nX-Request-Id: " in received  # answered before the middleware, id all the same
+    # Every chat answer names a conversation, this one too: a new conversation's id...
+    assert re.search(rb"\r\nX-Conversation-Id: conv_[0-9a-f]{32}\r\n", received)
+    # ... or the one the request named, as the handler's own 413 would.
+    named = POST + b"X-Conversation-Id: trip-7\r\n" + raw[len(POST) :]
+    statuses, _, received = exchange_bytes(server, named)
+    assert statuses == [413] and b"\r\nX-Conversation-Id: trip-7\r\n" in received
 
 
 def test_expect_continue_within_limit_gets_100_then_the_answer(server: Server) -> None:
@@ -193,6 +199,17 @@ def test_an_unknown_expectation_is_a_json_417(server: Server) -> None:
     assert statuses == [417]
     assert json_error(received)["code"] == "expectation_failed"
     assert b"\r\nX-Request-Id: " in received
+    assert re.search(rb"\r\nX-Conversation-Id: conv_[0-9a-f]{32}\r\n", received)
+    # The conversation a valid header names; an invalid one is not repeated back.
+    for header, named in ((b"trip-7", b"trip-7"), (b"no way", None)):
+        raw = (
+            POST + b"X-Conversation-Id: %s\r\nExpect: teapot\r\nContent-Length: 0\r\n\r\n" % header
+        )
+        statuses, _, received = exchange_bytes(server, raw)
+        assert statuses == [417]
+        said = re.search(rb"\r\nX-Conversation-Id: ([^\r]*)\r\n", received)
+        assert said is not None
+        assert said[1] == named if named else said[1].startswith(b"conv_")
 
 
 def test_chunked_body_over_limit_is_413(server: Server) -> None:
@@ -312,3 +329,40 @@ def test_an_encoding_aiohttp_cannot_decode_is_named(server: Server, encoding: st
     assert json_error(response)["message"] == (
         "the request body's Content-Encoding is not supported (gzip and deflate are)"
     )
+
+
+@pytest.mark.parametrize(
+    "encodings",
+    [[b"x-gzip"], [b"compress"], [b"gzip, br"], [b"gzip", b"gzip"], [b"snappy"]],
+    ids=["x-gzip", "compress", "stacked", "two-headers", "unknown"],
+)
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/v1/embeddings", b"/v1/ask"])
+def test_an_encoding_aiohttp_leaves_encoded_is_refused_too(
+    server: Server, encodings: list[bytes], path: bytes
+) -> None:
+    """Any other coding aiohttp's server does not decode at all: the body would have been
+    read as JSON still encoded ("not valid JSON", or for these plain bytes, a turn), or
+    relayed encoded without the header that says so.  The same 400, and the connection
+    ends: the body is not read."""
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: enc-1\r\n" % path
+    for encoding in encodings:
+        head += b"Content-Encoding: %s\r\n" % encoding
+    raw = head + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY
+    statuses, closed, response = exchange_bytes(server, raw)
+    assert statuses == [400] and closed
+    error = json_error(response)
+    assert error["message"] == (
+        "the request body's Content-Encoding is not supported (gzip and deflate are)"
+    )
+    assert error["code"] == "unsupported_content_encoding"
+    if path == b"/v1/chat/completions":
+        assert b"\r\nX-Conversation-Id: enc-1\r\n" in response
+
+
+def test_identity_and_gzip_bodies_are_read(server: Server) -> None:
+    import gzip
+
+    for encoding, body in ((b"identity", BODY), (b"GZIP", gzip.compress(BODY))):
+        raw = POST + b"Content-Encoding: %s\r\nContent-Length: %d\r\n\r\n" % (encoding, len(body))
+        statuses, _, response = exchange_bytes(server, raw + body)
+        assert statuses == [200], response

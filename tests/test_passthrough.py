@@ -111,6 +111,35 @@ async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, A
     assert "Set-Cookie" not in resp.headers
 
 
+async def test_trace_and_protocol_upgrades_are_not_relayed(
+    echo_gateway: TestClient[Any, Any],
+) -> None:
+    """TRACE: an upstream that echoes it (as this one does, and as TRACE is meant to) would
+    hand the client the key the gateway adds.  A WebSocket upgrade: its headers are
+    hop-by-hop, so it would reach the upstream as a plain GET, and its answer would come
+    back as if it were the upgrade's."""
+    trace = await echo_gateway.request("TRACE", "/v1/models")
+    assert trace.status == 405
+    assert "sk-upstream-secret" not in await trace.text()
+    assert (await trace.json())["error"]["code"] == "method_not_allowed"
+    assert "GET" in trace.headers["Allow"] and "TRACE" not in trace.headers["Allow"]
+    upgrade = await echo_gateway.get(
+        "/v1/realtime?model=m",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert upgrade.status == 501
+    error = (await upgrade.json())["error"]
+    assert error["code"] == "upgrade_not_relayed" and "WebSocket" in error["message"]
+    # An Upgrade header without Connection: upgrade is no upgrade: relayed as ever.
+    plain = await echo_gateway.get("/v1/models", headers={"Upgrade": "h2c"})
+    assert plain.status == 200 and (await plain.json())["method"] == "GET"
+
+
 async def test_headers_the_client_did_not_send_are_not_added(
     echo_gateway: TestClient[Any, Any],
 ) -> None:

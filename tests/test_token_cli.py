@@ -86,6 +86,12 @@ def test_refusals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert code == 2 and "RS256 needs --key" in err
     code, _, err = run(capsys, "encode", "--secret", SECRET, "[1, 2]")
     assert code == 2 and "claims must be a JSON object" in err
+    code, _, err = run(capsys, "encode", "--secret", SECRET, '{"team_id": "a"')
+    assert code == 2 and "claims are not valid JSON" in err
+    # Python's json writes NaN and Infinity; no JWT library reads them back.
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        code, out, err = run(capsys, "encode", "--secret", SECRET, f'{{"n": {constant}}}')
+        assert code == 2 and f"{constant} is not a JSON number" in err and out == ""
     code, _, err = run(
         capsys, "encode", "--key", str(tmp_path / "missing.pem"), "--alg", "RS256", SEED
     )

@@ -12,7 +12,7 @@ from .auth import setup_auth
 from .config import Config
 from .cors import Cors
 from .forwarded import TRUSTED_PROXIES, parse_networks
-from .proxy.chat import chat_completions
+from .proxy.chat import chat_completions, early_headers
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
 from .proxy.http import ChatmemRoutes, http_error_as_json, method_not_allowed
@@ -76,7 +76,12 @@ def setup(app: web.Application, config: Config) -> None:
         "*", "/api/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health_api.other"
     )
     add_compat_routes(app, routes, config, ROUTE_PREFIX)
-    routes.add_post("/v1/chat/completions", chat_completions, name=ROUTE_PREFIX + "chat")
+    for path, name in (("/v1/chat/completions", "chat"), ("/v1/chat/completions/", "chat.slash")):
+        # With a slash too: a client whose URL has one must not lose its memory without
+        # a word (relayed, it would have been an upstream request of its own).
+        routes.add_post(
+            path, chat_completions, name=ROUTE_PREFIX + name, early_headers=early_headers
+        )
     add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
     for resource in app.router.resources():

@@ -253,7 +253,12 @@ def authenticate(request: web.Request) -> Owner:
     Called by chatmem's handlers only, so ``request.app`` is the app :func:`setup_auth`
     stored the authenticator on (``config_dict`` would build a chain of apps each time).
     """
-    return request.app[AUTHENTICATOR].owner(request.headers.get("Authorization"))
+    authenticator = request.app[AUTHENTICATOR]
+    given = request.headers.getall("Authorization", ())
+    if len(given) > 1 and authenticator.config.enabled:
+        # Which one counts would be a guess, and proxies on the way may guess otherwise.
+        raise Unauthorized("the request has more than one Authorization header")
+    return authenticator.owner(given[0] if given else None)
 
 
 @web.middleware

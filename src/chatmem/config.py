@@ -511,16 +511,24 @@ def _check_public_key(value: str) -> None:
 
 def _expanded(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """The file's tables with ``${VAR}`` expanded in their strings, once (a variable may
-    hold ``${``).  Flags are merged in afterwards, as given: the shell expanded them."""
+    hold ``${``), at any depth: ``algorithms = ["${ALG}"]`` too.  Flags are merged in
+    afterwards, as given: the shell expanded them."""
     return {
-        section: {
-            name: _expand(value, f"{section}.{name}", env) if isinstance(value, str) else value
-            for name, value in table.items()
-        }
-        if isinstance(table, dict)
-        else table
+        section: _expand_all(table, section, env) if isinstance(table, dict) else table
         for section, table in raw.items()
     }
+
+
+def _expand_all(value: Any, key: str, env: Mapping[str, str]) -> Any:
+    """``value`` with every string in it expanded; ``key`` names it in errors
+    (``auth.algorithms[0]``)."""
+    if isinstance(value, str):
+        return _expand(value, key, env)
+    if isinstance(value, list):
+        return [_expand_all(item, f"{key}[{i}]", env) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {name: _expand_all(item, f"{key}.{name}", env) for name, item in value.items()}
+    return value
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

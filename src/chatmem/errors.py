@@ -6,6 +6,7 @@ ChatmemError                 status, type, code; ``message`` is safe to show a c
 ├── NotFound                 404 not_found_error (also for other tenants' objects)
 ├── RequestTimeout           408 invalid_request_error (the body did not arrive in time)
 ├── PayloadTooLarge          413 invalid_request_error
+├── NotRelayed               501 what the passthrough cannot carry (a protocol upgrade)
 ├── StorageUnavailable       503 the database did not answer
 └── UpstreamError            502 upstream unreachable or broken
     ├── UpstreamTimeout      504 upstream did not answer in time
@@ -28,6 +29,7 @@ __all__ = [
     "FailureLog",
     "InvalidRequest",
     "NotFound",
+    "NotRelayed",
     "PayloadTooLarge",
     "RequestTimeout",
     "StorageUnavailable",
@@ -84,6 +86,12 @@ class PayloadTooLarge(ChatmemError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class NotRelayed(ChatmemError):
+    status = 501
+    type = "invalid_request_error"
+    code = "not_relayed"
 
 
 class StorageUnavailable(ChatmemError):

@@ -30,15 +30,13 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import error_body
+from .proxy.http import UNSUPPORTED_ENCODING
 
 __all__ = ["GatewayRunner", "malformed_request_message"]
 
 _WHAT_WAS_WRONG: tuple[tuple[type[BaseException], str], ...] = (
     (LineTooLong, "the request line or a header is too long"),
-    (
-        ContentEncodingError,
-        "the request body's Content-Encoding is not supported (gzip and deflate are)",
-    ),
+    (ContentEncodingError, UNSUPPORTED_ENCODING),
     (InvalidHeader, "a request header is malformed"),
     (BadHttpMethod, "the request method is not valid"),
     (BadStatusLine, "the request line is malformed"),

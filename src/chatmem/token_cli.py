@@ -104,11 +104,15 @@ def _decode(args: argparse.Namespace, key: str) -> int:
     return 0
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def _encode(args: argparse.Namespace, key: str) -> int:
     try:
-        claims = json.loads(args.claims)
-    except ValueError:
-        claims = None
+        claims = json.loads(args.claims, parse_constant=_not_json)
+    except ValueError as exc:  # NaN and Infinity too: no JWT library would read them back
+        return _fail(f"claims are not valid JSON: {exc}")
     if not isinstance(claims, dict):
         return _fail("claims must be a JSON object")
     if args.exp is not None:

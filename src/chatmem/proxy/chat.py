@@ -42,6 +42,7 @@ __all__ = [
     "Turn",
     "assistant_message",
     "chat_completions",
+    "early_headers",
     "run_turn",
     "upstream_failures",
 ]
@@ -72,19 +73,36 @@ class Turn:
     older api-server's clients read every event as a JSON chunk, and never got one)."""
 
 
+def _named_conversation(request: web.Request) -> str | None:
+    """The conversation the ``X-Conversation-Id`` header names, if any (400 when it is not
+    a valid id, or when several of them disagree)."""
+    header_ids = request.headers.getall(CONVERSATION_HEADER, ())
+    if not header_ids:
+        return None
+    if any(other != header_ids[0] for other in header_ids[1:]):
+        raise InvalidRequest(
+            "X-Conversation-Id headers name different conversations", param=CONVERSATION_HEADER
+        )
+    return valid_conversation_id(header_ids[0], CONVERSATION_HEADER)
+
+
+def early_headers(request: web.Request) -> dict[str, str]:
+    """``X-Conversation-Id`` for an answer given before the handler runs (an ``Expect``
+    refused): the header's conversation, else the id a new one would have had."""
+    try:
+        named = _named_conversation(request)
+    except InvalidRequest:
+        named = None
+    return {CONVERSATION_HEADER: named or new_conversation_id()}
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     headers: dict[str, str] = {}
-    header_ids = request.headers.getall(CONVERSATION_HEADER, ())
-    header_id = header_ids[0] if header_ids else None
     try:
+        header_id = _named_conversation(request)
         if header_id is not None:
-            if any(other != header_id for other in header_ids[1:]):
-                raise InvalidRequest(
-                    "X-Conversation-Id headers name different conversations",
-                    param=CONVERSATION_HEADER,
-                )
-            headers[CONVERSATION_HEADER] = valid_conversation_id(header_id, CONVERSATION_HEADER)
+            headers[CONVERSATION_HEADER] = header_id
         owner = authenticate(request)
         raw = await read_body(request, gateway.config.server.max_body_bytes)
         chat = parse_chat_request(raw, header_id)
@@ -199,7 +217,7 @@ async def _forward(
                     f"the upstream answered with a redirect ({response.status}),"
                     " which the gateway does not follow"
                 )
-            if response.status != 200:
+            if response.status not in _ANSWERS:
                 return await relay(request, response, headers)
             encoding = response.headers.get("Content-Encoding")
             if encoding is not None and encoding.strip().lower() not in ("identity", ""):
@@ -240,7 +258,13 @@ async def _forward(
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")
-            return web.Response(status=200, body=body, headers=reply_headers)
+            return web.Response(status=response.status, body=body, headers=reply_headers)
+
+
+_ANSWERS = frozenset({200, 201, 203})
+"""Statuses of an answer, read into the turn (and its status passed on); any other is
+relayed as it is and remembers nothing.  Not 202 (Accepted: not answered yet), 204 and
+205 (no body)."""
 
 
 def _completed_turn(body: bytes) -> AssistantTurn | None:

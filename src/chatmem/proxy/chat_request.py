@@ -139,13 +139,73 @@ def check_message(
         if message.get("function_call") is not None:
             raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
         check_stored_strings(message, param)
+        check_pairing(message, param)
     content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise InvalidRequest(
             f"{param}.content must be a string, an array of parts or null",
             param=f"{param}.content",
         )
+    if stored:
+        check_parts(content, f"{param}.content")
+        if content is None and role != "assistant":
+            # Every chat server wants it; stored, it would go up with every later turn.
+            raise InvalidRequest(
+                f"{param}.content is required (only an assistant message may leave it null)",
+                param=f"{param}.content",
+            )
     return message
+
+
+def check_parts(content: object, param: str) -> None:
+    """A list ``content`` is a non-empty array of parts: objects with a string ``type``."""
+    if not isinstance(content, list):
+        return
+    if not content:
+        raise InvalidRequest(f"{param} must not be an empty array", param=param)
+    for number, part in enumerate(content):
+        at = f"{param}[{number}]"
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{at} must be a content part (an object)", param=at)
+        if not isinstance(part.get("type"), str):
+            raise InvalidRequest(f"{at}.type must be a string", param=f"{at}.type")
+
+
+def check_pairing(message: dict[str, Any], param: str) -> None:
+    """The fields that pair a tool result with its call, as the store reads them (the
+    history's orphaned results, deleting a call with its results): an assistant's
+    ``tool_calls`` as OpenAI defines them, and a tool result's ``tool_call_id``."""
+    calls = message.get("tool_calls")
+    if calls is not None:
+        check_tool_calls(calls, f"{param}.tool_calls")
+    if message["role"] == "tool" and not message.get("tool_call_id"):
+        raise InvalidRequest(
+            f"{param}.tool_call_id is required for a tool message", param=f"{param}.tool_call_id"
+        )
+
+
+def check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
+    """OpenAI's tool calls: each with a string ``id``, ``type`` "function" and a
+    ``function`` of string ``name`` and ``arguments``."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise InvalidRequest(f"{param} must be an array of objects", param=param)
+    for number, call in enumerate(calls):
+        at = f"{param}[{number}]"
+        function = call.get("function")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise InvalidRequest(f"{at}.id must be a non-empty string", param=f"{at}.id")
+        if call.get("type", "function") != "function":
+            raise InvalidRequest(f"{at}.type must be 'function'", param=f"{at}.type")
+        if not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise InvalidRequest(
+                f"{at}.function must have a string name and string arguments",
+                param=f"{at}.function",
+            )
+    return calls
 
 
 def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..storage import ConversationInfo, Page
-from .chat_request import DEPRECATED_FUNCTIONS, check_stored_strings
+from .chat_request import DEPRECATED_FUNCTIONS, check_parts, check_stored_strings, check_tool_calls
 
 __all__ = [
     "check_tool_results",
@@ -76,12 +76,11 @@ def _json_type(value: object) -> str:
 def _content(value: object, param: str) -> Any:
     if value is None or isinstance(value, str):
         return value
-    if not isinstance(value, list) or not all(isinstance(part, dict) for part in value):
+    if not isinstance(value, list):
         raise InvalidRequest(
             f"{param} must be a string, an array of content parts or null", param=param
         )
-    if not value:
-        raise InvalidRequest(f"{param} must not be an empty array", param=param)
+    check_parts(value, param)
     return [_chat_part(part, f"{param}[{number}]") for number, part in enumerate(value)]
 
 
@@ -132,30 +131,6 @@ def _present(part: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: part[name] for name in names if isinstance(part.get(name), str)}
 
 
-def _check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
-    """OpenAI's tool calls: each with a string ``id``, ``type`` "function" and a
-    ``function`` of string ``name`` and ``arguments``."""
-    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        raise InvalidRequest(f"{param} must be an array of objects", param=param)
-    for number, call in enumerate(calls):
-        at = f"{param}[{number}]"
-        function = call.get("function")
-        if not isinstance(call.get("id"), str) or not call["id"]:
-            raise InvalidRequest(f"{at}.id must be a non-empty string", param=f"{at}.id")
-        if call.get("type", "function") != "function":
-            raise InvalidRequest(f"{at}.type must be 'function'", param=f"{at}.type")
-        if not (
-            isinstance(function, dict)
-            and isinstance(function.get("name"), str)
-            and isinstance(function.get("arguments"), str)
-        ):
-            raise InvalidRequest(
-                f"{at}.function must have a string name and string arguments",
-                param=f"{at}.function",
-            )
-    return calls
-
-
 def check_tool_results(items: list[dict[str, Any]], open_calls: set[str]) -> None:
     """Every tool result answers a call of the assistant message right before its run
     of tool results (what chat servers check): one named in ``items`` before it, or, for
@@ -195,7 +170,7 @@ def _item(index: int, value: object) -> dict[str, Any]:
             message[name] = value[name]
     calls = value.get("tool_calls")
     if calls is not None:
-        calls = _check_tool_calls(calls, f"{param}.tool_calls")
+        calls = check_tool_calls(calls, f"{param}.tool_calls")
         if calls:  # an empty array is no calls: servers refuse "tool_calls": []
             message["tool_calls"] = calls
     # What a later chat turn could not send: every chat server wants content, but for an

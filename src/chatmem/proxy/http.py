@@ -24,6 +24,7 @@ from ..state import GATEWAY
 __all__ = [
     "ChatmemRoutes",
     "already_read",
+    "check_content_encoding",
     "error_event",
     "http_error_as_json",
     "json_object",
@@ -41,10 +42,36 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     that cannot be decoded (``Content-Encoding: gzip`` over bytes that are not gzip)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    check_content_encoding(request)
     try:
         return await _read_body(request, limit)
     except web.RequestPayloadError:
         raise undecodable_body(request) from None
+
+
+UNSUPPORTED_ENCODING = "the request body's Content-Encoding is not supported (gzip and deflate are)"
+
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+"""What aiohttp's server decodes (brotli and zstd with their modules installed; without,
+its parser refuses them before any handler runs)."""
+
+
+def check_content_encoding(request: web.Request) -> None:
+    """400 for a body aiohttp's server left encoded.
+
+    It decodes a body whose one ``Content-Encoding`` is exactly a coding it knows, and
+    passes any other (``x-gzip``, ``compress``, ``gzip, br``, two headers) on as it
+    came: read as JSON it would be "not valid JSON", and relayed, it would reach the
+    upstream encoded but without the header that says so."""
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if not codings or not request.body_exists:
+        return
+    if len(codings) == 1 and codings[0].lower() in _DECODED | {"identity"}:
+        return
+    request.content.feed_eof()  # nothing more is read of a body that cannot be
+    error = InvalidRequest(UNSUPPORTED_ENCODING, code="unsupported_content_encoding")
+    error.headers = {"Connection": "close"}
+    raise error
 
 
 def undecodable_body(request: web.Request) -> InvalidRequest:
@@ -182,33 +209,41 @@ def http_error_as_json(exc: web.HTTPException) -> web.Response:
     ``Allow`` header."""
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     body = error_body(exc.reason, kind, code=exc.reason.lower().replace(" ", "_"))
-    allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-    return json_response(body, status=exc.status, headers=allow)
+    kept = {k: v for k, v in exc.headers.items() if k.lower() not in _REPLACED}
+    return json_response(body, status=exc.status, headers=kept)
+
+
+_REPLACED = frozenset({"content-type", "content-length"})
+"""Headers of aiohttp's plain-text error that the JSON answer sets itself."""
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+EarlyHeaders = Callable[[web.Request], dict[str, str]]
+"""A route's headers for an answer given before its handler runs (``X-Conversation-Id``)."""
 
 
-def expect_handler(limit: int) -> ExpectHandler:
+def expect_handler(limit: int, early_headers: EarlyHeaders | None = None) -> ExpectHandler:
     """The answer to ``Expect`` on chatmem's routes.
 
     aiohttp's default sends ``100 Continue`` whatever the declared length, so a client
     uploads a body that is then refused with a 413, and it refuses any other expectation
-    with a plain-text 417 before any middleware can give it the OpenAI shape.
+    with a plain-text 417 before any middleware can give it the OpenAI shape.  A refusal
+    here carries the route's ``early_headers``, as its handler's answers do.
     """
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         if request.version != HttpVersion11:
             return None  # HTTP/1.0 has no 100 Continue: the client sends its body anyway
+        headers = early_headers(request) if early_headers is not None else {}
         if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-            return http_error_as_json(web.HTTPExpectationFailed())
+            return http_error_as_json(web.HTTPExpectationFailed(headers=headers))
         if request.content_length is not None and request.content_length > limit:
             # The body was not sent, so nothing is read past (aiohttp would wait up to
             # 10 s for it) and the connection ends with the answer.
             request.content.feed_eof()
             error = _too_large(limit)
             error.headers = {"Connection": "close"}
-            return error_response(error)
+            return error_response(error, headers)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp does: the 100 is not the response
         return None
@@ -221,12 +256,22 @@ class ChatmemRoutes:
 
     def __init__(self, router: web.UrlDispatcher, max_body_bytes: int) -> None:
         self.router = router
+        self._limit = max_body_bytes
         self._expect = expect_handler(max_body_bytes)
 
     def add_route(
-        self, method: str, path: str, handler: Handler, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        *,
+        early_headers: EarlyHeaders | None = None,
+        **kwargs: Any,
     ) -> web.AbstractRoute:
-        return self.router.add_route(method, path, handler, expect_handler=self._expect, **kwargs)
+        expect = self._expect
+        if early_headers is not None:
+            expect = expect_handler(self._limit, early_headers)
+        return self.router.add_route(method, path, handler, expect_handler=expect, **kwargs)
 
     def add_get(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
         return self.router.add_get(path, handler, expect_handler=self._expect, **kwargs)

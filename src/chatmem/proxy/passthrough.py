@@ -8,10 +8,10 @@ import aiohttp
 from aiohttp import web
 
 from ..auth import authenticate
-from ..errors import PayloadTooLarge, UpstreamError
+from ..errors import NotRelayed, PayloadTooLarge, UpstreamError
 from ..state import gateway_of
 from ..tracking import ROUTE_PREFIX
-from .http import already_read, undecodable_body
+from .http import already_read, check_content_encoding, undecodable_body
 from .upstream import Answer, response_headers
 
 __all__ = ["passthrough", "relay"]
@@ -30,6 +30,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    _refuse_what_cannot_be_relayed(request)
+    check_content_encoding(request)
     path = _upstream_path(request)
     await _refuse_host_paths(request)
     url = upstream.url_for(path, request.rel_url.raw_query_string)
@@ -67,6 +69,25 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         if body.undecodable:
             raise undecodable_body(request) from None
         raise
+
+
+_RELAYED_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+"""What ``Allow`` names when TRACE is refused: the methods an HTTP API is asked with."""
+
+
+def _refuse_what_cannot_be_relayed(request: web.Request) -> None:
+    """TRACE: the upstream's echo of it would hold the key the gateway adds.  A protocol
+    upgrade (WebSocket, such as a Realtime API): its headers are hop-by-hop, so the
+    upstream would get a plain GET and the client its answer, as if it were the
+    upgrade's; said plainly instead."""
+    if request.method in ("TRACE", "CONNECT"):
+        raise web.HTTPMethodNotAllowed(request.method, _RELAYED_METHODS)
+    connection = request.headers.get("Connection", "").lower()
+    if "Upgrade" in request.headers and "upgrade" in connection:
+        raise NotRelayed(
+            "protocol upgrades (WebSocket) are not relayed to the upstream: only HTTP requests are",
+            code="upgrade_not_relayed",
+        )
 
 
 def _upstream_path(request: web.Request) -> str:
