@@ -214,3 +214,14 @@ async def open_store(path_or_url: Path | str, *, one_hop: bool = True, **setting
     store = Store(create_engine(StorageConfig(url=url, **settings)), direct=one_hop)
     await store.create_schema()
     return store
+
+
+def sendable(message: dict[str, Any]) -> dict[str, Any]:
+    """A generated ``message`` made one every chat server takes (a 400 otherwise, see
+    test_chat_memory.py): content but for an assistant's, and a tool result names its
+    call."""
+    if message["role"] != "assistant" and message.get("content") is None:
+        message["content"] = ""
+    if message["role"] == "tool" and not message.get("tool_call_id"):
+        message["tool_call_id"] = "call_0"
+    return message

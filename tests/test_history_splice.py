@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, received, strict_loads, upstream_url
+from helpers import GatewayFactory, received, sendable, strict_loads, upstream_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import LiveGateway
@@ -255,16 +255,6 @@ tool_calls = st.lists(
     max_size=2,
 )
 identifier_chars = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
-
-
-def sendable(message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` as every chat server takes it (test_chat_memory.py: a 400 otherwise):
-    content but for an assistant's, and a tool result names its call."""
-    if message["role"] != "assistant" and message.get("content") is None:
-        message["content"] = "some content"
-    if message["role"] == "tool" and not message.get("tool_call_id"):
-        message["tool_call_id"] = "call_0"
-    return message
 
 
 messages = st.fixed_dictionaries(

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import strict_loads
+from helpers import sendable, strict_loads
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -116,10 +116,12 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
     max_leaves=10,
 )
+
+
 messages = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
     optional={"content": st.text() | st.none(), "extra": json_values},
-)
+).map(sendable)
 
 
 @given(
