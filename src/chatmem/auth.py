@@ -254,8 +254,10 @@ def authenticate(request: web.Request) -> Owner:
     stored the authenticator on (``config_dict`` would build a chain of apps each time).
     """
     authenticator = request.app[AUTHENTICATOR]
+    if not authenticator.config.enabled:
+        return DEFAULT_OWNER
     given = request.headers.getall("Authorization", ())
-    if len(given) > 1 and authenticator.config.enabled:
+    if len(given) > 1:
         # Which one counts would be a guess, and proxies on the way may guess otherwise.
         raise Unauthorized("the request has more than one Authorization header")
     return authenticator.owner(given[0] if given else None)

@@ -139,21 +139,25 @@ def check_message(
         if message.get("function_call") is not None:
             raise InvalidRequest(DEPRECATED_FUNCTIONS, param=f"{param}.function_call")
         check_stored_strings(message, param)
-        check_pairing(message, param)
+        if role == "tool" or message.get("tool_calls") is not None:
+            check_pairing(message, param)
     content = message.get("content")
-    if content is not None and not isinstance(content, str | list):
-        raise InvalidRequest(
-            f"{param}.content must be a string, an array of parts or null",
-            param=f"{param}.content",
-        )
-    if stored:
-        check_parts(content, f"{param}.content")
-        if content is None and role != "assistant":
+    if isinstance(content, str):
+        return message
+    if content is None:
+        if stored and role != "assistant":
             # Every chat server wants it; stored, it would go up with every later turn.
             raise InvalidRequest(
                 f"{param}.content is required (only an assistant message may leave it null)",
                 param=f"{param}.content",
             )
+    elif not isinstance(content, list):
+        raise InvalidRequest(
+            f"{param}.content must be a string, an array of parts or null",
+            param=f"{param}.content",
+        )
+    elif stored:
+        check_parts(content, f"{param}.content")
     return message
 
 

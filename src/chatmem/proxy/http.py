@@ -63,9 +63,9 @@ def check_content_encoding(request: web.Request) -> None:
     passes any other (``x-gzip``, ``compress``, ``gzip, br``, two headers) on as it
     came: read as JSON it would be "not valid JSON", and relayed, it would reach the
     upstream encoded but without the header that says so."""
-    codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
-    if not codings or not request.body_exists:
+    if hdrs.CONTENT_ENCODING not in request.headers or not request.body_exists:
         return
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING)
     if len(codings) == 1 and codings[0].lower() in _DECODED | {"identity"}:
         return
     request.content.feed_eof()  # nothing more is read of a body that cannot be
