@@ -64,19 +64,22 @@ async def test_a_trailing_slash_keeps_the_memory(
     """``/v1/chat/completions/``: the same turn, not a plain relay of its own (which would
     have forwarded ``conversation`` and remembered nothing)."""
     first = await chat(gateway, [user("one")])
-    resp = await gateway.post(
-        "/v1/chat/completions/",
-        json={"model": "m", "messages": [user("two")], "conversation": "c1"},
-    )
-    assert resp.status == 200 and resp.headers["X-Conversation-Id"] == "c1"
-    answer1 = (await first.json())["choices"][0]["message"]["content"]
-    assert sent_messages(upstream) == [
-        user("one"),
-        {"role": "assistant", "content": answer1},
-        user("two"),
-    ]
-    assert "conversation" not in received(upstream)[-1].json
-    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 2
+    answers = [(await first.json())["choices"][0]["message"]["content"]]
+    # A doubled slash too: a base URL ending in /v1/ joined to /chat/completions.
+    paths = ("/v1/chat/completions/", "/v1//chat/completions", "/v1/chat//completions//")
+    for number, path in enumerate(paths):
+        resp = await gateway.post(
+            path, json={"model": "m", "messages": [user(path)], "conversation": "c1"}
+        )
+        assert resp.status == 200 and resp.headers["X-Conversation-Id"] == "c1"
+        sent = received(upstream)[-1]
+        assert sent.path == "/v1/chat/completions" and "conversation" not in sent.json
+        history = [user("one"), {"role": "assistant", "content": answers[0]}]
+        for earlier, answer in zip(paths[:number], answers[1:], strict=True):
+            history += [user(earlier), {"role": "assistant", "content": answer}]
+        assert sent_messages(upstream) == [*history, user(path)]
+        answers.append((await resp.json())["choices"][0]["message"]["content"])
+    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 4
 
 
 async def test_rows_hold_the_turn_in_order(gateway: Client, rows: Rows) -> None:
@@ -264,7 +267,7 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments
             "string name and string arguments",
         ),
         ({"role": "tool", "content": "r"}, "tool_call_id", "required for a tool message"),
-        ({"role": "user"}, "content", "only an assistant message may leave it null"),
+        ({"role": "user"}, "content", "only an assistant message, or an older history's"),
         ({"role": "system", "content": None}, "content", "only an assistant message"),
         ({"role": "user", "content": []}, "content", "must not be an empty array"),
         ({"role": "user", "content": [5]}, "content[0]", "must be a content part"),
@@ -296,12 +299,13 @@ async def test_messages_every_chat_server_takes_still_pass(gateway: Client, rows
         {"role": "assistant", "content": None, "tool_calls": [CALL]},
         {"role": "tool", "tool_call_id": "call_1", "content": "42"},
         {"role": "assistant", "content": None, "refusal": "no"},  # the server judges this one
+        {"role": "function", "name": "f", "content": None},  # OpenAI's type: Optional[str]
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
     ]
     resp = await chat(gateway, turn)
     assert resp.status == 200
     assert [m["role"] for m in rows.messages("c1")] == [
-        *("user", "assistant", "tool", "assistant", "user", "assistant")
+        *("user", "assistant", "tool", "assistant", "function", "user", "assistant")
     ]
 
 

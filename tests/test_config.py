@@ -121,6 +121,11 @@ def test_variables_are_expanded_in_lists_too(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), env={})
     assert str(caught.value) == "auth.require[1]: environment variable NOPE is not set"
+    # Empty by default: a claim no token carries, which would lock every client out.
+    text = '[auth]\njwt_secret = "s"\nrequire = ["exp", "${NOPE:-}"]\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert str(caught.value) == "auth.require[1]: must name a claim, not be empty"
 
 
 def test_flags_override_file(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import sendable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import LiveGateway
@@ -49,14 +50,17 @@ conversation_ids = (
     | st.builds(lambda s: {"id": s}, st.text(alphabet=ID_CHARS, min_size=1, max_size=10))
     | json_values
 )
+# Plausible: what a client sends and the gateway takes (no lone surrogates, no NUL in the
+# fields that pair messages, content as chat servers want it); hostile_messages are the rest.
+plain_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+identifier = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)))
 text_parts = st.lists(
-    st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}), min_size=1
+    st.fixed_dictionaries({"type": st.just("text"), "text": plain_text}), min_size=1
 )
 plausible_messages = st.fixed_dictionaries(
-    # Content, as every chat server wants it (a tool result also needs its call's id).
-    {"role": st.sampled_from(ROLES), "content": st.text(max_size=40) | text_parts},
-    optional={"name": st.text(max_size=10), "tool_call_id": st.text(min_size=1, max_size=10)},
-)
+    {"role": st.sampled_from(ROLES), "content": plain_text | text_parts},
+    optional={"name": identifier.filter(lambda s: len(s) <= 10), "tool_call_id": identifier},
+).map(sendable)
 hostile_messages = st.fixed_dictionaries(
     {"role": st.sampled_from(ROLES) | json_values},
     optional={"content": json_values, "tool_calls": json_values, "name": json_values},
@@ -89,8 +93,10 @@ def safe_header_value(value: str) -> bool:
 def test_generated_json_bodies(live: LiveGateway) -> None:
     statuses: Counter[int] = Counter()
     generated_json_body(live, statuses)
-    # Not vacuous: many generated requests got through to the model and into the store.
-    assert statuses[200] >= 20, statuses
+    # Not vacuous: many generated requests got through to the model and into the store
+    # (20-67 of the 120 in eight runs: a plausible body also meets a header naming
+    # another conversation, a 400).
+    assert statuses[200] >= 10, statuses
     assert statuses[400] >= 20, statuses
 
 

@@ -319,16 +319,23 @@ def test_idle_connections_are_closed_and_given_back(server: Server) -> None:
     assert statuses == [200]
 
 
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
 @pytest.mark.parametrize("encoding", ["br", "zstd"])
-def test_an_encoding_aiohttp_cannot_decode_is_named(server: Server, encoding: str) -> None:
+def test_an_encoding_aiohttp_cannot_decode_is_named(
+    server: Server, encoding: str, version: bytes
+) -> None:
     """aiohttp refuses brotli and zstd bodies (their modules are not installed) in its
-    parser: the answer is the OpenAI-shaped 400 saying what is wrong."""
-    raw = POST + b"Content-Encoding: %s\r\nContent-Length: 4\r\n\r\nabcd" % encoding.encode()
+    parser: the answer is the OpenAI-shaped 400 saying what is wrong, with the code of
+    the codings it passes on undecoded (which the handlers refuse)."""
+    raw = POST.replace(b"HTTP/1.1", b"HTTP/" + version)
+    raw += b"Content-Encoding: %s\r\nContent-Length: 4\r\n\r\nabcd" % encoding.encode()
     statuses, _, response = exchange_bytes(server, raw)
     assert statuses == [400]
-    assert json_error(response)["message"] == (
+    error = json_error(response)
+    assert error["message"] == (
         "the request body's Content-Encoding is not supported (gzip and deflate are)"
     )
+    assert error["code"] == "unsupported_content_encoding"
 
 
 @pytest.mark.parametrize(

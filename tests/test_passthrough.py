@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
+from multidict import CIMultiDict
 
 from chatmem.mock_upstream import RECEIVED
 
@@ -135,6 +136,12 @@ async def test_trace_and_protocol_upgrades_are_not_relayed(
     assert upgrade.status == 501
     error = (await upgrade.json())["error"]
     assert error["code"] == "upgrade_not_relayed" and "WebSocket" in error["message"]
+    # The token in a second Connection header, or in a list: an upgrade all the same.
+    for connection in (["keep-alive", "upgrade"], ["keep-alive, Upgrade"]):
+        headers = CIMultiDict([("Connection", value) for value in connection])
+        headers["Upgrade"] = "websocket"
+        resp = await echo_gateway.get("/v1/realtime", headers=headers)
+        assert resp.status == 501, connection
     # An Upgrade header without Connection: upgrade is no upgrade: relayed as ever.
     plain = await echo_gateway.get("/v1/models", headers={"Upgrade": "h2c"})
     assert plain.status == 200 and (await plain.json())["method"] == "GET"

@@ -92,6 +92,9 @@ def test_refusals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for constant in ("NaN", "Infinity", "-Infinity"):
         code, out, err = run(capsys, "encode", "--secret", SECRET, f'{{"n": {constant}}}')
         assert code == 2 and f"{constant} is not a JSON number" in err and out == ""
+    for number in ("1e999", "-1E400"):  # json reads them as infinities, without a word
+        code, out, err = run(capsys, "encode", "--secret", SECRET, f'{{"exp": {number}}}')
+        assert code == 2 and f"{number} is too large for a JSON number" in err and out == ""
     code, _, err = run(
         capsys, "encode", "--key", str(tmp_path / "missing.pem"), "--alg", "RS256", SEED
     )

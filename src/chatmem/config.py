@@ -483,6 +483,9 @@ def _validate_auth(values: Mapping[str, Any]) -> None:
     url = values.get("jwks_url")
     if url and not re.match(r"^https?://[^/]+", url):
         raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL, not {url!r}")
+    for number, claim in enumerate(values.get("require", ())):
+        if not claim.strip():  # "${REQ:-}" with REQ unset: no token carries that claim
+            raise ConfigError(f"auth.require[{number}]: must name a claim, not be empty")
     for name in ("jwks_cache_seconds", "jwks_refetch_interval", "leeway"):
         if values.get(name, 0) < 0:
             raise ConfigError(f"auth.{name}: must not be negative")

@@ -85,9 +85,12 @@ class _Connection(RequestHandler):
         if status >= 500:
             body = error_body(_phrase(status), "server_error")
         else:
-            body = error_body(
-                malformed_request_message(exc), "invalid_request_error", code="malformed_request"
+            code = (
+                "unsupported_content_encoding"  # as a coding aiohttp leaves encoded gets
+                if isinstance(exc, ContentEncodingError)
+                else "malformed_request"
             )
+            body = error_body(malformed_request_message(exc), "invalid_request_error", code=code)
         response = web.Response(
             status=status, body=json.dumps(body).encode(), content_type="application/json"
         )

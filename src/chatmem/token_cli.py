@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -108,9 +109,16 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: written back as Infinity, which is no JSON
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
+
+
 def _encode(args: argparse.Namespace, key: str) -> int:
     try:
-        claims = json.loads(args.claims, parse_constant=_not_json)
+        claims = json.loads(args.claims, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:  # NaN and Infinity too: no JWT library would read them back
         return _fail(f"claims are not valid JSON: {exc}")
     if not isinstance(claims, dict):

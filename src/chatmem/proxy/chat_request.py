@@ -26,6 +26,9 @@ __all__ = [
 _ID = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9._:-]{1,128}")
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 _ROLES = _SYSTEM_ROLES | {"user", "assistant", "tool", "function"}
+_MAY_BE_EMPTY = frozenset({"assistant", "function"})
+"""Roles whose ``content`` OpenAI's API takes as null: an assistant's calling tools, and
+an older history's function result (its type says ``content: Optional[str]``)."""
 
 
 def new_conversation_id() -> str:
@@ -145,10 +148,11 @@ def check_message(
     if isinstance(content, str):
         return message
     if content is None:
-        if stored and role != "assistant":
+        if stored and role not in _MAY_BE_EMPTY:
             # Every chat server wants it; stored, it would go up with every later turn.
             raise InvalidRequest(
-                f"{param}.content is required (only an assistant message may leave it null)",
+                f"{param}.content is required (only an assistant message, or an older"
+                " history's function result, may leave it null)",
                 param=f"{param}.content",
             )
     elif not isinstance(content, list):

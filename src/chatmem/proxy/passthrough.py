@@ -21,8 +21,10 @@ _DECODED = ("content-encoding",)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    from .chat import upstream_failures  # the two modules share the failure mapping
+    from .chat import chat_completions, upstream_failures  # they share the failure mapping
 
+    if request.method == "POST" and _names_chat(request):
+        return await chat_completions(request)
     gateway = gateway_of(request)
     authenticate(request)
     upstream = gateway.upstream
@@ -82,7 +84,7 @@ def _refuse_what_cannot_be_relayed(request: web.Request) -> None:
     upgrade's; said plainly instead."""
     if request.method in ("TRACE", "CONNECT"):
         raise web.HTTPMethodNotAllowed(request.method, _RELAYED_METHODS)
-    connection = request.headers.get("Connection", "").lower()
+    connection = ",".join(request.headers.getall("Connection", ())).lower()
     if "Upgrade" in request.headers and "upgrade" in connection:
         raise NotRelayed(
             "protocol upgrades (WebSocket) are not relayed to the upstream: only HTTP requests are",
@@ -101,6 +103,18 @@ def _upstream_path(request: web.Request) -> str:
     if not raw.startswith(mount + "/v1/"):  # the prefix written with escapes
         raise web.HTTPNotFound()
     return raw[len(mount) + len("/v1") :]
+
+
+def _names_chat(request: web.Request) -> bool:
+    """``/v1//chat/completions``, ``/v1/chat//completions/``: the chat route with a slash
+    doubled (a base URL ending in ``/v1/`` joined to ``/chat/completions``).  Relayed, such
+    a turn would have had no memory, and its ``conversation`` field would have gone up."""
+    path = request.rel_url.raw_path
+    start = len(_mount(request)) + len("/v1/")
+    return "chat" in path and [part for part in path[start:].split("/") if part] == _CHAT
+
+
+_CHAT = ["chat", "completions"]
 
 
 def _mount(request: web.Request) -> str:
