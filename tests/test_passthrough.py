@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
 from multidict import CIMultiDict
@@ -112,20 +112,137 @@ async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, A
     assert "Set-Cookie" not in resp.headers
 
 
-async def test_trace_and_protocol_upgrades_are_not_relayed(
+async def test_trace_and_other_upgrades_are_not_relayed(
     echo_gateway: TestClient[Any, Any],
 ) -> None:
     """TRACE: an upstream that echoes it (as this one does, and as TRACE is meant to) would
-    hand the client the key the gateway adds.  A WebSocket upgrade: its headers are
-    hop-by-hop, so it would reach the upstream as a plain GET, and its answer would come
-    back as if it were the upgrade's."""
+    hand the client the key the gateway adds.  An upgrade to another protocol than a
+    WebSocket (h2c): its headers are hop-by-hop, so it would reach the upstream as a
+    plain request, and the answer would come back as if it were the upgrade's."""
     trace = await echo_gateway.request("TRACE", "/v1/models")
     assert trace.status == 405
     assert "sk-upstream-secret" not in await trace.text()
     assert (await trace.json())["error"]["code"] == "method_not_allowed"
     assert "GET" in trace.headers["Allow"] and "TRACE" not in trace.headers["Allow"]
-    upgrade = await echo_gateway.get(
-        "/v1/realtime?model=m",
+    # The token alone, in a list, or in a second Connection header: an upgrade all the same.
+    for connection in (["Upgrade"], ["HTTP2-Settings, Upgrade"], ["keep-alive", "upgrade"]):
+        headers = CIMultiDict([("Connection", value) for value in connection])
+        headers["Upgrade"] = "h2c"
+        resp = await echo_gateway.get("/v1/models", headers=headers)
+        assert resp.status == 501, connection
+        error = (await resp.json())["error"]
+        assert error["code"] == "upgrade_not_relayed" and "WebSocket" in error["message"]
+    # An Upgrade header without Connection: upgrade is no upgrade: relayed as ever.
+    plain = await echo_gateway.get("/v1/models", headers={"Upgrade": "h2c"})
+    assert plain.status == 200 and (await plain.json())["method"] == "GET"
+
+
+async def test_a_websocket_is_relayed_both_ways(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """A Realtime-style WebSocket: the upstream gets the gateway's key (never the
+    client's token), the path and query, and the client's subprotocol; text, binary,
+    pings and the close code go through both ways, as they come."""
+    handshakes: list[web.Request] = []
+    upstream_saw: list[Any] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        handshakes.append(request)
+        ws = web.WebSocketResponse(protocols=["realtime"], autoping=False)
+        await ws.prepare(request)
+        await ws.send_str('{"type": "session.created"}')
+        async for message in ws:
+            upstream_saw.append((message.type, message.data))
+            if message.type is WSMsgType.TEXT and message.data == "bye":
+                await ws.close(code=4001, message=b"done")
+            elif message.type is WSMsgType.TEXT:
+                await ws.send_str("echo " + message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+            elif message.type is WSMsgType.PING:
+                await ws.pong(message.data)
+        upstream_saw.append(("closed", ws.close_code))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": "sk-up"})
+    async with gateway.ws_connect(
+        "/v1/realtime?model=gpt-realtime",
+        headers={"Authorization": "Bearer client-token"},
+        protocols=["realtime", "other"],
+        autoping=False,
+    ) as ws:
+        assert ws.protocol == "realtime"
+        assert (await ws.receive_str()) == '{"type": "session.created"}'
+        await ws.send_str("hello")
+        assert (await ws.receive_str()) == "echo hello"
+        await ws.send_bytes(b"\x00\x01\x02")
+        assert (await ws.receive_bytes()) == b"\x02\x01\x00"
+        await ws.ping(b"p1")
+        pong = await ws.receive()
+        assert (pong.type, pong.data) == (WSMsgType.PONG, b"p1")
+        await ws.send_str("bye")
+        closing = await ws.receive()
+        assert closing.type is WSMsgType.CLOSE and closing.data == 4001
+    (handshake,) = handshakes
+    assert handshake.path_qs == "/v1/realtime?model=gpt-realtime"
+    assert handshake.headers["Authorization"] == "Bearer sk-up"
+    offered = handshake.headers["Sec-WebSocket-Protocol"].split(",")
+    assert [protocol.strip() for protocol in offered] == ["realtime", "other"]
+    assert upstream_saw[:3] == [
+        (WSMsgType.TEXT, "hello"),
+        (WSMsgType.BINARY, b"\x00\x01\x02"),
+        (WSMsgType.PING, b"p1"),
+    ]
+    # The client closes first: the upstream gets its close code.
+    async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
+        assert (await ws.receive_str()) == '{"type": "session.created"}'
+        await ws.close(code=4002)
+    for _ in range(100):  # bounded: up to 5 s for the close to reach the upstream
+        if upstream_saw[-1] == ("closed", 4002):
+            break
+        await asyncio.sleep(0.05)
+    assert upstream_saw[-1] == ("closed", 4002)
+
+
+async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    seen: list[Any] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            seen.append(message.data)
+        seen.append(("closed", ws.close_code))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), server={"max_body_bytes": 1000})
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        await ws.send_str("a" * 1000)
+        await ws.send_str("b" * 1001)
+        closing = await ws.receive()
+        assert closing.type is WSMsgType.CLOSE and closing.data == 1009
+    for _ in range(100):  # bounded: up to 5 s for the close to reach the upstream
+        if seen and seen[-1] == ("closed", 1009):
+            break
+        await asyncio.sleep(0.05)
+    assert seen == ["a" * 1000, ("closed", 1009)]
+
+
+async def test_a_websocket_the_upstream_refuses_is_a_502(
+    echo_gateway: TestClient[Any, Any],
+) -> None:
+    """The echo upstream answers the handshake with a plain 200: no WebSocket, and the
+    client's handshake is not answered as if there were one."""
+    resp = await echo_gateway.get(
+        "/v1/realtime",
         headers={
             "Connection": "Upgrade",
             "Upgrade": "websocket",
@@ -133,18 +250,9 @@ async def test_trace_and_protocol_upgrades_are_not_relayed(
             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         },
     )
-    assert upgrade.status == 501
-    error = (await upgrade.json())["error"]
-    assert error["code"] == "upgrade_not_relayed" and "WebSocket" in error["message"]
-    # The token in a second Connection header, or in a list: an upgrade all the same.
-    for connection in (["keep-alive", "upgrade"], ["keep-alive, Upgrade"]):
-        headers = CIMultiDict([("Connection", value) for value in connection])
-        headers["Upgrade"] = "websocket"
-        resp = await echo_gateway.get("/v1/realtime", headers=headers)
-        assert resp.status == 501, connection
-    # An Upgrade header without Connection: upgrade is no upgrade: relayed as ever.
-    plain = await echo_gateway.get("/v1/models", headers={"Upgrade": "h2c"})
-    assert plain.status == 200 and (await plain.json())["method"] == "GET"
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert "refused the WebSocket handshake (200)" in error["message"]
 
 
 async def test_headers_the_client_did_not_send_are_not_added(

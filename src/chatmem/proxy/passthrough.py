@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ..auth import authenticate
 from ..errors import NotRelayed, PayloadTooLarge, UpstreamError
 from ..state import gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
-from .upstream import Answer, response_headers
+from .upstream import Answer, Upstream, response_headers
 
 __all__ = ["passthrough", "relay"]
 
@@ -37,6 +39,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     path = _upstream_path(request)
     await _refuse_host_paths(request)
     url = upstream.url_for(path, request.rel_url.raw_query_string)
+    if _is_websocket(request):
+        return await relay_websocket(request, upstream, url)
     # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its length
     # is not the one the client sent).
     decoded = "Content-Encoding" in request.headers
@@ -77,19 +81,126 @@ _RELAYED_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 """What ``Allow`` names when TRACE is refused: the methods an HTTP API is asked with."""
 
 
+def _upgrade(request: web.Request) -> str | None:
+    """The protocol the request asks to upgrade to, if it asks (the token may be in any
+    ``Connection`` header)."""
+    connection = ",".join(request.headers.getall("Connection", ())).lower()
+    if "upgrade" not in connection:
+        return None
+    return request.headers.get("Upgrade")
+
+
+def _is_websocket(request: web.Request) -> bool:
+    upgrade = _upgrade(request)
+    return request.method == "GET" and upgrade is not None and upgrade.lower() == "websocket"
+
+
 def _refuse_what_cannot_be_relayed(request: web.Request) -> None:
     """TRACE: the upstream's echo of it would hold the key the gateway adds.  A protocol
-    upgrade (WebSocket, such as a Realtime API): its headers are hop-by-hop, so the
-    upstream would get a plain GET and the client its answer, as if it were the
+    upgrade other than a WebSocket's (``h2c``): its headers are hop-by-hop, so the
+    upstream would get a plain request and the client its answer, as if it were the
     upgrade's; said plainly instead."""
     if request.method in ("TRACE", "CONNECT"):
         raise web.HTTPMethodNotAllowed(request.method, _RELAYED_METHODS)
-    connection = ",".join(request.headers.getall("Connection", ())).lower()
-    if "Upgrade" in request.headers and "upgrade" in connection:
+    if _upgrade(request) is not None and not _is_websocket(request):
         raise NotRelayed(
-            "protocol upgrades (WebSocket) are not relayed to the upstream: only HTTP requests are",
+            "protocol upgrades other than a WebSocket's are not relayed to the upstream",
             code="upgrade_not_relayed",
         )
+
+
+_WEBSOCKET_HANDSHAKE = (
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+)
+"""The client's handshake with the gateway; the gateway makes its own with the upstream."""
+
+
+async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) -> web.StreamResponse:
+    """A WebSocket (a Realtime API, say): one to the upstream, with the upstream key and
+    the client's subprotocols, then every message relayed as it comes, both ways, until
+    either side closes (its close code goes to the other).  An upstream that refuses the
+    handshake is a 502 naming its status: the client's handshake is not answered."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    protocols = [p.strip() for p in offered.split(",") if p.strip()]
+    headers = upstream.request_headers(request.headers, drop=_WEBSOCKET_HANDSHAKE)
+    limit = gateway_of(request).config.server.max_body_bytes
+    try:
+        theirs = await upstream.session.ws_connect(
+            url,
+            headers=headers,
+            protocols=protocols,
+            autoping=False,  # pings and pongs are relayed like any other frame
+            max_msg_size=limit + 1,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise UpstreamError(
+            f"the upstream refused the WebSocket handshake ({exc.status})"
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(f"the upstream is unreachable ({type(exc).__name__})") from None
+    async with theirs:
+        ours = web.WebSocketResponse(
+            protocols=[theirs.protocol] if theirs.protocol else (),
+            autoping=False,
+            max_msg_size=limit + 1,  # as for bodies: max_body_bytes is allowed, not more
+        )
+        await ours.prepare(request)
+        pumps = [
+            asyncio.ensure_future(_pump(ours, theirs)),
+            asyncio.ensure_future(_pump(theirs, ours)),
+        ]
+        try:
+            # The first side to close ends both: the other gets its close code.
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the handler is cancelled, as it is once the client's connection
+            # is gone: often right after the client's close, which must still get through.
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            ended = [p.result() for p in pumps if not p.cancelled() and p.exception() is None]
+            code = ended[0] if ended else aiohttp.WSCloseCode.GOING_AWAY
+            await theirs.close(code=code)
+            await ours.close(code=code)
+    return ours
+
+
+_Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+_NOT_SENT = frozenset({1005, 1006, 1015})
+"""Close codes that say what happened to a connection and are never sent in a frame."""
+
+
+async def _pump(source: _Socket, sink: _Socket) -> int:
+    """Every message of ``source`` to ``sink``, as it comes, until ``source`` closes; the
+    close code to give the other side (why ``source`` closed: its own code, 1009 for a
+    message over the limit, 1001 for a connection that just went away)."""
+    while True:
+        message = await source.receive()
+        kind = message.type
+        if kind is aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif kind is aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif kind is aiohttp.WSMsgType.PING:
+            await sink.ping(message.data)
+        elif kind is aiohttp.WSMsgType.PONG:
+            await sink.pong(message.data)
+        else:  # CLOSE, CLOSING, CLOSED, ERROR: this side is done
+            error = source.exception()
+            if kind is aiohttp.WSMsgType.CLOSE:
+                code = message.data  # the other side's code
+            elif isinstance(error, aiohttp.WebSocketError):
+                code = error.code  # 1009 for a message over the limit
+            else:
+                code = source.close_code
+            if not isinstance(code, int) or code in _NOT_SENT:
+                return aiohttp.WSCloseCode.GOING_AWAY
+            return code
 
 
 def _upstream_path(request: web.Request) -> str:
