@@ -7,6 +7,7 @@ import gzip
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
@@ -185,7 +186,7 @@ async def test_a_websocket_is_relayed_both_ways(
         assert (pong.type, pong.data) == (WSMsgType.PONG, b"p1")
         await ws.send_str("bye")
         closing = await ws.receive()
-        assert closing.type is WSMsgType.CLOSE and closing.data == 4001
+        assert (closing.type, closing.data, closing.extra) == (WSMsgType.CLOSE, 4001, "done")
     (handshake,) = handshakes
     assert handshake.path_qs == "/v1/realtime?model=gpt-realtime"
     assert handshake.headers["Authorization"] == "Bearer sk-up"
@@ -205,6 +206,24 @@ async def test_a_websocket_is_relayed_both_ways(
             break
         await asyncio.sleep(0.05)
     assert upstream_saw[-1] == ("closed", 4002)
+    # A handshake the gateway cannot answer is a 400 before the upstream opens a socket.
+    bad = await gateway.get(
+        "/v1/realtime", headers={"Connection": "Upgrade", "Upgrade": "websocket"}
+    )
+    assert bad.status == 400 and len(handshakes) == 2
+    # The gateway stopping: the socket ends at once with 1001 on both sides (its server
+    # stops reading from clients, so one kept through the grace would lose their messages).
+    async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
+        assert (await ws.receive_str()) == '{"type": "session.created"}'
+        stopping = asyncio.ensure_future(gateway.app.shutdown())
+        closing = await ws.receive()
+        assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
+    await stopping
+    for _ in range(100):  # bounded: up to 5 s for the close to reach the upstream
+        if upstream_saw[-1] == ("closed", 1001):
+            break
+        await asyncio.sleep(0.05)
+    assert upstream_saw[-1] == ("closed", 1001)
 
 
 async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
@@ -234,6 +253,26 @@ async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
             break
         await asyncio.sleep(0.05)
     assert seen == ["a" * 1000, ("closed", 1009)]
+
+
+async def test_a_websocket_handshake_the_upstream_does_not_answer_is_a_504(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    async def slow(request: web.Request) -> web.WebSocketResponse:
+        await asyncio.sleep(1.5)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", slow)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(
+        upstream_url(server), upstream={"connect_timeout": 0.3, "read_timeout": 0.3}
+    )
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws_connect("/v1/realtime")
+    assert refused.value.status == 504
 
 
 async def test_a_websocket_the_upstream_refuses_is_a_502(

@@ -41,6 +41,8 @@ class Gateway:
         self.metrics = Metrics()
         self.live = LiveRequests(self.metrics)
         """Requests and streams in flight, drained on shutdown."""
+        self.websockets: set[asyncio.Future[tuple[int, str]]] = set()
+        """One future a relayed WebSocket open: set, it ends the socket with that close."""
         self.host_paths: tuple[web.AbstractResource, ...] | None = None
         """The host app's routes under chatmem's ``/v1/`` (see ``passthrough``), found at
         the first passthrough request: the router of a started app does not change."""

@@ -10,8 +10,8 @@ from aiohttp import web
 from yarl import URL
 
 from ..auth import authenticate
-from ..errors import NotRelayed, PayloadTooLarge, UpstreamError
-from ..state import gateway_of
+from ..errors import InvalidRequest, NotRelayed, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
 from .upstream import Answer, Upstream, response_headers
@@ -121,21 +121,32 @@ _WEBSOCKET_HANDSHAKE = (
 async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) -> web.StreamResponse:
     """A WebSocket (a Realtime API, say): one to the upstream, with the upstream key and
     the client's subprotocols, then every message relayed as it comes, both ways, until
-    either side closes (its close code goes to the other).  An upstream that refuses the
-    handshake is a 502 naming its status: the client's handshake is not answered."""
+    either side closes (its close code and reason go to the other).  A client handshake
+    that is not valid is a 400 before the upstream is asked; an upstream that refuses the
+    handshake is a 502 naming its status, one that does not answer in time a 504."""
+    gateway = gateway_of(request)
+    limit = gateway.config.server.max_body_bytes
+    if not web.WebSocketResponse().can_prepare(request).ok:  # before the upstream's is made
+        raise InvalidRequest("not a valid WebSocket handshake")
     offered = request.headers.get("Sec-WebSocket-Protocol", "")
     protocols = [p.strip() for p in offered.split(",") if p.strip()]
     headers = upstream.request_headers(request.headers, drop=_WEBSOCKET_HANDSHAKE)
-    limit = gateway_of(request).config.server.max_body_bytes
+    config = gateway.config.upstream
     try:
-        theirs = await upstream.session.ws_connect(
-            url,
-            headers=headers,
-            protocols=protocols,
-            autoping=False,  # pings and pongs are relayed like any other frame
-            max_msg_size=limit + 1,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-        )
+        # The handshake is a request like any other: the same time to connect and answer.
+        async with asyncio.timeout(config.connect_timeout + config.read_timeout):
+            theirs = await upstream.session.ws_connect(
+                url,
+                headers=headers,
+                protocols=protocols,
+                autoping=False,  # pings and pongs are relayed like any other frame
+                max_msg_size=limit + 1,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(
+            "the upstream did not answer the WebSocket handshake in time"
+        ) from None
     except aiohttp.WSServerHandshakeError as exc:
         raise UpstreamError(
             f"the upstream refused the WebSocket handshake ({exc.status})"
@@ -144,29 +155,43 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
         raise UpstreamError(f"the upstream is unreachable ({type(exc).__name__})") from None
     async with theirs:
         ours = web.WebSocketResponse(
-            protocols=[theirs.protocol] if theirs.protocol else (),
+            protocols=[theirs.protocol] if theirs.protocol else (),  # the upstream's choice
             autoping=False,
             max_msg_size=limit + 1,  # as for bodies: max_body_bytes is allowed, not more
         )
         await ours.prepare(request)
+        stop: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        gateway.websockets.add(stop)  # the gateway stopping ends it (see close_websockets)
         pumps = [
             asyncio.ensure_future(_pump(ours, theirs)),
             asyncio.ensure_future(_pump(theirs, ours)),
         ]
         try:
             # The first side to close ends both: the other gets its close code.
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*pumps, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Also when the handler is cancelled, as it is once the client's connection
             # is gone: often right after the client's close, which must still get through.
+            gateway.websockets.discard(stop)
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             ended = [p.result() for p in pumps if not p.cancelled() and p.exception() is None]
-            code = ended[0] if ended else aiohttp.WSCloseCode.GOING_AWAY
-            await theirs.close(code=code)
-            await ours.close(code=code)
+            if stop.done():
+                ended.insert(0, stop.result())
+            code, reason = ended[0] if ended else (aiohttp.WSCloseCode.GOING_AWAY, "")
+            await theirs.close(code=code, message=reason.encode())
+            await ours.close(code=code, message=reason.encode())
     return ours
+
+
+async def close_websockets(app: web.Application) -> None:
+    """``on_shutdown``: end the relayed WebSockets with 1001 (going away) at once.  The
+    server stops reading from its clients when it stops, so a socket kept through the
+    grace would carry the upstream's messages but lose the client's."""
+    for stop in app[GATEWAY].websockets:
+        if not stop.done():
+            stop.set_result((aiohttp.WSCloseCode.GOING_AWAY, "the gateway is stopping"))
 
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
@@ -175,10 +200,10 @@ _NOT_SENT = frozenset({1005, 1006, 1015})
 """Close codes that say what happened to a connection and are never sent in a frame."""
 
 
-async def _pump(source: _Socket, sink: _Socket) -> int:
+async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str]:
     """Every message of ``source`` to ``sink``, as it comes, until ``source`` closes; the
-    close code to give the other side (why ``source`` closed: its own code, 1009 for a
-    message over the limit, 1001 for a connection that just went away)."""
+    close to give the other side: ``source``'s own code and reason, 1009 for a message
+    over the limit, 1000 for a close without a code, 1001 for a connection that went."""
     while True:
         message = await source.receive()
         kind = message.type
@@ -190,17 +215,16 @@ async def _pump(source: _Socket, sink: _Socket) -> int:
             await sink.ping(message.data)
         elif kind is aiohttp.WSMsgType.PONG:
             await sink.pong(message.data)
-        else:  # CLOSE, CLOSING, CLOSED, ERROR: this side is done
+        elif kind is aiohttp.WSMsgType.CLOSE:
+            code = message.data
+            if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
+                code = aiohttp.WSCloseCode.OK  # a close frame without a code
+            return code, message.extra or ""
+        else:  # CLOSING, CLOSED, ERROR: this side is done
             error = source.exception()
-            if kind is aiohttp.WSMsgType.CLOSE:
-                code = message.data  # the other side's code
-            elif isinstance(error, aiohttp.WebSocketError):
-                code = error.code  # 1009 for a message over the limit
-            else:
-                code = source.close_code
-            if not isinstance(code, int) or code in _NOT_SENT:
-                return aiohttp.WSCloseCode.GOING_AWAY
-            return code
+            if isinstance(error, aiohttp.WebSocketError):
+                return error.code, ""  # 1009 for a message over the limit
+            return aiohttp.WSCloseCode.GOING_AWAY, ""
 
 
 def _upstream_path(request: web.Request) -> str:
