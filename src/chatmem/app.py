@@ -77,12 +77,13 @@ def setup(app: web.Application, config: Config) -> None:
         "*", "/api/v1/health", method_not_allowed, name=ROUTE_PREFIX + "health_api.other"
     )
     add_compat_routes(app, routes, config, ROUTE_PREFIX)
-    for path, name in (("/v1/chat/completions", "chat"), ("/v1/chat/completions/", "chat.slash")):
-        # With a slash too: a client whose URL has one must not lose its memory without
-        # a word (relayed, it would have been an upstream request of its own).
-        routes.add_post(
-            path, chat_completions, name=ROUTE_PREFIX + name, early_headers=early_headers
-        )
+    # (Spelled with a trailing or doubled slash, the passthrough hands it here.)
+    routes.add_post(
+        "/v1/chat/completions",
+        chat_completions,
+        name=ROUTE_PREFIX + "chat",
+        early_headers=early_headers,
+    )
     add_conversation_routes(routes, ROUTE_PREFIX)
     routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
     for resource in app.router.resources():

@@ -165,10 +165,8 @@ def check_message(
     return message
 
 
-def check_parts(content: object, param: str) -> None:
+def check_parts(content: list[Any], param: str) -> None:
     """A list ``content`` is a non-empty array of parts: objects with a string ``type``."""
-    if not isinstance(content, list):
-        return
     if not content:
         raise InvalidRequest(f"{param} must not be an empty array", param=param)
     for number, part in enumerate(content):

@@ -34,12 +34,13 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    _refuse_what_cannot_be_relayed(request)
+    upgrade = _upgrade(request)
+    _refuse_what_cannot_be_relayed(request, upgrade)
     check_content_encoding(request)
     path = _upstream_path(request)
     await _refuse_host_paths(request)
     url = upstream.url_for(path, request.rel_url.raw_query_string)
-    if _is_websocket(request):
+    if upgrade is not None:  # a WebSocket's: any other was refused above
         return await relay_websocket(request, upstream, url)
     # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its length
     # is not the one the client sent).
@@ -90,19 +91,15 @@ def _upgrade(request: web.Request) -> str | None:
     return request.headers.get("Upgrade")
 
 
-def _is_websocket(request: web.Request) -> bool:
-    upgrade = _upgrade(request)
-    return request.method == "GET" and upgrade is not None and upgrade.lower() == "websocket"
-
-
-def _refuse_what_cannot_be_relayed(request: web.Request) -> None:
+def _refuse_what_cannot_be_relayed(request: web.Request, upgrade: str | None) -> None:
     """TRACE: the upstream's echo of it would hold the key the gateway adds.  A protocol
     upgrade other than a WebSocket's (``h2c``): its headers are hop-by-hop, so the
     upstream would get a plain request and the client its answer, as if it were the
     upgrade's; said plainly instead."""
     if request.method in ("TRACE", "CONNECT"):
         raise web.HTTPMethodNotAllowed(request.method, _RELAYED_METHODS)
-    if _upgrade(request) is not None and not _is_websocket(request):
+    websocket = request.method == "GET" and (upgrade or "").lower() == "websocket"
+    if upgrade is not None and not websocket:
         raise NotRelayed(
             "protocol upgrades other than a WebSocket's are not relayed to the upstream",
             code="upgrade_not_relayed",
