@@ -121,16 +121,19 @@ def _inside(trace: Path) -> list[tuple[int, int, int, int, int]]:
     for steps in requests:
         handler = steps[0][1]
         rest = steps[1:]
-        post = next((i for i, (kind, _) in enumerate(rest) if kind in "pw"), None)
+        post = next((i for i, (kind, _) in enumerate(rest) if kind in "pwW"), None)
         if post is None:
             continue  # a health check
         head = next((i for i in range(post + 1, len(rest)) if rest[i][0] == "d"), None)
         if head is None:
             continue
-        out = next((i for i in range(head + 1, len(rest)) if rest[i][0] == "w"), None)
+        out = next((i for i in range(head + 1, len(rest)) if rest[i][0] in "wW"), None)
         if out is None:
             continue
-        token = next((i for i in range(out + 1, len(rest)) if rest[i][0] == "w"), out)
+        if rest[out][0] == "W":  # the head and the first token in one write
+            token = out
+        else:
+            token = next((i for i in range(out + 1, len(rest)) if rest[i][0] in "wW"), out)
         found.append((handler, rest[post][1], rest[head][1], rest[out][1], rest[token][1]))
     return found
 

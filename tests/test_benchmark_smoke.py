@@ -64,7 +64,8 @@ def test_instruction_count_runs_with_tiny_counts(answers: list[str]) -> None:
 
 def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # The hooks in the relays must still find their functions in aiohttp and chatmem:
-    # every step of both relays gets a figure.
+    # every step of both relays gets a figure, never a negative one (0 where the head
+    # and the first token went out in one write).
     result = run_module(
         "benchmarks.ttft", "--rounds", "1", "--requests", "5", "--tokens", "3", "--delay-ms", "1"
     )
@@ -72,7 +73,7 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     assert len(steps) == 6, result.stdout
     for line in steps:
         bare, memory = line.split()[-2:]
-        assert float(bare) > 0 and float(memory) > 0, line
+        assert float(bare) >= 0 and float(memory) >= 0, line
 
 
 def test_stalled_clients_run_with_tiny_counts() -> None:

@@ -7,7 +7,8 @@ to a file prefix.  Without that variable this module does nothing.
 It wraps a few aiohttp and chatmem functions to note, on the clock every process shares
 (``perf_counter``): a request's handler starting (``h``), the POST upstream leaving
 (``p``: chatmem's pool; ``w``: the first write of aiohttp's client), bytes from the
-upstream arriving (``d``) and every write to a socket through aiohttp (``w``).  The list
+upstream arriving (``d``) and every write to a socket through aiohttp (``w``; ``W`` for
+one that carries the response head and the first events together).  The list
 is written as JSON when the process exits.
 """
 
@@ -50,8 +51,23 @@ def _install(prefix: str) -> None:
         return await handle(*args, **kwargs)
 
     web_protocol.RequestHandler._handle_request = handle_request  # type: ignore[method-assign]
-    before(http_writer.StreamWriter, "_write", "w")
-    before(http_writer.StreamWriter, "_writelines", "w")
+
+    def written(owner: Any, name: str) -> None:
+        """A write to a socket: ``W`` when it carries a response head and the first
+        events together (chatmem sends them in one write when they arrived together),
+        ``w`` otherwise."""
+        original = getattr(owner, name)
+
+        def noted(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+            sent = data if isinstance(data, bytes | bytearray | memoryview) else b"".join(data)
+            both = bytes(sent[:5]) == b"HTTP/" and b"\r\n\r\n" in sent and b"data:" in sent
+            events.append(("W" if both else "w", now()))
+            return original(self, data, *args, **kwargs)
+
+        setattr(owner, name, noted)
+
+    written(http_writer.StreamWriter, "_write")
+    written(http_writer.StreamWriter, "_writelines")
     before(client_proto.ResponseHandler, "data_received", "d")
     try:
         from chatmem.proxy import pool
