@@ -226,6 +226,46 @@ async def test_a_websocket_is_relayed_both_ways(
     assert upstream_saw[-1] == ("closed", 1001)
 
 
+async def test_a_close_frame_without_a_code_goes_upstream_as_1000(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """RFC 6455 lets a close frame carry no code; relayed as it was read, it went upstream
+    as code 0, which no endpoint may send. aiohttp's client always sends a code, so the
+    client here is a raw socket."""
+    closed: list[int | None] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        closed.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server))
+    assert gateway.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    writer.write(
+        b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    writer.write(b"\x88\x80" + b"\x01\x02\x03\x04")  # FIN + close, masked, no payload
+    echoed = await reader.readexactly(2)  # the gateway's close back to the client
+    assert echoed[0] == 0x88
+    writer.close()
+    for _ in range(100):  # bounded: up to 5 s for the close to reach the upstream
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert closed == [1000]
+
+
 async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
     gateway_factory: GatewayFactory, aiohttp_server: Any
 ) -> None:
