@@ -63,7 +63,7 @@ def test_caddy_validates_the_caddyfile(tmp_path: Path, tls: str) -> None:
 
 
 class Caddy:
-    def __init__(self, tmp_path: Path, upstream_port: int) -> None:
+    def __init__(self, tmp_path: Path, upstream_port: int, **env: str) -> None:
         self.port = free_port()
         self.http_port = free_port()
         self.env = caddy_env(
@@ -75,6 +75,7 @@ class Caddy:
             CHATMEM_HTTP_PORT=str(self.http_port),
             CHATMEM_HTTPS_PORT=str(self.port),
             CADDY_ADMIN="off",
+            **env,
         )
         self.root = Path(self.env["XDG_DATA_HOME"]) / "caddy/pki/authorities/local/root.crt"
         self.log = tmp_path / "caddy.log"
@@ -255,10 +256,23 @@ async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
     caddy_binary()
     first, *rest = answer_events("Hello world")
     async with scripted_upstream(Script(chunks=[first, release, *rest])) as upstream:
-        gateway = serve(tmp_path, upstream.url)
-        caddy = Caddy(tmp_path, gateway.port)
+        gateway = serve(tmp_path, upstream.url, '[metrics]\npath = "/internal/metrics"\n')
+        caddy = Caddy(tmp_path, gateway.port, CHATMEM_METRICS_PATH="/internal/metrics")
         try:
             context = await caddy.client_ssl()
+            # Metrics moved: chatmem serves them there, and Caddy still keeps them private.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{gateway.url}/internal/metrics") as direct,
+            ):
+                assert direct.status == 200
+            async with (
+                caddy.session() as session,
+                session.get(
+                    caddy.url("/internal/metrics"), ssl=context, server_hostname="localhost"
+                ) as metrics,
+            ):
+                assert metrics.status == 404
             async with caddy.chat_stream(context, {"X-Conversation-Id": "left"}) as response:
                 assert await response.content.readuntil(b"\n\n") == first
             # The client is gone with the answer unfinished; Caddy must tell chatmem, and

@@ -82,6 +82,22 @@ def test_a_storage_url_without_an_async_driver_we_run_is_a_config_error(
     assert "hunter2" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [["serve"], ["serve", "--workers", "2"], ["db", "upgrade"], ["db", "current"]]
+)
+def test_a_sqlite_file_in_a_directory_that_is_not_there_is_a_config_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # SQLite says only "unable to open database file", naming nothing.
+    db = f"sqlite+aiosqlite:///{tmp_path / 'nope' / 'x.db'}"
+    result = run_chatmem(*command, "--db", db, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"chatmem: config error: storage.url: no directory {tmp_path / 'nope'}\n",
+    )
+    assert not (tmp_path / "nope").exists()
+
+
 def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -254,6 +254,8 @@ async def test_setup_says_what_is_wrong(
     for wrong in ({"upstream": {"url": upstream_url(upstream)}}, "chatmem.toml", None):
         with pytest.raises(TypeError, match=r"config must be a chatmem\.Config, such as"):
             chatmem.setup(web.Application(), wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"create_app\(config\): config must be a chatmem"):
+            chatmem.create_app(wrong)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"path must be a file path, not dict \(settings"):
         chatmem.load_config({"server": {"port": 1}})  # type: ignore[arg-type]
     twice = web.Application()

@@ -20,6 +20,7 @@ from chatmem.storage import Base, Owner, Store, create_engine
 from chatmem.storage.migrate import (
     SchemaError,
     current_revision,
+    describe_current,
     downgrade,
     ensure_schema,
     head_revision,
@@ -109,6 +110,9 @@ async def test_a_database_made_before_migrations_is_adopted(engine: AsyncEngine)
         await conn.run_sync(before.create_all)
     with pytest.raises(SchemaError, match="made before migrations"):
         await ensure_schema(engine)
+    assert await describe_current(engine) == (
+        "none: made before migrations (newest is 0002; `chatmem db upgrade` adopts it)"
+    )
     await upgrade(engine)
     assert await current_revision(engine) == "0002"
     async with engine.connect() as conn:

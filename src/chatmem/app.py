@@ -31,13 +31,17 @@ __all__ = ["create_app", "setup"]
 log = logging.getLogger("chatmem")
 
 
-def setup(app: web.Application, config: Config) -> None:
-    """Add chatmem's routes, error handling and lifecycle to an existing application."""
+def _check_config(config: object, call: str) -> None:
     if not isinstance(config, Config):
         raise TypeError(
-            "chatmem.setup(app, config): config must be a chatmem.Config, such as"
+            f"chatmem.{call}: config must be a chatmem.Config, such as"
             f" chatmem.load_config('chatmem.toml'), not {type(config).__name__}"
         )
+
+
+def setup(app: web.Application, config: Config) -> None:
+    """Add chatmem's routes, error handling and lifecycle to an existing application."""
+    _check_config(config, "setup(app, config)")
     if GATEWAY in app:
         raise RuntimeError("chatmem.setup(app, config) was already called on this app")
     if app.frozen:
@@ -98,6 +102,7 @@ def setup(app: web.Application, config: Config) -> None:
 
 def create_app(config: Config) -> web.Application:
     """The standalone gateway (what ``chatmem serve`` runs)."""
+    _check_config(config, "create_app(config)")
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[_http_errors_as_json]
     )

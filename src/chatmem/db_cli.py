@@ -22,14 +22,14 @@ from .storage.integrity import check_integrity
 from .storage.migrate import (
     SchemaError,
     current_revision,
-    describe_revision,
+    describe_current,
     downgrade,
     require_schema,
     upgrade,
 )
 from .storage.retention import parse_age
 
-__all__ = ["add_db_commands", "driver_error", "one_line", "run_db"]
+__all__ = ["add_db_commands", "driver_error", "missing_sqlite_directory", "one_line", "run_db"]
 
 
 def add_db_commands(commands: Any) -> None:
@@ -75,7 +75,7 @@ async def _run(args: argparse.Namespace, config: Config) -> str:
             await downgrade(store.engine, args.revision)
             return f"schema at revision {await current_revision(store.engine) or 'base'}"
         if args.db_command == "current":
-            return describe_revision(await current_revision(store.engine))
+            return await describe_current(store.engine)
         await require_schema(store.engine)
         return await _prune(args, config, store)
     finally:
@@ -111,6 +111,10 @@ def run_db(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"chatmem db: {exc}", file=sys.stderr)
             return 2
+    directory = missing_sqlite_directory(config.storage.url)
+    if directory is not None:
+        print(f"chatmem: config error: storage.url: no directory {directory}", file=sys.stderr)
+        return 2
     missing = _missing_sqlite_file(config.storage.url)
     if missing is not None and args.db_command != "upgrade":
         # Opening it would create an empty file at what may be a mistyped path.
@@ -156,14 +160,27 @@ def _print_problems(problems: list[str]) -> int:
     return 1 if problems else 0
 
 
-def _missing_sqlite_file(url: str) -> str | None:
-    """The path of a SQLite database file that does not exist (None for other URLs)."""
+def _sqlite_file(url: str) -> Path | None:
+    """The SQLite database file ``url`` names (None for other URLs, memory, URI names)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     if parsed.query.get("mode") == "memory" or parsed.database.startswith("file:"):
         return None  # a URI filename: left to SQLite
-    return None if Path(parsed.database).exists() else parsed.database
+    return Path(parsed.database)
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist (None for other URLs)."""
+    path = _sqlite_file(url)
+    return None if path is None or path.exists() else str(path)
+
+
+def missing_sqlite_directory(url: str) -> str | None:
+    """The directory a SQLite file would be created in, when it does not exist: SQLite
+    itself says only "unable to open database file"."""
+    path = _sqlite_file(url)
+    return None if path is None or path.parent.is_dir() else str(path.parent)
 
 
 def driver_error(exc: BaseException | None) -> BaseException | None:

@@ -24,6 +24,7 @@ from .schema import Base
 __all__ = [
     "SchemaError",
     "current_revision",
+    "describe_current",
     "downgrade",
     "ensure_schema",
     "head_revision",
@@ -169,11 +170,20 @@ async def require_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(_check, False)
 
 
-def describe_revision(current: str | None) -> str:
+async def describe_current(engine: AsyncEngine) -> str:
     """``db current``'s answer: the revision and how it stands to this chatmem's."""
+    async with engine.connect() as conn:
+        description: str = await conn.run_sync(_describe)
+        return description
+
+
+def _describe(connection: Connection) -> str:
     head = head_revision()
+    current = _current(connection)
     if current == head:
         return f"{current} (up to date)"
     if _newer(current):
         return f"{current} (newer than this chatmem knows; its newest is {head}: upgrade chatmem)"
+    if current is None and _has_tables(connection):
+        return f"none: made before migrations (newest is {head}; `chatmem db upgrade` adopts it)"
     return f"{current or 'none'} (newest is {head})"
