@@ -199,15 +199,16 @@ async def test_stream_failure_ends_with_error_event(
     upstream_bytes = b"".join(c for c in chunks if isinstance(c, bytes))
     errors = error_events(body)
     assert len(errors) == 1 and errors[0]["code"] == code
-    # Every upstream byte reached the client, plus one error event on an event boundary
-    # (before [DONE] if there was one, so that a client reading up to [DONE] sees it).
+    # Every whole upstream event reached the client, plus one error event on an event
+    # boundary (before [DONE] if there was one, so that a client reading up to [DONE]
+    # sees it); an event the upstream left unfinished did not.
     start = body.index(b'data: {"error"')
     end = body.index(b"\n\n", start) + 2
     before, after = body[:start], body[end:]
     assert before.endswith(b"\n\n")
-    assert upstream_bytes in (before + after, before.removesuffix(b"\n\n") + after)
-    # An event the upstream left unfinished follows the error event, still unfinished.
-    assert after == sse("[DONE]") or SSEParser().feed(after) == []
+    assert after in (sse("[DONE]"), b"")
+    assert upstream_bytes.startswith(before + after)
+    assert SSEParser().feed(upstream_bytes[len(before + after) :]) == []
     assert rows.messages() == []
 
 

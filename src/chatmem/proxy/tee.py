@@ -216,11 +216,12 @@ class _Client:
         await self.write(b"" if self.chunks_only else held)  # an unfinished event, there
 
     async def end_with(self, failure: Failure) -> None:
-        """Send our own final event on an event boundary.
+        """Send our own final event on an event boundary: the last the client reads.
 
-        An unfinished event the upstream left that is still held goes after our event,
-        still unfinished, so a client discards it at the end of the stream; one already
-        partly sent has to be closed first (and reaches the client cut short).
+        An unfinished event the upstream left that is still held is not sent: it is no
+        event, and a client that reads line by line would take its ``data:`` line for
+        one.  One already partly sent (longer than ``_MAX_HELD``) has to be closed first,
+        and reaches the client cut short.
         """
         message, code, type_ = failure
         if code is not None:  # ours, not the upstream's own error event shown as text
@@ -230,10 +231,8 @@ class _Client:
             await self.write(self.render.failure(message))
             return
         event = error_event(message, type_, code=code)
-        held, self._held = self._held, b""
+        self._held = b""
         await self.write(event if self._on_boundary() else b"\n\n" + event)
-        if not self.chunks_only:  # (it could be the start of a [DONE] event)
-            await self.write(held)
 
     async def upstream_error(self, error: dict[str, Any]) -> None:
         """The upstream's own error event: already relayed as SSE, shown when rendered."""
