@@ -330,6 +330,9 @@ async def test_ask_bad_fields_are_400_naming_the_field(
     error = (await resp.json())["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert chats(upstream) == [] and rows.messages() == []
+    # Once client_id and user_id name the conversation, the answer names it too.
+    named = param not in ("client_id", "user_id")
+    assert resp.headers.get("X-Conversation-Id") == ("ask:1:1" if named else None)
 
 
 @pytest.mark.parametrize("value", [1.5, True, "", ["1"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -224,6 +225,38 @@ async def test_a_websocket_is_relayed_both_ways(
             break
         await asyncio.sleep(0.05)
     assert upstream_saw[-1] == ("closed", 1001)
+
+
+async def test_the_subprotocols_a_client_offers_are_not_logged(
+    gateway_factory: GatewayFactory, aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenAI's browser Realtime clients send their key as a subprotocol; aiohttp logs the
+    ones a server does not take, which for a relayed socket is every handshake."""
+    picked: list[tuple[str, str | None]] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        offer = request.headers["Sec-WebSocket-Protocol"]
+        take = request.query.getall("take", [])
+        if not take:  # takes none, without aiohttp's warning in this process's log
+            headers = {k: v for k, v in request.headers.items() if k != "Sec-WebSocket-Protocol"}
+            request = request.clone(headers=headers)
+        ws = web.WebSocketResponse(protocols=take)
+        await ws.prepare(request)
+        picked.append((offer, ws.ws_protocol))
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server))
+    offered = ["realtime", "openai-insecure-api-key.sk-live-123"]
+    caplog.set_level(logging.DEBUG)
+    for path in ("/v1/realtime", "/v1/realtime?take=realtime"):
+        async with gateway.ws_connect(path, protocols=offered) as ws:
+            await ws.receive()
+    assert picked == [(",".join(offered), None), (",".join(offered), "realtime")]
+    assert "sk-live-123" not in caplog.text
 
 
 async def test_a_close_frame_without_a_code_goes_upstream_as_1000(

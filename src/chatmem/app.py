@@ -16,7 +16,7 @@ from .proxy.chat import chat_completions, early_headers
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
 from .proxy.http import ChatmemRoutes, http_error_as_json, method_not_allowed
-from .proxy.passthrough import close_websockets, passthrough
+from .proxy.passthrough import close_websockets, keep_offered_subprotocols_out_of_logs, passthrough
 from .state import GATEWAY, Gateway
 from .tracking import (
     ROUTE_PREFIX,
@@ -64,6 +64,7 @@ def setup(app: web.Application, config: Config) -> None:
     app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
     app.on_response_prepare.append(response_counter(gateway))
     app.on_shutdown.append(close_websockets)  # before the drain waits for them
+    keep_offered_subprotocols_out_of_logs()
     app.on_shutdown.append(drain)
     app.middlewares.append(tracker(gateway))
     if config.server.cors_origins:

@@ -77,15 +77,15 @@ async def ask(request: web.Request) -> web.StreamResponse:
     try:
         owner = authenticate(request)
         body = json_object(await read_body(request, gateway.config.server.max_body_bytes))
-        question = required_str(body, "question")
-        history = _history(body.get("history"))
         conversation_id = ask_conversation_id(
             _identifier(body, "client_id"), _identifier(body, "user_id")
         )
+        headers[CONVERSATION_HEADER] = conversation_id  # on the 400s below too
+        question = required_str(body, "question")
+        history = _history(body.get("history"))
         stream = False if body.get("stream") is None else body["stream"]
         if not isinstance(stream, bool):
             raise InvalidRequest("stream must be a boolean", param="stream")
-        headers[CONVERSATION_HEADER] = conversation_id
         chat = ChatRequest(
             body={"model": gateway.config.compat.ask_model, "stream": stream},
             conversation_id=conversation_id,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +19,7 @@ from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
 from .upstream import Answer, Upstream, response_headers
 
-__all__ = ["passthrough", "relay"]
+__all__ = ["keep_offered_subprotocols_out_of_logs", "passthrough", "relay"]
 
 _DECODED = ("content-encoding",)
 """Dropped from a request whose body aiohttp's server decoded."""
@@ -123,7 +126,9 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
     handshake is a 502 naming its status, one that does not answer in time a 504."""
     gateway = gateway_of(request)
     limit = gateway.config.server.max_body_bytes
-    if not web.WebSocketResponse().can_prepare(request).ok:  # before the upstream's is made
+    with _quiet_handshake():
+        valid = web.WebSocketResponse().can_prepare(request).ok
+    if not valid:  # refused before the upstream's socket is made
         raise InvalidRequest("not a valid WebSocket handshake")
     offered = request.headers.get("Sec-WebSocket-Protocol", "")
     protocols = [p.strip() for p in offered.split(",") if p.strip()]
@@ -156,7 +161,8 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
             autoping=False,
             max_msg_size=limit + 1,  # as for bodies: max_body_bytes is allowed, not more
         )
-        await ours.prepare(request)
+        with _quiet_handshake():
+            await ours.prepare(request)
         stop: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         gateway.websockets.add(stop)  # the gateway stopping ends it (see close_websockets)
         pumps = [
@@ -180,6 +186,34 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
             await theirs.close(code=code, message=reason.encode())
             await ours.close(code=code, message=reason.encode())
     return ours
+
+
+_HANDSHAKING: ContextVar[bool] = ContextVar("chatmem_websocket_handshake", default=False)
+
+
+@contextmanager
+def _quiet_handshake() -> Iterator[None]:
+    token = _HANDSHAKING.set(True)
+    try:
+        yield
+    finally:
+        _HANDSHAKING.reset(token)
+
+
+class _OfferedSubprotocols(logging.Filter):
+    """aiohttp logs the subprotocols a client offered when the server takes none of them
+    (a warning on every relayed handshake, since the upstream chooses): offered values
+    are the client's, and OpenAI's browser Realtime clients offer their API key as one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _HANDSHAKING.get()
+
+
+def keep_offered_subprotocols_out_of_logs() -> None:
+    """Drop aiohttp's warning for the relay's own handshakes (the host's are untouched)."""
+    logger = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(f, _OfferedSubprotocols) for f in logger.filters):
+        logger.addFilter(_OfferedSubprotocols())
 
 
 async def close_websockets(app: web.Application) -> None:
