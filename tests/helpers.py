@@ -138,11 +138,16 @@ class Process:
     """A real ``python -m chatmem ...`` process, waited for until ``ready_url`` answers."""
 
     def __init__(
-        self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.args = args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatmem", *args],
+            [*prefix, sys.executable, "-m", "chatmem", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": SRC, **(env or {})},

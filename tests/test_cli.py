@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,27 @@ def test_a_sqlite_file_in_a_directory_that_is_not_there_is_a_config_error(
         f"chatmem: config error: storage.url: no directory {tmp_path / 'nope'}\n",
     )
     assert not (tmp_path / "nope").exists()
+
+
+def test_serve_lifts_the_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+    # Each stream holds two descriptors: under systemd's soft limit of 1024 a gateway
+    # would refuse connections at about 500 streams.
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "prlimit (util-linux) is needed"
+    port = free_port()
+    db = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    process = Process(
+        ["serve", "--port", str(port), "--db", db, "--upstream", "http://127.0.0.1:9/v1"],
+        cwd=tmp_path,
+        prefix=(prlimit, "--nofile=256:4096"),  # prlimit execs chatmem: the same pid
+    )
+    try:
+        process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+        limits = Path(f"/proc/{process.proc.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == ["4096", "4096"]
+    finally:
+        assert process.stop(signal.SIGTERM) == 0
 
 
 def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def test_systemd_unit_runs_serve_and_outwaits_the_grace_period() -> None:
     assert args.command == "serve" and args.workers == 2
     assert float(unit["TimeoutStopSec"]) > ServerConfig().shutdown_grace
     assert unit["KillSignal"] == "SIGTERM"
+    assert int(unit["LimitNOFILE"]) >= 2 * 10_000  # two descriptors a stream
 
 
 @pytest.mark.parametrize(

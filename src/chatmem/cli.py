@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -162,10 +163,33 @@ def _at_least_0(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one, as Go programs do at start.
+
+    Every stream holds two descriptors (the client's and the upstream's), and the soft
+    limit is often 1024 (systemd's default for services): about 500 streams, then
+    ``EMFILE``.  The hard limit is the administrator's; this only stops leaving it unused.
+    """
+    if sys.platform == "win32":
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, _MOST_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse; 1024 works
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+_MOST_FILES = 1 << 20
+"""Linux's default ``fs.nr_open``: no process may open more."""
+
+
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     from .logs import AccessLogger
     from .server import GatewayRunner
 
+    raise_open_file_limit()
     stop = stop_event_on_signals()
     tasks: list[asyncio.Task[None]] = []
     if demo:
