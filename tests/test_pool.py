@@ -18,6 +18,7 @@ import pytest
 from yarl import URL
 
 from chatmem.errors import InvalidRequest
+from chatmem.proxy import pool as pool_module
 from chatmem.proxy.pool import (
     _HIGH_WATER,
     UpstreamBroken,
@@ -53,6 +54,7 @@ class KeepAliveServer:
     connections: int = 0
     port: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    closed: int = 0
 
     @property
     def url(self) -> URL:
@@ -85,6 +87,7 @@ class KeepAliveServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.closed += 1
             writer.close()
 
 
@@ -137,6 +140,28 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced() -> None
         await pool.close()
     assert [number for number, _ in up.requests] == [1, 1, 2]
     assert up.requests[2][1].endswith(b'{"again":1}')
+
+
+async def test_connections_idle_for_a_while_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # After a burst, its connections must not stay open (here and on the upstream) for
+    # good: the upstream may never close them itself.
+    monkeypatch.setattr(pool_module, "_IDLE_FOR", 0.3)
+    async with serving(ok(b"a"), ok(b"b"), ok(b"c"), ok(b"d")) as up:
+        pool = pool_for(up)
+        assert await asyncio.gather(post(pool), post(pool), post(pool)) == [
+            (200, b"a"),
+            (200, b"b"),
+            (200, b"c"),
+        ]
+        assert (up.connections, up.closed) == (3, 0)
+        for _ in range(100):  # bounded: 5 s
+            if up.closed == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert up.closed == 3
+        assert await post(pool) == (200, b"d")  # on a new connection
+        assert up.connections == 4
+        await pool.close()
 
 
 async def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:

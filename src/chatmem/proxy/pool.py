@@ -47,6 +47,9 @@ An answer flowing normally never comes near it: every read of the tee takes all 
 arrived."""
 _MAX_IDLE = 512
 """Idle keep-alive connections kept; more are closed when they come back."""
+_IDLE_FOR = 60.0
+"""Seconds a connection is kept idle: then it is closed, so that the connections of a
+burst do not hold descriptors here and sockets on the upstream for good."""
 _MAX_HEAD = 64 * 1024
 """Response status line and headers larger than this are refused (aiohttp allows 8 KiB a line)."""
 
@@ -381,6 +384,8 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[_Connection] = []
+        """Oldest first (about: a connection goes back when its answer was read)."""
+        self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def post(self, target: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
@@ -448,11 +453,36 @@ class UpstreamPool:
         if conn.reusable and not self._closed and len(self._idle) < _MAX_IDLE:
             conn.idle = True
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep_after(conn)
         else:
             conn.close()
 
+    def _sweep_after(self, oldest: _Connection) -> None:
+        when = oldest.last_activity + _IDLE_FOR
+        self._sweep = oldest.loop.call_at(when, self._close_expired)
+
+    def _close_expired(self) -> None:
+        """Close the connections idle for ``_IDLE_FOR`` (the least recently used)."""
+        self._sweep = None
+        if not self._idle:
+            return
+        cutoff = self._idle[0].loop.time() - _IDLE_FOR
+        expired = 0
+        for conn in self._idle:
+            if conn.last_activity > cutoff:
+                break
+            conn.close()
+            expired += 1
+        del self._idle[:expired]
+        if self._idle:
+            self._sweep_after(self._idle[0])
+
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in self._idle:
             conn.close()
         self._idle.clear()
