@@ -71,3 +71,14 @@ def test_a_refused_token_is_not_remembered() -> None:
         with pytest.raises(Unauthorized, match="not yet valid"):
             authenticator.owner(header(early))
     assert authenticator._verified == {}
+
+
+def test_a_long_token_is_verified_each_time_not_remembered() -> None:
+    # A cache of 10,000 tokens of 8 KiB would hold 80 MB: long ones are not kept.
+    authenticator = Authenticator(AuthConfig(jwt_secret=SECRET))
+    long = token({**CLAIMS, "padding": "x" * 3000})
+    short = token(CLAIMS)
+    for _ in range(2):
+        assert authenticator.owner(header(long)) == Owner("acme", "alice")
+        assert authenticator.owner(header(short)) == Owner("acme", "alice")
+    assert list(authenticator._verified) == [short]

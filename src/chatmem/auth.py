@@ -69,6 +69,9 @@ def bearer_token(header: str | None) -> str:
 
 _VERIFIED_MAX = 10_000
 """Verified tokens remembered (see :meth:`Authenticator.owner`)."""
+_VERIFIED_LENGTH = 2048
+"""Longer tokens are verified each time: the cache holds 20 MB of them at most, not 80
+(aiohttp takes headers of 8 KiB).  A JWT of a few claims is 200-1000 characters."""
 
 
 class _Verified(NamedTuple):
@@ -123,6 +126,8 @@ class Authenticator:
             return known.owner
         claims = self.verify(token)
         owner = self.owner_from_claims(claims)
+        if len(token) > _VERIFIED_LENGTH:
+            return owner
         if len(self._verified) >= _VERIFIED_MAX:
             del self._verified[next(iter(self._verified))]  # the oldest
         self._verified[token] = _Verified(owner, *self._valid_between(claims))
