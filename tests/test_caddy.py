@@ -110,6 +110,14 @@ class Caddy:
         ):
             yield response
 
+    async def status(self, path: str, context: ssl.SSLContext) -> int:
+        """The status of ``GET path`` over HTTPS."""
+        async with (
+            self.session() as session,
+            session.get(self.url(path), ssl=context, server_hostname="localhost") as response,
+        ):
+            return response.status
+
     def session(self) -> aiohttp.ClientSession:
         """A client for ``https://localhost:PORT`` (connecting to 127.0.0.1 only)."""
         return aiohttp.ClientSession(headers={"Host": f"localhost:{self.port}"})
@@ -213,13 +221,7 @@ async def test_streams_and_memory_through_caddy_over_https(
             ]
 
             # The metrics endpoint is not published through Caddy.
-            async with (
-                caddy.session() as session,
-                session.get(
-                    caddy.url("/metrics"), ssl=context, server_hostname="localhost"
-                ) as metrics,
-            ):
-                assert metrics.status == 404
+            assert await caddy.status("/metrics", context) == 404
 
             # Plain HTTP is redirected to HTTPS on its own port, the method kept (308).
             async with (
@@ -266,13 +268,7 @@ async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
                 session.get(f"{gateway.url}/internal/metrics") as direct,
             ):
                 assert direct.status == 200
-            async with (
-                caddy.session() as session,
-                session.get(
-                    caddy.url("/internal/metrics"), ssl=context, server_hostname="localhost"
-                ) as metrics,
-            ):
-                assert metrics.status == 404
+            assert await caddy.status("/internal/metrics", context) == 404
             async with caddy.chat_stream(context, {"X-Conversation-Id": "left"}) as response:
                 assert await response.content.readuntil(b"\n\n") == first
             # The client is gone with the answer unfinished; Caddy must tell chatmem, and
