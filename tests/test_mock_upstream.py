@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -303,6 +305,13 @@ async def test_embeddings(client: Client) -> None:
     assert single["model"] == "mock-model"
     bad = await client.post("/v1/embeddings", json={"input": [1, 2]})
     assert bad.status == 400
+    # base64, as the SDKs ask by default (the Node one decodes whatever comes back).
+    body = {"input": "c", "encoding_format": "base64"}
+    packed = (await (await client.post("/v1/embeddings", json=body)).json())["data"][0]
+    decoded = struct.unpack("<8f", base64.b64decode(packed["embedding"]))
+    assert decoded == pytest.approx(vectors[1], abs=1e-6)
+    other = {"input": "c", "encoding_format": "int8"}
+    assert (await client.post("/v1/embeddings", json=other)).status == 400
 
 
 async def test_legacy_completions(client: Client) -> None:
@@ -431,6 +440,9 @@ async def test_sdk_embeddings_and_models(sdk: openai.AsyncOpenAI) -> None:
     assert [len(d.embedding) for d in embeddings.data] == [8, 8]
     models = [m.id async for m in sdk.models.list()]
     assert models == ["mock-model"]
+    assert (await sdk.models.retrieve("demo")).id == "demo"  # it answers to any name
+    direct = await sdk.embeddings.create(model="e", input=["x"], encoding_format="float")
+    assert embeddings.data[0].embedding == pytest.approx(direct.data[0].embedding, abs=1e-6)
 
 
 async def test_sdk_bad_request(sdk: openai.AsyncOpenAI) -> None:

@@ -17,6 +17,7 @@ server, so a bug in the gateway cannot hide behind the same bug in its fake.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import gc
 import hashlib
@@ -521,15 +522,27 @@ def _embedding(text: str) -> list[float]:
     return [value / 2**31 - 1.0 for value in struct.unpack(">8I", digest)]
 
 
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    """``base64``, as OpenAI sends it (the SDKs ask for it by default): the vector's
+    little-endian float32 values."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
 async def _embeddings(request: web.Request) -> web.Response:
     payload = _payload(request)
     raw = payload.get("input")
     texts = [raw] if isinstance(raw, str) else raw
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise _BadRequest("'input' must be a string or a non-empty array of strings.", "input")
+    encoding = payload.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
     words = sum(len(t.split()) for t in texts)
     data = [
-        {"object": "embedding", "index": i, "embedding": _embedding(t)} for i, t in enumerate(texts)
+        {"object": "embedding", "index": i, "embedding": _encoded(_embedding(t), encoding)}
+        for i, t in enumerate(texts)
     ]
     return _json_response(
         {
@@ -584,6 +597,14 @@ async def _models(request: web.Request) -> web.Response:
     return web.Response(body=_MODELS_BODY, content_type="application/json")
 
 
+async def _model_object(request: web.Request) -> web.Response:
+    """Any model name is served (the reply names the one asked for), so any exists."""
+    model = request.match_info["model"]
+    return _json_response(
+        {"id": model, "object": "model", "created": CREATED, "owned_by": "chatmem"}
+    )
+
+
 # --- app --------------------------------------------------------------------------------
 
 
@@ -595,6 +616,7 @@ def create_mock_app(*, tokens: int = 16, delay_ms: float = 0.0) -> web.Applicati
     app[_SETTINGS] = _Settings(tokens=tokens, delay_ms=delay_ms)
     app[RECEIVED] = collections.deque(maxlen=HISTORY_SIZE)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model}", _model_object)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_post("/v1/completions", _completions)
