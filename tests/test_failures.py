@@ -169,11 +169,31 @@ def cut_inside_event() -> list[bytes | float]:
     return [events[0], events[1], events[2][:17]]
 
 
+def long_event(pad: int = 5000) -> bytes:
+    """A whole chunk event of more than 4 KiB (a server that sends much in one event)."""
+    return sse(chunk("x" * pad))
+
+
+def cut_after_a_long_event() -> list[bytes | float]:
+    # Its blank line split across two reads, the second holding the start of the next
+    # event: the gateway must still see that the next one is unfinished.
+    events = answer_events()
+    long = long_event()
+    return [events[0], long[:-1], 0.05, long[-1:] + events[1][:8]]
+
+
+def cut_inside_a_long_event() -> list[bytes | float]:
+    events = answer_events()
+    return [events[0], long_event()[:4500], 0.05, long_event()[4500:4800]]
+
+
 @pytest.mark.parametrize(
     ("chunks", "end", "code"),
     [
         (answer_events()[:2], "reset", "upstream_broken"),
         (cut_inside_event(), "reset", "upstream_broken"),
+        (cut_after_a_long_event(), "reset", "upstream_broken"),
+        (cut_inside_a_long_event(), "reset", "upstream_broken"),
         (answer_events()[:4], "ok", "upstream_incomplete"),  # no [DONE]
         ([*answer_events()[:3], sse("[DONE]")], "ok", "upstream_incomplete"),  # no finish
         (answer_events()[:2], "hang", "upstream_timeout"),
@@ -182,6 +202,8 @@ def cut_inside_event() -> list[bytes | float]:
     ids=[
         "reset-mid-stream",
         "reset-mid-event",
+        "reset-after-a-long-event",
+        "reset-inside-a-long-event",
         "no-done",
         "no-finish-reason",
         "silence",

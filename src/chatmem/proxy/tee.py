@@ -73,21 +73,8 @@ _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
 _AFTER_DONE = 2.0
 """Seconds of silence after ``[DONE]`` before the gateway ends the body itself."""
-_MAX_HELD = 4096
-"""An unfinished event up to this size is held until its end arrives (see ``relay``)."""
 _DONE = b"[DONE]"
 """In the bytes of every ``[DONE]`` event: a read without them cannot end the answer."""
-
-
-def _unfinished_tail(data: bytes, starts_on_boundary: bool) -> int:
-    """How many bytes at the end of ``data`` follow its last event boundary."""
-    if data[-2:] == b"\n\n" and data[-3:-2] not in (b"\n", b"\r"):
-        return 0  # the usual case: a blank line that nothing before it could pair with
-    window = data[-(_MAX_HELD + 4) :]
-    ends = [boundary.end() for boundary in _BOUNDARY.finditer(window)]
-    if ends:
-        return len(window) - ends[-1]
-    return len(data) if starts_on_boundary else _MAX_HELD + 1
 
 
 def _done_event_start(data: bytes) -> int:
@@ -186,30 +173,26 @@ class _Client:
     async def relay(self, chunk: bytes, answer: StreamAccumulator) -> None:
         """Pass on ``chunk`` (already fed to ``answer``): as is, or rendered.
 
-        An unfinished event at the end (up to ``_MAX_HELD`` bytes) is held back until the
-        read that finishes it: it could be ``[DONE]``, in front of which a failure must
-        still be able to go, or an event the upstream never finishes, which must not reach
-        the client as a complete one.  Holding it delays nothing a client can see: an
-        event is only dispatched once its blank line has arrived.  With ``chunks_only``
-        an unfinished event of any size is held (``upstream.max_answer_bytes`` bounds
-        it), so that no event ever reaches the client cut short.
+        An unfinished event at the end is held back until the read that finishes it: it
+        could be ``[DONE]``, in front of which a failure must still be able to go, or an
+        event the upstream never finishes, which must not reach the client cut short.
+        Holding it delays nothing a client can see: an event is only dispatched once its
+        blank line has arrived.  It is held whatever its size (``upstream.max_answer_bytes``
+        bounds it, and the answer is held to be stored anyway).
         """
         if self.render is not None:
             await self.write(self.render.progress(answer))
             return
-        data = self._held + chunk
-        if self.chunks_only:
+        data = self._held + chunk if self._held else chunk
+        if data[-2:] == b"\n\n" and data[-3:-2] not in (b"\n", b"\r"):
+            end = len(data)  # the usual read: whole events, nothing to hold
+        else:
             # What is held has no boundary in it: the last one, if any, ends in ``chunk``.
             end = 0
             for boundary in _BOUNDARY.finditer(data, max(len(self._held) - 3, 0)):
                 end = boundary.end()
-            self._held = data[end:]
-            await self.write(data[:end])
-            return
-        keep = _unfinished_tail(data, bool(self._held) or self._on_boundary())
-        keep = keep if keep <= _MAX_HELD else 0
-        self._held = data[len(data) - keep :] if keep else b""
-        await self.write(data[: len(data) - keep])
+        self._held = data[end:]
+        await self.write(data[:end])
 
     async def flush(self) -> None:
         held, self._held = self._held, b""
@@ -218,10 +201,9 @@ class _Client:
     async def end_with(self, failure: Failure) -> None:
         """Send our own final event on an event boundary: the last the client reads.
 
-        An unfinished event the upstream left that is still held is not sent: it is no
-        event, and a client that reads line by line would take its ``data:`` line for
-        one.  One already partly sent (longer than ``_MAX_HELD``) has to be closed first,
-        and reaches the client cut short.
+        An unfinished event the upstream left, still held, is not sent: it is no event,
+        and a client that reads line by line would take its ``data:`` line for one.
+        (What was sent ends on a boundary; the check below only guards that.)
         """
         message, code, type_ = failure
         if code is not None:  # ours, not the upstream's own error event shown as text
