@@ -86,7 +86,7 @@ def test_a_storage_url_without_an_async_driver_we_run_is_a_config_error(
 @pytest.mark.parametrize(
     "command", [["serve"], ["serve", "--workers", "2"], ["db", "upgrade"], ["db", "current"]]
 )
-def test_a_sqlite_file_in_a_directory_that_is_not_there_is_a_config_error(
+def test_a_sqlite_file_where_there_can_be_none_is_a_config_error(
     tmp_path: Path, command: list[str]
 ) -> None:
     # SQLite says only "unable to open database file", naming nothing.
@@ -97,6 +97,24 @@ def test_a_sqlite_file_in_a_directory_that_is_not_there_is_a_config_error(
         f"chatmem: config error: storage.url: no directory {tmp_path / 'nope'}\n",
     )
     assert not (tmp_path / "nope").exists()
+    # A directory is no file: SQLite made a file of "dir/", and said nothing of "dir".
+    (tmp_path / "dir").mkdir()
+    for written in ("dir/", "dir"):
+        db = f"sqlite+aiosqlite:///{tmp_path / written}"
+        result = run_chatmem(*command, "--db", db, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (
+            2,
+            f"chatmem: config error: storage.url: {tmp_path / 'dir'} is a directory;"
+            " name a file in it\n",
+        )
+
+
+def test_an_in_memory_sqlite_url_works_either_way(tmp_path: Path) -> None:
+    # "?mode=memory" was a TypeError traceback (SQLAlchemy's single-connection pool was
+    # given the pool's sizes); it is an in-memory database like ":memory:".
+    for url in ("sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///x.db?mode=memory"):
+        result = run_chatmem("db", "current", "--db", url, cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (0, "none (newest is 0002)\n"), result.stderr
 
 
 def test_serve_lifts_the_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, ConfigError, UpstreamConfig, find_config_file, load_config
-from .db_cli import add_db_commands, driver_error, missing_sqlite_directory, one_line, run_db
+from .db_cli import add_db_commands, driver_error, one_line, run_db, sqlite_path_problem
 from .errors import StorageUnavailable
 from .logs import configure_logging
 from .storage.migrate import SchemaError
@@ -305,9 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         try:
             config = load_config(find_config_file(args.config), overrides=_serve_overrides(args))
-            directory = missing_sqlite_directory(config.storage.url)
-            if directory is not None:
-                raise ConfigError(f"storage.url: no directory {directory}")
+            problem = sqlite_path_problem(config.storage.url)
+            if problem is not None:
+                raise ConfigError(problem)
         except ConfigError as exc:
             print(f"chatmem: config error: {exc}", file=sys.stderr)
             return 2

@@ -29,7 +29,7 @@ from .storage.migrate import (
 )
 from .storage.retention import parse_age
 
-__all__ = ["add_db_commands", "driver_error", "missing_sqlite_directory", "one_line", "run_db"]
+__all__ = ["add_db_commands", "driver_error", "one_line", "run_db", "sqlite_path_problem"]
 
 
 def add_db_commands(commands: Any) -> None:
@@ -111,9 +111,9 @@ def run_db(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"chatmem db: {exc}", file=sys.stderr)
             return 2
-    directory = missing_sqlite_directory(config.storage.url)
-    if directory is not None:
-        print(f"chatmem: config error: storage.url: no directory {directory}", file=sys.stderr)
+    problem = sqlite_path_problem(config.storage.url)
+    if problem is not None:
+        print(f"chatmem: config error: {problem}", file=sys.stderr)
         return 2
     missing = _missing_sqlite_file(config.storage.url)
     if missing is not None and args.db_command != "upgrade":
@@ -176,11 +176,18 @@ def _missing_sqlite_file(url: str) -> str | None:
     return None if path is None or path.exists() else str(path)
 
 
-def missing_sqlite_directory(url: str) -> str | None:
-    """The directory a SQLite file would be created in, when it does not exist: SQLite
-    itself says only "unable to open database file"."""
+def sqlite_path_problem(url: str) -> str | None:
+    """What is wrong with where a SQLite file is to be, if anything: SQLite itself says
+    only "unable to open database file" (and makes a file of ``dir/``)."""
     path = _sqlite_file(url)
-    return None if path is None or path.parent.is_dir() else str(path.parent)
+    if path is None:
+        return None
+    database = make_url(url).database or ""
+    if database.endswith("/") or path.is_dir():
+        return f"storage.url: {path} is a directory; name a file in it"
+    if not path.parent.is_dir():
+        return f"storage.url: no directory {path.parent}"
+    return None
 
 
 def driver_error(exc: BaseException | None) -> BaseException | None:

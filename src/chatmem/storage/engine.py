@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .. import jsonio
 from ..config import StorageConfig
 
-__all__ = ["WRITE", "create_engine", "is_sqlite"]
+__all__ = ["WRITE", "create_engine", "in_memory", "is_sqlite"]
 
 # Execution option that marks a connection whose transaction will write.  On SQLite such a
 # transaction starts with BEGIN IMMEDIATE: it takes the write lock up front (waiting up to
@@ -33,6 +33,11 @@ def _json_text(value: Any) -> str:
     return jsonio.dumps(value).decode()
 
 
+def in_memory(url: URL) -> bool:
+    """A SQLite database that lives in its connection (``:memory:``, ``?mode=memory``)."""
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
 def create_engine(config: StorageConfig) -> AsyncEngine:
     url = make_url(config.url)
     pool: dict[str, Any] = {
@@ -49,7 +54,7 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
         )
         _replace_dead_connections(engine)
         return engine
-    if url.database in (None, "", ":memory:"):
+    if in_memory(url):
         pool = {}  # an in-memory database lives in one connection: no pool to size
     engine = create_async_engine(
         url,

@@ -34,7 +34,7 @@ from sqlalchemy.util import greenlet_spawn
 from .. import jsonio
 from ..errors import StorageUnavailable
 from . import postgres_turns
-from .engine import WRITE, is_sqlite
+from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
 from .schema import Base, Conversation, Message
@@ -291,7 +291,7 @@ class Store:
         database = engine.url.database
         self._turns = (
             SQLiteTurns(database, busy_timeout_ms)
-            if direct and self._sqlite and database and database != ":memory:"
+            if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
         # One writer at a time per process on SQLite: waiting here is cheaper than
