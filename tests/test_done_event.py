@@ -66,3 +66,16 @@ def test_a_done_event_written_another_way_comes_first() -> None:
 def test_any_data_gives_the_place_the_events_give(parts: list[bytes]) -> None:
     data = b"".join(parts)
     assert _done_event_start(data) == by_events(data)
+
+
+@given(st.binary(max_size=40), st.binary(max_size=40), st.integers(0, 40))
+def test_may_end_looks_across_what_is_held(held: bytes, chunk: bytes, cut: int) -> None:
+    """``may_end`` does not copy what is held (a long unfinished event): it must still
+    see a ``[DONE]`` anywhere in it, or split between it and the new read."""
+    from chatmem.proxy.tee import _Client
+
+    data = held + b"[DONE]" + chunk
+    for before, after in ((held, chunk), (data[:cut], data[cut:])):
+        client = _Client(None, None, head_waits=False, chunks_only=False)  # type: ignore[arg-type]
+        client._held = before
+        assert client.may_end(after) == (b"[DONE]" in before + after)

@@ -153,8 +153,12 @@ class _Client:
         self._tail = (self._tail + data[-4:])[-4:]
 
     def may_end(self, chunk: bytes) -> bool:
-        """Whether ``chunk``, after what is held, may finish a ``[DONE]`` event."""
-        return _DONE in (self._held + chunk if self._held else chunk)
+        """Whether ``chunk``, after what is held, may finish a ``[DONE]`` event (without
+        copying what is held, which can be a long unfinished event)."""
+        if _DONE in chunk:
+            return True
+        held = self._held
+        return bool(held) and (_DONE in held or _DONE in held[-5:] + chunk[:5])
 
     async def send_before_done(self, chunk: bytes) -> bytes:
         """Write what is held and ``chunk`` up to the ``[DONE]`` event; return the rest."""
