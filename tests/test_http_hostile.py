@@ -210,6 +210,14 @@ def test_an_unknown_expectation_is_a_json_417(server: Server) -> None:
         said = re.search(rb"\r\nX-Conversation-Id: ([^\r]*)\r\n", received)
         assert said is not None
         assert said[1] == named if named else said[1].startswith(b"conv_")
+    # The chat route spelled with a trailing slash (the passthrough hands it over): the
+    # same; any other path under /v1/ names no conversation.
+    for path, named in ((b"/v1/chat/completions/", True), (b"/v1/completions", False)):
+        raw = POST.replace(b"/v1/chat/completions", path, 1)
+        raw += b"X-Conversation-Id: trip-8\r\nExpect: teapot\r\nContent-Length: 0\r\n\r\n"
+        statuses, _, received = exchange_bytes(server, raw)
+        assert statuses == [417]
+        assert (b"\r\nX-Conversation-Id: trip-8\r\n" in received) == named
 
 
 def test_chunked_body_over_limit_is_413(server: Server) -> None:

@@ -16,7 +16,12 @@ from .proxy.chat import chat_completions, early_headers
 from .proxy.compat import add_compat_routes, health
 from .proxy.conversations import add_conversation_routes
 from .proxy.http import ChatmemRoutes, http_error_as_json, method_not_allowed
-from .proxy.passthrough import close_websockets, keep_offered_subprotocols_out_of_logs, passthrough
+from .proxy.passthrough import (
+    close_websockets,
+    keep_offered_subprotocols_out_of_logs,
+    passthrough,
+    passthrough_early_headers,
+)
 from .state import GATEWAY, Gateway
 from .tracking import (
     ROUTE_PREFIX,
@@ -90,7 +95,13 @@ def setup(app: web.Application, config: Config) -> None:
         early_headers=early_headers,
     )
     add_conversation_routes(routes, ROUTE_PREFIX)
-    routes.add_route("*", "/v1/{tail:.*}", passthrough, name=ROUTE_PREFIX + "passthrough")
+    routes.add_route(
+        "*",
+        "/v1/{tail:.*}",
+        passthrough,
+        name=ROUTE_PREFIX + "passthrough",
+        early_headers=passthrough_early_headers,
+    )
     for resource in app.router.resources():
         if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
             hosts.discard(resource.canonical)  # once per path

@@ -19,7 +19,12 @@ from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
 from .upstream import Answer, Upstream, response_headers
 
-__all__ = ["keep_offered_subprotocols_out_of_logs", "passthrough", "relay"]
+__all__ = [
+    "keep_offered_subprotocols_out_of_logs",
+    "passthrough",
+    "passthrough_early_headers",
+    "relay",
+]
 
 _DECODED = ("content-encoding",)
 """Dropped from a request whose body aiohttp's server decoded."""
@@ -256,6 +261,14 @@ async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str]:
             if isinstance(error, aiohttp.WebSocketError):
                 return error.code, ""  # 1009 for a message over the limit
             return aiohttp.WSCloseCode.GOING_AWAY, ""
+
+
+def passthrough_early_headers(request: web.Request) -> dict[str, str]:
+    """An ``Expect`` refused on a spelling of the chat route's path that the passthrough
+    hands it (``/v1/chat/completions/``) names a conversation, as the route's own does."""
+    from .chat import early_headers
+
+    return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
 
 
 def _upstream_path(request: web.Request) -> str:
