@@ -68,14 +68,36 @@ def test_any_data_gives_the_place_the_events_give(parts: list[bytes]) -> None:
     assert _done_event_start(data) == by_events(data)
 
 
-@given(st.binary(max_size=40), st.binary(max_size=40), st.integers(0, 40))
-def test_may_end_looks_across_what_is_held(held: bytes, chunk: bytes, cut: int) -> None:
-    """``may_end`` does not copy what is held (a long unfinished event): it must still
-    see a ``[DONE]`` anywhere in it, or split between it and the new read."""
+class _Written:
+    """A response that keeps what is written (the tee's client side, without a socket)."""
+
+    def __init__(self) -> None:
+        self.body = b""
+
+    async def write(self, data: bytes) -> None:
+        self.body += data
+
+
+_PIECES = st.sampled_from([b"data: ", b"[DONE]", b"[DO", b"NE]", b"\n", b"\r", b'{"a":1}'])
+
+
+@given(st.lists(st.lists(_PIECES, max_size=8).map(b"".join), max_size=12))
+def test_may_end_and_relay_keep_track_of_what_is_held(reads: list[bytes]) -> None:
+    """``may_end`` does not search what is held on every read (a long unfinished event
+    can come in thousands): it must still see a ``[DONE]`` anywhere in it or split
+    between it and the new read.  And what is relayed is the reads' whole events."""
+    import asyncio
+
     from chatmem.proxy.tee import _Client
 
-    data = held + b"[DONE]" + chunk
-    for before, after in ((held, chunk), (data[:cut], data[cut:])):
-        client = _Client(None, None, head_waits=False, chunks_only=False)  # type: ignore[arg-type]
-        client._held = before
-        assert client.may_end(after) == (b"[DONE]" in before + after)
+    written = _Written()
+    client = _Client(written, None, head_waits=False, chunks_only=False)  # type: ignore[arg-type]
+
+    async def feed() -> None:
+        for n, read in enumerate(reads, 1):
+            assert client.may_end(read) == (b"[DONE]" in bytes(client._held) + read)
+            await client.relay(read, None)  # type: ignore[arg-type]
+            assert written.body + client._held == b"".join(reads[:n])
+            assert not _BOUNDARY.search(bytes(client._held))  # only an unfinished event
+
+    asyncio.run(feed())

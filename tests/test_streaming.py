@@ -231,6 +231,54 @@ async def test_an_upstream_that_keeps_the_body_open_after_done_does_not_hold_the
     assert stored_text(rows) == "Hello world"
 
 
+async def test_what_follows_done_goes_on_as_it_comes_not_held(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """After [DONE] nothing is parsed: an unfinished event there is passed on as it comes,
+    not held to its end (with no answer limit applying any more, an upstream that kept
+    sending would have filled the gateway's memory)."""
+    events = answer_events()
+    tail = b"data: " + b"x" * 300_000  # never finished
+    release = asyncio.Event()
+    async with scripted_upstream(Script(chunks=[*events, 0.05, tail, release])) as up:
+        client = await gateway_factory(up.url, upstream={"max_answer_bytes": 100_000})
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+        )
+        wanted = b"".join(events) + tail
+        body = b""
+        try:
+            while len(body) < len(wanted):  # bounded: each read waits 10 s at most
+                piece = await asyncio.wait_for(resp.content.readany(), 10)
+                assert piece, body[-100:]
+                body += piece
+            # All of it while the upstream still holds its body open (held, the tail
+            # came only when the gateway gave up on the upstream's silence and ended).
+            assert body == wanted
+            assert not up.disconnected.is_set() and not resp.content.at_eof()
+        finally:
+            release.set()
+    assert stored_text(rows) == "Hello world"
+
+
+async def test_the_lf_of_a_crlf_split_from_its_cr_is_not_taken_for_a_new_event(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """``...\r\n\r`` then ``\n`` in the next read, then a break: the LF completes the blank
+    line the CR already ended; held as the start of an event, it was dropped with it."""
+    events = answer_events(newline=b"\r\n")
+    first = events[1]
+    script = Script(chunks=[events[0], first[:-1], 0.05, first[-1:]], end="reset")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+        )
+        body = await asyncio.wait_for(resp.read(), 10)
+    assert body.startswith(events[0] + first + b'data: {"error"')
+    assert rows.messages("s1") == []
+
+
 async def test_an_upstream_model_name_longer_than_its_column_is_cut_not_fatal(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:

@@ -77,6 +77,17 @@ _DONE = b"[DONE]"
 """In the bytes of every ``[DONE]`` event: a read without them cannot end the answer."""
 
 
+def _whole_events(data: bytes | bytearray, start: int) -> int:
+    """Where the last whole event of ``data`` ends (0: none), its boundaries looked for
+    from ``start`` on."""
+    if data[-2:] == b"\n\n" and data[-3:-2] not in (b"\n", b"\r"):
+        return len(data)  # the usual read: whole events, nothing to hold
+    end = 0
+    for boundary in _BOUNDARY.finditer(data, start):
+        end = boundary.end()
+    return end
+
+
 def _done_event_start(data: bytes) -> int:
     """Where the first ``[DONE]`` event of ``data`` starts (``data`` starts on a boundary)."""
     first = data.find(_DONE)
@@ -140,7 +151,12 @@ class _Client:
         self.gone = False
         self.head_waits = head_waits
         self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
-        self._held = b""
+        self._held = bytearray()
+        """An unfinished event, held until its blank line arrives (see ``relay``); grown in
+        place, since a long one can come in many reads."""
+        self._held_done = False
+        """Whether ``[DONE]`` is in what is held, kept up as it grows (searched whole on
+        every read, a long held event would cost its length each time)."""
 
     async def write(self, data: bytes) -> None:
         if self.gone or not (data or self.head_waits):
@@ -153,16 +169,24 @@ class _Client:
         self._tail = (self._tail + data[-4:])[-4:]
 
     def may_end(self, chunk: bytes) -> bool:
-        """Whether ``chunk``, after what is held, may finish a ``[DONE]`` event (without
-        copying what is held, which can be a long unfinished event)."""
-        if _DONE in chunk:
+        """Whether ``chunk``, after what is held, may finish a ``[DONE]`` event."""
+        if _DONE in chunk or self._held_done:
             return True
         held = self._held
-        return bool(held) and (_DONE in held or _DONE in held[-5:] + chunk[:5])
+        return bool(held) and _DONE in held[-5:] + chunk[:5]
+
+    def _take_held(self, chunk: bytes) -> bytes:
+        """What is held, then ``chunk``; nothing is held any more."""
+        if not self._held:
+            return chunk
+        data = bytes(self._held) + chunk
+        self._held.clear()
+        self._held_done = False
+        return data
 
     async def send_before_done(self, chunk: bytes) -> bytes:
         """Write what is held and ``chunk`` up to the ``[DONE]`` event; return the rest."""
-        data, self._held = self._held + chunk, b""
+        data = self._take_held(chunk)
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         return data[done_at:]
@@ -187,19 +211,39 @@ class _Client:
         if self.render is not None:
             await self.write(self.render.progress(answer))
             return
-        data = self._held + chunk if self._held else chunk
-        if data[-2:] == b"\n\n" and data[-3:-2] not in (b"\n", b"\r"):
-            end = len(data)  # the usual read: whole events, nothing to hold
-        else:
-            # What is held has no boundary in it: the last one, if any, ends in ``chunk``.
-            end = 0
-            for boundary in _BOUNDARY.finditer(data, max(len(self._held) - 3, 0)):
-                end = boundary.end()
-        self._held = data[end:]
-        await self.write(data[:end])
+        held = self._held
+        if not held:
+            if chunk[:1] == b"\n" and self._tail[-1:] == b"\r":
+                # The LF of a CRLF whose CR ended the last write (a CR ends a line, so
+                # that write ended an event): it belongs to that boundary, not a new event.
+                await self.write(b"\n")
+                chunk = chunk[1:]
+            end = _whole_events(chunk, 0)
+            if end < len(chunk):
+                held += chunk[end:]
+                self._held_done = _DONE in held
+            if end:
+                await self.write(chunk if end == len(chunk) else chunk[:end])
+            return
+        grown_from = len(held)
+        held += chunk
+        # What was held has no boundary in it: the next one ends in ``chunk``.
+        end = _whole_events(held, max(grown_from - 3, 0))
+        if not end:
+            self._held_done = self._held_done or _DONE in held[max(grown_from - 5, 0) :]
+            return
+        events = bytes(held[:end])
+        del held[:end]
+        self._held_done = _DONE in held  # what is left came in this read
+        await self.write(events)
+
+    async def pass_on(self, chunk: bytes) -> None:
+        """After ``[DONE]``: whatever follows it, as it comes (none of it is parsed, nor
+        held: an upstream that sent more would otherwise fill the gateway's memory)."""
+        await self.write(self._take_held(chunk))
 
     async def flush(self) -> None:
-        held, self._held = self._held, b""
+        held = self._take_held(b"")
         await self.write(b"" if self.chunks_only else held)  # an unfinished event, there
 
     async def end_with(self, failure: Failure) -> None:
@@ -217,7 +261,7 @@ class _Client:
             await self.write(self.render.failure(message))
             return
         event = error_event(message, type_, code=code)
-        self._held = b""
+        self._take_held(b"")
         await self.write(event if self._on_boundary() else b"\n\n" + event)
 
     async def upstream_error(self, error: dict[str, Any]) -> None:
@@ -235,7 +279,7 @@ class _Client:
             await self.relay(chunk, answer)
             await self.end_with(failure)
             return
-        data, self._held = self._held + chunk, b""
+        data = self._take_held(chunk)
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         await self.end_with(failure)
@@ -296,8 +340,8 @@ async def tee_stream(
                 await client.end_with(_TOO_LARGE)
                 return response
             if answer.done:
-                if not client.chunks_only:  # whatever follows [DONE] is still forwarded
-                    await client.relay(chunk, answer)
+                if not client.chunks_only and render is None:
+                    await client.pass_on(chunk)  # whatever follows [DONE] is still forwarded
                 continue
             # Bytes that cannot end the answer go to the client before they are parsed.
             ahead = render is None and not client.may_end(chunk)
