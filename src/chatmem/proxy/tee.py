@@ -212,6 +212,9 @@ class _Client:
             await self.write(self.render.progress(answer))
             return
         held = self._held
+        if not held and chunk[-2:] == b"\n\n" and chunk[-3:-2] not in (b"\n", b"\r"):
+            await self.write(chunk)  # the usual read: whole events, nothing to hold
+            return
         if not held:
             if chunk[:1] == b"\n" and self._tail[-1:] == b"\r":
                 # The LF of a CRLF whose CR ended the last write (a CR ends a line, so
