@@ -798,3 +798,33 @@ async def test_ask_streams_end_without_done(
         assert extra == b"" or (extra.startswith(b'data: {"error"') and extra.count(b"\n\n") == 1)
         assert extra.endswith(b"\n\n") or not extra
         assert rows.messages() == []
+
+
+async def test_the_old_services_end_their_body_at_done(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """Nothing after [DONE] reaches their clients, so an upstream that keeps sending
+    after it does not keep their body open; and the LF of a CRLF split from its CR is
+    theirs (the body ended on a lone CR)."""
+    events = answer_events(newline=b"\r\n")
+    last = events[-2]  # the finish_reason chunk
+    release = asyncio.Event()
+    chunks: list[bytes | float | asyncio.Event] = [
+        *events[:-2],
+        last[:-1],
+        0.05,
+        last[-1:] + events[-1],
+        b": more\r\n\r\n",
+        release,
+    ]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        try:
+            ask = await client.post(
+                "/v1/ask", json={"question": "q", "client_id": "1", "user_id": "2", "stream": True}
+            )
+            body = await asyncio.wait_for(ask.read(), 10)  # while the upstream holds on
+        finally:
+            release.set()
+    assert body == b"".join(events[:-1])
+    assert [m["role"] for m in rows.messages()] == ["user", "assistant"]

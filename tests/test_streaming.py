@@ -279,6 +279,44 @@ async def test_the_lf_of_a_crlf_split_from_its_cr_is_not_taken_for_a_new_event(
     assert rows.messages("s1") == []
 
 
+async def test_a_crlf_split_from_its_cr_before_done_or_a_break_keeps_its_lf(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The CR that ends a read ends the event; the LF in the next read belongs to it, in
+    front of the gateway's error event, whichever way the stream goes on.  A client that
+    splits lines on LF alone otherwise read ``\rdata: {"error"...``, no data line."""
+    events = answer_events(newline=b"\r\n")
+    no_finish = events[1]  # a content chunk, then [DONE]: no finish_reason
+    error = b'data: {"error"'
+    for chunks, end, then in (
+        ([events[0], no_finish[:-1], 0.05, no_finish[-1:] + events[-1]], "ok", events[-1]),
+        ([events[0], no_finish[:-1]], "reset", b""),
+    ):
+        status, body, _ = await run_stream(gateway_factory, Script(chunks=chunks, end=end))
+        assert status == 200
+        assert body.startswith(events[0] + no_finish + error), body
+        assert body.endswith(b"}}\n\n" + then)
+    assert rows.messages("s1") == []
+
+
+async def test_an_upstream_that_keeps_sending_after_done_is_cut_off(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """What follows [DONE] goes on for a little while, not for as long as the upstream
+    trickles: the client has its answer."""
+    events = answer_events()
+    trickle: list[bytes | float] = [b": still here\n\n", 0.2] * 100  # 20 s of it
+    async with scripted_upstream(Script(chunks=[*events, *trickle])) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "s1"}
+        )
+        body = await asyncio.wait_for(resp.read(), 15)
+    assert body.startswith(b"".join(events)) and body.endswith(b": still here\n\n")
+    assert body.count(b": still here") < 100
+    assert stored_text(rows) == "Hello world"
+
+
 async def test_an_upstream_model_name_longer_than_its_column_is_cut_not_fatal(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -72,7 +73,7 @@ _STOPPING: Failure = (
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _BOUNDARY_AT_END = re.compile(_BOUNDARY.pattern + rb"\Z")
 _AFTER_DONE = 2.0
-"""Seconds of silence after ``[DONE]`` before the gateway ends the body itself."""
+"""Seconds after ``[DONE]`` (of silence, or in all) before the gateway ends the body."""
 _DONE = b"[DONE]"
 """In the bytes of every ``[DONE]`` event: a read without them cannot end the answer."""
 
@@ -184,9 +185,18 @@ class _Client:
         self._held_done = False
         return data
 
+    async def _end_of_crlf(self, chunk: bytes) -> bytes:
+        """``chunk`` without the LF of a CRLF whose CR ended the last write (a CR ends a
+        line, so that write ended an event): it belongs to that boundary and goes now,
+        ahead of anything the gateway may write next, such as its error event."""
+        if chunk[:1] == b"\n" and not self._held and self._tail[-1:] == b"\r":
+            await self.write(b"\n")
+            return chunk[1:]
+        return chunk
+
     async def send_before_done(self, chunk: bytes) -> bytes:
         """Write what is held and ``chunk`` up to the ``[DONE]`` event; return the rest."""
-        data = self._take_held(chunk)
+        data = self._take_held(await self._end_of_crlf(chunk))
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         return data[done_at:]
@@ -216,11 +226,7 @@ class _Client:
             await self.write(chunk)  # the usual read: whole events, nothing to hold
             return
         if not held:
-            if chunk[:1] == b"\n" and self._tail[-1:] == b"\r":
-                # The LF of a CRLF whose CR ended the last write (a CR ends a line, so
-                # that write ended an event): it belongs to that boundary, not a new event.
-                await self.write(b"\n")
-                chunk = chunk[1:]
+            chunk = await self._end_of_crlf(chunk)
             end = _whole_events(chunk, 0)
             if end < len(chunk):
                 held += chunk[end:]
@@ -265,7 +271,13 @@ class _Client:
             return
         event = error_event(message, type_, code=code)
         self._take_held(b"")
-        await self.write(event if self._on_boundary() else b"\n\n" + event)
+        if not self._on_boundary():
+            event = b"\n\n" + event
+        elif self._tail[-1:] == b"\r":
+            # An LF after that CR changes nothing for an SSE client (CRLF ends a line as
+            # CR does), and one that splits lines on LF alone reads our event whole.
+            event = b"\n" + event
+        await self.write(event)
 
     async def upstream_error(self, error: dict[str, Any]) -> None:
         """The upstream's own error event: already relayed as SSE, shown when rendered."""
@@ -282,7 +294,7 @@ class _Client:
             await self.relay(chunk, answer)
             await self.end_with(failure)
             return
-        data = self._take_held(chunk)
+        data = self._take_held(await self._end_of_crlf(chunk))
         done_at = _done_event_start(data)
         await self.write(data[:done_at])
         await self.end_with(failure)
@@ -332,6 +344,7 @@ async def tee_stream(
     parser = SSEParser()
     answer = StreamAccumulator(keep_pieces=render is not None)
     received = 0
+    forward_until = math.inf  # once [DONE] came: how long what follows is passed on
     try:
         async for chunk in upstream.content.iter_any():
             if on_first_chunk is not None:  # metrics: time to first token
@@ -343,8 +356,10 @@ async def tee_stream(
                 await client.end_with(_TOO_LARGE)
                 return response
             if answer.done:
-                if not client.chunks_only and render is None:
-                    await client.pass_on(chunk)  # whatever follows [DONE] is still forwarded
+                if asyncio.get_running_loop().time() > forward_until:
+                    upstream.close()  # it kept sending: the client has had its answer
+                    break
+                await client.pass_on(chunk)  # whatever follows [DONE] is still forwarded
                 continue
             # Bytes that cannot end the answer go to the client before they are parsed.
             ahead = render is None and not client.may_end(chunk)
@@ -356,9 +371,13 @@ async def tee_stream(
                 answer.add(data)
             if answer.done:
                 await _finish(client, answer, chunk, commit)
+                if client.chunks_only or render is not None:
+                    upstream.close()  # nothing after [DONE] reaches these clients: done
+                    break
                 # What follows [DONE] still goes on, but an upstream that keeps the body
-                # open must not keep a client that has its answer for read_timeout.
+                # open, or keeps sending, must not keep a client that has its answer.
                 upstream.expect_end(_AFTER_DONE)
+                forward_until = asyncio.get_running_loop().time() + _AFTER_DONE
             elif not ahead:
                 await client.relay(chunk, answer)
             if client.gone and not finish_without_client:
