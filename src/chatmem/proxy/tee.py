@@ -356,10 +356,12 @@ async def tee_stream(
                 await client.end_with(_TOO_LARGE)
                 return response
             if answer.done:
-                if asyncio.get_running_loop().time() > forward_until:
+                left = forward_until - asyncio.get_running_loop().time()
+                if left <= 0:
                     upstream.close()  # it kept sending: the client has had its answer
                     break
                 await client.pass_on(chunk)  # whatever follows [DONE] is still forwarded
+                upstream.expect_end(left)  # and its silence ends the body by then too
                 continue
             # Bytes that cannot end the answer go to the client before they are parsed.
             ahead = render is None and not client.may_end(chunk)
