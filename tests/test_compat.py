@@ -828,3 +828,19 @@ async def test_the_old_services_end_their_body_at_done(
             release.set()
     assert body == b"".join(events[:-1])
     assert [m["role"] for m in rows.messages()] == ["user", "assistant"]
+
+
+async def test_a_streamed_turn_of_the_old_services_gives_its_connection_back(
+    gateway: Client,
+) -> None:
+    """Ending the body at [DONE] lets go of the upstream's answer: when that has all come
+    (it usually has), its connection goes back to the pool, not closed."""
+    pool = gateway.server.app[GATEWAY].upstream.pool
+    used = []
+    for _ in range(2):
+        body = {"question": "q", "client_id": "1", "user_id": "2", "stream": True}
+        ask = await gateway.post("/v1/ask", json=body)
+        assert ask.status == 200 and b"[DONE]" not in await ask.read()
+        assert len(pool._idle) == 1
+        used.append(pool._idle[0])
+    assert used[0] is used[1]  # the second turn went on the first one's connection

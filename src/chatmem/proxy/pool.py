@@ -339,7 +339,8 @@ class UpstreamResponse:
                 conn.timer = None
 
     def release(self) -> None:
-        """The body was read whole: the connection goes back to the pool if it can."""
+        """No more of the body is wanted: the connection goes back to the pool if it can
+        (the body was read whole), else it is closed."""
         if not self._done:
             self._done = True
             self.pool._put_back(self.conn)

@@ -374,7 +374,9 @@ async def tee_stream(
             if answer.done:
                 await _finish(client, answer, chunk, commit)
                 if client.chunks_only or render is not None:
-                    upstream.close()  # nothing after [DONE] reaches these clients: done
+                    # Nothing after [DONE] reaches these clients: done.  The connection
+                    # goes back to the pool if the body has ended (as it usually has).
+                    upstream.release()
                     break
                 # What follows [DONE] still goes on, but an upstream that keeps the body
                 # open, or keeps sending, must not keep a client that has its answer.

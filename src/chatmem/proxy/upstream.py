@@ -109,6 +109,8 @@ class StreamedAnswer(Answer, Protocol):
 
     def expect_end(self, within: float) -> None: ...
 
+    def release(self) -> None: ...
+
 
 class Upstream:
     """Builds upstream URLs and headers; owns the connections to the upstream.
