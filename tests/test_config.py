@@ -135,6 +135,22 @@ def test_flags_override_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        ('[server]\nport = "x"\n', {"server": {"port": 9999}}, "server.port: must be"),
+        ('[storage]\nurl = "mysql://x"\n', {"storage": {"url": "sqlite:///a.db"}}, "storage.url"),
+    ],
+)
+def test_a_flag_does_not_hide_a_bad_value_in_the_file(
+    tmp_path: Path, text: str, flags: dict[str, dict[str, object]], message: str
+) -> None:
+    """The file is checked as written: the same file without the flag would not start."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), overrides=flags, env={})
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[server]\nprot = 1\n", "server.prot: unknown key"),

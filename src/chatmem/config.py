@@ -579,8 +579,14 @@ def load_config(
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: invalid TOML (not UTF-8 text)") from None
         raw = _expanded(raw, env)
-    if overrides:
-        raw = _merge(raw, overrides)
+    if not overrides:
+        return _build(raw)
+    if raw:
+        _build(raw)  # the file on its own too: a flag that overrides a bad value hides no error
+    return _build(_merge(raw, overrides))
+
+
+def _build(raw: Mapping[str, Any]) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built: dict[str, Any] = {}
     for name, value in raw.items():
