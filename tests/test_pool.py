@@ -277,6 +277,26 @@ async def test_a_slow_but_steady_body_is_not_a_timeout() -> None:
         await pool.close()
 
 
+async def test_a_short_wait_for_a_streams_end_is_not_the_next_requests_timeout() -> None:
+    """After [DONE] the tee waits a short while for the body's end (``expect_end``); the
+    connection then goes back to the pool, and the next answer on it gets the whole
+    ``read_timeout`` again.  The short timer stayed armed: answers slower than 2 s failed
+    as 504s after a stream."""
+    done = b"data: [DONE]\n\n"
+    stream = chunked(done)
+    end = b"0\r\n\r\n"
+    async with serving([stream[: -len(end)], 0.05, end], [0.5, ok(b"slow")]) as up:
+        pool = pool_for(up, read_timeout=30.0)
+        response = await pool.post("/v1/chat/completions", {}, b"{}")
+        async with response:
+            assert await response.content.next_chunk() == done
+            response.expect_end(0.1)
+            assert await response.content.next_chunk() is None  # waited for, within 0.1 s
+        assert await post(pool) == (200, b"slow")
+        assert up.connections == 1
+        await pool.close()
+
+
 async def test_a_refused_connection_is_broken() -> None:
     async with serving() as up:
         port = up.port

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from helpers import GatewayFactory, Rows, answer_events, chunk, sse
 from scripted_upstream import Script, scripted_upstream
 
+from chatmem.proxy import tee
 from chatmem.state import GATEWAY
 
 REQUEST = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -315,6 +317,41 @@ async def test_an_upstream_that_keeps_sending_after_done_is_cut_off(
     assert body.startswith(b"".join(events)) and body.endswith(b": still here\n\n")
     assert body.count(b": still here") < 100
     assert stored_text(rows) == "Hello world"
+
+
+async def test_the_next_answer_on_the_streams_connection_gets_the_whole_read_timeout(
+    gateway_factory: GatewayFactory, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stream, the gateway waits a short while for the upstream's body to end,
+    then reuses the connection: the next answer, slower than that short while, is no
+    504 (a probe's 2 s-slow model failed after every stream whose body ended late)."""
+    monkeypatch.setattr(tee, "_AFTER_DONE", 0.1)
+    events = answer_events()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if (await request.json()).get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for event in events:
+                await response.write(event)
+            await asyncio.sleep(0.05)  # the body's end in a read of its own
+            return response
+        await asyncio.sleep(0.4)
+        message = {"role": "assistant", "content": "slow"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response({"object": "chat.completion", "choices": [choice]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    up = await aiohttp_server(app)
+    client = await gateway_factory(f"http://127.0.0.1:{up.port}/v1")
+    headers = {"X-Conversation-Id": "s1"}
+    resp = await client.post("/v1/chat/completions", json=REQUEST, headers=headers)
+    assert await resp.read() == b"".join(events)
+    plain = {**REQUEST, "stream": False}
+    resp = await client.post("/v1/chat/completions", json=plain, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["choices"][0]["message"]["content"] == "slow"
 
 
 async def test_an_upstream_model_name_longer_than_its_column_is_cut_not_fatal(

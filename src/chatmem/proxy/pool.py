@@ -82,6 +82,10 @@ class _Connection(asyncio.Protocol):
         """In the pool between two requests."""
         self.last_activity = loop.time()
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_within: float | None = None
+        """The silence ``timer`` is armed for: a connection's next request may wait longer
+        than its last (a stream's end is awaited for 2 s, the next answer for
+        ``read_timeout``)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -197,9 +201,17 @@ class _Connection(asyncio.Protocol):
         either ends a wait that has been silent that long or arms itself again.
         """
         waiter = self.waiter = self.loop.create_future()
+        if within != self.timer_within:  # a timer armed for another wait's silence
+            self._disarm()
+            self.timer_within = within
         if within is not None and self.timer is None:
             self.timer = self.loop.call_at(self.last_activity + within, self._deadline, within)
         await waiter
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _deadline(self, within: float) -> None:
         self.timer = None
@@ -239,9 +251,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._disarm()
         if self.transport is not None:
             self.transport.abort()
 
@@ -332,11 +342,7 @@ class UpstreamResponse:
         """The answer is complete: what may still follow must end within ``within``
         seconds of silence (instead of ``read_timeout``), or the read times out."""
         if self.read_timeout is None or within < self.read_timeout:
-            self.read_timeout = within
-            conn = self.conn
-            if conn.timer is not None:  # armed for the longer silence: arm it again
-                conn.timer.cancel()
-                conn.timer = None
+            self.read_timeout = within  # the next wait arms the connection's timer for it
 
     def release(self) -> None:
         """No more of the body is wanted: the connection goes back to the pool if it can
