@@ -550,8 +550,14 @@ async def test_body_errors(gateway: Client) -> None:
     await bad(await gateway.post(f"{one}/items", json={}), "non-empty array", "items")
 
 
-async def test_unknown_ids_are_404(gateway: Client, upstream: TestServer) -> None:
-    for path in ("/v1/conversations/nope", "/v1/conversations/bad%20id!"):
+async def test_unknown_ids_are_404_and_ids_no_conversation_can_have_400(
+    gateway: Client, upstream: TestServer
+) -> None:
+    for path, status, param in (
+        ("/v1/conversations/nope", 404, "conversation_id"),
+        ("/v1/conversations/bad%20id!", 400, "conversation_id"),
+        ("/v1/conversations/" + "x" * 129, 400, "conversation_id"),
+    ):
         for method, suffix in (
             ("GET", ""),
             ("POST", ""),
@@ -563,8 +569,13 @@ async def test_unknown_ids_are_404(gateway: Client, upstream: TestServer) -> Non
         ):
             body = {"metadata": {}, "items": [{"role": "user", "content": "x"}]}
             response = await gateway.request(method, path + suffix, json=body)
-            assert response.status == 404, (method, path + suffix)
-            assert (await response.json())["error"]["message"] == "conversation not found"
+            assert response.status == status, (method, path + suffix)
+            error = (await response.json())["error"]
+            assert error["param"] == param
+            if status == 404:
+                assert error["message"] == "conversation not found"
+            else:
+                assert error["message"].startswith("conversation id must be 1-128 characters")
     assert received(upstream) == []
 
 

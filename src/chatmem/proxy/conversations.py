@@ -16,7 +16,7 @@ from aiohttp import web
 from ..auth import authenticate
 from ..errors import InvalidRequest, NotFound
 from ..state import gateway_of
-from .chat_request import new_conversation_id
+from .chat_request import new_conversation_id, valid_conversation_id
 from .conversation_shapes import (
     check_tool_results,
     conversation_json,
@@ -34,7 +34,6 @@ __all__ = ["add_conversation_routes"]
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ITEM_ID = re.compile(r"msg_([1-9][0-9]{0,17})")
 
 
@@ -92,10 +91,8 @@ def _newest_first(request: web.Request) -> bool:
 
 
 def _conversation_id(request: web.Request) -> str:
-    value = request.match_info["conversation_id"]
-    if not _ID.fullmatch(value):
-        raise _not_found()
-    return value
+    """The id in the URL; one no conversation can have is a 400, as on chat."""
+    return valid_conversation_id(request.match_info["conversation_id"], "conversation_id")
 
 
 def _not_found() -> NotFound:
