@@ -122,7 +122,13 @@ def test_db_prune_needs_an_age(tmp_path: Path) -> None:
     assert bad.stderr.strip().splitlines()[-1] == (
         "chatmem db: 'soon' is not an age like 30d, 12h, 90m or 2w"
     )
-    for age in ("0", "inf", "nan"):  # 0 would delete everything; inf overflowed
+    # 30 meant as days deleted what was idle for 30 s.
+    unitless = chatmem("db", "prune", "--older-than", "30", cwd=tmp_path)
+    assert unitless.returncode == 2
+    assert unitless.stderr.strip().splitlines()[-1] == (
+        "chatmem db: '30': an age needs its unit, s, m, h, d or w (30d is 30 days)"
+    )
+    for age in ("0d", "infs", "nand"):  # 0 would delete everything; inf overflowed
         refused = chatmem("db", "prune", "--older-than", age, cwd=tmp_path)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
         assert (
@@ -134,13 +140,15 @@ def test_db_prune_needs_an_age(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("2w", 1209600), ("45", 45.0)],
+    [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("2w", 1209600), ("45s", 45.0)],
 )
 def test_parse_age(text: str, seconds: float) -> None:
     assert parse_age(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "d", "-3d", "3x", "thirty", "0", "0d", "inf", "1e400", "nan"])
+@pytest.mark.parametrize(
+    "text", ["", "d", "-3d", "3x", "thirty", "0", "30", "0d", "inf", "1e400s", "nan", "nand"]
+)
 def test_parse_age_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_age(text)

@@ -24,15 +24,19 @@ _LONGEST = 1000 * 365 * 86400.0
 
 
 def parse_age(text: str) -> float:
-    """``"30d"``, ``"12h"``, ``"90m"``, ``"2w"`` or plain seconds -> seconds."""
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"2w"``, ``"45s"`` -> seconds.
+
+    The unit is required: ``prune --older-than 30`` meant as days, read as seconds,
+    deletes every conversation idle for half a minute."""
     value = text.strip().lower()
     unit = _UNITS.get(value[-1:])
-    number = value[:-1] if unit is not None else value
     try:
-        amount = float(number)
+        amount = float(value[:-1] if unit is not None else value)
     except ValueError:
         raise ValueError(f"{text!r} is not an age like 30d, 12h, 90m or 2w") from None
-    seconds = amount * (unit or 1)
+    if unit is None:
+        raise ValueError(f"{text!r}: an age needs its unit, s, m, h, d or w (30d is 30 days)")
+    seconds = amount * unit
     if not 0 < seconds < _LONGEST:  # nan fails both
         raise ValueError(
             f"{text!r}: an age must be more than 0 and less than 1000 years"
