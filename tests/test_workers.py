@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import json_lines, serve
-from helpers import Process, free_port
+from helpers import Process, free_port, run_chatmem
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -170,3 +170,23 @@ def test_sighup_stops_the_master_and_its_workers(tmp_path: Path) -> None:
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()
+
+
+def test_workers_do_not_share_a_port_another_gateway_listens_on(tmp_path: Path) -> None:
+    """Another ``serve --workers`` (its sockets set ``SO_REUSEPORT``, as this one stands for)
+    already listens: the kernel would let the new workers in beside it, to take half of
+    its connections into another database.  Refused, as a single ``serve`` is."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+        result = run_chatmem(
+            "serve", "--workers", "2", "--port", str(port), "--db", db, cwd=tmp_path
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert not (tmp_path / "x.db").exists()  # refused before anything was started

@@ -143,6 +143,26 @@ def _bind_failure(exc: OSError) -> str:
     return os.strerror(errno) if errno else (exc.strerror or str(exc))
 
 
+def _check_address_free(host: str, port: int) -> None:
+    """Raise :class:`CannotListen` if something listens on ``host:port`` already.
+
+    Workers bind with ``SO_REUSEPORT``, which the kernel allows next to any socket of the
+    same user that set it too: a second ``serve --workers`` on a port in use would start
+    and take half of the other gateway's connections.  A bind without it, as a single
+    ``serve`` makes, fails then (``SO_REUSEADDR`` only passes connections in TIME_WAIT).
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {_bind_failure(exc)}") from None
+
+
 def _port(text: str) -> int:
     """An argparse type: a TCP port, 0 to 65535 (0: the system chooses)."""
     port = int(text)
@@ -315,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.server.workers > 1 and not args.worker:
             from .workers import run_workers
 
+            _check_address_free(config.server.host, config.server.port)
             return run_workers(config, _worker_args(args), demo=args.demo)
         if args.worker:
             from .workers import worker_config
