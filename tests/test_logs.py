@@ -4,8 +4,10 @@ or message content unless ``log.debug_content`` asks for content."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import urllib.request
@@ -14,7 +16,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
+import pytest
+from aiohttp import web
 from deploy_helpers import json_lines, serve
+from helpers import answer_events, make_config
+from scripted_upstream import Script, scripted_upstream
+
+from chatmem import create_app, shutdown
+from chatmem.logs import AccessLogger
 
 JWT_SECRET = "jwt-secret-9f2c-long-enough-for-hs256-0123"
 UPSTREAM_KEY = "sk-upstream-key-77aa"
@@ -181,3 +190,56 @@ def test_a_client_that_leaves_gets_an_access_line(tmp_path: Path) -> None:
         )
         assert line["message"].startswith("POST /v1/chat/completions 499 ")
         assert line["message"].endswith("ms 127.0.0.1")  # the text line names the client too
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_client_found_gone_by_a_write_is_logged_499(
+    path: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client hangs up mid-stream and the gateway learns it from its next write, not
+    by the handler's cancellation (which one comes first is timing: a probe saw 1-3 % of
+    such lines say 200).  The handler then ends as usual, and its line says 499 too."""
+    monkeypatch.setattr(shutdown, "_CLIENT_CHECK", 3600.0)  # no cancellation by the gateway
+    caplog.set_level(logging.INFO, logger="chatmem.access")  # before aiohttp looks (once)
+    events = answer_events()
+    release = asyncio.Event()
+    trickle: list[bytes | float | asyncio.Event] = [events[1], 0.05] * 100  # 5 s at most
+    script = Script(chunks=[events[0], release, *trickle], end="hang")
+    async with scripted_upstream(script) as up:
+        runner = web.AppRunner(
+            create_app(make_config(tmp_path / "x.db", up.url)),
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("chatmem.access"),
+            handler_cancellation=False,  # nor by aiohttp (aiohttp's TestServer forces it)
+        )
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Request-Id: left-{path[4:8]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while events[0] not in received:  # bounded: each read waits 10 s at most
+            piece = await asyncio.wait_for(reader.read(65536), 10)
+            assert piece, received
+            received += piece
+        writer.close()
+        await writer.wait_closed()
+        release.set()
+        await asyncio.wait_for(up.disconnected.wait(), 10)
+        for _ in range(100):  # the line comes once the handler has ended
+            lines = [r for r in caplog.records if r.name == "chatmem.access"]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+    assert [(r.getMessage().split()[:3], r.request_id) for r in lines] == [
+        (["POST", path, "499"], f"left-{path[4:8]}")
+    ]

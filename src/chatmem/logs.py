@@ -28,6 +28,7 @@ from .forwarded import client_address
 
 __all__ = [
     "CLIENT_GONE",
+    "CLIENT_LEFT",
     "REQUEST_ID_HEADER",
     "AccessLogger",
     "JsonFormatter",
@@ -151,13 +152,18 @@ CLIENT_GONE = 499
 complete (nginx's "client closed request"): no response status was sent."""
 
 
+CLIENT_LEFT = web.ResponseKey("chatmem.client_left", bool)
+"""Set on a response whose client left while it was being written: the handler that
+found it out on a write ends as usual, and its access line says 499, as it does when the
+handler is cancelled first (which of the two happens first is a matter of timing)."""
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request: no query string, no headers, nothing a client sent as content."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        log_access(
-            self.logger, request, response.status, time, response.headers.get(REQUEST_ID_HEADER)
-        )
+        status = CLIENT_GONE if response.get(CLIENT_LEFT) else response.status
+        log_access(self.logger, request, status, time, response.headers.get(REQUEST_ID_HEADER))
 
     @property
     def enabled(self) -> bool:

@@ -14,6 +14,7 @@ from yarl import URL
 
 from ..auth import authenticate
 from ..errors import InvalidRequest, NotRelayed, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
@@ -359,13 +360,19 @@ async def relay(
     if extra_headers:
         headers.update(extra_headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionError:  # the client left before the answer started
+        upstream.close()
+        response[CLIENT_LEFT] = True
+        return response
     try:
         async for chunk in upstream.content.iter_any():
             try:
                 await response.write(chunk)
             except ConnectionError:  # the client left (also while a write waited to drain)
                 upstream.close()
+                response[CLIENT_LEFT] = True
                 return response
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
         # The body is incomplete: cut the client's connection so it cannot take the

@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import ChatmemError, failures
+from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator
 from .http import error_event
@@ -167,6 +168,7 @@ class _Client:
             await self.response.write(data)
         except ConnectionError:  # reset; or "Connection lost" while a write waited to drain
             self.gone = True
+            self.response[CLIENT_LEFT] = True
         self._tail = (self._tail + data[-4:])[-4:]
 
     def may_end(self, chunk: bytes) -> bool:
@@ -341,6 +343,7 @@ async def tee_stream(
         await response.prepare(request)
     except ConnectionError:
         client.gone = True  # left before the answer started
+        response[CLIENT_LEFT] = True
         if not finish_without_client:
             upstream.close()
             return response
