@@ -16,6 +16,7 @@ from helpers import GatewayFactory, received, upstream_url
 from multidict import CIMultiDict
 
 from chatmem.mock_upstream import RECEIVED
+from chatmem.proxy import upstream as upstream_module
 
 
 async def test_models_and_embeddings(gateway: TestClient[Any, Any], upstream: TestServer) -> None:
@@ -487,3 +488,28 @@ async def test_streamed_passthrough_is_byte_exact(
     assert via_gateway.headers["Content-Type"].startswith("text/event-stream")
     direct = await gateway.session.post(upstream.make_url("/v1/completions"), json=body)
     assert await via_gateway.read() == await direct.read()
+
+
+async def test_an_idle_connection_is_not_used_once_an_upstream_may_be_closing_it(
+    gateway_factory: GatewayFactory, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers close idle connections after a while (uvicorn, so vLLM, after 5 s): a
+    request sent as one closes fails before the upstream saw it, and a POST is not sent
+    again.  So the passthrough uses an idle connection again only for less than that."""
+    monkeypatch.setattr(upstream_module, "_PASSTHROUGH_IDLE", 0.3)
+    peers: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/{tail:.*}", answer)
+    up = await aiohttp_server(app)
+    client = await gateway_factory(upstream_url(up))
+    for pause in (0.0, 0.0, 0.6):
+        await asyncio.sleep(pause)
+        response = await client.post("/v1/embeddings", json={"model": "m", "input": "x"})
+        assert response.status == 200
+    assert peers[0] == peers[1] != peers[2]  # kept alive, then not used after 0.3 s idle

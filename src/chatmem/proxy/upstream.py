@@ -50,6 +50,11 @@ _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 _NOT_TO_THE_CLIENT = ("set-cookie",)
+_PASSTHROUGH_IDLE = 4.0
+"""Seconds an idle passthrough connection is used again: less than the 5 s after which
+uvicorn (vLLM), llama.cpp's server and Node close theirs.  A request sent as the upstream
+closes its connection fails, and a proxy must not send a POST again (RFC 9110, 9.2.2):
+it could have been applied.  aiohttp's default, 15 s, made some of them 502s."""
 """The upstream's cookies belong to the gateway's session with it (a client's ``Cookie``
 never goes upstream): passed on, they would only hand that session to every client."""
 
@@ -139,7 +144,9 @@ class Upstream:
 
     @classmethod
     def create_session(cls) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(
+            limit=0, enable_cleanup_closed=True, keepalive_timeout=_PASSTHROUGH_IDLE
+        )
         # Cookies from the upstream are the client's business, never the gateway's; and
         # the headers aiohttp would add of its own are the client's to send or not (an
         # Accept-Encoding the client never sent got it a compressed body).
