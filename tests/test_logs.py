@@ -152,9 +152,13 @@ def test_access_lines_whatever_the_log_level(tmp_path: Path) -> None:
         )
         with urllib.request.urlopen(asked, timeout=20) as response:
             assert response.status == 200
+        assert gateway.process.proc.stdout is not None
+        ready = json.loads(gateway.process.proc.stdout.readline())  # stdout is JSON too
     finally:
         code, stderr = gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
+    assert ready["message"].startswith(f"chatmem listening on http://127.0.0.1:{gateway.port}/v1")
+    assert (ready["level"], ready["logger"]) == ("info", "chatmem")
     lines = json_lines(stderr)
     access = [x for x in lines if x["logger"] == "chatmem.access"]
     assert "at-warning-level" in [x["request_id"] for x in access]

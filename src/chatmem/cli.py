@@ -206,7 +206,7 @@ _MOST_FILES = 1 << 20
 
 
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
-    from .logs import AccessLogger
+    from .logs import AccessLogger, JsonFormatter
     from .server import GatewayRunner
 
     raise_open_file_limit()
@@ -246,11 +246,14 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     # in the middle of 256 concurrent streams (benchmarks/).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    print(
+    ready = (
         f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
-        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})",
-        flush=True,
+        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})"
     )
+    if config.log.format == "json":  # a log shipper reading stdout too parses every line
+        record = logging.makeLogRecord({"name": "chatmem", "levelname": "INFO", "msg": ready})
+        ready = JsonFormatter().format(record)
+    print(ready, flush=True)
     if not config.auth.enabled:
         # An empty secret (``jwt_secret = "${JWT_SECRET:-}"`` with the variable unset) is
         # no secret: say so, loudly where others can reach the gateway.
