@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from typing import Any
 
@@ -554,6 +555,29 @@ async def test_other_fields_pass_through(gateway: Client, upstream: TestServer) 
     for key, value in extra.items():
         assert body[key] == value
     assert body["model"] == "m"
+
+
+async def test_by_default_a_turn_sends_at_most_8_mib_of_history(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """Items appended through the Conversations API (4 MiB a request) can make a history
+    of any size; without a bound every turn read, held and sent all of it (a probe: 120
+    MB a turn, 2.8 GB with 8 turns at once)."""
+    client = await gateway_factory(upstream_url(upstream))
+    big = "y" * (3 * 1024 * 1024)
+
+    async def post(path: str, items: list[dict[str, Any]]) -> Any:
+        body = io.BytesIO(json.dumps({"items": items}).encode())  # aiohttp: large, not bytes
+        response = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+        assert response.status == 200
+        return await response.json()
+
+    conversation = (await post("/v1/conversations", [user("first " + big)]))["id"]
+    for n in range(2):
+        await post(f"/v1/conversations/{conversation}/items", [user(f"{n} " + big)])
+    assert (await chat(client, [user("and now?")], conv=conversation)).status == 200
+    sent = [m["content"][:8] for m in sent_messages(upstream)]
+    assert sent == ["0 " + "y" * 6, "1 " + "y" * 6, "and now?"]  # the oldest left out
 
 
 async def test_max_history_bytes_sends_the_newest_history_that_fits(

@@ -129,8 +129,10 @@ class MemoryConfig:
     # At most this many bytes of stored history (the messages' JSON text) go upstream: the
     # newest messages that fit.  Set it to fit the model's context (about 4 bytes a token
     # of English), so that a long conversation does not end in context-length errors on
-    # every turn.  0: no limit but max_history_messages.
-    max_history_bytes: int = 0
+    # every turn.  0: no limit but max_history_messages.  The default, 8 MiB, is more
+    # than any model's context (about 2M tokens): it bounds what one turn reads, holds and
+    # sends, which a conversation of large appended items made 120 MB a turn.
+    max_history_bytes: int = 8 * 1024 * 1024
     on_client_disconnect: Literal["discard", "finish"] = "discard"
     # Conversations not updated for this many days are deleted (0 = keep forever).
     retention_days: int = 0

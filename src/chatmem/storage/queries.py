@@ -231,10 +231,14 @@ def _history(
 
 def _encoded_history(system: Any, window: list[tuple[str, bytes]], max_bytes: int) -> History:
     """The history to send of a window of (role, JSON text) messages."""
-    if max_bytes:
-        window = newest_within(window, [len(text) for _, text in window], max_bytes)
     kept = drop_orphan_tool_results(window, (role for role, _ in window))
-    return History(system=system, encoded=b",".join([text for _, text in kept]))
+    encoded = b",".join([text for _, text in kept])
+    # The usual window fits: its size is the joined text's less the commas, no loop.
+    if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
+        window = newest_within(window, [len(text) for _, text in window], max_bytes)
+        kept = drop_orphan_tool_results(window, (role for role, _ in window))
+        encoded = b",".join([text for _, text in kept])
+    return History(system=system, encoded=encoded)
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
