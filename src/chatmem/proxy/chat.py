@@ -218,7 +218,7 @@ async def _forward(
                     " which the gateway does not follow"
                 )
             if response.status not in _ANSWERS:
-                return await relay(request, response, headers)
+                return await relay(request, response, headers, secret=upstream.secret)
             encoding = response.headers.get("Content-Encoding")
             if encoding is not None and encoding.strip().lower() not in ("identity", ""):
                 # It was asked for identity: an answer it encoded anyway cannot be read

@@ -18,7 +18,7 @@ from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
-from .upstream import Answer, Upstream, response_headers
+from .upstream import Answer, Redactor, Upstream, response_headers
 
 __all__ = [
     "keep_offered_subprotocols_out_of_logs",
@@ -77,7 +77,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 allow_redirects=False,
             ) as response:
                 timer.answered()
-                return await relay(request, response)
+                return await relay(request, response, secret=upstream.secret)
     except UpstreamError:
         # The client library reports a failed upload as a broken upstream.
         if body.exceeded:
@@ -354,9 +354,13 @@ async def relay(
     request: web.Request,
     upstream: Answer,
     extra_headers: Mapping[str, str] | None = None,
+    *,
+    secret: bytes | None = None,
 ) -> web.StreamResponse:
-    """Copy ``upstream``'s status, end-to-end headers and raw body to the client."""
-    headers = response_headers(upstream.headers)
+    """Copy ``upstream``'s status, end-to-end headers and raw body to the client; in an
+    error's body (status 400 or more), ``secret`` masked."""
+    redactor = Redactor(secret) if secret is not None and upstream.status >= 400 else None
+    headers = response_headers(upstream.headers, ("content-length",) if redactor else ())
     if extra_headers:
         headers.update(extra_headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -369,7 +373,7 @@ async def relay(
     try:
         async for chunk in upstream.content.iter_any():
             try:
-                await response.write(chunk)
+                await response.write(chunk if redactor is None else redactor.feed(chunk))
             except ConnectionError:  # the client left (also while a write waited to drain)
                 upstream.close()
                 response[CLIENT_LEFT] = True
@@ -380,5 +384,10 @@ async def relay(
         if request.transport is not None:
             request.transport.abort()
         return response
-    await response.write_eof()
+    try:
+        if redactor is not None:
+            await response.write(redactor.end())
+        await response.write_eof()
+    except ConnectionError:
+        response[CLIENT_LEFT] = True
     return response

@@ -50,6 +50,10 @@ _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 _NOT_TO_THE_CLIENT = ("set-cookie",)
+_SHORTEST_SECRET = 8
+"""A key shorter than this is not looked for in what the upstream sends: masking every
+``abc`` of a body would garble it, and such a key protects nothing anyway."""
+_MASK = b"[upstream key]"
 _PASSTHROUGH_IDLE = 4.0
 """Seconds an idle passthrough connection is used again: less than the 5 s after which
 uvicorn (vLLM), llama.cpp's server and Node close theirs.  A request sent as the upstream
@@ -127,6 +131,9 @@ class Upstream:
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.session = session
+        key = config.api_key.encode() if config.api_key else b""
+        self.secret: bytes | None = key if len(key) >= _SHORTEST_SECRET else None
+        """The upstream key as it may come back in an error body (see ``Redactor``)."""
         self.base = URL(config.url.rstrip("/"))
         self._prefix = str(self.base)
         self._path = self.base.raw_path.rstrip("/")
@@ -196,3 +203,26 @@ class Upstream:
         if self._auth is not None:
             headers[self._auth[0]] = self._auth[1]
         return headers
+
+
+class Redactor:
+    """Masks ``secret`` in a body that arrives in pieces, also where one piece ends inside
+    it: the last ``len(secret) - 1`` bytes wait for the next piece (or :meth:`end`).
+
+    For the error bodies the gateway relays: an upstream that quotes the credential it
+    refused (``"bad key Bearer sk-..."``) must not hand the gateway's key to a client.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = (self._held + chunk).replace(self.secret, _MASK)
+        keep = len(self.secret) - 1
+        self._held = data[-keep:]
+        return data[:-keep]
+
+    def end(self) -> bytes:
+        held, self._held = self._held, b""
+        return held

@@ -1,0 +1,67 @@
+"""The upstream key never reaches a client in an error body that quotes it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import GatewayFactory, Rows
+from hypothesis import given
+from hypothesis import strategies as st
+from scripted_upstream import Script, scripted_upstream
+
+from chatmem.proxy.upstream import Redactor
+
+KEY = "sk-test-SECRET-0123456789"
+MASK = b"[upstream key]"
+
+
+@given(
+    parts=st.lists(st.sampled_from([b"a", b"sk-", b"sk-test-S", KEY.encode(), b"\n", b"x" * 30])),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_the_key_is_masked_wherever_the_pieces_are_cut(parts: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(parts)
+    pieces, start = [], 0
+    for cut in sorted(c for c in cuts if c <= len(body)):
+        pieces.append(body[start:cut])
+        start = cut
+    pieces.append(body[start:])
+    redactor = Redactor(KEY.encode())
+    out = b"".join(redactor.feed(p) for p in pieces) + redactor.end()
+    assert out == body.replace(KEY.encode(), MASK)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        ),
+        ("POST", "/v1/embeddings", {"model": "m", "input": "x"}),
+    ],
+)
+async def test_an_upstream_error_quoting_the_key_does_not_hand_it_on(
+    gateway_factory: GatewayFactory, rows: Rows, method: str, path: str, body: dict[str, object]
+) -> None:
+    """Some servers quote the credential they refused; the key arrives split over reads."""
+    error = json.dumps({"error": {"message": f"invalid key: Bearer {KEY}", "type": "auth"}})
+    head, tail = error.encode().split(b"SECRET")
+    script = Script(
+        status=401,
+        headers={"Content-Type": "application/json"},
+        chunks=[head + b"SEC", 0.05, b"RET" + tail],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.request(
+            method, path, json=body, headers={"X-Conversation-Id": "r1"}
+        )
+        got = await response.read()
+    assert response.status == 401
+    assert json.loads(got)["error"]["message"] == "invalid key: Bearer [upstream key]"
+    assert KEY.encode() not in got
+    assert rows.messages("r1") == []
