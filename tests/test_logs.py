@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from deploy_helpers import json_lines, serve
 from helpers import answer_events, make_config
 from scripted_upstream import Script, scripted_upstream
 
 from chatmem import create_app, shutdown
-from chatmem.logs import AccessLogger
+from chatmem.logs import AccessLogger, log_access
 
 JWT_SECRET = "jwt-secret-9f2c-long-enough-for-hs256-0123"
 UPSTREAM_KEY = "sk-upstream-key-77aa"
@@ -247,3 +248,15 @@ async def test_a_client_found_gone_by_a_write_is_logged_499(
     assert [(r.getMessage().split()[:3], r.request_id) for r in lines] == [
         (["POST", path, "499"], f"left-{path[4:8]}")
     ]
+
+
+def test_an_access_line_is_one_line_whatever_the_path(caplog: pytest.LogCaptureFixture) -> None:
+    """The path as sent, percent-encoded: decoded, ``/v1/x%0aFORGED`` wrote a line of the
+    client's own into a text log (and ``%00`` a NUL byte), before any authentication."""
+    request = make_mocked_request("GET", "/v1/x%0aFORGED%00?key=secret")
+    logger = logging.getLogger("chatmem.access")
+    with caplog.at_level(logging.INFO, logger="chatmem.access"):
+        log_access(logger, request, 404, 0.001, "r1")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("GET /v1/x%0AFORGED%00 404 1.0ms")
+    assert record.path == "/v1/x%0AFORGED%00"  # type: ignore[attr-defined]

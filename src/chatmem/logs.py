@@ -178,16 +178,18 @@ def log_access(
     request_id: str | None,
 ) -> None:
     client = client_address(request)
+    # As it was sent, percent-encoded: decoded, a %0a in it started a line of the client's.
+    path = request.rel_url.raw_path
     logger.info(
         "%s %s %s %.1fms %s",
         request.method,
-        request.path,
+        path,
         status,
         seconds * 1000,
         client,
         extra={
             "method": request.method,
-            "path": request.path,
+            "path": path,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
             "client": client,

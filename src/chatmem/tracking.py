@@ -94,7 +94,7 @@ def tracker(gateway: Gateway) -> Middleware:
                     raise
                 return http_error_as_json(exc)  # chatmem's routes answer in one shape
             except Exception:
-                log.exception("unhandled error in %s %s", request.method, request.path)
+                log.exception("unhandled error in %s %s", request.method, request.rel_url.raw_path)
                 body = error_body(
                     "internal error in the gateway", "server_error", code="internal_error"
                 )
