@@ -283,6 +283,44 @@ async def test_a_client_that_leaves_through_caddy_gets_its_turn_dropped(
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
 
+async def test_caddy_bounds_a_body_that_trickles(tmp_path: Path) -> None:
+    """The passthrough streams a body upstream as it comes, so chatmem's own bound on
+    reading bodies does not hold there: Caddy's ``read_body`` does (1 s here, 60 s by
+    default).  Before it, a client sending a byte now and then held both connections."""
+    caddy_binary()
+    async with scripted_upstream(Script(status=200)) as upstream:
+        gateway = serve(tmp_path, upstream.url)
+        caddy = Caddy(tmp_path, gateway.port, CHATMEM_READ_BODY="1s")
+        try:
+            context = await caddy.client_ssl()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", caddy.port, ssl=context, server_hostname="localhost"
+            )
+            writer.write(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            sent = 0
+            answer = b""
+            while sent < 100:  # a byte every 0.1 s: 10 s at most
+                sent += 1
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b" ")
+                    await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer = await asyncio.wait_for(reader.read(65536), 0.1)
+                    break  # an answer, or the end of the connection
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+        finally:
+            caddy.stop()
+            code, stderr = gateway.stop()
+    assert code == 0, stderr
+    assert sent < 60, answer  # cut off after about 1 s, not after the client's 10 s
+    assert upstream.requests == [] or len(upstream.requests[0][3]) < 1000
+
+
 def _completion(content: str) -> dict[str, object]:
     return {
         "id": "chatcmpl-2",
