@@ -146,6 +146,24 @@ async def test_with_auth_on_metrics_need_a_token(
     assert (await client.get("/v1/health")).status == 200
 
 
+async def test_metrics_tenant_keeps_the_metrics_from_the_other_tenants(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """Any tenant's token read which tenants there are and what each used."""
+    secret = "m" * 32
+    client = await gateway_factory(
+        upstream_url(upstream), auth={"jwt_secret": secret}, metrics={"tenant": "ops"}
+    )
+
+    def token(tenant: str) -> dict[str, str]:
+        return {"Authorization": "Bearer " + jwt.encode({"team_id": tenant}, secret)}
+
+    refused = await client.get("/metrics", headers=token("acme"))
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "not_allowed"
+    assert (await client.get("/metrics", headers=token("ops"))).status == 200
+
+
 async def test_the_upstream_s_own_request_id_is_kept_under_another_name(
     gateway_factory: GatewayFactory,
 ) -> None:

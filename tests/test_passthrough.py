@@ -513,3 +513,33 @@ async def test_an_idle_connection_is_not_used_once_an_upstream_may_be_closing_it
         response = await client.post("/v1/embeddings", json={"model": "m", "input": "x"})
         assert response.status == 200
     assert peers[0] == peers[1] != peers[2]  # kept alive, then not used after 0.3 s idle
+
+
+async def test_only_the_paths_upstream_passthrough_names_are_relayed(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """Every tenant reaches the upstream with the one key, so what the upstream keeps under
+    it (OpenAI's stored completions, which hold the history chatmem sent) is everyone's:
+    a gateway for several tenants relays only what it names."""
+    client = await gateway_factory(
+        upstream_url(upstream), upstream={"passthrough": ["/models", "/embeddings"]}
+    )
+    assert (await client.get("/v1/models")).status == 200
+    assert (await client.get("/v1/models/m")).status == 200
+    assert (await client.post("/v1/embeddings", json={"model": "m", "input": "x"})).status == 200
+    relayed = len(received(upstream))
+    for method, path in (
+        ("GET", "/v1/chat/completions"),  # the upstream's stored completions
+        ("GET", "/v1/chat/completions/chatcmpl-1"),
+        ("GET", "/v1/files"),
+        ("GET", "/v1/modelsx"),
+        ("POST", "/v1/embeddingsx"),
+    ):
+        response = await client.request(method, path)
+        assert response.status == 403, path
+        error = (await response.json())["error"]
+        assert error["code"] == "passthrough_not_allowed"
+        assert error["message"].startswith("the gateway does not relay /v1/")
+    assert len(received(upstream)) == relayed
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200  # memory

@@ -77,6 +77,10 @@ class UpstreamConfig:
     # bytes): a larger one is refused (502, or an error event ending the stream) instead
     # of being held in memory.  Passthrough answers are streamed and never held.
     max_answer_bytes: int = 32 * 1024 * 1024
+    # The paths under /v1 the passthrough relays (a prefix covers what is under it), "/"
+    # for all.  Every tenant reaches the upstream with the one key: whatever it keeps
+    # under that key (OpenAI's stored completions, files, batches) is everyone's.
+    passthrough: tuple[str, ...] = ("/",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,9 @@ class LogConfig:
 class MetricsConfig:
     # Where Prometheus scrapes; "" turns the endpoint off.
     path: str = "/metrics"
+    # With auth on, the tenant whose tokens read the metrics (their labels name every
+    # tenant); "" lets any valid token read them.
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +370,17 @@ def _validate_upstream(values: Mapping[str, Any]) -> None:
     header = values.get("auth_header")
     if header is not None and not _HEADER_NAME.fullmatch(header):
         raise ConfigError("upstream.auth_header: must be an HTTP header name")
+    for index, prefix in enumerate(values.get("passthrough", ())):
+        if not _PATH_PREFIX.fullmatch(prefix) or "//" in prefix:
+            raise ConfigError(
+                f"upstream.passthrough[{index}]: must be a path under /v1 such as"
+                f" /models or /embeddings (letters, digits, - _ . /), not {prefix!r}"
+            )
+
+
+_PATH_PREFIX = re.compile(r"/(?:[A-Za-z0-9_-][A-Za-z0-9._-]*/?)*")
+"""A plain path: no escapes, query or dot segments, which the client could spell another
+way (the match is on the path as sent)."""
 
 
 _DRIVERS = {

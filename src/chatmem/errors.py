@@ -28,6 +28,7 @@ __all__ = [
     "ChatmemError",
     "FailureLog",
     "InvalidRequest",
+    "NotAllowed",
     "NotFound",
     "NotRelayed",
     "PayloadTooLarge",
@@ -67,6 +68,12 @@ class Unauthorized(ChatmemError):
     type = "authentication_error"
     code = "invalid_api_key"
     headers = {"WWW-Authenticate": "Bearer"}
+
+
+class NotAllowed(ChatmemError):
+    status = 403
+    type = "invalid_request_error"
+    code = "passthrough_not_allowed"
 
 
 class NotFound(ChatmemError):

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import ChatmemError, error_body, error_response
+from .errors import ChatmemError, NotAllowed, error_body, error_response
 from .logs import (
     CLIENT_GONE,
     REQUEST_ID_HEADER,
@@ -133,9 +133,13 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     from .auth import authenticate
     from .metrics import CONTENT_TYPE_LATEST
 
-    authenticate(request)  # with auth on, any valid token (a scraper sends one): not health
-
-    body = gateway_of(request).metrics.exposition()
+    owner = authenticate(request)  # with auth on, a valid token (a scraper sends one)
+    gateway = gateway_of(request)
+    reader = gateway.config.metrics.tenant
+    if reader and gateway.config.auth.enabled and owner.tenant != reader:
+        # Their labels name every tenant and what it used: not for the other tenants.
+        raise NotAllowed("the metrics are for the metrics.tenant's tokens", code="not_allowed")
+    body = gateway.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -13,7 +13,14 @@ from aiohttp import web
 from yarl import URL
 
 from ..auth import authenticate
-from ..errors import InvalidRequest, NotRelayed, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..errors import (
+    InvalidRequest,
+    NotAllowed,
+    NotRelayed,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
@@ -48,6 +55,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     check_content_encoding(request)
     path = _upstream_path(request)
     await _refuse_host_paths(request)
+    if not relayed(path, upstream.config.passthrough):
+        raise NotAllowed(f"the gateway does not relay /v1{path} (see upstream.passthrough)")
     url = upstream.url_for(path, request.rel_url.raw_query_string)
     if upgrade is not None:  # a WebSocket's: any other was refused above
         return await relay_websocket(request, upstream, url)
@@ -270,6 +279,17 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
     from .chat import early_headers
 
     return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
+
+
+def relayed(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``upstream.passthrough`` names ``path`` (after ``/v1``, as sent): one of
+    ``prefixes`` is it, or a folder of it (``/files`` covers ``/files/abc``)."""
+    for prefix in prefixes:
+        if prefix == "/" or path == prefix:
+            return True
+        if path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return True
+    return False
 
 
 def _upstream_path(request: web.Request) -> str:
