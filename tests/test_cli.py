@@ -18,6 +18,9 @@ import pg
 import pytest
 from helpers import Process, free_port, run_chatmem
 
+from chatmem.cli import listening_line
+from chatmem.config import load_config
+
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return run_chatmem(*args, env=env)
@@ -262,3 +265,11 @@ def test_token_encode_decode() -> None:
     assert "exp" in json.loads(
         run("token", "decode", "--secret", "s", expiring.stdout.strip()).stdout
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "url"), [("::1", "http://[::1]:7001/v1"), ("0.0.0.0", "http://0.0.0.0:7001/v1")]
+)
+def test_the_listening_line_names_a_url(host: str, url: str) -> None:
+    config = load_config(None, overrides={"server": {"host": host}}, env={})
+    assert listening_line(config, demo=False).startswith(f"chatmem listening on {url} -> ")

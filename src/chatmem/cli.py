@@ -143,6 +143,23 @@ def _bind_failure(exc: OSError) -> str:
     return os.strerror(errno) if errno else (exc.strerror or str(exc))
 
 
+def listening_line(config: Config, demo: bool) -> str:
+    """The one line ``serve`` prints on stdout once it serves."""
+    host = config.server.host
+    if ":" in host:  # an IPv6 address goes in brackets in a URL
+        host = f"[{host}]"
+    line = (
+        f"chatmem listening on http://{host}:{config.server.port}/v1 "
+        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})"
+    )
+    if config.log.format == "json":  # a log shipper reading stdout too parses every line
+        from .logs import JsonFormatter
+
+        record = logging.makeLogRecord({"name": "chatmem", "levelname": "INFO", "msg": line})
+        line = JsonFormatter().format(record)
+    return line
+
+
 def _check_address_free(host: str, port: int) -> None:
     """Raise :class:`CannotListen` if something listens on ``host:port`` already.
 
@@ -206,7 +223,7 @@ _MOST_FILES = 1 << 20
 
 
 async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
-    from .logs import AccessLogger, JsonFormatter
+    from .logs import AccessLogger
     from .server import GatewayRunner
 
     raise_open_file_limit()
@@ -246,14 +263,7 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     # in the middle of 256 concurrent streams (benchmarks/).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    ready = (
-        f"chatmem listening on http://{config.server.host}:{config.server.port}/v1 "
-        f"-> {config.upstream.url}{' (demo model)' if demo else ''} (pid {os.getpid()})"
-    )
-    if config.log.format == "json":  # a log shipper reading stdout too parses every line
-        record = logging.makeLogRecord({"name": "chatmem", "levelname": "INFO", "msg": ready})
-        ready = JsonFormatter().format(record)
-    print(ready, flush=True)
+    print(listening_line(config, demo), flush=True)
     if not config.auth.enabled:
         # An empty secret (``jwt_secret = "${JWT_SECRET:-}"`` with the variable unset) is
         # no secret: say so, loudly where others can reach the gateway.
