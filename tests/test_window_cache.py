@@ -199,3 +199,28 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
         None,
         [("assistant", b"a" * 21), ("user", b"q" * 4), ("assistant", b"a" * 28)],
     )
+
+
+def test_a_window_cut_by_the_byte_budget_reads_no_further_rows() -> None:
+    """A conversation of large items: the window is read newest first only until the
+    budget is spent (read whole and cut afterwards, it held the event loop a second)."""
+    from chatmem.storage.sqlite_turns import _WINDOW, _newest_rows
+
+    db = sqlite3.connect(":memory:")
+    db.execute(
+        "CREATE TABLE messages (conversation_pk, seq, role, content, name, tool_calls,"
+        " tool_call_id)"
+    )
+    text = b'"' + b"x" * 998 + b'"'
+    db.executemany(
+        "INSERT INTO messages VALUES (1, ?, ?, ?, NULL, NULL, NULL)",
+        [(seq, b"user", text) for seq in range(1, 51)],
+    )
+    rows = db.execute(_WINDOW, (1, 200))
+    window, cut = _newest_rows(rows, 3500)
+    assert cut and len(window) == 3  # the 3 newest of 1,027 bytes each
+    assert window[0] == ("user", b'{"role":"user","content":' + text + b"}")
+    with pytest.raises(sqlite3.ProgrammingError):  # closed: the other 46 were never read
+        rows.fetchone()
+    whole, cut = _newest_rows(db.execute(_WINDOW, (1, 200)), 0)
+    assert not cut and len(whole) == 50

@@ -435,7 +435,7 @@ class Store:
         if self._turns is not None:
             try:
                 exists, system, window = await self._turns.load_window(
-                    owner.tenant, owner.user, conversation_id, limit
+                    owner.tenant, owner.user, conversation_id, limit, max_bytes
                 )
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc

@@ -185,6 +185,24 @@ def _message_json(
     return b"".join(parts)
 
 
+def _newest_rows(rows: sqlite3.Cursor, max_bytes: int) -> tuple[list[tuple[str, bytes]], bool]:
+    """The window from ``rows`` (newest first), oldest first, and whether ``max_bytes`` cut
+    it: the rows are read only until their JSON text is that long.  Read whole and cut
+    afterwards, a conversation of large items held the event loop for a second a turn."""
+    newest: list[tuple[str, bytes]] = []
+    total = 0
+    for row in rows:
+        text = _message_json(*row)
+        total += len(text)
+        if max_bytes and total > max_bytes:
+            rows.close()  # the rest is never read
+            newest.reverse()
+            return newest, True
+        newest.append((row[0].decode(), text))
+    newest.reverse()
+    return newest, False
+
+
 class SQLiteTurns:
     """``load_window`` and ``append_turn_soon`` on one SQLite file.
 
@@ -254,11 +272,12 @@ class SQLiteTurns:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def load_window(
-        self, tenant: str, user: str, conversation_id: str, limit: int
+        self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
     ) -> tuple[bool, Any, list[tuple[str, bytes]]]:
         """(found, system prompt, newest ``limit`` messages oldest first, each as its role
-        and its JSON text)."""
-        args = (tenant, user, conversation_id, limit)
+        and its JSON text); with ``max_bytes``, only the newest of them whose JSON text
+        fits in that many bytes."""
+        args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
         try:
@@ -296,7 +315,13 @@ class SQLiteTurns:
         return fn(self._connection(), *args)
 
     def _load_window(
-        self, conn: sqlite3.Connection, tenant: str, user: str, conversation_id: str, limit: int
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        user: str,
+        conversation_id: str,
+        limit: int,
+        max_bytes: int,
     ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None]:
         """(found, system prompt, window, ``data_version`` of the snapshot it was read in).
 
@@ -315,11 +340,12 @@ class SQLiteTurns:
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
                 return False, None, [], None
-            rows = conn.execute(_WINDOW, (found[0], limit)).fetchall()
+            window, cut = _newest_rows(conn.execute(_WINDOW, (found[0], limit)), max_bytes)
         finally:
             conn.execute("COMMIT")
-        window = [(row[0].decode(), _message_json(*row)) for row in reversed(rows)]
-        return True, _load(found[1]), window, version
+        # A window cut to the byte budget is not the newest ``limit`` messages the cache
+        # keeps (and is large): not cached.
+        return True, _load(found[1]), window, None if cut else version
 
     def append_turn_soon(
         self,
