@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -65,3 +66,40 @@ async def test_an_upstream_error_quoting_the_key_does_not_hand_it_on(
     assert json.loads(got)["error"]["message"] == "invalid key: Bearer [upstream key]"
     assert KEY.encode() not in got
     assert rows.messages("r1") == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+async def test_a_compressed_error_body_goes_decoded_with_the_key_masked(
+    gateway_factory: GatewayFactory, path: str
+) -> None:
+    """A client that asks for gzip gets the passthrough's bodies compressed, where the key
+    cannot be looked for: an error body goes decoded instead; one in an encoding the
+    gateway cannot decode is withheld."""
+    error = json.dumps({"error": {"message": f"invalid key: Bearer {KEY}"}}).encode()
+    for encoding, wire, expected in (
+        ("gzip", gzip.compress(error), "invalid key: Bearer [upstream key]"),
+        ("br", b"\x1b\x00 not brotli", None),
+    ):
+        script = Script(
+            status=401,
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+            chunks=[wire],
+            framing="length",
+        )
+        async with scripted_upstream(script) as up:
+            client = await gateway_factory(up.url, upstream={"api_key": KEY})
+            response = await client.post(
+                path,
+                json={"model": "m", "input": "x", "messages": [{"role": "user", "content": "x"}]},
+                headers={"Accept-Encoding": encoding},
+                auto_decompress=False,
+            )
+            got = await response.read()
+        assert response.status == 401
+        assert "Content-Encoding" not in response.headers
+        message = json.loads(got)["error"]["message"]
+        if expected is not None:
+            assert message == expected
+        else:
+            assert message.startswith("the upstream answered 401 with a body in 'br'")
+        assert KEY.encode() not in got

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from .. import jsonio
 from ..auth import authenticate
 from ..errors import (
     InvalidRequest,
@@ -20,6 +25,7 @@ from ..errors import (
     PayloadTooLarge,
     UpstreamError,
     UpstreamTimeout,
+    error_body,
 )
 from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
@@ -55,7 +61,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     check_content_encoding(request)
     path = _upstream_path(request)
     await _refuse_host_paths(request)
-    if not relayed(path, upstream.config.passthrough):
+    allowed = upstream.config.passthrough
+    if not relayed(path, allowed):
         raise NotAllowed(f"the gateway does not relay /v1{path} (see upstream.passthrough)")
     url = upstream.url_for(path, request.rel_url.raw_query_string)
     if upgrade is not None:  # a WebSocket's: any other was refused above
@@ -63,7 +70,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     # aiohttp's server decodes a compressed body: it goes up decoded, chunked (its length
     # is not the one the client sent).
     decoded = "Content-Encoding" in request.headers
-    headers = upstream.request_headers(request.headers, drop=_DECODED if decoded else ())
+    drop = _DECODED if decoded else ()
+    if "/" not in allowed:  # headers some frameworks take for another method or path
+        drop = (*drop, *_REROUTING)
+    headers = upstream.request_headers(request.headers, drop=drop)
     if length is not None and not decoded:
         headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
@@ -281,13 +291,64 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
     return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
 
 
+_ERROR_BODY_LIMIT = 1024 * 1024
+"""The largest compressed error body decoded to look for the upstream key, and the
+largest decoded one: error bodies are a few hundred bytes."""
+
+
+async def _decoded_error(
+    upstream: Answer, headers: CIMultiDict[str], encoding: str, redactor: Redactor
+) -> web.Response:
+    """An error body in a ``Content-Encoding`` (the client asked for gzip, say): the key
+    cannot be looked for in compressed bytes, so the body goes decoded, with it masked.
+    One that cannot be decoded here (``br``, a bomb, too large) is withheld: the status
+    goes on with an error body of the gateway's own."""
+    del headers["Content-Encoding"]
+    raw = bytearray()
+    async for chunk in upstream.content.iter_any():
+        raw += chunk
+        if len(raw) > _ERROR_BODY_LIMIT:
+            upstream.close()
+            break
+    body = None
+    if len(raw) <= _ERROR_BODY_LIMIT and encoding in ("gzip", "x-gzip", "deflate"):
+        decoder = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, whichever came
+        with contextlib.suppress(zlib.error):
+            decoded = decoder.decompress(bytes(raw), _ERROR_BODY_LIMIT)
+            if not decoder.unconsumed_tail:
+                body = redactor.feed(decoded) + redactor.end()
+    if body is None:
+        message = (
+            f"the upstream answered {upstream.status} with a body in {encoding!r} that the"
+            " gateway could not check for the upstream key, so it is not passed on"
+        )
+        headers["Content-Type"] = "application/json"
+        body = jsonio.dumps(error_body(message, "upstream_error", code="upstream_body_withheld"))
+    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+
+
+_REROUTING = (
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+)
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,=/-]*")
+"""What a path may hold to be matched against ``upstream.passthrough``: no escapes, no
+backslash, no ``;`` (which some servers read as ``/``, ``..`` or a parameter)."""
+
+
 def relayed(path: str, prefixes: tuple[str, ...]) -> bool:
     """Whether ``upstream.passthrough`` names ``path`` (after ``/v1``, as sent): one of
-    ``prefixes`` is it, or a folder of it (``/files`` covers ``/files/abc``)."""
+    ``prefixes`` is it, or a folder of it (``/files`` covers ``/files/abc``).  Only a plain
+    path is matched: ``/models/%5c..%5cfiles`` is ``/files`` to some servers."""
+    if "/" in prefixes:
+        return True
+    if not _PLAIN_PATH.fullmatch(path):
+        return False
     for prefix in prefixes:
-        if prefix == "/" or path == prefix:
-            return True
-        if path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+        if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
             return True
     return False
 
@@ -383,6 +444,9 @@ async def relay(
     headers = response_headers(upstream.headers, ("content-length",) if redactor else ())
     if extra_headers:
         headers.update(extra_headers)
+    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    if redactor is not None and encoding != "identity":
+        return await _decoded_error(upstream, headers, encoding, redactor)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
