@@ -46,6 +46,8 @@ async def _client_seen(
         (["127.0.0.1"], ["1.2.3.4 [forged-request-id] admin-ok"], "127.0.0.1"),
         (["127.0.0.1"], ["garbage<>"], "127.0.0.1"),
         (["127.0.0.1"], ["2001:db8::1"], "2001:db8::1"),
+        # An IPv6 scope may be any text: fake fields for the access line.
+        (["127.0.0.1"], ["fe80::1%eth0 FAKE 200 1.0ms [deadbeef]"], "127.0.0.1"),
     ],
 )
 async def test_client_address(

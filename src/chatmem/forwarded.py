@@ -54,6 +54,8 @@ def client_address(request: web.BaseRequest) -> str | None:
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if "%" in text:  # an IPv6 scope (fe80::1%eth0) may hold any text but % and /
+        return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
