@@ -206,3 +206,23 @@ async def test_prune_deletes_whole_old_conversations_in_batches(store: Store) ->
     # The messages went with their conversations.
     assert await all_rows(store, "SELECT count(*) FROM messages") == [(4,)]
     assert await store.prune(30 * 86400) == 0
+
+
+async def test_a_page_of_large_items_ends_at_8_mib(store: Store) -> None:
+    """100 items of 3 MB were one page of 300 MB: read whole, then sent."""
+    big = "z" * (3 * 1024 * 1024)
+    for n in range(4):
+        await store.commit_turn(
+            ALICE, "big", system=None, turn=[{"role": "user", "content": f"{n}{big}"}]
+        )
+    await store.commit_turn(ALICE, "big", system=None, turn=turn(1))  # two small ones
+    seen: list[int] = []
+    after = None
+    for _ in range(5):  # bounded: two pages
+        page = await store.list_items(ALICE, "big", limit=100, after_seq=after, newest_first=False)
+        assert page is not None and page.data
+        seen.append(len(page.data))
+        after = page.data[-1]["seq"]
+        if not page.has_more:
+            break
+    assert seen == [2, 4]  # 3 MB, 3 MB | 3 MB, 3 MB, q1, a1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import Text, and_, cast, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -257,6 +257,22 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
 
 
 _RESULTS = frozenset({"tool", "function"})  # "function": the deprecated function_call's
+
+
+_PAGE_BYTES = 8 * 1024 * 1024
+"""A page of items ends once its items' content is this large (one item at least)."""
+
+
+def _page_seqs(sized: Sequence[Any], limit: int) -> list[int]:
+    """The ``seq`` of the items on a page, from (seq, size) rows in the page's order."""
+    seqs: list[int] = []
+    total = 0
+    for seq, size in sized[:limit]:
+        total += size
+        if seqs and total > _PAGE_BYTES:
+            break
+        seqs.append(seq)
+    return seqs
 
 
 def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list[T]:
@@ -698,12 +714,21 @@ class Store:
             ).scalar_one_or_none()
             if pk is None:
                 return None
-            query = select(*(m[name] for name in ITEM_FIELDS)).where(m.conversation_pk == pk)
+            where = [m.conversation_pk == pk]
             if after_seq is not None:
-                query = query.where(m.seq < after_seq if newest_first else m.seq > after_seq)
+                where.append(m.seq < after_seq if newest_first else m.seq > after_seq)
             order = m.seq.desc() if newest_first else m.seq
-            rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
-        return Page(data=[dict(row._mapping) for row in rows[:limit]], has_more=len(rows) > limit)
+            # Sizes first: a page of large items ends at _PAGE_BYTES (has_more says so),
+            # and only its rows are read (100 items of 3 MB each made one page 300 MB).
+            size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
+                func.length(cast(m.tool_calls, Text)), 0
+            )
+            sizes = select(m.seq, size).where(*where).order_by(order).limit(limit + 1)
+            sized = (await conn.execute(sizes)).all()
+            seqs = _page_seqs(sized, limit)
+            query = select(*(m[name] for name in ITEM_FIELDS)).where(m.seq.in_(seqs), *where)
+            rows = (await conn.execute(query.order_by(order))).all() if seqs else ()
+        return Page(data=[dict(row._mapping) for row in rows], has_more=len(seqs) < len(sized))
 
     async def append_items(
         self,
