@@ -444,7 +444,8 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         try:
             await commit(turn)
         except ChatmemError as exc:
-            failure = (f"the answer could not be saved: {exc.message}", exc.code, exc.type)
+            saved = "may not have been" if exc.code == "storage_outcome_unknown" else "could not be"
+            failure = (f"the answer {saved} saved: {exc.message}", exc.code, exc.type)
         except Exception:
             # Unforeseen, and logged as such (the engine hides statement parameters). The
             # stream has started, so no 500 can follow: the client gets an error event and

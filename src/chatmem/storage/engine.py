@@ -87,11 +87,21 @@ def _replace_dead_connections(engine: AsyncEngine) -> None:
 
 
 def _postgresql_args(config: StorageConfig) -> dict[str, Any]:
-    """asyncpg's connect() arguments: connect timeout and server-side settings."""
+    """asyncpg's connect() arguments: connect timeout and server-side settings, and a
+    client-side limit a little past ``statement_timeout``: a connection that goes silent
+    (a network partition, a stalled proxy) never answers with the server's timeout, and
+    requests waited on it for as long as it stayed silent (minutes, in a probe)."""
     settings = {"application_name": "chatmem"}
+    args: dict[str, Any] = {"timeout": config.connect_timeout, "server_settings": settings}
     if config.statement_timeout:
         settings["statement_timeout"] = str(int(config.statement_timeout * 1000))
-    return {"timeout": config.connect_timeout, "server_settings": settings}
+        args["command_timeout"] = config.statement_timeout + _SILENCE_MARGIN
+    return args
+
+
+_SILENCE_MARGIN = 5.0
+"""Seconds past ``statement_timeout`` before a statement is given up on the client side:
+the server's own error, when it can send one, comes first."""
 
 
 def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:

@@ -48,7 +48,9 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, DBAPIError | asyncpg.PostgresError):
         return False
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc.orig, OSError)  # a timeout, say
+    ):
         return True
     code = sqlstate(exc)
     return code is not None and (

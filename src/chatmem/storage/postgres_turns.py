@@ -29,8 +29,9 @@ from typing import Any
 import asyncpg
 
 from .. import jsonio
+from .faults import BROKEN_CONNECTION
 
-__all__ = ["append_turn", "load_window"]
+__all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
 
 _READ = """
 SELECT c.system_prompt, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
@@ -92,26 +93,41 @@ async def append_turn(
 ) -> None:
     """Create the conversation if needed (with ``system``; an existing one keeps its system
     prompt unless ``system`` is given) and append ``turn``, in one statement in its own
-    transaction."""
-    async with conn.transaction():
-        await conn.execute(
-            _KEEP_SYSTEM if system is None else _REPLACE_SYSTEM,
-            conversation_id,
-            tenant,
-            user,
-            _json(system),
-            len(turn),
-            now,
-            [_text(message["role"]) for message in turn],
-            [_json(message.get("content")) for message in turn],
-            [_text(message.get("name")) for message in turn],
-            [_json(message.get("tool_calls")) for message in turn],
-            [_text(message.get("tool_call_id")) for message in turn],
-            [_text(message.get("reasoning")) for message in turn],
-            [_text(message.get("model")) for message in turn],
-            [_text(message.get("finish_reason")) for message in turn],
-            [_json(message.get("usage")) for message in turn],
-        )
+    transaction.  :class:`CommitUnconfirmed` if the connection failed while the COMMIT
+    was on its way: the turn may be stored or not."""
+    # Not ``async with``: a failed COMMIT must be told from a failed statement.  A write
+    # that fails is never rolled back here: the caller closes the connection (see
+    # ``Store._driver``), and the server rolls the transaction back.
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute(
+        _KEEP_SYSTEM if system is None else _REPLACE_SYSTEM,
+        conversation_id,
+        tenant,
+        user,
+        _json(system),
+        len(turn),
+        now,
+        [_text(message["role"]) for message in turn],
+        [_json(message.get("content")) for message in turn],
+        [_text(message.get("name")) for message in turn],
+        [_json(message.get("tool_calls")) for message in turn],
+        [_text(message.get("tool_call_id")) for message in turn],
+        [_text(message.get("reasoning")) for message in turn],
+        [_text(message.get("model")) for message in turn],
+        [_text(message.get("finish_reason")) for message in turn],
+        [_json(message.get("usage")) for message in turn],
+    )
+    try:
+        await transaction.commit()
+    # No answer: committed, or not.  (asyncpg reports a connection closed under it as a
+    # PostgresConnectionError, class 08, which no server sent.)
+    except (OSError, asyncpg.PostgresConnectionError, *BROKEN_CONNECTION) as exc:
+        raise CommitUnconfirmed("the conversation store did not confirm the commit") from exc
+
+
+class CommitUnconfirmed(Exception):
+    """The connection failed after COMMIT was sent: whether the turn is stored is unknown."""
 
 
 def _json(value: Any) -> str | None:

@@ -380,7 +380,7 @@ class Store:
                 try:
                     yield driver
                 except BaseException as exc:
-                    if writing or isinstance(exc, BROKEN_CONNECTION):
+                    if writing or isinstance(exc, (*BROKEN_CONNECTION, OSError)):
                         # A write cut short can leave the connection in a transaction
                         # that asyncpg or the server still thinks open (cancelled while
                         # its BEGIN was on the way, or cancelled twice before its
@@ -921,6 +921,12 @@ def _store_failures() -> Iterator[None]:
     :class:`StorageUnavailable` (busy, or unavailable); anything else unchanged."""
     try:
         yield
+    except postgres_turns.CommitUnconfirmed as exc:
+        raise StorageUnavailable(
+            "the conversation store stopped answering as the turn was committed: it may"
+            " be stored or not (read the conversation before sending the turn again)",
+            code="storage_outcome_unknown",
+        ) from exc
     except (DBAPIError, PoolTimeout, OSError, asyncpg.PostgresError, *BROKEN_CONNECTION) as exc:
         _raise_unavailable(exc)
         raise
