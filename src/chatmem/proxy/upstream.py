@@ -50,6 +50,8 @@ _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 _NOT_TO_THE_CLIENT = ("set-cookie",)
+"""The upstream's cookies belong to the gateway's session with it (a client's ``Cookie``
+never goes upstream): passed on, they would only hand that session to every client."""
 _SHORTEST_SECRET = 8
 """A key shorter than this is not looked for in what the upstream sends: masking every
 ``abc`` of a body would garble it, and such a key protects nothing anyway."""
@@ -59,8 +61,6 @@ _PASSTHROUGH_IDLE = 4.0
 uvicorn (vLLM), llama.cpp's server and Node close theirs.  A request sent as the upstream
 closes its connection fails, and a proxy must not send a POST again (RFC 9110, 9.2.2):
 it could have been applied.  aiohttp's default, 15 s, made some of them 502s."""
-"""The upstream's cookies belong to the gateway's session with it (a client's ``Cookie``
-never goes upstream): passed on, they would only hand that session to every client."""
 
 
 def response_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
