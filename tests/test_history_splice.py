@@ -72,12 +72,22 @@ def wire(message: dict[str, Any]) -> dict[str, Any]:
     return sent
 
 
-def window(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` messages, without leading tool or function results."""
+def window(
+    stored: list[dict[str, Any]], limit: int, cut: bool | None = None
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` messages, without leading tool or function results; and once
+    older messages are left out (``cut``; by default when ``limit`` messages are there),
+    from the first user message on, if there is one."""
     kept = stored[-limit:]
-    while kept and kept[0]["role"] in ("tool", "function"):
-        kept = kept[1:]
-    return kept
+    if cut is None:
+        cut = len(kept) >= limit
+    start = 0
+    while start < len(kept) and kept[start]["role"] in ("tool", "function"):
+        start += 1
+    users = [k for k in range(start, len(kept)) if kept[k]["role"] == "user"]
+    if cut and users:
+        start = users[0]
+    return kept[start:]
 
 
 def upstream_bodies(upstream: TestServer) -> list[Any]:
@@ -369,7 +379,8 @@ async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
             for budget in budgets:
                 newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
                 history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
-                assert history.messages == window(newest, len(newest)), budget
+                cut = len(newest) < len(BUDGETED)
+                assert history.messages == window(newest, len(newest), cut), budget
             unlimited = await store.load_history(OWNER, "b", 200)
             assert unlimited.messages == [wire(m) for m in BUDGETED]
             assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right

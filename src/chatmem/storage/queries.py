@@ -219,24 +219,28 @@ def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
 
 
 def _history(
-    system: list[dict[str, Any]] | None, wire: list[dict[str, Any]], max_bytes: int
+    system: list[dict[str, Any]] | None, wire: list[dict[str, Any]], max_bytes: int, cut: bool
 ) -> History:
-    """The history to send of a window read through SQLAlchemy or asyncpg."""
+    """The history to send of a window read through SQLAlchemy or asyncpg (``cut``: older
+    messages were left out)."""
     if max_bytes:  # the budget counts each message's text: encode each one, once
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes)
-    kept = drop_orphan_tool_results(wire, (message["role"] for message in wire))
+        return _encoded_history(system, texts, max_bytes, cut)
+    kept = window_start(wire, (message["role"] for message in wire), cut)
     return History.from_messages(system, kept)
 
 
-def _encoded_history(system: Any, window: list[tuple[str, bytes]], max_bytes: int) -> History:
-    """The history to send of a window of (role, JSON text) messages."""
-    kept = drop_orphan_tool_results(window, (role for role, _ in window))
+def _encoded_history(
+    system: Any, window: list[tuple[str, bytes]], max_bytes: int, cut: bool
+) -> History:
+    """The history to send of a window of (role, JSON text) messages (``cut``: older
+    messages were left out)."""
+    kept = window_start(window, (role for role, _ in window), cut)
     encoded = b",".join([text for _, text in kept])
     # The usual window fits: its size is the joined text's less the commas, no loop.
     if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
         window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        kept = drop_orphan_tool_results(window, (role for role, _ in window))
+        kept = window_start(window, (role for role, _ in window), cut=True)
         encoded = b",".join([text for _, text in kept])
     return History(system=system, encoded=encoded)
 
@@ -284,14 +288,26 @@ def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list
     return window[start:]
 
 
-def drop_orphan_tool_results(window: list[T], roles: Iterable[str]) -> list[T]:
-    """A history window must not start with tool (or function) results whose call was cut
-    off.  ``roles`` are the roles of ``window``'s messages, in order."""
+def window_start(window: list[T], roles: Iterable[str], cut: bool) -> list[T]:
+    """``window`` from where a history may start.  Never with tool (or function) results
+    whose call was left out.  And when older messages were left out (``cut``), at a user
+    message, the start of a turn: the assistant's half of a turn first broke, turn after
+    turn, the chat templates that want user and assistant to alternate (Mistral's, Llama
+    2's).  A window with no user message keeps what follows its orphaned results.
+    ``roles`` are the roles of ``window``'s messages, in order."""
     start = 0
+    after_results = None  # where the orphaned results end
     for role in roles:
-        if role not in _RESULTS:
+        if after_results is None:
+            if role in _RESULTS:
+                start += 1
+                continue
+            after_results = start
+        if not cut or role == "user":
             break
         start += 1
+    else:  # no user message (or nothing but results)
+        start = after_results if after_results is not None else start
     return window[start:] if start else window
 
 
@@ -450,14 +466,14 @@ class Store:
         ``max_bytes``, only the newest of them whose JSON text fits in that many bytes."""
         if self._turns is not None:
             try:
-                exists, system, window = await self._turns.load_window(
+                exists, system, window, cut = await self._turns.load_window(
                     owner.tenant, owner.user, conversation_id, limit, max_bytes
                 )
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None)
-            return _encoded_history(system, window, max_bytes)
+            return _encoded_history(system, window, max_bytes, cut or len(window) >= limit)
         if self._asyncpg:
             async with self._driver(writing=False) as driver:
                 exists, system, records = await postgres_turns.load_window(
@@ -465,7 +481,8 @@ class Store:
                 )
             if not exists:
                 return History(system=None)
-            return _history(system, [_to_wire(record) for record in records], max_bytes)
+            wire = [_to_wire(record) for record in records]
+            return _history(system, wire, max_bytes, len(wire) >= limit)
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -491,7 +508,7 @@ class Store:
                 )
             ).all()
         wire = [_to_wire(row._mapping) for row in reversed(rows)]
-        return _history(found.system_prompt, wire, max_bytes)
+        return _history(found.system_prompt, wire, max_bytes, len(wire) >= limit)
 
     async def commit_turn(
         self,

@@ -273,10 +273,10 @@ class SQLiteTurns:
 
     async def load_window(
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
-    ) -> tuple[bool, Any, list[tuple[str, bytes]]]:
+    ) -> tuple[bool, Any, list[tuple[str, bytes]], bool]:
         """(found, system prompt, newest ``limit`` messages oldest first, each as its role
-        and its JSON text); with ``max_bytes``, only the newest of them whose JSON text
-        fits in that many bytes."""
+        and its JSON text, whether ``max_bytes`` left older ones out); with ``max_bytes``,
+        only the newest of them whose JSON text fits in that many bytes."""
         args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
@@ -287,8 +287,8 @@ class SQLiteTurns:
                 self._windows.validate(conn, limit)
                 cached = self._windows.get(key)
                 if cached is not None:
-                    return True, cached[0], cached[1]
-            found, system, window, version = self._load_window(conn, *args)
+                    return True, cached[0], cached[1], False
+            found, system, window, version, cut = self._load_window(conn, *args)
             if found:
                 self._unseen.discard(key)  # created elsewhere after an earlier miss
             else:
@@ -296,13 +296,15 @@ class SQLiteTurns:
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
-            found, system, window, _ = await self._run(
+            found, system, window, _, cut = await self._run(
                 self._reader, self._on_thread, self._load_window, *args
             )
-            return found, system, window
-        if version is not None:  # found, in a snapshot of that version
+            return found, system, window, cut
+        if version is not None and not cut:  # found, in a snapshot of that version
+            # (a window cut to the byte budget is not the newest ``limit`` messages the
+            # cache keeps, and is large: not cached)
             self._windows.put(key, system, window, version, limit)
-        return found, system, window
+        return found, system, window, cut
 
     def expect_new(self, tenant: str, user: str, conversation_id: str) -> None:
         """Remember that this conversation is not stored (yet): its first turn is created
@@ -322,8 +324,9 @@ class SQLiteTurns:
         conversation_id: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None]:
-        """(found, system prompt, window, ``data_version`` of the snapshot it was read in).
+    ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None, bool]:
+        """(found, system prompt, window, ``data_version`` of the snapshot it was read in,
+        whether ``max_bytes`` cut the window).
 
         A new conversation costs one statement: no transaction, no version (nothing is
         cached for it).
@@ -333,19 +336,17 @@ class SQLiteTurns:
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
         if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
-            return False, None, [], None
+            return False, None, [], None, False
         conn.execute("BEGIN")  # one snapshot for the version and both statements
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
-                return False, None, [], None
+                return False, None, [], None, False
             window, cut = _newest_rows(conn.execute(_WINDOW, (found[0], limit)), max_bytes)
         finally:
             conn.execute("COMMIT")
-        # A window cut to the byte budget is not the newest ``limit`` messages the cache
-        # keeps (and is large): not cached.
-        return True, _load(found[1]), window, None if cut else version
+        return True, _load(found[1]), window, version, cut
 
     def append_turn_soon(
         self,
