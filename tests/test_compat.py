@@ -237,6 +237,15 @@ async def test_ask_seed_examples_continue_the_stored_conversation(
     ]
     assert {(m["tenant"], m["user_id"]) for m in stored} == {("default", "")}
 
+    # Its README shows the health check under /api: a client with that base asks there.
+    json_body = {"Content-Type": "application/json"}
+    third = await gateway.post("/api/v1/ask", data=ASK, headers=json_body)
+    assert third.status == 200
+    assert chats(upstream)[-1]["messages"][:4] == [
+        user(question), assistant(answer1), user(question), assistant(answer2)
+    ]  # fmt: skip
+    assert len(rows.messages("ask:1234:1234")) == 6
+
 
 async def test_ask_with_history_uses_it_and_still_remembers(
     gateway: Client, upstream: TestServer, rows: Rows

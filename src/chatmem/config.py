@@ -324,7 +324,9 @@ def _validate_metrics_path(path: str) -> None:
         return
     if not path.startswith("/"):
         raise ConfigError("metrics.path: must start with '/' (or be \"\" to turn it off)")
-    if path.rstrip("/") in ("/v1", "/api/v1/health") or path.startswith(("/v1/", "/conversation/")):
+    if path.rstrip("/") in ("/v1", "/api/v1/health", "/api/v1/ask") or path.startswith(
+        ("/v1/", "/conversation/")
+    ):
         # It is added first: it would take the route over (GET /v1/health answering metrics).
         raise ConfigError("metrics.path: must not be one of the gateway's routes or under /v1/")
 

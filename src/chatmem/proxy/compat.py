@@ -30,11 +30,15 @@ def add_compat_routes(
     app[COOKIE_SESSIONS] = CookieSessions(config.compat)
     routes.add_get("/v1/ready", ready, name=prefix + "ready")
     routes.add_post("/v1/ask", ask, name=prefix + "ask")
+    # The api-server's README shows its health check under /api (/api/v1/health): a
+    # client whose base URL ends in /api must find /v1/ask there too.
+    routes.add_post("/api/v1/ask", ask, name=prefix + "ask_api")
     # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
     routes.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
     paths = (
         ("ready", "/v1/ready"),
         ("ask", "/v1/ask"),
+        ("ask_api", "/api/v1/ask"),
         ("conversation", "/conversation/{model:.+}"),
     )
     for name, path in paths:
