@@ -412,12 +412,25 @@ async def test_history_window_is_newest_n(
     for word in ("a", "b", "c"):
         await chat(client, [user(word)])
     history = sent_messages(upstream)[:-1]
-    # Four stored messages (a, A, b, B); of the newest three, A is the second half of a
-    # turn whose question was left out: the history starts at b (templates such as
-    # Mistral's refuse a history that does not alternate from a user message).
+    # Four stored messages (a, A, b, B); the newest three go upstream.
+    assert [m["role"] for m in history] == ["assistant", "user", "assistant"]
+    assert history[1] == user("b")
+    assert sent_messages(upstream)[-1] == user("c")
+
+
+async def test_start_at_user_starts_a_cut_history_at_a_turn(
+    gateway_factory: GatewayFactory, upstream: TestServer
+) -> None:
+    """Of the newest three of (a, A, b, B), A is the second half of a turn whose question
+    was left out: chat templates such as Mistral's refuse a history that does not
+    alternate from a user message, so with memory.start_at_user it starts at b."""
+    memory = {"max_history_messages": 3, "start_at_user": True}
+    client = await gateway_factory(upstream_url(upstream), memory=memory)
+    for word in ("a", "b", "c"):
+        await chat(client, [user(word)])
+    history = sent_messages(upstream)[:-1]
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[0] == user("b")
-    assert sent_messages(upstream)[-1] == user("c")
 
 
 async def test_window_never_starts_with_orphan_tool_result(

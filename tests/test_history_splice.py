@@ -73,19 +73,17 @@ def wire(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def window(
-    stored: list[dict[str, Any]], limit: int, cut: bool | None = None
+    stored: list[dict[str, Any]], limit: int, start_at_user: bool = False, cut: bool = False
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` messages, without leading tool or function results; and once
-    older messages are left out (``cut``; by default when ``limit`` messages are there),
-    from the first user message on, if there is one."""
+    """The newest ``limit`` messages, without leading tool or function results; with
+    ``start_at_user``, once older messages are left out (``cut``, or ``limit`` messages
+    there), from the first user message on, if there is one."""
     kept = stored[-limit:]
-    if cut is None:
-        cut = len(kept) >= limit
     start = 0
     while start < len(kept) and kept[start]["role"] in ("tool", "function"):
         start += 1
     users = [k for k in range(start, len(kept)) if kept[k]["role"] == "user"]
-    if cut and users:
+    if start_at_user and (cut or len(kept) >= limit) and users:
         start = users[0]
     return kept[start:]
 
@@ -379,8 +377,14 @@ async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
             for budget in budgets:
                 newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
                 history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
+                assert history.messages == window(newest, len(newest)), budget
+                # memory.start_at_user: once the budget left older messages out, from a
+                # user message on (if one is left).
+                turned = await store.load_history(
+                    OWNER, "b", 200, max_bytes=budget, start_at_user=True
+                )
                 cut = len(newest) < len(BUDGETED)
-                assert history.messages == window(newest, len(newest), cut), budget
+                assert turned.messages == window(newest, 200, True, cut), budget
             unlimited = await store.load_history(OWNER, "b", 200)
             assert unlimited.messages == [wire(m) for m in BUDGETED]
             assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right

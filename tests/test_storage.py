@@ -47,7 +47,9 @@ async def test_turn_and_history(store: Store) -> None:
     assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
     assert history.messages[1] == {"role": "assistant", "content": "a1"}
     newest = await store.load_history(ALICE, "c", limit=3)
-    assert [m["content"] for m in newest.messages] == ["q2", "a2"]  # from a turn's start
+    assert [m["content"] for m in newest.messages] == ["a1", "q2", "a2"]
+    turned = await store.load_history(ALICE, "c", limit=3, start_at_user=True)
+    assert [m["content"] for m in turned.messages] == ["q2", "a2"]  # from a turn's start
 
 
 async def test_owners_are_separate(store: Store) -> None:

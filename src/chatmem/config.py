@@ -137,6 +137,11 @@ class MemoryConfig:
     # than any model's context (about 2M tokens): it bounds what one turn reads, holds and
     # sends, which a conversation of large appended items made 120 MB a turn.
     max_history_bytes: int = 8 * 1024 * 1024
+    # When the limits above leave older messages out, start the history at a user message
+    # (the start of a turn): chat templates that want roles to alternate from a user
+    # message (Mistral's, Llama 2's) refuse [system, assistant, user, ...].  Off: the
+    # newest messages as the contract says, never starting with an orphaned tool result.
+    start_at_user: bool = False
     on_client_disconnect: Literal["discard", "finish"] = "discard"
     # Conversations not updated for this many days are deleted (0 = keep forever).
     retention_days: int = 0

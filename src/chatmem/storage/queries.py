@@ -219,30 +219,41 @@ def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
 
 
 def _history(
-    system: list[dict[str, Any]] | None, wire: list[dict[str, Any]], max_bytes: int, cut: bool
+    system: list[dict[str, Any]] | None,
+    wire: list[dict[str, Any]],
+    max_bytes: int,
+    start_at_user: bool | None,
 ) -> History:
-    """The history to send of a window read through SQLAlchemy or asyncpg (``cut``: older
-    messages were left out)."""
+    """The history to send of a window read through SQLAlchemy or asyncpg
+    (``start_at_user``: see :func:`_encoded_history`)."""
     if max_bytes:  # the budget counts each message's text: encode each one, once
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes, cut)
-    kept = window_start(wire, (message["role"] for message in wire), cut)
+        return _encoded_history(system, texts, max_bytes, start_at_user)
+    kept = window_start(wire, (message["role"] for message in wire), bool(start_at_user))
     return History.from_messages(system, kept)
 
 
 def _encoded_history(
-    system: Any, window: list[tuple[str, bytes]], max_bytes: int, cut: bool
+    system: Any, window: list[tuple[str, bytes]], max_bytes: int, start_at_user: bool | None
 ) -> History:
-    """The history to send of a window of (role, JSON text) messages (``cut``: older
-    messages were left out)."""
-    kept = window_start(window, (role for role, _ in window), cut)
+    """The history to send of a window of (role, JSON text) messages.  ``start_at_user``:
+    the window starts at a user message, True when older messages were already left out,
+    None when it is asked for but none were (a cut to ``max_bytes`` here makes it True),
+    False when it is not asked for (``memory.start_at_user``)."""
+    kept = window_start(window, (role for role, _ in window), bool(start_at_user))
     encoded = b",".join([text for _, text in kept])
     # The usual window fits: its size is the joined text's less the commas, no loop.
     if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
         window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        kept = window_start(window, (role for role, _ in window), cut=True)
+        cut = start_at_user is not False
+        kept = window_start(window, (role for role, _ in window), cut)
         encoded = b",".join([text for _, text in kept])
     return History(system=system, encoded=encoded)
+
+
+def _start_at_user(asked: bool, cut: bool) -> bool | None:
+    """The ``start_at_user`` of :func:`_encoded_history`."""
+    return (True if cut else None) if asked else False
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -460,10 +471,17 @@ class Store:
         return History(system=None)
 
     async def load_history(
-        self, owner: Owner, conversation_id: str, limit: int, *, max_bytes: int = 0
+        self,
+        owner: Owner,
+        conversation_id: str,
+        limit: int,
+        *,
+        max_bytes: int = 0,
+        start_at_user: bool = False,
     ) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first; with
-        ``max_bytes``, only the newest of them whose JSON text fits in that many bytes."""
+        ``max_bytes``, only the newest of them whose JSON text fits in that many bytes;
+        with ``start_at_user``, from a user message on if older ones were left out."""
         if self._turns is not None:
             try:
                 exists, system, window, cut = await self._turns.load_window(
@@ -473,7 +491,8 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None)
-            return _encoded_history(system, window, max_bytes, cut or len(window) >= limit)
+            start = _start_at_user(start_at_user, cut or len(window) >= limit)
+            return _encoded_history(system, window, max_bytes, start)
         if self._asyncpg:
             async with self._driver(writing=False) as driver:
                 exists, system, records = await postgres_turns.load_window(
@@ -482,7 +501,8 @@ class Store:
             if not exists:
                 return History(system=None)
             wire = [_to_wire(record) for record in records]
-            return _history(system, wire, max_bytes, len(wire) >= limit)
+            start = _start_at_user(start_at_user, len(wire) >= limit)
+            return _history(system, wire, max_bytes, start)
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -508,7 +528,8 @@ class Store:
                 )
             ).all()
         wire = [_to_wire(row._mapping) for row in reversed(rows)]
-        return _history(found.system_prompt, wire, max_bytes, len(wire) >= limit)
+        start = _start_at_user(start_at_user, len(wire) >= limit)
+        return _history(found.system_prompt, wire, max_bytes, start)
 
     async def commit_turn(
         self,
