@@ -222,38 +222,35 @@ def _history(
     system: list[dict[str, Any]] | None,
     wire: list[dict[str, Any]],
     max_bytes: int,
-    start_at_user: bool | None,
+    start_at_user: bool,
+    cut: bool,
 ) -> History:
-    """The history to send of a window read through SQLAlchemy or asyncpg
-    (``start_at_user``: see :func:`_encoded_history`)."""
+    """The history to send of a window read through SQLAlchemy or asyncpg (the flags as
+    for :func:`_encoded_history`)."""
     if max_bytes:  # the budget counts each message's text: encode each one, once
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes, start_at_user)
-    kept = window_start(wire, (message["role"] for message in wire), bool(start_at_user))
+        return _encoded_history(system, texts, max_bytes, start_at_user, cut)
+    kept = window_start(wire, (message["role"] for message in wire), start_at_user and cut)
     return History.from_messages(system, kept)
 
 
 def _encoded_history(
-    system: Any, window: list[tuple[str, bytes]], max_bytes: int, start_at_user: bool | None
+    system: Any,
+    window: list[tuple[str, bytes]],
+    max_bytes: int,
+    start_at_user: bool,
+    cut: bool,
 ) -> History:
-    """The history to send of a window of (role, JSON text) messages.  ``start_at_user``:
-    the window starts at a user message, True when older messages were already left out,
-    None when it is asked for but none were (a cut to ``max_bytes`` here makes it True),
-    False when it is not asked for (``memory.start_at_user``)."""
-    kept = window_start(window, (role for role, _ in window), bool(start_at_user))
+    """The history to send of a window of (role, JSON text) messages: ``cut``, older
+    messages were left out already; ``start_at_user``, ``memory.start_at_user``."""
+    kept = window_start(window, (role for role, _ in window), start_at_user and cut)
     encoded = b",".join([text for _, text in kept])
     # The usual window fits: its size is the joined text's less the commas, no loop.
     if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
         window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        cut = start_at_user is not False
-        kept = window_start(window, (role for role, _ in window), cut)
+        kept = window_start(window, (role for role, _ in window), start_at_user)
         encoded = b",".join([text for _, text in kept])
     return History(system=system, encoded=encoded)
-
-
-def _start_at_user(asked: bool, cut: bool) -> bool | None:
-    """The ``start_at_user`` of :func:`_encoded_history`."""
-    return (True if cut else None) if asked else False
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -491,8 +488,8 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None)
-            start = _start_at_user(start_at_user, cut or len(window) >= limit)
-            return _encoded_history(system, window, max_bytes, start)
+            cut = cut or len(window) >= limit
+            return _encoded_history(system, window, max_bytes, start_at_user, cut)
         if self._asyncpg:
             async with self._driver(writing=False) as driver:
                 exists, system, records = await postgres_turns.load_window(
@@ -501,8 +498,7 @@ class Store:
             if not exists:
                 return History(system=None)
             wire = [_to_wire(record) for record in records]
-            start = _start_at_user(start_at_user, len(wire) >= limit)
-            return _history(system, wire, max_bytes, start)
+            return _history(system, wire, max_bytes, start_at_user, len(wire) >= limit)
         async with self._read() as conn:
             found = (
                 await conn.execute(
@@ -528,8 +524,7 @@ class Store:
                 )
             ).all()
         wire = [_to_wire(row._mapping) for row in reversed(rows)]
-        start = _start_at_user(start_at_user, len(wire) >= limit)
-        return _history(found.system_prompt, wire, max_bytes, start)
+        return _history(found.system_prompt, wire, max_bytes, start_at_user, len(wire) >= limit)
 
     async def commit_turn(
         self,
