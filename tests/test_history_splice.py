@@ -77,14 +77,14 @@ def window(
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` messages, without leading tool or function results; with
     ``start_at_user``, once older messages are left out (``cut``, or ``limit`` messages
-    there), from the first user message on, if there is one."""
+    there), from the first user message on (none, if there is none)."""
     kept = stored[-limit:]
     start = 0
     while start < len(kept) and kept[start]["role"] in ("tool", "function"):
         start += 1
     users = [k for k in range(start, len(kept)) if kept[k]["role"] == "user"]
-    if start_at_user and (cut or len(kept) >= limit) and users:
-        start = users[0]
+    if start_at_user and (cut or len(kept) >= limit):
+        start = users[0] if users else len(kept)
     return kept[start:]
 
 

@@ -135,6 +135,7 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
             memory.max_history_messages,
             max_bytes=memory.max_history_bytes,
             start_at_user=memory.start_at_user,
+            answering=turn.chat.answering,
         )
     forwarding = _forward(request, gateway, turn, history, headers)
     if gateway.config.memory.on_client_disconnect == "discard":

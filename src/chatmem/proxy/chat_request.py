@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import jsonio
 from ..errors import InvalidRequest
-from ..storage import History
+from ..storage import RESULT_ROLES, History
 from .http import json_object
 
 __all__ = [
@@ -57,6 +57,12 @@ class ChatRequest:
     named_here: bool = False
     """The request named no conversation and the gateway chose ``conversation_id``:
     nothing can be stored under it yet, so there is no history to read."""
+
+    @property
+    def answering(self) -> bool:
+        """The new messages start with tool (or function) results: they answer a call
+        that is stored, which the history must then hold."""
+        return bool(self.messages) and self.messages[0]["role"] in RESULT_ROLES
 
     def upstream_body(self, history: History) -> bytes:
         """The client's body with ``messages`` = the system prompt (the request's, else the

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .engine import create_engine
-from .queries import ConversationInfo, Deletion, History, Owner, Page, Store
+from .queries import RESULT_ROLES, ConversationInfo, Deletion, History, Owner, Page, Store
 from .schema import Base, Conversation, Message
 
 __all__ = [
+    "RESULT_ROLES",
     "Base",
     "Conversation",
     "ConversationInfo",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import random
 import sqlite3
 import time
@@ -14,7 +15,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from .. import jsonio
-from ..errors import StorageUnavailable
+from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
@@ -218,19 +218,26 @@ def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
     return message
 
 
+_ROLE_OF_ENCODED = operator.itemgetter(0)
+_ROLE_OF_WIRE = operator.itemgetter("role")
+
+
 def _history(
     system: list[dict[str, Any]] | None,
     wire: list[dict[str, Any]],
     max_bytes: int,
     start_at_user: bool,
     cut: bool,
-) -> History:
-    """The history to send of a window read through SQLAlchemy or asyncpg (the flags as
-    for :func:`_encoded_history`)."""
+    answering: bool,
+) -> History | None:
+    """The history to send of a window read through SQLAlchemy or asyncpg (the flags and
+    None as for :func:`_encoded_history`)."""
     if max_bytes:  # the budget counts each message's text: encode each one, once
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes, start_at_user, cut)
-    kept = window_start(wire, (message["role"] for message in wire), start_at_user and cut)
+        return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering)
+    kept = window_start(wire, _ROLE_OF_WIRE, start_at_user and cut, answering)
+    if answering and cut and not any(message["role"] == "assistant" for message in kept):
+        return None
     return History.from_messages(system, kept)
 
 
@@ -240,16 +247,23 @@ def _encoded_history(
     max_bytes: int,
     start_at_user: bool,
     cut: bool,
-) -> History:
+    answering: bool,
+) -> History | None:
     """The history to send of a window of (role, JSON text) messages: ``cut``, older
-    messages were left out already; ``start_at_user``, ``memory.start_at_user``."""
-    kept = window_start(window, (role for role, _ in window), start_at_user and cut)
+    messages were left out already; ``start_at_user``, ``memory.start_at_user``;
+    ``answering``, the request starts with tool results (see :func:`window_start`).
+    None when ``answering`` and the limits left out the call they answer: read it with
+    :meth:`Store._call_tail`."""
+    kept = window_start(window, _ROLE_OF_ENCODED, start_at_user and cut, answering)
     encoded = b",".join([text for _, text in kept])
     # The usual window fits: its size is the joined text's less the commas, no loop.
     if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
         window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        kept = window_start(window, (role for role, _ in window), start_at_user)
+        kept = window_start(window, _ROLE_OF_ENCODED, start_at_user, answering)
         encoded = b",".join([text for _, text in kept])
+        cut = True
+    if answering and cut and not any(role == "assistant" for role, _ in kept):
+        return None
     return History(system=system, encoded=encoded)
 
 
@@ -268,7 +282,17 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
     }
 
 
-_RESULTS = frozenset({"tool", "function"})  # "function": the deprecated function_call's
+def _call_over_budget(max_bytes: int) -> InvalidRequest:
+    return InvalidRequest(
+        "the tool call these tool results answer, with its results so far, is larger than"
+        f" memory.max_history_bytes ({max_bytes}) lets the history be, so it cannot be sent"
+        " with them",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+RESULT_ROLES = frozenset({"tool", "function"})  # "function": the deprecated function_call's
 
 
 _PAGE_BYTES = 8 * 1024 * 1024
@@ -296,26 +320,29 @@ def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list
     return window[start:]
 
 
-def window_start(window: list[T], roles: Iterable[str], cut: bool) -> list[T]:
+def window_start(
+    window: list[T], role_of: Callable[[T], str], cut: bool, answering: bool = False
+) -> list[T]:
     """``window`` from where a history may start.  Never with tool (or function) results
-    whose call was left out.  And when older messages were left out (``cut``), at a user
-    message, the start of a turn: the assistant's half of a turn first broke, turn after
-    turn, the chat templates that want user and assistant to alternate (Mistral's, Llama
-    2's).  A window with no user message keeps what follows its orphaned results.
-    ``roles`` are the roles of ``window``'s messages, in order."""
+    whose call was left out.  When older messages were left out (``cut``), at a user
+    message, the start of a turn (nothing, if the window has none): the assistant's half
+    of a turn first broke, turn after turn, the chat templates that want user and
+    assistant to alternate (Mistral's, Llama 2's).  ``answering``: the request starts with
+    tool results, so the window's last assistant message, the call they answer, is kept
+    whatever else is left out.  ``role_of`` gives a message's role."""
+    end = len(window)
     start = 0
-    after_results = None  # where the orphaned results end
-    for role in roles:
-        if after_results is None:
-            if role in _RESULTS:
-                start += 1
-                continue
-            after_results = start
-        if not cut or role == "user":
-            break
+    while start < end and role_of(window[start]) in RESULT_ROLES:
         start += 1
-    else:  # no user message (or nothing but results)
-        start = after_results if after_results is not None else start
+    if cut:
+        while start < end and role_of(window[start]) != "user":
+            start += 1
+    if answering:
+        call = end - 1
+        while call >= 0 and role_of(window[call]) != "assistant":
+            call -= 1
+        if call >= 0:
+            start = min(start, call)
     return window[start:] if start else window
 
 
@@ -475,10 +502,14 @@ class Store:
         *,
         max_bytes: int = 0,
         start_at_user: bool = False,
+        answering: bool = False,
     ) -> History:
         """The stored system prompt and the newest ``limit`` messages, oldest first; with
         ``max_bytes``, only the newest of them whose JSON text fits in that many bytes;
-        with ``start_at_user``, from a user message on if older ones were left out."""
+        with ``start_at_user``, from a user message on if older ones were left out.
+        ``answering``: the request starts with tool results, and the limits never leave
+        out the call they answer (:meth:`_call_tail`)."""
+        history: History | None
         if self._turns is not None:
             try:
                 exists, system, window, cut = await self._turns.load_window(
@@ -489,8 +520,8 @@ class Store:
             if not exists:
                 return History(system=None)
             cut = cut or len(window) >= limit
-            return _encoded_history(system, window, max_bytes, start_at_user, cut)
-        if self._asyncpg:
+            history = _encoded_history(system, window, max_bytes, start_at_user, cut, answering)
+        elif self._asyncpg:
             async with self._driver(writing=False) as driver:
                 exists, system, records = await postgres_turns.load_window(
                     driver, owner.tenant, owner.user, conversation_id, limit
@@ -498,33 +529,71 @@ class Store:
             if not exists:
                 return History(system=None)
             wire = [_to_wire(record) for record in records]
-            return _history(system, wire, max_bytes, start_at_user, len(wire) >= limit)
+            cut = len(wire) >= limit
+            history = _history(system, wire, max_bytes, start_at_user, cut, answering)
+        else:
+            async with self._read() as conn:
+                found = (
+                    await conn.execute(
+                        select(conversations.c.pk, conversations.c.system_prompt).where(
+                            _owned(owner, conversation_id)
+                        )
+                    )
+                ).first()
+                if found is None:
+                    return History(system=None)
+                rows = (
+                    await conn.execute(
+                        select(
+                            messages.c.role,
+                            messages.c.content,
+                            *(messages.c[name] for name in _WIRE_FIELDS),
+                        )
+                        .where(messages.c.conversation_pk == found.pk)
+                        .order_by(messages.c.seq.desc())
+                        .limit(limit)
+                    )
+                ).all()
+            system = found.system_prompt
+            wire = [_to_wire(row._mapping) for row in reversed(rows)]
+            cut = len(wire) >= limit
+            history = _history(system, wire, max_bytes, start_at_user, cut, answering)
+        if history is None:
+            tail = await self._call_tail(owner, conversation_id, max_bytes)
+            history = History.from_messages(system, tail)
+        return history
+
+    async def _call_tail(
+        self, owner: Owner, conversation_id: str, max_bytes: int
+    ) -> list[dict[str, Any]]:
+        """The stored messages from the newest assistant message with tool calls on, oldest
+        first: the call a request's tool results answer, and its results so far, for a
+        history whose limits left the call out (none if there is no such call).  The
+        ``memory.max_history_messages`` limit gives way, the byte budget does not: over
+        it, a 400 ``context_length_exceeded``.  On the tool path only, so plain SQLAlchemy."""
+        m = messages.c
         async with self._read() as conn:
-            found = (
-                await conn.execute(
-                    select(conversations.c.pk, conversations.c.system_prompt).where(
-                        conversations.c.tenant == owner.tenant,
-                        conversations.c.user_id == owner.user,
-                        conversations.c.id == conversation_id,
-                    )
+            pk = select(conversations.c.pk).where(_owned(owner, conversation_id))
+            ours = m.conversation_pk == pk.scalar_subquery()
+            with_calls = and_(ours, m.role == "assistant", m.tool_calls.is_not(None))
+            call = select(m.seq).where(with_calls).order_by(m.seq.desc()).limit(1)
+            seq = (await conn.execute(call)).scalar_one_or_none()
+            if seq is None:
+                return []
+            tail = and_(ours, m.seq >= seq)
+            if max_bytes:  # sizes first (a lower bound of the text's), rows only if they fit
+                size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
+                    func.length(cast(m.tool_calls, Text)), 0
                 )
-            ).first()
-            if found is None:
-                return History(system=None)
-            rows = (
-                await conn.execute(
-                    select(
-                        messages.c.role,
-                        messages.c.content,
-                        *(messages.c[name] for name in _WIRE_FIELDS),
-                    )
-                    .where(messages.c.conversation_pk == found.pk)
-                    .order_by(messages.c.seq.desc())
-                    .limit(limit)
-                )
-            ).all()
-        wire = [_to_wire(row._mapping) for row in reversed(rows)]
-        return _history(found.system_prompt, wire, max_bytes, start_at_user, len(wire) >= limit)
+                total = (await conn.execute(select(func.sum(size)).where(tail))).scalar()
+                if (total or 0) > max_bytes:
+                    raise _call_over_budget(max_bytes)
+            columns = (m.role, m.content, *(m[name] for name in _WIRE_FIELDS))
+            rows = (await conn.execute(select(*columns).where(tail).order_by(m.seq))).all()
+        wire = [_to_wire(row._mapping) for row in rows]
+        if max_bytes and sum(len(jsonio.dumps(message)) for message in wire) > max_bytes:
+            raise _call_over_budget(max_bytes)
+        return wire
 
     async def commit_turn(
         self,
