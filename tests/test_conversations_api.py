@@ -434,6 +434,40 @@ async def test_tool_results_answer_the_call_before_them(gateway: Client, rows: R
     ]
 
 
+async def test_every_call_is_answered_before_another_message(gateway: Client, rows: Rows) -> None:
+    """An assistant message's calls all get their results before any other message, in
+    one request or across appends: a history with an unanswered call is refused by chat
+    servers on every later turn.  The calls stored last may wait for their results."""
+    for shape in (
+        [*_question_and_calls(), {"role": "assistant", "content": "mid"}],
+        [*_question_and_calls("call_1"), {"role": "user", "content": "next"}],
+    ):
+        await bad(
+            await gateway.post("/v1/conversations", json={"items": shape}),
+            f"items[{len(shape) - 1}] comes before a tool result for each call",
+            f"items[{len(shape) - 1}]",
+        )
+    assert rows.conversations() == []
+    made = await create(gateway, {"items": _question_and_calls("call_2")})
+    items = f"/v1/conversations/{made['id']}/items"
+    question = {"role": "user", "content": "next"}
+    await bad(
+        await gateway.post(items, json={"items": [question]}),
+        "items[0] comes before a tool result for each call of the assistant message before"
+        " it (unanswered: call_1)",
+        "items[0]",
+    )
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "r1"}
+    assert (await gateway.post(items, json={"items": [answer, question]})).status == 200
+    assert [m["role"] for m in rows.messages(made["id"])] == [
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "user",
+    ]
+
+
 async def test_deleting_keeps_tool_calls_and_results_together(
     gateway: Client, rows: Rows, upstream: TestServer
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 from collections.abc import AsyncIterator
@@ -605,7 +606,7 @@ async def test_a_delete_racing_an_append_of_the_results_leaves_no_orphan(store: 
                 info.id,
                 system=None,
                 items=result,
-                check_results=lambda open_calls: check_tool_results(result, open_calls),
+                check_results=functools.partial(check_tool_results, result),
             ),
             return_exceptions=True,
         )

@@ -131,11 +131,15 @@ def _present(part: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: part[name] for name in names if isinstance(part.get(name), str)}
 
 
-def check_tool_results(items: list[dict[str, Any]], open_calls: set[str]) -> None:
-    """Every tool result answers a call of the assistant message right before its run
-    of tool results (what chat servers check): one named in ``items`` before it, or, for
-    the first items, one of ``open_calls`` (the stored conversation ends with those)."""
-    answerable = open_calls
+def check_tool_results(
+    items: list[dict[str, Any]], open_calls: set[str], unanswered: set[str]
+) -> None:
+    """What chat servers check of tool exchanges: every tool result answers a call of the
+    assistant message right before its run of tool results (one named in ``items``
+    before it, or, for the first items, one of ``open_calls``: the stored conversation
+    ends with those), and every call is answered before another message comes (of
+    ``open_calls``, those ``unanswered`` so far).  The last calls may wait for results."""
+    answerable, waiting = open_calls, set(unanswered)
     for number, item in enumerate(items):
         if item["role"] == "tool":
             answered = item["tool_call_id"]
@@ -145,8 +149,18 @@ def check_tool_results(items: list[dict[str, Any]], open_calls: set[str]) -> Non
                     f"{param} names no tool call of the assistant message before it",
                     param=param,
                 )
-        else:
-            answerable = {call["id"] for call in item.get("tool_calls") or ()}
+            waiting.discard(answered)
+            continue
+        if waiting:
+            param = f"items[{number}]"
+            raise InvalidRequest(
+                f"{param} comes before a tool result for each call of the assistant message"
+                f" before it (unanswered: {', '.join(sorted(waiting))}); chat servers refuse"
+                " a history with an unanswered call",
+                param=param,
+            )
+        answerable = {call["id"] for call in item.get("tool_calls") or ()}
+        waiting = set(answerable)
 
 
 def _item(index: int, value: object) -> dict[str, Any]:

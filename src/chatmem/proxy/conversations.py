@@ -112,7 +112,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     body = await _json_body(request, optional=True)
     metadata = parse_metadata(body.get("metadata"))
     system, items = parse_items(body.get("items"))
-    check_tool_results(items, set())
+    check_tool_results(items, set(), set())
     store = gateway_of(request).store
     info = await store.create_conversation(
         owner, new_conversation_id(), metadata=metadata, system=system, items=items
@@ -187,17 +187,17 @@ async def append_items(request: web.Request) -> web.Response:
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])
-    # A first item that is a tool result answers a call stored last: checked under the
-    # conversation's lock, so that no delete can come between.
-    answers_stored_call = bool(items) and items[0]["role"] == "tool"
-    if not answers_stored_call:
-        check_tool_results(items, set())
+    if items[0]["role"] != "tool":  # the items alone, before the lock
+        check_tool_results(items, set(), set())
+    # Then with the calls the stored conversation ends with (a first tool result answers
+    # one of them, and a first message of another role must wait until all are
+    # answered), under the conversation's lock, so that no delete can come between.
     added = await gateway_of(request).store.append_items(
         owner,
         conversation_id,
         system=system,
         items=items,
-        check_results=functools.partial(check_tool_results, items) if answers_stored_call else None,
+        check_results=functools.partial(check_tool_results, items),
     )
     if added is None:
         raise _not_found()

@@ -145,6 +145,22 @@ async def _call_before_run(
     return None
 
 
+async def _open_calls(conn: AsyncConnection, ours: Any, seq: int) -> tuple[set[str], set[str]]:
+    """The ids of the tool calls of the message before the run of tool results that ends
+    right before ``seq``, and those of them no result of the run answers."""
+    m = messages.c
+    answered: set[str] = set()
+    columns = (m.role, m.tool_calls, m.tool_call_id)
+    async with aclosing(_walk(conn, columns, ours, seq, newer=False)) as rows:
+        async for row in rows:
+            if row.role == "tool":
+                answered.add(row.tool_call_id)
+                continue
+            calls = _call_ids(row.tool_calls) if row.role == "assistant" else set()
+            return calls, calls - answered
+    return set(), set()
+
+
 async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
     """The seqs of the tool results in the run right after ``seq`` that answer
     ``call_ids``."""
@@ -839,16 +855,16 @@ class Store:
         *,
         system: list[dict[str, Any]] | None,
         items: Sequence[dict[str, Any]],
-        check_results: Callable[[set[str]], None] | None = None,
+        check_results: Callable[[set[str], set[str]], None] | None = None,
     ) -> list[dict[str, Any]] | None:
         """Append messages to an existing conversation; None if the owner has none such.
 
         Like :meth:`commit_turn`, bumping ``last_seq`` reserves the sequence numbers and
         locks the row, so appends, deletes and chat turns never interleave.
         ``check_results`` is called with the tool call ids the stored conversation ends
-        with (those a tool result appended now may answer) once the row is locked, so a
-        delete cannot remove the call between the check and the append; what it raises
-        rolls the append back.
+        with (those a tool result appended now may answer) and those of them not answered
+        yet, once the row is locked, so a delete cannot remove the call between the check
+        and the append; what it raises rolls the append back.
         """
         now = int(time.time())
         changes: dict[str, Any] = {"last_seq": conversations.c.last_seq + len(items)}
@@ -868,8 +884,7 @@ class Store:
             first = found.last_seq - len(items) + 1
             if check_results is not None:
                 ours = messages.c.conversation_pk == found.pk
-                call = await _call_before_run(conn, ours, first)
-                check_results(call[1] if call is not None else set())
+                check_results(*await _open_calls(conn, ours, first))
             rows = [
                 {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
                 for offset, item in enumerate(items)
