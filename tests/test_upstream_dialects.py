@@ -8,6 +8,7 @@ SQLite file.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -187,3 +188,140 @@ async def test_the_upstreams_cookies_stay_with_the_gateway(
     assert resp.status == 200
     assert "Set-Cookie" not in resp.headers
     assert resp.headers["OpenAI-Processing-Ms"] == "12"
+
+
+# What a server sent that the history could not carry (a probe of real servers' shapes).
+
+CALL_ID = re.compile(r"call_[0-9a-f]{24}")
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        {"index": 0, "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"index": 0, "id": "", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+    ],
+    ids=["no id (llama.cpp b4761)", "empty id"],
+)
+async def test_a_streamed_call_without_an_id_is_stored_with_one(
+    gateway_factory: GatewayFactory, rows: Rows, fragment: dict[str, Any]
+) -> None:
+    """Stored with "id": null it went upstream with every later turn, which llama.cpp
+    (a 500) and LM Studio refuse; the client still gets the upstream's bytes."""
+    stored, sent = await stored_then_sent(
+        gateway_factory, rows, tool_call_stream(fragment), [{"role": "user", "content": "q"}]
+    )
+    (stored_call,) = json.loads(stored["tool_calls"])
+    assert CALL_ID.fullmatch(stored_call["id"])
+    assert stored_call["function"] == {"name": "f", "arguments": "{}"}
+    assert sent[1]["tool_calls"] == [stored_call]
+
+
+async def test_a_call_without_an_id_or_name_in_a_completion_gets_both(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    calls = [{"type": "function", "function": {"arguments": '{"q": 1}'}}]
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        plain = {**STREAM, "stream": False}
+        resp = await client.post(
+            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "i"}
+        )
+        assert await resp.read() == body
+    (stored_call,) = json.loads(rows.messages("i")[-1]["tool_calls"])
+    assert CALL_ID.fullmatch(stored_call["id"])
+    assert stored_call["function"] == {"name": "", "arguments": '{"q": 1}'}
+
+
+async def test_a_call_cut_off_by_length_is_not_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """vLLM parses the arguments of every call in a history: a half-written one would
+    fail every later turn.  The rest of the answer is kept."""
+    chunks: list[bytes | float] = [
+        sse(chunk("Looking it up.", role="assistant")),
+        sse(chunk(tool_calls=[call("c1", "weather", '{"city": "Par')])),
+        sse(chunk(finish="length")),
+        sse("[DONE]"),
+    ]
+    stored, sent = await stored_then_sent(
+        gateway_factory, rows, chunks, [{"role": "user", "content": "again"}]
+    )
+    assert stored["tool_calls"] is None
+    assert stored["finish_reason"] == "length"
+    assert sent[1] == {"role": "assistant", "content": "Looking it up."}
+
+
+async def test_an_aborted_stream_is_not_stored(gateway_factory: GatewayFactory, rows: Rows) -> None:
+    """vLLM ends a request its engine aborted with finish_reason "abort", then [DONE]:
+    half an answer, which must not become history."""
+    chunks: list[bytes | float] = [
+        sse(chunk("The answer is", role="assistant")),
+        sse(chunk("", finish="abort")),
+        sse("[DONE]"),
+    ]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "a"}
+        )
+        body = await resp.read()
+    events = [event for event in body.split(b"\n\n") if event]
+    assert b"\n\n".join(events[:2]) + b"\n\n" == b"".join(chunks[:2])  # type: ignore[arg-type]
+    error = json.loads(events[2].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_incomplete"
+    assert (
+        error["message"]
+        == "the upstream ended the answer with finish_reason 'abort'; it was not saved"
+    )
+    assert events[3:] == [b"data: [DONE]"]
+    assert rows.messages("a") == []
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+async def test_an_aborted_completion_is_a_502_and_not_stored(
+    gateway_factory: GatewayFactory, rows: Rows, reason: str
+) -> None:
+    message = {"role": "assistant", "content": "The answer is"}
+    choice = {"index": 0, "message": message, "finish_reason": reason}
+    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        plain = {**STREAM, "stream": False}
+        resp = await client.post(
+            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "b"}
+        )
+        assert resp.status == 502
+        error = (await resp.json())["error"]
+    assert (
+        error["message"]
+        == f"the upstream ended the answer with finish_reason {reason!r}; it was not saved"
+    )
+    assert rows.messages("b") == []
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+async def test_a_stream_without_its_content_type_is_still_a_stream(
+    gateway_factory: GatewayFactory, rows: Rows, content_type: str | None
+) -> None:
+    """Starlette's StreamingResponse without a media_type sends no Content-Type; the SDKs
+    parse by the request's "stream" flag, and so does the gateway."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    chunks: list[bytes | float] = [
+        sse(chunk("Hi", role="assistant")),
+        sse(chunk(finish="stop")),
+        sse("[DONE]"),
+    ]
+    async with scripted_upstream(Script(headers=headers, chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "s"}
+        )
+        assert resp.status == 200
+        assert await resp.read() == b"".join(chunks)  # type: ignore[arg-type]
+    assert json.loads(rows.messages("s")[-1]["content"]) == "Hi"

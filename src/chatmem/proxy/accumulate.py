@@ -7,6 +7,7 @@ the wrong type is skipped: :meth:`StreamAccumulator.add` never raises, whatever 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,18 @@ import orjson
 
 from .. import jsonio
 
-__all__ = ["AssistantTurn", "StreamAccumulator", "turn_from_completion"]
+__all__ = [
+    "FAILED_FINISH",
+    "AssistantTurn",
+    "StreamAccumulator",
+    "sendable_calls",
+    "turn_from_completion",
+]
+
+FAILED_FINISH = frozenset({"abort", "error"})
+"""Finish reasons of an answer that did not complete: vLLM ends a request its engine
+aborted (shutdown, sleep, scale-down) with ``abort`` and then ``[DONE]``; some servers
+use ``error``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +106,8 @@ class StreamAccumulator:
 
     @property
     def completed(self) -> bool:
-        """True when the stream ended cleanly: [DONE], no error, and choice 0 finished."""
+        """True when the stream ended cleanly: [DONE], no error, and choice 0 finished
+        (not with one of :data:`FAILED_FINISH`)."""
         choice = self._choices.get(0)
         return (
             self.done
@@ -102,7 +115,15 @@ class StreamAccumulator:
             and not self.malformed
             and choice is not None
             and choice.finish_reason is not None
+            and choice.finish_reason not in FAILED_FINISH
         )
+
+    @property
+    def failed_finish(self) -> str | None:
+        """Choice 0's finish reason if it is one of :data:`FAILED_FINISH`."""
+        choice = self._choices.get(0)
+        reason = choice.finish_reason if choice is not None else None
+        return reason if reason in FAILED_FINISH else None
 
     def _add_chunk(self, chunk: dict[str, Any]) -> None:
         if self._model is None:
@@ -311,6 +332,36 @@ def _tool_calls_of(value: object) -> list[dict[str, Any]] | None:
             }
         )
     return calls or None
+
+
+def sendable_calls(
+    calls: list[dict[str, Any]] | None, finish_reason: str | None
+) -> list[dict[str, Any]] | None:
+    """The tool calls of an answer as they are stored, to go upstream with every later
+    turn: in the shape chat servers take (and chatmem takes from a client).  A call
+    without a string ``id`` (llama.cpp and LM Studio have sent none, or "") gets one,
+    ``call_`` and 96 random bits, and a missing name becomes ""; they went upstream as
+    null, which those servers then refuse on every later turn.  A call cut off by
+    ``length``, its arguments not a whole JSON value, is left out: servers parse the
+    arguments of the calls in a history (vLLM), and no one can run a cut call."""
+    if not calls:
+        return calls
+    sendable: list[dict[str, Any]] = []
+    for call in calls:
+        function = call["function"]
+        if finish_reason == "length":
+            try:
+                json.loads(function["arguments"])
+            except ValueError:
+                continue
+        if not call["id"] or not isinstance(function["name"], str):
+            call = {
+                **call,
+                "id": call["id"] or "call_" + secrets.token_hex(12),
+                "function": {**function, "name": function["name"] or ""},
+            }
+        sendable.append(call)
+    return sendable or None
 
 
 def _index_of(item: dict[str, Any], position: int) -> int | None:

@@ -24,7 +24,7 @@ from ..errors import (
 from ..logs import log_content
 from ..state import Gateway, gateway_of
 from ..storage import History, Owner
-from .accumulate import AssistantTurn, turn_from_completion
+from .accumulate import FAILED_FINISH, AssistantTurn, sendable_calls, turn_from_completion
 from .chat_request import (
     ChatRequest,
     new_conversation_id,
@@ -152,14 +152,15 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
     """The message to store.  Its ``content`` is never null without tool calls: OpenAI
     refuses such a message in a later request's history.  A refusal (which has no column
     of its own) is what the assistant said; an answer with neither (reasoning only, cut
-    off by ``length``) said ""."""
+    off by ``length``) said "".  Its tool calls are :func:`sendable_calls`."""
     content = turn.content
-    if content is None and turn.tool_calls is None:
+    calls = sendable_calls(turn.tool_calls, turn.finish_reason)
+    if content is None and calls is None:
         content = turn.refusal if turn.refusal is not None else ""
     return {
         "role": "assistant",
         "content": content,
-        "tool_calls": turn.tool_calls,
+        "tool_calls": calls,
         "reasoning": turn.reasoning,
         # The upstream's words, cut to their columns: an answer is not lost to a long name.
         "model": turn.model[:255] if turn.model is not None else None,
@@ -233,7 +234,11 @@ async def _forward(
             reply_headers.update(headers)
             if turn.render is not None:
                 reply_headers["Content-Type"] = turn.render.content_type
-            if response.content_type == "text/event-stream":
+            # An event stream, or what a client that asked for one takes for one: the
+            # SDKs parse by the request's "stream", so an SSE body without its content
+            # type (Starlette's StreamingResponse without a media_type) works for them.
+            kind = response.content_type
+            if kind == "text/event-stream" or (chat.stream and kind != "application/json"):
                 with gateway.live.stream(response):
                     return await tee_stream(
                         request,
@@ -257,6 +262,11 @@ async def _forward(
             answer = _completed_turn(body)
             if answer is None:
                 raise UpstreamError("the upstream answered with an invalid chat completion")
+            if answer.finish_reason in FAILED_FINISH:
+                raise UpstreamError(
+                    f"the upstream ended the answer with finish_reason {answer.finish_reason!r}"
+                    "; it was not saved"
+                )
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")

@@ -45,6 +45,11 @@ _NOT_A_CHUNK: Failure = (
     "upstream_incomplete",
     "upstream_error",
 )
+_ABORTED = (
+    "the upstream ended the answer with finish_reason {!r}; it was not saved",
+    "upstream_incomplete",
+    "upstream_error",
+)
 _NO_FINISH: Failure = (
     "the upstream ended the stream without a finish_reason for the answer",
     "upstream_incomplete",
@@ -438,7 +443,10 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         # The text so far goes out now too (and with it a response head still held):
         # only the end of the body waits for the commit.
         await client.relay(chunk, answer)
-    if not answer.completed or turn is None:
+    if answer.failed_finish is not None:
+        message, code, kind = _ABORTED
+        failure = (message.format(answer.failed_finish), code, kind)
+    elif not answer.completed or turn is None:
         failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
     else:
         try:
