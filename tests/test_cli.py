@@ -154,6 +154,7 @@ def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
         f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.db").exists()  # told before a database was made
 
 
 @pytest.mark.parametrize("problem", ["no such database", "a wrong password"])

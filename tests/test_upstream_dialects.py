@@ -325,3 +325,34 @@ async def test_a_stream_without_its_content_type_is_still_a_stream(
         assert resp.status == 200
         assert await resp.read() == b"".join(chunks)  # type: ignore[arg-type]
     assert json.loads(rows.messages("s")[-1]["content"]) == "Hi"
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            {"message": "model overloaded, key sk-gateway-0123456789"},
+            "model overloaded, key [upstream key]",
+        ),
+        ("CUDA out of memory", "CUDA out of memory"),  # TGI's errors are strings
+        ({"code": 1}, None),
+    ],
+)
+async def test_an_error_answered_with_a_200_keeps_its_message(
+    gateway_factory: GatewayFactory, rows: Rows, error: Any, said: str | None
+) -> None:
+    """Some servers answer an error with a 200: the client's 502 says what the upstream
+    said (the gateway's key masked), not only that it was no chat completion."""
+    body = json.dumps({"error": error}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": "sk-gateway-0123456789"})
+        plain = {**STREAM, "stream": False}
+        resp = await client.post(
+            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "e"}
+        )
+        assert resp.status == 502
+        message = (await resp.json())["error"]["message"]
+    expected = "the upstream answered with an invalid chat completion"
+    assert message == (expected if said is None else f"the upstream answered with an error: {said}")
+    assert rows.messages("e") == []

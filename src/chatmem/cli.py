@@ -354,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .workers import worker_config
 
             config = worker_config(config)
+        else:  # before the app opens (and may create) its database
+            _check_address_free(config.server.host, config.server.port)
         _run(_serve(config, args.demo, reuse_port=args.worker))
     except (SchemaError, CannotListen) as exc:
         print(f"chatmem: {exc}", file=sys.stderr)

@@ -35,7 +35,7 @@ from .http import read_body
 from .passthrough import relay
 from .pool import BodyTooLarge
 from .tee import Renderer, tee_stream
-from .upstream import response_headers
+from .upstream import masked, response_headers
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -261,7 +261,7 @@ async def _forward(
                 ) from None
             answer = _completed_turn(body)
             if answer is None:
-                raise UpstreamError("the upstream answered with an invalid chat completion")
+                raise UpstreamError(_not_an_answer(body, upstream.secret))
             if answer.finish_reason in FAILED_FINISH:
                 raise UpstreamError(
                     f"the upstream ended the answer with finish_reason {answer.finish_reason!r}"
@@ -287,6 +287,25 @@ def _completed_turn(body: bytes) -> AssistantTurn | None:
         return None
     turn = turn_from_completion(parsed) if isinstance(parsed, dict) else None
     return turn if turn is not None and turn.finish_reason is not None else None
+
+
+def _not_an_answer(body: bytes, secret: bytes | None) -> str:
+    """Why a 2xx body is no finished chat completion, for the client's 502: the upstream's
+    own message when it sent an error with a 200, as some servers do (key masked)."""
+    try:
+        parsed = jsonio.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    if not isinstance(error, str) or not error.strip():
+        return "the upstream answered with an invalid chat completion"
+    return f"the upstream answered with an error: {masked(error, secret)[:_QUOTED]}"
+
+
+_QUOTED = 1000
+"""Characters of an upstream's error message quoted in the gateway's."""
 
 
 class upstream_failures:  # lower case, like contextlib.suppress

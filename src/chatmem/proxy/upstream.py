@@ -205,6 +205,13 @@ class Upstream:
         return headers
 
 
+def masked(text: str, secret: bytes | None) -> str:
+    """``text`` with ``secret`` masked, as :class:`Redactor` masks a body."""
+    if secret is None:
+        return text
+    return text.replace(secret.decode("utf-8", "replace"), _MASK.decode())
+
+
 class Redactor:
     """Masks ``secret`` in a body that arrives in pieces, also where one piece ends inside
     it: the last ``len(secret) - 1`` bytes wait for the next piece (or :meth:`end`).
