@@ -218,7 +218,7 @@ async def test_a_conversation_the_gateway_names_is_not_read_first(
     statements.clear()
     second = await chat(gateway, [user("two")], conv=conv)
     assert second.status == 200
-    assert any(s.startswith("SELECT pk, system_prompt FROM conversations") for s in statements)
+    assert any(s.startswith("SELECT pk, system_prompt, last_seq FROM") for s in statements)
     assert sent_messages(upstream) == [
         user("one"),
         {"role": "assistant", "content": answer},

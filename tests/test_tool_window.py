@@ -7,17 +7,21 @@ that checks pairing (OpenAI, vLLM) refuses the turn, and every retry is cut the 
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, received, strict_loads, upstream_url
+from helpers import GatewayFactory, Rows, chunk, received, sse, strict_loads, upstream_url
+from scripted_upstream import Script, scripted_upstream
 
 from chatmem.config import StorageConfig
 from chatmem.errors import InvalidRequest
 from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage.pairing import ConversationChanged, open_calls, pairing_problem
 
 Client = TestClient[Any, Any]
 OWNER = Owner("default")
@@ -157,3 +161,146 @@ async def test_a_call_over_the_byte_budget_is_a_400_and_nothing_is_stored(
     assert len(chat_bodies(upstream)) == before  # the model was not asked
     items = await client.get(f"/v1/conversations/{conversation}/items")
     assert [item["role"] for item in (await items.json())["data"]] == ["assistant", "user"]
+
+
+# Turns that raced: checked against what came between their read and their commit.
+
+ASKED = [user("A")]
+
+
+async def test_a_turn_that_no_longer_pairs_after_a_concurrent_one_is_refused(
+    store: Store,
+) -> None:
+    read = await store.load_history(OWNER, "c", 200)  # both turns read the same history
+    assert read.last_seq == len(STORED)
+    # The call c3 is still open: a concurrent turn answers it (and is stored)...
+    await store.commit_turn(
+        OWNER, "c", system=None, turn=[result("c3"), call("j1")], after_seq=read.last_seq
+    )
+    # ...and a user message that came with it would now leave j1 unanswered.
+    with pytest.raises(ConversationChanged) as refused:
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[user("B"), assistant("b")], after_seq=read.last_seq
+        )
+    assert refused.value.status == 409 and refused.value.code == "conversation_changed"
+    assert "unanswered: j1" in refused.value.message
+    # The same result twice (a double submit): the second answers no open call.
+    with pytest.raises(ConversationChanged, match="tool message names no tool call"):
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after_seq=read.last_seq
+        )
+    # A turn that still fits is stored, as are turns whose read was not overtaken.
+    later = await store.load_history(OWNER, "c", 200)
+    await store.commit_turn(
+        OWNER, "c", system=None, turn=[result("j1"), assistant("y")], after_seq=read.last_seq
+    )
+    await store.commit_turn(
+        OWNER, "c", system=None, turn=[user("C"), assistant("c")], after_seq=later.last_seq + 2
+    )
+    final = await store.load_history(OWNER, "c", 200)
+    assert final.messages == [
+        *STORED,
+        result("c3"),
+        call("j1"),
+        result("j1"),
+        assistant("y"),
+        user("C"),
+        assistant("c"),
+    ]
+    assert final.last_seq == len(STORED) + 6
+
+
+async def test_turns_of_one_group_commit_are_checked_one_after_the_other(tmp_path: Path) -> None:
+    """On SQLite, turns that finish together share a transaction: a turn is checked
+    against the one before it in the same group, whose rows are not inserted yet."""
+    made = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{tmp_path / 'g.db'}")))
+    await made.create_schema()
+    try:
+        await made.commit_turn(OWNER, "g", system=None, turn=[user("q"), assistant("a")])
+        read = await made.load_history(OWNER, "g", 200)
+        first = made.commit_turn_soon(
+            OWNER,
+            "g",
+            system=None,
+            turn=[user("A"), call("j1")],
+            together=True,
+            after_seq=read.last_seq,
+        )
+        second = made.commit_turn_soon(
+            OWNER,
+            "g",
+            system=None,
+            turn=[user("B"), assistant("b")],
+            together=True,
+            after_seq=read.last_seq,
+        )
+        third = made.commit_turn_soon(
+            OWNER, "g", system=None, turn=[user("C"), assistant("c")], together=True
+        )
+        outcomes = await asyncio.gather(first, second, third, return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None
+        assert isinstance(outcomes[1], ConversationChanged)
+        stored = (await made.load_history(OWNER, "g", 200)).messages
+        assert stored == [
+            user("q"),
+            assistant("a"),
+            user("A"),
+            call("j1"),
+            user("C"),
+            assistant("c"),
+        ]
+    finally:
+        await made.close()
+
+
+def test_pairing_problems() -> None:
+    calls, unanswered = open_calls(
+        [("tool", None, b"c2"), ("assistant", b'[{"id": "c2"}, {"id": "c3"}]', None)]
+    )
+    assert (calls, unanswered) == ({"c2", "c3"}, {"c3"})
+    assert pairing_problem([result("c3"), assistant("a")], calls, unanswered) is None
+    assert pairing_problem([result("c2")], calls, unanswered) == (
+        0,
+        "answers tool call c2, which has its result already",
+    )
+    assert pairing_problem([user("u")], calls, unanswered) == (
+        0,
+        "comes before a tool result for each call of the assistant message before it"
+        " (unanswered: c3); chat servers refuse a history with an unanswered call",
+    )
+    # The last calls may wait; a call of the same messages pairs as well.
+    assert pairing_problem([result("c3"), call("j1")], calls, unanswered) is None
+    assert pairing_problem([call("j1"), result("j1"), result("j1")], set(), set()) == (
+        2,
+        "answers tool call j1, which has its result already",
+    )
+    assert open_calls([]) == (set(), set())
+
+
+async def test_a_chat_turn_overtaken_by_a_tool_call_is_not_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The chat route, end to end: while a streamed turn is answered, a tool call is
+    appended to its conversation; the turn, a user message, would leave that call
+    unanswered, so it ends with an error event and is not stored."""
+    release = asyncio.Event()
+    chunks = [sse(chunk("b", role="assistant")), release, sse(chunk(finish="stop")), sse("[DONE]")]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        made = await client.post("/v1/conversations", json={"items": [user("q"), assistant("a")]})
+        conversation = (await made.json())["id"]
+        body = {"model": "m", "stream": True, "messages": [user("B")]}
+        answer = await client.post(
+            "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conversation}
+        )
+        assert answer.status == 200  # the history was read, the answer is under way
+        items = f"/v1/conversations/{conversation}/items"
+        assert (await client.post(items, json={"items": [call("j1")]})).status == 200
+        release.set()
+        events = [e for e in (await answer.read()).split(b"\n\n") if e]
+    error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert (error["code"], error["type"]) == ("conversation_changed", "invalid_request_error")
+    assert error["message"].startswith("the answer could not be saved: another turn of this")
+    assert events[-1] == b"data: [DONE]"
+    stored = [(m["role"], m["tool_calls"] is not None) for m in rows.messages(conversation)]
+    assert stored == [("user", False), ("assistant", False), ("assistant", True)]

@@ -51,6 +51,7 @@ async def same_as_database(sqlite_store: Store, reference: Store, cid: str, limi
     cached = await sqlite_store.load_history(ALICE, cid, limit)
     fresh = await reference.load_history(ALICE, cid, limit)
     assert (cached.system, cached.messages) == (fresh.system, fresh.messages)
+    assert cached.last_seq == fresh.last_seq  # what a commit checks the turn against
 
 
 async def test_a_conversation_that_goes_on_is_not_read_again(
@@ -61,21 +62,25 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
     assert (await sqlite_store.load_history(ALICE, "c", limit=10)).messages == []
     # A new conversation, the cache still empty: one statement, no transaction, no pragma.
     assert statements == [
-        "SELECT pk, system_prompt FROM conversations"
+        "SELECT pk, system_prompt, last_seq FROM conversations"
         " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'c'"
     ]
     await sqlite_store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
     for i in range(2, 5):
         history = await sqlite_store.load_history(ALICE, "c", limit=10)
         assert [m["content"] for m in history.messages][-1] == f"a{i - 1}"
-        await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(i))
+        assert history.last_seq == 2 * (i - 1)
+        # Nothing came between the read and the commit: the turn is not checked again.
+        await sqlite_store.commit_turn(
+            ALICE, "c", system=None, turn=turn(i), after_seq=history.last_seq
+        )
     reads = [s for s in statements if s.startswith("SELECT")]
     # The first read, a miss; the second turn's, which caches the window (a conversation
     # is cached from its second turn on); none after.
     assert [s.split(" WHERE")[0] for s in reads] == [
-        "SELECT pk, system_prompt FROM conversations",
-        "SELECT pk, system_prompt FROM conversations",
-        "SELECT pk, system_prompt FROM conversations",
+        "SELECT pk, system_prompt, last_seq FROM conversations",
+        "SELECT pk, system_prompt, last_seq FROM conversations",
+        "SELECT pk, system_prompt, last_seq FROM conversations",
         "SELECT role, content, name, tool_calls, tool_call_id FROM messages",
     ]
     # Read in the transaction that cached the window, then checked before each hit.
@@ -139,7 +144,7 @@ async def test_a_miss_skips_the_pragma_and_a_write_elsewhere_is_still_seen(
     statements = traced(sqlite_store)
     assert (await sqlite_store.load_history(ALICE, "new", 10)).messages == []
     assert statements == [
-        "SELECT pk, system_prompt FROM conversations"
+        "SELECT pk, system_prompt, last_seq FROM conversations"
         " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'new'"
     ]
     history = await sqlite_store.load_history(ALICE, "a", 10)
@@ -173,13 +178,13 @@ async def test_a_commit_that_waited_on_the_writer_thread_is_seen(
 def test_the_cache_is_bounded() -> None:
     cache = WindowCache(max_bytes=1000, max_conversations=3)
     for i in range(5):
-        cache.put(("t", "u", f"c{i}"), None, [("user", b"x" * 10)], version=1, limit=10)
+        cache.put(("t", "u", f"c{i}"), None, [("user", b"x" * 10)], version=1, limit=10, last_seq=1)
     assert len(cache) == 3 and cache.get(("t", "u", "c0")) is None
-    cache.put(("t", "u", "big"), None, [("user", b"x" * 2000)], version=1, limit=10)
+    cache.put(("t", "u", "big"), None, [("user", b"x" * 2000)], version=1, limit=10, last_seq=1)
     assert len(cache) == 0  # a window larger than the whole cache is not kept
-    cache.put(("t", "u", "a"), None, [("user", b"1")], version=1, limit=10)
+    cache.put(("t", "u", "a"), None, [("user", b"1")], version=1, limit=10, last_seq=1)
     # Read after another connection wrote: the windows read before may be stale.
-    cache.put(("t", "u", "b"), None, [("user", b"2")], version=2, limit=10)
+    cache.put(("t", "u", "b"), None, [("user", b"2")], version=2, limit=10, last_seq=1)
     assert cache.get(("t", "u", "a")) is None and cache.get(("t", "u", "b")) is not None
     cache.validate(sqlite3.connect(":memory:"), limit=20)  # another window size
     assert cache.get(("t", "u", "b")) is None
@@ -189,15 +194,17 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
     """A commit adjusts the window's size by what came and what was cut off the front."""
     cache = WindowCache()
     key = ("t", "u", "c")
-    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], version=1, limit=3)
+    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], 1, 3, last_seq=2)
     for i in range(5):
-        cache.committed(key, None, [("user", b"q" * i), ("assistant", b"a" * (7 * i))])
+        turn = [("user", b"q" * i), ("assistant", b"a" * (7 * i))]
+        cache.committed(key, None, turn, last_seq=4 + 2 * i)
         window = cache._windows[key]
         assert len(window.messages) == 3
         assert window.size == cache._bytes == _size(window.messages)
     assert cache.get(key) == (
         None,
         [("assistant", b"a" * 21), ("user", b"q" * 4), ("assistant", b"a" * 28)],
+        12,
     )
 
 

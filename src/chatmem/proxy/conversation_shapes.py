@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..storage import ConversationInfo, Page
+from ..storage.pairing import pairing_problem
 from .chat_request import DEPRECATED_FUNCTIONS, check_parts, check_stored_strings, check_tool_calls
 
 __all__ = [
@@ -134,33 +135,19 @@ def _present(part: dict[str, Any], *names: str) -> dict[str, Any]:
 def check_tool_results(
     items: list[dict[str, Any]], open_calls: set[str], unanswered: set[str]
 ) -> None:
-    """What chat servers check of tool exchanges: every tool result answers a call of the
-    assistant message right before its run of tool results (one named in ``items``
-    before it, or, for the first items, one of ``open_calls``: the stored conversation
-    ends with those), and every call is answered before another message comes (of
-    ``open_calls``, those ``unanswered`` so far).  The last calls may wait for results."""
-    answerable, waiting = open_calls, set(unanswered)
-    for number, item in enumerate(items):
-        if item["role"] == "tool":
-            answered = item["tool_call_id"]
-            if not isinstance(answered, str) or answered not in answerable:
-                param = f"items[{number}].tool_call_id"
-                raise InvalidRequest(
-                    f"{param} names no tool call of the assistant message before it",
-                    param=param,
-                )
-            waiting.discard(answered)
-            continue
-        if waiting:
-            param = f"items[{number}]"
-            raise InvalidRequest(
-                f"{param} comes before a tool result for each call of the assistant message"
-                f" before it (unanswered: {', '.join(sorted(waiting))}); chat servers refuse"
-                " a history with an unanswered call",
-                param=param,
-            )
-        answerable = {call["id"] for call in item.get("tool_calls") or ()}
-        waiting = set(answerable)
+    """What chat servers check of tool exchanges (:func:`pairing.pairing_problem`): every
+    tool result answers a call of the assistant message right before its run of tool
+    results that has no result yet (one named in ``items`` before it, or, for the first
+    items, one of ``open_calls``: the stored conversation ends with those, ``unanswered``
+    of them without a result), and every call is answered before another message comes.
+    The last calls may wait for results."""
+    problem = pairing_problem(items, open_calls, unanswered)
+    if problem is not None:
+        number, why = problem
+        param = f"items[{number}]"
+        if items[number]["role"] == "tool":
+            param += ".tool_call_id"
+        raise InvalidRequest(f"{param} {why}", param=param)
 
 
 def _item(index: int, value: object) -> dict[str, Any]:

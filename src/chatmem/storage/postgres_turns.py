@@ -30,11 +30,12 @@ import asyncpg
 
 from .. import jsonio
 from .faults import BROKEN_CONNECTION
+from .pairing import check_turn
 
 __all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
 
 _READ = """
-SELECT c.system_prompt, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
+SELECT c.system_prompt, c.last_seq, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
 FROM conversations AS c
 LEFT JOIN LATERAL (
     SELECT role, content, name, tool_calls, tool_call_id, seq
@@ -55,7 +56,7 @@ WITH c AS (
     ON CONFLICT (tenant, user_id, id) DO UPDATE
     SET last_seq = c.last_seq + EXCLUDED.last_seq, updated_at = EXCLUDED.updated_at{system}
     RETURNING c.pk, c.last_seq
-)
+), m AS (
 INSERT INTO messages (conversation_pk, seq, role, content, name, tool_calls, tool_call_id,
                       reasoning, model, finish_reason, usage, created_at)
 SELECT c.pk, c.last_seq - $5 + m.n, m.role, m.content, m.name, m.tool_calls,
@@ -64,6 +65,16 @@ FROM c, unnest($7::varchar[], $8::json[], $9::varchar[], $10::json[], $11::varch
                $12::text[], $13::varchar[], $14::varchar[], $15::json[])
      WITH ORDINALITY AS m(role, content, name, tool_calls, tool_call_id,
                           reasoning, model, finish_reason, usage, n)
+)
+SELECT pk, last_seq FROM c
+"""
+_TAIL = """
+SELECT role, tool_calls, tool_call_id FROM messages
+WHERE conversation_pk = $1 AND seq <= $2 AND seq >= coalesce(
+    (SELECT max(seq) FROM messages WHERE conversation_pk = $1 AND seq <= $2 AND role <> 'tool'),
+    0
+)
+ORDER BY seq DESC
 """
 _KEEP_SYSTEM = _WRITE.format(system="")
 _REPLACE_SYSTEM = _WRITE.format(system=", system_prompt = EXCLUDED.system_prompt")
@@ -71,15 +82,16 @@ _REPLACE_SYSTEM = _WRITE.format(system=", system_prompt = EXCLUDED.system_prompt
 
 async def load_window(
     conn: asyncpg.Connection, tenant: str, user: str, conversation_id: str, limit: int
-) -> tuple[bool, Any, list[asyncpg.Record]]:
+) -> tuple[bool, Any, list[asyncpg.Record], int]:
     """(whether the conversation exists, its system prompt, its newest ``limit`` messages
-    oldest first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``)."""
+    oldest first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``, its
+    ``last_seq``: 0 if it does not exist)."""
     rows = await conn.fetch(_READ, tenant, user, conversation_id, limit)
     if not rows:
-        return False, None, []
+        return False, None, [], 0
     # A conversation without messages is one row whose message columns are NULL.
     window = [row for row in reversed(rows) if row["role"] is not None]
-    return True, rows[0]["system_prompt"], window
+    return True, rows[0]["system_prompt"], window, rows[0]["last_seq"]
 
 
 async def append_turn(
@@ -90,17 +102,21 @@ async def append_turn(
     system: list[dict[str, Any]] | None,
     turn: Sequence[dict[str, Any]],
     now: int,
+    after_seq: int | None = None,
 ) -> None:
     """Create the conversation if needed (with ``system``; an existing one keeps its system
     prompt unless ``system`` is given) and append ``turn``, in one statement in its own
     transaction.  :class:`CommitUnconfirmed` if the connection failed while the COMMIT
-    was on its way: the turn may be stored or not."""
+    was on its way: the turn may be stored or not.  When another write came after
+    ``after_seq`` (the conversation's ``last_seq`` when its history was read), the turn
+    is checked against what it now follows (:func:`pairing.check_turn`), under the
+    conversation row's lock, which the upsert holds."""
     # Not ``async with``: a failed COMMIT must be told from a failed statement.  A write
     # that fails is never rolled back here: the caller closes the connection (see
     # ``Store._driver``), and the server rolls the transaction back.
     transaction = conn.transaction()
     await transaction.start()
-    await conn.execute(
+    written = await conn.fetchrow(
         _KEEP_SYSTEM if system is None else _REPLACE_SYSTEM,
         conversation_id,
         tenant,
@@ -118,6 +134,10 @@ async def append_turn(
         [_text(message.get("finish_reason")) for message in turn],
         [_json(message.get("usage")) for message in turn],
     )
+    assert written is not None  # the upsert returns its row
+    before = written["last_seq"] - len(turn)
+    if after_seq is not None and before != after_seq:
+        check_turn(turn, await conn.fetch(_TAIL, written["pk"], before))
     try:
         await transaction.commit()
     # No answer: committed, or not.  (asyncpg reports a connection closed under it as a

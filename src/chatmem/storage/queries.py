@@ -37,6 +37,7 @@ from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
+from .pairing import call_ids, check_turn, open_calls
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
@@ -77,12 +78,18 @@ class History:
 
     system: list[dict[str, Any]] | None
     encoded: bytes = b""
+    last_seq: int | None = None
+    """The conversation's ``last_seq`` when it was read (0: not stored); None: not read.
+    A turn's commit checks the turn against what came after it (``pairing``)."""
 
     @classmethod
     def from_messages(
-        cls, system: list[dict[str, Any]] | None, messages: list[dict[str, Any]]
+        cls,
+        system: list[dict[str, Any]] | None,
+        messages: list[dict[str, Any]],
+        last_seq: int | None = None,
     ) -> History:
-        return cls(system, jsonio.dumps_elements(messages))
+        return cls(system, jsonio.dumps_elements(messages), last_seq)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -123,13 +130,6 @@ async def _walk(
         seq = int(rows[-1].seq)
 
 
-def _call_ids(tool_calls: Any) -> set[str]:
-    """The ids of a stored message's tool calls (older versions stored them unchecked)."""
-    calls = tool_calls if isinstance(tool_calls, list) else ()
-    ids = {call.get("id") for call in calls if isinstance(call, dict)}
-    return {i for i in ids if isinstance(i, str)}
-
-
 async def _call_before_run(
     conn: AsyncConnection, ours: Any, seq: int | None
 ) -> tuple[int, set[str]] | None:
@@ -140,25 +140,23 @@ async def _call_before_run(
     async with aclosing(_walk(conn, (m.role, m.tool_calls), ours, seq, newer=False)) as rows:
         async for row in rows:
             if row.role != "tool":
-                calls = _call_ids(row.tool_calls) if row.role == "assistant" else set()
+                calls = call_ids(row.tool_calls) if row.role == "assistant" else set()
                 return int(row.seq), calls
     return None
 
 
-async def _open_calls(conn: AsyncConnection, ours: Any, seq: int) -> tuple[set[str], set[str]]:
-    """The ids of the tool calls of the message before the run of tool results that ends
-    right before ``seq``, and those of them no result of the run answers."""
+async def _tail(conn: AsyncConnection, ours: Any, seq: int) -> list[Any]:
+    """The messages before ``seq``, newest first, back to the last that is not a tool
+    result, as (role, tool_calls, tool_call_id): what :func:`pairing.open_calls` reads."""
     m = messages.c
-    answered: set[str] = set()
+    tail: list[Any] = []
     columns = (m.role, m.tool_calls, m.tool_call_id)
     async with aclosing(_walk(conn, columns, ours, seq, newer=False)) as rows:
         async for row in rows:
-            if row.role == "tool":
-                answered.add(row.tool_call_id)
-                continue
-            calls = _call_ids(row.tool_calls) if row.role == "assistant" else set()
-            return calls, calls - answered
-    return set(), set()
+            tail.append(tuple(row[1:]))
+            if row.role != "tool":
+                break
+    return tail
 
 
 async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
@@ -245,16 +243,17 @@ def _history(
     start_at_user: bool,
     cut: bool,
     answering: bool,
+    last_seq: int,
 ) -> History | None:
     """The history to send of a window read through SQLAlchemy or asyncpg (the flags and
     None as for :func:`_encoded_history`)."""
     if max_bytes:  # the budget counts each message's text: encode each one, once
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering)
+        return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering, last_seq)
     kept = window_start(wire, _ROLE_OF_WIRE, start_at_user and cut, answering)
     if answering and cut and not any(message["role"] == "assistant" for message in kept):
         return None
-    return History.from_messages(system, kept)
+    return History.from_messages(system, kept, last_seq)
 
 
 def _encoded_history(
@@ -264,6 +263,7 @@ def _encoded_history(
     start_at_user: bool,
     cut: bool,
     answering: bool,
+    last_seq: int,
 ) -> History | None:
     """The history to send of a window of (role, JSON text) messages: ``cut``, older
     messages were left out already; ``start_at_user``, ``memory.start_at_user``;
@@ -280,7 +280,7 @@ def _encoded_history(
         cut = True
     if answering and cut and not any(role == "assistant" for role, _ in kept):
         return None
-    return History(system=system, encoded=encoded)
+    return History(system=system, encoded=encoded, last_seq=last_seq)
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -528,36 +528,40 @@ class Store:
         history: History | None
         if self._turns is not None:
             try:
-                exists, system, window, cut = await self._turns.load_window(
+                exists, system, window, cut, last_seq = await self._turns.load_window(
                     owner.tenant, owner.user, conversation_id, limit, max_bytes
                 )
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
-                return History(system=None)
+                return History(system=None, last_seq=0)
             cut = cut or len(window) >= limit
-            history = _encoded_history(system, window, max_bytes, start_at_user, cut, answering)
+            history = _encoded_history(
+                system, window, max_bytes, start_at_user, cut, answering, last_seq
+            )
         elif self._asyncpg:
             async with self._driver(writing=False) as driver:
-                exists, system, records = await postgres_turns.load_window(
+                exists, system, records, last_seq = await postgres_turns.load_window(
                     driver, owner.tenant, owner.user, conversation_id, limit
                 )
             if not exists:
-                return History(system=None)
+                return History(system=None, last_seq=0)
             wire = [_to_wire(record) for record in records]
             cut = len(wire) >= limit
-            history = _history(system, wire, max_bytes, start_at_user, cut, answering)
+            history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
         else:
             async with self._read() as conn:
                 found = (
                     await conn.execute(
-                        select(conversations.c.pk, conversations.c.system_prompt).where(
-                            _owned(owner, conversation_id)
-                        )
+                        select(
+                            conversations.c.pk,
+                            conversations.c.system_prompt,
+                            conversations.c.last_seq,
+                        ).where(_owned(owner, conversation_id))
                     )
                 ).first()
                 if found is None:
-                    return History(system=None)
+                    return History(system=None, last_seq=0)
                 rows = (
                     await conn.execute(
                         select(
@@ -570,13 +574,13 @@ class Store:
                         .limit(limit)
                     )
                 ).all()
-            system = found.system_prompt
+            system, last_seq = found.system_prompt, found.last_seq
             wire = [_to_wire(row._mapping) for row in reversed(rows)]
             cut = len(wire) >= limit
-            history = _history(system, wire, max_bytes, start_at_user, cut, answering)
+            history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
         if history is None:
             tail = await self._call_tail(owner, conversation_id, max_bytes)
-            history = History.from_messages(system, tail)
+            history = History.from_messages(system, tail, last_seq)
         return history
 
     async def _call_tail(
@@ -619,11 +623,12 @@ class Store:
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
         together: bool = False,
+        after_seq: int | None = None,
     ) -> None:
         """Append one turn (the request's messages and the answer) in one transaction:
         :meth:`commit_turn_soon`, waited for."""
         await self.commit_turn_soon(
-            owner, conversation_id, system=system, turn=turn, together=together
+            owner, conversation_id, system=system, turn=turn, together=together, after_seq=after_seq
         )
 
     def commit_turn_soon(
@@ -634,6 +639,7 @@ class Store:
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
         together: bool = False,
+        after_seq: int | None = None,
     ) -> asyncio.Future[None]:
         """Append one turn in one transaction, started now: the future is done when the
         turn is committed (or failed), and a caller who stops waiting for it does not
@@ -648,7 +654,11 @@ class Store:
         The upsert creates the conversation if needed and reserves the turn's sequence
         numbers by bumping ``last_seq``; it locks the conversation row until commit, so
         concurrent turns of one conversation are serialised and never interleave.
-        ``system``, when given, replaces the stored system prompt.
+        ``system``, when given, replaces the stored system prompt.  ``after_seq``: the
+        conversation's ``last_seq`` when the turn's history was read (``History``); when
+        another write came after it, the turn is checked against what it now follows,
+        under that lock, and :class:`ConversationChanged` if tool calls and their results
+        would no longer pair (:func:`pairing.check_turn`).
         """
         if self._turns is not None:
             return self._turns.append_turn_soon(
@@ -659,8 +669,11 @@ class Store:
                 turn,
                 int(time.time()),
                 together=together,
+                after_seq=after_seq,
             )
-        return asyncio.ensure_future(self._commit_turn(owner, conversation_id, system, turn))
+        return asyncio.ensure_future(
+            self._commit_turn(owner, conversation_id, system, turn, after_seq)
+        )
 
     async def _commit_turn(
         self,
@@ -668,6 +681,7 @@ class Store:
         conversation_id: str,
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
+        after_seq: int | None,
     ) -> None:
         now = int(time.time())
         if self._asyncpg:
@@ -675,7 +689,14 @@ class Store:
             async def append() -> None:
                 async with self._driver(writing=True) as driver:
                     await postgres_turns.append_turn(
-                        driver, owner.tenant, owner.user, conversation_id, system, turn, now
+                        driver,
+                        owner.tenant,
+                        owner.user,
+                        conversation_id,
+                        system,
+                        turn,
+                        now,
+                        after_seq,
                     )
 
             await self._retried(append)
@@ -703,6 +724,8 @@ class Store:
         async def write(conn: AsyncConnection) -> None:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
+            if after_seq is not None and first - 1 != after_seq:
+                check_turn(turn, await _tail(conn, messages.c.conversation_pk == pk, first))
             rows = [
                 {**_to_row(message, now), "conversation_pk": pk, "seq": first + offset}
                 for offset, message in enumerate(turn)
@@ -884,7 +907,7 @@ class Store:
             first = found.last_seq - len(items) + 1
             if check_results is not None:
                 ours = messages.c.conversation_pk == found.pk
-                check_results(*await _open_calls(conn, ours, first))
+                check_results(*open_calls(await _tail(conn, ours, first)))
             rows = [
                 {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
                 for offset, item in enumerate(items)
@@ -921,7 +944,7 @@ class Store:
                 call = await _call_before_run(conn, ours, seq)
                 if call is not None and row.tool_call_id in call[1]:
                     return Deletion(seqs=[], call_seq=call[0])
-            elif row.role == "assistant" and (calls := _call_ids(row.tool_calls)):
+            elif row.role == "assistant" and (calls := call_ids(row.tool_calls)):
                 seqs += await _results_of(conn, ours, seq, calls)
             # Found under the conversation's lock: a concurrent delete found nothing.
             await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))

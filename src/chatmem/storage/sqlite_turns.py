@@ -25,17 +25,28 @@ from typing import Any, TypeVar
 
 from .. import jsonio
 from ..errors import StorageUnavailable
+from .pairing import check_turn
 from .window_cache import WindowCache
 
 __all__ = ["SQLiteTurns"]
 
 T = TypeVar("T")
 
-_FIND = "SELECT pk, system_prompt FROM conversations WHERE tenant = ? AND user_id = ? AND id = ?"
+_FIND = (
+    "SELECT pk, system_prompt, last_seq FROM conversations"
+    " WHERE tenant = ? AND user_id = ? AND id = ?"
+)
 _WINDOW = (
     "SELECT role, content, name, tool_calls, tool_call_id FROM messages"
     " WHERE conversation_pk = ? ORDER BY seq DESC LIMIT ?"
 )
+_TAIL = (
+    "SELECT role, tool_calls, tool_call_id FROM messages WHERE conversation_pk = ?"
+    " AND seq <= ? AND seq >= coalesce((SELECT max(seq) FROM messages"
+    " WHERE conversation_pk = ? AND seq <= ? AND role <> 'tool'), 0) ORDER BY seq DESC"
+)
+"""A conversation's messages up to a ``seq``, newest first, back to the last that is not a
+tool result (``pairing.open_calls``)."""
 _UPSERT = (
     "INSERT INTO conversations (id, tenant, user_id, system_prompt, last_seq, created_at,"
     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -66,12 +77,18 @@ _GATHER_PASSES = 4
 it (see :meth:`SQLiteTurns.append_turn_soon`)."""
 
 
-_TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int]
-"""tenant, user, conversation id, system prompt, messages, time: one turn to append."""
+_TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int, int | None]
+"""tenant, user, conversation id, system prompt, messages, time, and the conversation's
+``last_seq`` when its history was read (None: unknown): one turn to append."""
 _Row = tuple[Any, ...]
 _Turn = tuple[list[_Row], str | None]
 """A turn written: its rows in ``messages``, and the system prompt as stored."""
 _Written = _Turn | Exception
+
+
+class _Regroup(Exception):
+    """A turn of a group commit must be checked against what came before it, which may be
+    a turn of the same group not inserted yet: the group is written one turn at a time."""
 
 
 def _null(_value: None) -> None:
@@ -273,10 +290,11 @@ class SQLiteTurns:
 
     async def load_window(
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
-    ) -> tuple[bool, Any, list[tuple[str, bytes]], bool]:
+    ) -> tuple[bool, Any, list[tuple[str, bytes]], bool, int]:
         """(found, system prompt, newest ``limit`` messages oldest first, each as its role
-        and its JSON text, whether ``max_bytes`` left older ones out); with ``max_bytes``,
-        only the newest of them whose JSON text fits in that many bytes."""
+        and its JSON text, whether ``max_bytes`` left older ones out, the conversation's
+        ``last_seq``); with ``max_bytes``, only the newest of them whose JSON text fits in
+        that many bytes."""
         args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
@@ -287,8 +305,8 @@ class SQLiteTurns:
                 self._windows.validate(conn, limit)
                 cached = self._windows.get(key)
                 if cached is not None:
-                    return True, cached[0], cached[1], False
-            found, system, window, version, cut = self._load_window(conn, *args)
+                    return True, cached[0], cached[1], False, cached[2]
+            found, system, window, version, cut, last_seq = self._load_window(conn, *args)
             if found:
                 self._unseen.discard(key)  # created elsewhere after an earlier miss
             else:
@@ -296,15 +314,15 @@ class SQLiteTurns:
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
-            found, system, window, _, cut = await self._run(
+            found, system, window, _, cut, last_seq = await self._run(
                 self._reader, self._on_thread, self._load_window, *args
             )
-            return found, system, window, cut
+            return found, system, window, cut, last_seq
         if version is not None and not cut:  # found, in a snapshot of that version
             # (a window cut to the byte budget is not the newest ``limit`` messages the
             # cache keeps, and is large: not cached)
-            self._windows.put(key, system, window, version, limit)
-        return found, system, window, cut
+            self._windows.put(key, system, window, version, limit, last_seq)
+        return found, system, window, cut, last_seq
 
     def expect_new(self, tenant: str, user: str, conversation_id: str) -> None:
         """Remember that this conversation is not stored (yet): its first turn is created
@@ -324,9 +342,10 @@ class SQLiteTurns:
         conversation_id: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None, bool]:
+    ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None, bool, int]:
         """(found, system prompt, window, ``data_version`` of the snapshot it was read in,
-        whether ``max_bytes`` cut the window).
+        whether ``max_bytes`` cut the window, the conversation's ``last_seq``: 0 if not
+        found).
 
         A new conversation costs one statement: no transaction, no version (nothing is
         cached for it).
@@ -336,17 +355,17 @@ class SQLiteTurns:
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
         if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
-            return False, None, [], None, False
+            return False, None, [], None, False, 0
         conn.execute("BEGIN")  # one snapshot for the version and both statements
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
-                return False, None, [], None, False
+                return False, None, [], None, False, 0
             window, cut = _newest_rows(conn.execute(_WINDOW, (found[0], limit)), max_bytes)
         finally:
             conn.execute("COMMIT")
-        return True, _load(found[1]), window, version, cut
+        return True, _load(found[1]), window, version, cut, found[2]
 
     def append_turn_soon(
         self,
@@ -358,6 +377,7 @@ class SQLiteTurns:
         now: int,
         *,
         together: bool = False,
+        after_seq: int | None = None,
     ) -> asyncio.Future[None]:
         """Append ``turn`` in a transaction of its own or, ``together``, in one transaction
         with the other turns that finish with it; the future is done once the turn is
@@ -379,7 +399,7 @@ class SQLiteTurns:
         plain c=32).
         """
         loop = asyncio.get_running_loop()
-        args = (tenant, user, conversation_id, system, turn, now)
+        args = (tenant, user, conversation_id, system, turn, now, after_seq)
         future: asyncio.Future[None] = loop.create_future()
         if together:
             self._queued.append((args, future))
@@ -444,6 +464,7 @@ class SQLiteTurns:
                         (role, _message_json(role.encode(), *map(_utf8, rest)))
                         for role, *rest in (row[2:7] for row in rows)
                     ],
+                    rows[-1][1],  # a turn has its answer at least
                 )
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
@@ -461,7 +482,8 @@ class SQLiteTurns:
         conn.execute("BEGIN IMMEDIATE")
         try:
             try:
-                turns = [self._upsert(conn, *args) for args in batch]
+                alone = len(batch) == 1
+                turns = [self._upsert(conn, *args, alone=alone) for args in batch]
                 # One statement run for the messages of every turn in the batch.
                 conn.executemany(_INSERT, [row for rows, _ in turns for row in rows])
                 outcome: list[_Written] = [*turns]
@@ -483,7 +505,7 @@ class SQLiteTurns:
     def _write_alone(self, conn: sqlite3.Connection, args: _TurnArgs) -> _Written:
         conn.execute("SAVEPOINT turn")
         try:
-            turn = self._upsert(conn, *args)
+            turn = self._upsert(conn, *args, alone=True)
             conn.executemany(_INSERT, turn[0])
             return turn
         except Exception as exc:  # that turn's caller gets it
@@ -501,9 +523,14 @@ class SQLiteTurns:
         system: Any,
         turn: Sequence[dict[str, Any]],
         now: int,
+        after_seq: int | None,
+        *,
+        alone: bool,
     ) -> _Turn:
         """Upsert the turn's conversation, which reserves its sequence numbers; the rows of
-        its messages, to be inserted, and its system prompt as stored."""
+        its messages, to be inserted, and its system prompt as stored.  When another write
+        came after ``after_seq``, the turn is checked against what it now follows
+        (``alone``: the messages before it are all inserted)."""
         count = len(turn)
         stored_system = _dump(system)
         values = (conversation_id, tenant, user, stored_system, count, now, now)
@@ -517,6 +544,10 @@ class SQLiteTurns:
         else:
             pk, last_seq = conn.execute(_UPSERT, values).fetchone()
         first = last_seq - count + 1
+        if after_seq is not None and first - 1 != after_seq:
+            if not alone:
+                raise _Regroup
+            check_turn(turn, conn.execute(_TAIL, (pk, first - 1, pk, first - 1)))
         rows = [
             (
                 pk,

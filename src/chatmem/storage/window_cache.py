@@ -41,6 +41,8 @@ class _Window:
     system: Any
     messages: list[Message]
     size: int
+    last_seq: int
+    """The conversation's ``last_seq`` as of this window."""
 
 
 def _size(messages: Sequence[Message]) -> int:
@@ -76,25 +78,35 @@ class WindowCache:
             self._version = version
             self._limit = limit
 
-    def get(self, key: Key) -> tuple[Any, list[Message]] | None:
+    def get(self, key: Key) -> tuple[Any, list[Message], int] | None:
+        """(system prompt, window, ``last_seq``) of ``key``, if kept."""
         window = self._windows.get(key)
         if window is None:
             return None
         self._windows.move_to_end(key)
-        return window.system, list(window.messages)
+        return window.system, list(window.messages), window.last_seq
 
-    def put(self, key: Key, system: Any, messages: list[Message], version: int, limit: int) -> None:
+    def put(
+        self,
+        key: Key,
+        system: Any,
+        messages: list[Message],
+        version: int,
+        limit: int,
+        last_seq: int,
+    ) -> None:
         """The window as just read from the database, in a snapshot whose ``data_version``
         was ``version``: the windows kept from another version are forgotten."""
         if version != self._version or limit != self._limit:
             self.clear()
             self._version = version
             self._limit = limit
-        self._store(key, _Window(system, messages, _size(messages)))
+        self._store(key, _Window(system, messages, _size(messages), last_seq))
 
-    def committed(self, key: Key, system: Any, messages: Sequence[Message]) -> None:
+    def committed(self, key: Key, system: Any, messages: Sequence[Message], last_seq: int) -> None:
         """A turn of ``key`` was committed on the validated connection: ``messages`` go at
-        the end of its window, ``system`` (when not None) replaces its system prompt.
+        the end of its window, ``system`` (when not None) replaces its system prompt, and
+        the conversation's ``last_seq`` is now ``last_seq``.
 
         Only a window already cached grows.  A conversation is cached from its second
         turn on, when that turn's read puts its window here: a conversation that ends
@@ -111,7 +123,8 @@ class WindowCache:
         # The size changes by what comes and goes, not by a sum over the whole window.
         size = window.size + _size(messages) - (_size(joined[:cut]) if cut > 0 else 0)
         kept_system = window.system if system is None else system
-        self._store(key, _Window(kept_system, joined[cut:] if cut > 0 else joined, size))
+        kept = joined[cut:] if cut > 0 else joined
+        self._store(key, _Window(kept_system, kept, size, last_seq))
 
     def clear(self) -> None:
         self._windows.clear()
