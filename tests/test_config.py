@@ -277,3 +277,12 @@ def test_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_a_storage_url_without_its_async_driver_gets_it(written: str, used: str) -> None:
     assert load_config(overrides={"storage": {"url": written}}).storage.url == used
+
+
+def test_a_public_key_that_is_no_key_is_not_printed() -> None:
+    """A secret pasted into auth.public_key by mistake must not reach the terminal."""
+    with pytest.raises(ConfigError) as caught:
+        auth = {"public_key": "hunter2-my-hs256-secret", "algorithms": ["RS256"]}
+        load_config(None, overrides={"auth": auth}, env={})
+    assert "hunter2" not in str(caught.value)
+    assert str(caught.value).startswith("auth.public_key: not a PEM key")

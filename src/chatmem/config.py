@@ -530,8 +530,10 @@ def _check_public_key(value: str) -> None:
         try:
             pem = Path(value).read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError):
+            # Not quoted: a secret pasted into the wrong key must not be printed.
             raise ConfigError(
-                f"auth.public_key: not a PEM key and not a readable file: {value!r}"
+                "auth.public_key: not a PEM key (-----BEGIN PUBLIC KEY-----)"
+                " and not the path of a readable file"
             ) from None
     try:
         load_pem_public_key(pem.encode())
