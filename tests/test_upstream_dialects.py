@@ -356,3 +356,60 @@ async def test_an_error_answered_with_a_200_keeps_its_message(
     expected = "the upstream answered with an invalid chat completion"
     assert message == (expected if said is None else f"the upstream answered with an error: {said}")
     assert rows.messages("e") == []
+
+
+CUSTOM = {"id": "call_c1", "type": "custom", "custom": {"name": "shell", "input": "ls -la"}}
+
+
+async def test_a_streamed_custom_tool_call_is_stored_as_one(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """OpenAI's free-form ("custom") tools: the call was dropped from the stored answer,
+    so the result the client sent next went upstream without its call."""
+    fragments = [
+        {"index": 0, "id": "call_c1", "type": "custom", "custom": {"name": "shell", "input": ""}},
+        {"index": 0, "custom": {"input": "ls "}},
+        {"index": 0, "custom": {"input": "-la"}},
+    ]
+    result = {"role": "tool", "tool_call_id": "call_c1", "content": "total 0"}
+    stored, sent = await stored_then_sent(
+        gateway_factory, rows, tool_call_stream(*fragments), [result]
+    )
+    assert json.loads(stored["tool_calls"]) == [CUSTOM]
+    assert sent[1:] == [{"role": "assistant", "content": None, "tool_calls": [CUSTOM]}, result]
+
+
+async def test_custom_tool_calls_in_a_completion_and_from_a_client(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    message = {"role": "assistant", "content": None, "tool_calls": [CUSTOM]}
+    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        plain = {**STREAM, "stream": False}
+        resp = await client.post(
+            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "u"}
+        )
+        assert await resp.read() == body
+        # A client that sends such a call itself (a whole chat, in a new conversation).
+        mine = {**plain, "messages": [{"role": "user", "content": "q"}, message]}
+        resp = await client.post(
+            "/v1/chat/completions", json=mine, headers={"X-Conversation-Id": "v"}
+        )
+        assert resp.status == 200
+        broken = {**CUSTOM, "custom": {"name": "shell"}}
+        bad = {**plain, "messages": [{**message, "tool_calls": [broken]}]}
+        resp = await client.post(
+            "/v1/chat/completions", json=bad, headers={"X-Conversation-Id": "w"}
+        )
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["param"] == "messages[0].tool_calls[0].custom"
+    assert (
+        error["message"]
+        == "messages[0].tool_calls[0].custom must have a string name and string input"
+    )
+    assert json.loads(rows.messages("u")[-1]["tool_calls"]) == [CUSTOM]
+    assert json.loads(rows.messages("v")[1]["tool_calls"]) == [CUSTOM]

@@ -230,6 +230,7 @@ class _ToolCall:
     type: str | None = None
     name: str | None = None
     arguments: list[str] = field(default_factory=list)
+    """The arguments' pieces; of a ``custom`` call (OpenAI's free-form tools), its input's."""
 
     def add(self, delta: dict[str, Any]) -> None:
         call_id = delta.get("id")
@@ -240,7 +241,11 @@ class _ToolCall:
             self.type = call_type
         function = delta.get("function")
         if not isinstance(function, dict):
-            return
+            function = delta.get("custom")
+            if not isinstance(function, dict):
+                return
+            self.type = "custom"
+            function = {"name": function.get("name"), "arguments": function.get("input")}
         name = function.get("name")
         # Some servers repeat the whole name in every delta, some send "": ignore both.
         # A different name is taken as the next fragment of a name streamed in pieces.
@@ -271,6 +276,9 @@ class _ToolCall:
         return True
 
     def to_dict(self) -> dict[str, Any]:
+        if self.type == "custom":
+            custom = {"name": self.name, "input": "".join(self.arguments)}
+            return {"id": self.id, "type": "custom", "custom": custom}
         return {
             "id": self.id,
             "type": self.type or "function",
@@ -314,7 +322,15 @@ def _tool_calls_of(value: object) -> list[dict[str, Any]] | None:
         return None
     calls: list[dict[str, Any]] = []
     for raw in value:
-        if not isinstance(raw, dict) or not isinstance(raw.get("function"), dict):
+        if not isinstance(raw, dict):
+            continue
+        custom = raw.get("custom")
+        if raw.get("type") == "custom" and isinstance(custom, dict):  # a free-form tool's
+            name, given = custom.get("name"), custom.get("input")
+            custom = {"name": _str_or_none(name), "input": given if isinstance(given, str) else ""}
+            calls.append({"id": _str_or_none(raw.get("id")), "type": "custom", "custom": custom})
+            continue
+        if not isinstance(raw.get("function"), dict):
             continue
         function = raw["function"]
         arguments = function.get("arguments")
@@ -348,17 +364,18 @@ def sendable_calls(
         return calls
     sendable: list[dict[str, Any]] = []
     for call in calls:
-        function = call["function"]
-        if finish_reason == "length":
+        kind = "custom" if call["type"] == "custom" else "function"  # the key of its body
+        body = call[kind]
+        if finish_reason == "length" and kind == "function":  # a custom input is any text
             try:
-                json.loads(function["arguments"])
+                json.loads(body["arguments"])
             except ValueError:
                 continue
-        if not call["id"] or not isinstance(function["name"], str):
+        if not call["id"] or not isinstance(body["name"], str):
             call = {
                 **call,
                 "id": call["id"] or "call_" + secrets.token_hex(12),
-                "function": {**function, "name": function["name"] or ""},
+                kind: {**body, "name": body["name"] or ""},
             }
         sendable.append(call)
     return sendable or None

@@ -197,25 +197,28 @@ def check_pairing(message: dict[str, Any], param: str) -> None:
 
 
 def check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
-    """OpenAI's tool calls: each with a string ``id``, ``type`` "function" and a
-    ``function`` of string ``name`` and ``arguments``."""
+    """OpenAI's tool calls: each with a string ``id``, and either ``type`` "function" and
+    a ``function`` of string ``name`` and ``arguments``, or ``type`` "custom" (a
+    free-form tool's) and a ``custom`` of string ``name`` and ``input``."""
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
         raise InvalidRequest(f"{param} must be an array of objects", param=param)
     for number, call in enumerate(calls):
         at = f"{param}[{number}]"
-        function = call.get("function")
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise InvalidRequest(f"{at}.id must be a non-empty string", param=f"{at}.id")
-        if call.get("type", "function") != "function":
-            raise InvalidRequest(f"{at}.type must be 'function'", param=f"{at}.type")
+        kind = call.get("type", "function")
+        if kind not in ("function", "custom"):
+            raise InvalidRequest(f"{at}.type must be 'function' or 'custom'", param=f"{at}.type")
+        value = "arguments" if kind == "function" else "input"
+        body = call.get(kind)
         if not (
-            isinstance(function, dict)
-            and isinstance(function.get("name"), str)
-            and isinstance(function.get("arguments"), str)
+            isinstance(body, dict)
+            and isinstance(body.get("name"), str)
+            and isinstance(body.get(value), str)
         ):
             raise InvalidRequest(
-                f"{at}.function must have a string name and string arguments",
-                param=f"{at}.function",
+                f"{at}.{kind} must have a string name and string {value}",
+                param=f"{at}.{kind}",
             )
     return calls
 
