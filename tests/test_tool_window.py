@@ -87,15 +87,28 @@ async def test_the_call_a_request_answers_is_kept_past_the_limits(store: Store) 
     assert await history(store, 200, answering=True) == STORED
 
 
-async def test_start_at_user_keeps_the_call_and_nothing_before_a_user(store: Store) -> None:
+async def test_start_at_user_keeps_the_call_from_the_user_message_before_it(
+    store: Store,
+) -> None:
     at_user = {"start_at_user": True}
     # A cut window with no user message: nothing (the alternation such templates want)...
     assert await history(store, 2, **at_user) == []
-    # ...unless the request answers the call in it.
-    assert await history(store, 2, **at_user, answering=True) == STORED[3:]
-    assert await history(store, 1, **at_user, answering=True) == STORED[3:]
-    # With a user message before the call, from that user message.
+    # ...unless the request answers the call in it: then from the question it answered.
+    assert await history(store, 2, **at_user, answering=True) == STORED[2:]
+    assert await history(store, 1, **at_user, answering=True) == STORED[2:]
     assert await history(store, 4, **at_user, answering=True) == STORED[2:]
+    assert await history(store, 5, **at_user, answering=True) == STORED
+
+
+async def test_a_window_of_the_whole_conversation_left_nothing_out(store: Store) -> None:
+    """Exactly ``limit`` messages stored: none was left out, so start_at_user keeps the
+    window as it is (it used to count as cut, and lost its leading messages)."""
+    await store.commit_turn(OWNER, "w", system=None, turn=[assistant("hello"), user("hi")])
+    await store.commit_turn(OWNER, "w", system=None, turn=[assistant("how can I help?")])
+    whole = await store.load_history(OWNER, "w", 3, start_at_user=True)
+    assert [m["role"] for m in whole.messages] == ["assistant", "user", "assistant"]
+    cut = await store.load_history(OWNER, "w", 2, start_at_user=True)
+    assert [m["role"] for m in cut.messages] == ["user", "assistant"]
 
 
 async def test_a_call_over_the_byte_budget_is_a_clear_error(store: Store) -> None:

@@ -18,6 +18,7 @@ from collections.abc import (
     Iterator,
     Mapping,
     Sequence,
+    Sized,
 )
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -232,6 +233,22 @@ def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
     return message
 
 
+def _call_left_out(roles: list[str], start_at_user: bool) -> bool:
+    """Whether a cut window (its ``roles``) for a request of tool results lacks what must
+    come with them: the assistant message with the call, and with ``start_at_user`` the
+    user message before it (the window then starts with one)."""
+    if "assistant" not in roles:
+        return True
+    return start_at_user and roles[0] != "user"
+
+
+def _older_left_out(window: Sized, limit: int, last_seq: int) -> bool:
+    """Whether the newest ``limit`` messages left older ones out: a window of ``limit``
+    messages, unless the conversation holds no more (``last_seq`` counts every message
+    ever stored: more than the window, and one may have been deleted; the same, none)."""
+    return len(window) >= limit and last_seq > len(window)
+
+
 _ROLE_OF_ENCODED = operator.itemgetter(0)
 _ROLE_OF_WIRE = operator.itemgetter("role")
 
@@ -251,7 +268,7 @@ def _history(
         texts = [(message["role"], jsonio.dumps(message)) for message in wire]
         return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering, last_seq)
     kept = window_start(wire, _ROLE_OF_WIRE, start_at_user and cut, answering)
-    if answering and cut and not any(message["role"] == "assistant" for message in kept):
+    if answering and cut and _call_left_out([m["role"] for m in kept], start_at_user):
         return None
     return History.from_messages(system, kept, last_seq)
 
@@ -278,7 +295,7 @@ def _encoded_history(
         kept = window_start(window, _ROLE_OF_ENCODED, start_at_user, answering)
         encoded = b",".join([text for _, text in kept])
         cut = True
-    if answering and cut and not any(role == "assistant" for role, _ in kept):
+    if answering and cut and _call_left_out([role for role, _ in kept], start_at_user):
         return None
     return History(system=system, encoded=encoded, last_seq=last_seq)
 
@@ -535,7 +552,7 @@ class Store:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
             if not exists:
                 return History(system=None, last_seq=0)
-            cut = cut or len(window) >= limit
+            cut = cut or _older_left_out(window, limit, last_seq)
             history = _encoded_history(
                 system, window, max_bytes, start_at_user, cut, answering, last_seq
             )
@@ -547,7 +564,7 @@ class Store:
             if not exists:
                 return History(system=None, last_seq=0)
             wire = [_to_wire(record) for record in records]
-            cut = len(wire) >= limit
+            cut = _older_left_out(wire, limit, last_seq)
             history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
         else:
             async with self._read() as conn:
@@ -576,19 +593,20 @@ class Store:
                 ).all()
             system, last_seq = found.system_prompt, found.last_seq
             wire = [_to_wire(row._mapping) for row in reversed(rows)]
-            cut = len(wire) >= limit
+            cut = _older_left_out(wire, limit, last_seq)
             history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
         if history is None:
-            tail = await self._call_tail(owner, conversation_id, max_bytes)
+            tail = await self._call_tail(owner, conversation_id, max_bytes, start_at_user)
             history = History.from_messages(system, tail, last_seq)
         return history
 
     async def _call_tail(
-        self, owner: Owner, conversation_id: str, max_bytes: int
+        self, owner: Owner, conversation_id: str, max_bytes: int, start_at_user: bool
     ) -> list[dict[str, Any]]:
         """The stored messages from the newest assistant message with tool calls on, oldest
         first: the call a request's tool results answer, and its results so far, for a
-        history whose limits left the call out (none if there is no such call).  The
+        history whose limits left the call out (none if there is no such call); with
+        ``start_at_user``, from the user message before it.  The
         ``memory.max_history_messages`` limit gives way, the byte budget does not: over
         it, a 400 ``context_length_exceeded``.  On the tool path only, so plain SQLAlchemy."""
         m = messages.c
@@ -600,6 +618,9 @@ class Store:
             seq = (await conn.execute(call)).scalar_one_or_none()
             if seq is None:
                 return []
+            if start_at_user:
+                asked = select(func.max(m.seq)).where(ours, m.role == "user", m.seq < seq)
+                seq = (await conn.execute(asked)).scalar() or seq
             tail = and_(ours, m.seq >= seq)
             if max_bytes:  # sizes first (a lower bound of the text's), rows only if they fit
                 size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
