@@ -341,7 +341,10 @@ async def test_auth_off_is_tenant_default(gateway: TestClient[Any, Any], rows: R
             },
             "auth.public_key: not a valid PEM public key",
         ),
-        ({"public_key": "/nonexistent/key.pem", "algorithms": ["RS256"]}, "not a readable file"),
+        (
+            {"public_key": "/nonexistent/key.pem", "algorithms": ["RS256"]},
+            "not the path of a readable file",
+        ),
         ({"jwt_secret": "s", "algorithms": ["RS256"]}, "need auth.public_key or auth.jwks_url"),
         ({"jwks_url": "ftp://x/keys", "algorithms": ["RS256"]}, "auth.jwks_url"),
         ({"leeway": -1}, "auth.leeway: must not be negative"),
