@@ -178,8 +178,6 @@ async def test_a_call_over_the_byte_budget_is_a_400_and_nothing_is_stored(
 
 # Turns that raced: checked against what came between their read and their commit.
 
-ASKED = [user("A")]
-
 
 async def test_a_turn_that_no_longer_pairs_after_a_concurrent_one_is_refused(
     store: Store,
@@ -231,25 +229,15 @@ async def test_turns_of_one_group_commit_are_checked_one_after_the_other(tmp_pat
     try:
         await made.commit_turn(OWNER, "g", system=None, turn=[user("q"), assistant("a")])
         read = await made.load_history(OWNER, "g", 200)
-        first = made.commit_turn_soon(
-            OWNER,
-            "g",
-            system=None,
-            turn=[user("A"), call("j1")],
-            together=True,
-            after_seq=read.last_seq,
-        )
-        second = made.commit_turn_soon(
-            OWNER,
-            "g",
-            system=None,
-            turn=[user("B"), assistant("b")],
-            together=True,
-            after_seq=read.last_seq,
-        )
-        third = made.commit_turn_soon(
-            OWNER, "g", system=None, turn=[user("C"), assistant("c")], together=True
-        )
+
+        def soon(*turn: dict[str, Any], after_seq: int | None = None) -> Any:
+            return made.commit_turn_soon(
+                OWNER, "g", system=None, turn=turn, together=True, after_seq=after_seq
+            )
+
+        first = soon(user("A"), call("j1"), after_seq=read.last_seq)
+        second = soon(user("B"), assistant("b"), after_seq=read.last_seq)
+        third = soon(user("C"), assistant("c"))
         outcomes = await asyncio.gather(first, second, third, return_exceptions=True)
         assert outcomes[0] is None and outcomes[2] is None
         assert isinstance(outcomes[1], ConversationChanged)

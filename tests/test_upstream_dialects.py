@@ -58,6 +58,26 @@ async def stored_then_sent(
     return stored, sent
 
 
+def completion(message: dict[str, Any], finish_reason: str) -> bytes:
+    """A non-streamed answer of one choice."""
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+    return json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+
+
+def json_answer(body: bytes) -> Script:
+    return Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+
+
+async def post_plain(
+    client: Any, conversation: str, messages: list[dict[str, Any]] | None = None
+) -> Any:
+    """A non-streamed chat turn (the STREAM request's messages unless given)."""
+    body = {**STREAM, "stream": False, **({} if messages is None else {"messages": messages})}
+    return await client.post(
+        "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conversation}
+    )
+
+
 TWO_WHOLE_CALLS = [
     {"id": "call_A", "type": "function", "function": {"name": "f1", "arguments": '{"a": 1}'}},
     {"id": "call_B", "type": "function", "function": {"name": "f1", "arguments": '{"b": 2}'}},
@@ -133,10 +153,7 @@ async def test_a_completion_with_content_parts_is_stored_as_its_text(
     script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
-        plain = {**STREAM, "stream": False}
-        resp = await client.post(
-            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "d2"}
-        )
+        resp = await post_plain(client, "d2")
         assert await resp.read() == body
     assert json.loads(rows.messages("d2")[-1]["content"]) == "Whole answer."
 
@@ -222,15 +239,11 @@ async def test_a_call_without_an_id_or_name_in_a_completion_gets_both(
 ) -> None:
     calls = [{"type": "function", "function": {"arguments": '{"q": 1}'}}]
     message = {"role": "assistant", "content": None, "tool_calls": calls}
-    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
-    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
-    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    body = completion(message, "tool_calls")
+    script = json_answer(body)
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
-        plain = {**STREAM, "stream": False}
-        resp = await client.post(
-            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "i"}
-        )
+        resp = await post_plain(client, "i")
         assert await resp.read() == body
     (stored_call,) = json.loads(rows.messages("i")[-1]["tool_calls"])
     assert CALL_ID.fullmatch(stored_call["id"])
@@ -287,15 +300,10 @@ async def test_an_aborted_completion_is_a_502_and_not_stored(
     gateway_factory: GatewayFactory, rows: Rows, reason: str
 ) -> None:
     message = {"role": "assistant", "content": "The answer is"}
-    choice = {"index": 0, "message": message, "finish_reason": reason}
-    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
-    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    script = json_answer(completion(message, reason))
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
-        plain = {**STREAM, "stream": False}
-        resp = await client.post(
-            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "b"}
-        )
+        resp = await post_plain(client, "b")
         assert resp.status == 502
         error = (await resp.json())["error"]
     assert (
@@ -343,14 +351,10 @@ async def test_an_error_answered_with_a_200_keeps_its_message(
 ) -> None:
     """Some servers answer an error with a 200: the client's 502 says what the upstream
     said (the gateway's key masked), not only that it was no chat completion."""
-    body = json.dumps({"error": error}).encode()
-    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    script = json_answer(json.dumps({"error": error}).encode())
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url, upstream={"api_key": "sk-gateway-0123456789"})
-        plain = {**STREAM, "stream": False}
-        resp = await client.post(
-            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "e"}
-        )
+        resp = await post_plain(client, "e")
         assert resp.status == 502
         message = (await resp.json())["error"]["message"]
     expected = "the upstream answered with an invalid chat completion"
@@ -383,27 +387,17 @@ async def test_custom_tool_calls_in_a_completion_and_from_a_client(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:
     message = {"role": "assistant", "content": None, "tool_calls": [CUSTOM]}
-    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
-    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
-    script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    body = completion(message, "tool_calls")
+    script = json_answer(body)
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
-        plain = {**STREAM, "stream": False}
-        resp = await client.post(
-            "/v1/chat/completions", json=plain, headers={"X-Conversation-Id": "u"}
-        )
+        resp = await post_plain(client, "u")
         assert await resp.read() == body
         # A client that sends such a call itself (a whole chat, in a new conversation).
-        mine = {**plain, "messages": [{"role": "user", "content": "q"}, message]}
-        resp = await client.post(
-            "/v1/chat/completions", json=mine, headers={"X-Conversation-Id": "v"}
-        )
+        resp = await post_plain(client, "v", [{"role": "user", "content": "q"}, message])
         assert resp.status == 200
         broken = {**CUSTOM, "custom": {"name": "shell"}}
-        bad = {**plain, "messages": [{**message, "tool_calls": [broken]}]}
-        resp = await client.post(
-            "/v1/chat/completions", json=bad, headers={"X-Conversation-Id": "w"}
-        )
+        resp = await post_plain(client, "w", [{**message, "tool_calls": [broken]}])
         assert resp.status == 400
         error = (await resp.json())["error"]
     assert error["param"] == "messages[0].tool_calls[0].custom"
