@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -129,9 +130,10 @@ async def test_items_list_append_get_delete(gateway: Client, rows: Rows) -> None
             response = await gateway.request(method, f"{base}/{item}")
             assert response.status == 404
             assert (await response.json())["error"]["message"] == "item not found"
-    # Sequence numbers are never reused: the next item after a delete is msg_5.
+    # Sequence numbers are never reused, and a delete takes one (a turn read before it
+    # is checked at its commit): the next item after a delete is msg_6.
     again = await ok(await gateway.post(base, json={"items": [{"role": "user", "content": "x"}]}))
-    assert [i["id"] for i in again["data"]] == ["msg_5"]
+    assert [i["id"] for i in again["data"]] == ["msg_6"]
 
 
 async def test_items_are_the_chat_history(
@@ -646,3 +648,19 @@ async def test_other_paths_under_conversations_do_not_reach_the_upstream(
         error = (await response.json())["error"]
         assert error["message"] == f"no such route: {method} {path}"
     assert received(upstream) == []
+
+
+async def test_an_append_of_system_items_only_sets_the_system_prompt(
+    gateway: Client, rows: Rows
+) -> None:
+    """System items set the stored system prompt and are no items of their own: an append
+    of nothing else was a 500."""
+    made = await create(gateway, {"items": [{"role": "user", "content": "q"}]})
+    items = f"/v1/conversations/{made['id']}/items"
+    system = {"role": "developer", "content": "Answer in French."}
+    appended = await gateway.post(items, json={"items": [system]})
+    assert appended.status == 200, await appended.text()
+    assert (await appended.json())["data"] == []
+    (stored,) = rows.conversations()
+    assert json.loads(stored["system_prompt"]) == [system]
+    assert [m["role"] for m in rows.messages(made["id"])] == ["user"]

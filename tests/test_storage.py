@@ -228,3 +228,25 @@ async def test_a_page_of_large_items_ends_at_8_mib(store: Store) -> None:
         if not page.has_more:
             break
     assert seen == [2, 4]  # 3 MB, 3 MB | 3 MB, 3 MB, q1, a1
+
+
+async def test_an_in_memory_database_takes_concurrent_turns_of_one_conversation() -> None:
+    """``:memory:`` lives in one connection, shared by every task: a read that ended (and
+    rolled back) while a write's transaction was open on it cut that write short, a 503
+    or a 500 (a seq stored twice) for concurrent turns of one conversation."""
+    store = await open_store("sqlite+aiosqlite:///:memory:")
+    owner = Owner("t", "u")
+    try:
+
+        async def turn(i: int) -> None:
+            history = await store.load_history(owner, "c", 200)
+            await asyncio.sleep(0)
+            turn = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+            await store.commit_turn(owner, "c", system=None, turn=turn, after_seq=history.last_seq)
+
+        for _ in range(5):  # bounded: a few rounds of racing reads and writes
+            await asyncio.gather(*(turn(i) for i in range(8)))
+        stored = (await store.load_history(owner, "c", 1000)).messages
+        assert len(stored) == 5 * 8 * 2
+    finally:
+        await store.close()

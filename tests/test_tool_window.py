@@ -305,3 +305,51 @@ async def test_a_chat_turn_overtaken_by_a_tool_call_is_not_stored(
     assert events[-1] == b"data: [DONE]"
     stored = [(m["role"], m["tool_calls"] is not None) for m in rows.messages(conversation)]
     assert stored == [("user", False), ("assistant", False), ("assistant", True)]
+
+
+async def test_an_overtaken_plain_turn_is_a_409_the_sdks_do_not_retry(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """Not streamed, the refusal is the response: 409, with ``X-Should-Retry: false``, as
+    the OpenAI SDKs retry a 409 otherwise, with a history the caller never saw."""
+    release = asyncio.Event()
+    message = {"role": "assistant", "content": "b"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    body = json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[release, body])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        made = await client.post("/v1/conversations", json={"items": [user("q"), assistant("a")]})
+        conversation = (await made.json())["id"]
+        turn = {"model": "m", "messages": [user("B")]}
+        answer = asyncio.ensure_future(
+            client.post(
+                "/v1/chat/completions", json=turn, headers={"X-Conversation-Id": conversation}
+            )
+        )
+        for _ in range(500):  # until the upstream has the turn (its history read), 5 s at most
+            if up.requests:
+                break
+            await asyncio.sleep(0.01)
+        items = f"/v1/conversations/{conversation}/items"
+        assert (await client.post(items, json={"items": [call("j1")]})).status == 200
+        release.set()
+        resp = await answer
+        assert resp.status == 409
+        assert resp.headers["X-Should-Retry"] == "false"
+        assert resp.headers["X-Conversation-Id"] == conversation
+        assert (await resp.json())["error"]["code"] == "conversation_changed"
+    assert [m["role"] for m in rows.messages(conversation)] == ["user", "assistant", "assistant"]
+
+
+async def test_a_turn_whose_call_was_deleted_meanwhile_is_refused(store: Store) -> None:
+    """Deleting an item moves last_seq: a tool result sent while its call is deleted is
+    checked at its commit, and is not stored without its call."""
+    read = await store.load_history(OWNER, "c", 200)
+    deleted = await store.delete_item(OWNER, "c", 4)  # the call c2+c3, with c2's result
+    assert deleted is not None and deleted.seqs == [4, 5]
+    with pytest.raises(ConversationChanged, match="tool message names no tool call"):
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after_seq=read.last_seq
+        )
+    assert (await store.load_history(OWNER, "c", 200)).messages == STORED[:3]

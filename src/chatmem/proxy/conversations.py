@@ -187,7 +187,7 @@ async def append_items(request: web.Request) -> web.Response:
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])
-    if items[0]["role"] != "tool":  # the items alone, before the lock
+    if items and items[0]["role"] != "tool":  # the items alone, before the lock
         check_tool_results(items, set(), set())
     # Then with the calls the stored conversation ends with (a first tool result answers
     # one of them, and a first message of another role must wait until all are

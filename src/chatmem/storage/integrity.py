@@ -4,7 +4,8 @@ What holds for every store, checked with plain queries:
 
 - every message belongs to an existing conversation (no orphans);
 - a conversation's sequence numbers are unique and lie in 1..last_seq (``last_seq`` only
-  grows: a turn reserves its numbers by bumping it in the transaction that inserts them).
+  grows: a turn reserves its numbers by bumping it in the transaction that inserts them,
+  and deleting an item bumps it by one).
 
 What holds besides for a store written by chat turns alone (``chat_only=True``,
 ``chatmem db check --chat-only``; the Conversations API may delete single items, leaving

@@ -25,6 +25,9 @@ class ConversationChanged(ChatmemError):
     status = 409
     type = "invalid_request_error"
     code = "conversation_changed"
+    # The OpenAI SDKs retry a 409 on their own, and the retry, which reads the history
+    # with the other turn in it, would send the turn blindly: the caller decides.
+    headers = {"X-Should-Retry": "false"}
 
 
 def call_ids(tool_calls: Any) -> set[str]:

@@ -401,6 +401,10 @@ class Store:
         # One writer at a time per process on SQLite: waiting here is cheaper than
         # waiting on the file lock, which stays for writers in other processes.
         self._write_lock = asyncio.Lock() if self._sqlite else None
+        # An in-memory database lives in one connection, which every task shares: a read
+        # that ends (and rolls back) while a write's transaction is open on it cuts the
+        # write short.  There, reads take the writers' lock too.
+        self._read_lock = self._write_lock if in_memory(engine.url) else None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         # PostgreSQL reads run outside a transaction: at READ COMMITTED each statement sees
         # its own snapshot either way, and BEGIN and ROLLBACK were two round trips a read.
@@ -434,7 +438,7 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with _checked_out(self._reads) as conn:
+        async with self._read_lock or contextlib.nullcontext(), _checked_out(self._reads) as conn:
             yield conn
 
     @asynccontextmanager
@@ -969,10 +973,12 @@ class Store:
                 seqs += await _results_of(conn, ours, seq, calls)
             # Found under the conversation's lock: a concurrent delete found nothing.
             await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
+            # last_seq moves too (a number no message takes): a turn whose history was read
+            # before the delete is checked against what is left when it commits (pairing).
             await conn.execute(
                 update(conversations)
                 .where(conversations.c.pk == pk)
-                .values(updated_at=int(time.time()))
+                .values(updated_at=int(time.time()), last_seq=conversations.c.last_seq + 1)
             )
             return Deletion(seqs=seqs)
 
