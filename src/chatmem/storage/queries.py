@@ -317,7 +317,8 @@ def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
 
 def _call_over_budget(max_bytes: int) -> InvalidRequest:
     return InvalidRequest(
-        "the tool call these tool results answer, with its results so far, is larger than"
+        "the tool call these tool results answer, with its results so far (and, with"
+        " memory.start_at_user, from the user message before it), is larger than"
         f" memory.max_history_bytes ({max_bytes}) lets the history be, so it cannot be sent"
         " with them",
         param="messages",
