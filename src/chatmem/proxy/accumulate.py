@@ -19,6 +19,7 @@ __all__ = [
     "FAILED_FINISH",
     "AssistantTurn",
     "StreamAccumulator",
+    "failed_finish_message",
     "sendable_calls",
     "turn_from_completion",
 ]
@@ -27,6 +28,11 @@ FAILED_FINISH = frozenset({"abort", "error"})
 """Finish reasons of an answer that did not complete: vLLM ends a request its engine
 aborted (shutdown, sleep, scale-down) with ``abort`` and then ``[DONE]``; some servers
 use ``error``."""
+
+
+def failed_finish_message(reason: str) -> str:
+    """What the client is told of an answer that ended with one of :data:`FAILED_FINISH`."""
+    return f"the upstream ended the answer with finish_reason {reason!r}; it was not saved"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,13 @@ from ..errors import (
 from ..logs import log_content
 from ..state import Gateway, gateway_of
 from ..storage import History, Owner
-from .accumulate import FAILED_FINISH, AssistantTurn, sendable_calls, turn_from_completion
+from .accumulate import (
+    FAILED_FINISH,
+    AssistantTurn,
+    failed_finish_message,
+    sendable_calls,
+    turn_from_completion,
+)
 from .chat_request import (
     ChatRequest,
     new_conversation_id,
@@ -264,10 +270,7 @@ async def _forward(
             if answer is None:
                 raise UpstreamError(_not_an_answer(body, upstream.secret))
             if answer.finish_reason in FAILED_FINISH:
-                raise UpstreamError(
-                    f"the upstream ended the answer with finish_reason {answer.finish_reason!r}"
-                    "; it was not saved"
-                )
+                raise UpstreamError(failed_finish_message(answer.finish_reason))
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")

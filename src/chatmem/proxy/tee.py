@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from ..errors import ChatmemError, failures
 from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
-from .accumulate import AssistantTurn, StreamAccumulator
+from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
 from .http import error_event
 from .sse import SSEParser, only_data_events
 from .upstream import StreamedAnswer
@@ -42,11 +42,6 @@ _CUT_OFF: Failure = (
 )
 _NOT_A_CHUNK: Failure = (
     "the upstream sent an event that is not a JSON object; the answer was not saved",
-    "upstream_incomplete",
-    "upstream_error",
-)
-_ABORTED = (
-    "the upstream ended the answer with finish_reason {!r}; it was not saved",
     "upstream_incomplete",
     "upstream_error",
 )
@@ -444,8 +439,8 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         # only the end of the body waits for the commit.
         await client.relay(chunk, answer)
     if answer.failed_finish is not None:
-        message, code, kind = _ABORTED
-        failure = (message.format(answer.failed_finish), code, kind)
+        message = failed_finish_message(answer.failed_finish)
+        failure = (message, "upstream_incomplete", "upstream_error")
     elif not answer.completed or turn is None:
         failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
     else:
