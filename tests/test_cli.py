@@ -119,6 +119,14 @@ def test_an_in_memory_sqlite_url_works_either_way(tmp_path: Path) -> None:
     for url in ("sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///x.db?mode=memory"):
         result = run_chatmem("db", "current", "--db", url, cwd=tmp_path)
         assert (result.returncode, result.stdout) == (0, "none (newest is 0002)\n"), result.stderr
+        # One per process: workers would each keep their own.
+        result = run_chatmem("serve", "--workers", "2", "--db", url, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (
+            2,
+            "chatmem: config error: storage.url: an in-memory database belongs to one"
+            " process; with server.workers > 1 each worker would keep its own: use a file\n",
+        )
+    assert not list(tmp_path.iterdir())  # nothing made here ("x.db" is no file)
 
 
 def test_serve_lifts_the_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:

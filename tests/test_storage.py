@@ -4,6 +4,7 @@ turns, history windows, concurrency, retries, retention; SQLite pragmas."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -248,5 +249,27 @@ async def test_an_in_memory_database_takes_concurrent_turns_of_one_conversation(
             await asyncio.gather(*(turn(i) for i in range(8)))
         stored = (await store.load_history(owner, "c", 1000)).messages
         assert len(stored) == 5 * 8 * 2
+    finally:
+        await store.close()
+
+
+async def test_an_in_memory_database_survives_requests_cancelled_while_they_read() -> None:
+    """A client that hung up while its request read an in-memory database had the pool
+    throw away the one connection that held the database: every later request was a 503."""
+    store = await open_store("sqlite+aiosqlite:///:memory:")
+    owner = Owner("t", "u")
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        await store.commit_turn(owner, "c", system=None, turn=turn)
+        for passes in range(12):  # cancelled at each point of the read, in turn
+            reading = asyncio.ensure_future(
+                store.list_items(owner, "c", limit=20, after_seq=None, newest_first=True)
+            )
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+        assert (await store.load_history(owner, "c", 200)).messages == turn
     finally:
         await store.close()

@@ -17,12 +17,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from .app import create_app
 from .config import Config, ConfigError, UpstreamConfig, find_config_file, load_config
 from .db_cli import add_db_commands, driver_error, one_line, run_db, sqlite_path_problem
 from .errors import StorageUnavailable
 from .logs import configure_logging
+from .storage.engine import in_memory
 from .storage.migrate import SchemaError
 from .token_cli import add_token_parser, run_token
 
@@ -341,6 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             problem = sqlite_path_problem(config.storage.url)
             if problem is not None:
                 raise ConfigError(problem)
+            storage = make_url(config.storage.url)
+            if (
+                config.server.workers > 1
+                and storage.get_backend_name() == "sqlite"
+                and in_memory(storage)
+            ):
+                raise ConfigError(
+                    "storage.url: an in-memory database belongs to one process; with"
+                    " server.workers > 1 each worker would keep its own: use a file"
+                )
         except ConfigError as exc:
             print(f"chatmem: config error: {exc}", file=sys.stderr)
             return 2

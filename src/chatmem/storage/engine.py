@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import tempfile
 from typing import Any
 
 from sqlalchemy import event
@@ -55,7 +59,7 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
         _replace_dead_connections(engine)
         return engine
     if in_memory(url):
-        pool = {}  # an in-memory database lives in one connection: no pool to size
+        url = _private_file(url)
     engine = create_async_engine(
         url,
         connect_args={"timeout": config.busy_timeout_ms / 1000},
@@ -65,6 +69,28 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
     )
     _tune_sqlite(engine, config.busy_timeout_ms)
     return engine
+
+
+def _private_file(url: URL) -> URL:
+    """An in-memory database as a file of its own in the temporary directory, removed
+    when the process ends: what the process stores is gone then, as it would be from
+    memory.
+
+    SQLite keeps an in-memory database in one connection, which every task would share:
+    a request cancelled while it used that connection (a client that hung up) made the
+    pool throw it away, and with it every conversation, and each later request was a
+    503.  A file takes the same paths as any other (several connections, the fast path).
+    """
+    handle, path = tempfile.mkstemp(prefix="chatmem-memory-", suffix=".db")
+    os.close(handle)
+    atexit.register(_remove_database, path)
+    return url.set(database=path, query={})
+
+
+def _remove_database(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
 
 
 def _replace_dead_connections(engine: AsyncEngine) -> None:

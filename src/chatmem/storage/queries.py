@@ -402,10 +402,6 @@ class Store:
         # One writer at a time per process on SQLite: waiting here is cheaper than
         # waiting on the file lock, which stays for writers in other processes.
         self._write_lock = asyncio.Lock() if self._sqlite else None
-        # An in-memory database lives in one connection, which every task shares: a read
-        # that ends (and rolls back) while a write's transaction is open on it cuts the
-        # write short.  There, reads take the writers' lock too.
-        self._read_lock = self._write_lock if in_memory(engine.url) else None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         # PostgreSQL reads run outside a transaction: at READ COMMITTED each statement sees
         # its own snapshot either way, and BEGIN and ROLLBACK were two round trips a read.
@@ -439,7 +435,7 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with self._read_lock or contextlib.nullcontext(), _checked_out(self._reads) as conn:
+        async with _checked_out(self._reads) as conn:
             yield conn
 
     @asynccontextmanager
