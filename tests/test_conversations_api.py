@@ -379,6 +379,18 @@ async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
         (
             {
                 "items": [
+                    {
+                        "role": "system",
+                        "content": [{"type": "input_image", "image_url": "https://x/y.png"}],
+                    }
+                ]
+            },
+            "items[0].content[0]: a system message takes text parts only",
+            "items[0].content[0]",
+        ),
+        (
+            {
+                "items": [
                     {"role": "user", "content": "q"},
                     {"role": "tool", "tool_call_id": "call_9", "content": "r"},
                 ]

@@ -186,6 +186,13 @@ def _item(index: int, value: object) -> dict[str, Any]:
         raise InvalidRequest(
             f"{param}.tool_call_id is required for a tool message", param=f"{param}.tool_call_id"
         )
+    if role in _SYSTEM_ROLES and isinstance(content, list):
+        # Stored as the system prompt, it goes up with every later turn, and OpenAI takes
+        # only text in a system or developer message.
+        for number, part in enumerate(content):
+            if part.get("type") != "text":
+                at = f"{param}.content[{number}]"
+                raise InvalidRequest(f"{at}: a {role} message takes text parts only", param=at)
     return message
 
 
