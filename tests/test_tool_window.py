@@ -301,7 +301,9 @@ async def test_a_chat_turn_overtaken_by_a_tool_call_is_not_stored(
         events = [e for e in (await answer.read()).split(b"\n\n") if e]
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
     assert (error["code"], error["type"]) == ("conversation_changed", "invalid_request_error")
-    assert error["message"].startswith("the answer could not be saved: another turn of this")
+    assert error["message"].startswith(
+        "the answer could not be saved: the conversation changed while this turn was answered"
+    )
     assert events[-1] == b"data: [DONE]"
     stored = [(m["role"], m["tool_calls"] is not None) for m in rows.messages(conversation)]
     assert stored == [("user", False), ("assistant", False), ("assistant", True)]

@@ -94,7 +94,7 @@ def check_turn(turn: Sequence[dict[str, Any]], newest_first: Iterable[Any]) -> N
     if problem is not None:
         number, why = problem
         raise ConversationChanged(
-            "another turn of this conversation was saved while this one was answered, and"
-            f" this one no longer follows it (its {turn[number]['role']} message {why}):"
-            " it was not saved"
+            "the conversation changed while this turn was answered (another turn, an"
+            " append or a delete came first), and this turn no longer follows it (its"
+            f" {turn[number]['role']} message {why}): it was not saved"
         )
