@@ -18,6 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from .config import Config, ConfigError, find_config_file, load_config
 from .errors import StorageUnavailable
 from .storage import Store, create_engine
+from .storage.engine import in_memory
 from .storage.integrity import check_integrity
 from .storage.migrate import (
     SchemaError,
@@ -114,6 +115,15 @@ def run_db(args: argparse.Namespace) -> int:
     problem = sqlite_path_problem(config.storage.url)
     if problem is not None:
         print(f"chatmem: config error: {problem}", file=sys.stderr)
+        return 2
+    url = make_url(config.storage.url)
+    if url.get_backend_name() == "sqlite" and in_memory(url):
+        # It would be made for the command and gone when it ends: nothing to look at.
+        print(
+            "chatmem: config error: storage.url: an in-memory database holds nothing"
+            " outside the `chatmem serve` that made it",
+            file=sys.stderr,
+        )
         return 2
     missing = _missing_sqlite_file(config.storage.url)
     if missing is not None and args.db_command != "upgrade":
