@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import random
 import sqlite3
 import time
@@ -131,24 +130,10 @@ async def _walk(
         seq = int(rows[-1].seq)
 
 
-async def _call_before_run(
-    conn: AsyncConnection, ours: Any, seq: int | None
-) -> tuple[int, set[str]] | None:
-    """The message before the run of tool results that ends right before ``seq`` (None:
-    at the end of the conversation), as (its seq, the ids of its tool calls); None when
-    the run starts the conversation."""
-    m = messages.c
-    async with aclosing(_walk(conn, (m.role, m.tool_calls), ours, seq, newer=False)) as rows:
-        async for row in rows:
-            if row.role != "tool":
-                calls = call_ids(row.tool_calls) if row.role == "assistant" else set()
-                return int(row.seq), calls
-    return None
-
-
-async def _tail(conn: AsyncConnection, ours: Any, seq: int) -> list[Any]:
+async def _tail(conn: AsyncConnection, ours: Any, seq: int) -> tuple[int | None, list[Any]]:
     """The messages before ``seq``, newest first, back to the last that is not a tool
-    result, as (role, tool_calls, tool_call_id): what :func:`pairing.open_calls` reads."""
+    result, as (role, tool_calls, tool_call_id), what :func:`pairing.open_calls` reads;
+    and the seq of that last one (None: the run of results starts the conversation)."""
     m = messages.c
     tail: list[Any] = []
     columns = (m.role, m.tool_calls, m.tool_call_id)
@@ -156,8 +141,8 @@ async def _tail(conn: AsyncConnection, ours: Any, seq: int) -> list[Any]:
         async for row in rows:
             tail.append(tuple(row[1:]))
             if row.role != "tool":
-                break
-    return tail
+                return int(row.seq), tail
+    return None, tail
 
 
 async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
@@ -249,10 +234,6 @@ def _older_left_out(window: Sized, limit: int, last_seq: int) -> bool:
     return len(window) >= limit and last_seq > len(window)
 
 
-_ROLE_OF_ENCODED = operator.itemgetter(0)
-_ROLE_OF_WIRE = operator.itemgetter("role")
-
-
 def _history(
     system: list[dict[str, Any]] | None,
     wire: list[dict[str, Any]],
@@ -262,15 +243,10 @@ def _history(
     answering: bool,
     last_seq: int,
 ) -> History | None:
-    """The history to send of a window read through SQLAlchemy or asyncpg (the flags and
-    None as for :func:`_encoded_history`)."""
-    if max_bytes:  # the budget counts each message's text: encode each one, once
-        texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-        return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering, last_seq)
-    kept = window_start(wire, _ROLE_OF_WIRE, start_at_user and cut, answering)
-    if answering and cut and _call_left_out([m["role"] for m in kept], start_at_user):
-        return None
-    return History.from_messages(system, kept, last_seq)
+    """:func:`_encoded_history` of a window read through SQLAlchemy or asyncpg, each
+    message encoded once (the byte budget counts each one's text)."""
+    texts = [(message["role"], jsonio.dumps(message)) for message in wire]
+    return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering, last_seq)
 
 
 def _encoded_history(
@@ -287,12 +263,12 @@ def _encoded_history(
     ``answering``, the request starts with tool results (see :func:`window_start`).
     None when ``answering`` and the limits left out the call they answer: read it with
     :meth:`Store._call_tail`."""
-    kept = window_start(window, _ROLE_OF_ENCODED, start_at_user and cut, answering)
+    kept = window_start(window, start_at_user and cut, answering)
     encoded = b",".join([text for _, text in kept])
     # The usual window fits: its size is the joined text's less the commas, no loop.
     if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
         window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        kept = window_start(window, _ROLE_OF_ENCODED, start_at_user, answering)
+        kept = window_start(window, start_at_user, answering)
         encoded = b",".join([text for _, text in kept])
         cut = True
     if answering and cut and _call_left_out([role for role, _ in kept], start_at_user):
@@ -355,25 +331,25 @@ def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list
 
 
 def window_start(
-    window: list[T], role_of: Callable[[T], str], cut: bool, answering: bool = False
-) -> list[T]:
-    """``window`` from where a history may start.  Never with tool (or function) results
-    whose call was left out.  When older messages were left out (``cut``), at a user
-    message, the start of a turn (nothing, if the window has none): the assistant's half
-    of a turn first broke, turn after turn, the chat templates that want user and
-    assistant to alternate (Mistral's, Llama 2's).  ``answering``: the request starts with
-    tool results, so the window's last assistant message, the call they answer, is kept
-    whatever else is left out.  ``role_of`` gives a message's role."""
+    window: list[tuple[str, bytes]], cut: bool, answering: bool = False
+) -> list[tuple[str, bytes]]:
+    """``window`` (of (role, JSON text) messages) from where a history may start.  Never
+    with tool (or function) results whose call was left out.  When older messages were
+    left out (``cut``), at a user message, the start of a turn (nothing, if the window has
+    none): the assistant's half of a turn first broke, turn after turn, the chat templates
+    that want user and assistant to alternate (Mistral's, Llama 2's).  ``answering``: the
+    request starts with tool results, so the window's last assistant message, the call
+    they answer, is kept whatever else is left out."""
     end = len(window)
     start = 0
-    while start < end and role_of(window[start]) in RESULT_ROLES:
+    while start < end and window[start][0] in RESULT_ROLES:
         start += 1
     if cut:
-        while start < end and role_of(window[start]) != "user":
+        while start < end and window[start][0] != "user":
             start += 1
     if answering:
         call = end - 1
-        while call >= 0 and role_of(window[call]) != "assistant":
+        while call >= 0 and window[call][0] != "assistant":
             call -= 1
         if call >= 0:
             start = min(start, call)
@@ -747,7 +723,8 @@ class Store:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
             if after_seq is not None and first - 1 != after_seq:
-                check_turn(turn, await _tail(conn, messages.c.conversation_pk == pk, first))
+                _, tail = await _tail(conn, messages.c.conversation_pk == pk, first)
+                check_turn(turn, tail)
             rows = [
                 {**_to_row(message, now), "conversation_pk": pk, "seq": first + offset}
                 for offset, message in enumerate(turn)
@@ -929,7 +906,8 @@ class Store:
             first = found.last_seq - len(items) + 1
             if check_results is not None:
                 ours = messages.c.conversation_pk == found.pk
-                check_results(*open_calls(await _tail(conn, ours, first)))
+                _, tail = await _tail(conn, ours, first)
+                check_results(*open_calls(tail))
             rows = [
                 {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
                 for offset, item in enumerate(items)
@@ -963,9 +941,9 @@ class Store:
                 return None
             seqs = [seq]
             if row.role == "tool":
-                call = await _call_before_run(conn, ours, seq)
-                if call is not None and row.tool_call_id in call[1]:
-                    return Deletion(seqs=[], call_seq=call[0])
+                call_seq, tail = await _tail(conn, ours, seq)
+                if row.tool_call_id in open_calls(tail)[0]:
+                    return Deletion(seqs=[], call_seq=call_seq)
             elif row.role == "assistant" and (calls := call_ids(row.tool_calls)):
                 seqs += await _results_of(conn, ours, seq, calls)
             # Found under the conversation's lock: a concurrent delete found nothing.
