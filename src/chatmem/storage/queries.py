@@ -234,19 +234,10 @@ def _older_left_out(window: Sized, limit: int, last_seq: int) -> bool:
     return len(window) >= limit and last_seq > len(window)
 
 
-def _history(
-    system: list[dict[str, Any]] | None,
-    wire: list[dict[str, Any]],
-    max_bytes: int,
-    start_at_user: bool,
-    cut: bool,
-    answering: bool,
-    last_seq: int,
-) -> History | None:
-    """:func:`_encoded_history` of a window read through SQLAlchemy or asyncpg, each
-    message encoded once (the byte budget counts each one's text)."""
-    texts = [(message["role"], jsonio.dumps(message)) for message in wire]
-    return _encoded_history(system, texts, max_bytes, start_at_user, cut, answering, last_seq)
+def _texts(wire: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    """A window read through SQLAlchemy or asyncpg as (role, JSON text) messages, each
+    encoded once (the byte budget counts each one's text)."""
+    return [(message["role"], jsonio.dumps(message)) for message in wire]
 
 
 def _encoded_history(
@@ -542,7 +533,9 @@ class Store:
                 return History(system=None, last_seq=0)
             wire = [_to_wire(record) for record in records]
             cut = _older_left_out(wire, limit, last_seq)
-            history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
+            history = _encoded_history(
+                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq
+            )
         else:
             async with self._read() as conn:
                 found = (
@@ -571,7 +564,9 @@ class Store:
             system, last_seq = found.system_prompt, found.last_seq
             wire = [_to_wire(row._mapping) for row in reversed(rows)]
             cut = _older_left_out(wire, limit, last_seq)
-            history = _history(system, wire, max_bytes, start_at_user, cut, answering, last_seq)
+            history = _encoded_history(
+                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq
+            )
         if history is None:
             tail = await self._call_tail(owner, conversation_id, max_bytes, start_at_user)
             history = History.from_messages(system, tail, last_seq)
