@@ -243,7 +243,7 @@ async def test_an_in_memory_database_takes_concurrent_turns_of_one_conversation(
             history = await store.load_history(owner, "c", 200)
             await asyncio.sleep(0)
             turn = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
-            await store.commit_turn(owner, "c", system=None, turn=turn, after_seq=history.last_seq)
+            await store.commit_turn(owner, "c", system=None, turn=turn, after=history.read_at)
 
         for _ in range(5):  # bounded: a few rounds of racing reads and writes
             await asyncio.gather(*(turn(i) for i in range(8)))

@@ -186,27 +186,31 @@ async def test_a_turn_that_no_longer_pairs_after_a_concurrent_one_is_refused(
     assert read.last_seq == len(STORED)
     # The call c3 is still open: a concurrent turn answers it (and is stored)...
     await store.commit_turn(
-        OWNER, "c", system=None, turn=[result("c3"), call("j1")], after_seq=read.last_seq
+        OWNER, "c", system=None, turn=[result("c3"), call("j1")], after=read.read_at
     )
     # ...and a user message that came with it would now leave j1 unanswered.
     with pytest.raises(ConversationChanged) as refused:
         await store.commit_turn(
-            OWNER, "c", system=None, turn=[user("B"), assistant("b")], after_seq=read.last_seq
+            OWNER, "c", system=None, turn=[user("B"), assistant("b")], after=read.read_at
         )
     assert refused.value.status == 409 and refused.value.code == "conversation_changed"
     assert "unanswered: j1" in refused.value.message
     # The same result twice (a double submit): the second answers no open call.
     with pytest.raises(ConversationChanged, match="tool message names no tool call"):
         await store.commit_turn(
-            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after_seq=read.last_seq
+            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after=read.read_at
         )
     # A turn that still fits is stored, as are turns whose read was not overtaken.
     later = await store.load_history(OWNER, "c", 200)
     await store.commit_turn(
-        OWNER, "c", system=None, turn=[result("j1"), assistant("y")], after_seq=read.last_seq
+        OWNER, "c", system=None, turn=[result("j1"), assistant("y")], after=read.read_at
     )
     await store.commit_turn(
-        OWNER, "c", system=None, turn=[user("C"), assistant("c")], after_seq=later.last_seq + 2
+        OWNER,
+        "c",
+        system=None,
+        turn=[user("C"), assistant("c")],
+        after=(later.pk, later.last_seq + 2),
     )
     final = await store.load_history(OWNER, "c", 200)
     assert final.messages == [
@@ -230,13 +234,13 @@ async def test_turns_of_one_group_commit_are_checked_one_after_the_other(tmp_pat
         await made.commit_turn(OWNER, "g", system=None, turn=[user("q"), assistant("a")])
         read = await made.load_history(OWNER, "g", 200)
 
-        def soon(*turn: dict[str, Any], after_seq: int | None = None) -> Any:
+        def soon(*turn: dict[str, Any], after: tuple[int, int] | None = None) -> Any:
             return made.commit_turn_soon(
-                OWNER, "g", system=None, turn=turn, together=True, after_seq=after_seq
+                OWNER, "g", system=None, turn=turn, together=True, after=after
             )
 
-        first = soon(user("A"), call("j1"), after_seq=read.last_seq)
-        second = soon(user("B"), assistant("b"), after_seq=read.last_seq)
+        first = soon(user("A"), call("j1"), after=read.read_at)
+        second = soon(user("B"), assistant("b"), after=read.read_at)
         third = soon(user("C"), assistant("c"))
         outcomes = await asyncio.gather(first, second, third, return_exceptions=True)
         assert outcomes[0] is None and outcomes[2] is None
@@ -352,6 +356,24 @@ async def test_a_turn_whose_call_was_deleted_meanwhile_is_refused(store: Store) 
     assert deleted is not None and deleted.seqs == [4, 5]
     with pytest.raises(ConversationChanged, match="tool message names no tool call"):
         await store.commit_turn(
-            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after_seq=read.last_seq
+            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after=read.read_at
         )
     assert (await store.load_history(OWNER, "c", 200)).messages == STORED[:3]
+
+
+async def test_a_turn_whose_conversation_was_deleted_and_created_again_is_checked(
+    store: Store,
+) -> None:
+    """A conversation deleted and created again can reach the very ``last_seq`` a turn in
+    flight read: the turn is still checked, because the conversation is another row."""
+    await store.commit_turn(OWNER, "d", system=None, turn=[user("q"), assistant("a")])
+    read = await store.load_history(OWNER, "c", 200)
+    assert await store.delete_conversation(OWNER, "c")
+    again = [user("n1"), assistant("n2"), user("n3"), call("z1"), result("z1")]
+    await store.commit_turn(OWNER, "c", system=None, turn=again)
+    assert (await store.load_history(OWNER, "c", 200)).last_seq == read.last_seq
+    with pytest.raises(ConversationChanged, match="tool message names no tool call"):
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after=read.read_at
+        )
+    assert (await store.load_history(OWNER, "c", 200)).messages == again

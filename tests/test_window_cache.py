@@ -71,9 +71,7 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
         assert [m["content"] for m in history.messages][-1] == f"a{i - 1}"
         assert history.last_seq == 2 * (i - 1)
         # Nothing came between the read and the commit: the turn is not checked again.
-        await sqlite_store.commit_turn(
-            ALICE, "c", system=None, turn=turn(i), after_seq=history.last_seq
-        )
+        await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(i), after=history.read_at)
     reads = [s for s in statements if s.startswith("SELECT")]
     # The first read, a miss; the second turn's, which caches the window (a conversation
     # is cached from its second turn on); none after.
@@ -178,13 +176,17 @@ async def test_a_commit_that_waited_on_the_writer_thread_is_seen(
 def test_the_cache_is_bounded() -> None:
     cache = WindowCache(max_bytes=1000, max_conversations=3)
     for i in range(5):
-        cache.put(("t", "u", f"c{i}"), None, [("user", b"x" * 10)], version=1, limit=10, last_seq=1)
+        cache.put(
+            ("t", "u", f"c{i}"), None, [("user", b"x" * 10)], version=1, limit=10, last_seq=1, pk=1
+        )
     assert len(cache) == 3 and cache.get(("t", "u", "c0")) is None
-    cache.put(("t", "u", "big"), None, [("user", b"x" * 2000)], version=1, limit=10, last_seq=1)
+    cache.put(
+        ("t", "u", "big"), None, [("user", b"x" * 2000)], version=1, limit=10, last_seq=1, pk=1
+    )
     assert len(cache) == 0  # a window larger than the whole cache is not kept
-    cache.put(("t", "u", "a"), None, [("user", b"1")], version=1, limit=10, last_seq=1)
+    cache.put(("t", "u", "a"), None, [("user", b"1")], version=1, limit=10, last_seq=1, pk=1)
     # Read after another connection wrote: the windows read before may be stale.
-    cache.put(("t", "u", "b"), None, [("user", b"2")], version=2, limit=10, last_seq=1)
+    cache.put(("t", "u", "b"), None, [("user", b"2")], version=2, limit=10, last_seq=1, pk=1)
     assert cache.get(("t", "u", "a")) is None and cache.get(("t", "u", "b")) is not None
     cache.validate(sqlite3.connect(":memory:"), limit=20)  # another window size
     assert cache.get(("t", "u", "b")) is None
@@ -194,7 +196,7 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
     """A commit adjusts the window's size by what came and what was cut off the front."""
     cache = WindowCache()
     key = ("t", "u", "c")
-    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], 1, 3, last_seq=2)
+    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], 1, 3, last_seq=2, pk=1)
     for i in range(5):
         turn = [("user", b"q" * i), ("assistant", b"a" * (7 * i))]
         cache.committed(key, None, turn, last_seq=4 + 2 * i)
@@ -205,6 +207,7 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
         None,
         [("assistant", b"a" * 21), ("user", b"q" * 4), ("assistant", b"a" * 28)],
         12,
+        1,
     )
 
 

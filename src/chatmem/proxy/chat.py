@@ -200,7 +200,7 @@ async def _forward(
             turn=[*chat.messages, assistant_message(answer)],
             # Other requests in flight: let turns that finish together commit together.
             together=len(gateway.live.tasks) > 1,
-            after_seq=history.last_seq,
+            after=history.read_at,
         )
         gateway.metrics.count_commit(saving, turn.owner.tenant, answer.usage)
         # Shielded so that a cancelled handler does not cancel the future itself (free

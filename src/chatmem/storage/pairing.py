@@ -16,7 +16,14 @@ from typing import Any
 from .. import jsonio
 from ..errors import ChatmemError
 
-__all__ = ["ConversationChanged", "call_ids", "check_turn", "open_calls", "pairing_problem"]
+__all__ = [
+    "ConversationChanged",
+    "call_ids",
+    "check_turn",
+    "open_calls",
+    "overtaken",
+    "pairing_problem",
+]
 
 
 class ConversationChanged(ChatmemError):
@@ -85,6 +92,16 @@ def pairing_problem(
         answerable = call_ids(calls_here)
         waiting = set(answerable)
     return None
+
+
+def overtaken(after: tuple[int, int] | None, pk: int, before: int) -> bool:
+    """Whether a turn read its history at ``after`` (the conversation's pk and
+    ``last_seq``, pk 0 when it was not stored; None: not read) and another write came
+    before its commit, which found the conversation at ``pk`` with ``before`` messages
+    ahead of the turn: another turn, an append, a deleted item (each moves ``last_seq``),
+    or the whole conversation deleted and created again (a new pk).  A conversation
+    read as not stored and created by this commit was overtaken by nobody."""
+    return after is not None and (before != after[1] or after[0] not in (0, pk))
 
 
 def check_turn(turn: Sequence[dict[str, Any]], newest_first: Iterable[Any]) -> None:

@@ -30,12 +30,12 @@ import asyncpg
 
 from .. import jsonio
 from .faults import BROKEN_CONNECTION
-from .pairing import check_turn
+from .pairing import check_turn, overtaken
 
 __all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
 
 _READ = """
-SELECT c.system_prompt, c.last_seq, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
+SELECT c.pk, c.system_prompt, c.last_seq, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
 FROM conversations AS c
 LEFT JOIN LATERAL (
     SELECT role, content, name, tool_calls, tool_call_id, seq
@@ -82,16 +82,16 @@ _REPLACE_SYSTEM = _WRITE.format(system=", system_prompt = EXCLUDED.system_prompt
 
 async def load_window(
     conn: asyncpg.Connection, tenant: str, user: str, conversation_id: str, limit: int
-) -> tuple[bool, Any, list[asyncpg.Record], int]:
-    """(whether the conversation exists, its system prompt, its newest ``limit`` messages
-    oldest first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``, its
-    ``last_seq``: 0 if it does not exist)."""
+) -> tuple[int, Any, list[asyncpg.Record], int]:
+    """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
+    first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``, its
+    ``last_seq``; pk and ``last_seq`` 0 if it does not exist)."""
     rows = await conn.fetch(_READ, tenant, user, conversation_id, limit)
     if not rows:
-        return False, None, [], 0
+        return 0, None, [], 0
     # A conversation without messages is one row whose message columns are NULL.
     window = [row for row in reversed(rows) if row["role"] is not None]
-    return True, rows[0]["system_prompt"], window, rows[0]["last_seq"]
+    return rows[0]["pk"], rows[0]["system_prompt"], window, rows[0]["last_seq"]
 
 
 async def append_turn(
@@ -102,15 +102,16 @@ async def append_turn(
     system: list[dict[str, Any]] | None,
     turn: Sequence[dict[str, Any]],
     now: int,
-    after_seq: int | None = None,
+    after: tuple[int, int] | None = None,
 ) -> None:
     """Create the conversation if needed (with ``system``; an existing one keeps its system
     prompt unless ``system`` is given) and append ``turn``, in one statement in its own
     transaction.  :class:`CommitUnconfirmed` if the connection failed while the COMMIT
     was on its way: the turn may be stored or not.  When another write came after
-    ``after_seq`` (the conversation's ``last_seq`` when its history was read), the turn
-    is checked against what it now follows (:func:`pairing.check_turn`), under the
-    conversation row's lock, which the upsert holds."""
+    ``after`` (the conversation's pk and ``last_seq`` when its history was read, see
+    :func:`pairing.overtaken`), the turn is checked against what it now follows
+    (:func:`pairing.check_turn`), under the conversation row's lock, which the upsert
+    holds."""
     # Not ``async with``: a failed COMMIT must be told from a failed statement.  A write
     # that fails is never rolled back here: the caller closes the connection (see
     # ``Store._driver``), and the server rolls the transaction back.
@@ -136,7 +137,7 @@ async def append_turn(
     )
     assert written is not None  # the upsert returns its row
     before = written["last_seq"] - len(turn)
-    if after_seq is not None and before != after_seq:
+    if overtaken(after, written["pk"], before):
         check_turn(turn, await conn.fetch(_TAIL, written["pk"], before))
     try:
         await transaction.commit()

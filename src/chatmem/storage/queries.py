@@ -37,7 +37,7 @@ from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
-from .pairing import call_ids, check_turn, open_calls
+from .pairing import call_ids, check_turn, open_calls, overtaken
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
@@ -81,6 +81,9 @@ class History:
     last_seq: int | None = None
     """The conversation's ``last_seq`` when it was read (0: not stored); None: not read.
     A turn's commit checks the turn against what came after it (``pairing``)."""
+    pk: int = 0
+    """The conversation's row when it was read (0: not stored), so that a commit also
+    tells a conversation deleted and created again from the one it read."""
 
     @classmethod
     def from_messages(
@@ -88,8 +91,14 @@ class History:
         system: list[dict[str, Any]] | None,
         messages: list[dict[str, Any]],
         last_seq: int | None = None,
+        pk: int = 0,
     ) -> History:
-        return cls(system, jsonio.dumps_elements(messages), last_seq)
+        return cls(system, jsonio.dumps_elements(messages), last_seq, pk)
+
+    @property
+    def read_at(self) -> tuple[int, int] | None:
+        """(``pk``, ``last_seq``) as read, for the commit of the turn (None: not read)."""
+        return None if self.last_seq is None else (self.pk, self.last_seq)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -248,6 +257,7 @@ def _encoded_history(
     cut: bool,
     answering: bool,
     last_seq: int,
+    pk: int,
 ) -> History | None:
     """The history to send of a window of (role, JSON text) messages: ``cut``, older
     messages were left out already; ``start_at_user``, ``memory.start_at_user``;
@@ -264,7 +274,7 @@ def _encoded_history(
         cut = True
     if answering and cut and _call_left_out([role for role, _ in kept], start_at_user):
         return None
-    return History(system=system, encoded=encoded, last_seq=last_seq)
+    return History(system=system, encoded=encoded, last_seq=last_seq, pk=pk)
 
 
 def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
@@ -513,28 +523,28 @@ class Store:
         history: History | None
         if self._turns is not None:
             try:
-                exists, system, window, cut, last_seq = await self._turns.load_window(
+                pk, system, window, cut, last_seq = await self._turns.load_window(
                     owner.tenant, owner.user, conversation_id, limit, max_bytes
                 )
             except sqlite3.Error as exc:
                 raise StorageUnavailable("the conversation store is unavailable") from exc
-            if not exists:
+            if not pk:
                 return History(system=None, last_seq=0)
             cut = cut or _older_left_out(window, limit, last_seq)
             history = _encoded_history(
-                system, window, max_bytes, start_at_user, cut, answering, last_seq
+                system, window, max_bytes, start_at_user, cut, answering, last_seq, pk
             )
         elif self._asyncpg:
             async with self._driver(writing=False) as driver:
-                exists, system, records, last_seq = await postgres_turns.load_window(
+                pk, system, records, last_seq = await postgres_turns.load_window(
                     driver, owner.tenant, owner.user, conversation_id, limit
                 )
-            if not exists:
+            if not pk:
                 return History(system=None, last_seq=0)
             wire = [_to_wire(record) for record in records]
             cut = _older_left_out(wire, limit, last_seq)
             history = _encoded_history(
-                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq
+                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq, pk
             )
         else:
             async with self._read() as conn:
@@ -561,15 +571,15 @@ class Store:
                         .limit(limit)
                     )
                 ).all()
-            system, last_seq = found.system_prompt, found.last_seq
+            system, last_seq, pk = found.system_prompt, found.last_seq, found.pk
             wire = [_to_wire(row._mapping) for row in reversed(rows)]
             cut = _older_left_out(wire, limit, last_seq)
             history = _encoded_history(
-                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq
+                system, _texts(wire), max_bytes, start_at_user, cut, answering, last_seq, pk
             )
         if history is None:
             tail = await self._call_tail(owner, conversation_id, max_bytes, start_at_user)
-            history = History.from_messages(system, tail, last_seq)
+            history = History.from_messages(system, tail, last_seq, pk)
         return history
 
     async def _call_tail(
@@ -616,12 +626,12 @@ class Store:
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
         together: bool = False,
-        after_seq: int | None = None,
+        after: tuple[int, int] | None = None,
     ) -> None:
         """Append one turn (the request's messages and the answer) in one transaction:
         :meth:`commit_turn_soon`, waited for."""
         await self.commit_turn_soon(
-            owner, conversation_id, system=system, turn=turn, together=together, after_seq=after_seq
+            owner, conversation_id, system=system, turn=turn, together=together, after=after
         )
 
     def commit_turn_soon(
@@ -632,7 +642,7 @@ class Store:
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
         together: bool = False,
-        after_seq: int | None = None,
+        after: tuple[int, int] | None = None,
     ) -> asyncio.Future[None]:
         """Append one turn in one transaction, started now: the future is done when the
         turn is committed (or failed), and a caller who stops waiting for it does not
@@ -647,9 +657,10 @@ class Store:
         The upsert creates the conversation if needed and reserves the turn's sequence
         numbers by bumping ``last_seq``; it locks the conversation row until commit, so
         concurrent turns of one conversation are serialised and never interleave.
-        ``system``, when given, replaces the stored system prompt.  ``after_seq``: the
-        conversation's ``last_seq`` when the turn's history was read (``History``); when
-        another write came after it, the turn is checked against what it now follows,
+        ``system``, when given, replaces the stored system prompt.  ``after``: the
+        conversation's pk and ``last_seq`` when the turn's history was read
+        (``History.read_at``); when another write came after it
+        (:func:`pairing.overtaken`), the turn is checked against what it now follows,
         under that lock, and :class:`ConversationChanged` if tool calls and their results
         would no longer pair (:func:`pairing.check_turn`).
         """
@@ -662,11 +673,9 @@ class Store:
                 turn,
                 int(time.time()),
                 together=together,
-                after_seq=after_seq,
+                after=after,
             )
-        return asyncio.ensure_future(
-            self._commit_turn(owner, conversation_id, system, turn, after_seq)
-        )
+        return asyncio.ensure_future(self._commit_turn(owner, conversation_id, system, turn, after))
 
     async def _commit_turn(
         self,
@@ -674,7 +683,7 @@ class Store:
         conversation_id: str,
         system: list[dict[str, Any]] | None,
         turn: Sequence[dict[str, Any]],
-        after_seq: int | None,
+        after: tuple[int, int] | None,
     ) -> None:
         now = int(time.time())
         if self._asyncpg:
@@ -689,7 +698,7 @@ class Store:
                         system,
                         turn,
                         now,
-                        after_seq,
+                        after,
                     )
 
             await self._retried(append)
@@ -717,7 +726,7 @@ class Store:
         async def write(conn: AsyncConnection) -> None:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
-            if after_seq is not None and first - 1 != after_seq:
+            if overtaken(after, pk, first - 1):
                 _, tail = await _tail(conn, messages.c.conversation_pk == pk, first)
                 check_turn(turn, tail)
             rows = [

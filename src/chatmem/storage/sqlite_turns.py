@@ -21,11 +21,11 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .. import jsonio
 from ..errors import StorageUnavailable
-from .pairing import check_turn
+from .pairing import check_turn, overtaken
 from .window_cache import WindowCache
 
 __all__ = ["SQLiteTurns"]
@@ -77,9 +77,9 @@ _GATHER_PASSES = 4
 it (see :meth:`SQLiteTurns.append_turn_soon`)."""
 
 
-_TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int, int | None]
-"""tenant, user, conversation id, system prompt, messages, time, and the conversation's
-``last_seq`` when its history was read (None: unknown): one turn to append."""
+_TurnArgs = tuple[str, str, str, Any, Sequence[dict[str, Any]], int, tuple[int, int] | None]
+"""tenant, user, conversation id, system prompt, messages, time, and the conversation's pk
+and ``last_seq`` when its history was read (None: unknown): one turn to append."""
 _Row = tuple[Any, ...]
 _Turn = tuple[list[_Row], str | None]
 """A turn written: its rows in ``messages``, and the system prompt as stored."""
@@ -290,11 +290,11 @@ class SQLiteTurns:
 
     async def load_window(
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
-    ) -> tuple[bool, Any, list[tuple[str, bytes]], bool, int]:
-        """(found, system prompt, newest ``limit`` messages oldest first, each as its role
-        and its JSON text, whether ``max_bytes`` left older ones out, the conversation's
-        ``last_seq``); with ``max_bytes``, only the newest of them whose JSON text fits in
-        that many bytes."""
+    ) -> tuple[int, Any, list[tuple[str, bytes]], bool, int]:
+        """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
+        first, each as its role and its JSON text, whether ``max_bytes`` left older ones
+        out, its ``last_seq``; pk and ``last_seq`` 0 if it is not stored); with
+        ``max_bytes``, only the newest of them whose JSON text fits in that many bytes."""
         args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
@@ -305,24 +305,24 @@ class SQLiteTurns:
                 self._windows.validate(conn, limit)
                 cached = self._windows.get(key)
                 if cached is not None:
-                    return True, cached[0], cached[1], False, cached[2]
-            found, system, window, version, cut, last_seq = self._load_window(conn, *args)
-            if found:
+                    return cached[3], cached[0], cached[1], False, cached[2]
+            pk, system, window, version, cut, last_seq = self._load_window(conn, *args)
+            if pk:
                 self._unseen.discard(key)  # created elsewhere after an earlier miss
             else:
                 self.expect_new(*key)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
-            found, system, window, _, cut, last_seq = await self._run(
+            pk, system, window, _, cut, last_seq = await self._run(
                 self._reader, self._on_thread, self._load_window, *args
             )
-            return found, system, window, cut, last_seq
+            return pk, system, window, cut, last_seq
         if version is not None and not cut:  # found, in a snapshot of that version
             # (a window cut to the byte budget is not the newest ``limit`` messages the
             # cache keeps, and is large: not cached)
-            self._windows.put(key, system, window, version, limit, last_seq)
-        return found, system, window, cut, last_seq
+            self._windows.put(key, system, window, version, limit, last_seq, pk)
+        return pk, system, window, cut, last_seq
 
     def expect_new(self, tenant: str, user: str, conversation_id: str) -> None:
         """Remember that this conversation is not stored (yet): its first turn is created
@@ -342,10 +342,10 @@ class SQLiteTurns:
         conversation_id: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[bool, Any, list[tuple[str, bytes]], int | None, bool, int]:
-        """(found, system prompt, window, ``data_version`` of the snapshot it was read in,
-        whether ``max_bytes`` cut the window, the conversation's ``last_seq``: 0 if not
-        found).
+    ) -> tuple[int, Any, list[tuple[str, bytes]], int | None, bool, int]:
+        """(the conversation's pk, its system prompt, its window, ``data_version`` of the
+        snapshot it was read in, whether ``max_bytes`` cut the window, its ``last_seq``;
+        pk and ``last_seq`` 0 if it is not stored).
 
         A new conversation costs one statement: no transaction, no version (nothing is
         cached for it).
@@ -355,17 +355,17 @@ class SQLiteTurns:
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
         if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
-            return False, None, [], None, False, 0
+            return 0, None, [], None, False, 0
         conn.execute("BEGIN")  # one snapshot for the version and both statements
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
-                return False, None, [], None, False, 0
+                return 0, None, [], None, False, 0
             window, cut = _newest_rows(conn.execute(_WINDOW, (found[0], limit)), max_bytes)
         finally:
             conn.execute("COMMIT")
-        return True, _load(found[1]), window, version, cut, found[2]
+        return found[0], _load(found[1]), window, version, cut, found[2]
 
     def append_turn_soon(
         self,
@@ -377,7 +377,7 @@ class SQLiteTurns:
         now: int,
         *,
         together: bool = False,
-        after_seq: int | None = None,
+        after: tuple[int, int] | None = None,
     ) -> asyncio.Future[None]:
         """Append ``turn`` in a transaction of its own or, ``together``, in one transaction
         with the other turns that finish with it; the future is done once the turn is
@@ -399,7 +399,7 @@ class SQLiteTurns:
         plain c=32).
         """
         loop = asyncio.get_running_loop()
-        args = (tenant, user, conversation_id, system, turn, now, after_seq)
+        args = (tenant, user, conversation_id, system, turn, now, after)
         future: asyncio.Future[None] = loop.create_future()
         if together:
             self._queued.append((args, future))
@@ -523,14 +523,14 @@ class SQLiteTurns:
         system: Any,
         turn: Sequence[dict[str, Any]],
         now: int,
-        after_seq: int | None,
+        after: tuple[int, int] | None,
         *,
         alone: bool,
     ) -> _Turn:
         """Upsert the turn's conversation, which reserves its sequence numbers; the rows of
         its messages, to be inserted, and its system prompt as stored.  When another write
-        came after ``after_seq``, the turn is checked against what it now follows
-        (``alone``: the messages before it are all inserted)."""
+        came after ``after`` (:func:`pairing.overtaken`), the turn is checked against what
+        it now follows (``alone``: the messages before it are all inserted)."""
         count = len(turn)
         stored_system = _dump(system)
         values = (conversation_id, tenant, user, stored_system, count, now, now)
@@ -538,13 +538,13 @@ class SQLiteTurns:
         if key in self._unseen:
             self._unseen.discard(key)
             try:
-                pk, last_seq = conn.execute(_CREATE, values).lastrowid, count
+                pk, last_seq = cast(int, conn.execute(_CREATE, values).lastrowid), count
             except sqlite3.IntegrityError:  # created since it was read: upsert after all
                 pk, last_seq = conn.execute(_UPSERT, values).fetchone()
         else:
             pk, last_seq = conn.execute(_UPSERT, values).fetchone()
         first = last_seq - count + 1
-        if after_seq is not None and first - 1 != after_seq:
+        if overtaken(after, pk, first - 1):
             if not alone:
                 raise _Regroup
             check_turn(turn, conn.execute(_TAIL, (pk, first - 1, pk, first - 1)))

@@ -43,6 +43,8 @@ class _Window:
     size: int
     last_seq: int
     """The conversation's ``last_seq`` as of this window."""
+    pk: int
+    """The conversation's row."""
 
 
 def _size(messages: Sequence[Message]) -> int:
@@ -78,13 +80,13 @@ class WindowCache:
             self._version = version
             self._limit = limit
 
-    def get(self, key: Key) -> tuple[Any, list[Message], int] | None:
-        """(system prompt, window, ``last_seq``) of ``key``, if kept."""
+    def get(self, key: Key) -> tuple[Any, list[Message], int, int] | None:
+        """(system prompt, window, ``last_seq``, pk) of ``key``, if kept."""
         window = self._windows.get(key)
         if window is None:
             return None
         self._windows.move_to_end(key)
-        return window.system, list(window.messages), window.last_seq
+        return window.system, list(window.messages), window.last_seq, window.pk
 
     def put(
         self,
@@ -94,6 +96,7 @@ class WindowCache:
         version: int,
         limit: int,
         last_seq: int,
+        pk: int,
     ) -> None:
         """The window as just read from the database, in a snapshot whose ``data_version``
         was ``version``: the windows kept from another version are forgotten."""
@@ -101,7 +104,7 @@ class WindowCache:
             self.clear()
             self._version = version
             self._limit = limit
-        self._store(key, _Window(system, messages, _size(messages), last_seq))
+        self._store(key, _Window(system, messages, _size(messages), last_seq, pk))
 
     def committed(self, key: Key, system: Any, messages: Sequence[Message], last_seq: int) -> None:
         """A turn of ``key`` was committed on the validated connection: ``messages`` go at
@@ -124,7 +127,7 @@ class WindowCache:
         size = window.size + _size(messages) - (_size(joined[:cut]) if cut > 0 else 0)
         kept_system = window.system if system is None else system
         kept = joined[cut:] if cut > 0 else joined
-        self._store(key, _Window(kept_system, kept, size, last_seq))
+        self._store(key, _Window(kept_system, kept, size, last_seq, window.pk))
 
     def clear(self) -> None:
         self._windows.clear()
