@@ -103,3 +103,27 @@ async def test_a_compressed_error_body_goes_decoded_with_the_key_masked(
         else:
             assert message.startswith("the upstream answered 401 with a body in 'br'")
         assert KEY.encode() not in got
+
+
+@pytest.mark.parametrize(
+    "before", [[], [b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n']]
+)
+async def test_a_streamed_error_event_quoting_the_key_does_not_hand_it_on(
+    gateway_factory: GatewayFactory, rows: Rows, before: list[bytes]
+) -> None:
+    """A 200 stream whose error event quotes the credential (at once, or after a token):
+    the client gets the event with the key masked, and nothing is stored."""
+    error = json.dumps({"error": {"message": f"stream failed, Bearer {KEY}"}}).encode()
+    event = b"data: " + error + b"\n\n"
+    script = Script(headers={"Content-Type": "text/event-stream"}, chunks=[*before, event])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            headers={"X-Conversation-Id": "s1"},
+        )
+        got = await response.read()
+    assert KEY.encode() not in got
+    assert b"".join([*before, event.replace(KEY.encode(), MASK)]) in got
+    assert rows.messages("s1") == []

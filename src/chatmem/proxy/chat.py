@@ -257,6 +257,7 @@ async def _forward(
                         chunks_only=turn.chunks_only,
                         max_bytes=max_answer,
                         on_first_chunk=timer.first_chunk,
+                        secret=upstream.secret,
                     )
             try:
                 body = await response.read(max_answer)

@@ -24,7 +24,7 @@ from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
 from .http import error_event
 from .sse import SSEParser, only_data_events
-from .upstream import StreamedAnswer
+from .upstream import MASK, StreamedAnswer
 
 __all__ = ["Renderer", "tee_stream"]
 
@@ -136,7 +136,9 @@ class _Client:
     whether the bytes sent so far end between two events.
 
     ``head_waits``: the response head was held back to go out with the first write
-    (which then goes out even when it is empty).
+    (which then goes out even when it is empty).  ``secret``: the upstream key, masked
+    wherever the upstream quoted it (an error event that quotes the credential it
+    refused); each write is whole events, so the key is never cut in two.
     """
 
     def __init__(
@@ -146,8 +148,10 @@ class _Client:
         *,
         head_waits: bool,
         chunks_only: bool,
+        secret: bytes | None = None,
     ) -> None:
         self.response = response
+        self.secret = secret
         self.render = render
         self.chunks_only = chunks_only
         self.gone = False
@@ -163,6 +167,8 @@ class _Client:
     async def write(self, data: bytes) -> None:
         if self.gone or not (data or self.head_waits):
             return
+        if self.secret is not None and self.secret in data:
+            data = data.replace(self.secret, MASK)
         self.head_waits = False
         try:
             await self.response.write(data)
@@ -317,6 +323,7 @@ async def tee_stream(
     chunks_only: bool = False,
     max_bytes: int | None = None,
     on_first_chunk: Callable[[], None] | None = None,
+    secret: bytes | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream``'s event stream and ``commit`` choice 0 once it completed.
 
@@ -328,7 +335,8 @@ async def tee_stream(
     The ``[DONE]`` event is written only after the commit returned, so a
     client that has seen the end of the answer can rely on its next request seeing the
     turn.  A stream that fails, ends early or was not saved ends with one error event
-    (or, with ``render``, the renderer's failure text).
+    (or, with ``render``, the renderer's failure text).  ``secret``, the upstream key,
+    is masked wherever the upstream quoted it.
     """
     # When the first bytes of the answer came in with the upstream's head, the client
     # gets our head and them in one send: one wake-up, not two.  When they did not, the
@@ -338,7 +346,9 @@ async def tee_stream(
         status=upstream.status, headers=headers
     )
     response.headers["X-Accel-Buffering"] = "no"
-    client = _Client(response, render, head_waits=head_waits, chunks_only=chunks_only)
+    client = _Client(
+        response, render, head_waits=head_waits, chunks_only=chunks_only, secret=secret
+    )
     try:
         await response.prepare(request)
     except ConnectionError:

@@ -55,7 +55,7 @@ never goes upstream): passed on, they would only hand that session to every clie
 _SHORTEST_SECRET = 8
 """A key shorter than this is not looked for in what the upstream sends: masking every
 ``abc`` of a body would garble it, and such a key protects nothing anyway."""
-_MASK = b"[upstream key]"
+MASK = b"[upstream key]"
 _PASSTHROUGH_IDLE = 4.0
 """Seconds an idle passthrough connection is used again: less than the 5 s after which
 uvicorn (vLLM), llama.cpp's server and Node close theirs.  A request sent as the upstream
@@ -209,7 +209,7 @@ def masked(text: str, secret: bytes | None) -> str:
     """``text`` with ``secret`` masked, as :class:`Redactor` masks a body."""
     if secret is None:
         return text
-    return text.replace(secret.decode("utf-8", "replace"), _MASK.decode())
+    return text.replace(secret.decode("utf-8", "replace"), MASK.decode())
 
 
 class Redactor:
@@ -225,7 +225,7 @@ class Redactor:
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = (self._held + chunk).replace(self.secret, _MASK)
+        data = (self._held + chunk).replace(self.secret, MASK)
         keep = len(self.secret) - 1
         self._held = data[-keep:]
         return data[:-keep]
