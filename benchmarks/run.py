@@ -5,10 +5,12 @@
 
 It starts the mock upstream and the gateway as real processes on 127.0.0.1, then runs each
 scenario against its targets in alternating rounds (so machine drift hits all alike):
-``direct`` (the upstream itself), ``bare`` (a 40-line aiohttp relay, benchmarks/bare_hop.py:
-the floor of any aiohttp hop), ``memory`` (chatmem's /v1/chat/completions with a
-conversation id) and ``passthrough`` (chatmem's plain relay, /v1/completions). It prints a
-table of medians, writes the raw samples as JSON and draws a PNG of the added latency.
+``direct`` (the upstream itself), ``bare`` (a 40-line relay on aiohttp's server and
+client, benchmarks/bare_hop.py: the issue's "bare aiohttp hop"), ``memory`` (chatmem's
+/v1/chat/completions with a conversation id), ``passthrough`` (chatmem's plain relay,
+/v1/completions) and ``direct-legacy`` (the upstream's /v1/completions, which passthrough
+is compared with). It prints a table of medians, writes the raw samples as JSON and draws
+a PNG of the added latency.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import platform
+import re
 import sqlite3
 import statistics
 import sys
@@ -38,6 +42,12 @@ from .procs import Proc, cpu_seconds, free_port, rss_mb, start
 HERE = Path(__file__).resolve().parent
 WARMUP_MAX = 50
 """Requests per target in the warm-up of a scenario."""
+FIRST_TOKEN = re.compile(rb'"(?:content|text)":"[^"]')
+"""The first event with text in it: a chat delta's ``content``, a completion's ``text``
+(the role-only event before it, which the mock sends first, is not a token)."""
+BASELINE = {"passthrough": "direct-legacy", "direct-legacy": "direct-legacy"}
+"""The direct target a relay is compared with, when it is not ``direct``: passthrough
+goes to the mock's /v1/completions, whose answers cost the mock more than chat's."""
 
 
 @dataclass
@@ -49,7 +59,7 @@ class Scenario:
     tokens: int = 16
     delay_ms: float = 0.0
     history: int = 0  # stored messages in the conversation (memory target)
-    targets: tuple[str, ...] = ("direct", "bare", "memory", "passthrough")
+    targets: tuple[str, ...] = ("direct", "bare", "memory", "passthrough", "direct-legacy")
 
 
 @dataclass
@@ -58,6 +68,9 @@ class Sample:
     round: int
     latencies_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+    first_visit_ms: list[float] = field(default_factory=list)
+    """History scenarios, memory: the requests that read their window from the database
+    (the first of each conversation's ``VISITS``), also in ``latencies_ms``."""
     wall_s: float = 0.0
     gateway_cpu_s: float = 0.0
     loadgen_cpu_s: float = 0.0
@@ -140,10 +153,12 @@ class Bench:
             body["messages"] = [*self.window(sc.history), question]
             base = self.upstream if target == "direct" else self.bare
             return base, "/v1/chat/completions", body, headers
-        if target == "passthrough":
-            # The plain relay: the same answer as legacy completions, no memory involved.
+        if target in ("passthrough", "direct-legacy"):
+            # The plain relay: legacy completions, no memory involved; and the same
+            # request straight to the upstream, to compare it with.
             prompt = {"model": "bench", "prompt": question["content"], "stream": sc.stream}
-            return self.gateway, "/v1/completions", prompt, headers
+            base = self.gateway if target == "passthrough" else self.upstream
+            return base, "/v1/completions", prompt, headers
         if sc.history:
             conv = history_conversation(sc.history, self.visits, self.pool)
             self.visits += 1
@@ -159,15 +174,19 @@ class Bench:
         ]
 
     async def one(self, sc: Scenario, target: str, client: int, sample: Sample) -> None:
+        first_visit = target == "memory" and sc.history > 0 and self.visits % VISITS == 0
         base, path, body, headers = self.request_for(sc, target, client)
         data = json.dumps(body).encode()
         start_t = time.perf_counter()
         try:
             async with await self.pools[base].post(path, headers, data) as resp:
                 first = None
-                async for _ in resp.content.iter_any():
-                    if first is None:
-                        first = time.perf_counter()
+                seen = b""
+                async for chunk in resp.content.iter_any():
+                    if first is None and sc.stream:
+                        seen = seen[-16:] + chunk  # a marker may straddle two reads
+                        if FIRST_TOKEN.search(seen):
+                            first = time.perf_counter()
                 if resp.status != 200:
                     sample.errors += 1
                     return
@@ -176,6 +195,8 @@ class Bench:
             return
         end = time.perf_counter()
         sample.latencies_ms.append((end - start_t) * 1000)
+        if first_visit:
+            sample.first_visit_ms.append((end - start_t) * 1000)
         if sc.stream and first is not None:
             sample.ttft_ms.append((first - start_t) * 1000)
 
@@ -195,7 +216,8 @@ class Bench:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in range(sc.concurrency)))
         sample.wall_s = time.perf_counter() - t0
-        sample.gateway_cpu_s = 0.0 if target == "direct" else cpu_seconds(relay.pid) - cpu0
+        direct = target.startswith("direct")
+        sample.gateway_cpu_s = 0.0 if direct else cpu_seconds(relay.pid) - cpu0
         sample.loadgen_cpu_s = time.process_time() - self_cpu0
         sample.upstream_cpu_s = cpu_seconds(self.upstream_proc.pid) - upstream_cpu0
         return sample
@@ -262,8 +284,14 @@ def summarise(sc: Scenario, samples: list[Sample]) -> dict[str, dict[str, float]
         lat = [v for s in mine for v in s.latencies_ms]
         ttft = [v for s in mine for v in s.ttft_ms]
         done = sum(len(s.latencies_ms) for s in mine)
+        first_visits = [s.first_visit_ms for s in mine if s.first_visit_ms]
         out[target] = {
             "p50_ms": statistics.median([pct(s.latencies_ms, 0.5) for s in mine]),
+            # The requests that read from the database (memory, history scenarios); the
+            # other targets do the same for every request.
+            "first_visit_p50_ms": statistics.median([pct(v, 0.5) for v in first_visits])
+            if first_visits
+            else float("nan"),
             "p99_ms": pct(lat, 0.99),
             "ttft_p50_ms": statistics.median([pct(s.ttft_ms, 0.5) for s in mine])
             if ttft
@@ -305,25 +333,36 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
     }
 
 
+def baseline(targets: dict[str, Any], target: str) -> dict[str, float]:
+    """The figures of the direct target ``target`` is compared with (see ``BASELINE``)."""
+    return targets.get(BASELINE.get(target, "direct"), targets["direct"])  # type: ignore[no-any-return]
+
+
 def print_table(results: dict[str, Any]) -> None:
     head = (
-        f"{'scenario':<17}{'target':<12}{'p50 ms':>9}{'p99 ms':>9}{'ttft ms':>9}"
+        f"{'scenario':<17}{'target':<14}{'p50 ms':>9}{'p99 ms':>9}{'ttft ms':>9}"
         f"{'req/s':>9}{'hop cpu ms':>11}{'added p50':>10}{'x direct':>9}{'loadgen':>8}"
         f"{'upstream':>9}"
     )
     print(head)
     print("-" * len(head))
     for name, targets in results["scenarios"].items():
-        direct = targets["direct"]
         for target, m in targets.items():
+            direct = baseline(targets, target)
             added = m["p50_ms"] - direct["p50_ms"]
             ratio = m["rps"] / direct["rps"] if direct["rps"] else float("nan")
             print(
-                f"{name:<17}{target:<12}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
+                f"{name:<17}{target:<14}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
                 f"{m['ttft_p50_ms']:>9.2f}{m['rps']:>9.0f}{m['gateway_cpu_ms_per_req']:>11.3f}"
                 f"{added:>10.2f}{ratio:>9.2f}{m['loadgen_cpu_share']:>8.2f}"
                 f"{m.get('upstream_cpu_share', float('nan')):>9.2f}"
             )
+            first = m.get("first_visit_p50_ms", math.nan)
+            if not math.isnan(first):  # the requests that read from the database
+                print(
+                    f"{'':<17}{'  1st visit':<14}{first:>9.2f}{'':>36}"
+                    f"{first - direct['p50_ms']:>10.2f}"
+                )
 
 
 def _cpu(s: dict[str, Any], t: str) -> float:
@@ -331,11 +370,11 @@ def _cpu(s: dict[str, Any], t: str) -> float:
 
 
 def _added(field: str) -> Any:
-    return lambda s, t: s[t][field] - s["direct"][field]
+    return lambda s, t: s[t][field] - baseline(s, t)[field]
 
 
 def _ratio(field: str) -> Any:
-    return lambda s, t: s[t][field] / s["direct"][field]
+    return lambda s, t: s[t][field] / baseline(s, t)[field]
 
 
 TARGETS = [
@@ -360,11 +399,31 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, float, float, str
     ]
     if "history 10" in sc and "history 10000" in sc:
 
-        def growth(target: str) -> float:
-            added = _added("p50_ms")
-            return float(added(sc["history 10000"], target) / added(sc["history 10"], target))
+        def growth(target: str, first_visit: bool = False) -> float:
+            def added(name: str) -> float:
+                # memory's first visits; the other targets do alike for every request
+                figures = sc[name][target]
+                first = figures.get("first_visit_p50_ms", math.nan)
+                p50 = first if first_visit and not math.isnan(first) else figures["p50_ms"]
+                return float(p50 - sc[name]["direct"]["p50_ms"])
 
-        rows.append(("added p50, 10,000 / 10 stored", growth("memory"), growth("bare"), 1.2, "<="))
+            small = added("history 10")
+            # A ratio to a figure at or below zero says nothing (noise, or a relay faster
+            # than direct): not a number, so never "met".
+            return added("history 10000") / small if small > 0.05 else float("nan")
+
+        rows.append(
+            ("added p50, 10,000 / 10, going on", growth("memory"), growth("bare"), 1.2, "<=")
+        )
+        rows.append(
+            (
+                "added p50, 10,000 / 10, first visit",
+                growth("memory", True),
+                growth("bare", True),
+                1.2,
+                "<=",
+            )
+        )
     return rows
 
 
@@ -400,7 +459,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
     width = 0.27
     for offset, target in ((-width, "bare"), (0.0, "memory"), (width, "passthrough")):
         values = [
-            results["scenarios"][n][target]["p50_ms"] - results["scenarios"][n]["direct"]["p50_ms"]
+            results["scenarios"][n][target]["p50_ms"]
+            - baseline(results["scenarios"][n], target)["p50_ms"]
             if target in results["scenarios"][n]
             else 0.0
             for n in names
