@@ -285,3 +285,39 @@ async def test_setup_says_what_is_wrong(
         "chatmem.setup: the host app's route /v1/chat/completions was added first and"
         " answers instead of chatmem's"
     ]
+
+
+async def test_a_sub_app_with_its_own_setup_drains_with_its_own_grace(tmp_path: Path) -> None:
+    """``setup`` on the host app and on a sub-app: at shutdown the sub-app's stream is
+    waited for with the sub-app's grace, not cut at the host's (whose middleware also
+    sees the sub-app's requests)."""
+    import chatmem
+
+    release = asyncio.Event()
+    first, *rest = answer_events("Hello world")
+    async with scripted_upstream(Script(chunks=[first, release, *rest])) as up:
+        host = web.Application()
+        chatmem.setup(
+            host, make_config(tmp_path / "host.db", up.url, server={"shutdown_grace": 0.05})
+        )
+        sub = web.Application()
+        chatmem.setup(sub, make_config(tmp_path / "sub.db", up.url, server={"shutdown_grace": 30}))
+        host.add_subapp("/ai/", sub)
+        server = TestServer(host)
+        await server.start_server()
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                server.make_url("/ai/v1/chat/completions"),
+                json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "q"}]},
+                headers={"X-Conversation-Id": "c1"},
+            ) as response,
+        ):
+            got = await response.content.readuntil(b"\n\n")
+            closing = asyncio.ensure_future(server.close())
+            await asyncio.sleep(0.3)  # six times the host's grace
+            release.set()
+            got += await response.content.read()
+            await closing
+    assert got == b"".join(answer_events("Hello world"))
+    assert [m["role"] for m in Rows(tmp_path / "sub.db").messages("c1")] == ["user", "assistant"]

@@ -71,7 +71,7 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_shutdown.append(close_websockets)  # before the drain waits for them
     keep_offered_subprotocols_out_of_logs()
     app.on_shutdown.append(drain)
-    app.middlewares.append(tracker(gateway))
+    app.middlewares.append(tracker(gateway, app))
     if config.server.cors_origins:
         cors = Cors(config.server.cors_origins)
         app.middlewares.append(cors.preflight())

@@ -51,13 +51,15 @@ def is_chatmem_route(request: web.Request) -> bool:
     return name is not None and name.startswith(ROUTE_PREFIX)
 
 
-def tracker(gateway: Gateway) -> Middleware:
-    """The middleware of ``gateway``'s app.
+def tracker(gateway: Gateway, app: web.Application) -> Middleware:
+    """The middleware of ``gateway``'s app, ``app``.
 
     It gives each request its id (for logs, upstream and the response) and its gateway
     (for :func:`~chatmem.state.gateway_of`).  A request to one of chatmem's routes is also
     registered as in flight, so that shutdown waits for it, and its failures become
-    OpenAI-style errors; the host app's routes are left alone.
+    OpenAI-style errors; the host app's routes are left alone, and so are the routes of
+    a sub-app with a gateway of its own (``setup`` on both): its middleware, which runs
+    after this one, does all of it, and its shutdown waits for them with its own grace.
 
     One middleware for all of it, with the gateway at hand: each middleware more is a
     coroutine and two calls on every request, and looking the gateway up in the request's
@@ -75,6 +77,9 @@ def tracker(gateway: Gateway) -> Middleware:
         try:
             if not is_chatmem_route(request):
                 return await handler(request)
+            owner = request.match_info.apps[-1]
+            if owner is not app and GATEWAY in owner:
+                return await handler(request)  # another gateway's, in a sub-app
             task = asyncio.current_task()
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
