@@ -321,3 +321,33 @@ async def test_a_sub_app_with_its_own_setup_drains_with_its_own_grace(tmp_path: 
             await closing
     assert got == b"".join(answer_events("Hello world"))
     assert [m["role"] for m in Rows(tmp_path / "sub.db").messages("c1")] == ["user", "assistant"]
+
+
+async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_origins(
+    aiohttp_client: Any, upstream: TestServer, tmp_path: Path
+) -> None:
+    """The host's CORS middleware also sees the sub-app's preflights: it leaves them to
+    the sub-app's gateway, whose origins they are."""
+    import chatmem
+
+    url = upstream_url(upstream)
+    host = web.Application()
+    chatmem.setup(
+        host, make_config(tmp_path / "h.db", url, server={"cors_origins": ["https://a.example"]})
+    )
+    sub = web.Application()
+    chatmem.setup(
+        sub, make_config(tmp_path / "s.db", url, server={"cors_origins": ["https://b.example"]})
+    )
+    host.add_subapp("/ai/", sub)
+    client = await aiohttp_client(host)
+    for path, origin, status in (
+        ("/ai/v1/chat/completions", "https://b.example", 204),
+        ("/ai/v1/chat/completions", "https://a.example", 403),
+        ("/v1/chat/completions", "https://a.example", 204),
+    ):
+        headers = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        response = await client.options(path, headers=headers)
+        assert (path, origin, response.status) == (path, origin, status)
+        if status == 204:
+            assert response.headers["Access-Control-Allow-Origin"] == origin

@@ -25,7 +25,9 @@ from .proxy.passthrough import (
 from .state import GATEWAY, Gateway
 from .tracking import (
     ROUTE_PREFIX,
+    OwnRoutes,
     drain,
+    is_chatmem_route_name,
     metrics_endpoint,
     response_counter,
     tracker,
@@ -67,13 +69,14 @@ def setup(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(lifecycle)
     app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
-    app.on_response_prepare.append(response_counter(gateway))
+    own: OwnRoutes = set()  # filled below, once they are all added
+    app.on_response_prepare.append(response_counter(gateway, own))
     app.on_shutdown.append(close_websockets)  # before the drain waits for them
     keep_offered_subprotocols_out_of_logs()
     app.on_shutdown.append(drain)
-    app.middlewares.append(tracker(gateway, app))
+    app.middlewares.append(tracker(gateway, own))
     if config.server.cors_origins:
-        cors = Cors(config.server.cors_origins)
+        cors = Cors(config.server.cors_origins, own)
         app.middlewares.append(cors.preflight())
         app.on_response_prepare.append(cors.response_headers())
     setup_auth(app, config.auth)
@@ -102,6 +105,7 @@ def setup(app: web.Application, config: Config) -> None:
         name=ROUTE_PREFIX + "passthrough",
         early_headers=passthrough_early_headers,
     )
+    own.update(route for route in app.router.routes() if is_chatmem_route_name(route.name))
     for resource in app.router.resources():
         if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
             hosts.discard(resource.canonical)  # once per path

@@ -18,7 +18,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .logs import REQUEST_ID_HEADER
-from .tracking import UPSTREAM_REQUEST_ID_HEADER, ResponseHook, is_chatmem_route
+from .tracking import UPSTREAM_REQUEST_ID_HEADER, OwnRoutes, ResponseHook
 
 __all__ = ["Cors"]
 
@@ -39,9 +39,11 @@ def _serialized(origin: str) -> str:
 
 
 class Cors:
-    """The allowed origins (``"*"``: any) and the two pieces that apply them."""
+    """The allowed origins (``"*"``: any) and the two pieces that apply them, to the
+    gateway's own routes (see ``tracking.OwnRoutes``)."""
 
-    def __init__(self, origins: tuple[str, ...]) -> None:
+    def __init__(self, origins: tuple[str, ...], own: OwnRoutes) -> None:
+        self.own = own
         self.any = "*" in origins
         self.origins = frozenset(_serialized(origin) for origin in origins)
 
@@ -61,7 +63,7 @@ class Cors:
                 request.method != hdrs.METH_OPTIONS
                 or origin is None
                 or method is None
-                or not is_chatmem_route(request)
+                or request.match_info.route not in self.own
             ):
                 return await handler(request)
             if not self.allows(origin):
@@ -85,7 +87,7 @@ class Cors:
         chatmem's headers; an upstream's own CORS headers are replaced, not doubled."""
 
         async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-            if request.get(_ANSWERED) or not is_chatmem_route(request):
+            if request.get(_ANSWERED) or request.match_info.route not in self.own:
                 return  # our own preflight answer, or the host app's route
             headers = response.headers
             for name in [name for name in headers if name.lower().startswith("access-control-")]:

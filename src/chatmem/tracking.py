@@ -30,8 +30,10 @@ __all__ = [
     "REQUEST_ID",
     "ROUTE_PREFIX",
     "UPSTREAM_REQUEST_ID_HEADER",
+    "OwnRoutes",
     "drain",
     "is_chatmem_route",
+    "is_chatmem_route_name",
     "metrics_endpoint",
     "response_counter",
     "tracker",
@@ -46,13 +48,24 @@ UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
 
 
 def is_chatmem_route(request: web.Request) -> bool:
-    """Whether ``request`` matched one of chatmem's routes (not the host app's)."""
-    name = request.match_info.route.name
+    """Whether ``request`` matched one of chatmem's routes (not the host app's; a sub-app
+    with a gateway of its own included: see ``OwnRoutes`` for one gateway's)."""
+    return is_chatmem_route_name(request.match_info.route.name)
+
+
+def is_chatmem_route_name(name: str | None) -> bool:
     return name is not None and name.startswith(ROUTE_PREFIX)
 
 
-def tracker(gateway: Gateway, app: web.Application) -> Middleware:
-    """The middleware of ``gateway``'s app, ``app``.
+OwnRoutes = set[web.AbstractRoute]
+"""The routes one ``setup`` added to its app: what that gateway answers.  A host app's
+routes are not in it, nor are those of a sub-app with a gateway of its own (``setup`` on
+both): the host's middlewares and hooks also see the sub-app's requests, and leave them
+to the sub-app's gateway.  Filled once ``setup`` added them all."""
+
+
+def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
+    """The middleware of ``gateway``'s app, whose routes are ``own``.
 
     It gives each request its id (for logs, upstream and the response) and its gateway
     (for :func:`~chatmem.state.gateway_of`).  A request to one of chatmem's routes is also
@@ -75,11 +88,8 @@ def tracker(gateway: Gateway, app: web.Application) -> Middleware:
         remember_gateway(request, gateway)
         token = request_id_var.set(request_id)
         try:
-            if not is_chatmem_route(request):
+            if request.match_info.route not in own:
                 return await handler(request)
-            owner = request.match_info.apps[-1]
-            if owner is not app and GATEWAY in owner:
-                return await handler(request)  # another gateway's, in a sub-app
             task = asyncio.current_task()
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
@@ -113,9 +123,9 @@ def tracker(gateway: Gateway, app: web.Application) -> Middleware:
     return track
 
 
-def response_counter(gateway: Gateway) -> ResponseHook:
+def response_counter(gateway: Gateway, own: OwnRoutes) -> ResponseHook:
     """The ``on_response_prepare`` hook of ``gateway``'s app: return the request id and
-    count the response by route."""
+    count the response by route (``own``'s; any other is "other")."""
     metrics = gateway.metrics
 
     async def count_response(request: web.Request, response: web.StreamResponse) -> None:
@@ -127,8 +137,8 @@ def response_counter(gateway: Gateway) -> ResponseHook:
             if theirs is not None and theirs != request_id:  # relayed from the upstream
                 response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
         response.headers[REQUEST_ID_HEADER] = request_id
-        name = request.match_info.route.name
-        route = name[len(ROUTE_PREFIX) :] if name and name.startswith(ROUTE_PREFIX) else "other"
+        matched = request.match_info.route
+        route = matched.name[len(ROUTE_PREFIX) :] if matched in own and matched.name else "other"
         metrics.response_started(route, response.status)
 
     return count_response
