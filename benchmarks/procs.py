@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -19,24 +21,55 @@ from chatmem.proxy.pool import UpstreamPool
 ROOT = Path(__file__).resolve().parents[1]
 SRC = f"{ROOT / 'src'}:{ROOT}"
 _TICK = os.sysconf("SC_CLK_TCK")
+KEEP_ENV = frozenset({"CHATMEM_TTFT_TRACE"})
+"""``CHATMEM_*`` variables a child keeps: the benchmark's own (benchmarks/ttft_hooks reads
+this one), which chatmem itself never reads.  Every other one is dropped: the gateway
+under test must not pick up the caller's ``$CHATMEM_CONFIG`` or settings."""
+
+
+class ChildExited(RuntimeError):
+    """A process the benchmark started is gone while it still needs it."""
 
 
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]
+    name: str = "child"
+    cwd: str | None = None  # an empty directory of its own, removed when it stops
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check(self) -> None:
+        """Raise :class:`ChildExited` if the process has exited."""
+        code = self.popen.poll()
+        if code is not None:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise ChildExited(f"{self.name} (pid {self.pid}) {how}")
+
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        try:
+            if self.popen.poll() is None:
+                self.popen.send_signal(signal.SIGINT)
+                try:
+                    self.popen.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(5)
+        finally:
+            if self.cwd is not None:
+                shutil.rmtree(self.cwd, ignore_errors=True)
+
+
+def child_env(pythonpath: str) -> dict[str, str]:
+    """The caller's environment without its ``CHATMEM_*`` settings, with ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATMEM_") or k in KEEP_ENV}
+    env["PYTHONPATH"] = pythonpath
+    return env
 
 
 def free_port() -> int:
@@ -56,24 +89,41 @@ def start(
     pythonpath: str = SRC,
 ) -> Proc:
     """``python -m <module> <args>`` from this checkout (or ``pythonpath``), run by
-    ``prefix`` if given (``valgrind ...``), once ``ready_url`` answers."""
-    popen = subprocess.Popen(
-        [*prefix, sys.executable, "-m", module, *args],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise RuntimeError(f"{module} {' '.join(args)} exited with {popen.returncode}")
-        try:
-            with urllib.request.urlopen(ready_url, timeout=1):
-                return Proc(popen)
-        except OSError:
-            time.sleep(0.05)
-    popen.kill()
-    raise TimeoutError(f"{ready_url} did not answer")
+    ``prefix`` if given (``valgrind ...``), once ``ready_url`` answers.
+
+    The child runs in an empty directory of its own (no ``./chatmem.toml`` to pick up:
+    paths in ``args`` must be absolute) with :func:`child_env`.  If it does not come up,
+    or anything (a signal's exception too) interrupts the wait, it is killed."""
+    name = module if not args or args[0].startswith(("-", "http")) else f"{module} {args[0]}"
+    cwd = tempfile.mkdtemp(prefix="chatmem-bench-")
+    try:
+        popen = subprocess.Popen(
+            [*prefix, sys.executable, "-m", module, *args],
+            env=child_env(pythonpath),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except BaseException:
+        shutil.rmtree(cwd, ignore_errors=True)
+        raise
+    proc = Proc(popen, name, cwd)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{module} {' '.join(args)} exited with {popen.returncode}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=1):
+                    return proc
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{ready_url} did not answer")
+    except BaseException:
+        popen.kill()
+        popen.wait(5)
+        shutil.rmtree(cwd, ignore_errors=True)
+        raise
 
 
 def _tree(pid: int) -> list[int]:
