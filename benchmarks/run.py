@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -528,35 +529,41 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
 
 
 def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict[str, Any]:
-    """Start the mock, the gateway and the bare relay on a fresh database; measure."""
+    """Start the mock, the gateway and the bare relay on a fresh database; measure.
+
+    Every process started is stopped however this ends; the database is removed after
+    the gateway stopped."""
     db = out / "bench.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    up_port, gw_port, bare_port = free_port(), free_port(), free_port()
-    upstream = start(
-        ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
-        f"http://127.0.0.1:{up_port}/v1/models",
-    )
-    gateway = start(
-        [
-            "serve",
-            "--port",
-            str(gw_port),
-            "--upstream",
-            f"http://127.0.0.1:{up_port}/v1",
-            "--db",
-            f"sqlite+aiosqlite:///{db}",
-            "--workers",
-            str(args.workers),
-        ],
-        f"http://127.0.0.1:{gw_port}/v1/health",
-    )
-    bare = start(
-        [f"http://127.0.0.1:{up_port}", str(bare_port)],
-        f"http://127.0.0.1:{bare_port}/health",
-        module="benchmarks.bare_hop",
-    )
-    try:
+    with contextlib.ExitStack() as running:
+        remove_db(db)
+        running.callback(remove_db, db)  # registered first: runs after every stop
+        up_port, gw_port, bare_port = free_port(), free_port(), free_port()
+        upstream = start(
+            ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
+            f"http://127.0.0.1:{up_port}/v1/models",
+        )
+        running.callback(upstream.stop)
+        gateway = start(
+            [
+                "serve",
+                "--port",
+                str(gw_port),
+                "--upstream",
+                f"http://127.0.0.1:{up_port}/v1",
+                "--db",
+                f"sqlite+aiosqlite:///{db}",
+                "--workers",
+                str(args.workers),
+            ],
+            f"http://127.0.0.1:{gw_port}/v1/health",
+        )
+        running.callback(gateway.stop)
+        bare = start(
+            [f"http://127.0.0.1:{up_port}", str(bare_port)],
+            f"http://127.0.0.1:{bare_port}/health",
+            module="benchmarks.bare_hop",
+        )
+        running.callback(bare.stop)
         pool = history_pool(chosen, args.rounds)
         prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
@@ -576,10 +583,12 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
         # and no full collection of everything imported in the middle of a round.
         gc.freeze()
         return uvloop.run(run())
-    finally:
-        gateway.stop()
-        bare.stop()
-        upstream.stop()
+
+
+def remove_db(db: Path) -> None:
+    """The gateway's SQLite file and its WAL companions."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
 def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -613,7 +622,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.rounds = min(args.rounds, 2)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute: the servers run in a directory of their own
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
     runs = []
