@@ -24,12 +24,14 @@ import math
 import os
 import platform
 import re
+import signal
 import sqlite3
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -611,6 +613,19 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+def _terminate_on_sigterm() -> None:
+    """``kill -TERM`` becomes a clean exit (as Ctrl-C is): ``SystemExit`` in the main
+    thread, so every ``finally`` stops the servers.  Later ones are ignored, not to
+    interrupt that cleanup."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("benchmarks.run: SIGTERM, stopping the servers", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts (CI)")
@@ -622,6 +637,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.rounds = min(args.rounds, 2)
+    _terminate_on_sigterm()
     out = Path(args.out).resolve()  # absolute: the servers run in a directory of their own
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
