@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import math
 import os
@@ -29,10 +30,11 @@ import sqlite3
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 import aiohttp
 import uvloop
@@ -40,7 +42,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
-from .procs import Proc, cpu_seconds, free_port, rss_mb, start
+from .procs import ChildExited, Proc, cpu_seconds, free_port, rss_mb, start
 
 HERE = Path(__file__).resolve().parent
 WARMUP_MAX = 50
@@ -534,7 +536,8 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
     """Start the mock, the gateway and the bare relay on a fresh database; measure.
 
     Every process started is stopped however this ends; the database is removed after
-    the gateway stopped."""
+    the gateway stopped.  A process that exits meanwhile aborts the run
+    (:class:`ChildExited`), checked around every round of every target."""
     db = out / "bench.db"
     with contextlib.ExitStack() as running:
         remove_db(db)
@@ -566,6 +569,7 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
             module="benchmarks.bare_hop",
         )
         running.callback(bare.stop)
+        children = (upstream, gateway, bare)
         pool = history_pool(chosen, args.rounds)
         prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
@@ -579,18 +583,55 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
             )
             bench.bare_proc = bare
             bench.pool = pool
-            return await measure(args, bench, chosen)
+            watch_children(bench, children)
+            results = await measure(args, bench, chosen)
+            check_children(children)
+            return results
 
         # uvloop in the load generator too: the cheaper it is, the less it limits "direct";
         # and no full collection of everything imported in the middle of a round.
         gc.freeze()
-        return uvloop.run(run())
+        try:
+            return uvloop.run(run())
+        except Exception as exc:
+            if isinstance(exc, ChildExited):
+                raise
+            # Requests to a dead port can fail in ways the load generator does not count
+            # as errors: name the process that is gone, not the symptom.
+            check_children(children, cause=exc)
+            raise
 
 
 def remove_db(db: Path) -> None:
     """The gateway's SQLite file and its WAL companions."""
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def check_children(children: Sequence[Proc], cause: BaseException | None = None) -> None:
+    """Raise :class:`ChildExited` (from ``cause``) if any of ``children`` has exited."""
+    for child in children:
+        try:
+            child.check()
+        except ChildExited as exc:
+            raise exc from cause
+
+
+def watch_children(bench: Bench, children: Sequence[Proc]) -> None:
+    """Check ``children`` before and after every round ``bench`` runs (``measure`` calls
+    ``bench.run``): a server that died must abort the run, not leave nan and 0 req/s."""
+    inner = bench.run
+
+    async def run(sc: Scenario, target: str, rnd: int) -> Sample:
+        check_children(children)
+        sample = await inner(sc, target, rnd)
+        try:
+            check_children(children)
+        except ChildExited as exc:
+            raise ChildExited(f"{exc}, during {sc.name!r} ({target})") from None
+        return sample
+
+    bench.run = run  # type: ignore[method-assign]
 
 
 def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -613,6 +654,21 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+class _Tee(io.TextIOBase):
+    """stdout that also keeps a copy of everything written (for run.log)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _terminate_on_sigterm() -> None:
     """``kill -TERM`` becomes a clean exit (as Ctrl-C is): ``SystemExit`` in the main
     thread, so every ``finally`` stops the servers.  Later ones are ignored, not to
@@ -624,6 +680,22 @@ def _terminate_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _write_atomically(out: Path, files: dict[str, Callable[[Path], object]]) -> None:
+    """Write each file of ``files`` (name: writer of a path) to a temporary file in
+    ``out``, then move them all in place: a failure leaves the old ones as they were."""
+    written: dict[str, Path] = {}
+    try:
+        for name, write in files.items():
+            # Same suffix: draw() takes the image format from it.
+            written[name] = out / f".{name}.{os.getpid()}.tmp{Path(name).suffix}"
+            write(written[name])
+        for name, tmp in written.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -641,22 +713,38 @@ def main() -> int:
     out = Path(args.out).resolve()  # absolute: the servers run in a directory of their own
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
-    runs = []
-    for number in range(max(1, args.runs)):
-        runs.append(one_run(args, out, chosen))
-        if args.runs > 1:
-            print(f"run {number + 1} of {args.runs}:")
-            print_table(runs[-1])
-    results = runs[0] if len(runs) == 1 else median_of_runs(runs)
-    if len(runs) > 1:
-        print(f"median of {len(runs)} runs:")
-    print_table(results)
-    print_targets(results)
-    if "held_streams" in results:
-        print("held streams:", json.dumps(results["held_streams"]))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    draw(results, out / "added_latency.png")
-    print(f"raw results: {out / 'results.json'}; chart: {out / 'added_latency.png'}")
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        try:
+            runs = []
+            for number in range(max(1, args.runs)):
+                runs.append(one_run(args, out, chosen))
+                if args.runs > 1:
+                    print(f"run {number + 1} of {args.runs}:")
+                    print_table(runs[-1])
+        except ChildExited as exc:
+            print(f"benchmarks.run: aborted, {exc}; nothing written to {out}", file=sys.stderr)
+            return 2
+        results = runs[0] if len(runs) == 1 else median_of_runs(runs)
+        if len(runs) > 1:
+            print(f"median of {len(runs)} runs:")
+        print_table(results)
+        print_targets(results)
+        held = results.get("held_streams")
+        if held is not None:
+            print("held streams:", json.dumps(held))
+        print(
+            f"raw results: {out / 'results.json'}; chart: {out / 'added_latency.png'};"
+            f" tables: {out / 'run.log'}"
+        )
+    _write_atomically(
+        out,
+        {
+            "results.json": lambda p: p.write_text(json.dumps(results, indent=1)),
+            "added_latency.png": lambda p: draw(results, p),
+            "run.log": lambda p: p.write_text(tee.copy.getvalue()),
+        },
+    )
     errors = sum(m["errors"] for t in results["scenarios"].values() for m in t.values())
     return 1 if errors else 0
 
