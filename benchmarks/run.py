@@ -312,11 +312,13 @@ def summarise(sc: Scenario, samples: list[Sample]) -> dict[str, dict[str, float]
 
 
 async def held_streams(bench: Bench, count: int) -> dict[str, float]:
-    """``count`` concurrent memory streams held open at once; the gateway's RSS meanwhile."""
+    """``count`` concurrent memory streams held open at once; the gateway's RSS meanwhile,
+    the most streams in flight at one time and the wall time of them all."""
     sc = Scenario("held", True, count, count, tokens=50, delay_ms=40)
     before = rss_mb(bench.gateway_proc.pid)
     peak = before
     sample = Sample("memory", 0)
+    in_flight = most_in_flight = 0
 
     async def watch() -> None:
         nonlocal peak
@@ -324,14 +326,29 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
             peak = max(peak, rss_mb(bench.gateway_proc.pid))
             await asyncio.sleep(0.1)
 
+    async def one(client: int) -> None:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await bench.one(sc, "memory", client, sample)
+        finally:
+            in_flight -= 1
+
     watcher = asyncio.create_task(watch())
-    await asyncio.gather(*(bench.one(sc, "memory", c, sample) for c in range(count)))
-    watcher.cancel()
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(c) for c in range(count)))
+    finally:
+        watcher.cancel()
+    wall = time.perf_counter() - began
     await asyncio.sleep(1)
     return {
         "streams": count,
         "completed": len(sample.latencies_ms),
         "errors": sample.errors,
+        "peak_in_flight": most_in_flight,
+        "wall_s": wall,
         "rss_before_mb": before,
         "rss_peak_mb": peak,
         "rss_after_mb": rss_mb(bench.gateway_proc.pid),
@@ -341,6 +358,13 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
 def baseline(targets: dict[str, Any], target: str) -> dict[str, float]:
     """The figures of the direct target ``target`` is compared with (see ``BASELINE``)."""
     return targets.get(BASELINE.get(target, "direct"), targets["direct"])  # type: ignore[no-any-return]
+
+
+def held_streams_failed(held: dict[str, float] | list[dict[str, float]] | None) -> bool:
+    """Whether the held streams (of one run, or of each run) had errors or did not all
+    complete."""
+    runs = held if isinstance(held, list) else [held] if held else []
+    return any(h["errors"] or h["completed"] != h["streams"] for h in runs)
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -746,6 +770,11 @@ def main() -> int:
         },
     )
     errors = sum(m["errors"] for t in results["scenarios"].values() for m in t.values())
+    if held_streams_failed(held):
+        print(
+            "benchmarks.run: the held streams had errors or did not all complete", file=sys.stderr
+        )
+        return 1
     return 1 if errors else 0
 
 
