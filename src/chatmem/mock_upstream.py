@@ -494,19 +494,17 @@ async def _stream_completion(
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
+    # Rendered from templates, as chat's events are (``_Events``): the fast mode's two
+    # streaming endpoints cost the mock alike, so neither flatters what is put before it.
+    opening = f'data: {_dumps(head)[:-1]},"choices":[{{"text":'
+    middle = ',"index":0,"logprobs":null,"finish_reason":'
     await resp.prepare(request)
     try:
         for k, piece in enumerate([*pieces, ""]):
             if k and delay_s:
                 await asyncio.sleep(delay_s)
-            last = k == len(pieces)
-            choice = {
-                "text": piece,
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": finish_reason if last else None,
-            }
-            await resp.write(b"data: " + _dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+            finish = json.dumps(finish_reason) if k == len(pieces) else "null"
+            await resp.write(f"{opening}{json.dumps(piece)}{middle}{finish}}}]}}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except ConnectionResetError:
