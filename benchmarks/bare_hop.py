@@ -1,11 +1,12 @@
-"""A bare aiohttp relay: the floor any aiohttp gateway stands on.
+"""A bare aiohttp relay (aiohttp's server and client): the issue's "bare aiohttp hop".
 
     python -m benchmarks.bare_hop http://127.0.0.1:8000 7003
 
 It reads the request, posts it to the same path upstream and streams the answer back:
 no parsing, no storage, no headers but the content type, on uvloop like chatmem.  The
 benchmark runs it as its ``bare`` target so that what chatmem adds can be told apart from
-what any aiohttp hop costs on the same machine.
+what such a hop costs on the same machine.  It is not a floor for chatmem, whose chat
+route posts upstream with a leaner client than aiohttp's (``chatmem.proxy.pool``).
 """
 
 from __future__ import annotations
