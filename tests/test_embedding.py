@@ -351,3 +351,17 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
         assert (path, origin, response.status) == (path, origin, status)
         if status == 204:
             assert response.headers["Access-Control-Allow-Origin"] == origin
+    # Each gateway counts its own responses, and the host none of the sub-app's.
+    counted = {}
+    for prefix in ("", "/ai"):
+        text = await (await client.get(f"{prefix}/metrics")).text()
+        counted[prefix] = sorted(
+            line for line in text.splitlines() if line.startswith("chatmem_requests_total{")
+        )
+    assert counted == {
+        "": ['chatmem_requests_total{route="passthrough",status="204"} 1.0'],
+        "/ai": [
+            'chatmem_requests_total{route="passthrough",status="204"} 1.0',
+            'chatmem_requests_total{route="passthrough",status="403"} 1.0',
+        ],
+    }

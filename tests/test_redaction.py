@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from helpers import GatewayFactory, Rows
+from helpers import GatewayFactory, Rows, chunk, sse
 from hypothesis import given
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
@@ -127,3 +127,49 @@ async def test_a_streamed_error_event_quoting_the_key_does_not_hand_it_on(
     assert KEY.encode() not in got
     assert b"".join([*before, event.replace(KEY.encode(), MASK)]) in got
     assert rows.messages("s1") == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
+    gateway_factory: GatewayFactory, rows: Rows, stream: bool
+) -> None:
+    """An upstream that puts the key in its answer (and in a header): the client gets
+    neither, and the stored turn, which goes upstream with every later turn and out
+    through the Conversations API, holds the mask."""
+    said = f"the key is {KEY}."
+    if stream:
+        events = [
+            sse(chunk(said[:11], role="assistant")),
+            sse(chunk(said[11:])),
+            sse(chunk(finish="stop")),
+            sse("[DONE]"),
+        ]
+        script = Script(
+            headers={"Content-Type": "text/event-stream", "X-Echo": f"Bearer {KEY}"}, chunks=events
+        )
+    else:
+        message = {"role": "assistant", "content": said}
+        answer = {
+            "id": "c",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
+        script = Script(
+            headers={"Content-Type": "application/json", "X-Echo": f"Bearer {KEY}"},
+            chunks=[json.dumps(answer).encode()],
+            framing="length",
+        )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+            headers={"X-Conversation-Id": "k1"},
+        )
+        got = await response.read()
+    assert response.status == 200
+    assert KEY.encode() not in got and MASK in got
+    assert response.headers["X-Echo"] == "Bearer [upstream key]"
+    stored = rows.messages("k1")[-1]
+    assert json.loads(stored["content"]) == "the key is [upstream key]."

@@ -125,10 +125,15 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
 
 def response_counter(gateway: Gateway, own: OwnRoutes) -> ResponseHook:
     """The ``on_response_prepare`` hook of ``gateway``'s app: return the request id and
-    count the response by route (``own``'s; any other is "other")."""
+    count the response by route (``own``'s; a host route's is "other", and one of
+    another gateway's, in a sub-app, is that gateway's to count)."""
     metrics = gateway.metrics
 
     async def count_response(request: web.Request, response: web.StreamResponse) -> None:
+        matched = request.match_info.route
+        mine = matched in own
+        if not mine and is_chatmem_route_name(matched.name):
+            return
         request_id = request.get(REQUEST_ID)
         if request_id is None:  # answered before the middleware (an Expect refused)
             request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
@@ -137,8 +142,7 @@ def response_counter(gateway: Gateway, own: OwnRoutes) -> ResponseHook:
             if theirs is not None and theirs != request_id:  # relayed from the upstream
                 response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
         response.headers[REQUEST_ID_HEADER] = request_id
-        matched = request.match_info.route
-        route = matched.name[len(ROUTE_PREFIX) :] if matched in own and matched.name else "other"
+        route = matched.name[len(ROUTE_PREFIX) :] if mine and matched.name else "other"
         metrics.response_started(route, response.status)
 
     return count_response

@@ -41,7 +41,7 @@ from .http import read_body
 from .passthrough import relay
 from .pool import BodyTooLarge
 from .tee import Renderer, tee_stream
-from .upstream import masked, response_headers
+from .upstream import MASK, masked, masked_json, response_headers
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -197,7 +197,7 @@ async def _forward(
             turn.owner,
             chat.conversation_id,
             system=chat.system,
-            turn=[*chat.messages, assistant_message(answer)],
+            turn=[*chat.messages, masked_json(assistant_message(answer), upstream.secret)],
             # Other requests in flight: let turns that finish together commit together.
             together=len(gateway.live.tasks) > 1,
             after=history.read_at,
@@ -237,7 +237,7 @@ async def _forward(
                     f"the upstream answered with Content-Encoding {encoding.strip()!r}"
                     " although the gateway asks for identity"
                 )
-            reply_headers = response_headers(response.headers, ("content-length",))
+            reply_headers = response_headers(response.headers, ("content-length",), upstream.secret)
             reply_headers.update(headers)
             if turn.render is not None:
                 reply_headers["Content-Type"] = turn.render.content_type
@@ -275,6 +275,8 @@ async def _forward(
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")
+            if upstream.secret is not None and upstream.secret in body:
+                body = body.replace(upstream.secret, MASK)
             return web.Response(status=response.status, body=body, headers=reply_headers)
 
 

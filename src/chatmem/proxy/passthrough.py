@@ -441,7 +441,7 @@ async def relay(
     """Copy ``upstream``'s status, end-to-end headers and raw body to the client; in an
     error's body (status 400 or more), ``secret`` masked."""
     redactor = Redactor(secret) if secret is not None and upstream.status >= 400 else None
-    headers = response_headers(upstream.headers, ("content-length",) if redactor else ())
+    headers = response_headers(upstream.headers, ("content-length",) if redactor else (), secret)
     if extra_headers:
         headers.update(extra_headers)
     encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()

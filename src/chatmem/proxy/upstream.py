@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -63,9 +63,35 @@ closes its connection fails, and a proxy must not send a POST again (RFC 9110, 9
 it could have been applied.  aiohttp's default, 15 s, made some of them 502s."""
 
 
-def response_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
-    """The upstream's response headers that go on to the client."""
-    return filter_headers(headers, (*_NOT_TO_THE_CLIENT, *drop))
+def response_headers(
+    headers: MultiMapping[str], drop: tuple[str, ...] = (), secret: bytes | None = None
+) -> CIMultiDict[str]:
+    """The upstream's response headers that go on to the client, ``secret`` masked in
+    their values (an upstream that echoes the credential it was sent)."""
+    out = filter_headers(headers, (*_NOT_TO_THE_CLIENT, *drop))
+    if secret is not None:
+        text = secret.decode("utf-8", "replace")
+        for name, value in list(out.items()):
+            if text in value:
+                out.popall(name)
+                out.add(name, value.replace(text, MASK.decode()))
+    return out
+
+
+def masked_json(value: Any, secret: bytes | None) -> Any:
+    """``value`` (decoded JSON) with ``secret`` masked in every string in it: a message
+    to store, whose text the upstream may have quoted the key in."""
+    return value if secret is None else _masked(value, secret.decode("utf-8", "replace"))
+
+
+def _masked(value: Any, text: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(text, MASK.decode()) if text in value else value
+    if isinstance(value, list):
+        return [_masked(item, text) for item in value]
+    if isinstance(value, dict):
+        return {key: _masked(item, text) for key, item in value.items()}
+    return value
 
 
 def filter_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
