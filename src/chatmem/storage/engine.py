@@ -130,6 +130,17 @@ _SILENCE_MARGIN = 5.0
 the server's own error, when it can send one, comes first."""
 
 
+def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
+    """What every connection to a SQLite file is set up with, the gateway's own and
+    SQLAlchemy's alike."""
+    return (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+        f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+    )
+
+
 def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     sync_engine = engine.sync_engine
 
@@ -138,10 +149,8 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
         # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is deferred and late).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        for pragma in sqlite_pragmas(busy_timeout_ms):
+            cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")

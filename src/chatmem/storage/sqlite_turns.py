@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 
 from .. import jsonio
 from ..errors import StorageUnavailable
+from .engine import sqlite_pragmas
 from .pairing import check_turn, overtaken
 from .window_cache import WindowCache
 
@@ -258,10 +259,8 @@ class SQLiteTurns:
             isolation_level=None,
             check_same_thread=False,
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        for pragma in sqlite_pragmas(busy_timeout_ms):
+            conn.execute(pragma)
         # TEXT comes back as the UTF-8 bytes SQLite holds: the stored JSON is spliced
         # into request bodies as it is, never decoded to str (see _load_window).
         conn.text_factory = bytes
