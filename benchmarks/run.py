@@ -534,7 +534,8 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
                 sc.name,
                 sc.stream,
                 sc.concurrency,
-                min(sc.requests, WARMUP_MAX),
+                # Enough for every client to open its connections before the rounds.
+                min(sc.requests, max(WARMUP_MAX, sc.concurrency)),
                 sc.tokens,
                 sc.delay_ms,
                 sc.history,
