@@ -336,11 +336,17 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
         host, make_config(tmp_path / "h.db", url, server={"cors_origins": ["https://a.example"]})
     )
     sub = web.Application()
+
+    async def own_page(_request: web.Request) -> web.Response:
+        return web.Response(text="the host's, on the sub-app")
+
+    sub.router.add_get("/page", own_page)
     chatmem.setup(
         sub, make_config(tmp_path / "s.db", url, server={"cors_origins": ["https://b.example"]})
     )
     host.add_subapp("/ai/", sub)
     client = await aiohttp_client(host)
+    assert (await client.get("/ai/page")).status == 200
     for path, origin, status in (
         ("/ai/v1/chat/completions", "https://b.example", 204),
         ("/ai/v1/chat/completions", "https://a.example", 403),
@@ -351,7 +357,8 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
         assert (path, origin, response.status) == (path, origin, status)
         if status == 204:
             assert response.headers["Access-Control-Allow-Origin"] == origin
-    # Each gateway counts its own responses, and the host none of the sub-app's.
+    # Each gateway counts its own responses, and the host none of the sub-app's (nor its
+    # plain routes: the innermost gateway on the way counts them, as "other").
     counted = {}
     for prefix in ("", "/ai"):
         text = await (await client.get(f"{prefix}/metrics")).text()
@@ -361,6 +368,7 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
     assert counted == {
         "": ['chatmem_requests_total{route="passthrough",status="204"} 1.0'],
         "/ai": [
+            'chatmem_requests_total{route="other",status="200"} 1.0',
             'chatmem_requests_total{route="passthrough",status="204"} 1.0',
             'chatmem_requests_total{route="passthrough",status="403"} 1.0',
         ],

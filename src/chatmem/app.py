@@ -70,7 +70,7 @@ def setup(app: web.Application, config: Config) -> None:
     app.cleanup_ctx.append(lifecycle)
     app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
     own: OwnRoutes = set()  # filled below, once they are all added
-    app.on_response_prepare.append(response_counter(gateway, own))
+    app.on_response_prepare.append(response_counter(gateway, own, app))
     app.on_shutdown.append(close_websockets)  # before the drain waits for them
     keep_offered_subprotocols_out_of_logs()
     app.on_shutdown.append(drain)

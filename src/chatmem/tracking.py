@@ -123,7 +123,21 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
     return track
 
 
-def response_counter(gateway: Gateway, own: OwnRoutes) -> ResponseHook:
+def _counted_elsewhere(request: web.Request, app: web.Application) -> bool:
+    """Whether a response that is not one of ``app``'s gateway's routes belongs to another
+    gateway: one of its routes, or any route of its app or of an app inside that (the
+    innermost app with a gateway on the request's way counts it)."""
+    if is_chatmem_route_name(request.match_info.route.name):
+        return True
+    for on_the_way in reversed(request.match_info.apps):
+        if on_the_way is app:
+            return False
+        if GATEWAY in on_the_way:
+            return True
+    return False
+
+
+def response_counter(gateway: Gateway, own: OwnRoutes, app: web.Application) -> ResponseHook:
     """The ``on_response_prepare`` hook of ``gateway``'s app: return the request id and
     count the response by route (``own``'s; a host route's is "other", and one of
     another gateway's, in a sub-app, is that gateway's to count)."""
@@ -132,7 +146,7 @@ def response_counter(gateway: Gateway, own: OwnRoutes) -> ResponseHook:
     async def count_response(request: web.Request, response: web.StreamResponse) -> None:
         matched = request.match_info.route
         mine = matched in own
-        if not mine and is_chatmem_route_name(matched.name):
+        if not mine and _counted_elsewhere(request, app):
             return
         request_id = request.get(REQUEST_ID)
         if request_id is None:  # answered before the middleware (an Expect refused)
