@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 import pytest
 from helpers import GatewayFactory, Rows, chunk, sse
@@ -105,6 +106,21 @@ async def test_a_compressed_error_body_goes_decoded_with_the_key_masked(
         assert KEY.encode() not in got
 
 
+async def _chat_turn(
+    gateway_factory: GatewayFactory, script: Script, *, stream: bool, conversation: str
+) -> tuple[Any, bytes]:
+    """One chat turn through a gateway whose upstream key is KEY, the upstream answering
+    with ``script``: the response and its body."""
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+            headers={"X-Conversation-Id": conversation},
+        )
+        return response, await response.read()
+
+
 @pytest.mark.parametrize(
     "before", [[], [b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n']]
 )
@@ -116,14 +132,7 @@ async def test_a_streamed_error_event_quoting_the_key_does_not_hand_it_on(
     error = json.dumps({"error": {"message": f"stream failed, Bearer {KEY}"}}).encode()
     event = b"data: " + error + b"\n\n"
     script = Script(headers={"Content-Type": "text/event-stream"}, chunks=[*before, event])
-    async with scripted_upstream(script) as up:
-        client = await gateway_factory(up.url, upstream={"api_key": KEY})
-        response = await client.post(
-            "/v1/chat/completions",
-            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
-            headers={"X-Conversation-Id": "s1"},
-        )
-        got = await response.read()
+    _, got = await _chat_turn(gateway_factory, script, stream=True, conversation="s1")
     assert KEY.encode() not in got
     assert b"".join([*before, event.replace(KEY.encode(), MASK)]) in got
     assert rows.messages("s1") == []
@@ -160,14 +169,7 @@ async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
             chunks=[json.dumps(answer).encode()],
             framing="length",
         )
-    async with scripted_upstream(script) as up:
-        client = await gateway_factory(up.url, upstream={"api_key": KEY})
-        response = await client.post(
-            "/v1/chat/completions",
-            json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
-            headers={"X-Conversation-Id": "k1"},
-        )
-        got = await response.read()
+    response, got = await _chat_turn(gateway_factory, script, stream=stream, conversation="k1")
     assert response.status == 200
     assert KEY.encode() not in got and MASK in got
     assert response.headers["X-Echo"] == "Bearer [upstream key]"
