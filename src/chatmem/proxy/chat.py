@@ -275,7 +275,7 @@ async def _forward(
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")
-            if upstream.secret is not None and upstream.secret in body:
+            if upstream.secret is not None:
                 body = body.replace(upstream.secret, MASK)
             return web.Response(status=response.status, body=body, headers=reply_headers)
 

@@ -69,28 +69,22 @@ def response_headers(
     """The upstream's response headers that go on to the client, ``secret`` masked in
     their values (an upstream that echoes the credential it was sent)."""
     out = filter_headers(headers, (*_NOT_TO_THE_CLIENT, *drop))
-    if secret is not None:
-        text = secret.decode("utf-8", "replace")
-        for name, value in list(out.items()):
-            if text in value:
-                out.popall(name)
-                out.add(name, value.replace(text, MASK.decode()))
-    return out
+    if secret is None:
+        return out
+    return CIMultiDict((name, masked(value, secret)) for name, value in out.items())
 
 
 def masked_json(value: Any, secret: bytes | None) -> Any:
     """``value`` (decoded JSON) with ``secret`` masked in every string in it: a message
     to store, whose text the upstream may have quoted the key in."""
-    return value if secret is None else _masked(value, secret.decode("utf-8", "replace"))
-
-
-def _masked(value: Any, text: str) -> Any:
+    if secret is None:
+        return value
     if isinstance(value, str):
-        return value.replace(text, MASK.decode()) if text in value else value
+        return masked(value, secret)
     if isinstance(value, list):
-        return [_masked(item, text) for item in value]
+        return [masked_json(item, secret) for item in value]
     if isinstance(value, dict):
-        return {key: _masked(item, text) for key, item in value.items()}
+        return {key: masked_json(item, secret) for key, item in value.items()}
     return value
 
 
