@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer, unused_port
 from chatmem.mock_upstream import (
     RECEIVED,
     ReceivedRequest,
+    _Schedule,
     create_mock_app,
     run_mock_upstream,
 )
@@ -174,6 +175,16 @@ async def test_delay_between_tokens(client: Client) -> None:
         arrivals.append(loop.time() - started)
     assert arrivals[-1] >= 0.18  # three gaps between four tokens
     assert arrivals[0] < 0.15  # the role chunk is not delayed
+
+
+async def test_a_late_token_does_not_delay_the_tokens_after_it() -> None:
+    # Token k is due k delays after the first, as a model server paces them: a busy
+    # machine that woke the mock late once must not slow the rest of its stream.
+    schedule = _Schedule(0.02, start=100.0)
+    assert schedule.wait(1, now=100.0) == pytest.approx(0.02)
+    assert schedule.wait(2, now=100.05) == 0  # due at 100.04: written at once
+    assert schedule.wait(3, now=100.05) == pytest.approx(0.01)  # not 0.02 after step 2
+    assert _Schedule(0, start=100.0).wait(5, now=100.0) == 0
 
 
 async def test_client_leaving_mid_stream_is_quiet(

@@ -289,6 +289,32 @@ def _pieces(words: list[str], count: int) -> list[str]:
 # --- chat completions -------------------------------------------------------------------
 
 
+class _Schedule:
+    """When a reply's steps are due: step ``k`` at ``k`` delays after the first, on the
+    loop's clock, as a model server's tokens come at the pace it computes them, however
+    late the previous one was written.  Sleeping one delay after each write instead adds
+    every late wake-up to all the steps after it, so a busy machine slowed the upstream
+    itself: the gateway's CPU, on the same two cores, lengthened the mock's streams as
+    well as its own part of them (benchmarks, 256 streams x 20 ms)."""
+
+    __slots__ = ("_delay_s", "_start")
+
+    def __init__(self, delay_s: float, start: float | None = None) -> None:
+        self._delay_s = delay_s
+        self._start = asyncio.get_running_loop().time() if start is None else start
+
+    def wait(self, k: int, now: float) -> float:
+        """Seconds from ``now`` until step ``k`` is due (0 if it is already)."""
+        return max(0.0, self._start + k * self._delay_s - now)
+
+    async def step(self, k: int) -> None:
+        """Return when step ``k`` is due."""
+        if self._delay_s:
+            wait = self.wait(k, asyncio.get_running_loop().time())
+            if wait:
+                await asyncio.sleep(wait)
+
+
 @dataclass(frozen=True, slots=True)
 class _Reply:
     id: str
@@ -455,9 +481,10 @@ async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
     try:
         for event in opening:
             await resp.write(event)
+        due = _Schedule(reply.delay_s)
         for k, step in enumerate(steps):
-            if k and reply.delay_s:
-                await asyncio.sleep(reply.delay_s)
+            if k:
+                await due.step(k)
             for event in step:
                 await resp.write(event)
         for event in closing:
@@ -500,9 +527,10 @@ async def _stream_completion(
     middle = ',"index":0,"logprobs":null,"finish_reason":'
     await resp.prepare(request)
     try:
+        due = _Schedule(delay_s)
         for k, piece in enumerate([*pieces, ""]):
-            if k and delay_s:
-                await asyncio.sleep(delay_s)
+            if k:
+                await due.step(k)
             finish = json.dumps(finish_reason) if k == len(pieces) else "null"
             await resp.write(f"{opening}{json.dumps(piece)}{middle}{finish}}}]}}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
