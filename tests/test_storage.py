@@ -175,6 +175,36 @@ async def test_writer_waits_off_the_loop_for_another_process_lock(
     assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
 
 
+async def test_a_turn_never_overtakes_one_waiting_for_the_lock(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """A turn that waits for another connection's lock on the writer thread is stored
+    before a turn that comes to commit after it.  Written on the loop's connection the
+    moment the lock came free, the later turn won the race against SQLite's busy handler,
+    which only tries again after its next sleep."""
+    store = sqlite_store
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        earlier = asyncio.create_task(store.commit_turn(ALICE, "c", system=None, turn=turn(2)))
+        await asyncio.sleep(0.2)  # the busy handler is in its longer sleeps by now
+        assert not earlier.done()
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await store.commit_turn(ALICE, "c", system=None, turn=turn(3))
+    await asyncio.wait_for(earlier, 10)
+    assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY seq") == [
+        (1, '"q1"'),
+        (2, '"a1"'),
+        (3, '"q2"'),
+        (4, '"a2"'),
+        (5, '"q3"'),
+        (6, '"a3"'),
+    ]
+
+
 async def _age(store: Store, conversation_id: str, days: float) -> None:
     async with store.engine.begin() as conn:
         await conn.execute(
