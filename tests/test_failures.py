@@ -382,6 +382,41 @@ async def test_client_disconnect_with_finish_commits(
         await hello_world_is_committed(rows)
 
 
+async def test_with_finish_a_turn_sent_while_the_left_ones_answer_runs_is_concurrent_with_it(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """With "finish", the turn of a client that left stays in flight until its answer
+    ends.  A turn the client sends on the same conversation meanwhile runs next to it, as
+    concurrent turns do: it does not see the unfinished turn, and the two are stored
+    whole, each next to its answer, in the order they complete (README, "How turns stay
+    in order")."""
+    events = answer_events("first answer")
+    gate = asyncio.Event()
+    first = {**STREAM, "messages": [{"role": "user", "content": "first"}]}
+    second = {**STREAM, "messages": [{"role": "user", "content": "second"}]}
+    async with scripted_upstream(Script(chunks=[events[0], gate, *events[1:]])) as up:
+        client = await gateway_factory(up.url, memory={"on_client_disconnect": "finish"})
+        resp = await post(client, first)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # the client leaves; its answer is still being read
+        up.script = Script(chunks=answer_events("second answer"))
+        resp = await post(client, second)
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        assert [m["content"] for m in json.loads(up.requests[1][3])["messages"]] == ["second"]
+        gate.set()  # the first answer ends
+        for _ in range(100):  # bounded: up to 5 s for the detached turn to commit
+            if len(rows.messages("f1")) == 4:
+                break
+            await asyncio.sleep(0.05)
+    stored = [(m["role"], json.loads(m["content"])) for m in rows.messages("f1")]
+    assert stored == [
+        ("user", "second"),
+        ("assistant", "second answer"),
+        ("user", "first"),
+        ("assistant", "first answer"),
+    ]
+
+
 async def test_with_finish_a_client_gone_before_the_upstream_answers_still_gets_its_turn(
     aiohttp_client: Any, db_path: Path, rows: Rows
 ) -> None:
