@@ -31,6 +31,14 @@ class Proxy:
     lose_commit_answer: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    ended: set[asyncio.StreamWriter] = field(default_factory=set)
+    """Connections the server ended without the gateway seeing it (:meth:`end_open`)."""
+
+    def end_open(self) -> None:
+        """The connections open now are ended as a server that was restarted, or
+        ``pg_terminate_backend``, ends them, but the gateway learns it only when it uses
+        one: the bytes it sends next are answered with a reset."""
+        self.ended.update(self.writers)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_unix_connection(f"{HOST}/.s.PGSQL.{PORT}")
@@ -43,12 +51,18 @@ class Proxy:
                     await self.flowing.wait()
                     if cut.is_set():
                         return
+                    if up and writer in self.ended:
+                        cut.set()
+                        writer.transport.abort()
+                        server_writer.transport.abort()
+                        return
                     dst.write(data)
                     await dst.drain()
                     if up and self.lose_commit_answer and b"COMMIT" in data:
                         cut.set()
                         writer.transport.abort()  # the gateway's side: no answer comes
                         return
+                dst.close()  # one side closed: so does the other (asyncpg's close waits)
 
         await asyncio.gather(pipe(reader, server_writer, True), pipe(server_reader, writer, False))
         for each in (writer, server_writer):
@@ -97,6 +111,34 @@ async def test_a_database_gone_silent_is_a_503_not_a_wait(
             assert [m["content"] for m in history.messages] == ["q", "a"]  # and it recovers
         finally:
             await store.close()
+
+
+async def test_a_read_on_a_connection_the_server_ended_runs_again_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """A pooled connection that the server ended while it waited (a restart,
+    ``pg_terminate_backend``) fails only when it is used: asyncpg has not seen its socket
+    close.  A probe killing the gateway's connections under load saw about six requests
+    a 503 each time.  The read, or the write, runs once more on a new connection: nothing
+    it did on the ended one stays."""
+    async with proxy() as net:
+        store = await open_store(through(pg_url, net.port))
+        try:
+            await store.commit_turn(ALICE, "c", system=None, turn=TURN)
+            net.end_open()
+            history = await asyncio.wait_for(store.load_history(ALICE, "c", 10), 20)
+            assert [m["content"] for m in history.messages] == ["q", "a"]
+            net.end_open()  # a write too: nothing it did on the ended connection stays
+            await asyncio.wait_for(store.commit_turn(ALICE, "c", system=None, turn=TURN), 20)
+        finally:
+            await store.close()
+    rows = await fetch(pg_url, "SELECT seq, role FROM messages ORDER BY seq")
+    assert [(r["seq"], r["role"]) for r in rows] == [
+        (1, "user"),
+        (2, "assistant"),
+        (3, "user"),
+        (4, "assistant"),
+    ]
 
 
 async def test_a_commit_whose_answer_is_lost_says_the_turn_may_be_stored(pg_url: str) -> None:

@@ -11,7 +11,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-__all__ = ["BROKEN_CONNECTION", "is_retryable", "is_unavailable", "sqlstate"]
+__all__ = ["BROKEN_CONNECTION", "is_connection_lost", "is_retryable", "is_unavailable", "sqlstate"]
 
 # 08 connection exception, 53 insufficient resources (too many connections, disk full),
 # 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
@@ -38,6 +38,22 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def is_retryable(exc: BaseException | None) -> bool:
     return isinstance(exc, DBAPIError | asyncpg.PostgresError) and sqlstate(exc) in _RETRYABLE_CODES
+
+
+def is_connection_lost(exc: BaseException | None) -> bool:
+    """Whether asyncpg's ``exc`` says the connection was gone when it was used: the server
+    ended it while it waited in the pool (a restart, ``pg_terminate_backend``, a proxy's
+    idle timeout), and asyncpg learns that only from the statement sent on it.  Nothing
+    done on such a connection stays (a transaction cut short is rolled back by the
+    server; a COMMIT without its answer is ``CommitUnconfirmed``, not this), so the work
+    may run again on a new connection.  Not a timeout: a database gone silent would be
+    waited for twice."""
+    if isinstance(exc, TimeoutError):
+        return False
+    return isinstance(
+        exc,
+        (*BROKEN_CONNECTION, OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError),
+    )
 
 
 def is_unavailable(exc: BaseException) -> bool:

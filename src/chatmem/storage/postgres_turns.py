@@ -142,8 +142,14 @@ async def append_turn(
     try:
         await transaction.commit()
     # No answer: committed, or not.  (asyncpg reports a connection closed under it as a
-    # PostgresConnectionError, class 08, which no server sent.)
-    except (OSError, asyncpg.PostgresConnectionError, *BROKEN_CONNECTION) as exc:
+    # PostgresConnectionError, class 08, which no server sent; a server that ends the
+    # connection says 57P01, admin shutdown, and may have committed before it did.)
+    except (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.AdminShutdownError,
+        *BROKEN_CONNECTION,
+    ) as exc:
         raise CommitUnconfirmed("the conversation store did not confirm the commit") from exc
 
 

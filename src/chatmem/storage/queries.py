@@ -35,7 +35,7 @@ from .. import jsonio
 from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
-from .faults import BROKEN_CONNECTION, is_retryable, is_unavailable
+from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
 from .pairing import call_ids, check_turn, open_calls, overtaken
 from .schema import Base, Conversation, Message
@@ -492,6 +492,8 @@ class Store:
             try:
                 return await write()
             except StorageUnavailable as exc:
+                if attempt == 1 and is_connection_lost(exc.__cause__):
+                    continue  # at once, on a new connection
                 if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
                     raise
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -535,10 +537,7 @@ class Store:
                 system, window, max_bytes, start_at_user, cut, answering, last_seq, pk
             )
         elif self._asyncpg:
-            async with self._driver(writing=False) as driver:
-                pk, system, records, last_seq = await postgres_turns.load_window(
-                    driver, owner.tenant, owner.user, conversation_id, limit
-                )
+            pk, system, records, last_seq = await self._read_window(owner, conversation_id, limit)
             if not pk:
                 return History(system=None, last_seq=0)
             wire = [_to_wire(record) for record in records]
@@ -581,6 +580,24 @@ class Store:
             tail = await self._call_tail(owner, conversation_id, max_bytes, start_at_user)
             history = History.from_messages(system, tail, last_seq, pk)
         return history
+
+    async def _read_window(
+        self, owner: Owner, conversation_id: str, limit: int
+    ) -> tuple[int, Any, list[asyncpg.Record], int]:
+        """``postgres_turns.load_window`` on a pooled connection; once more on a new one
+        when the server had ended it (:func:`faults.is_connection_lost`): a probe that
+        killed the gateway's connections under load saw about six requests a 503 each
+        time, which a read, that changes nothing, need not give."""
+        for attempt in (1, 2):
+            try:
+                async with self._driver(writing=False) as driver:
+                    return await postgres_turns.load_window(
+                        driver, owner.tenant, owner.user, conversation_id, limit
+                    )
+            except StorageUnavailable as exc:
+                if attempt == 2 or not is_connection_lost(exc.__cause__):
+                    raise
+        raise AssertionError("unreachable")
 
     async def _call_tail(
         self, owner: Owner, conversation_id: str, max_bytes: int, start_at_user: bool
