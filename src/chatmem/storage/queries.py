@@ -484,16 +484,20 @@ class Store:
 
         return await self._retried(transaction)
 
-    async def _retried(self, write: Callable[[], Awaitable[T]]) -> T:
+    async def _retried(self, write: Callable[[], Awaitable[T]], *, on_asyncpg: bool = False) -> T:
         """Run ``write``.  PostgreSQL may roll a transaction back with a serialization
         failure or a deadlock when instances contend; it is then re-run (bounded, with
-        jitter) instead of being surfaced to the client."""
+        jitter) instead of being surfaced to the client.  ``on_asyncpg``: ``write`` runs
+        on asyncpg itself (``_driver``), which tells a COMMIT without its answer apart
+        (``CommitUnconfirmed``), so a connection the server had ended
+        (:func:`faults.is_connection_lost`) is a write that did nothing: run again, once,
+        at once."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 return await write()
             except StorageUnavailable as exc:
-                if attempt == 1 and is_connection_lost(exc.__cause__):
-                    continue  # at once, on a new connection
+                if on_asyncpg and attempt == 1 and is_connection_lost(exc.__cause__):
+                    continue  # on a new connection
                 if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
                     raise
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -718,7 +722,7 @@ class Store:
                         after,
                     )
 
-            await self._retried(append)
+            await self._retried(append, on_asyncpg=True)
             return
         count = len(turn)
         upsert = self._insert(conversations).values(
