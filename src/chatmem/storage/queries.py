@@ -588,10 +588,10 @@ class Store:
     async def _read_window(
         self, owner: Owner, conversation_id: str, limit: int
     ) -> tuple[int, Any, list[asyncpg.Record], int]:
-        """``postgres_turns.load_window`` on a pooled connection; once more on a new one
-        when the server had ended it (:func:`faults.is_connection_lost`): a probe that
-        killed the gateway's connections under load saw about six requests a 503 each
-        time, which a read, that changes nothing, need not give."""
+        """``postgres_turns.load_window`` on a pooled connection, and once more on the
+        next one when the server had ended it (:func:`faults.is_connection_lost`): a read
+        changes nothing, so it may run again.  Before, killing the gateway's connections
+        under load cost about six requests a 503 each time."""
         for attempt in (1, 2):
             try:
                 async with self._driver(writing=False) as driver:
