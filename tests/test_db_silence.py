@@ -119,12 +119,16 @@ async def test_a_read_on_a_connection_the_server_ended_runs_again_on_a_new_one(
     """A pooled connection that the server ended while it waited (a restart,
     ``pg_terminate_backend``) fails only when it is used: asyncpg has not seen its socket
     close.  A probe killing the gateway's connections under load saw about six requests
-    a 503 each time.  The read, or the write, runs once more on a new connection: nothing
-    it did on the ended one stays."""
+    a 503 each time.  The read, or the write, runs again on the next connection, and the
+    next, up to a new one: nothing it did on an ended one stays."""
     async with proxy() as net:
         store = await open_store(through(pg_url, net.port))
         try:
             await store.commit_turn(ALICE, "c", system=None, turn=TURN)
+            # Three connections in the pool (three reads at once), all ended, as a
+            # restart ends them: each is tried in turn, then a new one.
+            await asyncio.gather(*(store.load_history(ALICE, "c", 10) for _ in range(3)))
+            assert len(net.writers) >= 6  # the gateway's side and the server's, each
             net.end_open()
             history = await asyncio.wait_for(store.load_history(ALICE, "c", 10), 20)
             assert [m["content"] for m in history.messages] == ["q", "a"]

@@ -490,18 +490,21 @@ class Store:
         jitter) instead of being surfaced to the client.  ``on_asyncpg``: ``write`` runs
         on asyncpg itself (``_driver``), which tells a COMMIT without its answer apart
         (``CommitUnconfirmed``), so a connection the server had ended
-        (:func:`faults.is_connection_lost`) is a write that did nothing: run again, once,
-        at once."""
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        (:func:`faults.is_connection_lost`) is a write that did nothing: it runs again at
+        once (:meth:`_ended_tries`)."""
+        ended = self._ended_tries() if on_asyncpg else 0
+        attempt = 1
+        while True:
             try:
                 return await write()
             except StorageUnavailable as exc:
-                if on_asyncpg and attempt == 1 and is_connection_lost(exc.__cause__):
-                    continue  # on a new connection
+                if ended and is_connection_lost(exc.__cause__):
+                    ended -= 1
+                    continue  # on the next connection, at once
                 if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
                     raise
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
-        raise AssertionError("unreachable")
+            attempt += 1
 
     def new_conversation(self, owner: Owner, conversation_id: str) -> History:
         """The history of a conversation the gateway has just named (``conv_`` and 128
@@ -588,20 +591,29 @@ class Store:
     async def _read_window(
         self, owner: Owner, conversation_id: str, limit: int
     ) -> tuple[int, Any, list[asyncpg.Record], int]:
-        """``postgres_turns.load_window`` on a pooled connection, and once more on the
-        next one when the server had ended it (:func:`faults.is_connection_lost`): a read
-        changes nothing, so it may run again.  Before, killing the gateway's connections
-        under load cost about six requests a 503 each time."""
-        for attempt in (1, 2):
+        """``postgres_turns.load_window`` on a pooled connection, and again on the next
+        one when the server had ended it (:func:`faults.is_connection_lost`,
+        :meth:`_ended_tries`): a read changes nothing, so it may run again.  Before,
+        killing the gateway's connections under load cost about six requests a 503 each
+        time."""
+        ended = self._ended_tries()
+        while True:
             try:
                 async with self._driver(writing=False) as driver:
                     return await postgres_turns.load_window(
                         driver, owner.tenant, owner.user, conversation_id, limit
                     )
             except StorageUnavailable as exc:
-                if attempt == 2 or not is_connection_lost(exc.__cause__):
+                if not ended or not is_connection_lost(exc.__cause__):
                     raise
-        raise AssertionError("unreachable")
+                ended -= 1
+
+    def _ended_tries(self) -> int:
+        """How many more times a statement runs when the server had ended its connection:
+        once for every connection the pool holds, since a restart ends them all and each
+        fails at once when used, so the last try is on a new connection."""
+        size = getattr(self.engine.sync_engine.pool, "size", None)
+        return int(size()) if callable(size) else 1
 
     async def _call_tail(
         self, owner: Owner, conversation_id: str, max_bytes: int, start_at_user: bool
