@@ -46,9 +46,9 @@ def is_connection_lost(exc: BaseException | None) -> bool:
     idle timeout), and asyncpg learns that only from the statement sent on it.  Nothing
     done on such a connection stays (a transaction cut short is rolled back by the
     server; a COMMIT without its answer is ``CommitUnconfirmed``, not this), so the work
-    may run again on a new connection.  Not a timeout: a database gone silent would be
-    waited for twice."""
-    if isinstance(exc, TimeoutError):
+    may run again on a new connection.  Not a timeout, nor a refused connect: a database
+    gone silent would be waited for again, and one that is down refuses again."""
+    if isinstance(exc, (TimeoutError, ConnectionRefusedError)):
         return False
     return isinstance(
         exc,
