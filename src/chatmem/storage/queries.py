@@ -484,23 +484,26 @@ class Store:
 
         return await self._retried(transaction)
 
-    async def _retried(self, write: Callable[[], Awaitable[T]], *, on_asyncpg: bool = False) -> T:
-        """Run ``write``.  PostgreSQL may roll a transaction back with a serialization
+    async def _retried(self, work: Callable[[], Awaitable[T]], *, on_asyncpg: bool = False) -> T:
+        """Run ``work``.  PostgreSQL may roll a transaction back with a serialization
         failure or a deadlock when instances contend; it is then re-run (bounded, with
-        jitter) instead of being surfaced to the client.  ``on_asyncpg``: ``write`` runs
+        jitter) instead of being surfaced to the client.  ``on_asyncpg``: ``work`` runs
         on asyncpg itself (``_driver``), which tells a COMMIT without its answer apart
         (``CommitUnconfirmed``), so a connection the server had ended
-        (:func:`faults.is_connection_lost`) is a write that did nothing: it runs again at
-        once (:meth:`_ended_tries`)."""
-        ended = self._ended_tries() if on_asyncpg else 0
+        (:func:`faults.is_connection_lost`) is work that did nothing: it runs again at
+        once on the next connection, up to once for every connection the pool holds (a
+        restart ends them all, each fails at once when used, and the last try is on a
+        new one)."""
+        ended = 0
         attempt = 1
         while True:
             try:
-                return await write()
+                return await work()
             except StorageUnavailable as exc:
-                if ended and is_connection_lost(exc.__cause__):
-                    ended -= 1
-                    continue  # on the next connection, at once
+                lost = on_asyncpg and is_connection_lost(exc.__cause__)
+                if lost and ended < self._pool_size():
+                    ended += 1
+                    continue
                 if attempt == WRITE_ATTEMPTS or not is_retryable(exc.__cause__):
                     raise
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -591,27 +594,20 @@ class Store:
     async def _read_window(
         self, owner: Owner, conversation_id: str, limit: int
     ) -> tuple[int, Any, list[asyncpg.Record], int]:
-        """``postgres_turns.load_window`` on a pooled connection, and again on the next
-        one when the server had ended it (:func:`faults.is_connection_lost`,
-        :meth:`_ended_tries`): a read changes nothing, so it may run again.  Before,
-        killing the gateway's connections under load cost about six requests a 503 each
-        time."""
-        ended = self._ended_tries()
-        while True:
-            try:
-                async with self._driver(writing=False) as driver:
-                    return await postgres_turns.load_window(
-                        driver, owner.tenant, owner.user, conversation_id, limit
-                    )
-            except StorageUnavailable as exc:
-                if not ended or not is_connection_lost(exc.__cause__):
-                    raise
-                ended -= 1
+        """``postgres_turns.load_window`` on a pooled connection, run again on the next
+        one when the server had ended it (:meth:`_retried`): a read changes nothing.
+        Before, killing the gateway's connections under load cost about six requests a
+        503 each time."""
 
-    def _ended_tries(self) -> int:
-        """How many more times a statement runs when the server had ended its connection:
-        once for every connection the pool holds, since a restart ends them all and each
-        fails at once when used, so the last try is on a new connection."""
+        async def read() -> tuple[int, Any, list[asyncpg.Record], int]:
+            async with self._driver(writing=False) as driver:
+                return await postgres_turns.load_window(
+                    driver, owner.tenant, owner.user, conversation_id, limit
+                )
+
+        return await self._retried(read, on_asyncpg=True)
+
+    def _pool_size(self) -> int:
         size = getattr(self.engine.sync_engine.pool, "size", None)
         return int(size()) if callable(size) else 1
 

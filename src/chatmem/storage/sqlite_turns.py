@@ -437,20 +437,27 @@ class SQLiteTurns:
         handler wakes up for only after its next sleep (up to 100 ms).  A client that
         left before ``[DONE]`` and asked again at once found its two turns stored the
         wrong way round (a soak test, one cut in 3,596)."""
-        if not self._waiting:
-            try:
-                written = self._write(self._loop_connection(), batch)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc):
-                    _settle(futures, [exc] * len(futures))
-                    return
-            except Exception as exc:  # handed to every caller of the batch
-                _settle(futures, [exc] * len(futures))
-                return
+        if self._waiting:
+            self._wait_for_lock(batch, futures)
+            return
+        try:
+            written = self._write(self._loop_connection(), batch)
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                self._wait_for_lock(batch, futures)
             else:
-                self._committed(batch, written)
-                _settle(futures, written)
-                return
+                _settle(futures, [exc] * len(futures))
+            return
+        except Exception as exc:  # handed to every caller of the batch
+            _settle(futures, [exc] * len(futures))
+            return
+        self._committed(batch, written)
+        _settle(futures, written)
+
+    def _wait_for_lock(
+        self, batch: Sequence[_TurnArgs], futures: list[asyncio.Future[None]]
+    ) -> None:
+        """Write ``batch`` on the writer thread, whose connection waits for the lock."""
         waiting = asyncio.ensure_future(
             self._run(self._writer, self._on_thread, self._write, batch)
         )
