@@ -145,6 +145,30 @@ async def test_a_read_on_a_connection_the_server_ended_runs_again_on_a_new_one(
     ]
 
 
+async def test_the_conversations_api_reads_run_again_on_a_new_connection(pg_url: str) -> None:
+    """The Conversations API reads through SQLAlchemy, whose error for an ended connection
+    wraps asyncpg's: they too run again on the next connection.  A probe killing the
+    gateway's connections saw 3 of 120 item reads sent at a kill answered 503."""
+    async with proxy() as net:
+        store = await open_store(through(pg_url, net.port))
+        try:
+            await store.commit_turn(ALICE, "c", system=None, turn=TURN)
+            await asyncio.gather(*(store.get_conversation(ALICE, "c") for _ in range(3)))
+            net.end_open()
+            info = await asyncio.wait_for(store.get_conversation(ALICE, "c"), 20)
+            assert info is not None and info.id == "c"
+            net.end_open()
+            listed = store.list_conversations(ALICE, limit=10, after=None, newest_first=True)
+            page = await asyncio.wait_for(listed, 20)
+            assert page is not None and [each.id for each in page.data] == ["c"]
+            net.end_open()
+            items = store.list_items(ALICE, "c", limit=10, after_seq=None, newest_first=False)
+            found = await asyncio.wait_for(items, 20)
+            assert found is not None and [each["content"] for each in found.data] == ["q", "a"]
+        finally:
+            await store.close()
+
+
 async def test_a_commit_whose_answer_is_lost_says_the_turn_may_be_stored(pg_url: str) -> None:
     """The COMMIT reached the server, its answer did not come back: "not saved" would be
     wrong (a probe found such turns stored, and a client sending them again stored them

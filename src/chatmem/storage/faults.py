@@ -47,7 +47,11 @@ def is_connection_lost(exc: BaseException | None) -> bool:
     done on such a connection stays (a transaction cut short is rolled back by the
     server; a COMMIT without its answer is ``CommitUnconfirmed``, not this), so the work
     may run again on a new connection.  Not a timeout, nor a refused connect: a database
-    gone silent would be waited for again, and one that is down refuses again."""
+    gone silent would be waited for again, and one that is down refuses again.
+    SQLAlchemy's error is looked through: its asyncpg adapter raises its own error from
+    asyncpg's."""
+    if isinstance(exc, DBAPIError):
+        exc = None if exc.orig is None else exc.orig.__cause__
     if isinstance(exc, (TimeoutError, ConnectionRefusedError)):
         return False
     return isinstance(
