@@ -329,6 +329,33 @@ async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
     assert seen == ["a" * 1000, ("closed", 1009)]
 
 
+async def test_an_upstream_websocket_that_drops_without_a_close_is_a_1014(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """An upstream whose connection drops mid-socket (its process killed, say) sends no
+    close frame: the client gets 1014 (bad gateway, WebSocket's 502), not 1001 (going
+    away), which says an endpoint chose to leave."""
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("partial")
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server))
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        first = await ws.receive(timeout=5)
+        closing = await ws.receive(timeout=5)
+    assert (first.type, first.data) == (WSMsgType.TEXT, "partial")
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1014)
+
+
 async def test_a_websocket_handshake_the_upstream_does_not_answer_is_a_504(
     gateway_factory: GatewayFactory, aiohttp_server: Any
 ) -> None:

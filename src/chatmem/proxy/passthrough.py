@@ -259,7 +259,9 @@ _NOT_SENT = frozenset({1005, 1006, 1015})
 async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str]:
     """Every message of ``source`` to ``sink``, as it comes, until ``source`` closes; the
     close to give the other side: ``source``'s own code and reason, 1009 for a message
-    over the limit, 1000 for a close without a code, 1001 for a connection that went."""
+    over the limit, 1000 for a close without a code; for a connection that went without
+    a close frame, 1001 (going away) if it was the client's, 1014 (bad gateway,
+    WebSocket's 502) if it was the upstream's."""
     while True:
         message = await source.receive()
         kind = message.type
@@ -280,6 +282,8 @@ async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str]:
             error = source.exception()
             if isinstance(error, aiohttp.WebSocketError):
                 return error.code, ""  # 1009 for a message over the limit
+            if isinstance(source, aiohttp.ClientWebSocketResponse):
+                return aiohttp.WSCloseCode.BAD_GATEWAY, ""
             return aiohttp.WSCloseCode.GOING_AWAY, ""
 
 
