@@ -190,3 +190,57 @@ def test_workers_do_not_share_a_port_another_gateway_listens_on(tmp_path: Path) 
         f"chatmem: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert not (tmp_path / "x.db").exists()  # refused before anything was started
+
+
+def _listening_pid(line: bytes) -> int:
+    assert b"chatmem listening" in line, line
+    return int(line.rsplit(b"(pid ", 1)[1].split(b")", 1)[0])
+
+
+def test_a_worker_that_dies_is_replaced_while_the_others_serve_on(tmp_path: Path) -> None:
+    """A worker killed (out of memory, a crash in a C library) after it listened: the
+    master starts another in its place, and the other worker serves on.  Before, the
+    master stopped the whole set and exited 1 for the process manager to start it again,
+    cutting every other worker's requests short."""
+    toml = '[log]\nformat = "json"\naccess = true\n'
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    stdout = gateway.process.proc.stdout
+    assert stdout is not None
+    try:
+        first, second = (_listening_pid(stdout.readline()) for _ in range(2))
+        os.kill(first, signal.SIGKILL)
+        # EOF (b"") if the master gave up instead: then this fails, it does not hang.
+        third = _listening_pid(stdout.readline())
+        assert third not in (first, second) and _alive(second) and not _alive(first)
+        body = {"model": "m", "messages": [{"role": "user", "content": "still there?"}]}
+        for i in range(16):  # a new connection each: the kernel picks either worker
+            _open(gateway.url + "/v1/chat/completions", f"after-{i}", body)
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert served_by(stderr, "after-") <= {second, third}
+    replaced = [line["message"] for line in json_lines(stderr) if "in its place" in line["message"]]
+    assert replaced == [f"worker {first} exited (-9); started worker {third} in its place"]
+    assert not _alive(second) and not _alive(third)
+
+
+def test_a_worker_that_dies_before_it_listens_stops_the_set(tmp_path: Path) -> None:
+    """A worker that dies while it starts would die again (its address, its database):
+    the master stops the others and exits 1, so the process manager sees the failure
+    rather than a master starting workers in a loop."""
+    port = free_port()
+    db = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
+    process = Process(["serve", "--workers", "2", "--port", str(port), "--db", db], cwd=tmp_path)
+    stderr = process.proc.stderr
+    assert stderr is not None
+    for _ in range(50):  # bounded: the master's first lines
+        line = stderr.readline().decode()
+        if "started 2 workers" in line or not line:
+            break
+    pids = [int(pid) for pid in line.rsplit(":", 1)[1].split()]
+    os.kill(pids[0], signal.SIGKILL)  # still importing chatmem: it has not listened
+    _, err = process.proc.communicate(timeout=30)  # and closes the pipes
+    rest = err.decode()
+    assert process.proc.returncode == 1, rest
+    assert f"worker {pids[0]} exited (-9) before it listened" in rest
+    assert "in its place" not in rest and not _alive(pids[1])

@@ -266,6 +266,10 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     print(listening_line(config, demo), flush=True)
+    if reuse_port:  # a worker: its master starts another in its place if it dies now
+        from .workers import tell_master
+
+        tell_master()
     if not config.auth.enabled:
         # An empty secret (``jwt_secret = "${JWT_SECRET:-}"`` with the variable unset) is
         # no secret: say so, loudly where others can reach the gateway.

@@ -5,8 +5,11 @@ the workers a fresh prometheus-client multiprocess directory (so ``/metrics`` on
 adds up all of them), starts them (``chatmem serve --worker``: ``SO_REUSEPORT`` on the same
 host and port, the kernel spreads connections over them), passes SIGTERM, SIGINT or SIGHUP
 on as SIGTERM and waits.
-Each worker then shuts down gracefully on its own.  If a worker dies on its own, the master
-stops the others and exits 1, so the process manager restarts the whole set.
+Each worker then shuts down gracefully on its own.  A worker that dies after it started
+listening (killed, out of memory, a crash) is replaced by a new one, while the others
+serve on: only the requests it had in flight are lost.  A worker that dies before it
+listens would die again (its address, its database): the master then stops the others and
+exits 1, so the process manager sees the failure.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from .config import Config
 from .metrics import MULTIPROC_ENV
 from .storage import Store, create_engine
 
-__all__ = ["SESSION_SECRET_ENV", "run_workers", "worker_config"]
+__all__ = ["READY_FD_ENV", "SESSION_SECRET_ENV", "run_workers", "tell_master", "worker_config"]
 
 SESSION_SECRET_ENV = "CHATMEM_WORKERS_SESSION_SECRET"
 """How the master hands its workers the one random ``compat.session_secret`` they share
 when the configuration sets none (the environment: never on a command line)."""
+
+READY_FD_ENV = "CHATMEM_WORKER_READY_FD"
+"""The pipe a worker writes one byte to once it listens (see :func:`tell_master`)."""
 
 log = logging.getLogger("chatmem")
 
@@ -54,6 +60,53 @@ def worker_config(config: Config) -> Config:
     return dataclasses.replace(
         config, compat=dataclasses.replace(config.compat, session_secret=secret)
     )
+
+
+def tell_master() -> None:
+    """In a worker: say that it listens, on the pipe its master gave it (no-op elsewhere)."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # a master gone: nobody to tell
+        try:
+            os.write(int(fd), b"1")
+        finally:
+            os.close(int(fd))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Worker:
+    process: asyncio.subprocess.Process
+    listened: asyncio.Task[bool]
+    """True once it listens; False if it exited first."""
+    exited: asyncio.Task[int]
+
+
+async def _start_worker(command: list[str], env: dict[str, str]) -> _Worker:
+    read_end, write_end = os.pipe()  # neither is inherited but by pass_fds
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, env={**env, READY_FD_ENV: str(write_end)}, pass_fds=(write_end,)
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the worker holds the only write end: EOF when it exits
+    listened = asyncio.create_task(_reads_a_byte(read_end))
+    return _Worker(process, listened, asyncio.create_task(process.wait()))
+
+
+async def _reads_a_byte(fd: int) -> bool:
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        return await reader.read(1) == b"1"
+    finally:
+        transport.close()
 
 
 async def _create_schema(config: Config) -> None:
@@ -98,25 +151,45 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
     metrics_dir, owned = _metrics_dir(env)
     env[MULTIPROC_ENV] = metrics_dir
     command = [sys.executable, "-m", "chatmem", "serve", *worker_args, "--worker"]
-    workers = [
-        await asyncio.create_subprocess_exec(*command, env=env)
-        for _ in range(config.server.workers)
-    ]
-    log.info("started %d workers: %s", len(workers), " ".join(str(w.pid) for w in workers))
-    exits = [asyncio.create_task(worker.wait()) for worker in workers]
+    workers = [await _start_worker(command, env) for _ in range(config.server.workers)]
+    pids = " ".join(str(w.process.pid) for w in workers)
+    log.info("started %d workers: %s", len(workers), pids)
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([*exits, stopping], return_when=asyncio.FIRST_COMPLETED)
-    crashed = not stop.is_set()
+    crashed = False
+    while not crashed:
+        await asyncio.wait(
+            [stopping, *(w.exited for w in workers)], return_when=asyncio.FIRST_COMPLETED
+        )
+        if stop.is_set():
+            break
+        for worker in [w for w in workers if w.exited.done()]:
+            workers.remove(worker)
+            _mark_process_dead(worker.process.pid, metrics_dir)
+            code = worker.exited.result()
+            if not await worker.listened:  # it would die again: let the manager see it
+                log.error("worker %d exited (%s) before it listened", worker.process.pid, code)
+                crashed = True
+                continue
+            replacement = await _start_worker(command, env)
+            workers.append(replacement)
+            log.error(
+                "worker %d exited (%s); started worker %d in its place",
+                worker.process.pid,
+                code,
+                replacement.process.pid,
+            )
     if crashed:
-        log.error("a worker exited on its own; stopping the others")
+        log.error("stopping the other workers")
     for worker in workers:
-        if worker.returncode is None:
+        if worker.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                worker.send_signal(signal.SIGTERM)
-    codes = await asyncio.gather(*exits)
+                worker.process.send_signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(w.exited for w in workers))
     stopping.cancel()
     for worker in workers:
-        _mark_process_dead(worker.pid, metrics_dir)
+        worker.listened.cancel()
+        _mark_process_dead(worker.process.pid, metrics_dir)
+    await asyncio.gather(*(w.listened for w in workers), return_exceptions=True)
     if owned:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if mock is not None:
