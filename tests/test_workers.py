@@ -133,11 +133,9 @@ def test_a_conversation_cookie_works_on_every_worker(tmp_path: Path) -> None:
     assert len(warnings) == 1  # the master's, not one per worker
 
 
-def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
-    """SIGTERM right after the master started its workers (``systemctl restart`` just
-    after a start): the workers, still importing, have no handler yet and die of the
-    SIGTERM passed on to them.  They were asked to stop and served nothing: exit 0, not
-    the 1 that tells the process manager a worker failed."""
+def _start_two_workers(tmp_path: Path) -> tuple[Process, list[int]]:
+    """``serve --workers 2``, as soon as its master logged the workers' pids (they are
+    still importing chatmem then)."""
     port = free_port()
     db = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
     process = Process(["serve", "--workers", "2", "--port", str(port), "--db", db], cwd=tmp_path)
@@ -147,7 +145,17 @@ def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
         line = stderr.readline().decode()
         if "started 2 workers" in line or not line:
             break
-    assert "started 2 workers" in line
+    assert "started 2 workers" in line, line
+    return process, [int(pid) for pid in line.rsplit(":", 1)[1].split()]
+
+
+def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
+    """SIGTERM right after the master started its workers (``systemctl restart`` just
+    after a start): the workers, still importing, have no handler yet and die of the
+    SIGTERM passed on to them.  They were asked to stop and served nothing: exit 0, not
+    the 1 that tells the process manager a worker failed."""
+    process, pids = _start_two_workers(tmp_path)
+    assert len(pids) == 2
     assert process.stop(signal.SIGTERM) == 0
 
 
@@ -228,16 +236,7 @@ def test_a_worker_that_dies_before_it_listens_stops_the_set(tmp_path: Path) -> N
     """A worker that dies while it starts would die again (its address, its database):
     the master stops the others and exits 1, so the process manager sees the failure
     rather than a master starting workers in a loop."""
-    port = free_port()
-    db = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
-    process = Process(["serve", "--workers", "2", "--port", str(port), "--db", db], cwd=tmp_path)
-    stderr = process.proc.stderr
-    assert stderr is not None
-    for _ in range(50):  # bounded: the master's first lines
-        line = stderr.readline().decode()
-        if "started 2 workers" in line or not line:
-            break
-    pids = [int(pid) for pid in line.rsplit(":", 1)[1].split()]
+    process, pids = _start_two_workers(tmp_path)
     os.kill(pids[0], signal.SIGKILL)  # still importing chatmem: it has not listened
     _, err = process.proc.communicate(timeout=30)  # and closes the pipes
     rest = err.decode()
