@@ -169,15 +169,15 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
             if not await worker.listened:  # it would die again: let the manager see it
                 log.error("worker %d exited (%s) before it listened", worker.process.pid, code)
                 crashed = True
-                continue
-            replacement = await _start_worker(command, env)
-            workers.append(replacement)
-            log.error(
-                "worker %d exited (%s); started worker %d in its place",
-                worker.process.pid,
-                code,
-                replacement.process.pid,
-            )
+            elif not crashed:
+                replacement = await _start_worker(command, env)
+                workers.append(replacement)
+                log.error(
+                    "worker %d exited (%s); started worker %d in its place",
+                    worker.process.pid,
+                    code,
+                    replacement.process.pid,
+                )
     if crashed:
         log.error("stopping the other workers")
     for worker in workers:
