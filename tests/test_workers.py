@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -243,3 +244,22 @@ def test_a_worker_that_dies_before_it_listens_stops_the_set(tmp_path: Path) -> N
     assert process.proc.returncode == 1, rest
     assert f"worker {pids[0]} exited (-9) before it listened" in rest
     assert "in its place" not in rest and not _alive(pids[1])
+
+
+def test_the_workers_stop_when_their_master_is_killed(tmp_path: Path) -> None:
+    """``kill -9`` of the master (systemd's control group is not everywhere): its workers
+    used to keep serving the port, unsupervised, where a new master's workers would join
+    them.  Each now gets SIGTERM from the kernel when its master dies, and drains."""
+    gateway = serve(tmp_path, "http://unused.invalid/v1", "", "--workers", "2", "--demo")
+    stdout = gateway.process.proc.stdout
+    assert stdout is not None
+    pids = [_listening_pid(stdout.readline()) for _ in range(2)]
+    code, _ = gateway.stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    for _ in range(200):  # bounded: up to 20 s for both to drain and exit
+        if not any(_alive(pid) for pid in pids):
+            break
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -42,6 +43,12 @@ when the configuration sets none (the environment: never on a command line)."""
 READY_FD_ENV = "CHATMEM_WORKER_READY_FD"
 """The pipe a worker writes one byte to once it listens (see :func:`tell_master`)."""
 
+MASTER_PID_ENV = "CHATMEM_WORKER_MASTER_PID"
+"""The master's pid, for a worker to tell whether it is still there (see
+:func:`worker_config`)."""
+
+_PR_SET_PDEATHSIG = 1
+
 log = logging.getLogger("chatmem")
 
 # prometheus-client leaves this function unannotated; this is its signature.
@@ -53,13 +60,28 @@ def run_workers(config: Config, worker_args: list[str], *, demo: bool) -> int:
 
 
 def worker_config(config: Config) -> Config:
-    """A worker's configuration: with the master's session secret when it sets none."""
+    """A worker's configuration: with the master's session secret when it sets none.
+
+    On Linux the worker also asks the kernel for a SIGTERM when its master dies: a master
+    killed with ``kill -9`` left its workers serving the port, unsupervised, where a new
+    master's workers would join them (``SO_REUSEPORT``)."""
+    _stop_with_master()
     secret = os.environ.pop(SESSION_SECRET_ENV, None)
     if secret is None or config.compat.session_secret:
         return config
     return dataclasses.replace(
         config, compat=dataclasses.replace(config.compat, session_secret=secret)
     )
+
+
+def _stop_with_master() -> None:
+    master = os.environ.pop(MASTER_PID_ENV, None)
+    if master is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(master):  # it died before the request: nobody sends it now
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def tell_master() -> None:
@@ -86,7 +108,9 @@ async def _start_worker(command: list[str], env: dict[str, str]) -> _Worker:
     read_end, write_end = os.pipe()  # neither is inherited but by pass_fds
     try:
         process = await asyncio.create_subprocess_exec(
-            *command, env={**env, READY_FD_ENV: str(write_end)}, pass_fds=(write_end,)
+            *command,
+            env={**env, READY_FD_ENV: str(write_end), MASTER_PID_ENV: str(os.getpid())},
+            pass_fds=(write_end,),
         )
     except BaseException:
         os.close(read_end)
