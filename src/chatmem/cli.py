@@ -367,8 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_address_free(config.server.host, config.server.port)
             return run_workers(config, _worker_args(args), demo=args.demo)
         if args.worker:
-            from .workers import worker_config
+            from .workers import stop_with_master, worker_config
 
+            stop_with_master()
             config = worker_config(config)
         else:  # before the app opens (and may create) its database
             _check_address_free(config.server.host, config.server.port)

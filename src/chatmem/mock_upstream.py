@@ -483,8 +483,7 @@ async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
             await resp.write(event)
         due = _Schedule(reply.delay_s)
         for k, step in enumerate(steps):
-            if k:
-                await due.step(k)
+            await due.step(k)  # step 0 at once
             for event in step:
                 await resp.write(event)
         for event in closing:
@@ -529,8 +528,7 @@ async def _stream_completion(
     try:
         due = _Schedule(delay_s)
         for k, piece in enumerate([*pieces, ""]):
-            if k:
-                await due.step(k)
+            await due.step(k)  # the first piece at once
             finish = json.dumps(finish_reason) if k == len(pieces) else "null"
             await resp.write(f"{opening}{json.dumps(piece)}{middle}{finish}}}]}}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")

@@ -34,7 +34,7 @@ from .config import Config
 from .metrics import MULTIPROC_ENV
 from .storage import Store, create_engine
 
-__all__ = ["READY_FD_ENV", "SESSION_SECRET_ENV", "run_workers", "tell_master", "worker_config"]
+__all__ = ["SESSION_SECRET_ENV", "run_workers", "stop_with_master", "tell_master", "worker_config"]
 
 SESSION_SECRET_ENV = "CHATMEM_WORKERS_SESSION_SECRET"
 """How the master hands its workers the one random ``compat.session_secret`` they share
@@ -45,7 +45,7 @@ READY_FD_ENV = "CHATMEM_WORKER_READY_FD"
 
 MASTER_PID_ENV = "CHATMEM_WORKER_MASTER_PID"
 """The master's pid, for a worker to tell whether it is still there (see
-:func:`worker_config`)."""
+:func:`stop_with_master`)."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -60,12 +60,7 @@ def run_workers(config: Config, worker_args: list[str], *, demo: bool) -> int:
 
 
 def worker_config(config: Config) -> Config:
-    """A worker's configuration: with the master's session secret when it sets none.
-
-    On Linux the worker also asks the kernel for a SIGTERM when its master dies: a master
-    killed with ``kill -9`` left its workers serving the port, unsupervised, where a new
-    master's workers would join them (``SO_REUSEPORT``)."""
-    _stop_with_master()
+    """A worker's configuration: with the master's session secret when it sets none."""
     secret = os.environ.pop(SESSION_SECRET_ENV, None)
     if secret is None or config.compat.session_secret:
         return config
@@ -74,7 +69,10 @@ def worker_config(config: Config) -> Config:
     )
 
 
-def _stop_with_master() -> None:
+def stop_with_master() -> None:
+    """In a worker, on Linux: ask the kernel for a SIGTERM when its master dies.  A master
+    killed with ``kill -9`` left its workers serving the port, unsupervised, where a new
+    master's workers would join them (``SO_REUSEPORT``)."""
     master = os.environ.pop(MASTER_PID_ENV, None)
     if master is None or not sys.platform.startswith("linux"):
         return

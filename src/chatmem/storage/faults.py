@@ -11,7 +11,14 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-__all__ = ["BROKEN_CONNECTION", "is_connection_lost", "is_retryable", "is_unavailable", "sqlstate"]
+__all__ = [
+    "BROKEN_CONNECTION",
+    "CONNECTION_ENDED",
+    "is_connection_lost",
+    "is_retryable",
+    "is_unavailable",
+    "sqlstate",
+]
 
 # 08 connection exception, 53 insufficient resources (too many connections, disk full),
 # 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
@@ -24,6 +31,13 @@ BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError)
 """asyncpg's errors for a connection that cannot be used any more: closed under it, or,
 when the server ended it while it waited in the pool and asyncpg has not yet seen the
 socket close, "cannot switch to state ...; another operation is in progress"."""
+CONNECTION_ENDED = (
+    *BROKEN_CONNECTION,
+    OSError,
+    asyncpg.PostgresConnectionError,  # class 08, also for a socket closed under asyncpg
+    asyncpg.AdminShutdownError,  # 57P01: the server ended the connection
+)
+"""asyncpg's errors for a connection that ended under the statement sent on it."""
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -54,10 +68,7 @@ def is_connection_lost(exc: BaseException | None) -> bool:
         exc = None if exc.orig is None else exc.orig.__cause__
     if isinstance(exc, (TimeoutError, ConnectionRefusedError)):
         return False
-    return isinstance(
-        exc,
-        (*BROKEN_CONNECTION, OSError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError),
-    )
+    return isinstance(exc, CONNECTION_ENDED)
 
 
 def is_unavailable(exc: BaseException) -> bool:

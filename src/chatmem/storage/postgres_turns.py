@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from .. import jsonio
-from .faults import BROKEN_CONNECTION
+from .faults import CONNECTION_ENDED
 from .pairing import check_turn, overtaken
 
 __all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
@@ -144,12 +144,7 @@ async def append_turn(
     # No answer: committed, or not.  (asyncpg reports a connection closed under it as a
     # PostgresConnectionError, class 08, which no server sent; a server that ends the
     # connection says 57P01, admin shutdown, and may have committed before it did.)
-    except (
-        OSError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.AdminShutdownError,
-        *BROKEN_CONNECTION,
-    ) as exc:
+    except CONNECTION_ENDED as exc:  # a timeout too (an OSError): as unknown an outcome
         raise CommitUnconfirmed("the conversation store did not confirm the commit") from exc
 
 
