@@ -233,6 +233,47 @@ def test_a_worker_that_dies_is_replaced_while_the_others_serve_on(tmp_path: Path
     assert not _alive(second) and not _alive(third)
 
 
+def test_workers_that_keep_dying_are_replaced_later_each_time(tmp_path: Path) -> None:
+    """A crash that every new worker meets: the first is replaced at once, the next ones
+    after 0.5 s, then 1 s (they started about two a second, for as long as it lasted).
+    A worker stopped on its own (SIGTERM to it alone: it drains and exits 0) is replaced
+    too, with a warning rather than an error."""
+    toml = '[log]\nformat = "json"\n'
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    stdout = gateway.process.proc.stdout
+    assert stdout is not None
+    pids = [_listening_pid(stdout.readline()) for _ in range(2)]
+    waited = []
+    try:
+        for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
+            killed = time.monotonic()
+            os.kill(pids[-1], sig)
+            pids.append(_listening_pid(stdout.readline()))  # EOF (b"") fails, not hangs
+            waited.append(time.monotonic() - killed)
+    finally:
+        code, stderr = gateway.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert waited[1] >= 0.5 and waited[2] >= 1.0
+    replaced = [
+        (line["level"], line["message"])
+        for line in json_lines(stderr)
+        if "in its place" in line["message"]
+    ]
+    assert replaced == [
+        ("error", f"worker {pids[1]} exited (-9); started worker {pids[2]} in its place"),
+        (
+            "error",
+            f"worker {pids[2]} exited (-9); started worker {pids[3]} in its place"
+            " after 0.5 s (2 in a row died within 30 s)",
+        ),
+        (
+            "warning",
+            f"worker {pids[3]} exited (0); started worker {pids[4]} in its place"
+            " after 1 s (3 in a row died within 30 s)",
+        ),
+    ]
+
+
 def test_a_worker_that_dies_before_it_listens_stops_the_set(tmp_path: Path) -> None:
     """A worker that dies while it starts would die again (its address, its database):
     the master stops the others and exits 1, so the process manager sees the failure

@@ -265,11 +265,13 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     # in the middle of 256 concurrent streams (benchmarks/).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    print(listening_line(config, demo), flush=True)
     if reuse_port:  # a worker: its master starts another in its place if it dies now
         from .workers import tell_master
 
+        # Before the line: whoever sees a worker's line knows its master counts it as
+        # listening (a worker killed between the two was taken for one that never did).
         tell_master()
+    print(listening_line(config, demo), flush=True)
     if not config.auth.enabled:
         # An empty secret (``jwt_secret = "${JWT_SECRET:-}"`` with the variable unset) is
         # no secret: say so, loudly where others can reach the gateway.

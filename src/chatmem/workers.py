@@ -7,7 +7,10 @@ host and port, the kernel spreads connections over them), passes SIGTERM, SIGINT
 on as SIGTERM and waits.
 Each worker then shuts down gracefully on its own.  A worker that dies after it started
 listening (killed, out of memory, a crash) is replaced by a new one, while the others
-serve on: only the requests it had in flight are lost.  A worker that dies before it
+serve on: only the requests it had in flight are lost.  Workers that keep dying soon after
+they start are replaced with a growing delay (:class:`_Backoff`), so a crash that comes
+back in every new worker does not turn the master into a loop of start-ups.  A worker that
+dies before it
 listens would die again (its address, its database): the master then stops the others and
 exits 1, so the process manager sees the failure.
 """
@@ -48,6 +51,12 @@ MASTER_PID_ENV = "CHATMEM_WORKER_MASTER_PID"
 :func:`stop_with_master`)."""
 
 _PR_SET_PDEATHSIG = 1
+
+_SETTLED_S = 30.0
+"""A worker that served this long before it died was not killed by what kills every new
+one: its replacement starts at once, and the back-off starts over."""
+_FIRST_DELAY_S = 0.5
+_MAX_DELAY_S = 30.0
 
 log = logging.getLogger("chatmem")
 
@@ -100,6 +109,28 @@ class _Worker:
     listened: asyncio.Task[bool]
     """True once it listens; False if it exited first."""
     exited: asyncio.Task[int]
+    started: float
+    """``loop.time()`` when it was started."""
+
+
+class _Backoff:
+    """How long to wait before replacing a worker that died: at once for the first of a
+    row of workers that died within ``_SETTLED_S`` of their start (one killed by the
+    out-of-memory killer, say), then 0.5 s, doubling up to 30 s for each next one (a crash
+    that every new worker meets: without a delay the master started about two a second,
+    each importing chatmem on a core the others serve on)."""
+
+    def __init__(self) -> None:
+        self.early_deaths = 0
+
+    def delay(self, lived: float) -> float:
+        if lived >= _SETTLED_S:
+            self.early_deaths = 0
+            return 0.0
+        self.early_deaths += 1
+        if self.early_deaths == 1:
+            return 0.0
+        return float(min(_FIRST_DELAY_S * 2 ** (self.early_deaths - 2), _MAX_DELAY_S))
 
 
 async def _start_worker(command: list[str], env: dict[str, str]) -> _Worker:
@@ -116,7 +147,8 @@ async def _start_worker(command: list[str], env: dict[str, str]) -> _Worker:
     finally:
         os.close(write_end)  # the worker holds the only write end: EOF when it exits
     listened = asyncio.create_task(_reads_a_byte(read_end))
-    return _Worker(process, listened, asyncio.create_task(process.wait()))
+    exited = asyncio.create_task(process.wait())
+    return _Worker(process, listened, exited, asyncio.get_running_loop().time())
 
 
 async def _reads_a_byte(fd: int) -> bool:
@@ -152,6 +184,37 @@ def _metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
     return given, False
 
 
+async def _replace(
+    worker: _Worker,
+    code: int,
+    backoff: _Backoff,
+    stopping: asyncio.Task[bool],
+    command: list[str],
+    env: dict[str, str],
+) -> _Worker | None:
+    """Start a worker in place of one that exited after it listened, after the back-off;
+    None if a stop came meanwhile."""
+    loop = asyncio.get_running_loop()
+    delay = backoff.delay(loop.time() - worker.started)
+    if delay:
+        await asyncio.wait([stopping], timeout=delay)
+        if stopping.done():
+            return None
+    replacement = await _start_worker(command, env)
+    # Exit status 0: it was stopped on its own (a SIGTERM sent to it alone), not a crash.
+    log.log(
+        logging.WARNING if code == 0 else logging.ERROR,
+        "worker %d exited (%s); started worker %d in its place%s",
+        worker.process.pid,
+        code,
+        replacement.process.pid,
+        f" after {delay:g} s ({backoff.early_deaths} in a row died within {_SETTLED_S:g} s)"
+        if delay
+        else "",
+    )
+    return replacement
+
+
 async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
     from .cli import STOP_SIGNALS, start_demo_upstream, stop_event_on_signals
 
@@ -177,14 +240,15 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
     pids = " ".join(str(w.process.pid) for w in workers)
     log.info("started %d workers: %s", len(workers), pids)
     stopping = asyncio.create_task(stop.wait())
+    backoff = _Backoff()
     crashed = False
-    while not crashed:
+    while not crashed and not stop.is_set():
         await asyncio.wait(
             [stopping, *(w.exited for w in workers)], return_when=asyncio.FIRST_COMPLETED
         )
-        if stop.is_set():
-            break
         for worker in [w for w in workers if w.exited.done()]:
+            if stop.is_set():
+                break
             workers.remove(worker)
             _mark_process_dead(worker.process.pid, metrics_dir)
             code = worker.exited.result()
@@ -192,14 +256,9 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
                 log.error("worker %d exited (%s) before it listened", worker.process.pid, code)
                 crashed = True
             elif not crashed:
-                replacement = await _start_worker(command, env)
-                workers.append(replacement)
-                log.error(
-                    "worker %d exited (%s); started worker %d in its place",
-                    worker.process.pid,
-                    code,
-                    replacement.process.pid,
-                )
+                replacement = await _replace(worker, code, backoff, stopping, command, env)
+                if replacement is not None:
+                    workers.append(replacement)
     if crashed:
         log.error("stopping the other workers")
     for worker in workers:
