@@ -234,6 +234,24 @@ def test_upstream_values_that_would_fail_every_request(
         assert "secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "fault"),
+    [
+        ("ftp://reader:PASS-4c1e@keys.example/jwks.json", "not ftp:"),
+        ("keys.example/jwks.json?token=PASS-4c1e", "it has no scheme"),
+        ("https:///jwks.json?token=PASS-4c1e", "it has no host"),
+    ],
+)
+def test_a_bad_jwks_url_is_refused_without_quoting_it(tmp_path: Path, url: str, fault: str) -> None:
+    """The URL may hold the key server's credentials: the error says what is wrong with
+    it, not what it is."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write(tmp_path, f'[auth]\nalgorithms = ["RS256"]\njwks_url = "{url}"\n'), env={}
+        )
+    assert str(caught.value) == f"auth.jwks_url: must be an http:// or https:// URL ({fault})"
+
+
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "chatmem.toml"
     path.write_bytes(b"\xff\xfe[server]\n")

@@ -122,6 +122,25 @@ async def test_unreachable_jwks_is_a_401_not_a_500(
     )
 
 
+async def test_a_failed_fetch_is_logged_without_the_urls_credentials(
+    gateway_factory: GatewayFactory,
+    upstream: TestServer,
+    key_server: KeyServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key server's URL may carry its credentials (a password, a token in the query):
+    the warning of a failed fetch named the URL whole."""
+    key_server.status = 503
+    plain = key_server.url
+    key_server.url = plain.replace("://", "://reader:PASS-4c1e@", 1) + "?token=QUERY-8d2f"
+    client = await make(gateway_factory, upstream, key_server)
+    assert await status(client, rs("k1")) == 401
+    assert key_server.fetches == 1
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "chatmem.auth"]
+    assert warning == f"JWKS fetch from {plain} failed (HTTP status 503); keeping 0 cached keys"
+    assert "PASS-4c1e" not in caplog.text and "QUERY-8d2f" not in caplog.text
+
+
 async def test_key_alg_must_match_the_token(
     gateway_factory: GatewayFactory, upstream: TestServer, key_server: KeyServer
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -109,10 +110,12 @@ async def test_a_compressed_error_body_goes_decoded_with_the_key_masked(
 async def _chat_turn(
     gateway_factory: GatewayFactory, script: Script, *, stream: bool, conversation: str
 ) -> tuple[Any, bytes]:
-    """One chat turn through a gateway whose upstream key is KEY, the upstream answering
-    with ``script``: the response and its body."""
+    """One chat turn through a gateway whose upstream key is KEY, which logs content, the
+    upstream answering with ``script``: the response and its body."""
     async with scripted_upstream(script) as up:
-        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        client = await gateway_factory(
+            up.url, upstream={"api_key": KEY}, log={"debug_content": True}
+        )
         response = await client.post(
             "/v1/chat/completions",
             json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
@@ -140,11 +143,13 @@ async def test_a_streamed_error_event_quoting_the_key_does_not_hand_it_on(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
-    gateway_factory: GatewayFactory, rows: Rows, stream: bool
+    gateway_factory: GatewayFactory, rows: Rows, stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An upstream that puts the key in its answer (and in a header): the client gets
     neither, and the stored turn, which goes upstream with every later turn and out
-    through the Conversations API, holds the mask."""
+    through the Conversations API, holds the mask; so does ``log.debug_content``'s line
+    (it logged the answer as it came, key and all)."""
+    caplog.set_level(logging.DEBUG, logger="chatmem.content")
     said = f"the key is {KEY}."
     if stream:
         events = [
@@ -175,3 +180,6 @@ async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
     assert response.headers["X-Echo"] == "Bearer [upstream key]"
     stored = rows.messages("k1")[-1]
     assert json.loads(stored["content"]) == "the key is [upstream key]."
+    logged = [r.getMessage() for r in caplog.records if r.name == "chatmem.content"]
+    assert logged[-1] == 'turn committed: "the key is [upstream key]."'
+    assert KEY not in caplog.text

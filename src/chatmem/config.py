@@ -509,7 +509,15 @@ def _validate_auth(values: Mapping[str, Any]) -> None:
         _check_public_key(key)
     url = values.get("jwks_url")
     if url and not re.match(r"^https?://[^/]+", url):
-        raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL, not {url!r}")
+        # Not quoted: the URL may hold the key server's credentials.
+        scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url)
+        if scheme is None:
+            fault = "it has no scheme"
+        elif scheme.group().lower() in ("http:", "https:"):
+            fault = "it has no host"
+        else:
+            fault = f"not {scheme.group()}"
+        raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL ({fault})")
     for number, claim in enumerate(values.get("require", ())):
         if not claim.strip():  # "${REQ:-}" with REQ unset: no token carries that claim
             raise ConfigError(f"auth.require[{number}]: must name a claim, not be empty")

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from yarl import URL
 
 __all__ = ["JwksKeys"]
 
@@ -23,6 +24,13 @@ log = logging.getLogger("chatmem.auth")
 
 _MAX_JWKS_BYTES = 1024 * 1024
 _FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+def _shown(url: str) -> str:
+    """``url`` fit for a log line: without a user, password or query (which may hold
+    the key server's credentials)."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_query(None).with_fragment(None))
 
 
 class _Key:
@@ -112,7 +120,7 @@ class JwksKeys:
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning(
                     "JWKS fetch from %s failed (%s); keeping %d cached keys",
-                    self.url,
+                    _shown(self.url),
                     exc,
                     len(self._keys),
                 )

@@ -191,13 +191,15 @@ async def _forward(
     finish_without_client = gateway.config.memory.on_client_disconnect == "finish"
 
     async def commit(answer: AssistantTurn) -> None:
+        # The upstream may have quoted the key it was sent: not in the store, nor the log.
+        message = masked_json(assistant_message(answer), upstream.secret)
         # Under way once this returns, and not stopped by a handler that is cancelled
         # meanwhile: the turn is never left half-decided.
         saving = gateway.store.commit_turn_soon(
             turn.owner,
             chat.conversation_id,
             system=chat.system,
-            turn=[*chat.messages, masked_json(assistant_message(answer), upstream.secret)],
+            turn=[*chat.messages, message],
             # Other requests in flight: let turns that finish together commit together.
             together=len(gateway.live.tasks) > 1,
             after=history.read_at,
@@ -206,7 +208,7 @@ async def _forward(
         # Shielded so that a cancelled handler does not cancel the future itself (free
         # when it is already done, as a turn committed alone is).
         await asyncio.shield(saving)
-        log_content(gateway.config.log.debug_content, "turn committed", answer.content)
+        log_content(gateway.config.log.debug_content, "turn committed", message.get("content"))
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)
     timer = gateway.metrics.upstream_timer("chat")
