@@ -282,11 +282,23 @@ def test_null_error_is_not_an_error() -> None:
     assert acc.completed
 
 
-@pytest.mark.parametrize("payload", ["{", "not json", "", "[1, 2]", "42", "null", '"[DONE]"'])
+@pytest.mark.parametrize("payload", ["{", "not json", "[1, 2]", "42", "null", '"[DONE]"'])
 def test_malformed_payload(payload: str) -> None:
     acc = accumulate(chunk({"content": "x"}, finish_reason="stop"), payload, "[DONE]")
     assert acc.malformed
     assert not acc.completed
+
+
+@pytest.mark.parametrize("payload", ["", " ", "\n"])
+def test_an_event_with_empty_data_is_passed_over(payload: str) -> None:
+    """``data:`` with nothing after it carries nothing, like a keep-alive: it used to
+    count as a malformed chunk and lose the whole answer."""
+    acc = accumulate(
+        payload, chunk({"content": "x"}), payload, chunk({}, finish_reason="stop"), "[DONE]"
+    )
+    turn = acc.turn()
+    assert not acc.malformed and acc.completed
+    assert turn is not None and turn.content == "x"
 
 
 def test_deeply_nested_json_is_malformed_not_a_crash() -> None:

@@ -71,6 +71,11 @@ FRAMINGS = {
         + sse("[DONE]")
     ),
     "event-and-id-fields": b"".join(b"event: message\nid: 7\n" + e for e in answer_events()),
+    # An event whose data is empty carries nothing, as a keep-alive: it used to make the
+    # whole answer "not a JSON object", unsaved, with an error event for the client.
+    "empty-data-events": b"data:\n\n"
+    + b"".join(e + b"data: \n\ndata\n\n" for e in answer_events()[:-1])
+    + answer_events()[-1],
 }
 
 

@@ -87,7 +87,8 @@ class StreamAccumulator:
                 # commit, which makes the joined text whole (jsonio.dumps).
                 chunk = jsonio.loads(data, lone_surrogates="keep")
             except (ValueError, RecursionError):
-                self.malformed = True
+                # An event with empty data carries nothing, as a keep-alive (a comment).
+                self.malformed = self.malformed or bool(data.strip())
                 return
         if not isinstance(chunk, dict):
             self.malformed = True
