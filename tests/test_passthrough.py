@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
 from multidict import CIMultiDict
+from scripted_upstream import Script, scripted_upstream
 
 from chatmem.mock_upstream import RECEIVED
 from chatmem.proxy import upstream as upstream_module
@@ -515,6 +516,39 @@ async def test_streamed_passthrough_is_byte_exact(
     assert via_gateway.headers["Content-Type"].startswith("text/event-stream")
     direct = await gateway.session.post(upstream.make_url("/v1/completions"), json=body)
     assert await via_gateway.read() == await direct.read()
+
+
+@pytest.mark.parametrize("lines", [300, 1030])
+async def test_an_answer_with_a_large_head_is_relayed_up_to_the_limits(
+    gateway_factory: GatewayFactory, lines: int
+) -> None:
+    """300 header lines and one of 20,000 bytes: a valid answer, over aiohttp's own
+    limits (128 lines, 8190 bytes), which made it a 502 "unreachable or broke the
+    connection". Past the gateway's limits (1,024 lines) the 502 says what it is."""
+    headers = {"Content-Type": "application/json", "X-Big": "b" * 20_000}
+    headers |= {f"X-H{i}": str(i) for i in range(lines)}
+    script = Script(headers=headers, chunks=[b'{"data": []}'], framing="length")
+    async with (
+        scripted_upstream(script) as up,
+        aiohttp.ClientSession(max_field_size=65536, max_headers=2048) as ours,
+    ):
+        client = await gateway_factory(up.url)
+        # The test client's own limits are aiohttp's: a client of ours takes the head.
+        async with ours.get(client.make_url("/v1/models")) as response:
+            body = await response.read()
+    if lines < 1024:
+        assert response.status == 200 and body == b'{"data": []}'
+        assert response.headers["X-Big"] == "b" * 20_000
+        assert [response.headers[f"X-H{i}"] for i in range(lines)] == [str(i) for i in range(lines)]
+    else:
+        assert response.status == 502
+        assert json.loads(body)["error"] == {
+            "message": "the upstream's answer is not valid HTTP/1.1, or its head is larger than"
+            " the gateway takes (65536 bytes a line, 1024 header lines)",
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_unavailable",
+        }
 
 
 async def test_an_idle_connection_is_not_used_once_an_upstream_may_be_closing_it(

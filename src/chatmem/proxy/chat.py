@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import jsonio
 from ..auth import authenticate
@@ -39,9 +40,9 @@ from .chat_request import (
 )
 from .http import read_body
 from .passthrough import relay
-from .pool import BodyTooLarge
+from .pool import MAX_RESPONSE_HEAD, BodyTooLarge
 from .tee import Renderer, tee_stream
-from .upstream import MASK, masked, masked_json, response_headers
+from .upstream import MASK, MAX_RESPONSE_HEADERS, masked, masked_json, response_headers
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -338,5 +339,13 @@ class upstream_failures:  # lower case, like contextlib.suppress
     ) -> None:
         if isinstance(exc, TimeoutError):  # before ClientError: aiohttp's timeouts are both
             raise UpstreamTimeout("the upstream did not answer in time") from exc
+        if isinstance(exc, aiohttp.ClientResponseError) and isinstance(
+            exc.__cause__, HttpProcessingError
+        ):  # the passthrough's aiohttp could not parse the head (never quoted: the key?)
+            raise UpstreamError(
+                "the upstream's answer is not valid HTTP/1.1, or its head is larger than"
+                f" the gateway takes ({MAX_RESPONSE_HEAD} bytes a line,"
+                f" {MAX_RESPONSE_HEADERS} header lines)"
+            ) from exc
         if isinstance(exc, aiohttp.ClientError):
             raise UpstreamError("the upstream is unreachable or broke the connection") from exc

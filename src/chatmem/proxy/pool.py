@@ -50,7 +50,7 @@ _MAX_IDLE = 512
 _IDLE_FOR = 60.0
 """Seconds a connection is kept idle: then it is closed, so that the connections of a
 burst do not hold descriptors here and sockets on the upstream for good."""
-_MAX_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD = 64 * 1024
 """Response status line and headers larger than this are refused (aiohttp allows 8 KiB a line)."""
 
 
@@ -150,7 +150,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value)
-        if self.head_size > _MAX_HEAD:
+        if self.head_size > MAX_RESPONSE_HEAD:
             raise UpstreamBroken("the upstream sent response headers over 64 KiB")
         self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 

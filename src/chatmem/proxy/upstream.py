@@ -13,7 +13,7 @@ from yarl import URL
 from ..config import UpstreamConfig
 from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
-from .pool import UpstreamPool, UpstreamResponse
+from .pool import MAX_RESPONSE_HEAD, UpstreamPool, UpstreamResponse
 
 __all__ = ["HOP_BY_HOP", "Answer", "Upstream", "filter_headers", "response_headers"]
 
@@ -44,6 +44,9 @@ _QUERY_SAFE = "!$%&'()*+,/:;=?@[]~"
 """What stays as it is in a query sent upstream (with letters, digits and ``-._``; ``%``
 too, so an escape the client made is not escaped again)."""
 
+
+MAX_RESPONSE_HEADERS = 1024
+"""Header lines a passthrough answer may have (aiohttp's default is 128)."""
 
 _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 """Headers aiohttp's client adds when they are missing; passthrough relays the client's."""
@@ -182,6 +185,11 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=_NOT_OURS_TO_ADD,
+            # aiohttp's own limits (8190 bytes a line, 128 headers) made a valid answer
+            # with more a 502; the chat route's pool takes a head of up to 64 KiB.
+            max_line_size=MAX_RESPONSE_HEAD,
+            max_field_size=MAX_RESPONSE_HEAD,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
 
     async def close(self) -> None:
