@@ -13,7 +13,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, received, upstream_url
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from scripted_upstream import Script, scripted_upstream
 
 from chatmem.mock_upstream import RECEIVED
@@ -31,12 +31,17 @@ async def test_models_and_embeddings(gateway: TestClient[Any, Any], upstream: Te
     assert received(upstream)[-1].json == {"model": "e", "input": ["a", "b"]}
 
 
+HEADERS_SEEN = web.AppKey("headers_seen", list[CIMultiDictProxy[str]])
+"""The headers of each request the echo upstream received."""
+
+
 @pytest.fixture
 async def echo_upstream(aiohttp_server: Any) -> TestServer:
     """An upstream that answers with what it received, to inspect the forwarded request."""
 
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        request.app[HEADERS_SEEN].append(request.headers.copy())
         headers = {
             "X-Echo": "1",
             "Connection": "close, X-Secret-Hop",
@@ -61,6 +66,7 @@ async def echo_upstream(aiohttp_server: Any) -> TestServer:
 
     app = web.Application()
     app[RECEIVED] = __import__("collections").deque()
+    app[HEADERS_SEEN] = []
     app.router.add_route("*", "/{tail:.*}", echo)
     server: TestServer = await aiohttp_server(app)
     return server
@@ -89,7 +95,9 @@ async def test_method_query_body_status_unchanged(echo_gateway: TestClient[Any, 
     assert teapot.status == 418 and await teapot.text() == "teapot"
 
 
-async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, Any]) -> None:
+async def test_headers_filtered_and_key_injected(
+    echo_gateway: TestClient[Any, Any], echo_upstream: TestServer
+) -> None:
     resp = await echo_gateway.get(
         "/v1/models",
         headers={
@@ -104,8 +112,11 @@ async def test_headers_filtered_and_key_injected(echo_gateway: TestClient[Any, A
             "OpenAI-Organization": "org-1",
         },
     )
+    [upstream_saw] = echo_upstream.app[HEADERS_SEEN]
+    assert upstream_saw["Authorization"] == "Bearer sk-upstream-secret"
     seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
-    assert seen["authorization"] == "Bearer sk-upstream-secret"
+    # The echo hands the key back in a 200 body: the client gets it masked.
+    assert seen["authorization"] == "Bearer " + "*" * len("sk-upstream-secret")
     for name in ("cookie", "x-drop-me", "keep-alive", "te", "proxy-authorization"):
         assert name not in seen, name
     assert seen["x-custom"] == "kept" and seen["openai-organization"] == "org-1"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
 from typing import Any
 
 import pytest
-from helpers import GatewayFactory, Rows, chunk, sse
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+from helpers import GatewayFactory, Rows, chunk, sse, upstream_url
 from hypothesis import given
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
@@ -183,3 +186,78 @@ async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
     logged = [r.getMessage() for r in caplog.records if r.name == "chatmem.content"]
     assert logged[-1] == 'turn committed: "the key is [upstream key]."'
     assert KEY not in caplog.text
+
+
+async def test_a_passthrough_answer_quoting_the_key_keeps_its_length_with_the_key_masked(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A 200 answer of the passthrough (an upstream that echoes what it was sent, say):
+    the key, cut in two by the reads, goes out as as many ``*``, so the answer's
+    ``Content-Length`` still holds."""
+    body = json.dumps({"you sent": f"Bearer {KEY}", "data": []}).encode()
+    cut = body.index(KEY.encode()) + 5
+    script = Script(
+        headers={"Content-Type": "application/json"},
+        chunks=[body[:cut], 0.05, body[cut:]],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models")
+        got = await response.read()
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(len(body))
+    assert got == body.replace(KEY.encode(), b"*" * len(KEY))
+
+
+async def test_a_passthrough_stream_is_masked_and_not_held_back(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A streamed passthrough answer (``/v1/completions``): an event that quotes the key
+    in two reads goes out masked, and every whole event goes on before the upstream sends
+    the next (the upstream waits for the client to have it: a gateway holding back the
+    end of each piece, in case a key starts there, would never get it past here)."""
+    first = b'data: {"text": "s"}\n\n'  # ends in an "s", not a key's start: goes on
+    quoted = b'data: {"text": "' + KEY.encode() + b'"}\n\n'
+    cut = quoted.index(KEY.encode()) + 3  # inside the key: "sk-" waits for the rest
+    client_has_first = asyncio.Event()
+    script = Script(
+        headers={"Content-Type": "text/event-stream"},
+        chunks=[first, client_has_first, quoted[:cut], 0.05, quoted[cut:], b"data: [DONE]\n\n"],
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.post("/v1/completions", json={"stream": True})
+        async with asyncio.timeout(10):  # bounded: a held-back event would wait forever
+            assert await response.content.readexactly(len(first)) == first
+        client_has_first.set()
+        rest = await response.read()
+    assert rest == quoted.replace(KEY.encode(), b"*" * len(KEY)) + b"data: [DONE]\n\n"
+
+
+async def test_websocket_messages_quoting_the_key_are_masked(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """A relayed WebSocket (Realtime): the upstream's messages reach the client with the
+    key masked, text and binary; the client's go upstream as they are."""
+    heard: list[str] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(f'{{"type": "error", "message": "bad key {KEY}"}}')
+        await ws.send_bytes(b"key=" + KEY.encode())
+        heard.append(await ws.receive_str())
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": KEY})
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        assert await ws.receive_str() == '{"type": "error", "message": "bad key [upstream key]"}'
+        assert await ws.receive_bytes() == b"key=[upstream key]"
+        await ws.send_str(f"my own text {KEY}")
+        assert (await ws.receive()).type is WSMsgType.CLOSE
+    assert heard == [f"my own text {KEY}"]

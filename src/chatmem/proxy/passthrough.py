@@ -31,7 +31,7 @@ from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
-from .upstream import Answer, Redactor, Upstream, response_headers
+from .upstream import MASK, Answer, Redactor, Upstream, response_headers
 
 __all__ = [
     "keep_offered_subprotocols_out_of_logs",
@@ -192,7 +192,7 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
         gateway.websockets.add(stop)  # the gateway stopping ends it (see close_websockets)
         pumps = [
             asyncio.ensure_future(_pump(ours, theirs)),
-            asyncio.ensure_future(_pump(theirs, ours)),
+            asyncio.ensure_future(_pump(theirs, ours, upstream.secret)),
         ]
         try:
             # The first side to close ends both: the other gets its close code.
@@ -256,19 +256,26 @@ _NOT_SENT = frozenset({1005, 1006, 1015})
 """Close codes that say what happened to a connection and are never sent in a frame."""
 
 
-async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str]:
-    """Every message of ``source`` to ``sink``, as it comes, until ``source`` closes; the
-    close to give the other side: ``source``'s own code and reason, 1009 for a message
-    over the limit, 1000 for a close without a code; for a connection that went without
-    a close frame, 1001 (going away) if it was the client's, 1014 (bad gateway,
-    WebSocket's 502) if it was the upstream's."""
+async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> tuple[int, str]:
+    """Every message of ``source`` to ``sink``, as it comes, with ``secret`` masked in it,
+    until ``source`` closes; the close to give the other side: ``source``'s own code and
+    reason, 1009 for a message over the limit, 1000 for a close without a code; for a
+    connection that went without a close frame, 1001 (going away) if it was the client's,
+    1014 (bad gateway, WebSocket's 502) if it was the upstream's."""
+    text_secret = None if secret is None else secret.decode("utf-8", "replace")
     while True:
         message = await source.receive()
         kind = message.type
         if kind is aiohttp.WSMsgType.TEXT:
-            await sink.send_str(message.data)
+            data = message.data
+            if text_secret is not None and text_secret in data:
+                data = data.replace(text_secret, MASK.decode())
+            await sink.send_str(data)
         elif kind is aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
+            data = message.data
+            if secret is not None and secret in data:
+                data = data.replace(secret, MASK)
+            await sink.send_bytes(data)
         elif kind is aiohttp.WSMsgType.PING:
             await sink.ping(message.data)
         elif kind is aiohttp.WSMsgType.PONG:
@@ -442,14 +449,22 @@ async def relay(
     *,
     secret: bytes | None = None,
 ) -> web.StreamResponse:
-    """Copy ``upstream``'s status, end-to-end headers and raw body to the client; in an
-    error's body (status 400 or more), ``secret`` masked."""
-    redactor = Redactor(secret) if secret is not None and upstream.status >= 400 else None
-    headers = response_headers(upstream.headers, ("content-length",) if redactor else (), secret)
+    """Copy ``upstream``'s status, end-to-end headers and raw body to the client, with
+    ``secret`` masked: in an error's body (status 400 or more) as :data:`MASK`, decoded
+    from a ``Content-Encoding`` if need be; in another's uncompressed body as as many
+    ``*`` as it has bytes, so that its ``Content-Length`` still holds."""
+    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    error = upstream.status >= 400
+    redactor = None
+    if secret is not None and error:
+        redactor = Redactor(secret)
+    elif secret is not None and encoding == "identity":  # else not looked for (README)
+        redactor = Redactor(secret, b"*" * len(secret))
+    dropped = ("content-length",) if redactor is not None and error else ()
+    headers = response_headers(upstream.headers, dropped, secret)
     if extra_headers:
         headers.update(extra_headers)
-    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-    if redactor is not None and encoding != "identity":
+    if redactor is not None and error and encoding != "identity":
         return await _decoded_error(upstream, headers, encoding, redactor)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:

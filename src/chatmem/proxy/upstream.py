@@ -240,23 +240,40 @@ def masked(text: str, secret: bytes | None) -> str:
     return text.replace(secret.decode("utf-8", "replace"), MASK.decode())
 
 
+def _start_of_a_key(data: bytes, secret: bytes) -> int:
+    """Where the longest end of ``data`` that ``secret`` starts with begins (``len(data)``
+    if none does): the bytes that may be the first part of a key cut in two."""
+    end = len(data)
+    at = data.find(secret[:1], max(0, end - len(secret) + 1))
+    while at != -1 and not secret.startswith(data[at:]):
+        at = data.find(secret[:1], at + 1)
+    return end if at == -1 else at
+
+
 class Redactor:
     """Masks ``secret`` in a body that arrives in pieces, also where one piece ends inside
-    it: the last ``len(secret) - 1`` bytes wait for the next piece (or :meth:`end`).
+    it: the end of a piece that could be the start of the key waits for the next piece
+    (or :meth:`end`); nothing else waits, so an event stream (whose events end with a
+    line break, which no key holds) goes on event by event as it came.
 
-    For the error bodies the gateway relays: an upstream that quotes the credential it
-    refused (``"bad key Bearer sk-..."``) must not hand the gateway's key to a client.
+    For the bodies the gateway relays: an upstream that quotes the credential it was sent
+    (``"bad key Bearer sk-..."``) must not hand the gateway's key to a client.  ``mask``
+    is what the key becomes: :data:`MASK`, or as many bytes as the key where the body's
+    length is already said (``Content-Length``).
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, mask: bytes = MASK) -> None:
         self.secret = secret
+        self.mask = mask
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = (self._held + chunk).replace(self.secret, MASK)
-        keep = len(self.secret) - 1
-        self._held = data[-keep:]
-        return data[:-keep]
+        data = self._held + chunk if self._held else chunk
+        if self.secret in data:
+            data = data.replace(self.secret, self.mask)
+        start = _start_of_a_key(data, self.secret)
+        self._held = data[start:]
+        return data[:start]
 
     def end(self) -> bytes:
         held, self._held = self._held, b""
