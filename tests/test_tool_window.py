@@ -365,15 +365,70 @@ async def test_a_turn_whose_conversation_was_deleted_and_created_again_is_checke
     store: Store,
 ) -> None:
     """A conversation deleted and created again can reach the very ``last_seq`` a turn in
-    flight read: the turn is still checked, because the conversation is another row."""
+    flight read: the turn is still refused, because the conversation is another row."""
     await store.commit_turn(OWNER, "d", system=None, turn=[user("q"), assistant("a")])
     read = await store.load_history(OWNER, "c", 200)
     assert await store.delete_conversation(OWNER, "c")
     again = [user("n1"), assistant("n2"), user("n3"), call("z1"), result("z1")]
     await store.commit_turn(OWNER, "c", system=None, turn=again)
     assert (await store.load_history(OWNER, "c", 200)).last_seq == read.last_seq
-    with pytest.raises(ConversationChanged, match="tool message names no tool call"):
+    with pytest.raises(ConversationChanged, match="was deleted while this turn was answered"):
         await store.commit_turn(
             OWNER, "c", system=None, turn=[result("c3"), assistant("x")], after=read.read_at
         )
     assert (await store.load_history(OWNER, "c", 200)).messages == again
+
+
+async def test_a_turn_whose_conversation_was_deleted_meanwhile_does_not_bring_it_back(
+    store: Store,
+) -> None:
+    """A turn answered while its conversation was deleted (h45): its answer came from the
+    deleted history, and stored it made the conversation exist again, holding that turn.
+    Refused (409 ``conversation_changed``); the conversation stays deleted, and a turn
+    that read it as deleted starts it anew."""
+    read = await store.load_history(OWNER, "c", 200)
+    assert read.messages
+    assert await store.delete_conversation(OWNER, "c")
+    with pytest.raises(ConversationChanged, match="was deleted while this turn was answered"):
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[user("more"), assistant("x")], after=read.read_at
+        )
+    assert await store.get_conversation(OWNER, "c") is None
+    fresh = await store.load_history(OWNER, "c", 200)
+    await store.commit_turn(
+        OWNER, "c", system=None, turn=[user("anew"), assistant("y")], after=fresh.read_at
+    )
+    assert (await store.load_history(OWNER, "c", 200)).messages == [user("anew"), assistant("y")]
+
+
+async def test_a_streamed_turn_whose_conversation_is_deleted_meanwhile_is_not_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """The chat route, end to end (h45): a conversation deleted while a streamed turn of
+    it is answered. The turn ends with an error event and the conversation stays
+    deleted; it used to come back holding that turn, an answer to the deleted history.
+    It is the newest conversation, whose row number SQLite gives to the next one."""
+    release = asyncio.Event()
+    chunks = [sse(chunk("b", role="assistant")), release, sse(chunk(finish="stop")), sse("[DONE]")]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        made = await client.post("/v1/conversations", json={"items": [user("secret")]})
+        conversation = (await made.json())["id"]
+        body = {"model": "m", "stream": True, "messages": [user("B")]}
+        answer = await client.post(
+            "/v1/chat/completions", json=body, headers={"X-Conversation-Id": conversation}
+        )
+        assert answer.status == 200  # the history was read, the answer is under way
+        assert (await client.delete(f"/v1/conversations/{conversation}")).status == 200
+        release.set()
+        events = [e for e in (await answer.read()).split(b"\n\n") if e]
+        gone = await client.get(f"/v1/conversations/{conversation}")
+        assert gone.status == 404
+    error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert (error["code"], error["type"]) == ("conversation_changed", "invalid_request_error")
+    assert error["message"] == (
+        "the answer could not be saved: the conversation was deleted while this turn was"
+        " answered: it was not saved"
+    )
+    assert events[-1] == b"data: [DONE]"
+    assert rows.messages(conversation) == []

@@ -19,6 +19,7 @@ from ..errors import ChatmemError
 __all__ = [
     "ConversationChanged",
     "call_ids",
+    "check_still_there",
     "check_turn",
     "open_calls",
     "overtaken",
@@ -102,6 +103,20 @@ def overtaken(after: tuple[int, int] | None, pk: int, before: int) -> bool:
     or the whole conversation deleted and created again (a new pk).  A conversation
     read as not stored and created by this commit was overtaken by nobody."""
     return after is not None and (before != after[1] or after[0] not in (0, pk))
+
+
+def check_still_there(after: tuple[int, int] | None, pk: int, before: int) -> None:
+    """:class:`ConversationChanged` if the conversation a turn read (at ``after``, see
+    :func:`overtaken`) was deleted before the turn's commit, which found another row (at
+    ``pk``, with ``last_seq`` at ``before``) or made one: the answer came from a history
+    its owner deleted, and stored, it would bring the conversation back (or join the one
+    other turns created again meanwhile).  Another row has another pk, or, where SQLite
+    gave the newest row's number back, a ``last_seq`` below the one read (a row's only
+    grows), unless other turns brought it that far meanwhile."""
+    if after is not None and after[0] and (after[0] != pk or before < after[1]):
+        raise ConversationChanged(
+            "the conversation was deleted while this turn was answered: it was not saved"
+        )
 
 
 def check_turn(turn: Sequence[dict[str, Any]], newest_first: Iterable[Any]) -> None:

@@ -30,7 +30,7 @@ import asyncpg
 
 from .. import jsonio
 from .faults import CONNECTION_ENDED
-from .pairing import check_turn, overtaken
+from .pairing import check_still_there, check_turn, overtaken
 
 __all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
 
@@ -138,6 +138,7 @@ async def append_turn(
     assert written is not None  # the upsert returns its row
     before = written["last_seq"] - len(turn)
     if overtaken(after, written["pk"], before):
+        check_still_there(after, written["pk"], before)
         check_turn(turn, await conn.fetch(_TAIL, written["pk"], before))
     try:
         await transaction.commit()

@@ -37,7 +37,7 @@ from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unavailable
 from .migrate import ensure_schema, upgrade
-from .pairing import call_ids, check_turn, open_calls, overtaken
+from .pairing import call_ids, check_still_there, check_turn, open_calls, overtaken
 from .schema import Base, Conversation, Message
 from .sqlite_turns import SQLiteTurns
 
@@ -756,6 +756,7 @@ class Store:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
             if overtaken(after, pk, first - 1):
+                check_still_there(after, pk, first - 1)
                 _, tail = await _tail(conn, messages.c.conversation_pk == pk, first)
                 check_turn(turn, tail)
             rows = [

@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 from .. import jsonio
 from ..errors import StorageUnavailable
 from .engine import sqlite_pragmas
-from .pairing import check_turn, overtaken
+from .pairing import check_still_there, check_turn, overtaken
 from .window_cache import WindowCache
 
 __all__ = ["SQLiteTurns"]
@@ -562,6 +562,7 @@ class SQLiteTurns:
         if overtaken(after, pk, first - 1):
             if not alone:
                 raise _Regroup
+            check_still_there(after, pk, first - 1)
             check_turn(turn, conn.execute(_TAIL, (pk, first - 1, pk, first - 1)))
         rows = [
             (
