@@ -52,6 +52,8 @@ class Script:
     """If set, the response head waits for it (the request has been read by then)."""
     head_with_first_chunk: bool = False
     """The head and the first bytes chunk go out in one write (one TCP segment)."""
+    reason: str | None = None
+    """The status line's reason phrase; None: the status's usual one."""
 
 
 RequestRecord = tuple[str, str, dict[str, str], bytes]
@@ -95,7 +97,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 def _head(script: Script) -> bytes:
     try:
-        reason = http.HTTPStatus(script.status).phrase
+        reason = script.reason or http.HTTPStatus(script.status).phrase
     except ValueError:
         reason = "Unknown"
     lines = [f"HTTP/1.1 {script.status} {reason}"]

@@ -261,3 +261,66 @@ async def test_websocket_messages_quoting_the_key_are_masked(
         await ws.send_str(f"my own text {KEY}")
         assert (await ws.receive()).type is WSMsgType.CLOSE
     assert heard == [f"my own text {KEY}"]
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_the_key_in_a_passthrough_status_line_is_masked(
+    gateway_factory: GatewayFactory, status: int
+) -> None:
+    """The reason phrase is free text an upstream may put the key in (h47)."""
+    script = Script(
+        status=status,
+        reason=f"Said {KEY}",
+        headers={"Content-Type": "application/json"},
+        chunks=[b"{}"],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models")
+        await response.read()
+    assert response.status == status
+    assert response.reason == "Said [upstream key]"
+
+
+async def test_a_body_only_labelled_compressed_is_masked_too(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A 200 that says ``Content-Encoding: br`` but holds plain text (h47): the key in it
+    went out as written, as compressed bodies do."""
+    body = f"echo: Bearer {KEY}".encode()
+    script = Script(
+        headers={"Content-Type": "text/plain", "Content-Encoding": "br"},
+        chunks=[body],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models", auto_decompress=False)
+        got = await response.read()
+    assert got == body.replace(KEY.encode(), b"*" * len(KEY))
+    assert response.headers["Content-Encoding"] == "br"
+
+
+async def test_a_websocket_close_reason_quoting_the_key_is_masked(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """The upstream's close frame carries a reason, free text too (h47)."""
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close(code=4000, message=f"bad key {KEY}".encode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": KEY})
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        closing = await ws.receive()
+    assert (closing.type, closing.data, closing.extra) == (
+        WSMsgType.CLOSE,
+        4000,
+        "bad key [upstream key]",
+    )

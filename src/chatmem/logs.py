@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from .config import LogConfig
 from .forwarded import client_address
 
 __all__ = [
+    "ACCESS_STARTED",
     "CLIENT_GONE",
     "CLIENT_LEFT",
     "REQUEST_ID_HEADER",
@@ -158,11 +160,18 @@ found it out on a write ends as usual, and its access line says 499, as it does 
 handler is cancelled first (which of the two happens first is a matter of timing)."""
 
 
+ACCESS_STARTED = web.RequestKey("chatmem.access_started", float)
+"""``time.perf_counter()`` when chatmem's middleware took the request (with ``log.access``)."""
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request: no query string, no headers, nothing a client sent as content."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         status = CLIENT_GONE if response.get(CLIENT_LEFT) else response.status
+        started = request.get(ACCESS_STARTED)
+        if started is not None:  # aiohttp's own time is in whole milliseconds under uvloop
+            time = perf_counter() - started
         log_access(self.logger, request, status, time, response.headers.get(REQUEST_ID_HEADER))
 
     @property

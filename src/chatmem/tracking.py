@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ChatmemError, NotAllowed, error_body, error_response
 from .logs import (
+    ACCESS_STARTED,
     CLIENT_GONE,
     REQUEST_ID_HEADER,
     accept_request_id,
@@ -79,7 +80,7 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
     chain of apps is several more.
     """
     in_flight = gateway.live.tasks
-    clock = time.monotonic if gateway.config.log.access else None  # for the 499 line
+    clock = time.perf_counter if gateway.config.log.access else None  # for access lines
 
     @web.middleware
     async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -93,7 +94,9 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
             task = asyncio.current_task()
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
-            started = clock() if clock is not None else 0.0
+            started = 0.0
+            if clock is not None:
+                started = request[ACCESS_STARTED] = clock()
             try:
                 return await handler(request)
             except asyncio.CancelledError:

@@ -193,25 +193,37 @@ async def _replace(
     env: dict[str, str],
 ) -> _Worker | None:
     """Start a worker in place of one that exited after it listened, after the back-off;
-    None if a stop came meanwhile."""
+    None if a stop came meanwhile.  Exit status 0 is a worker stopped on its own (a
+    SIGTERM sent to it alone), logged as a warning; anything else is a crash."""
+    level = logging.WARNING if code == 0 else logging.ERROR
+    pid = worker.process.pid
     loop = asyncio.get_running_loop()
     delay = backoff.delay(loop.time() - worker.started)
-    if delay:
+    if delay:  # said now: the wait may be long, or end in a stop
+        log.log(
+            level,
+            "worker %d exited (%s); another starts in its place in %g s"
+            " (%d in a row died within %g s)",
+            pid,
+            code,
+            delay,
+            backoff.early_deaths,
+            _SETTLED_S,
+        )
         await asyncio.wait([stopping], timeout=delay)
         if stopping.done():
             return None
     replacement = await _start_worker(command, env)
-    # Exit status 0: it was stopped on its own (a SIGTERM sent to it alone), not a crash.
-    log.log(
-        logging.WARNING if code == 0 else logging.ERROR,
-        "worker %d exited (%s); started worker %d in its place%s",
-        worker.process.pid,
-        code,
-        replacement.process.pid,
-        f" after {delay:g} s ({backoff.early_deaths} in a row died within {_SETTLED_S:g} s)"
-        if delay
-        else "",
-    )
+    if delay:
+        log.info("started worker %d in place of worker %d", replacement.process.pid, pid)
+    else:
+        log.log(
+            level,
+            "worker %d exited (%s); started worker %d in its place",
+            pid,
+            code,
+            replacement.process.pid,
+        )
     return replacement
 
 

@@ -31,7 +31,7 @@ from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import already_read, check_content_encoding, undecodable_body
-from .upstream import MASK, Answer, Redactor, Upstream, response_headers
+from .upstream import MASK, Answer, Redactor, Upstream, masked, response_headers
 
 __all__ = [
     "keep_offered_subprotocols_out_of_logs",
@@ -284,7 +284,10 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
             code = message.data
             if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
                 code = aiohttp.WSCloseCode.OK  # a close frame without a code
-            return code, message.extra or ""
+            reason = message.extra or ""
+            if text_secret is not None and text_secret in reason:
+                reason = reason.replace(text_secret, MASK.decode())
+            return code, reason
         else:  # CLOSING, CLOSED, ERROR: this side is done
             error = source.exception()
             if isinstance(error, aiohttp.WebSocketError):
@@ -300,6 +303,11 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
     from .chat import early_headers
 
     return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
+
+
+def _masked_reason(reason: str | None, secret: bytes | None) -> str | None:
+    """The upstream's status line's reason phrase, ``secret`` masked (it is free text)."""
+    return reason if reason is None or secret is None else masked(reason, secret)
 
 
 _ERROR_BODY_LIMIT = 1024 * 1024
@@ -335,7 +343,8 @@ async def _decoded_error(
         )
         headers["Content-Type"] = "application/json"
         body = jsonio.dumps(error_body(message, "upstream_error", code="upstream_body_withheld"))
-    return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+    reason = _masked_reason(upstream.reason, redactor.secret)
+    return web.Response(status=upstream.status, reason=reason, body=body, headers=headers)
 
 
 _REROUTING = (
@@ -451,14 +460,15 @@ async def relay(
 ) -> web.StreamResponse:
     """Copy ``upstream``'s status, end-to-end headers and raw body to the client, with
     ``secret`` masked: in an error's body (status 400 or more) as :data:`MASK`, decoded
-    from a ``Content-Encoding`` if need be; in another's uncompressed body as as many
-    ``*`` as it has bytes, so that its ``Content-Length`` still holds."""
+    from a ``Content-Encoding`` if need be; in another's body, as it comes, as as many
+    ``*`` as it has bytes, so that its ``Content-Length`` still holds (a body compressed
+    indeed holds no key as written; one only labelled so is masked all the same)."""
     encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
     error = upstream.status >= 400
     redactor = None
     if secret is not None and error:
         redactor = Redactor(secret)
-    elif secret is not None and encoding == "identity":  # else not looked for (README)
+    elif secret is not None:  # in whatever encoding it says it is in: it may not be
         redactor = Redactor(secret, b"*" * len(secret))
     dropped = ("content-length",) if redactor is not None and error else ()
     headers = response_headers(upstream.headers, dropped, secret)
@@ -466,7 +476,8 @@ async def relay(
         headers.update(extra_headers)
     if redactor is not None and error and encoding != "identity":
         return await _decoded_error(upstream, headers, encoding, redactor)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    reason = _masked_reason(upstream.reason, secret)
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     try:
         await response.prepare(request)
     except ConnectionError:  # the client left before the answer started
