@@ -170,6 +170,8 @@ async def test_tool_call_fragments_merged(gateway_factory: GatewayFactory, rows:
     ("deltas", "remembered"),
     [
         ([{"refusal": "I can't "}, {"refusal": "help."}], "I can't help."),
+        # Some servers send content "" next to the refusal: it was stored as "" (h49).
+        ([{"content": "", "refusal": "I can't "}, {"refusal": "help."}], "I can't help."),
         ([{"reasoning_content": "thinking..."}], ""),  # cut off by length before any content
     ],
 )

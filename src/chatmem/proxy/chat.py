@@ -158,12 +158,13 @@ _NOT_FROM_THE_CLIENT = ("accept-encoding", "content-type", "content-encoding")
 def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
     """The message to store.  Its ``content`` is never null without tool calls: OpenAI
     refuses such a message in a later request's history.  A refusal (which has no column
-    of its own) is what the assistant said; an answer with neither (reasoning only, cut
-    off by ``length``) said "".  Its tool calls are :func:`sendable_calls`."""
+    of its own) is what the assistant said, also next to a content of "" (some servers
+    send both); an answer with neither (reasoning only, cut off by ``length``) said "".
+    Its tool calls are :func:`sendable_calls`."""
     content = turn.content
     calls = sendable_calls(turn.tool_calls, turn.finish_reason)
-    if content is None and calls is None:
-        content = turn.refusal if turn.refusal is not None else ""
+    if not content and calls is None:
+        content = turn.refusal or ""
     return {
         "role": "assistant",
         "content": content,
