@@ -532,6 +532,25 @@ async def test_reasoning_kept_apart(gateway: Client, upstream: TestServer, rows:
     assert all("reasoning" not in m for m in sent_messages(upstream))
 
 
+async def test_a_clients_reasoning_content_is_stored_as_reasoning(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    """A client's assistant message with DeepSeek's ``reasoning_content`` (an imported
+    transcript, h50): stored as ``reasoning``, as an answer's is (it was lost); upstream,
+    the message goes as it came, in that request only."""
+    said = {"role": "assistant", "content": "a", "reasoning_content": "because"}
+    both = {"role": "assistant", "content": "b", "reasoning": "kept", "reasoning_content": "x"}
+    odd = {"role": "assistant", "content": "c", "reasoning_content": {"not": "text"}}
+    await (await chat(gateway, [user("q"), said, both, odd, user("next")], conv="rc")).read()
+    assert sent_messages(upstream) == [user("q"), said, both, odd, user("next")]
+    stored = [m["reasoning"] for m in rows.messages("rc")]
+    assert stored[:5] == [None, "because", "kept", None, None] and len(stored) == 6
+    await (await chat(gateway, [user("again")], conv="rc")).read()
+    assert all(
+        "reasoning" not in m and "reasoning_content" not in m for m in sent_messages(upstream)
+    )
+
+
 async def test_n_choices_remembers_choice_zero(gateway: Client, rows: Rows) -> None:
     for stream in (False, True):
         resp = await chat(gateway, [user("pick")], conv=f"n{stream}", n=2, stream=stream)

@@ -177,6 +177,24 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
     }
 
 
+def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's messages as they are stored: a ``reasoning_content`` (DeepSeek's and
+    vLLM's name) as ``reasoning``, as an answer's is; they go upstream as they came."""
+    for m in messages:
+        if "reasoning_content" in m:
+            break
+    else:
+        return messages  # the usual turn: nothing to copy
+    return [
+        {**m, "reasoning": m["reasoning_content"]}
+        if "reasoning_content" in m
+        and m.get("reasoning") is None
+        and isinstance(m["reasoning_content"], str)
+        else m
+        for m in messages
+    ]
+
+
 async def _forward(
     request: web.Request,
     gateway: Gateway,
@@ -201,7 +219,7 @@ async def _forward(
             turn.owner,
             chat.conversation_id,
             system=chat.system,
-            turn=[*chat.messages, message],
+            turn=[*_as_stored(chat.messages), message],
             # Other requests in flight: let turns that finish together commit together.
             together=len(gateway.live.tasks) > 1,
             after=history.read_at,
