@@ -243,6 +243,12 @@ async def test_chatmem_in_a_sub_app_and_host_routes_under_v1(
     refused = await client.post("/v1/host-thing", json={})
     assert (refused.status, refused.headers["Allow"]) == (405, "GET,HEAD")
     assert len(received(upstream)) == 1  # nothing more reached the model server
+    # In the host's shape, as without chatmem, and counted as the host's (h52: it was an
+    # OpenAI error counted as the passthrough's).
+    assert await refused.text() == "405: Method Not Allowed"
+    metrics = await (await client.get("/metrics")).text()
+    assert 'route="passthrough",status="405"' not in metrics
+    assert 'route="other",status="405"' in metrics
 
 
 async def test_setup_says_what_is_wrong(
@@ -373,3 +379,41 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
             'chatmem_requests_total{route="passthrough",status="403"} 1.0',
         ],
     }
+
+
+async def test_a_host_server_writes_chatmem_access_lines_when_given_its_logger(
+    aiohttp_client: Any, upstream: TestServer, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Embedded, the access lines are the host server's to write (h52: with
+    ``log.access`` on, chatmem wrote only its 499 lines there); the README's way to have
+    chatmem's: its ``AccessLogger`` and logger, given to the host's runner."""
+    import logging
+
+    import chatmem
+
+    caplog.set_level(logging.INFO, logger="chatmem.access")
+    app = web.Application()
+    chatmem.setup(app, make_config(db_path, upstream_url(upstream), log={"access": True}))
+    server = TestServer(app)
+    await server.start_server(
+        access_log_class=chatmem.AccessLogger, access_log=logging.getLogger("chatmem.access")
+    )
+    client = await aiohttp_client(server)
+    reply = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Request-Id": "embedded-access-1"},
+    )
+    await reply.read()
+    for _ in range(100):  # bounded: aiohttp logs once the response is written, 1 s at most
+        lines = [r for r in caplog.records if r.name == "chatmem.access"]
+        if lines:
+            break
+        await asyncio.sleep(0.01)
+    [line] = lines
+    assert (line.method, line.path, line.status, line.request_id) == (  # type: ignore[attr-defined]
+        "POST",
+        "/v1/chat/completions",
+        200,
+        "embedded-access-1",
+    )

@@ -22,7 +22,7 @@ from .logs import (
     log_access,
     request_id_var,
 )
-from .proxy.http import http_error_as_json, json_response
+from .proxy.http import HostMethodNotAllowed, http_error_as_json, json_response
 from .state import GATEWAY, Gateway, gateway_of, remember_gateway
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
@@ -108,7 +108,7 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
             except ChatmemError as exc:
                 return error_response(exc)
             except web.HTTPException as exc:
-                if exc.status < 400:
+                if exc.status < 400 or isinstance(exc, HostMethodNotAllowed):
                     raise
                 return http_error_as_json(exc)  # chatmem's routes answer in one shape
             except Exception:
@@ -159,6 +159,8 @@ def response_counter(gateway: Gateway, own: OwnRoutes, app: web.Application) -> 
             if theirs is not None and theirs != request_id:  # relayed from the upstream
                 response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
         response.headers[REQUEST_ID_HEADER] = request_id
+        if response.status == 405 and isinstance(response, HostMethodNotAllowed):
+            mine = False  # a host route's, asked with another method
         route = matched.name[len(ROUTE_PREFIX) :] if mine and matched.name else "other"
         metrics.response_started(route, response.status)
 

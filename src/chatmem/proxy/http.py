@@ -23,6 +23,7 @@ from ..state import GATEWAY
 
 __all__ = [
     "ChatmemRoutes",
+    "HostMethodNotAllowed",
     "already_read",
     "check_content_encoding",
     "error_event",
@@ -281,3 +282,9 @@ class ChatmemRoutes:
 
     def add_delete(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
         return self.add_route(hdrs.METH_DELETE, path, handler, **kwargs)
+
+
+class HostMethodNotAllowed(web.HTTPMethodNotAllowed):
+    """The 405 of a host app's route under ``/v1/`` asked with another method (the
+    passthrough finds it): answered and counted as the host's, in aiohttp's own shape, as
+    it is without chatmem, not as an OpenAI error of the passthrough's."""

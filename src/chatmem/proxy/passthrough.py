@@ -30,7 +30,7 @@ from ..errors import (
 from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
-from .http import already_read, check_content_encoding, undecodable_body
+from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
 from .upstream import MASK, Answer, Redactor, Upstream, masked, response_headers
 
 __all__ = [
@@ -424,7 +424,7 @@ async def _refuse_host_paths(request: web.Request) -> None:
     for resource in host:
         match, allowed = await resource.resolve(request)
         if match is None and allowed:
-            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+            raise HostMethodNotAllowed(request.method, sorted(allowed))
 
 
 class _LimitedBody:
