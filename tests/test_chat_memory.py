@@ -551,6 +551,25 @@ async def test_a_clients_reasoning_content_is_stored_as_reasoning(
     )
 
 
+async def test_a_chat_request_holds_at_most_2048_messages(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    """100,000 tiny messages (4 MB) held every other request for 0.37 s (h51): each is
+    checked, sent and stored on the event loop. The conversation's are stored already."""
+    many = [user(str(i)) for i in range(2049)]
+    refused = await chat(gateway, many, conv="many")
+    assert refused.status == 400
+    error = (await refused.json())["error"]
+    assert (error["param"], error["message"]) == (
+        "messages",
+        "messages must hold at most 2048 messages (the conversation's are stored: send the"
+        " new ones)",
+    )
+    assert received(upstream) == [] and rows.messages("many") == []
+    await (await chat(gateway, many[:2048], conv="many")).read()
+    assert len(rows.messages("many")) == 2049  # with the answer
+
+
 async def test_n_choices_remembers_choice_zero(gateway: Client, rows: Rows) -> None:
     for stream in (False, True):
         resp = await chat(gateway, [user("pick")], conv=f"n{stream}", n=2, stream=stream)

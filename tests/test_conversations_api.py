@@ -407,6 +407,21 @@ async def test_item_validation(
     assert rows.conversations() == []
 
 
+async def test_a_request_creates_or_appends_at_most_1000_items(gateway: Client, rows: Rows) -> None:
+    """A 4 MB body of 110,000 tiny items held every other request for 1.5-2 s (h51):
+    checked and answered on the event loop, written holding SQLite's write lock."""
+    many = [{"role": "user", "content": str(i)} for i in range(1001)]
+    await bad(
+        await gateway.post("/v1/conversations", json={"items": many}), "at most 1000 items", "items"
+    )
+    assert rows.conversations() == []
+    made = await create(gateway, {"items": many[:1000]})
+    items = f"/v1/conversations/{made['id']}/items"
+    await bad(await gateway.post(items, json={"items": many}), "append more in several", "items")
+    await ok(await gateway.post(items, json={"items": many[:1000]}))
+    assert len(rows.messages(made["id"])) == 2000
+
+
 def _calls(*ids: str) -> dict[str, Any]:
     calls = [
         {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ids
