@@ -54,6 +54,8 @@ class Script:
     """The head and the first bytes chunk go out in one write (one TCP segment)."""
     reason: str | None = None
     """The status line's reason phrase; None: the status's usual one."""
+    more_head_lines: list[str] = field(default_factory=list)
+    """Header lines as written, after ``headers`` (a name twice, say)."""
 
 
 RequestRecord = tuple[str, str, dict[str, str], bytes]
@@ -102,6 +104,7 @@ def _head(script: Script) -> bytes:
         reason = "Unknown"
     lines = [f"HTTP/1.1 {script.status} {reason}"]
     lines += [f"{name}: {value}" for name, value in script.headers.items()]
+    lines += script.more_head_lines
     if script.framing == "chunked":
         lines.append("Transfer-Encoding: chunked")
     elif script.framing == "length" and "content-length" not in map(str.lower, script.headers):

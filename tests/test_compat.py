@@ -329,6 +329,15 @@ async def test_ask_keeps_clients_users_and_tenants_apart(
             },
             "history[1].content",
         ),
+        (  # as many as a chat request's messages (h53: 80,000 went up)
+            {
+                "question": "q",
+                "client_id": "1",
+                "user_id": "1",
+                "history": [{"role": "user", "content": "a"}] * 2049,
+            },
+            "history",
+        ),
     ],
 )
 async def test_ask_bad_fields_are_400_naming_the_field(
@@ -629,6 +638,25 @@ async def test_conversation_stream_cut_off_ends_with_an_error_line(
         text = (await resp.read()).decode()
     assert text == "Hello\n[error: the upstream stream ended before the answer completed]\n"
     assert rows.messages() == []
+
+
+async def test_conversation_shows_a_streamed_refusal(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """A refusal is what the assistant said, stored as such: the client got an empty
+    reply before (h53), and the refusal came back as its words in the next turn."""
+    events = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "", "refusal": "I can"}}]}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": {"refusal": "not."}}]}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    async with scripted_upstream(Script(chunks=[*events])) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/conversation/m", json={"text": "x"})
+        text = (await resp.read()).decode()
+    assert text == "I cannot."
+    assert [json.loads(m["content"]) for m in rows.messages()] == ["x", "I cannot."]
 
 
 # --- configuration ----------------------------------------------------------------------

@@ -407,6 +407,15 @@ async def test_item_validation(
     assert rows.conversations() == []
 
 
+async def test_an_items_reasoning_content_is_stored_as_reasoning(
+    gateway: Client, rows: Rows
+) -> None:
+    """As on the chat route: DeepSeek's name for it, in an imported transcript (h53)."""
+    said = {"role": "assistant", "content": "a", "reasoning_content": "because"}
+    made = await create(gateway, {"items": [{"role": "user", "content": "q"}, said]})
+    assert [m["reasoning"] for m in rows.messages(made["id"])] == [None, "because"]
+
+
 async def test_a_request_creates_or_appends_at_most_1000_items(gateway: Client, rows: Rows) -> None:
     """A 4 MB body of 110,000 tiny items held every other request for 1.5-2 s (h51):
     checked and answered on the event loop, written holding SQLite's write lock."""

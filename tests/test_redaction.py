@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -239,8 +240,8 @@ async def test_websocket_messages_quoting_the_key_are_masked(
     gateway_factory: GatewayFactory, aiohttp_server: Any
 ) -> None:
     """A relayed WebSocket (Realtime): the upstream's messages reach the client with the
-    key masked, text and binary, and so does its close frame's reason, free text too
-    (h47); the client's messages go upstream as they are."""
+    key masked, text and binary, and so do a ping's payload and its close frame's reason,
+    free text too (h47, h53); the client's messages go upstream as they are."""
     heard: list[str] = []
 
     async def realtime(request: web.Request) -> web.WebSocketResponse:
@@ -248,6 +249,7 @@ async def test_websocket_messages_quoting_the_key_are_masked(
         await ws.prepare(request)
         await ws.send_str(f'{{"type": "error", "message": "bad key {KEY}"}}')
         await ws.send_bytes(b"key=" + KEY.encode())
+        await ws.ping(b"ping " + KEY.encode())
         heard.append(await ws.receive_str())
         await ws.close(code=4000, message=f"closing, key {KEY}".encode())
         return ws
@@ -256,9 +258,11 @@ async def test_websocket_messages_quoting_the_key_are_masked(
     app.router.add_get("/v1/realtime", realtime)
     server: TestServer = await aiohttp_server(app)
     gateway = await gateway_factory(upstream_url(server), upstream={"api_key": KEY})
-    async with gateway.ws_connect("/v1/realtime") as ws:
+    async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
         assert await ws.receive_str() == '{"type": "error", "message": "bad key [upstream key]"}'
         assert await ws.receive_bytes() == b"key=[upstream key]"
+        ping = await ws.receive()  # a ping's payload too (h53)
+        assert (ping.type, ping.data) == (WSMsgType.PING, b"ping [upstream key]")
         await ws.send_str(f"my own text {KEY}")
         closing = await ws.receive()
     assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4000)
@@ -303,3 +307,42 @@ async def test_a_body_only_labelled_compressed_is_masked_too(
         got = await response.read()
     assert got == body.replace(KEY.encode(), b"*" * len(KEY))
     assert response.headers["Content-Encoding"] == "br"
+
+
+@pytest.mark.parametrize(
+    ("lines", "body"),
+    [
+        # "identity" then "gzip": read from the first line, the gzip body went on untouched.
+        (["Content-Encoding: identity", "Content-Encoding: gzip"], gzip.compress),
+        # Gzipped twice: one layer came off, no key in what was left, and it went on.
+        (
+            ["Content-Encoding: gzip", "Content-Encoding: gzip"],
+            lambda raw: gzip.compress(gzip.compress(raw)),
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/chat/completions"])
+async def test_an_error_body_in_two_content_encoding_lines_does_not_hand_on_the_key(
+    gateway_factory: GatewayFactory, lines: list[str], body: Any, path: str
+) -> None:
+    """Two ``Content-Encoding`` lines are two codings, as one line of both is (h53)."""
+    raw = json.dumps({"error": {"message": f"bad key Bearer {KEY}"}}).encode()
+    script = Script(
+        status=401,
+        headers={"Content-Type": "application/json", "X-Echo-" + KEY: "1"},
+        more_head_lines=lines,
+        chunks=[body(raw)],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        response = await client.post(path, json=chat, auto_decompress=False)
+        got = await response.read()
+    assert response.status == 401
+    assert KEY.encode() not in got
+    for decode in (gzip.decompress, lambda b: gzip.decompress(gzip.decompress(b))):
+        with contextlib.suppress(OSError, EOFError):
+            assert KEY.encode() not in decode(got)
+    # A header whose name holds the key is left out (a name cannot hold the mask).
+    assert not any(KEY.lower() in name.lower() for name in response.headers)

@@ -111,6 +111,11 @@ class StreamAccumulator:
         choice = self._choices.get(index)
         return choice.content or [] if choice is not None else []
 
+    def refusal_parts(self, index: int = 0) -> list[str]:
+        """The refusal pieces of choice ``index`` so far, in order (do not modify the list)."""
+        choice = self._choices.get(index)
+        return choice.refusal or [] if choice is not None else []
+
     @property
     def completed(self) -> bool:
         """True when the stream ended cleanly: [DONE], no error, and choice 0 finished

@@ -20,7 +20,7 @@ from ..errors import ChatmemError, InvalidRequest, error_response
 from ..state import gateway_of
 from ..storage import History
 from .chat import CONVERSATION_HEADER, Turn, run_turn
-from .chat_request import ChatRequest, check_message
+from .chat_request import MAX_MESSAGES, ChatRequest, check_message
 from .fields import required_str
 from .http import json_object, read_body
 
@@ -59,6 +59,8 @@ def _history(value: object) -> History | None:
         return None
     if not isinstance(value, list):
         raise InvalidRequest("history must be an array of message objects", param="history")
+    if len(value) > MAX_MESSAGES:  # as a chat request's messages (h53)
+        raise InvalidRequest(f"history must hold at most {MAX_MESSAGES} messages", param="history")
     # Sent as it is and never stored: only what a chat server would refuse is checked.
     messages = [check_message(i, m, "history", stored=False) for i, m in enumerate(value)]
     for i, message in enumerate(messages):

@@ -42,7 +42,14 @@ from .http import read_body
 from .passthrough import relay
 from .pool import MAX_RESPONSE_HEAD, BodyTooLarge
 from .tee import Renderer, tee_stream
-from .upstream import MASK, MAX_RESPONSE_HEADERS, masked, masked_json, response_headers
+from .upstream import (
+    MASK,
+    MAX_RESPONSE_HEADERS,
+    content_encoding,
+    masked,
+    masked_json,
+    response_headers,
+)
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -251,12 +258,12 @@ async def _forward(
                 )
             if response.status not in _ANSWERS:
                 return await relay(request, response, headers, secret=upstream.secret)
-            encoding = response.headers.get("Content-Encoding")
-            if encoding is not None and encoding.strip().lower() not in ("identity", ""):
+            encoding = content_encoding(response.headers)
+            if encoding != "identity":
                 # It was asked for identity: an answer it encoded anyway cannot be read
                 # into the turn, nor relayed byte for byte with an error event in it.
                 raise UpstreamError(
-                    f"the upstream answered with Content-Encoding {encoding.strip()!r}"
+                    f"the upstream answered with Content-Encoding {encoding!r}"
                     " although the gateway asks for identity"
                 )
             reply_headers = response_headers(response.headers, ("content-length",), upstream.secret)

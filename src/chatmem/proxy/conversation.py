@@ -96,16 +96,22 @@ COOKIE_SESSIONS = web.AppKey("chatmem.cookie_sessions", CookieSessions)
 
 
 class PlainText:
-    """Renders a streamed answer as the text of choice 0, piece by piece."""
+    """Renders a streamed answer as the text of choice 0, piece by piece: its content, or
+    its refusal, which is what the assistant said (and is stored as such)."""
 
     content_type = "text/plain; charset=utf-8"
 
     def __init__(self) -> None:
         self._sent = 0
+        self._refused = 0
 
     def progress(self, answer: StreamAccumulator) -> bytes:
         parts = answer.content_parts(0)
         new, self._sent = parts[self._sent :], len(parts)
+        refusal = answer.refusal_parts(0)
+        if len(refusal) > self._refused:
+            new = [*new, *refusal[self._refused :]]
+            self._refused = len(refusal)
         return jsonio.utf8("".join(new))
 
     def failure(self, message: str) -> bytes:

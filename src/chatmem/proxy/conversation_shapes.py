@@ -170,6 +170,8 @@ def _item(index: int, value: object) -> dict[str, Any]:
     for name in _OPTIONAL_FIELDS:
         if value.get(name) is not None:
             message[name] = value[name]
+    if "reasoning" not in message and isinstance(value.get("reasoning_content"), str):
+        message["reasoning"] = value["reasoning_content"]  # as on the chat route (h53)
     calls = value.get("tool_calls")
     if calls is not None:
         calls = check_tool_calls(calls, f"{param}.tool_calls")

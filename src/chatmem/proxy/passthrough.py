@@ -31,7 +31,15 @@ from ..logs import CLIENT_LEFT
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
-from .upstream import MASK, Answer, Redactor, Upstream, masked, response_headers
+from .upstream import (
+    MASK,
+    Answer,
+    Redactor,
+    Upstream,
+    content_encoding,
+    masked,
+    response_headers,
+)
 
 __all__ = [
     "keep_offered_subprotocols_out_of_logs",
@@ -272,14 +280,11 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
                 data = data.replace(text_secret, MASK.decode())
             await sink.send_str(data)
         elif kind is aiohttp.WSMsgType.BINARY:
-            data = message.data
-            if secret is not None and secret in data:
-                data = data.replace(secret, MASK)
-            await sink.send_bytes(data)
+            await sink.send_bytes(_masked_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PING:
-            await sink.ping(message.data)
+            await sink.ping(_masked_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PONG:
-            await sink.pong(message.data)
+            await sink.pong(_masked_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.CLOSE:
             code = message.data
             if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
@@ -303,6 +308,10 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
     from .chat import early_headers
 
     return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
+
+
+def _masked_bytes(data: bytes, secret: bytes | None) -> bytes:
+    return data if secret is None or secret not in data else data.replace(secret, MASK)
 
 
 def _masked_reason(reason: str | None, secret: bytes | None) -> str | None:
@@ -463,7 +472,7 @@ async def relay(
     from a ``Content-Encoding`` if need be; in another's body, as it comes, as as many
     ``*`` as it has bytes, so that its ``Content-Length`` still holds (a body compressed
     indeed holds no key as written; one only labelled so is masked all the same)."""
-    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = content_encoding(upstream.headers)
     error = upstream.status >= 400
     redactor = None
     if secret is not None and error:

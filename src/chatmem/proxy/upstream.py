@@ -15,7 +15,14 @@ from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
 from .pool import MAX_RESPONSE_HEAD, UpstreamPool, UpstreamResponse
 
-__all__ = ["HOP_BY_HOP", "Answer", "Upstream", "filter_headers", "response_headers"]
+__all__ = [
+    "HOP_BY_HOP",
+    "Answer",
+    "Upstream",
+    "content_encoding",
+    "filter_headers",
+    "response_headers",
+]
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -70,10 +77,14 @@ def response_headers(
     headers: MultiMapping[str], drop: tuple[str, ...] = (), secret: bytes | None = None
 ) -> CIMultiDict[str]:
     """The upstream's response headers that go on to the client, ``secret`` masked in
-    their values (an upstream that echoes the credential it was sent)."""
+    their values (an upstream that echoes the credential it was sent); a header whose
+    name holds it is left out (a name cannot hold the mask)."""
     out = filter_headers(headers, (*_NOT_TO_THE_CLIENT, *drop))
     if secret is None:
         return out
+    lowered = secret.decode("utf-8", "replace").lower()
+    if lowered in "\n".join(out.keys()).lower():  # one look at them all
+        out = CIMultiDict((n, v) for n, v in out.items() if lowered not in n.lower())
     return CIMultiDict((name, masked(value, secret)) for name, value in out.items())
 
 
@@ -231,6 +242,18 @@ class Upstream:
         if self._auth is not None:
             headers[self._auth[0]] = self._auth[1]
         return headers
+
+
+def content_encoding(headers: MultiMapping[str]) -> str:
+    """The codings of a body, lower case, from every ``Content-Encoding`` line ("identity"
+    when there are none): two lines are two codings, as one line ``gzip, gzip`` is.  Read
+    from the first line alone, ``identity`` then ``gzip`` passed a gzip body for plain
+    text, and ``gzip`` twice one that was gzipped twice (h53)."""
+    lines = headers.getall("Content-Encoding", None)
+    if not lines:
+        return "identity"
+    codings = [c.strip().lower() for line in lines for c in line.split(",")]
+    return ", ".join(c for c in codings if c not in ("", "identity")) or "identity"
 
 
 def masked(text: str, secret: bytes | None) -> str:
