@@ -36,6 +36,7 @@ from .chat_request import (
     ChatRequest,
     new_conversation_id,
     parse_chat_request,
+    reasoning_content,
     valid_conversation_id,
 )
 from .http import read_body
@@ -192,14 +193,11 @@ def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             break
     else:
         return messages  # the usual turn: nothing to copy
-    return [
-        {**m, "reasoning": m["reasoning_content"]}
-        if "reasoning_content" in m
-        and m.get("reasoning") is None
-        and isinstance(m["reasoning_content"], str)
-        else m
-        for m in messages
-    ]
+    stored = []
+    for m in messages:
+        reasoning = reasoning_content(m)
+        stored.append(m if reasoning is None else {**m, "reasoning": reasoning})
+    return stored
 
 
 async def _forward(

@@ -19,6 +19,7 @@ __all__ = [
     "check_message",
     "new_conversation_id",
     "parse_chat_request",
+    "reasoning_content",
     "valid_conversation_id",
 ]
 
@@ -108,6 +109,13 @@ STORED_STRINGS: dict[str, int | None] = {
 _IDENTIFIERS = ("name", "tool_call_id")
 """Stored strings that pair messages up: they cannot be made storable by replacing a
 character, as other text is on PostgreSQL (see ``storage.postgres_turns``)."""
+
+
+def reasoning_content(message: dict[str, Any]) -> str | None:
+    """A client message's ``reasoning_content`` (DeepSeek's and vLLM's name) to store as
+    its ``reasoning``, as an answer's is: when it is text and ``reasoning`` is not set."""
+    value = message.get("reasoning_content")
+    return value if isinstance(value, str) and message.get("reasoning") is None else None
 
 
 def check_stored_strings(message: dict[str, Any], param: str) -> None:

@@ -11,7 +11,13 @@ from typing import Any
 from ..errors import InvalidRequest
 from ..storage import ConversationInfo, Page
 from ..storage.pairing import pairing_problem
-from .chat_request import DEPRECATED_FUNCTIONS, check_parts, check_stored_strings, check_tool_calls
+from .chat_request import (
+    DEPRECATED_FUNCTIONS,
+    check_parts,
+    check_stored_strings,
+    check_tool_calls,
+    reasoning_content,
+)
 
 __all__ = [
     "MAX_ITEMS",
@@ -170,8 +176,9 @@ def _item(index: int, value: object) -> dict[str, Any]:
     for name in _OPTIONAL_FIELDS:
         if value.get(name) is not None:
             message[name] = value[name]
-    if "reasoning" not in message and isinstance(value.get("reasoning_content"), str):
-        message["reasoning"] = value["reasoning_content"]  # as on the chat route (h53)
+    reasoning = reasoning_content(value)  # as on the chat route (h53)
+    if reasoning is not None:
+        message["reasoning"] = reasoning
     calls = value.get("tool_calls")
     if calls is not None:
         calls = check_tool_calls(calls, f"{param}.tool_calls")
