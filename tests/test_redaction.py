@@ -346,3 +346,45 @@ async def test_an_error_body_in_two_content_encoding_lines_does_not_hand_on_the_
             assert KEY.encode() not in decode(got)
     # A header whose name holds the key is left out (a name cannot hold the mask).
     assert not any(KEY.lower() in name.lower() for name in response.headers)
+
+
+@pytest.mark.parametrize(("status", "path"), [(401, "/v1/models"), (200, "/v1/chat/completions")])
+async def test_a_content_encoding_naming_the_key_is_not_quoted_back(
+    gateway_factory: GatewayFactory, status: int, path: str
+) -> None:
+    """The gateway's errors named the upstream's coding, lower-cased past the mask: an
+    upstream that put the key there had it quoted back to the client (h54)."""
+    script = Script(
+        status=status,
+        headers={"Content-Type": "application/json"},
+        more_head_lines=[f"Content-Encoding: {KEY.upper()}"],
+        chunks=[b"{}"],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        response = await client.post(path, json=chat)
+        message = (await response.json())["error"]["message"]
+    assert response.status == (401 if status == 401 else 502)
+    assert KEY.lower() not in message.lower()
+    assert "a coding HTTP does not know" in message
+
+
+async def test_an_error_body_of_two_gzip_members_goes_on_whole(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A gzip body may be several members, one after another: the second was dropped,
+    and the client got half an error body (h54)."""
+    first, second = b'{"error": {"message": "bad key ', f'{KEY}"}}}}'.encode()
+    script = Script(
+        status=401,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        chunks=[gzip.compress(first) + gzip.compress(second)],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models")
+        got = await response.read()
+    assert got == (first + second).replace(KEY.encode(), MASK)

@@ -50,6 +50,7 @@ from .upstream import (
     masked,
     masked_json,
     response_headers,
+    shown_coding,
 )
 
 __all__ = [
@@ -261,7 +262,7 @@ async def _forward(
                 # It was asked for identity: an answer it encoded anyway cannot be read
                 # into the turn, nor relayed byte for byte with an error event in it.
                 raise UpstreamError(
-                    f"the upstream answered with Content-Encoding {encoding!r}"
+                    f"the upstream answered with Content-Encoding {shown_coding(encoding)}"
                     " although the gateway asks for identity"
                 )
             reply_headers = response_headers(response.headers, ("content-length",), upstream.secret)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import zlib
@@ -39,6 +38,7 @@ from .upstream import (
     content_encoding,
     masked,
     response_headers,
+    shown_coding,
 )
 
 __all__ = [
@@ -324,6 +324,23 @@ _ERROR_BODY_LIMIT = 1024 * 1024
 largest decoded one: error bodies are a few hundred bytes."""
 
 
+def _decompressed(raw: bytes) -> bytes | None:
+    """``raw`` decoded from gzip or zlib, every gzip member of it (h54: a second one was
+    dropped, and the client got half a body); None if it is not that, all of it, within
+    ``_ERROR_BODY_LIMIT`` decoded."""
+    decoded = b""
+    while raw:
+        decoder = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, whichever came
+        try:
+            decoded += decoder.decompress(raw, _ERROR_BODY_LIMIT + 1 - len(decoded))
+        except zlib.error:
+            return None
+        if not decoder.eof or len(decoded) > _ERROR_BODY_LIMIT:
+            return None  # cut short, or larger than the limit
+        raw = decoder.unused_data
+    return decoded
+
+
 async def _decoded_error(
     upstream: Answer, headers: CIMultiDict[str], encoding: str, redactor: Redactor
 ) -> web.Response:
@@ -340,15 +357,13 @@ async def _decoded_error(
             break
     body = None
     if len(raw) <= _ERROR_BODY_LIMIT and encoding in ("gzip", "x-gzip", "deflate"):
-        decoder = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, whichever came
-        with contextlib.suppress(zlib.error):
-            decoded = decoder.decompress(bytes(raw), _ERROR_BODY_LIMIT)
-            if not decoder.unconsumed_tail:
-                body = redactor.feed(decoded) + redactor.end()
+        decoded = _decompressed(bytes(raw))
+        if decoded is not None:
+            body = redactor.feed(decoded) + redactor.end()
     if body is None:
         message = (
-            f"the upstream answered {upstream.status} with a body in {encoding!r} that the"
-            " gateway could not check for the upstream key, so it is not passed on"
+            f"the upstream answered {upstream.status} with a body in {shown_coding(encoding)}"
+            " that the gateway could not check for the upstream key, so it is not passed on"
         )
         headers["Content-Type"] = "application/json"
         body = jsonio.dumps(error_body(message, "upstream_error", code="upstream_body_withheld"))

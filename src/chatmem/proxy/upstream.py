@@ -22,6 +22,7 @@ __all__ = [
     "content_encoding",
     "filter_headers",
     "response_headers",
+    "shown_coding",
 ]
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
@@ -254,6 +255,18 @@ def content_encoding(headers: MultiMapping[str]) -> str:
         return "identity"
     codings = [c.strip().lower() for line in lines for c in line.split(",")]
     return ", ".join(c for c in codings if c not in ("", "identity")) or "identity"
+
+
+_KNOWN_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
+
+def shown_coding(encoding: str) -> str:
+    """``encoding`` (:func:`content_encoding`'s) fit for an error message: quoted when it
+    is codings HTTP knows, else not at all.  The upstream writes the header, and one that
+    put the key in it had it quoted back to the client, lower-cased past the mask (h54)."""
+    if all(coding in _KNOWN_CODINGS for coding in encoding.split(", ")):
+        return repr(encoding)
+    return "a coding HTTP does not know"
 
 
 def masked(text: str, secret: bytes | None) -> str:
