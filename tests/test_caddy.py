@@ -223,6 +223,24 @@ async def test_streams_and_memory_through_caddy_over_https(
             # The metrics endpoint is not published through Caddy.
             assert await caddy.status("/metrics", context) == 404
 
+            # A passthrough request without Accept-Encoding reaches the upstream without
+            # one: Caddy's HTTP client added "gzip" of its own (h55), asking the upstream
+            # for a compressed body no client asked for.
+            async with (
+                aiohttp.ClientSession(
+                    headers={"Host": f"localhost:{caddy.port}"},
+                    skip_auto_headers=("Accept-Encoding",),
+                ) as session,
+                session.get(
+                    caddy.url("/v1/models"), ssl=context, server_hostname="localhost"
+                ) as models,
+            ):
+                assert models.status == 200
+            _, path, up_headers, _ = upstream.requests[-1]
+            assert path == "/v1/models"
+            got = {name.lower(): value for name, value in up_headers.items()}
+            assert "accept-encoding" not in got, got
+
             # Plain HTTP is redirected to HTTPS on its own port, the method kept (308).
             async with (
                 aiohttp.ClientSession() as session,

@@ -6,16 +6,18 @@ import asyncio
 import gzip
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, received, upstream_url
+from helpers import GatewayFactory, make_config, received, upstream_url
 from multidict import CIMultiDict, CIMultiDictProxy
 from scripted_upstream import Script, scripted_upstream
 
+import chatmem
 from chatmem.mock_upstream import RECEIVED
 from chatmem.proxy import upstream as upstream_module
 
@@ -621,3 +623,40 @@ async def test_only_the_paths_upstream_passthrough_names_are_relayed(
     assert len(received(upstream)) == relayed
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert (await client.post("/v1/chat/completions", json=chat)).status == 200  # memory
+
+
+async def test_a_websocket_the_client_closes_is_logged_as_its_101(
+    aiohttp_server: Any, aiohttp_client: Any, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its handler is cancelled when the connection goes, also after a clean close: the
+    access line said 499, "client closed request", for every ordinary Realtime session
+    (h55). Its answer was the 101, given in full; the close code tells the rest."""
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(upstream_app)
+    caplog.set_level(logging.INFO, logger="chatmem.access")
+    app = chatmem.create_app(make_config(db_path, upstream_url(server), log={"access": True}))
+    ours = TestServer(app)
+    await ours.start_server(
+        access_log_class=chatmem.AccessLogger, access_log=logging.getLogger("chatmem.access")
+    )
+    client = await aiohttp_client(ours)
+    async with client.ws_connect("/v1/realtime") as ws:
+        await ws.send_str("hello")
+        await ws.close(code=1000)
+    for _ in range(200):  # bounded: the line comes once the handler ends, 2 s at most
+        lines = [r for r in caplog.records if r.name == "chatmem.access"]
+        if lines:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # and no second line after it
+    lines = [r for r in caplog.records if r.name == "chatmem.access"]
+    assert [(r.path, r.status) for r in lines] == [("/v1/realtime", 101)]  # type: ignore[attr-defined]

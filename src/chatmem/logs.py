@@ -32,6 +32,7 @@ __all__ = [
     "CLIENT_GONE",
     "CLIENT_LEFT",
     "REQUEST_ID_HEADER",
+    "UPGRADED",
     "AccessLogger",
     "JsonFormatter",
     "accept_request_id",
@@ -159,6 +160,10 @@ CLIENT_LEFT = web.ResponseKey("chatmem.client_left", bool)
 found it out on a write ends as usual, and its access line says 499, as it does when the
 handler is cancelled first (which of the two happens first is a matter of timing)."""
 
+
+UPGRADED = web.RequestKey("chatmem.upgraded", bool)
+"""Set on a request answered with ``101 Switching Protocols`` (a relayed WebSocket): its
+access line says 101 however the socket ended, as its close code tells the rest."""
 
 ACCESS_STARTED = web.RequestKey("chatmem.access_started", float)
 """``time.perf_counter()`` when chatmem's middleware took the request (with ``log.access``)."""

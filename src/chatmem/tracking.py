@@ -17,6 +17,7 @@ from .logs import (
     ACCESS_STARTED,
     CLIENT_GONE,
     REQUEST_ID_HEADER,
+    UPGRADED,
     accept_request_id,
     access_log,
     log_access,
@@ -103,7 +104,10 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
                 # The client left (or shutdown's grace ran out): aiohttp logs no line for
                 # a cancelled handler, and these are the requests one looks for.
                 if clock is not None:
-                    log_access(access_log, request, CLIENT_GONE, clock() - started, request_id)
+                    # A WebSocket's handler is cancelled when its connection goes, also
+                    # after a clean close (h55): its answer was the 101, given in full.
+                    status = 101 if request.get(UPGRADED) else CLIENT_GONE
+                    log_access(access_log, request, status, clock() - started, request_id)
                 raise
             except ChatmemError as exc:
                 return error_response(exc)

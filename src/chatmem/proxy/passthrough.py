@@ -26,7 +26,7 @@ from ..errors import (
     UpstreamTimeout,
     error_body,
 )
-from ..logs import CLIENT_LEFT
+from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
 from ..tracking import ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
@@ -196,6 +196,7 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
         )
         with _quiet_handshake():
             await ours.prepare(request)
+        request[UPGRADED] = True
         stop: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         gateway.websockets.add(stop)  # the gateway stopping ends it (see close_websockets)
         pumps = [
