@@ -388,3 +388,39 @@ async def test_an_error_body_of_two_gzip_members_goes_on_whole(
         response = await client.get("/v1/models")
         got = await response.read()
     assert got == (first + second).replace(KEY.encode(), MASK)
+
+
+async def test_the_key_as_an_object_name_in_the_answer_is_masked_where_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """Values were masked, names were not: a name in ``usage`` was stored as the upstream
+    sent it, and the Conversations API listed it back (h56)."""
+    message = {"role": "assistant", "content": "ok"}
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, KEY: KEY, "details": {KEY: 2}},
+    }
+    script = Script(
+        headers={"Content-Type": "application/json"},
+        chunks=[json.dumps(answer).encode()],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            headers={"X-Conversation-Id": "names"},
+        )
+        assert KEY.encode() not in await response.read()
+        items = await (await client.get("/v1/conversations/names/items")).read()
+    mask = MASK.decode()
+    assert json.loads(rows.messages("names")[-1]["usage"]) == {
+        "prompt_tokens": 1,
+        mask: mask,
+        "details": {mask: 2},
+    }
+    assert KEY.encode() not in items

@@ -90,8 +90,10 @@ def response_headers(
 
 
 def masked_json(value: Any, secret: bytes | None) -> Any:
-    """``value`` (decoded JSON) with ``secret`` masked in every string in it: a message
-    to store, whose text the upstream may have quoted the key in."""
+    """``value`` (decoded JSON) with ``secret`` masked in every string in it, object
+    names included (h56: a name in ``usage`` was stored as sent, and listed back by the
+    Conversations API): a message to store, whose text the upstream may have quoted the
+    key in."""
     if secret is None:
         return value
     if isinstance(value, str):
@@ -99,7 +101,7 @@ def masked_json(value: Any, secret: bytes | None) -> Any:
     if isinstance(value, list):
         return [masked_json(item, secret) for item in value]
     if isinstance(value, dict):
-        return {key: masked_json(item, secret) for key, item in value.items()}
+        return {masked(key, secret): masked_json(item, secret) for key, item in value.items()}
     return value
 
 
