@@ -624,6 +624,15 @@ async def test_other_upstream_errors_pass_through(
     assert rows.messages() == []
 
 
+async def conversation_reply(gateway_factory: GatewayFactory, events: list[bytes]) -> str:
+    """The text ``POST /conversation/m`` gives for an upstream that streams ``events``."""
+    async with scripted_upstream(Script(chunks=[*events])) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post("/conversation/m", json={"text": "x"})
+        assert resp.status == 200
+        return (await resp.read()).decode()
+
+
 async def test_conversation_stream_cut_off_ends_with_an_error_line(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:
@@ -631,11 +640,7 @@ async def test_conversation_stream_cut_off_ends_with_an_error_line(
         b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n',
         b'data: {"choices": [{"index": 0, "delta": {"content": "lo"}}]}\n\n',
     ]
-    async with scripted_upstream(Script(chunks=[*events])) as up:
-        client = await gateway_factory(up.url)
-        resp = await client.post("/conversation/m", json={"text": "x"})
-        assert resp.status == 200
-        text = (await resp.read()).decode()
+    text = await conversation_reply(gateway_factory, events)
     assert text == "Hello\n[error: the upstream stream ended before the answer completed]\n"
     assert rows.messages() == []
 
@@ -651,11 +656,7 @@ async def test_conversation_shows_a_streamed_refusal(
         b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n',
         b"data: [DONE]\n\n",
     ]
-    async with scripted_upstream(Script(chunks=[*events])) as up:
-        client = await gateway_factory(up.url)
-        resp = await client.post("/conversation/m", json={"text": "x"})
-        text = (await resp.read()).decode()
-    assert text == "I cannot."
+    assert await conversation_reply(gateway_factory, events) == "I cannot."
     assert [json.loads(m["content"]) for m in rows.messages()] == ["x", "I cannot."]
 
 
@@ -683,11 +684,7 @@ async def test_conversation_shows_the_upstreams_error_event(
         b'data: {"error": {"message": "model overloaded"}}\n\n',
         b"data: [DONE]\n\n",
     ]
-    async with scripted_upstream(Script(chunks=[*events])) as up:
-        client = await gateway_factory(up.url)
-        resp = await client.post("/conversation/m", json={"text": "x"})
-        text = (await resp.read()).decode()
-    assert text == "Hi\n[error: model overloaded]\n"
+    assert await conversation_reply(gateway_factory, events) == "Hi\n[error: model overloaded]\n"
     assert rows.messages() == []
 
 
