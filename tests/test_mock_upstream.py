@@ -259,6 +259,7 @@ async def test_reasoning_model(client: Client) -> None:
         (b"{not json", None),
         (b"", None),
         (b"[1, 2]", None),
+        (b"[" * 100_000, None),  # a RecursionError, which was a 500 (h57)
         (b'{"model": "m"}', "messages"),
         (b'{"messages": "hi"}', "messages"),
         (b'{"messages": [], "n": 0}', "n"),

@@ -129,14 +129,25 @@ def configure_logging(config: LogConfig) -> None:
         server_log.addFilter(_MalformedRequestFilter())
 
 
+def _bad_message(exc: BaseException | None) -> BadHttpMessage | None:
+    """The client's mistake behind ``exc``, if any: a request the parser refused, also
+    where it is the cause of another error (a body in a ``Content-Encoding`` it is not in,
+    which aiohttp meets while it reads on past a handler that did not read it: h57)."""
+    for _ in range(4):  # bounded: a short chain of causes
+        if exc is None or isinstance(exc, BadHttpMessage):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class _MalformedRequestFilter(logging.Filter):
     """aiohttp logs a request its parser refused (answered 400) at ERROR, with a traceback
     that quotes up to 100 bytes of what the client sent (a header: maybe its token).
     A client's mistake is one warning line, with the kind of mistake and nothing it sent."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BadHttpMessage):
+        exc = _bad_message(record.exc_info[1] if record.exc_info else None)
+        if exc is not None:
             record.msg = f"{record.getMessage()}: malformed request ({type(exc).__name__})"
             record.args = ()
             record.exc_info = record.exc_text = None

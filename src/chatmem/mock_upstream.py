@@ -114,7 +114,7 @@ def _parse_json(body: bytes) -> Any | None:
         return None
     try:
         return json.loads(body)
-    except ValueError:  # also UnicodeDecodeError
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; deep nesting (h57)
         return None
 
 
