@@ -271,15 +271,11 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
     reason, 1009 for a message over the limit, 1000 for a close without a code; for a
     connection that went without a close frame, 1001 (going away) if it was the client's,
     1014 (bad gateway, WebSocket's 502) if it was the upstream's."""
-    text_secret = None if secret is None else secret.decode("utf-8", "replace")
     while True:
         message = await source.receive()
         kind = message.type
         if kind is aiohttp.WSMsgType.TEXT:
-            data = message.data
-            if text_secret is not None and text_secret in data:
-                data = data.replace(text_secret, MASK.decode())
-            await sink.send_str(data)
+            await sink.send_str(masked(message.data, secret))
         elif kind is aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(_masked_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PING:
@@ -290,10 +286,7 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
             code = message.data
             if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
                 code = aiohttp.WSCloseCode.OK  # a close frame without a code
-            reason = message.extra or ""
-            if text_secret is not None and text_secret in reason:
-                reason = reason.replace(text_secret, MASK.decode())
-            return code, reason
+            return code, masked(message.extra or "", secret)
         else:  # CLOSING, CLOSED, ERROR: this side is done
             error = source.exception()
             if isinstance(error, aiohttp.WebSocketError):
@@ -317,7 +310,7 @@ def _masked_bytes(data: bytes, secret: bytes | None) -> bytes:
 
 def _masked_reason(reason: str | None, secret: bytes | None) -> str | None:
     """The upstream's status line's reason phrase, ``secret`` masked (it is free text)."""
-    return reason if reason is None or secret is None else masked(reason, secret)
+    return None if reason is None else masked(reason, secret)
 
 
 _ERROR_BODY_LIMIT = 1024 * 1024
