@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .engine import create_engine
-from .queries import RESULT_ROLES, ConversationInfo, Deletion, History, Owner, Page, Store
+from .items import ConversationInfo, Deletion, Page
+from .queries import RESULT_ROLES, History, Owner, Store
 from .schema import Base, Conversation, Message
 
 __all__ = [

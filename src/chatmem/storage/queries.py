@@ -1,4 +1,5 @@
-"""Every query chatmem makes, behind one small class."""
+"""Every query chatmem makes, behind one small class: the turns of the chat route here,
+the Conversations API's queries in ``items``, which :class:`Store` inherits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import random
 import sqlite3
 import time
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -19,12 +19,12 @@ from collections.abc import (
     Sequence,
     Sized,
 )
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import Text, and_, cast, delete, func, insert, or_, select, update
+from sqlalchemy import Text, and_, cast, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -36,15 +36,13 @@ from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
 from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unavailable
+from .items import ConversationInfo, ConversationItems, Deletion, Page
 from .migrate import ensure_schema, upgrade
-from .pairing import call_ids, check_still_there, check_turn, open_calls, overtaken
-from .schema import Base, Conversation, Message
+from .pairing import check_still_there, check_turn, overtaken
+from .rows import Owner, conversations, messages, owned, tail_before, to_row
 from .sqlite_turns import SQLiteTurns
 
 __all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
-
-conversations = Base.metadata.tables[Conversation.__tablename__]
-messages = Base.metadata.tables[Message.__tablename__]
 
 T = TypeVar("T")
 
@@ -56,14 +54,6 @@ WRITE_ATTEMPTS = 5
 
 # Fields of a chat message that are stored and sent back upstream as history.
 _WIRE_FIELDS = ("name", "tool_calls", "tool_call_id")
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Who a conversation belongs to.  ``user`` is "" when the identity has no user."""
-
-    tenant: str
-    user: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,67 +97,6 @@ class History:
         return messages
 
 
-@dataclass(frozen=True, slots=True)
-class Deletion:
-    """What deleting an item did: the messages deleted (the item first), or nothing
-    because the item is the result of the tool call in message ``call_seq``."""
-
-    seqs: list[int]
-    call_seq: int | None = None
-
-
-_PAGE = 256
-"""Stored messages read at a time while walking a run of tool results."""
-
-
-async def _walk(
-    conn: AsyncConnection, columns: Sequence[Any], ours: Any, seq: int | None, *, newer: bool
-) -> AsyncGenerator[Any, None]:
-    """The messages after ``seq`` (``newer``, oldest first) or before it (newest first;
-    ``seq`` None: from the end), read ``_PAGE`` at a time."""
-    m = messages.c
-    while True:
-        page = select(m.seq, *columns).where(ours)
-        if seq is not None:
-            page = page.where(m.seq > seq if newer else m.seq < seq)
-        order = m.seq if newer else m.seq.desc()
-        rows = (await conn.execute(page.order_by(order).limit(_PAGE))).all()
-        for row in rows:
-            yield row
-        if len(rows) < _PAGE:
-            return
-        seq = int(rows[-1].seq)
-
-
-async def _tail(conn: AsyncConnection, ours: Any, seq: int) -> tuple[int | None, list[Any]]:
-    """The messages before ``seq``, newest first, back to the last that is not a tool
-    result, as (role, tool_calls, tool_call_id), what :func:`pairing.open_calls` reads;
-    and the seq of that last one (None: the run of results starts the conversation)."""
-    m = messages.c
-    tail: list[Any] = []
-    columns = (m.role, m.tool_calls, m.tool_call_id)
-    async with aclosing(_walk(conn, columns, ours, seq, newer=False)) as rows:
-        async for row in rows:
-            tail.append(tuple(row[1:]))
-            if row.role != "tool":
-                return int(row.seq), tail
-    return None, tail
-
-
-async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
-    """The seqs of the tool results in the run right after ``seq`` that answer
-    ``call_ids``."""
-    m = messages.c
-    results: list[int] = []
-    async with aclosing(_walk(conn, (m.role, m.tool_call_id), ours, seq, newer=True)) as rows:
-        async for row in rows:
-            if row.role != "tool":
-                break
-            if row.tool_call_id in call_ids:
-                results.append(int(row.seq))
-    return results
-
-
 async def _window(conn: AsyncConnection, owned: Any, limit: int) -> tuple[Any, Sequence[Any]]:
     """The conversation's pk, system prompt and ``last_seq`` (None if it is not stored),
     and its newest ``limit`` messages, newest first."""
@@ -178,56 +107,6 @@ async def _window(conn: AsyncConnection, owned: Any, limit: int) -> tuple[Any, S
     columns = (m.role, m.content, *(m[name] for name in _WIRE_FIELDS))
     newest = select(*columns).where(m.conversation_pk == found.pk).order_by(m.seq.desc())
     return found, (await conn.execute(newest.limit(limit))).all()
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationInfo:
-    """A conversation as the Conversations API shows it."""
-
-    id: str
-    created_at: int
-    metadata: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    """One page of a list, in the order asked for; ``has_more`` if the list goes on."""
-
-    data: list[T]
-    has_more: bool
-
-
-def _info(row: Any) -> ConversationInfo:
-    return ConversationInfo(id=row.id, created_at=row.created_at, metadata=row.meta or {})
-
-
-_INFO_COLUMNS = (
-    conversations.c.id,
-    conversations.c.created_at,
-    conversations.c["metadata"].label("meta"),
-)
-# Every stored field of a message, as the Conversations API lists items.
-ITEM_FIELDS = (
-    "seq",
-    "role",
-    "content",
-    "name",
-    "tool_calls",
-    "tool_call_id",
-    "reasoning",
-    "model",
-    "finish_reason",
-    "usage",
-    "created_at",
-)
-
-
-def _owned(owner: Owner, conversation_id: str) -> Any:
-    return and_(
-        conversations.c.tenant == owner.tenant,
-        conversations.c.user_id == owner.user,
-        conversations.c.id == conversation_id,
-    )
 
 
 def _to_wire(row: Mapping[Any, Any] | asyncpg.Record) -> dict[str, Any]:
@@ -289,21 +168,6 @@ def _encoded_history(
     return History(system=system, encoded=encoded, last_seq=last_seq, pk=pk)
 
 
-def _to_row(message: dict[str, Any], now: int) -> dict[str, Any]:
-    return {
-        "role": message["role"],
-        "content": message.get("content"),
-        "name": message.get("name"),
-        "tool_calls": message.get("tool_calls"),
-        "tool_call_id": message.get("tool_call_id"),
-        "reasoning": message.get("reasoning"),
-        "model": message.get("model"),
-        "finish_reason": message.get("finish_reason"),
-        "usage": message.get("usage"),
-        "created_at": now,
-    }
-
-
 def _call_over_budget(max_bytes: int) -> InvalidRequest:
     return InvalidRequest(
         "the tool call these tool results answer, with its results so far (and, with"
@@ -316,22 +180,6 @@ def _call_over_budget(max_bytes: int) -> InvalidRequest:
 
 
 RESULT_ROLES = frozenset({"tool", "function"})  # "function": the deprecated function_call's
-
-
-_PAGE_BYTES = 8 * 1024 * 1024
-"""A page of items ends once its items' content is this large (one item at least)."""
-
-
-def _page_seqs(sized: Sequence[Any], limit: int) -> list[int]:
-    """The ``seq`` of the items on a page, from (seq, size) rows in the page's order."""
-    seqs: list[int] = []
-    total = 0
-    for seq, size in sized[:limit]:
-        total += size
-        if seqs and total > _PAGE_BYTES:
-            break
-        seqs.append(seq)
-    return seqs
 
 
 def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list[T]:
@@ -369,7 +217,7 @@ def window_start(
     return window[start:] if start else window
 
 
-class Store:
+class Store(ConversationItems):
     """The conversation store.  One instance per engine, safe to share between tasks:
     every method opens its own short connection and never holds one across a stream."""
 
@@ -574,7 +422,7 @@ class Store:
             )
         else:
             found, rows = await self._run_read(
-                lambda conn: _window(conn, _owned(owner, conversation_id), limit)
+                lambda conn: _window(conn, owned(owner, conversation_id), limit)
             )
             if found is None:
                 return History(system=None, last_seq=0)
@@ -619,7 +467,7 @@ class Store:
         ``memory.max_history_messages`` limit gives way, the byte budget does not: over
         it, a 400 ``context_length_exceeded``.  On the tool path only, so plain SQLAlchemy."""
         m = messages.c
-        pk = select(conversations.c.pk).where(_owned(owner, conversation_id))
+        pk = select(conversations.c.pk).where(owned(owner, conversation_id))
         ours = m.conversation_pk == pk.scalar_subquery()
         with_calls = and_(ours, m.role == "assistant", m.tool_calls.is_not(None))
         call = select(m.seq).where(with_calls).order_by(m.seq.desc()).limit(1)
@@ -757,10 +605,10 @@ class Store:
             first = last_seq - count + 1
             if overtaken(after, pk, first - 1):
                 check_still_there(after, pk, first - 1)
-                _, tail = await _tail(conn, messages.c.conversation_pk == pk, first)
+                _, tail = await tail_before(conn, messages.c.conversation_pk == pk, first)
                 check_turn(turn, tail)
             rows = [
-                {**_to_row(message, now), "conversation_pk": pk, "seq": first + offset}
+                {**to_row(message, now), "conversation_pk": pk, "seq": first + offset}
                 for offset, message in enumerate(turn)
             ]
             if rows:
@@ -782,239 +630,6 @@ class Store:
             return True
 
         return await self._run_write(delete_it)
-
-    async def create_conversation(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        *,
-        metadata: dict[str, str],
-        system: list[dict[str, Any]] | None,
-        items: Sequence[dict[str, Any]],
-    ) -> ConversationInfo:
-        """A new conversation with its first messages, in one transaction."""
-        now = int(time.time())
-        async with self._write() as conn:
-            pk = (
-                await conn.execute(
-                    insert(conversations)
-                    .values(
-                        id=conversation_id,
-                        tenant=owner.tenant,
-                        user_id=owner.user,
-                        system_prompt=system,
-                        metadata=metadata,
-                        last_seq=len(items),
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(conversations.c.pk)
-                )
-            ).scalar_one()
-            if items:
-                rows = [
-                    {**_to_row(item, now), "conversation_pk": pk, "seq": seq}
-                    for seq, item in enumerate(items, start=1)
-                ]
-                await conn.execute(insert(messages), rows)
-        return ConversationInfo(id=conversation_id, created_at=now, metadata=metadata)
-
-    async def get_conversation(self, owner: Owner, conversation_id: str) -> ConversationInfo | None:
-        query = select(*_INFO_COLUMNS).where(_owned(owner, conversation_id))
-
-        async def read(conn: AsyncConnection) -> Any:
-            return (await conn.execute(query)).first()
-
-        row = await self._run_read(read)
-        return None if row is None else _info(row)
-
-    async def update_metadata(
-        self, owner: Owner, conversation_id: str, metadata: dict[str, str]
-    ) -> ConversationInfo | None:
-        """Replace the conversation's metadata; None if the owner has no such conversation."""
-        stmt = (
-            update(conversations)
-            .where(_owned(owner, conversation_id))
-            .values(metadata=metadata, updated_at=int(time.time()))
-            .returning(*_INFO_COLUMNS)
-        )
-        async with self._write() as conn:
-            row = (await conn.execute(stmt)).first()
-        return None if row is None else _info(row)
-
-    async def list_conversations(
-        self, owner: Owner, *, limit: int, after: str | None, newest_first: bool
-    ) -> Page[ConversationInfo] | None:
-        """The owner's conversations by creation time; None if ``after`` is not one of them."""
-        c = conversations.c
-        mine = select(*_INFO_COLUMNS).where(c.tenant == owner.tenant, c.user_id == owner.user)
-        order = (c.created_at.desc(), c.pk.desc()) if newest_first else (c.created_at, c.pk)
-
-        async def read(conn: AsyncConnection) -> Sequence[Any] | None:
-            query = mine
-            if after is not None:
-                cursor = (
-                    await conn.execute(select(c.created_at, c.pk).where(_owned(owner, after)))
-                ).first()
-                if cursor is None:
-                    return None
-                if newest_first:
-                    query = query.where(
-                        or_(
-                            c.created_at < cursor.created_at,
-                            and_(c.created_at == cursor.created_at, c.pk < cursor.pk),
-                        )
-                    )
-                else:
-                    query = query.where(
-                        or_(
-                            c.created_at > cursor.created_at,
-                            and_(c.created_at == cursor.created_at, c.pk > cursor.pk),
-                        )
-                    )
-            return (await conn.execute(query.order_by(*order).limit(limit + 1))).all()
-
-        rows = await self._run_read(read)
-        if rows is None:
-            return None
-        return Page(data=[_info(row) for row in rows[:limit]], has_more=len(rows) > limit)
-
-    async def list_items(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        *,
-        limit: int,
-        after_seq: int | None,
-        newest_first: bool,
-    ) -> Page[dict[str, Any]] | None:
-        """Stored messages with every field; None if the owner has no such conversation."""
-        m = messages.c
-
-        async def read(conn: AsyncConnection) -> Page[dict[str, Any]] | None:
-            pk = (
-                await conn.execute(select(conversations.c.pk).where(_owned(owner, conversation_id)))
-            ).scalar_one_or_none()
-            if pk is None:
-                return None
-            where = [m.conversation_pk == pk]
-            if after_seq is not None:
-                where.append(m.seq < after_seq if newest_first else m.seq > after_seq)
-            order = m.seq.desc() if newest_first else m.seq
-            # Sizes first: a page of large items ends at _PAGE_BYTES (has_more says so),
-            # and only its rows are read (100 items of 3 MB each made one page 300 MB).
-            size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
-                func.length(cast(m.tool_calls, Text)), 0
-            )
-            sizes = select(m.seq, size).where(*where).order_by(order).limit(limit + 1)
-            sized = (await conn.execute(sizes)).all()
-            seqs = _page_seqs(sized, limit)
-            query = select(*(m[name] for name in ITEM_FIELDS)).where(m.seq.in_(seqs), *where)
-            rows = (await conn.execute(query.order_by(order))).all() if seqs else ()
-            return Page([dict(row._mapping) for row in rows], has_more=len(seqs) < len(sized))
-
-        return await self._run_read(read)
-
-    async def append_items(
-        self,
-        owner: Owner,
-        conversation_id: str,
-        *,
-        system: list[dict[str, Any]] | None,
-        items: Sequence[dict[str, Any]],
-        check_results: Callable[[set[str], set[str]], None] | None = None,
-    ) -> list[dict[str, Any]] | None:
-        """Append messages to an existing conversation; None if the owner has none such.
-
-        Like :meth:`commit_turn`, bumping ``last_seq`` reserves the sequence numbers and
-        locks the row, so appends, deletes and chat turns never interleave.
-        ``check_results`` is called with the tool call ids the stored conversation ends
-        with (those a tool result appended now may answer) and those of them not answered
-        yet, once the row is locked, so a delete cannot remove the call between the check
-        and the append; what it raises rolls the append back.
-        """
-        now = int(time.time())
-        changes: dict[str, Any] = {"last_seq": conversations.c.last_seq + len(items)}
-        changes["updated_at"] = now
-        if system is not None:
-            changes["system_prompt"] = system
-        stmt = (
-            update(conversations)
-            .where(_owned(owner, conversation_id))
-            .values(**changes)
-            .returning(conversations.c.pk, conversations.c.last_seq)
-        )
-        async with self._write() as conn:
-            found = (await conn.execute(stmt)).first()
-            if found is None:
-                return None
-            first = found.last_seq - len(items) + 1
-            if check_results is not None:
-                ours = messages.c.conversation_pk == found.pk
-                _, tail = await _tail(conn, ours, first)
-                check_results(*open_calls(tail))
-            rows = [
-                {**_to_row(item, now), "conversation_pk": found.pk, "seq": first + offset}
-                for offset, item in enumerate(items)
-            ]
-            if rows:
-                await conn.execute(insert(messages), rows)
-        return [{name: row.get(name) for name in ITEM_FIELDS} for row in rows]
-
-    async def delete_item(self, owner: Owner, conversation_id: str, seq: int) -> Deletion | None:
-        """Delete one message, so that the history stays one a model server takes.
-
-        An assistant message that made tool calls goes with the tool results after it
-        that answer them (they mean nothing without it); a tool result whose call is
-        still stored is not deleted (``Deletion.call_seq``): the call would be left
-        unanswered, which strict servers refuse on every later turn.  None if the owner
-        has no such conversation or message.
-        """
-        m = messages.c
-
-        async def delete_it(conn: AsyncConnection) -> Deletion | None:
-            pk = await self._lock_conversation(conn, owner, conversation_id)
-            if pk is None:
-                return None
-            ours = m.conversation_pk == pk
-            row = (
-                await conn.execute(
-                    select(m.role, m.tool_calls, m.tool_call_id).where(ours, m.seq == seq)
-                )
-            ).first()
-            if row is None:
-                return None
-            seqs = [seq]
-            if row.role == "tool":
-                call_seq, tail = await _tail(conn, ours, seq)
-                if row.tool_call_id in open_calls(tail)[0]:
-                    return Deletion(seqs=[], call_seq=call_seq)
-            elif row.role == "assistant" and (calls := call_ids(row.tool_calls)):
-                seqs += await _results_of(conn, ours, seq, calls)
-            # Found under the conversation's lock: a concurrent delete found nothing.
-            await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
-            # last_seq moves too (a number no message takes): a turn whose history was read
-            # before the delete is checked against what is left when it commits (pairing).
-            await conn.execute(
-                update(conversations)
-                .where(conversations.c.pk == pk)
-                .values(updated_at=int(time.time()), last_seq=conversations.c.last_seq + 1)
-            )
-            return Deletion(seqs=seqs)
-
-        return await self._run_write(delete_it)
-
-    async def _lock_conversation(
-        self, conn: AsyncConnection, owner: Owner, conversation_id: str
-    ) -> int | None:
-        """The conversation's pk, its row locked for the transaction on PostgreSQL (SQLite's
-        writers are one at a time already): deletes take the conversation's row before its
-        messages, as appends and turns do, so none of them interleave or deadlock."""
-        find = select(conversations.c.pk).where(_owned(owner, conversation_id))
-        if not self._sqlite:
-            find = find.with_for_update()
-        pk: int | None = (await conn.execute(find)).scalar_one_or_none()
-        return pk
 
     async def prune(self, older_than: float, *, batch_size: int = 200) -> int:
         """Delete whole conversations (with their messages) not updated for
