@@ -11,11 +11,11 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Text, and_, cast, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .pairing import call_ids, open_calls
-from .rows import Owner, conversations, messages, owned, tail_before, to_row, walk
+from .rows import Owner, conversations, messages, owned, stored_size, tail_before, to_row, walk
 
 __all__ = ["ITEM_FIELDS", "ConversationInfo", "ConversationItems", "Deletion", "Page"]
 
@@ -241,10 +241,7 @@ class ConversationItems(ABC):
             order = m.seq.desc() if newest_first else m.seq
             # Sizes first: a page of large items ends at _PAGE_BYTES (has_more says so),
             # and only its rows are read (100 items of 3 MB each made one page 300 MB).
-            size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
-                func.length(cast(m.tool_calls, Text)), 0
-            )
-            sizes = select(m.seq, size).where(*where).order_by(order).limit(limit + 1)
+            sizes = select(m.seq, stored_size).where(*where).order_by(order).limit(limit + 1)
             sized = (await conn.execute(sizes)).all()
             seqs = _page_seqs(sized, limit)
             query = select(*(m[name] for name in ITEM_FIELDS)).where(m.seq.in_(seqs), *where)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import Text, and_, cast, delete, func, insert, select
+from sqlalchemy import and_, delete, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -39,7 +39,7 @@ from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unav
 from .items import ConversationInfo, ConversationItems, Deletion, Page
 from .migrate import ensure_schema, upgrade
 from .pairing import check_still_there, check_turn, overtaken
-from .rows import Owner, conversations, messages, owned, tail_before, to_row
+from .rows import Owner, conversations, messages, owned, stored_size, tail_before, to_row
 from .sqlite_turns import SQLiteTurns
 
 __all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
@@ -481,10 +481,7 @@ class Store(ConversationItems):
                 seq = (await conn.execute(asked)).scalar() or seq
             tail = and_(ours, m.seq >= seq)
             if max_bytes:  # sizes first (a lower bound of the text's), rows only if they fit
-                size = func.coalesce(func.length(cast(m.content, Text)), 0) + func.coalesce(
-                    func.length(cast(m.tool_calls, Text)), 0
-                )
-                total = (await conn.execute(select(func.sum(size)).where(tail))).scalar()
+                total = (await conn.execute(select(func.sum(stored_size)).where(tail))).scalar()
                 if (total or 0) > max_bytes:
                     raise _call_over_budget(max_bytes)
             columns = (m.role, m.content, *(m[name] for name in _WIRE_FIELDS))

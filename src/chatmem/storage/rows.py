@@ -8,15 +8,30 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import Text, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .schema import Base, Conversation, Message
 
-__all__ = ["Owner", "conversations", "messages", "owned", "tail_before", "to_row", "walk"]
+__all__ = [
+    "Owner",
+    "conversations",
+    "messages",
+    "owned",
+    "stored_size",
+    "tail_before",
+    "to_row",
+    "walk",
+]
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
+
+stored_size = func.coalesce(func.length(cast(messages.c.content, Text)), 0) + func.coalesce(
+    func.length(cast(messages.c.tool_calls, Text)), 0
+)
+"""A message's size in SQL: its content's and tool calls' JSON text (a lower bound of its
+text as sent), so that pages and budgets read sizes before rows."""
 
 
 @dataclass(frozen=True, slots=True)
