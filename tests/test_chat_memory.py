@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -13,9 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
 from yarl import URL
 
+from chatmem.config import StorageConfig
 from chatmem.proxy.chat_request import valid_conversation_id
 from chatmem.state import GATEWAY
-from chatmem.storage import Owner
+from chatmem.storage import Owner, Store, create_engine
 
 Client = TestClient[Any, Any]
 
@@ -530,6 +532,63 @@ async def test_reasoning_kept_apart(gateway: Client, upstream: TestServer, rows:
         assert "Thinking" not in json.loads(stored["content"])
     await chat(gateway, [user("again")], conv="rTrue")
     assert all("reasoning" not in m for m in sent_messages(upstream))
+
+
+@pytest.mark.parametrize("mode", ["tool_turns", "always", "never"])
+async def test_the_reasoning_of_a_tool_turn_goes_upstream_again(
+    gateway_factory: GatewayFactory, upstream: TestServer, db_path: Path, mode: str
+) -> None:
+    """DeepSeek's thinking mode answers 400 to a history whose tool calls lost their
+    reasoning (h58).  ``memory.resend_reasoning``: "tool_turns" (the default) sends the
+    reasoning of the assistant messages that made tool calls or answer tool results
+    again, as ``reasoning_content``; "always" every assistant message's; "never" none.
+    Four turns: the later ones read the window from the window cache, extended at each
+    commit, which must hold what a read of the rows gives (the SQLAlchemy path's)."""
+    memory = {} if mode == "tool_turns" else {"memory": {"resend_reasoning": mode}}
+    gateway = await gateway_factory(upstream_url(upstream), **memory)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    asked = {"model": "reasoner", "tools": tools, "stream": True}
+    called = await chat(gateway, [user("find it")], tool_choice="required", **asked)
+    await called.read()
+    tool = {"role": "tool", "tool_call_id": "call_mock_0", "content": "found"}
+    await (await chat(gateway, [tool], **asked)).read()
+    await (await chat(gateway, [user("thanks")], model="reasoner")).read()
+    await (await chat(gateway, [user("again")])).read()
+
+    thought = "Thinking about it."
+    calls = [
+        {
+            "id": "call_mock_0",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": '{"echo":"find it"}'},
+        }
+    ]
+    with_calls = {"role": "assistant", "content": "", "tool_calls": calls}
+    answer = sent_messages(upstream)[3]["content"]
+    thanked = sent_messages(upstream)[5]
+    kept = {"tool_turns": thought, "always": thought, "never": None}[mode]
+    expected = [
+        user("find it"),
+        {**with_calls, "reasoning_content": kept},
+        tool,
+        {"role": "assistant", "content": answer, "reasoning_content": kept},
+        user("thanks"),
+        {**thanked, "reasoning_content": thought if mode == "always" else None},
+        user("again"),
+    ]
+    expected = [{k: v for k, v in m.items() if v is not None} for m in expected]
+    assert sent_messages(upstream) == expected
+    assert sent_messages(upstream, 1) == expected[:3]  # the tool result's turn
+    reader = Store(
+        create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}")),
+        direct=False,
+        resend_reasoning=mode,
+    )
+    try:
+        history = await reader.load_history(Owner("default"), "c1", 200)
+        assert history.messages[:-1] == expected  # and the last turn's plain answer
+    finally:
+        await reader.close()
 
 
 async def test_a_clients_reasoning_content_is_stored_as_reasoning(

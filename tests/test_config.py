@@ -33,6 +33,7 @@ user_claim = "sub"
 [memory]
 max_history_messages = 50
 on_client_disconnect = "finish"
+resend_reasoning = "never"
 """
 
 
@@ -51,6 +52,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.upstream.connect_timeout == 3.0 and config.upstream.read_timeout == 60.5
     assert config.auth.algorithms == ("HS256", "HS512") and config.auth.enabled
     assert config.memory.on_client_disconnect == "finish"
+    assert config.memory.resend_reasoning == "never"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.server.port = 1  # type: ignore[misc]
     assert "sk-1" not in repr(config) and "s3cret" not in repr(config)
@@ -166,6 +168,10 @@ def test_a_flag_does_not_hide_a_bad_value_in_the_file(
         ),
         ('[auth]\nalgorithms = "HS256"\n', "auth.algorithms: must be a list of strings"),
         ('[memory]\non_client_disconnect = "keep"\n', "memory.on_client_disconnect: must be"),
+        (
+            '[memory]\nresend_reasoning = "tools"\n',
+            "memory.resend_reasoning: must be 'tool_turns' or 'always' or 'never', not 'tools'",
+        ),
         ('[auth]\ntenant_claim = ""\n', "auth.tenant_claim: must name a claim"),
         ('[storage]\nurl = "mysql://u:pw@h/db"\n', "storage.url: use sqlite+aiosqlite"),
         ("server = 1\n", "[server]: must be a table"),

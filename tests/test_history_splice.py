@@ -40,13 +40,15 @@ AWKWARD: list[dict[str, Any]] = [
         " 🦊👩‍👩‍👧 日本語",
         "name": 'ann "o\'brien" \\',
     },
-    {"role": "assistant", "content": None, "tool_calls": CALLS},
+    # Reasoning of a tool turn goes upstream again (memory.resend_reasoning).
+    {"role": "assistant", "content": None, "tool_calls": CALLS, "reasoning": 'a "q" \\ é\n🦊'},
     {"role": "tool", "tool_call_id": "call_1", "content": '{"answer": "42 ° \\u00e9"}'},
     {
         "role": "tool",
         "tool_call_id": "call_2",
         "content": [{"type": "text", "text": '12:00 "Z"\n'}],
     },
+    {"role": "assistant", "content": "42 at noon", "reasoning": "both came back"},
     {
         "role": "user",
         "content": [
@@ -63,13 +65,26 @@ AWKWARD: list[dict[str, Any]] = [
 ]
 
 
-def wire(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as the history sends it back: role, content, and the set wire fields."""
+def wire(message: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A message as the history sends it back: role, content, and the set wire fields;
+    an assistant message's reasoning as ``reasoning_content`` when it made tool calls or
+    answers tool results (the ``previous`` message is one): memory.resend_reasoning's
+    default, "tool_turns"."""
     sent = {"role": message["role"], "content": message.get("content")}
     for name in ("name", "tool_calls", "tool_call_id"):
         if message.get(name) is not None:
             sent[name] = message[name]
+    tool_turn = "tool_calls" in message or (
+        previous is not None and previous["role"] in ("tool", "function")
+    )
+    if message["role"] == "assistant" and message.get("reasoning") is not None and tool_turn:
+        sent["reasoning_content"] = message["reasoning"]
     return sent
+
+
+def wires(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``stored`` (a conversation's messages, oldest first) as the history sends them."""
+    return [wire(m, stored[k - 1] if k else None) for k, m in enumerate(stored)]
 
 
 def window(
@@ -121,7 +136,7 @@ async def test_awkward_history_reaches_the_upstream_exactly(
     await post(gateway, "awk", model="m", messages=new, temperature=0.5, stream=False, n=1)
 
     body = upstream_bodies(upstream)[-1]
-    stored = [*map(wire, AWKWARD), {"role": "assistant", "content": answer}]
+    stored = wires([*AWKWARD, {"role": "assistant", "content": answer}])
     assert body == {
         "model": "m",
         "temperature": 0.5,
@@ -194,7 +209,7 @@ async def test_sqlite_fast_path_and_sqlalchemy_path_agree(
     try:
         writer = {"fast": fast, "sqlalchemy": slow, "legacy": legacy}[storage_writer]
         await writer.commit_turn(OWNER, "c", system=[{"role": "system", "content": "é"}], turn=turn)
-        expected = window([wire(m) for m in turn], limit)
+        expected = window(wires(turn), limit)
         for store in (fast, slow):
             history = await store.load_history(OWNER, "c", limit)
             assert history.system == [{"role": "system", "content": "é"}]
@@ -220,7 +235,7 @@ async def test_history_on_every_store(storage_url: str) -> None:
         await store.commit_turn(OWNER, "c", system=None, turn=AWKWARD)
         history = await store.load_history(OWNER, "c", 200)
         assert history.system is None
-        assert history.messages == [wire(m) for m in AWKWARD]
+        assert history.messages == wires(AWKWARD)
         assert (await store.load_history(OWNER, "missing", 200)).encoded == b""
     finally:
         await store.close()
@@ -329,10 +344,9 @@ def generated_history(
         return answer, live.received()[-1].body
 
     answer, sent = live.run(turns())
-    stored = [
-        *map(wire, first),
-        {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
-    ]
+    stored = wires(
+        [*first, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]}]
+    )
     assert strict_loads(sent) == {
         **extra,
         "model": "m",
@@ -347,9 +361,9 @@ def compact(message: dict[str, Any]) -> int:
 
 BUDGETED = [
     {"role": "user", "content": "a" * 10},
-    {"role": "assistant", "content": None, "tool_calls": CALLS[:1]},
+    {"role": "assistant", "content": None, "tool_calls": CALLS[:1], "reasoning": "b" * 7},
     {"role": "tool", "tool_call_id": "call_1", "content": "é" * 30},
-    {"role": "assistant", "content": "d" * 40},
+    {"role": "assistant", "content": "d" * 40, "reasoning": "c" * 9},
     {"role": "user", "content": "e" * 5},
     {"role": "assistant", "content": "f" * 20},
 ]
@@ -366,7 +380,8 @@ async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
     fast = Store(create_engine(StorageConfig(url=storage_url)))
     slow = Store(create_engine(StorageConfig(url=storage_url)), direct=False)
     await fast.create_schema()
-    sizes = [compact(wire(m)) for m in BUDGETED]
+    sent = wires(BUDGETED)
+    sizes = [compact(m) for m in sent]
     ends = [sum(sizes[k:]) for k in range(len(sizes))]  # messages k.. (the newest) together
     budgets = sorted({1, *ends, *(e - 1 for e in ends), *(e + 1 for e in ends)})
     try:
@@ -375,7 +390,7 @@ async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
         )
         for store in (fast, slow):
             for budget in budgets:
-                newest = [wire(m) for k, m in enumerate(BUDGETED) if ends[k] <= budget]
+                newest = [m for k, m in enumerate(sent) if ends[k] <= budget]
                 history = await store.load_history(OWNER, "b", 200, max_bytes=budget)
                 assert history.messages == window(newest, len(newest)), budget
                 # memory.start_at_user: once the budget left older messages out, from a
@@ -386,11 +401,11 @@ async def test_max_history_bytes_keeps_the_newest_messages_that_fit(
                 cut = len(newest) < len(BUDGETED)
                 assert turned.messages == window(newest, 200, True, cut), budget
             unlimited = await store.load_history(OWNER, "b", 200)
-            assert unlimited.messages == [wire(m) for m in BUDGETED]
+            assert unlimited.messages == sent
             assert len(unlimited.encoded) == sum(sizes) + len(sizes) - 1  # the sizes are right
             # The message limit applies first: the budget chooses among those messages.
             two = await store.load_history(OWNER, "b", 2, max_bytes=ends[0])
-            assert two.messages == [wire(m) for m in BUDGETED[-2:]]
+            assert two.messages == sent[-2:]
     finally:
         await fast.close()
         await slow.close()

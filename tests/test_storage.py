@@ -132,7 +132,13 @@ async def test_one_hop_and_sqlalchemy_paths_agree(db_path: Path, writer_one_hop:
             assert history.system == [{"role": "system", "content": "s"}]
             assert history.messages[:3] == [
                 {"role": "user", "content": [{"type": "text", "text": "é \u2028"}], "name": "ann"},
-                {"role": "assistant", "content": None, "tool_calls": TOOL_CALL},
+                # A tool call's reasoning goes again (memory.resend_reasoning's default).
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": TOOL_CALL,
+                    "reasoning_content": "r",
+                },
                 {"role": "tool", "content": "42", "tool_call_id": "t"},
             ]
             assert len(history.messages) == 5

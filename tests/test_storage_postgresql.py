@@ -234,6 +234,8 @@ async def test_asyncpg_and_sqlalchemy_paths_agree(
         expected = [
             {"role": m["role"], "content": m.get("content")}
             | {k: m[k] for k in ("name", "tool_calls", "tool_call_id") if k in m}
+            # A tool call's reasoning goes again (memory.resend_reasoning's default).
+            | ({"reasoning_content": m["reasoning"]} if "tool_calls" in m else {})
             for m in stored[-limit:]
         ]
         while expected and expected[0]["role"] == "tool":  # a result without its call

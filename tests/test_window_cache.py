@@ -75,12 +75,10 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
     reads = [s for s in statements if s.startswith("SELECT")]
     # The first read, a miss; the second turn's, which caches the window (a conversation
     # is cached from its second turn on); none after.
-    assert [s.split(" WHERE")[0] for s in reads] == [
-        "SELECT pk, system_prompt, last_seq FROM conversations",
-        "SELECT pk, system_prompt, last_seq FROM conversations",
-        "SELECT pk, system_prompt, last_seq FROM conversations",
-        "SELECT role, content, name, tool_calls, tool_call_id FROM messages",
-    ]
+    conversation = "SELECT pk, system_prompt, last_seq FROM conversations WHERE"
+    window = "SELECT role, content, name, tool_calls, tool_call_id, "  # the reasoning to send
+    assert [s[: len(conversation)] for s in reads[:3]] == [conversation] * 3
+    assert len(reads) == 4 and reads[3].startswith(window) and "FROM messages" in reads[3]
     # Read in the transaction that cached the window, then checked before each hit.
     assert sum(s == "PRAGMA data_version" for s in statements) == 3
     await same_as_database(sqlite_store, reference, "c", 10)
@@ -214,23 +212,25 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
 def test_a_window_cut_by_the_byte_budget_reads_no_further_rows() -> None:
     """A conversation of large items: the window is read newest first only until the
     budget is spent (read whole and cut afterwards, it held the event loop a second)."""
+    from chatmem.storage.rows import resent_reasoning
     from chatmem.storage.sqlite_turns import _WINDOW, _newest_rows
 
     db = sqlite3.connect(":memory:")
     db.execute(
         "CREATE TABLE messages (conversation_pk, seq, role, content, name, tool_calls,"
-        " tool_call_id)"
+        " tool_call_id, reasoning)"
     )
     text = b'"' + b"x" * 998 + b'"'
     db.executemany(
-        "INSERT INTO messages VALUES (1, ?, ?, ?, NULL, NULL, NULL)",
+        "INSERT INTO messages VALUES (1, ?, ?, ?, NULL, NULL, NULL, NULL)",
         [(seq, b"user", text) for seq in range(1, 51)],
     )
-    rows = db.execute(_WINDOW, (1, 200))
+    query = _WINDOW.format(reasoning=resent_reasoning("tool_turns"))
+    rows = db.execute(query, (1, 200))
     window, cut = _newest_rows(rows, 3500)
     assert cut and len(window) == 3  # the 3 newest of 1,027 bytes each
     assert window[0] == ("user", b'{"role":"user","content":' + text + b"}")
     with pytest.raises(sqlite3.ProgrammingError):  # closed: the other 46 were never read
         rows.fetchone()
-    whole, cut = _newest_rows(db.execute(_WINDOW, (1, 200)), 0)
+    whole, cut = _newest_rows(db.execute(query, (1, 200)), 0)
     assert not cut and len(whole) == 50

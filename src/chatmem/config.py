@@ -29,6 +29,7 @@ __all__ = [
     "LogConfig",
     "MemoryConfig",
     "MetricsConfig",
+    "ResendReasoning",
     "ServerConfig",
     "StorageConfig",
     "UpstreamConfig",
@@ -127,6 +128,10 @@ class AuthConfig:
         return bool(self.jwt_secret or self.public_key or self.jwks_url)
 
 
+ResendReasoning = Literal["tool_turns", "always", "never"]
+"""``memory.resend_reasoning``: which stored reasoning goes upstream again."""
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryConfig:
     max_history_messages: int = 200
@@ -142,6 +147,11 @@ class MemoryConfig:
     # message (Mistral's, Llama 2's) refuse [system, assistant, user, ...].  Off: the
     # newest messages as the contract says, never starting with an orphaned tool result.
     start_at_user: bool = False
+    # Which stored assistant messages carry their reasoning upstream again, as
+    # ``reasoning_content``: "tool_turns", those that made tool calls or answer tool
+    # results (DeepSeek's thinking mode refuses a history whose tool calls lost their
+    # reasoning; Qwen3's chat template renders it in a tool loop); "always"; "never".
+    resend_reasoning: ResendReasoning = "tool_turns"
     on_client_disconnect: Literal["discard", "finish"] = "discard"
     # Conversations not updated for this many days are deleted (0 = keep forever).
     retention_days: int = 0

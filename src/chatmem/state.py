@@ -49,7 +49,11 @@ class Gateway:
 
     async def start(self) -> None:
         storage = self.config.storage
-        self.store = Store(create_engine(storage), busy_timeout_ms=storage.busy_timeout_ms)
+        self.store = Store(
+            create_engine(storage),
+            busy_timeout_ms=storage.busy_timeout_ms,
+            resend_reasoning=self.config.memory.resend_reasoning,
+        )
         try:
             await self.store.check_schema()
         except BaseException:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .engine import create_engine
 from .items import ConversationInfo, Deletion, Page
-from .queries import RESULT_ROLES, History, Owner, Store
+from .queries import History, Store
+from .rows import RESULT_ROLES, Owner
 from .schema import Base, Conversation, Message
 
 __all__ = [

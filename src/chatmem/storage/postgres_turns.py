@@ -22,6 +22,7 @@ connection.  ``None`` is SQL NULL (the columns are ``none_as_null``).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -29,16 +30,19 @@ from typing import Any
 import asyncpg
 
 from .. import jsonio
+from ..config import ResendReasoning
 from .faults import CONNECTION_ENDED
 from .pairing import check_still_there, check_turn, overtaken
+from .rows import resent_reasoning
 
 __all__ = ["CommitUnconfirmed", "append_turn", "load_window"]
 
 _READ = """
-SELECT c.pk, c.system_prompt, c.last_seq, m.role, m.content, m.name, m.tool_calls, m.tool_call_id
+SELECT c.pk, c.system_prompt, c.last_seq, m.role, m.content, m.name, m.tool_calls, m.tool_call_id,
+    m.reasoning_content
 FROM conversations AS c
 LEFT JOIN LATERAL (
-    SELECT role, content, name, tool_calls, tool_call_id, seq
+    SELECT role, content, name, tool_calls, tool_call_id, {reasoning} AS reasoning_content, seq
     FROM messages
     WHERE conversation_pk = c.pk
     ORDER BY seq DESC
@@ -80,13 +84,24 @@ _KEEP_SYSTEM = _WRITE.format(system="")
 _REPLACE_SYSTEM = _WRITE.format(system=", system_prompt = EXCLUDED.system_prompt")
 
 
+@functools.cache
+def _read(resend_reasoning: ResendReasoning) -> str:
+    return _READ.format(reasoning=resent_reasoning(resend_reasoning))
+
+
 async def load_window(
-    conn: asyncpg.Connection, tenant: str, user: str, conversation_id: str, limit: int
+    conn: asyncpg.Connection,
+    tenant: str,
+    user: str,
+    conversation_id: str,
+    limit: int,
+    resend_reasoning: ResendReasoning,
 ) -> tuple[int, Any, list[asyncpg.Record], int]:
     """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
-    first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id``, its
-    ``last_seq``; pk and ``last_seq`` 0 if it does not exist)."""
-    rows = await conn.fetch(_READ, tenant, user, conversation_id, limit)
+    first: ``role``, ``content``, ``name``, ``tool_calls``, ``tool_call_id`` and
+    ``reasoning_content`` (:func:`rows.resent_reasoning`), its ``last_seq``; pk and
+    ``last_seq`` 0 if it does not exist)."""
+    rows = await conn.fetch(_read(resend_reasoning), tenant, user, conversation_id, limit)
     if not rows:
         return 0, None, [], 0
     # A conversation without messages is one row whose message columns are NULL.

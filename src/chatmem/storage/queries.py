@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import and_, delete, func, insert, select
+from sqlalchemy import Text, and_, delete, func, insert, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from .. import jsonio
+from ..config import ResendReasoning
 from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
@@ -39,7 +40,17 @@ from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unav
 from .items import ConversationInfo, ConversationItems, Deletion, Page
 from .migrate import ensure_schema, upgrade
 from .pairing import check_still_there, check_turn, overtaken
-from .rows import Owner, conversations, messages, owned, stored_size, tail_before, to_row
+from .rows import (
+    RESULT_ROLES,
+    Owner,
+    conversations,
+    messages,
+    owned,
+    resent_reasoning,
+    stored_size,
+    tail_before,
+    to_row,
+)
 from .sqlite_turns import SQLiteTurns
 
 __all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
@@ -52,8 +63,9 @@ log = logging.getLogger("chatmem.storage")
 # many times in all (with a short random pause) before the client gets a 503.
 WRITE_ATTEMPTS = 5
 
-# Fields of a chat message that are stored and sent back upstream as history.
-_WIRE_FIELDS = ("name", "tool_calls", "tool_call_id")
+# Fields of a chat message that are stored and sent back upstream as history (the
+# reasoning as memory.resend_reasoning says, see rows.resent_reasoning).
+_WIRE_FIELDS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +109,23 @@ class History:
         return messages
 
 
-async def _window(conn: AsyncConnection, owned: Any, limit: int) -> tuple[Any, Sequence[Any]]:
+def _wire_columns(resend_reasoning: ResendReasoning) -> tuple[Any, ...]:
+    """What a history sends of each stored message (read by :func:`_to_wire`)."""
+    m = messages.c
+    reasoning = literal_column(resent_reasoning(resend_reasoning), Text).label("reasoning_content")
+    return (m.role, m.content, m.name, m.tool_calls, m.tool_call_id, reasoning)
+
+
+async def _window(
+    conn: AsyncConnection, owned: Any, limit: int, resend_reasoning: ResendReasoning
+) -> tuple[Any, Sequence[Any]]:
     """The conversation's pk, system prompt and ``last_seq`` (None if it is not stored),
     and its newest ``limit`` messages, newest first."""
     c, m = conversations.c, messages.c
     found = (await conn.execute(select(c.pk, c.system_prompt, c.last_seq).where(owned))).first()
     if found is None:
         return None, ()
-    columns = (m.role, m.content, *(m[name] for name in _WIRE_FIELDS))
+    columns = _wire_columns(resend_reasoning)
     newest = select(*columns).where(m.conversation_pk == found.pk).order_by(m.seq.desc())
     return found, (await conn.execute(newest.limit(limit))).all()
 
@@ -179,9 +200,6 @@ def _call_over_budget(max_bytes: int) -> InvalidRequest:
     )
 
 
-RESULT_ROLES = frozenset({"tool", "function"})  # "function": the deprecated function_call's
-
-
 def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list[T]:
     """The newest messages of ``window`` whose ``sizes`` add up to at most ``max_bytes``."""
     start, total = len(window), 0
@@ -222,17 +240,24 @@ class Store(ConversationItems):
     every method opens its own short connection and never holds one across a stream."""
 
     def __init__(
-        self, engine: AsyncEngine, *, busy_timeout_ms: int = 30_000, direct: bool = True
+        self,
+        engine: AsyncEngine,
+        *,
+        busy_timeout_ms: int = 30_000,
+        direct: bool = True,
+        resend_reasoning: ResendReasoning = "tool_turns",
     ) -> None:
         """``direct``: the per-request queries take the fast path, SQLite's own connection
         (see sqlite_turns) or asyncpg itself (see postgres_turns); off, SQLAlchemy's
-        statements, as every other query (the tests compare the two)."""
+        statements, as every other query (the tests compare the two).
+        ``resend_reasoning``: ``memory.resend_reasoning``, for the histories read."""
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        self._resend_reasoning: ResendReasoning = resend_reasoning
         # The per-request queries on a SQLite file take the fast path (see sqlite_turns).
         database = engine.url.database
         self._turns = (
-            SQLiteTurns(database, busy_timeout_ms)
+            SQLiteTurns(database, busy_timeout_ms, resend_reasoning)
             if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
@@ -422,7 +447,9 @@ class Store(ConversationItems):
             )
         else:
             found, rows = await self._run_read(
-                lambda conn: _window(conn, owned(owner, conversation_id), limit)
+                lambda conn: _window(
+                    conn, owned(owner, conversation_id), limit, self._resend_reasoning
+                )
             )
             if found is None:
                 return History(system=None, last_seq=0)
@@ -448,7 +475,7 @@ class Store(ConversationItems):
         async def read() -> tuple[int, Any, list[asyncpg.Record], int]:
             async with self._driver(writing=False) as driver:
                 return await postgres_turns.load_window(
-                    driver, owner.tenant, owner.user, conversation_id, limit
+                    driver, owner.tenant, owner.user, conversation_id, limit, self._resend_reasoning
                 )
 
         return await self._retried(read, harmless=True)
@@ -484,7 +511,7 @@ class Store(ConversationItems):
                 total = (await conn.execute(select(func.sum(stored_size)).where(tail))).scalar()
                 if (total or 0) > max_bytes:
                     raise _call_over_budget(max_bytes)
-            columns = (m.role, m.content, *(m[name] for name in _WIRE_FIELDS))
+            columns = _wire_columns(self._resend_reasoning)
             return (await conn.execute(select(*columns).where(tail).order_by(m.seq))).all()
 
         wire = [_to_wire(row._mapping) for row in await self._run_read(read)]

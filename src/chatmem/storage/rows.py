@@ -11,13 +11,17 @@ from typing import Any
 from sqlalchemy import Text, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..config import ResendReasoning
 from .schema import Base, Conversation, Message
 
 __all__ = [
+    "RESULT_ROLES",
     "Owner",
     "conversations",
     "messages",
     "owned",
+    "resends_reasoning",
+    "resent_reasoning",
     "stored_size",
     "tail_before",
     "to_row",
@@ -47,6 +51,41 @@ def owned(owner: Owner, conversation_id: str) -> Any:
         conversations.c.tenant == owner.tenant,
         conversations.c.user_id == owner.user,
         conversations.c.id == conversation_id,
+    )
+
+
+RESULT_ROLES = frozenset({"tool", "function"})  # "function": the deprecated function_call's
+
+
+_RESULT_ROLES_SQL = "(" + ", ".join(f"'{role}'" for role in sorted(RESULT_ROLES)) + ")"
+
+
+def resends_reasoning(
+    mode: ResendReasoning, role: str, has_calls: bool, previous_role: str | None
+) -> bool:
+    """Whether a stored message's reasoning goes upstream again with it, as
+    ``reasoning_content`` (``memory.resend_reasoning``): an assistant message's, with
+    "tool_turns" when it made tool calls or answers tool results (the message before it,
+    ``previous_role``, is one).  :func:`resent_reasoning` says the same in SQL."""
+    if role != "assistant" or mode == "never":
+        return False
+    return mode == "always" or has_calls or previous_role in RESULT_ROLES
+
+
+def resent_reasoning(mode: ResendReasoning) -> str:
+    """:func:`resends_reasoning` as a column of a query of ``messages`` (not aliased):
+    the reasoning to send with the row's message, or NULL.  The message before it is
+    looked up only for an assistant message with reasoning and no tool calls."""
+    if mode == "never":
+        return "NULL"
+    if mode == "always":
+        return "CASE WHEN role = 'assistant' THEN reasoning END"
+    return (
+        "CASE WHEN reasoning IS NOT NULL AND role = 'assistant' AND (tool_calls IS NOT NULL"
+        " OR (SELECT earlier.role FROM messages AS earlier"
+        " WHERE earlier.conversation_pk = messages.conversation_pk"
+        " AND earlier.seq < messages.seq ORDER BY earlier.seq DESC LIMIT 1)"
+        f" IN {_RESULT_ROLES_SQL}) THEN reasoning END"
     )
 
 

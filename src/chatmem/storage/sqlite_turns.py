@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
 from .. import jsonio
+from ..config import ResendReasoning
 from ..errors import StorageUnavailable
 from .engine import sqlite_pragmas
 from .pairing import check_still_there, check_turn, overtaken
+from .rows import resends_reasoning, resent_reasoning
 from .window_cache import WindowCache
 
 __all__ = ["SQLiteTurns"]
@@ -38,9 +40,10 @@ _FIND = (
     " WHERE tenant = ? AND user_id = ? AND id = ?"
 )
 _WINDOW = (
-    "SELECT role, content, name, tool_calls, tool_call_id FROM messages"
+    "SELECT role, content, name, tool_calls, tool_call_id, {reasoning} FROM messages"
     " WHERE conversation_pk = ? ORDER BY seq DESC LIMIT ?"
 )
+"""The window, newest first; ``{reasoning}`` is :func:`rows.resent_reasoning`."""
 _TAIL = (
     "SELECT role, tool_calls, tool_call_id FROM messages WHERE conversation_pk = ?"
     " AND seq <= ? AND seq >= coalesce((SELECT max(seq) FROM messages"
@@ -185,12 +188,20 @@ def _message_json(
     name: bytes | None,
     tool_calls: bytes | float | None,
     tool_call_id: bytes | None,
+    reasoning: bytes | None,
 ) -> bytes:
     """One stored message as the JSON object sent upstream: role and content, then name,
-    tool_calls and tool_call_id when not NULL (the keys ``queries._to_wire`` gives on the
-    SQLAlchemy path).  The JSON columns go in as the text they are stored as."""
+    tool_calls, tool_call_id and the reasoning to send again (as ``reasoning_content``)
+    when not NULL (the keys ``queries._to_wire`` gives on the SQLAlchemy path).  The JSON
+    columns go in as the text they are stored as."""
     head = _HEADS.get(role) or b'{"role":' + _quote(role) + b',"content":'
-    if name is None and tool_calls is None and tool_call_id is None and type(content) is bytes:
+    if (
+        name is None
+        and tool_calls is None
+        and tool_call_id is None
+        and reasoning is None
+        and type(content) is bytes
+    ):
         return head + content + b"}"  # most messages: role and text
     parts = [head, b"null" if content is None else _json_text(content)]
     if name is not None:
@@ -199,6 +210,8 @@ def _message_json(
         parts += (b',"tool_calls":', _json_text(tool_calls))
     if tool_call_id is not None:
         parts += (b',"tool_call_id":', _quote(tool_call_id))
+    if reasoning is not None:
+        parts += (b',"reasoning_content":', _quote(reasoning))
     parts.append(b"}")
     return b"".join(parts)
 
@@ -230,9 +243,13 @@ class SQLiteTurns:
     never fail half-way with "database is locked".
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+    def __init__(
+        self, path: str, busy_timeout_ms: int, resend_reasoning: ResendReasoning = "tool_turns"
+    ) -> None:
         _bind_none_cheaply()
         self._path = path
+        self._resend_reasoning: ResendReasoning = resend_reasoning
+        self._window_sql = _WINDOW.format(reasoning=resent_reasoning(resend_reasoning))
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-read")
@@ -361,7 +378,7 @@ class SQLiteTurns:
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
                 return 0, None, [], None, False, 0
-            window, cut = _newest_rows(conn.execute(_WINDOW, (found[0], limit)), max_bytes)
+            window, cut = _newest_rows(conn.execute(self._window_sql, (found[0], limit)), max_bytes)
         finally:
             conn.execute("COMMIT")
         return found[0], _load(found[1]), window, version, cut, found[2]
@@ -474,17 +491,28 @@ class SQLiteTurns:
                 self._windows.committed(
                     key,
                     None if stored_system is None else jsonio.loads(stored_system),
-                    # Each message as a read would give it back.
-                    [
-                        (role, _message_json(role.encode(), *map(_utf8, rest)))
-                        for role, *rest in (row[2:7] for row in rows)
-                    ],
+                    self._as_read(rows, self._windows.last_role(key)),
                     rows[-1][1],  # a turn has its answer at least
                 )
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
             self._since_checkpoint = 0
             self._writer.submit(self._on_thread, _checkpoint)
+
+    def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[tuple[str, bytes]]:
+        """A turn's rows as a read of the window gives them back (``_window_sql``), after a
+        message of ``previous_role``."""
+        messages = []
+        for row in rows:
+            role, content, name, tool_calls, tool_call_id, reasoning = row[2:8]
+            if reasoning is not None and not resends_reasoning(
+                self._resend_reasoning, role, tool_calls is not None, previous_role
+            ):
+                reasoning = None
+            wire = map(_utf8, (content, name, tool_calls, tool_call_id, reasoning))
+            messages.append((role, _message_json(role.encode(), *wire)))
+            previous_role = role
+        return messages
 
     def _write(self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]) -> list[_Written]:
         """Write ``batch`` in one ``BEGIN IMMEDIATE`` transaction; what became of each turn.

@@ -88,6 +88,11 @@ class WindowCache:
         self._windows.move_to_end(key)
         return window.system, list(window.messages), window.last_seq, window.pk
 
+    def last_role(self, key: Key) -> str | None:
+        """The role of the newest message in the window of ``key`` (None: none kept)."""
+        window = self._windows.get(key)
+        return window.messages[-1][0] if window is not None and window.messages else None
+
     def put(
         self,
         key: Key,
