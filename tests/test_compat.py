@@ -770,7 +770,8 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
         ([*answer_events()[:3], sse("[DONE]")], answer_events()[:3], False),  # no finish
         ([*answer_events(), sse("[DONE]")], answer_events()[:-1], True),
         ([*answer_events(), 0.01, b"data: [DONE]\n\ndata: {}\n\n"], answer_events()[:-1], True),
-        ([*answer_events()[:-1], b"data: [DONE]\n"], answer_events()[:-1], False),  # cut off
+        # [DONE] without its blank line, at the end of a whole body: the answer finished.
+        ([*answer_events()[:-1], b"data: [DONE]\n"], answer_events()[:-1], True),
         (
             [*answer_events()[:2], sse({"error": {"message": "x"}}), b"data: [DO"],
             [*answer_events()[:2], sse({"error": {"message": "x"}})],
@@ -799,7 +800,7 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
         "no-finish-reason",
         "two-done-events",
         "more-after-done",
-        "done-cut-off",
+        "done-without-its-blank-line",
         "error-then-an-unfinished-event",
         "split-crlf",
         "split-cr",

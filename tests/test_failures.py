@@ -194,7 +194,7 @@ def cut_inside_a_long_event() -> list[bytes | float]:
         (cut_inside_event(), "reset", "upstream_broken"),
         (cut_after_a_long_event(), "reset", "upstream_broken"),
         (cut_inside_a_long_event(), "reset", "upstream_broken"),
-        (answer_events()[:4], "ok", "upstream_incomplete"),  # no [DONE]
+        (answer_events()[:3], "ok", "upstream_incomplete"),  # no [DONE], no finish_reason
         ([*answer_events()[:3], sse("[DONE]")], "ok", "upstream_incomplete"),  # no finish
         (answer_events()[:2], "hang", "upstream_timeout"),
         ([b"\x00\xffgarbage\n\n\x9c"], "ok", "upstream_incomplete"),
@@ -237,7 +237,7 @@ async def test_stream_failure_ends_with_error_event(
 @pytest.mark.parametrize(
     ("chunks", "says"),
     [
-        (answer_events()[:4], "ended before the answer completed"),
+        (answer_events()[:3], "ended before the answer completed"),  # nor finish_reason
         ([*answer_events()[:3], sse("[DONE]")], "without a finish_reason"),
         ([*answer_events()[:2], b"data: {not json\n\n", *answer_events()[2:]], "not a JSON object"),
         ([*answer_events()[:2], sse([1, 2]), *answer_events()[2:]], "not a JSON object"),

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pytest
 from helpers import GatewayFactory, Rows, answer_events, chunk, sse
-from scripted_upstream import Script, ScriptedUpstream, scripted_upstream
+from scripted_upstream import Framing, Script, ScriptedUpstream, scripted_upstream
 
 from chatmem.proxy.sse import SSEParser
 
@@ -112,10 +112,13 @@ FAULTS: dict[str, Fault] = {
     ),
     "silence-mid-stream": stream_fault(EVENTS[:2], "upstream_timeout", end="hang"),
     "silence-mid-json-event": stream_fault([EVENTS[0], EVENTS[1][:9]], "upstream_timeout", "hang"),
-    "eof-without-done": stream_fault(EVENTS[:4], "upstream_incomplete"),
+    # Without [DONE] and without a finish_reason (with one, the answer is kept: below).
+    "eof-without-done": stream_fault(EVENTS[:3], "upstream_incomplete"),
     "eof-without-done-close-framing": stream_fault(
-        EVENTS[:4], "upstream_incomplete", framing="close"
+        EVENTS[:3], "upstream_incomplete", framing="close"
     ),
+    # A finished answer, but the body did not end whole (the chunked body cut off).
+    "reset-after-finish-reason": stream_fault(EVENTS[:4], "upstream_broken", end="reset"),
     "eof-mid-json-event": stream_fault([*EVENTS[:2], EVENTS[2][:20]], "upstream_incomplete"),
     "done-without-finish-reason": stream_fault([*EVENTS[:3], sse("[DONE]")], "upstream_incomplete"),
     "done-without-any-choice": stream_fault([sse("[DONE]")], "upstream_incomplete"),
@@ -130,7 +133,7 @@ FAULTS: dict[str, Fault] = {
     "two-done-events-without-finish-reason": stream_fault(
         [*EVENTS[:3], sse("[DONE]") + sse("[DONE]")], "upstream_incomplete"
     ),
-    "eof-inside-done-event": stream_fault([*EVENTS[:4], b"data: [DONE]"], "upstream_incomplete"),
+    "eof-inside-done-event": stream_fault([*EVENTS[:3], b"data: [DONE]"], "upstream_incomplete"),
     "garbage-bytes-only": stream_fault([b"\x00\xffgarbage\n\n\x9c"], "upstream_incomplete"),
     "garbage-data-mid-stream": stream_fault(
         [*EVENTS[:2], b"data: \x00\xff{not json\n\n", *EVENTS[2:]], "upstream_incomplete"
@@ -281,6 +284,30 @@ async def test_sse_comment_and_unknown_field_lines_are_not_faults(
     rules, so an answer carrying them is complete: forwarded as is and remembered."""
     wire = [EVENTS[0], b"\x00\xff garbage line\n\n", b": comment\n\n", *EVENTS[1:]]
     async with scripted_upstream(Script(chunks=wire)) as up:
+        client = await gateway_factory(up.url)
+        resp = await post(client, request("hi", True))
+        assert await resp.read() == b"".join(wire)
+        await assert_history_is_completed_turns(client, up, rows, [("hi", "Hello world")])
+
+
+@pytest.mark.parametrize(
+    ("wire", "framing"),
+    [
+        (EVENTS[:4], "chunked"),  # older llama.cpp servers: no [DONE] at all
+        (EVENTS[:4], "close"),  # ... and a body that ends with the connection
+        ([*EVENTS[:4], b"data: [DONE]\n"], "chunked"),  # [DONE] without its blank line
+        ([*EVENTS[:4], b"data: [DONE]"], "length"),
+    ],
+    ids=["no-done", "no-done-close-framing", "done-unfinished", "done-without-newline"],
+)
+async def test_a_finished_answer_whose_body_ends_without_done_is_kept(
+    gateway_factory: GatewayFactory, rows: Rows, wire: list[bytes], framing: Framing
+) -> None:
+    """A body that ends whole after choice 0's finish_reason, without a whole ``[DONE]``
+    event: the answer is complete (the OpenAI SDKs take it so), so it is remembered and
+    the client gets the upstream's bytes as they came, with no error event (h58).  It
+    was an ``upstream_incomplete`` error, and the turn was lost."""
+    async with scripted_upstream(Script(chunks=list(wire), framing=framing)) as up:
         client = await gateway_factory(up.url)
         resp = await post(client, request("hi", True))
         assert await resp.read() == b"".join(wire)

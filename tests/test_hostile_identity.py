@@ -192,7 +192,7 @@ FAULTS = [
     Script(chunks=[*answer_events()[:3], b"data: {broken\n\n", answer_events()[-1]]),
     Script(before_headers="garbage"),
     Script(status=500, headers={"Content-Type": "text/plain"}, chunks=[b"x"], framing="length"),
-    Script(chunks=answer_events()[:4]),  # no [DONE]
+    Script(chunks=answer_events()[:3]),  # no [DONE], no finish_reason
 ]
 
 

@@ -118,12 +118,16 @@ class StreamAccumulator:
 
     @property
     def completed(self) -> bool:
-        """True when the stream ended cleanly: [DONE], no error, and choice 0 finished
-        (not with one of :data:`FAILED_FINISH`)."""
+        """True when the stream ended cleanly: [DONE], and :attr:`finished`."""
+        return self.done and self.finished
+
+    @property
+    def finished(self) -> bool:
+        """True when choice 0 finished (not with one of :data:`FAILED_FINISH`), with no
+        error and nothing malformed so far."""
         choice = self._choices.get(0)
         return (
-            self.done
-            and self.error is None
+            self.error is None
             and not self.malformed
             and choice is not None
             and choice.finish_reason is not None

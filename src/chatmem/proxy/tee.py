@@ -411,6 +411,16 @@ async def tee_stream(
             await client.end_with(_failure_event(exc))
         return response
     if not answer.done and answer.error is None:
+        if answer.finished:
+            # The body ended whole, without [DONE], after choice 0's finish_reason: older
+            # llama.cpp servers end so, and the OpenAI SDKs take it as the end (so is an
+            # unfinished "data: [DONE]" at the end of the body, which goes on as it came).
+            failure = await _commit(answer, commit)
+            if failure is None:
+                await client.flush()
+                return response
+            await client.end_with(failure)
+            return response
         await client.end_with(_NOT_A_CHUNK if answer.malformed else _CUT_OFF)
         return response
     await client.flush()
@@ -425,14 +435,31 @@ def _failure_event(exc: Exception) -> Failure:
     return _TIMEOUT if isinstance(exc, asyncio.TimeoutError) else _BROKEN
 
 
+async def _commit(answer: StreamAccumulator, commit: Commit) -> Failure | None:
+    """``commit`` choice 0 of a finished answer; why it was not saved, if it was not."""
+    turn = answer.turn(0)
+    if turn is None:
+        return _NO_FINISH
+    try:
+        await commit(turn)
+    except ChatmemError as exc:
+        saved = "may not have been" if exc.code == "storage_outcome_unknown" else "could not be"
+        return (f"the answer {saved} saved: {exc.message}", exc.code, exc.type)
+    except Exception:
+        # Unforeseen, and logged as such (the engine hides statement parameters). The
+        # stream has started, so no 500 can follow: the client gets an error event and
+        # the end of the body, not a body that hangs.
+        log.exception("the answer could not be saved")
+        return ("the answer could not be saved", "internal_error", "server_error")
+    return None
+
+
 async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit) -> None:
     """``[DONE]`` arrived in ``chunk``: commit a completed answer, then release ``[DONE]``.
 
     When the answer is incomplete or cannot be saved, the error event goes in front of the
     ``[DONE]`` event (a client stops reading at ``[DONE]``).
     """
-    turn = answer.turn(0)
-    failure: Failure | None = None
     if answer.error is not None:
         # The upstream's own error event is already in the stream.
         if client.chunks_only:
@@ -448,23 +475,14 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         # The text so far goes out now too (and with it a response head still held):
         # only the end of the body waits for the commit.
         await client.relay(chunk, answer)
+    failure: Failure | None
     if answer.failed_finish is not None:
         message = failed_finish_message(answer.failed_finish)
         failure = (message, "upstream_incomplete", "upstream_error")
-    elif not answer.completed or turn is None:
+    elif not answer.completed:
         failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
     else:
-        try:
-            await commit(turn)
-        except ChatmemError as exc:
-            saved = "may not have been" if exc.code == "storage_outcome_unknown" else "could not be"
-            failure = (f"the answer {saved} saved: {exc.message}", exc.code, exc.type)
-        except Exception:
-            # Unforeseen, and logged as such (the engine hides statement parameters). The
-            # stream has started, so no 500 can follow: the client gets an error event and
-            # the end of the body, not a body that hangs.
-            log.exception("the answer could not be saved")
-            failure = ("the answer could not be saved", "internal_error", "server_error")
+        failure = await _commit(answer, commit)
     if failure is None:
         await client.relay(client.from_done(chunk), answer)
     else:
