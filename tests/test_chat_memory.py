@@ -12,6 +12,7 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
+from scripted_upstream import Script, scripted_upstream
 from yarl import URL
 
 from chatmem.config import StorageConfig
@@ -589,6 +590,32 @@ async def test_the_reasoning_of_a_tool_turn_goes_upstream_again(
         assert history.messages[:-1] == expected  # and the last turn's plain answer
     finally:
         await reader.close()
+
+
+async def test_an_answers_empty_tool_calls_are_no_calls(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """vLLM's non-streamed answers say ``"tool_calls": []``: stored as none, so that a
+    later turn neither sends ``[]`` (OpenAI refuses it) nor takes the answer for a tool
+    turn and sends its reasoning again (h60)."""
+    message = {"role": "assistant", "content": "hi", "reasoning_content": "r", "tool_calls": []}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [choice]}).encode()
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[answer], framing="length")
+    said = {"role": "assistant", "content": "earlier", "reasoning_content": "q", "tool_calls": []}
+    async with scripted_upstream(script) as up:
+        gateway = await gateway_factory(up.url)
+        assert (await chat(gateway, [user("a"), said, user("b")])).status == 200
+        assert (await chat(gateway, [user("c")])).status == 200
+        sent = json.loads(up.requests[-1][3])["messages"]
+    assert sent == [
+        user("a"),
+        {"role": "assistant", "content": "earlier"},
+        user("b"),
+        {"role": "assistant", "content": "hi"},
+        user("c"),
+    ]
+    assert [m["tool_calls"] for m in rows.messages("c1")] == [None] * 6
 
 
 async def test_a_clients_reasoning_content_is_stored_as_reasoning(

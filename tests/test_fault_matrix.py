@@ -101,9 +101,13 @@ FAULTS: dict[str, Fault] = {
     # A stream that fails after its headers.
     "reset-mid-stream": stream_fault(EVENTS[:2], "upstream_broken", end="reset"),
     "reset-mid-json-event": stream_fault([*EVENTS[:2], EVENTS[2][:20]], "upstream_broken", "reset"),
-    # Without framing, aiohttp reports a reset as the end of the body: still an error.
+    # Without framing the end of the connection ends the body, but a reset is no end.
     "reset-mid-stream-close-framing": stream_fault(
-        EVENTS[:3], "upstream_incomplete", end="reset", framing="close"
+        EVENTS[:3], "upstream_broken", end="reset", framing="close"
+    ),
+    # ... not even after the finish reason (h60: it was kept, as a whole body).
+    "reset-after-finish-reason-close-framing": stream_fault(
+        EVENTS[:4], "upstream_broken", end="reset", framing="close"
     ),
     # A large event (over 4 KiB, what the gateway once held back at most) cut off: it is
     # held to its end like any other, so none of it reaches the client.
@@ -168,6 +172,16 @@ FAULTS: dict[str, Fault] = {
             headers={"Content-Type": "application/json"},
             chunks=[completion("cut")[:15]],
             framing="close",
+        ),
+        False,
+        502,
+    ),
+    "plain-reset-after-a-whole-answer-close-framing": Fault(
+        Script(
+            headers={"Content-Type": "application/json"},
+            chunks=[completion("whole")],
+            framing="close",
+            end="reset",
         ),
         False,
         502,

@@ -72,9 +72,9 @@ def wire(message: dict[str, Any], previous: dict[str, Any] | None = None) -> dic
     default, "tool_turns"."""
     sent = {"role": message["role"], "content": message.get("content")}
     for name in ("name", "tool_calls", "tool_call_id"):
-        if message.get(name) is not None:
+        if message.get(name) is not None and message[name] != []:  # [] is stored as none
             sent[name] = message[name]
-    tool_turn = "tool_calls" in message or (
+    tool_turn = bool(message.get("tool_calls")) or (
         previous is not None and previous["role"] in ("tool", "function")
     )
     if message["role"] == "assistant" and message.get("reasoning") is not None and tool_turn:

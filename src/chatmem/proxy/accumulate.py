@@ -375,9 +375,11 @@ def sendable_calls(
     ``call_`` and 96 random bits, and a missing name becomes ""; they went upstream as
     null, which those servers then refuse on every later turn.  A call cut off by
     ``length``, its arguments not a whole JSON value, is left out: servers parse the
-    arguments of the calls in a history (vLLM), and no one can run a cut call."""
+    arguments of the calls in a history (vLLM), and no one can run a cut call.  None
+    for none (vLLM's answers say ``"tool_calls": []``, which OpenAI refuses in a later
+    request, and which is no call)."""
     if not calls:
-        return calls
+        return None
     sendable: list[dict[str, Any]] = []
     for call in calls:
         kind = "custom" if call["type"] == "custom" else "function"  # the key of its body

@@ -188,16 +188,22 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
 
 def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request's messages as they are stored: a ``reasoning_content`` (DeepSeek's and
-    vLLM's name) as ``reasoning``, as an answer's is; they go upstream as they came."""
+    vLLM's name) as ``reasoning``, as an answer's is, and no empty ``tool_calls`` (OpenAI
+    refuses ``[]`` in a later request, and it made no call); they go upstream as they
+    came."""
     for m in messages:
-        if "reasoning_content" in m:
+        if "reasoning_content" in m or m.get("tool_calls") == []:
             break
     else:
         return messages  # the usual turn: nothing to copy
     stored = []
     for m in messages:
         reasoning = reasoning_content(m)
-        stored.append(m if reasoning is None else {**m, "reasoning": reasoning})
+        if reasoning is not None:
+            m = {**m, "reasoning": reasoning}
+        if m.get("tool_calls") == []:
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+        stored.append(m)
     return stored
 
 

@@ -133,10 +133,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.complete:
             return
-        if self.headers_done and not self.framed:
+        if self.headers_done and not self.framed and exc is None:
             self.complete = True  # a body delimited by the end of the connection
             self._wake()
         else:
+            # A reset (exc) is no end, even of a body the end of the connection delimits.
             self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # httptools callbacks
