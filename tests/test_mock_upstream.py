@@ -275,6 +275,25 @@ async def test_bad_requests(client: Client, body: bytes, param: str | None) -> N
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("POST", "/v1/responses", 404), ("GET", "/nowhere", 404), ("DELETE", "/v1/models", 405)],
+)
+async def test_a_route_the_mock_lacks_is_an_openai_error(
+    client: Client, method: str, path: str, status: int
+) -> None:
+    """As a real server's: the SDKs show its message (h61: "Error code: 404", no more)."""
+    resp = await client.request(method, path)
+    assert resp.status == status
+    assert resp.headers.get("Allow") == ("GET,HEAD" if status == 405 else None)
+    assert (await resp.json())["error"] == {
+        "message": f"Unknown request URL: {method} {path}.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unknown_url",
+    }
+
+
+@pytest.mark.parametrize(
     ("headers", "body"),
     [
         ({"X-Mock-Tokens": "many"}, {}),

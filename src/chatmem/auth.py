@@ -177,6 +177,8 @@ class Authenticator:
                 )
         except jwt.InvalidKeyError:
             raise Unauthorized("invalid token: its algorithm does not fit the key") from None
+        except jwt.ExpiredSignatureError:  # pyjwt says "Signature has expired"
+            raise Unauthorized("invalid token: it has expired (its exp claim)") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
         except (TypeError, ValueError):  # pyjwt's own key checks, one level down

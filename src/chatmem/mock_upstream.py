@@ -136,6 +136,22 @@ async def _record_middleware(request: web.Request, handler: _Handler) -> web.Str
         return await handler(request)
     except _BadRequest as exc:
         return exc.response()
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        # In OpenAI's shape, as a real server answers a route it lacks: the SDKs show
+        # its message (aiohttp's "404: Not Found" left them only "Error code: 404").
+        error = {
+            "message": f"Unknown request URL: {request.method} {request.path}.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.Response(
+            status=exc.status,
+            body=_dumps({"error": error}).encode(),
+            content_type="application/json",
+            headers=allow,
+        )
 
 
 def _payload(request: web.Request) -> dict[str, Any]:
