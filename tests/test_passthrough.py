@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, make_config, received, upstream_url
 from multidict import CIMultiDict, CIMultiDictProxy
-from scripted_upstream import Script, scripted_upstream
+from scripted_upstream import Framing, Script, scripted_upstream
 
 import chatmem
 from chatmem.mock_upstream import RECEIVED
@@ -562,6 +562,21 @@ async def test_an_answer_with_a_large_head_is_relayed_up_to_the_limits(
             "param": None,
             "code": "upstream_unavailable",
         }
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_answer_without_a_content_type_gets_none(
+    gateway_factory: GatewayFactory, framing: Framing
+) -> None:
+    """aiohttp gives a body without a type ``application/octet-stream``: a relayed answer
+    keeps the upstream's headers, none added."""
+    script = Script(headers={"X-Kind": "raw"}, chunks=[b"\x00\x01 raw"], framing=framing)
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        response = await client.get("/v1/files/f1/content")
+        assert await response.read() == b"\x00\x01 raw"
+    assert response.status == 200 and response.headers["X-Kind"] == "raw"
+    assert "Content-Type" not in response.headers
 
 
 async def test_an_idle_connection_is_not_used_once_an_upstream_may_be_closing_it(

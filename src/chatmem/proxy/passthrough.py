@@ -469,6 +469,19 @@ class _LimitedBody:
             raise
 
 
+class _AsItCame(web.StreamResponse):
+    """aiohttp's ``StreamResponse`` without the ``Content-Type:
+    application/octet-stream`` it gives a body that has none: a relayed answer's headers
+    are the upstream's (a client may sniff an untyped body, or take its absence to mean
+    something)."""
+
+    async def _prepare_headers(self) -> None:
+        typed = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall("Content-Type", None)
+
+
 async def relay(
     request: web.Request,
     upstream: Answer,
@@ -495,7 +508,7 @@ async def relay(
     if redactor is not None and error and encoding != "identity":
         return await _decoded_error(upstream, headers, encoding, redactor)
     reason = _masked_reason(upstream.reason, secret)
-    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+    response = _AsItCame(status=upstream.status, reason=reason, headers=headers)
     try:
         await response.prepare(request)
     except ConnectionError:  # the client left before the answer started
