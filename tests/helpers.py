@@ -106,6 +106,17 @@ def chunk(
     }
 
 
+def chat_completion(
+    message: dict[str, Any] | str | None, finish: str | None = "stop", **fields: Any
+) -> dict[str, Any]:
+    """A non-streamed answer of one choice: ``message``, or an assistant message of that
+    text, finished with ``finish``; ``fields`` go beside ``choices`` (``usage``, say)."""
+    if not isinstance(message, dict):
+        message = {"role": "assistant", "content": message}
+    choice = {"index": 0, "message": message, "finish_reason": finish}
+    return {"id": "c", "object": "chat.completion", "model": "m", "choices": [choice], **fields}
+
+
 def sse(payload: Any, newline: bytes = b"\n", space: bool = True) -> bytes:
     """One SSE event with the given line ending."""
     data = payload if isinstance(payload, str) else json.dumps(payload)

@@ -11,7 +11,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, received, upstream_url
+from helpers import GatewayFactory, Rows, chat_completion, received, upstream_url
 from scripted_upstream import Script, scripted_upstream
 from yarl import URL
 
@@ -599,8 +599,7 @@ async def test_an_answers_empty_tool_calls_are_no_calls(
     later turn neither sends ``[]`` (OpenAI refuses it) nor takes the answer for a tool
     turn and sends its reasoning again (h60)."""
     message = {"role": "assistant", "content": "hi", "reasoning_content": "r", "tool_calls": []}
-    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [choice]}).encode()
+    answer = json.dumps(chat_completion(message)).encode()
     script = Script(headers={"Content-Type": "application/json"}, chunks=[answer], framing="length")
     said = {"role": "assistant", "content": "earlier", "reasoning_content": "q", "tool_calls": []}
     async with scripted_upstream(script) as up:

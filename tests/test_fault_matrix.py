@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
-from helpers import GatewayFactory, Rows, answer_events, chunk, sse
+from helpers import GatewayFactory, Rows, answer_events, chat_completion, chunk, sse
 from scripted_upstream import Framing, Script, ScriptedUpstream, scripted_upstream
 
 from chatmem.proxy.sse import SSEParser
@@ -29,9 +29,7 @@ def good_stream(text: str) -> Script:
 
 
 def completion(text: str | None, finish: str | None = "stop") -> bytes:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "finish_reason": finish}
-    return json.dumps({"id": "x", "object": "chat.completion", "choices": [choice]}).encode()
+    return json.dumps(chat_completion(text, finish)).encode()
 
 
 def json_reply(body: bytes, **script: Any) -> Script:

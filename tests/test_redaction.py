@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from helpers import GatewayFactory, Rows, chunk, sse, upstream_url
+from helpers import GatewayFactory, Rows, chat_completion, chunk, sse, upstream_url
 from hypothesis import given
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
@@ -166,13 +166,7 @@ async def test_an_answer_quoting_the_key_is_masked_sent_and_stored(
             headers={"Content-Type": "text/event-stream", "X-Echo": f"Bearer {KEY}"}, chunks=events
         )
     else:
-        message = {"role": "assistant", "content": said}
-        answer = {
-            "id": "c",
-            "object": "chat.completion",
-            "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        }
+        answer = chat_completion(said)
         script = Script(
             headers={"Content-Type": "application/json", "X-Echo": f"Bearer {KEY}"},
             chunks=[json.dumps(answer).encode()],
@@ -395,14 +389,7 @@ async def test_the_key_as_an_object_name_in_the_answer_is_masked_where_stored(
 ) -> None:
     """Values were masked, names were not: a name in ``usage`` was stored as the upstream
     sent it, and the Conversations API listed it back (h56)."""
-    message = {"role": "assistant", "content": "ok"}
-    answer = {
-        "id": "c",
-        "object": "chat.completion",
-        "model": "m",
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, KEY: KEY, "details": {KEY: 2}},
-    }
+    answer = chat_completion("ok", usage={"prompt_tokens": 1, KEY: KEY, "details": {KEY: 2}})
     script = Script(
         headers={"Content-Type": "application/json"},
         chunks=[json.dumps(answer).encode()],

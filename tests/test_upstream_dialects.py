@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 import pytest
-from helpers import GatewayFactory, Rows, chunk, sse
+from helpers import GatewayFactory, Rows, chat_completion, chunk, sse
 from scripted_upstream import Script, scripted_upstream
 
 STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "do two"}]}
@@ -60,8 +60,7 @@ async def stored_then_sent(
 
 def completion(message: dict[str, Any], finish_reason: str) -> bytes:
     """A non-streamed answer of one choice."""
-    choice = {"index": 0, "message": message, "finish_reason": finish_reason}
-    return json.dumps({"object": "chat.completion", "model": "m", "choices": [choice]}).encode()
+    return json.dumps(chat_completion(message, finish_reason)).encode()
 
 
 def json_answer(body: bytes) -> Script:
@@ -141,15 +140,7 @@ async def test_content_streamed_as_parts_is_stored_as_its_text(
 async def test_a_completion_with_content_parts_is_stored_as_its_text(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:
-    message = {"role": "assistant", "content": [{"type": "text", "text": "Whole answer."}]}
-    body = json.dumps(
-        {
-            "id": "c",
-            "object": "chat.completion",
-            "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        }
-    ).encode()
+    body = json.dumps(chat_completion([{"type": "text", "text": "Whole answer."}])).encode()
     script = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url)
@@ -181,14 +172,7 @@ async def test_the_upstreams_cookies_stay_with_the_gateway(
         ]
         content_type = "text/event-stream"
     else:
-        message = {"role": "assistant", "content": "hi"}
-        answer = {
-            "id": "c",
-            "object": "chat.completion",
-            "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        }
-        chunks, content_type = [json.dumps(answer).encode()], "application/json"
+        chunks, content_type = [json.dumps(chat_completion("hi")).encode()], "application/json"
     headers = {
         "Content-Type": content_type,
         "Set-Cookie": "__cf_bm=upstream-session; domain=.llm.example",

@@ -243,9 +243,7 @@ class SQLiteTurns:
     never fail half-way with "database is locked".
     """
 
-    def __init__(
-        self, path: str, busy_timeout_ms: int, resend_reasoning: ResendReasoning = "tool_turns"
-    ) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int, resend_reasoning: ResendReasoning) -> None:
         _bind_none_cheaply()
         self._path = path
         self._resend_reasoning: ResendReasoning = resend_reasoning
