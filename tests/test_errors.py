@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, Rows, received, upstream_url
+from sqlalchemy.exc import DBAPIError
 
 from chatmem.errors import FailureLog
 
@@ -94,4 +96,22 @@ def test_failures_are_logged_once_per_code_and_interval(
         "storage_unavailable: the conversation store is unavailable (ValueError);"
         " 4 more since the last report",
     ]
+    assert "private words" not in caplog.text
+
+
+def test_a_database_failure_is_logged_with_sqlites_own_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk says so in the log (the client gets the usual 503): SQLite's messages
+    name no data.  Through SQLAlchemy the driver's error is the one described, never the
+    wrapper's text, which quotes the statement's values."""
+    full = sqlite3.OperationalError("database or disk is full")
+    wrapped = DBAPIError("INSERT ...", ("private words",), full)
+    log = FailureLog(every=0.0)
+    for cause in (full, wrapped):
+        log.note("storage_unavailable", "the conversation store is unavailable", cause)
+    assert [r.getMessage() for r in caplog.records] == [
+        "storage_unavailable: the conversation store is unavailable"
+        " (OperationalError: database or disk is full)"
+    ] * 2
     assert "private words" not in caplog.text

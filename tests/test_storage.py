@@ -102,6 +102,8 @@ async def test_sqlite_pragmas(sqlite_store: Store) -> None:
         assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
         assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
         assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30000
+        limit = (await conn.exec_driver_sql("PRAGMA journal_size_limit")).scalar()
+        assert limit == 64 * 1024 * 1024
 
 
 async def test_history_query_uses_the_index(sqlite_store: Store, db_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -157,9 +158,21 @@ class FailureLog:
             return
         self._last[code] = now
         more = self._since.pop(code, 0)
-        because = f" ({type(cause).__name__})" if cause is not None else ""
+        because = f" ({described(cause)})" if cause is not None else ""
         also = f"; {more} more since the last report" if more else ""
         log.warning("%s: %s%s%s", code, message, because, also)
+
+
+def described(cause: BaseException) -> str:
+    """A failure's cause for the log: its class and, for SQLite's errors, its message
+    ("database or disk is full"), which names no data, where other drivers' may quote
+    the values of a statement (SQLAlchemy's own wrapper quotes them all)."""
+    driver = getattr(cause, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
+    if isinstance(driver, sqlite3.Error):
+        cause = driver
+    if isinstance(cause, sqlite3.Error):
+        return f"{type(cause).__name__}: {cause}"
+    return type(cause).__name__
 
 
 failures = FailureLog()

@@ -130,6 +130,10 @@ _SILENCE_MARGIN = 5.0
 the server's own error, when it can send one, comes first."""
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the ``-wal`` file is cut back to when it starts over (``journal_size_limit``)."""
+
+
 def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
     """What every connection to a SQLite file is set up with, the gateway's own and
     SQLAlchemy's alike."""
@@ -138,6 +142,9 @@ def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
         "PRAGMA synchronous=NORMAL",
         "PRAGMA foreign_keys=ON",
         f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+        # A WAL that grew past this (a long read held its restart off) is cut back to it
+        # when it starts over; it stays at what 200 commits write otherwise.
+        f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}",
     )
 
 
