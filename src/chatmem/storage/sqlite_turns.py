@@ -76,6 +76,10 @@ _INSERT = (
 # Commits on the event loop's connection between two checkpoints run by the writer thread.
 _CHECKPOINT_EVERY = 200
 
+_RESTART_AFTER_FRAMES = 4096
+"""Pages in the WAL (16 MiB of SQLite's 4 KiB pages) after a checkpoint from which the
+next one holds the writes back, so that the WAL starts over (``_checkpoint_soon``)."""
+
 _MAX_UNSEEN = 10_000
 """Conversations remembered as read missing (see ``SQLiteTurns._unseen``)."""
 
@@ -155,15 +159,20 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+def _checkpoint(conn: sqlite3.Connection) -> int:
+    """A passive checkpoint: the pages the WAL held when it was done."""
+    return cast(int, conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
 
 
-def _checkpointed(done: asyncio.Future[None]) -> None:
-    """A checkpoint that failed is logged; the WAL keeps what it holds, and the next
-    checkpoint copies it (the writes themselves report a database that fails them)."""
-    if not done.cancelled() and (error := done.exception()) is not None:
+def _failed_checkpoint(done: asyncio.Future[int]) -> bool:
+    """Whether a checkpoint failed (or never ran), which is logged: the WAL keeps what it
+    holds, and the next checkpoint copies it."""
+    if done.cancelled():
+        return True
+    if (error := done.exception()) is not None:
         log.warning("SQLite WAL checkpoint failed: %s", error)
+        return True
+    return False
 
 
 def _dump(value: Any) -> str | None:
@@ -508,20 +517,34 @@ class SQLiteTurns:
             self._checkpoint_soon()
 
     def _checkpoint_soon(self) -> None:
-        """Checkpoint on the writer thread, with the turns that finish meanwhile queued
-        behind it there (as behind a batch waiting for the lock, see :meth:`_commit`).
+        """Checkpoint on the writer thread while the loop's connection goes on writing;
+        when the WAL still holds ``_RESTART_AFTER_FRAMES`` pages after that, once more
+        with the turns that finish meanwhile queued behind it there (as behind a batch
+        waiting for the lock, see :meth:`_commit`).
 
         SQLite starts the WAL over only when a write begins with all of it copied into
-        the database.  A checkpoint copies what was committed when it started; while it
-        ran, the loop's connection went on committing, so under load that moment never
-        came and the WAL grew by every commit for as long as the load lasted (153 MB in
-        9 s at 4,500 turns a second).  With the writes held back for the checkpoint's
-        length (a few pages and an fsync), the next write starts the WAL over."""
+        the database.  A checkpoint copies what was committed when it started, and under
+        load the loop's connection commits while it runs, so that moment never came: the
+        WAL grew by every commit for as long as the load lasted (153 MB in 9 s at 4,500
+        turns a second).  The second checkpoint copies what the first left (a few pages
+        and an fsync) with the writes held back, so the next write starts the WAL over.
+        Under a lighter load the first finds no writes going on, and the WAL starts over
+        by itself."""
         loop = asyncio.get_running_loop()
         checkpoint = loop.run_in_executor(self._writer, self._on_thread, _checkpoint)
-        self._waiting.add(checkpoint)
-        checkpoint.add_done_callback(self._waiting.discard)
-        checkpoint.add_done_callback(_checkpointed)
+        checkpoint.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, done: asyncio.Future[int]) -> None:
+        """After a checkpoint: log one that failed (the WAL keeps what it holds, and the
+        next checkpoint copies it); hold the writes back for one more while the WAL is
+        large."""
+        if _failed_checkpoint(done) or done.result() < _RESTART_AFTER_FRAMES:
+            return
+        loop = asyncio.get_running_loop()
+        holding = loop.run_in_executor(self._writer, self._on_thread, _checkpoint)
+        self._waiting.add(holding)
+        holding.add_done_callback(self._waiting.discard)
+        holding.add_done_callback(_failed_checkpoint)
 
     def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[tuple[str, bytes]]:
         """A turn's rows as a read of the window gives them back (``_window_sql``), after a
