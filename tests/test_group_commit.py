@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,40 @@ async def test_a_failing_checkpoint_is_logged_and_the_turns_go_on(
     assert [r.getMessage() for r in caplog.records if r.name == "chatmem.storage"] == [
         "SQLite WAL checkpoint failed: database or disk is full"
     ]
+
+
+async def test_a_checkpoint_that_ends_after_the_store_closed_is_let_be(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second checkpoint, holding the writes back, is not started on a closed store
+    (its writer thread has closed its connection, or is gone)."""
+    monkeypatch.setattr(sqlite_turns, "_RESTART_AFTER_FRAMES", 0)  # always a second one
+    store = await open_store(db_path)
+    turns = store._turns
+    assert turns is not None
+    checkpointing, closing_started = threading.Event(), threading.Event()
+    checkpoints: list[bool] = []
+    real = sqlite_turns._checkpoint
+
+    def checkpoint(conn: sqlite3.Connection) -> int:
+        checkpoints.append(turns._inline is None)
+        checkpointing.set()
+        closing_started.wait(10)  # the first one ends once the store is closing
+        return real(conn)
+
+    monkeypatch.setattr(sqlite_turns, "_checkpoint", checkpoint)
+    for i in range(sqlite_turns._CHECKPOINT_EVERY):
+        await store.commit_turn(ALICE, f"c{i}", system=None, turn=turn(i))
+    await asyncio.get_running_loop().run_in_executor(None, checkpointing.wait, 10)
+    closing = asyncio.create_task(store.close())
+    for _ in range(1000):
+        if turns._inline is None:
+            break
+        await asyncio.sleep(0.001)
+    closing_started.set()
+    await closing
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert checkpoints == [False]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert len(rows(db_path)) == 2 * sqlite_turns._CHECKPOINT_EVERY

@@ -540,6 +540,8 @@ class SQLiteTurns:
         large."""
         if _failed_checkpoint(done) or done.result() < _RESTART_AFTER_FRAMES:
             return
+        if self._inline is None:
+            return  # closed meanwhile
         loop = asyncio.get_running_loop()
         holding = loop.run_in_executor(self._writer, self._on_thread, _checkpoint)
         self._waiting.add(holding)
