@@ -21,8 +21,10 @@ TURN = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 async def store_with_two_turns(db: Path) -> Store:
     store = Store(create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db}")))
     await store.create_schema()
-    for conv in ("a", "b"):
-        for _ in range(2):
+    # Both made before either goes on: a turn of a stored conversation (an upsert) takes
+    # a number from SQLite's AUTOINCREMENT too, and "b" is pk 2 this way.
+    for _ in range(2):
+        for conv in ("a", "b"):
             await store.commit_turn(Owner("t"), conv, system=None, turn=TURN)
     return store
 

@@ -49,7 +49,7 @@ async def test_migrations_make_exactly_the_models_schema(engine: AsyncEngine) ->
     async with engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
         assert await conn.run_sync(_tables) == {"alembic_version", "conversations", "messages"}
-    assert await current_revision(engine) == head_revision() == "0002"
+    assert await current_revision(engine) == head_revision() == "0003"
 
 
 async def test_downgrade_to_base_and_up_again(engine: AsyncEngine) -> None:
@@ -73,9 +73,9 @@ async def test_downgrade_to_base_and_up_again(engine: AsyncEngine) -> None:
 
 
 async def test_startup_creates_an_empty_database(engine: AsyncEngine) -> None:
-    assert await ensure_schema(engine) == "0002"
+    assert await ensure_schema(engine) == "0003"
     assert await ensure_schema(engine) is None  # already at head: nothing to do
-    assert await current_revision(engine) == "0002"
+    assert await current_revision(engine) == "0003"
 
 
 async def test_startup_refuses_an_out_of_date_schema(engine: AsyncEngine) -> None:
@@ -84,7 +84,7 @@ async def test_startup_refuses_an_out_of_date_schema(engine: AsyncEngine) -> Non
         await ensure_schema(engine)
     message = str(caught.value)
     assert "\n" not in message
-    assert "revision 0001" in message and "needs 0002" in message
+    assert "revision 0001" in message and "needs 0003" in message
     assert "chatmem db upgrade" in message
     assert await current_revision(engine) == "0001"  # refused, not touched
 
@@ -111,10 +111,10 @@ async def test_a_database_made_before_migrations_is_adopted(engine: AsyncEngine)
     with pytest.raises(SchemaError, match="made before migrations"):
         await ensure_schema(engine)
     assert await describe_current(engine) == (
-        "none: made before migrations (newest is 0002; `chatmem db upgrade` adopts it)"
+        "none: made before migrations (newest is 0003; `chatmem db upgrade` adopts it)"
     )
     await upgrade(engine)
-    assert await current_revision(engine) == "0002"
+    assert await current_revision(engine) == "0003"
     async with engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
 
@@ -136,21 +136,21 @@ def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None
             assert missing.stderr == f"chatmem db: no database at {path} (db upgrade creates one)\n"
         assert not Path(path).exists()
         Path(path).touch()  # an empty file is a database without a schema
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0002)\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0003)\n"
     upgraded = chatmem("db", "upgrade", "0001", *db, cwd=tmp_path)
     assert upgraded.returncode == 0 and upgraded.stdout == "schema at revision 0001\n"
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0002)\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0003)\n"
 
     for workers in ("1", "2"):  # the master of several workers checks it too
         refused = chatmem("serve", "--port", "1", "--workers", workers, *db, cwd=tmp_path)
         assert refused.returncode == 1
         assert refused.stderr.strip().splitlines()[-1] == (
-            "chatmem: database schema is at revision 0001, this chatmem needs 0002: "
+            "chatmem: database schema is at revision 0001, this chatmem needs 0003: "
             "run `chatmem db upgrade` (same --config/--db) first"
         )
 
-    assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0002\n"
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0002 (up to date)\n"
+    assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0003\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0003 (up to date)\n"
     down = chatmem("db", "downgrade", "base", *db, cwd=tmp_path)
     assert down.returncode == 0 and down.stdout == "schema at revision base\n"
     bad = chatmem("db", "downgrade", "nonsense", *db, cwd=tmp_path)
@@ -181,7 +181,7 @@ async def test_db_commands_leave_alone_a_schema_they_do_not_know(
         await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     current = chatmem("db", "current", *db, cwd=tmp_path)
     assert current.stdout == (
-        "0099 (newer than this chatmem knows; its newest is 0002: upgrade chatmem)\n"
+        "0099 (newer than this chatmem knows; its newest is 0003: upgrade chatmem)\n"
     )
     for command in (
         ["upgrade"],
@@ -193,7 +193,7 @@ async def test_db_commands_leave_alone_a_schema_they_do_not_know(
         assert refused.returncode == 1, command
         assert refused.stderr.strip().splitlines()[-1] == (
             "chatmem db: database schema is at revision 0099, newer than this chatmem knows"
-            " (its newest is 0002): upgrade chatmem"
+            " (its newest is 0003): upgrade chatmem"
         )
     assert await current_revision(engine) == "0099"
 
@@ -226,6 +226,48 @@ async def test_adopting_tables_made_from_the_current_models(engine: AsyncEngine)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     await upgrade(engine)
-    assert await current_revision(engine) == "0002"
+    assert await current_revision(engine) == "0003"
     async with engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
+
+
+async def test_0003_keeps_every_row_and_never_gives_a_number_back(engine: AsyncEngine) -> None:
+    """SQLite makes ``conversations`` anew for AUTOINCREMENT: the migration runs with
+    foreign keys off, or dropping the old table would have deleted every message.  On
+    PostgreSQL it changes nothing (a sequence never gives a number back)."""
+    await upgrade(engine, "0002")
+    store = Store(engine)
+    for name in ("a", "b", "c"):
+        turn = [{"role": "user", "content": name}, {"role": "assistant", "content": name * 2}]
+        await store.commit_turn(
+            Owner("t"), name, system=[{"role": "system", "content": name}], turn=turn
+        )
+    before = await _rows(engine)
+    await upgrade(engine)
+    assert await _rows(engine) == before
+    async with engine.connect() as conn:
+        assert await conn.run_sync(_diff) == []
+    # The newest conversation deleted: the next one must not get its number.
+    newest = max(pk for pk, *_ in before["conversations"])
+    assert await store.delete_conversation(Owner("t"), "c")
+    await store.commit_turn(Owner("t"), "d", system=None, turn=[{"role": "user", "content": "d"}])
+    rows = await _rows(engine)
+    assert [pk for pk, name, *_ in rows["conversations"] if name == "d"] == [newest + 1]
+
+
+async def _rows(engine: AsyncEngine) -> dict[str, list[tuple[object, ...]]]:
+    async with engine.connect() as conn:
+        return {
+            "conversations": [
+                tuple(r)
+                for r in await conn.execute(
+                    text("SELECT pk, id, system_prompt, last_seq FROM conversations ORDER BY pk")
+                )
+            ],
+            "messages": [
+                tuple(r)
+                for r in await conn.execute(
+                    text("SELECT conversation_pk, seq, role, content FROM messages ORDER BY pk")
+                )
+            ],
+        }

@@ -112,7 +112,7 @@ async def test_both_instances_migrated_the_empty_database_once(
     gateways: list[str], pg_url: str
 ) -> None:
     assert await fetch(pg_url, "SELECT version_num FROM alembic_version") == [
-        {"version_num": "0002"}
+        {"version_num": "0003"}
     ]
 
 

@@ -379,6 +379,26 @@ async def test_a_turn_whose_conversation_was_deleted_and_created_again_is_checke
     assert (await store.load_history(OWNER, "c", 200)).messages == again
 
 
+async def test_the_newest_conversation_deleted_and_created_again_is_not_taken_for_it(
+    store: Store,
+) -> None:
+    """As above with the conversation the newest one (h65): SQLite gave a deleted row's
+    number to the next row made, so the conversation made again was the same row to the
+    check, and a plain turn answered from the deleted history was stored in it (found
+    with a slow turn while another client deleted and re-made the conversation).  Row
+    numbers are never given back now (migration 0003), on SQLite as on PostgreSQL."""
+    read = await store.load_history(OWNER, "c", 200)
+    assert await store.delete_conversation(OWNER, "c")
+    again = [user(f"n{i}") if i % 2 else assistant(f"n{i}") for i in range(1, read.last_seq + 1)]
+    await store.commit_turn(OWNER, "c", system=None, turn=again)
+    assert (await store.load_history(OWNER, "c", 200)).last_seq == read.last_seq
+    with pytest.raises(ConversationChanged, match="was deleted while this turn was answered"):
+        await store.commit_turn(
+            OWNER, "c", system=None, turn=[user("more"), assistant("x")], after=read.read_at
+        )
+    assert (await store.load_history(OWNER, "c", 200)).messages == again
+
+
 async def test_a_turn_whose_conversation_was_deleted_meanwhile_does_not_bring_it_back(
     store: Store,
 ) -> None:

@@ -129,15 +129,41 @@ def _check(connection: Connection, create: bool) -> str | None:
 
 async def _locked(engine: AsyncEngine, work: Callable[..., T], *args: Any) -> T:
     async with engine.connect() as conn:
-        if is_sqlite(engine):
-            await conn.execution_options(**{WRITE: True})
-        async with conn.begin():
-            if not is_sqlite(engine):
+        if not is_sqlite(engine):
+            async with conn.begin():
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK}
                 )
-            return await conn.run_sync(work, *args)
+                return await conn.run_sync(work, *args)
+        await conn.execution_options(**{WRITE: True})
+        # SQLite changes a table by making it anew and dropping the old one, and with
+        # foreign keys on, dropping `conversations` would delete every message (ON DELETE
+        # CASCADE).  The pragma is a no-op inside a transaction: it is set before.
+        await conn.run_sync(_foreign_keys, False)
+        try:
+            async with conn.begin():
+                result = await conn.run_sync(work, *args)
+                await conn.run_sync(_check_foreign_keys)
+                return result
+        finally:
+            await conn.run_sync(_foreign_keys, True)
     raise AssertionError("unreachable")
+
+
+def _foreign_keys(connection: Connection, on: bool) -> None:
+    """SQLite's foreign key checks on or off for ``connection``, outside a transaction."""
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    finally:
+        cursor.close()
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    """Refuse (roll back) a migration that left a row pointing at no row."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise SchemaError(f"the migration left {len(broken)} rows without their parent row")
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:

@@ -34,6 +34,8 @@ class Conversation(Base):
         UniqueConstraint("tenant", "user_id", "id", name="uq_conversations_owner_id"),
         Index("ix_conversations_owner_created", "tenant", "user_id", "created_at", "pk"),
         Index("ix_conversations_updated", "updated_at"),
+        # A deleted conversation's number is never given to another (migration 0003).
+        {"sqlite_autoincrement": True},
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
