@@ -3,6 +3,7 @@ down and up again, and the start-up check migrates only an empty database."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -271,3 +272,25 @@ async def _rows(engine: AsyncEngine) -> dict[str, list[tuple[object, ...]]]:
                 )
             ],
         }
+
+
+async def test_a_migration_after_which_rows_point_at_no_row_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """SQLite migrates with foreign keys off; ``PRAGMA foreign_key_check`` before the
+    commit refuses what would leave a message without its conversation.  (PostgreSQL
+    keeps its foreign keys on throughout.)"""
+    database = tmp_path / "chatmem.db"
+    engine = create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{database}"))
+    try:
+        await upgrade(engine)
+        with sqlite3.connect(database) as raw:  # foreign keys are off unless asked for
+            raw.execute(
+                "INSERT INTO messages (conversation_pk, seq, role, created_at)"
+                " VALUES (99, 1, 'user', 0)"
+            )
+        with pytest.raises(SchemaError, match="1 rows point at no row: nothing was changed"):
+            await downgrade(engine, "0002")
+        assert await current_revision(engine) == "0003"
+    finally:
+        await engine.dispose()

@@ -142,8 +142,10 @@ async def _locked(engine: AsyncEngine, work: Callable[..., T], *args: Any) -> T:
         await conn.run_sync(_foreign_keys, False)
         try:
             async with conn.begin():
+                before = await conn.run_sync(_current)
                 result = await conn.run_sync(work, *args)
-                await conn.run_sync(_check_foreign_keys)
+                if await conn.run_sync(_current) != before:  # a start-up check: no scan
+                    await conn.run_sync(_check_foreign_keys)
                 return result
         finally:
             await conn.run_sync(_foreign_keys, True)
@@ -160,10 +162,13 @@ def _foreign_keys(connection: Connection, on: bool) -> None:
 
 
 def _check_foreign_keys(connection: Connection) -> None:
-    """Refuse (roll back) a migration that left a row pointing at no row."""
+    """Refuse (roll back) a migration after which a row points at no row."""
     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if broken:
-        raise SchemaError(f"the migration left {len(broken)} rows without their parent row")
+        raise SchemaError(
+            f"after the migration {len(broken)} rows point at no row: nothing was changed"
+            " (`chatmem db check` lists them)"
+        )
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
