@@ -492,12 +492,16 @@ class SQLiteTurns:
         self, batch: Sequence[_TurnArgs], futures: list[asyncio.Future[None]]
     ) -> None:
         """Write ``batch`` on the writer thread, whose connection waits for the lock."""
-        waiting = asyncio.ensure_future(
-            self._run(self._writer, self._on_thread, self._write, batch)
-        )
-        self._waiting.add(waiting)
-        waiting.add_done_callback(self._waiting.discard)
+        waiting = self._ahead_of_writes(self._write, batch)
         waiting.add_done_callback(lambda done: _settle_from(futures, done))
+
+    def _ahead_of_writes(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn`` on the writer thread; until it is done, the turns that finish queue
+        behind it there instead of being written on the loop's connection (:meth:`_commit`)."""
+        work = asyncio.get_running_loop().run_in_executor(self._writer, self._on_thread, fn, *args)
+        self._waiting.add(work)
+        work.add_done_callback(self._waiting.discard)
+        return work
 
     def _committed(self, batch: Sequence[_TurnArgs], written: Sequence[_Written]) -> None:
         """After a commit on the loop's connection: the windows grow, checkpoints are due."""
@@ -542,11 +546,7 @@ class SQLiteTurns:
             return
         if self._inline is None:
             return  # closed meanwhile
-        loop = asyncio.get_running_loop()
-        holding = loop.run_in_executor(self._writer, self._on_thread, _checkpoint)
-        self._waiting.add(holding)
-        holding.add_done_callback(self._waiting.discard)
-        holding.add_done_callback(_failed_checkpoint)
+        self._ahead_of_writes(_checkpoint).add_done_callback(_failed_checkpoint)
 
     def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[tuple[str, bytes]]:
         """A turn's rows as a read of the window gives them back (``_window_sql``), after a
