@@ -227,7 +227,9 @@ EVERY_FIELD_TURN: list[dict[str, Any]] = [
 async def open_store(path_or_url: Path | str, *, one_hop: bool = True, **settings: Any) -> Store:
     """A Store on a SQLite file (a path) or any database URL, with its schema created."""
     url = path_or_url if isinstance(path_or_url, str) else f"sqlite+aiosqlite:///{path_or_url}"
-    store = Store(create_engine(StorageConfig(url=url, **settings)), direct=one_hop)
+    config = StorageConfig(url=url, **settings)
+    # As the gateway builds it (state.py): the fast path's connections wait as long.
+    store = Store(create_engine(config), busy_timeout_ms=config.busy_timeout_ms, direct=one_hop)
     await store.create_schema()
     return store
 

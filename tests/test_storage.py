@@ -213,6 +213,59 @@ async def test_a_turn_never_overtakes_one_waiting_for_the_lock(
     ]
 
 
+class _ApiWriteFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("api_write_fails", [False, True])
+async def test_turns_wait_for_the_gateways_own_api_write_and_are_not_lost(
+    db_path: Path, api_write_fails: bool
+) -> None:
+    """The Conversations API's writes (SQLAlchemy, in ``Store._write``) hold the write lock
+    over several passes of the event loop.  Turns that finish meanwhile wait for the
+    transaction, and are committed after it in the order they came, however long it
+    takes: before, each went to the writer thread, whose busy handler slept between
+    tries and gave up after ``busy_timeout`` (here 50 ms), and the turn was lost.  A
+    transaction that fails (rolled back) lets them go on as well."""
+    store = await open_store(db_path, busy_timeout_ms=50)
+    try:
+        await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+        failing = pytest.raises(_ApiWriteFailed) if api_write_fails else contextlib.nullcontext()
+        with failing:
+            async with store._write() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO conversations (id, tenant, user_id, last_seq, created_at,"
+                        " updated_at) VALUES ('api', 'team-a', 'alice', 0, 0, 0)"
+                    )
+                )
+                second = asyncio.ensure_future(
+                    store.commit_turn(ALICE, "c", system=None, turn=turn(2))
+                )
+                third = asyncio.ensure_future(
+                    store.commit_turn(ALICE, "c", system=None, turn=turn(3))
+                )
+                await asyncio.sleep(0.2)  # four busy timeouts
+                assert not second.done() and not third.done()
+                if api_write_fails:
+                    raise _ApiWriteFailed
+        await asyncio.wait_for(asyncio.gather(second, third), 10)
+        stored = await all_rows(store, "SELECT id FROM conversations ORDER BY pk")
+        assert stored == ([("c",)] if api_write_fails else [("c",), ("api",)])
+        assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY pk") == [
+            (1, '"q1"'),
+            (2, '"a1"'),
+            (3, '"q2"'),
+            (4, '"a2"'),
+            (5, '"q3"'),
+            (6, '"a3"'),
+        ]
+        history = await store.load_history(ALICE, "c", limit=10)
+        assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    finally:
+        await store.close()
+
+
 async def _age(store: Store, conversation_id: str, days: float) -> None:
     async with store.engine.begin() as conn:
         await conn.execute(

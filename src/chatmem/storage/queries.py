@@ -311,8 +311,9 @@ class Store(ConversationItems):
         async with self._write_lock or contextlib.nullcontext(), _checked_out(self.engine) as conn:
             if self._write_lock is not None:
                 await conn.execution_options(**{WRITE: True})
-            async with conn.begin():
-                yield conn
+            with self._turns.holding_commits() if self._turns else contextlib.nullcontext():
+                async with conn.begin():
+                    yield conn
 
     @asynccontextmanager
     async def _driver(self, *, writing: bool) -> AsyncIterator[asyncpg.Connection]:
