@@ -28,6 +28,10 @@ def turn(i: int) -> list[dict[str, object]]:
     ]
 
 
+THREE_TURNS = [(1, '"q1"'), (2, '"a1"'), (3, '"q2"'), (4, '"a2"'), (5, '"q3"'), (6, '"a3"')]
+"""The rows (seq, content) of ``turn(1)`` to ``turn(3)`` stored in order."""
+
+
 async def all_rows(store: Store, query: str) -> list[tuple[Any, ...]]:
     async with store.engine.connect() as conn:
         return [tuple(row) for row in await conn.execute(text(query))]
@@ -203,14 +207,7 @@ async def test_a_turn_never_overtakes_one_waiting_for_the_lock(
         other.close()
     await store.commit_turn(ALICE, "c", system=None, turn=turn(3))
     await asyncio.wait_for(earlier, 10)
-    assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY seq") == [
-        (1, '"q1"'),
-        (2, '"a1"'),
-        (3, '"q2"'),
-        (4, '"a2"'),
-        (5, '"q3"'),
-        (6, '"a3"'),
-    ]
+    assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY seq") == THREE_TURNS
 
 
 class _ApiWriteFailed(Exception):
@@ -252,14 +249,7 @@ async def test_turns_wait_for_the_gateways_own_api_write_and_are_not_lost(
         await asyncio.wait_for(asyncio.gather(second, third), 10)
         stored = await all_rows(store, "SELECT id FROM conversations ORDER BY pk")
         assert stored == ([("c",)] if api_write_fails else [("c",), ("api",)])
-        assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY pk") == [
-            (1, '"q1"'),
-            (2, '"a1"'),
-            (3, '"q2"'),
-            (4, '"a2"'),
-            (5, '"q3"'),
-            (6, '"a3"'),
-        ]
+        assert await all_rows(store, "SELECT seq, content FROM messages ORDER BY pk") == THREE_TURNS
         history = await store.load_history(ALICE, "c", limit=10)
         assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2", "q3", "a3"]
     finally:
