@@ -84,6 +84,15 @@ def test_stalled_clients_run_with_tiny_counts() -> None:
     assert "after they left:" in result.stdout, result.stdout
 
 
+def test_chat_beside_api_writes_runs_with_tiny_counts() -> None:
+    result = run_module(
+        "benchmarks.api_writes", "--rates", "0,20", "--clients", "2", "--seconds", "1"
+    )
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(row[0], row[1]) for row in rows] == [("this", "0"), ("this", "20")], result.stdout
+    assert rows[1][5] != "nan", result.stdout  # API writes were made and timed
+
+
 def test_storage_comparison_runs_with_tiny_counts(pg_url: str) -> None:
     result = run_module("benchmarks.storage", "--quick", "--db", pg_url)
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
