@@ -30,7 +30,7 @@ from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
 
-from .procs import ROOT, free_port, start
+from .procs import ROOT, chat_turn, free_port, start
 
 __all__ = ["main"]
 
@@ -47,16 +47,6 @@ def _ms(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def _timed(pool: UpstreamPool, path: str, headers: dict[str, str], body: bytes) -> float:
-    """One POST, read whole; its time.  Anything but a 200 is an error."""
-    started = time.perf_counter()
-    async with await pool.post(path, headers, body) as response:
-        await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path}: the gateway answered {response.status}")
-    return time.perf_counter() - started
-
-
 async def _load(
     base: str, clients: int, rate: float, seconds: float
 ) -> tuple[list[float], list[float]]:
@@ -68,14 +58,17 @@ async def _load(
 
     async def chat_client() -> None:
         while time.perf_counter() < deadline:
-            headers = {**_JSON, "X-Conversation-Id": uuid.uuid4().hex}
-            body = json.dumps(
-                {"model": "bench", "messages": [{"role": "user", "content": "a question"}]}
-            ).encode()
-            chat.append(await _timed(pool, "/v1/chat/completions", headers, body))
+            started = time.perf_counter()
+            await chat_turn(pool, uuid.uuid4().hex, tokens=16, stream=False)  # mock's default
+            chat.append(time.perf_counter() - started)
 
     async def api_write() -> None:
-        api.append(await _timed(pool, "/v1/conversations", _JSON, _API_BODY))
+        started = time.perf_counter()
+        async with await pool.post("/v1/conversations", _JSON, _API_BODY) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"the gateway answered {response.status} to an API write")
+        api.append(time.perf_counter() - started)
 
     async def api_writer() -> None:
         writes: list[asyncio.Task[None]] = []
