@@ -18,8 +18,9 @@ async def health(_request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when the database answers; 503 (``storage_unavailable``) when it does not."""
-    await gateway_of(request).store.ping()
+    """Ready when the database answers and takes writes; 503 (``storage_unavailable``)
+    when it does not (see ``Store.check_ready``)."""
+    await gateway_of(request).store.check_ready()
     return json_response({"status": "ok", "database": "ok"})
 
 

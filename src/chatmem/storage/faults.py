@@ -22,9 +22,10 @@ __all__ = [
 
 # 08 connection exception, 53 insufficient resources (too many connections, disk full),
 # 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
-# 58 system error (I/O), 55P03 lock not available (lock_timeout).
+# 58 system error (I/O), 55P03 lock not available (lock_timeout), 25006 read-only SQL
+# transaction (a database set read-only, a hot standby after a failover: was a 500).
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-_UNAVAILABLE_CODES = ("55P03",)
+_UNAVAILABLE_CODES = ("55P03", "25006")
 # Serialization failure and deadlock: the transaction was rolled back and may be re-run.
 _RETRYABLE_CODES = ("40001", "40P01")
 BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError)

@@ -52,6 +52,7 @@ from .rows import (
     to_row,
 )
 from .sqlite_turns import SQLiteTurns
+from .write_health import WriteHealth
 
 __all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
 
@@ -62,6 +63,11 @@ log = logging.getLogger("chatmem.storage")
 # A write transaction that fails with a serialization failure or a deadlock is re-run this
 # many times in all (with a short random pause) before the client gets a 503.
 WRITE_ATTEMPTS = 5
+
+_PROBE_EVERY = 1.0
+"""Seconds between two write probes of :meth:`Store.check_ready`."""
+_PROBE_ID = "chatmem ready probe"
+"""The probe row's conversation id: a space, so no request's (they are checked)."""
 
 # Fields of a chat message that are stored and sent back upstream as history (the
 # reasoning as memory.resend_reasoning says, see rows.resent_reasoning).
@@ -256,8 +262,11 @@ class Store(ConversationItems):
         self._resend_reasoning: ResendReasoning = resend_reasoning
         # The per-request queries on a SQLite file take the fast path (see sqlite_turns).
         database = engine.url.database
+        self.health = WriteHealth()
+        """How the latest write transaction ended (see :meth:`check_ready`)."""
+        self._probed_at = -_PROBE_EVERY
         self._turns = (
-            SQLiteTurns(database, busy_timeout_ms, resend_reasoning)
+            SQLiteTurns(database, busy_timeout_ms, resend_reasoning, self.health)
             if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
@@ -308,12 +317,20 @@ class Store(ConversationItems):
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock or contextlib.nullcontext(), _checked_out(self.engine) as conn:
-            if self._write_lock is not None:
-                await conn.execution_options(**{WRITE: True})
-            with self._turns.holding_commits() if self._turns else contextlib.nullcontext():
-                async with conn.begin():
-                    yield conn
+        try:
+            async with (
+                self._write_lock or contextlib.nullcontext(),
+                _checked_out(self.engine) as conn,
+            ):
+                if self._write_lock is not None:
+                    await conn.execution_options(**{WRITE: True})
+                with self._turns.holding_commits() if self._turns else contextlib.nullcontext():
+                    async with conn.begin():
+                        yield conn
+        except StorageUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        self.health.wrote()
 
     @asynccontextmanager
     async def _driver(self, *, writing: bool) -> AsyncIterator[asyncpg.Connection]:
@@ -365,6 +382,39 @@ class Store(ConversationItems):
     async def ping(self) -> None:
         """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
         await self._run_read(lambda conn: conn.execute(select(conversations.c.pk).limit(1)))
+
+    async def check_ready(self) -> None:
+        """``/v1/ready``: the database answers a read (:meth:`ping`) and, once it refused a
+        write, takes one again: a conversation row inserted and deleted in one transaction,
+        so never seen, with an owner no request has (the tenant is never empty).  Probed
+        at most once every ``_PROBE_EVERY`` seconds, however often ``/v1/ready`` is asked
+        (it needs no token); :class:`StorageUnavailable` while writes are refused.
+
+        Not proof that a turn fits: a SQLite file that can no longer grow still takes a
+        write into the space its WAL already has, and a turn needs more pages than the
+        probe (see README, "When things fail")."""
+        await self.ping()
+        if self.health.refusing is None:
+            return
+        refused = StorageUnavailable("the conversation store refuses writes")
+        now = time.monotonic()
+        if now - self._probed_at < _PROBE_EVERY:
+            raise refused
+        self._probed_at = now
+        probe = (
+            insert(conversations)
+            .values(id=_PROBE_ID, tenant="", user_id="", last_seq=0, created_at=0, updated_at=0)
+            .returning(conversations.c.pk)
+        )
+
+        async def write(conn: AsyncConnection) -> None:
+            pk = (await conn.execute(probe)).scalar_one()
+            await conn.execute(delete(conversations).where(conversations.c.pk == pk))
+
+        try:
+            await self._run_write(write)
+        except (StorageUnavailable, SQLAlchemyError) as exc:
+            raise refused from exc
 
     async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` in one write transaction (see :meth:`_retried`)."""
@@ -603,7 +653,12 @@ class Store(ConversationItems):
                         after,
                     )
 
-            await self._retried(append, harmless=True)
+            try:
+                await self._retried(append, harmless=True)
+            except StorageUnavailable as exc:
+                self.health.failed(exc)
+                raise
+            self.health.wrote()
             return
         count = len(turn)
         upsert = self._insert(conversations).values(

@@ -32,6 +32,7 @@ from .engine import sqlite_pragmas
 from .pairing import check_still_there, check_turn, overtaken
 from .rows import resends_reasoning, resent_reasoning
 from .window_cache import WindowCache
+from .write_health import WriteHealth
 
 __all__ = ["SQLiteTurns"]
 
@@ -263,9 +264,17 @@ class SQLiteTurns:
     never fail half-way with "database is locked".
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int, resend_reasoning: ResendReasoning) -> None:
+    def __init__(
+        self,
+        path: str,
+        busy_timeout_ms: int,
+        resend_reasoning: ResendReasoning,
+        health: WriteHealth | None = None,
+    ) -> None:
         _bind_none_cheaply()
         self._path = path
+        self._health = health or WriteHealth()
+        """Told how each write transaction ended (``/v1/ready``)."""
         self._resend_reasoning: ResendReasoning = resend_reasoning
         self._window_sql = _WINDOW.format(reasoning=resent_reasoning(resend_reasoning))
         self._busy_timeout_ms = busy_timeout_ms
@@ -511,11 +520,15 @@ class SQLiteTurns:
             if _busy(exc):
                 self._wait_for_lock(batch, futures)
             else:
+                self._health.failed(exc)
                 _settle(futures, [exc] * len(futures))
             return
         except Exception as exc:  # handed to every caller of the batch
+            if isinstance(exc, sqlite3.Error):
+                self._health.failed(exc)
             _settle(futures, [exc] * len(futures))
             return
+        self._health.wrote()
         self._committed(batch, written)
         _settle(futures, written)
 
@@ -524,7 +537,18 @@ class SQLiteTurns:
     ) -> None:
         """Write ``batch`` on the writer thread, whose connection waits for the lock."""
         waiting = self._ahead_of_writes(self._write, batch)
-        waiting.add_done_callback(lambda done: _settle_from(futures, done))
+        waiting.add_done_callback(lambda done: self._written_on_thread(futures, done))
+
+    def _written_on_thread(
+        self, futures: Sequence[asyncio.Future[None]], done: asyncio.Future[list[_Written]]
+    ) -> None:
+        if not done.cancelled():
+            error = done.exception()
+            if error is None:
+                self._health.wrote()
+            elif isinstance(error, sqlite3.Error):
+                self._health.failed(error)  # contention (a lock past busy_timeout) aside
+        _settle_from(futures, done)
 
     def _ahead_of_writes(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn`` on the writer thread; until it is done, the turns that finish queue

@@ -1,0 +1,215 @@
+"""``/v1/ready`` when the database answers reads but refuses writes: a SQLite file that
+cannot grow (the gateway's file size limit, as on a full disk) and a PostgreSQL database
+made read-only.  A real ``chatmem serve`` on each, asked over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from helpers import Process, free_port, upstream_url
+from pg import connect, fetch
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from chatmem.errors import StorageUnavailable
+from chatmem.mock_upstream import create_mock_app
+from chatmem.storage.write_health import WriteHealth
+
+REFUSED = {
+    "message": "the conversation store refuses writes",
+    "type": "server_error",
+    "param": None,
+    "code": "storage_unavailable",
+}
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(create_mock_app(tokens=4))
+    return server
+
+
+async def turn(session: aiohttp.ClientSession, base: str, words: str) -> tuple[int, Any]:
+    body = {"model": "m", "messages": [{"role": "user", "content": words}]}
+    headers = {"X-Conversation-Id": "c1"}
+    async with session.post(base + "/v1/chat/completions", json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def ready(session: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
+    async with session.get(base + "/v1/ready") as resp:
+        return resp.status, await resp.json()
+
+
+async def ready_again(session: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
+    """``/v1/ready`` asked until it is 200 (it probes a write at most once a second), for
+    up to 10 s; its last answer."""
+    for _ in range(100):
+        status, body = await ready(session, base)
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    return status, body
+
+
+async def refuses_and_recovers(
+    base: str,
+    refuse: Callable[[], Awaitable[None]],
+    allow: Callable[[], Awaitable[None]],
+) -> None:
+    """Ready, then a turn refused by the database makes ``/v1/ready`` 503 until writes are
+    allowed again, when it and the turns are back without a restart."""
+    async with aiohttp.ClientSession() as session:
+        assert (await turn(session, base, "stored"))[0] == 200
+        assert await ready(session, base) == (200, {"status": "ok", "database": "ok"})
+        await refuse()
+        status, body = await turn(session, base, "refused")
+        assert (status, body["error"]["code"]) == (503, "storage_unavailable")
+        assert await ready(session, base) == (503, {"error": REFUSED})
+        assert await ready(session, base) == (503, {"error": REFUSED})  # read still works
+        assert (await turn(session, base, "refused again"))[0] == 503
+        async with session.post(base + "/v1/conversations", json={"items": []}) as resp:
+            assert (resp.status, (await resp.json())["error"]["code"]) == (
+                503,
+                "storage_unavailable",
+            )
+        await allow()
+        assert await ready_again(session, base) == (200, {"status": "ok", "database": "ok"})
+        assert (await turn(session, base, "stored again"))[0] == 200
+
+
+def logged(process: Process) -> str:
+    process.proc.send_signal(signal.SIGINT)
+    _, err = process.proc.communicate(timeout=20)
+    assert process.proc.returncode == 0
+    return err.decode()
+
+
+def gateway(db: str, upstream: TestServer) -> tuple[Process, str]:
+    port = free_port()
+    process = Process(
+        ["serve", "--port", str(port), "--db", db, "--upstream", upstream_url(upstream)]
+    )
+    process.wait_ready(f"http://127.0.0.1:{port}/v1/health")
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def test_sqlite_file_that_cannot_grow(upstream: TestServer, tmp_path: Path) -> None:
+    """The gateway's file size limit (``RLIMIT_FSIZE``) at 4 KiB: SQLite's writes to its WAL
+    and its file fail as on a full disk, its reads still work."""
+    db = tmp_path / "chat.db"
+    process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+    async def refuse() -> None:
+        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    async def allow() -> None:
+        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+
+    try:
+        await refuses_and_recovers(base, refuse, allow)
+    finally:
+        if process.proc.poll() is None:
+            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        log = logged(process)
+    url = f"sqlite+aiosqlite:///{db}"
+    await assert_stored(url, "sqlite", ["stored", "stored again"])
+    assert "the conversation store refuses writes (OperationalError: " in log
+    assert "the conversation store takes writes again" in log
+
+
+async def test_postgresql_database_made_read_only(upstream: TestServer, pg_url: str) -> None:
+    """``default_transaction_read_only`` on the database, and the gateway's sessions ended
+    so that its new ones take it up: every write fails (25006), reads go on."""
+    process, base = gateway(pg_url, upstream)
+    admin = await connect(pg_url)
+    database = await admin.fetchval("SELECT current_database()")
+
+    async def read_only(setting: str) -> None:
+        await admin.execute(f'ALTER DATABASE "{database}" {setting}')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    try:
+        await refuses_and_recovers(
+            base,
+            lambda: read_only("SET default_transaction_read_only = on"),
+            lambda: read_only("RESET default_transaction_read_only"),
+        )
+    finally:
+        await admin.close()
+        log = logged(process)
+    await assert_stored(pg_url, "postgresql", ["stored", "stored again"])
+    assert "the conversation store refuses writes (" in log
+    assert "the conversation store takes writes again" in log
+
+
+async def assert_stored(url: str, kind: str, questions: list[str]) -> None:
+    """Only the turns that were answered 200 are stored, and the probe left no row."""
+    query = (
+        "SELECT c.tenant, c.id, m.role, m.content FROM conversations c"
+        " JOIN messages m ON m.conversation_pk = c.pk ORDER BY m.seq"
+    )
+    if kind == "sqlite":
+        with sqlite3.connect(url.split("///", 1)[1]) as conn:
+            rows = conn.execute(query).fetchall()
+            conversations = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
+    else:
+        rows = [tuple(row.values()) for row in await fetch(url, query)]
+        conversations = (await fetch(url, "SELECT count(*) AS n FROM conversations"))[0]["n"]
+    assert conversations == 1
+    users = [content for _, _, role, content in rows if role == "user"]
+    assert [str(content).strip('"') for content in users] == questions
+    assert {(tenant, conv) for tenant, conv, _, _ in rows} == {("default", "c1")}
+    assert len(rows) == 2 * len(questions)
+
+
+def test_only_the_databases_refusal_counts() -> None:
+    """Another writer in the way (SQLite's lock past busy_timeout, PostgreSQL's
+    serialization failure or lock_timeout, a pool with no connection free) leaves the
+    store ready; a full disk, a read-only file or database does not, and the next write
+    that goes through makes it ready again."""
+
+    def wrapped(orig: Exception) -> StorageUnavailable:
+        error = StorageUnavailable("the conversation store is unavailable")
+        error.__cause__ = DBAPIError("INSERT ...", ("private words",), orig)
+        error.__cause__.__cause__ = orig
+        return error
+
+    def pg(code: str) -> Exception:
+        error = Exception("pg")
+        error.sqlstate = code  # type: ignore[attr-defined]
+        return error
+
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    read_only = sqlite3.OperationalError("attempt to write a readonly database")
+    read_only.sqlite_errorcode = sqlite3.SQLITE_READONLY  # type: ignore[attr-defined]
+    for error in (busy, wrapped(busy), wrapped(pg("40001")), wrapped(pg("55P03")), PoolTimeout()):
+        health = WriteHealth()
+        health.failed(error)
+        assert health.refusing is None, error
+    health = WriteHealth()
+    for error, said in (
+        (wrapped(full), "OperationalError: database or disk is full"),
+        (read_only, "OperationalError: attempt to write a readonly database"),
+        (wrapped(pg("25006")), "Exception"),  # other drivers' words may quote values
+    ):
+        health.failed(error)
+        assert health.refusing == said
+    health.wrote()
+    assert health.refusing is None
