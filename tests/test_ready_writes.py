@@ -128,6 +128,39 @@ async def test_sqlite_file_that_cannot_grow(upstream: TestServer, tmp_path: Path
     assert "the conversation store takes writes again" in log
 
 
+async def test_a_probe_that_finds_the_lock_taken_answers_at_once(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """Writes were refused, the disk has room again, but another connection holds the
+    write lock: ``/v1/ready`` answers 503 while the lock is held, without waiting for it
+    (``busy_timeout_ms`` is 30 s: a probe that waited would not answer before the lock
+    is let go, and ``wait_for`` would give up), and 200 once it is free."""
+    db = tmp_path / "chat.db"
+    process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
+    limits = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert (await turn(session, base, "stored"))[0] == 200
+            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (4096, limits[1]))
+            assert (await turn(session, base, "refused"))[0] == 503
+            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, limits)
+            other = sqlite3.connect(db, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                for _ in range(3):  # the probe runs in the first, or a second later
+                    answer = await asyncio.wait_for(ready(session, base), 10)
+                    assert answer == (503, {"error": REFUSED})
+                    await asyncio.sleep(0.6)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert await ready_again(session, base) == (200, {"status": "ok", "database": "ok"})
+    finally:
+        if process.proc.poll() is None:
+            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, limits)
+        logged(process)
+
+
 async def test_postgresql_database_made_read_only(upstream: TestServer, pg_url: str) -> None:
     """``default_transaction_read_only`` on the database, and the gateway's sessions ended
     so that its new ones take it up: every write fails (25006), reads go on."""

@@ -390,6 +390,10 @@ class Store(ConversationItems):
         at most once every ``_PROBE_EVERY`` seconds, however often ``/v1/ready`` is asked
         (it needs no token); :class:`StorageUnavailable` while writes are refused.
 
+        On SQLite's fast path the probe runs on the event loop's connection, which never
+        waits: another writer holding the lock gets a 503 at once (contention does not
+        tell whether the database takes writes).
+
         Not proof that a turn fits: a SQLite file that can no longer grow still takes a
         write into the space its WAL already has, and a turn needs more pages than the
         probe (see README, "When things fail")."""
@@ -412,9 +416,12 @@ class Store(ConversationItems):
             await conn.execute(delete(conversations).where(conversations.c.pk == pk))
 
         try:
-            await self._run_write(write)
-        except (StorageUnavailable, SQLAlchemyError) as exc:
-            raise refused from exc
+            if self._turns is not None:
+                self._turns.probe_write(_PROBE_ID)
+            else:
+                await self._run_write(write)
+        except (sqlite3.Error, StorageUnavailable, SQLAlchemyError) as exc:
+            raise refused from (exc.__cause__ if isinstance(exc, StorageUnavailable) else exc)
 
     async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` in one write transaction (see :meth:`_retried`)."""

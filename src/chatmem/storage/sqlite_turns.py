@@ -715,6 +715,28 @@ class SQLiteTurns:
         ]
         return rows, stored_system
 
+    def probe_write(self, probe_id: str) -> None:
+        """A conversation row inserted and deleted in one transaction on the loop's
+        connection, which never waits (``Store.check_ready``): raises SQLite's error, busy
+        at once when another writer holds the lock (a readiness check that waited for it
+        would hang for ``busy_timeout``)."""
+        conn = self._loop_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                pk = conn.execute(_CREATE, (probe_id, "", "", None, 0, 0, 0)).lastrowid
+                conn.execute("DELETE FROM conversations WHERE pk = ?", (pk,))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if not (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
+                self._health.failed(exc)
+            raise
+        self._health.wrote()
+
     def close(self) -> None:
         """Close the connections (on a thread: this waits for the database threads)."""
         if self._inline is not None:
