@@ -405,21 +405,11 @@ class Store(ConversationItems):
         if now - self._probed_at < _PROBE_EVERY:
             raise refused
         self._probed_at = now
-        probe = (
-            insert(conversations)
-            .values(id=_PROBE_ID, tenant="", user_id="", last_seq=0, created_at=0, updated_at=0)
-            .returning(conversations.c.pk)
-        )
-
-        async def write(conn: AsyncConnection) -> None:
-            pk = (await conn.execute(probe)).scalar_one()
-            await conn.execute(delete(conversations).where(conversations.c.pk == pk))
-
         try:
             if self._turns is not None:
                 self._turns.probe_write(_PROBE_ID)
             else:
-                await self._run_write(write)
+                await self._run_write(_probe_write)
         except (sqlite3.Error, StorageUnavailable, SQLAlchemyError) as exc:
             raise refused from (exc.__cause__ if isinstance(exc, StorageUnavailable) else exc)
 
@@ -747,6 +737,17 @@ class Store(ConversationItems):
             if deleted < batch_size:
                 return total
             await asyncio.sleep(0)
+
+
+async def _probe_write(conn: AsyncConnection) -> None:
+    """``Store.check_ready``'s probe: a conversation row inserted and deleted."""
+    probe = (
+        insert(conversations)
+        .values(id=_PROBE_ID, tenant="", user_id="", last_seq=0, created_at=0, updated_at=0)
+        .returning(conversations.c.pk)
+    )
+    pk = (await conn.execute(probe)).scalar_one()
+    await conn.execute(delete(conversations).where(conversations.c.pk == pk))
 
 
 @asynccontextmanager

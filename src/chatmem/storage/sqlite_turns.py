@@ -732,8 +732,7 @@ class SQLiteTurns:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            if not (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
-                self._health.failed(exc)
+            self._health.failed(exc)  # unless busy: contention says nothing of the disk
             raise
         self._health.wrote()
 
