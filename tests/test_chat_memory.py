@@ -84,6 +84,10 @@ async def test_a_trailing_slash_keeps_the_memory(
         assert sent_messages(upstream) == [*history, user(path)]
         answers.append((await resp.json())["choices"][0]["message"]["content"])
     assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 4
+    # And counted as the chat route's, not as relayed (h69).
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'chatmem_requests_total{route="chat",status="200"} 4.0' in metrics
+    assert 'route="passthrough"' not in metrics
 
 
 async def test_rows_hold_the_turn_in_order(gateway: Client, rows: Rows) -> None:

@@ -29,6 +29,7 @@ from .state import GATEWAY, Gateway, gateway_of, remember_gateway
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 __all__ = [
+    "COUNTED_AS",
     "REQUEST_ID",
     "ROUTE_PREFIX",
     "UPSTREAM_REQUEST_ID_HEADER",
@@ -45,6 +46,10 @@ log = logging.getLogger("chatmem")
 
 ROUTE_PREFIX = "chatmem."
 REQUEST_ID = web.RequestKey("chatmem.request_id", str)
+COUNTED_AS = web.RequestKey("chatmem.counted_as", str)
+"""The route a request's response is counted under when it is not the one that matched:
+the chat route's, for a spelling of its path the passthrough's catch-all hands it
+(``/v1/chat/completions/``)."""
 # The upstream's own request id (OpenAI and vLLM send one), kept under another name.
 UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
 
@@ -165,7 +170,11 @@ def response_counter(gateway: Gateway, own: OwnRoutes, app: web.Application) -> 
         response.headers[REQUEST_ID_HEADER] = request_id
         if response.status == 405 and isinstance(response, HostMethodNotAllowed):
             mine = False  # a host route's, asked with another method
-        route = matched.name[len(ROUTE_PREFIX) :] if mine and matched.name else "other"
+        route = (
+            request.get(COUNTED_AS) or matched.name[len(ROUTE_PREFIX) :]
+            if mine and matched.name
+            else "other"
+        )
         metrics.response_started(route, response.status)
 
     return count_response

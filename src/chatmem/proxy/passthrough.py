@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
-from ..tracking import ROUTE_PREFIX
+from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
 from .upstream import (
     MASK,
@@ -56,6 +56,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     from .chat import chat_completions, upstream_failures  # they share the failure mapping
 
     if request.method == "POST" and _names_chat(request):
+        request[COUNTED_AS] = "chat"
         return await chat_completions(request)
     gateway = gateway_of(request)
     authenticate(request)
@@ -301,7 +302,10 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
     hands it (``/v1/chat/completions/``) names a conversation, as the route's own does."""
     from .chat import early_headers
 
-    return early_headers(request) if request.method == "POST" and _names_chat(request) else {}
+    if request.method != "POST" or not _names_chat(request):
+        return {}
+    request[COUNTED_AS] = "chat"
+    return early_headers(request)
 
 
 def _masked_bytes(data: bytes, secret: bytes | None) -> bytes:
