@@ -11,6 +11,7 @@ from helpers import GatewayFactory, Rows, received, upstream_url
 from sqlalchemy.exc import DBAPIError
 
 from chatmem.errors import FailureLog
+from chatmem.proxy.pool import UpstreamBroken
 
 
 @pytest.mark.parametrize(
@@ -115,3 +116,24 @@ def test_a_database_failure_is_logged_with_sqlites_own_words(
         " (OperationalError: database or disk is full)"
     ] * 2
     assert "private words" not in caplog.text
+
+
+def test_an_upstream_failure_is_logged_with_the_class_under_chatmems_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pool's ``UpstreamBroken`` says no more than the message the client got; the
+    error it was raised from does (h69: "(UpstreamBroken)" for a refused connection)."""
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+    try:
+        raise UpstreamBroken("cannot connect to the upstream") from refused
+    except UpstreamBroken as exc:
+        broken = exc
+    closed = UpstreamBroken("the upstream closed the connection")  # nothing under it
+    log = FailureLog(every=0.0)
+    for cause in (broken, closed):
+        log.note("upstream_unavailable", "the upstream is unreachable", cause)
+    assert [r.getMessage() for r in caplog.records] == [
+        "upstream_unavailable: the upstream is unreachable (ConnectionRefusedError)",
+        "upstream_unavailable: the upstream is unreachable (UpstreamBroken)",
+    ]
+    assert "127.0.0.1" not in caplog.text

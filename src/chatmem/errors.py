@@ -166,7 +166,13 @@ class FailureLog:
 def described(cause: BaseException) -> str:
     """A failure's cause for the log: its class and, for SQLite's errors, its message
     ("database or disk is full"), which names no data, where other drivers' may quote
-    the values of a statement (SQLAlchemy's own wrapper quotes them all)."""
+    the values of a statement (SQLAlchemy's own wrapper quotes them all).  One of
+    chatmem's own errors raised from another is described by that one (the upstream
+    pool's ``UpstreamBroken`` by the ``ConnectionRefusedError`` under it)."""
+    for _ in range(4):
+        if not type(cause).__module__.startswith("chatmem.") or cause.__cause__ is None:
+            break
+        cause = cause.__cause__
     driver = getattr(cause, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
     if isinstance(driver, sqlite3.Error):
         cause = driver
