@@ -354,3 +354,43 @@ async def test_an_in_memory_database_survives_requests_cancelled_while_they_read
         assert (await store.load_history(owner, "c", 200)).messages == turn
     finally:
         await store.close()
+
+
+async def test_a_connection_is_rolled_back_when_given_back_only_if_it_is_in_a_transaction(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite every call on a pooled connection is a pass of the event loop (aiosqlite's
+    thread), and the pool rolled back every connection given back, after a COMMIT too:
+    one pass more for each query, which a busy loop makes long.  Now only a connection
+    still in a transaction is rolled back, and that one is: it would hold the write lock
+    for every other writer."""
+    import aiosqlite
+    from sqlalchemy.util import greenlet_spawn
+
+    calls: list[str] = []
+    execute = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", ""))
+        return await execute(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    store = await open_store(db_path)
+    try:
+        calls.clear()
+        await store.create_conversation(ALICE, "c", metadata={}, system=None, items=[])
+        assert calls[-1] == "commit" and "rollback" not in calls
+        assert await store.get_conversation(ALICE, "c") is not None
+        pooled = await store.engine.raw_connection()
+        await pooled.driver_connection.execute("BEGIN IMMEDIATE")  # given back in it
+        calls.clear()
+        await greenlet_spawn(pooled.close)
+        assert calls == ["rollback"]
+        other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if it were still held
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        await store.close()

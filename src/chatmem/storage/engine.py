@@ -65,6 +65,7 @@ def create_engine(config: StorageConfig) -> AsyncEngine:
         connect_args={"timeout": config.busy_timeout_ms / 1000},
         hide_parameters=True,  # its errors would quote message content (in the logs)
         json_serializer=_json_text,
+        pool_reset_on_return=None,  # see _tune_sqlite's on_reset
         **pool,
     )
     _tune_sqlite(engine, config.busy_timeout_ms)
@@ -160,6 +161,16 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
         for pragma in sqlite_pragmas(busy_timeout_ms):
             cursor.execute(pragma)
         cursor.close()
+
+    @event.listens_for(sync_engine, "reset")
+    def on_reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        # A connection given back still in a transaction (a write cut short) is rolled
+        # back; one whose transaction ended (committed, or rolled back by SQLAlchemy's
+        # Connection) is not rolled back again: on aiosqlite that was one more pass of the
+        # event loop for every query, 12 for creating a conversation (SQLAlchemy's
+        # "custom reset" recipe; the driver's connection says whether it is in one).
+        if not reset_state.terminate_only and record.driver_connection.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(sync_engine, "begin")
     def on_begin(connection: Any) -> None:
