@@ -94,6 +94,14 @@ def logged(process: Process) -> str:
     return err.decode()
 
 
+def file_size_limit(process: Process, size: int | None) -> None:
+    """The largest file ``process`` may write (``RLIMIT_FSIZE``): ``size`` bytes, or no
+    limit; a write past it fails as on a full disk (Python ignores ``SIGXFSZ``)."""
+    soft = resource.RLIM_INFINITY if size is None else size
+    if process.proc.poll() is None:
+        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+
 def gateway(db: str, upstream: TestServer) -> tuple[Process, str]:
     port = free_port()
     process = Process(
@@ -108,19 +116,17 @@ async def test_sqlite_file_that_cannot_grow(upstream: TestServer, tmp_path: Path
     and its file fail as on a full disk, its reads still work."""
     db = tmp_path / "chat.db"
     process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
-    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
     async def refuse() -> None:
-        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        file_size_limit(process, 4096)
 
     async def allow() -> None:
-        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        file_size_limit(process, None)
 
     try:
         await refuses_and_recovers(base, refuse, allow)
     finally:
-        if process.proc.poll() is None:
-            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        file_size_limit(process, None)
         log = logged(process)
     url = f"sqlite+aiosqlite:///{db}"
     await assert_stored(url, "sqlite", ["stored", "stored again"])
@@ -137,13 +143,12 @@ async def test_a_probe_that_finds_the_lock_taken_answers_at_once(
     is let go, and ``wait_for`` would give up), and 200 once it is free."""
     db = tmp_path / "chat.db"
     process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
-    limits = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
     try:
         async with aiohttp.ClientSession() as session:
             assert (await turn(session, base, "stored"))[0] == 200
-            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (4096, limits[1]))
+            file_size_limit(process, 4096)
             assert (await turn(session, base, "refused"))[0] == 503
-            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, limits)
+            file_size_limit(process, None)
             other = sqlite3.connect(db, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")
             try:
@@ -156,8 +161,7 @@ async def test_a_probe_that_finds_the_lock_taken_answers_at_once(
                 other.close()
             assert await ready_again(session, base) == (200, {"status": "ok", "database": "ok"})
     finally:
-        if process.proc.poll() is None:
-            resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, limits)
+        file_size_limit(process, None)
         logged(process)
 
 

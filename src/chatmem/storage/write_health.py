@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from ..errors import described
 from .faults import is_retryable, sqlstate
 
-__all__ = ["WriteHealth", "contention"]
+__all__ = ["WriteHealth"]
 
 log = logging.getLogger("chatmem.storage")
 
@@ -30,7 +30,7 @@ _SQLITE_CONTENTION = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's lock_timeout
 
 
-def contention(exc: BaseException) -> bool:
+def _contention(exc: BaseException) -> bool:
     """Whether ``exc``, or an error it was raised from, is another writer in the way."""
     seen: BaseException | None = exc
     for _ in range(8):  # a chain of causes is short; never loop on a cycle
@@ -74,7 +74,7 @@ class WriteHealth:
 
     def failed(self, exc: BaseException) -> None:
         """A write transaction failed with ``exc``: noted unless it was contention."""
-        if contention(exc):
+        if _contention(exc):
             return
         first = self.refusing is None
         self.refusing = described(_root(exc))
