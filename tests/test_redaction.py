@@ -7,8 +7,10 @@ import contextlib
 import gzip
 import json
 import logging
+import zlib
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
@@ -411,3 +413,106 @@ async def test_the_key_as_an_object_name_in_the_answer_is_masked_where_stored(
         "details": {mask: 2},
     }
     assert KEY.encode() not in items
+
+
+@pytest.mark.parametrize("key", [KEY, None])
+async def test_with_a_key_the_passthrough_asks_for_an_uncompressed_answer(
+    gateway_factory: GatewayFactory, key: str | None
+) -> None:
+    """The key cannot be looked for in compressed bytes: with one, the upstream is asked
+    for ``identity`` whatever the client accepts; without, the client's header goes up."""
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[b"{}"])
+    async with scripted_upstream(script) as up:
+        upstream = {"api_key": key} if key else {}
+        client = await gateway_factory(up.url, upstream=upstream)
+        response = await client.get("/v1/models", headers={"Accept-Encoding": "br, gzip"})
+        assert await response.read() == b"{}"
+    sent = {name.lower(): value for name, value in up.requests[0][2].items()}
+    assert sent["accept-encoding"] == ("identity" if key else "br, gzip")
+
+
+def _gzip_members(body: bytes) -> bytes:
+    """``body`` in two gzip members, cut inside the key: a member ends there."""
+    cut = body.index(KEY.encode()) + 6
+    return gzip.compress(body[:cut]) + gzip.compress(body[cut:])
+
+
+def _raw_deflate(body: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-15)
+    return compressor.compress(body) + compressor.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [("gzip", _gzip_members), ("deflate", zlib.compress), ("deflate", _raw_deflate)],
+)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_compressed_passthrough_answer_goes_on_decoded_with_the_key_masked(
+    gateway_factory: GatewayFactory, encoding: str, compress: Any, framing: str
+) -> None:
+    """An upstream that compresses a 200 although asked not to, echoing the key: it
+    reached the client as it came, and a client that decoded it read the key.  It goes on
+    decoded now (its ``Content-Length`` no longer holds), the key masked, in reads cut
+    anywhere; a body of 2 MiB of zeros (2 KiB compressed) whole."""
+    body = json.dumps({"you sent": f"Bearer {KEY}", "pad": "0" * 2**21}).encode()
+    wire = compress(body)
+    cuts = [wire[:3], 0.01, wire[3 : len(wire) // 2], 0.01, wire[len(wire) // 2 :]]
+    script = Script(
+        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        chunks=cuts,
+        framing=framing,  # type: ignore[arg-type]
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models", auto_decompress=False)
+        got = await response.read()
+    assert response.status == 200
+    assert "Content-Encoding" not in response.headers
+    assert response.headers.get("Content-Length") in (None, str(len(got)))
+    assert got == body.replace(KEY.encode(), MASK)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        gzip.compress(f"Bearer {KEY}".encode(), mtime=0)[:-8],  # no trailer: cut short
+        gzip.compress(b"{}", mtime=0) + b"not a second member",
+    ],
+    ids=["cut short", "not gzip after a member"],
+)
+async def test_a_compressed_passthrough_answer_that_breaks_is_cut_off(
+    gateway_factory: GatewayFactory, wire: bytes
+) -> None:
+    """Decoded as it goes, a body that turns out cut short or not gzip after all cannot
+    end as a whole one: the client's connection is cut, as for any broken body."""
+    script = Script(
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        chunks=[wire],
+        framing="close",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models", auto_decompress=False)
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+async def test_a_body_only_labelled_gzip_is_masked_as_it_came(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Plain text that says ``Content-Encoding: gzip``: its first bytes are not gzip, so
+    it goes on as it came (as one labelled ``br`` does), the key masked in place."""
+    body = f"echo: Bearer {KEY}".encode()
+    script = Script(
+        headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"},
+        chunks=[body],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models", auto_decompress=False)
+        got = await response.read()
+    assert got == body.replace(KEY.encode(), b"*" * len(KEY))
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert response.headers["Content-Length"] == str(len(body))

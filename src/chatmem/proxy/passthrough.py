@@ -30,6 +30,7 @@ from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
 from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
+from .inflate import INFLATABLE, Inflater
 from .upstream import (
     MASK,
     Answer,
@@ -83,6 +84,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if "/" not in allowed:  # headers some frameworks take for another method or path
         drop = (*drop, *_REROUTING)
     headers = upstream.request_headers(request.headers, drop=drop)
+    if upstream.secret is not None:
+        # The key is looked for in the answer, which it cannot be in compressed bytes.
+        headers["Accept-Encoding"] = "identity"
     if length is not None and not decoded:
         headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
@@ -322,21 +326,40 @@ _ERROR_BODY_LIMIT = 1024 * 1024
 largest decoded one: error bodies are a few hundred bytes."""
 
 
-def _decompressed(raw: bytes) -> bytes | None:
-    """``raw`` decoded from gzip or zlib, every gzip member of it (h54: a second one was
-    dropped, and the client got half a body); None if it is not that, all of it, within
-    ``_ERROR_BODY_LIMIT`` decoded."""
-    decoded = b""
-    while raw:
-        decoder = zlib.decompressobj(wbits=47)  # a gzip or a zlib header, whichever came
-        try:
-            decoded += decoder.decompress(raw, _ERROR_BODY_LIMIT + 1 - len(decoded))
-        except zlib.error:
-            return None
-        if not decoder.eof or len(decoded) > _ERROR_BODY_LIMIT:
-            return None  # cut short, or larger than the limit
-        raw = decoder.unused_data
-    return decoded
+async def _inflating(
+    body: AsyncIterator[bytes], encoding: str
+) -> tuple[AsyncIterator[bytes], bool]:
+    """``body``, labelled ``encoding``, decoded as it comes if its first bytes are in that
+    coding, and whether they are; else as it came.  A body that turns out not to be
+    whole, or not in the coding after all, ends in ``ClientPayloadError``, as a body cut
+    short does."""
+    first = await anext(body, b"")
+    inflater = Inflater.for_body(encoding, first) if first else None
+    if inflater is None:
+        return _after(first, body), False
+    return _inflated(inflater, first, body), True
+
+
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _inflated(
+    inflater: Inflater, first: bytes, rest: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    try:
+        for piece in inflater.feed(first):
+            yield piece
+        async for chunk in rest:
+            for piece in inflater.feed(chunk):
+                yield piece
+    except zlib.error:
+        raise aiohttp.ClientPayloadError("the upstream's body is not in its coding") from None
+    if not inflater.complete:
+        raise aiohttp.ClientPayloadError("the upstream's compressed body was cut short")
 
 
 async def _decoded_error(
@@ -354,8 +377,11 @@ async def _decoded_error(
             upstream.close()
             break
     body = None
-    if len(raw) <= _ERROR_BODY_LIMIT and encoding in ("gzip", "x-gzip", "deflate"):
-        decoded = _decompressed(bytes(raw))
+    inflater = None
+    if len(raw) <= _ERROR_BODY_LIMIT and encoding in INFLATABLE:
+        inflater = Inflater.for_body(encoding, bytes(raw))
+    if inflater is not None:
+        decoded = inflater.whole(bytes(raw), _ERROR_BODY_LIMIT)
         if decoded is not None:
             body = redactor.feed(decoded) + redactor.end()
     if body is None:
@@ -496,8 +522,10 @@ async def relay(
     """Copy ``upstream``'s status, end-to-end headers and raw body to the client, with
     ``secret`` masked: in an error's body (status 400 or more) as :data:`MASK`, decoded
     from a ``Content-Encoding`` if need be; in another's body, as it comes, as as many
-    ``*`` as it has bytes, so that its ``Content-Length`` still holds (a body compressed
-    indeed holds no key as written; one only labelled so is masked all the same)."""
+    ``*`` as it has bytes, so that its ``Content-Length`` still holds.  Such a body in
+    gzip or deflate indeed (asked for none, an upstream may compress all the same) goes
+    on decoded as it comes, the key as :data:`MASK`; one only labelled so is masked as
+    it came."""
     encoding = content_encoding(upstream.headers)
     error = upstream.status >= 400
     redactor = None
@@ -511,6 +539,13 @@ async def relay(
         headers.update(extra_headers)
     if redactor is not None and error and encoding != "identity":
         return await _decoded_error(upstream, headers, encoding, redactor)
+    body: AsyncIterator[bytes] = upstream.content.iter_any()
+    if secret is not None and not error and encoding in INFLATABLE:
+        body, inflated = await _inflating(body, encoding)
+        if inflated:
+            del headers["Content-Encoding"]
+            headers.popall("Content-Length", None)
+            redactor = Redactor(secret)
     reason = _masked_reason(upstream.reason, secret)
     response = _AsItCame(status=upstream.status, reason=reason, headers=headers)
     try:
@@ -520,7 +555,7 @@ async def relay(
         response[CLIENT_LEFT] = True
         return response
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in body:
             try:
                 await response.write(chunk if redactor is None else redactor.feed(chunk))
             except ConnectionError:  # the client left (also while a write waited to drain)
