@@ -5,6 +5,7 @@ made read-only.  A real ``chatmem serve`` on each, asked over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import signal
 import sqlite3
@@ -50,12 +51,12 @@ async def ready(session: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-async def ready_again(session: aiohttp.ClientSession, base: str) -> tuple[int, Any]:
-    """``/v1/ready`` asked until it is 200 (it probes a write at most once a second), for
-    up to 10 s; its last answer."""
+async def ready_until(session: aiohttp.ClientSession, base: str, want: int) -> tuple[int, Any]:
+    """``/v1/ready`` asked until its status is ``want`` (it probes a write at most once a
+    second), for up to 10 s; its last answer."""
     for _ in range(100):
         status, body = await ready(session, base)
-        if status == 200:
+        if status == want:
             break
         await asyncio.sleep(0.1)
     return status, body
@@ -83,7 +84,7 @@ async def refuses_and_recovers(
                 "storage_unavailable",
             )
         await allow()
-        assert await ready_again(session, base) == (200, {"status": "ok", "database": "ok"})
+        assert await ready_until(session, base, 200) == (200, {"status": "ok", "database": "ok"})
         assert (await turn(session, base, "stored again"))[0] == 200
 
 
@@ -94,12 +95,12 @@ def logged(process: Process) -> str:
     return err.decode()
 
 
-def file_size_limit(process: Process, size: int | None) -> None:
-    """The largest file ``process`` may write (``RLIMIT_FSIZE``): ``size`` bytes, or no
+def file_size_limit(pid: int, size: int | None) -> None:
+    """The largest file process ``pid`` may write (``RLIMIT_FSIZE``): ``size`` bytes, or no
     limit; a write past it fails as on a full disk (Python ignores ``SIGXFSZ``)."""
     soft = resource.RLIM_INFINITY if size is None else size
-    if process.proc.poll() is None:
-        resource.prlimit(process.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+    with contextlib.suppress(ProcessLookupError):  # it exited: nothing left to limit
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
 
 
 def gateway(db: str, upstream: TestServer) -> tuple[Process, str]:
@@ -118,15 +119,15 @@ async def test_sqlite_file_that_cannot_grow(upstream: TestServer, tmp_path: Path
     process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
 
     async def refuse() -> None:
-        file_size_limit(process, 4096)
+        file_size_limit(process.proc.pid, 4096)
 
     async def allow() -> None:
-        file_size_limit(process, None)
+        file_size_limit(process.proc.pid, None)
 
     try:
         await refuses_and_recovers(base, refuse, allow)
     finally:
-        file_size_limit(process, None)
+        file_size_limit(process.proc.pid, None)
         log = logged(process)
     url = f"sqlite+aiosqlite:///{db}"
     await assert_stored(url, "sqlite", ["stored", "stored again"])
@@ -146,9 +147,9 @@ async def test_a_probe_that_finds_the_lock_taken_answers_at_once(
     try:
         async with aiohttp.ClientSession() as session:
             assert (await turn(session, base, "stored"))[0] == 200
-            file_size_limit(process, 4096)
+            file_size_limit(process.proc.pid, 4096)
             assert (await turn(session, base, "refused"))[0] == 503
-            file_size_limit(process, None)
+            file_size_limit(process.proc.pid, None)
             other = sqlite3.connect(db, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")
             try:
@@ -159,10 +160,104 @@ async def test_a_probe_that_finds_the_lock_taken_answers_at_once(
             finally:
                 other.execute("ROLLBACK")
                 other.close()
-            assert await ready_again(session, base) == (200, {"status": "ok", "database": "ok"})
+            assert await ready_until(session, base, 200) == (
+                200,
+                {"status": "ok", "database": "ok"},
+            )
     finally:
-        file_size_limit(process, None)
+        file_size_limit(process.proc.pid, None)
         logged(process)
+
+
+async def test_an_idle_gateway_sees_a_disk_that_filled(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """No turn went through since the last look: ``/v1/ready`` probes a write itself (at most
+    once a second), so a disk that filled while the gateway was idle is a 503 before a
+    turn is lost to it.  It used to stay 200 until the first turn failed."""
+    db = tmp_path / "chat.db"
+    process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await ready(session, base) == (200, {"status": "ok", "database": "ok"})
+            file_size_limit(process.proc.pid, 4096)
+            assert await ready_until(session, base, 503) == (503, {"error": REFUSED})
+            assert await ready(session, base) == (503, {"error": REFUSED})
+            file_size_limit(process.proc.pid, None)
+            assert await ready_until(session, base, 200) == (
+                200,
+                {"status": "ok", "database": "ok"},
+            )
+            assert (await turn(session, base, "after"))[0] == 200
+    finally:
+        file_size_limit(process.proc.pid, None)
+        log = logged(process)
+    await assert_stored(f"sqlite+aiosqlite:///{db}", "sqlite", ["after"])
+    assert "the conversation store refuses writes (OperationalError: " in log
+
+
+async def test_an_idle_probe_that_finds_the_lock_taken_is_ready(
+    upstream: TestServer, tmp_path: Path
+) -> None:
+    """Idle, and another connection holds the write lock: the probe cannot tell whether the
+    database takes writes, so ``/v1/ready`` stays 200, at once (``busy_timeout_ms`` is
+    30 s: a probe that waited would not answer, and ``wait_for`` would give up)."""
+    db = tmp_path / "chat.db"
+    process, base = gateway(f"sqlite+aiosqlite:///{db}", upstream)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            other.execute("BEGIN IMMEDIATE")
+            for _ in range(3):  # the probe runs in the first, or a second later
+                answer = await asyncio.wait_for(ready(session, base), 10)
+                assert answer == (200, {"status": "ok", "database": "ok"})
+                await asyncio.sleep(0.6)
+            other.execute("ROLLBACK")
+            assert (await turn(session, base, "after"))[0] == 200
+    finally:
+        other.close()
+        logged(process)
+    await assert_stored(f"sqlite+aiosqlite:///{db}", "sqlite", ["after"])
+
+
+async def test_every_worker_sees_a_disk_that_filled(upstream: TestServer, tmp_path: Path) -> None:
+    """``--workers 2``: each worker checks the database itself, not only its own last write;
+    a request on a new connection, whichever worker takes it, is 503 while the disk is
+    full and 200 again after."""
+    port = free_port()
+    db = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    args = ["serve", "--workers", "2", "--port", str(port), "--db", db]
+    process = Process([*args, "--upstream", upstream_url(upstream)], cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    stdout = process.proc.stdout
+    assert stdout is not None
+    pids: list[int] = []
+    try:
+        for _ in range(2):  # each prints its pid once it listens; EOF (b"") fails, not hangs
+            line = await asyncio.to_thread(stdout.readline)
+            assert b"chatmem listening" in line, line
+            pids.append(int(line.rsplit(b"(pid ", 1)[1].split(b")", 1)[0]))
+
+        async def each_new_connection() -> set[int]:
+            await asyncio.sleep(1.1)  # every worker's last probe is a second old
+            statuses = set()
+            for _ in range(10):
+                async with aiohttp.ClientSession() as session:
+                    statuses.add((await ready(session, base))[0])
+            return statuses
+
+        for pid in pids:
+            file_size_limit(pid, 4096)
+        async with aiohttp.ClientSession() as session:
+            assert await ready_until(session, base, 503) == (503, {"error": REFUSED})
+        assert await each_new_connection() == {503}
+        for pid in pids:
+            file_size_limit(pid, None)
+        assert await each_new_connection() == {200}
+    finally:
+        for pid in pids:
+            file_size_limit(pid, None)
+        assert process.stop(signal.SIGTERM) == 0
 
 
 async def test_postgresql_database_made_read_only(upstream: TestServer, pg_url: str) -> None:

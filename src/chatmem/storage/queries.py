@@ -265,6 +265,8 @@ class Store(ConversationItems):
         self.health = WriteHealth()
         """How the latest write transaction ended (see :meth:`check_ready`)."""
         self._probed_at = -_PROBE_EVERY
+        self._writes_seen = 0
+        """``health.writes`` when ``/v1/ready`` last looked."""
         self._turns = (
             SQLiteTurns(database, busy_timeout_ms, resend_reasoning, self.health)
             if direct and self._sqlite and database and not in_memory(engine.url)
@@ -384,25 +386,34 @@ class Store(ConversationItems):
         await self._run_read(lambda conn: conn.execute(select(conversations.c.pk).limit(1)))
 
     async def check_ready(self) -> None:
-        """``/v1/ready``: the database answers a read (:meth:`ping`) and, once it refused a
-        write, takes one again: a conversation row inserted and deleted in one transaction,
-        so never seen, with an owner no request has (the tenant is never empty).  Probed
-        at most once every ``_PROBE_EVERY`` seconds, however often ``/v1/ready`` is asked
-        (it needs no token); :class:`StorageUnavailable` while writes are refused.
+        """``/v1/ready``: the database answers a read (:meth:`ping`) and takes a write.
+
+        A write went through since the last look (a turn, a Conversations API write):
+        ready.  None did (an idle gateway), or writes are refused: a probe, a conversation
+        row inserted and deleted in one transaction, so never seen, with an owner no
+        request has (the tenant is never empty), at most once every ``_PROBE_EVERY``
+        seconds however often ``/v1/ready`` is asked (it needs no token).
+        :class:`StorageUnavailable` while writes are refused.  So an idle gateway sees a
+        disk that filled meanwhile before a turn is lost to it, and with ``--workers``
+        each process checks the database itself, not only its own last write.
 
         On SQLite's fast path the probe runs on the event loop's connection, which never
-        waits: another writer holding the lock gets a 503 at once (contention does not
-        tell whether the database takes writes).
+        waits: another writer holding the lock gets the last answer at once (contention
+        does not tell whether the database takes writes).
 
         Not proof that a turn fits: a SQLite file that can no longer grow still takes a
         write into the space its WAL already has, and a turn needs more pages than the
         probe (see README, "When things fail")."""
         await self.ping()
-        if self.health.refusing is None:
+        health = self.health
+        if health.refusing is None and health.writes != self._writes_seen:
+            self._writes_seen = health.writes
             return
         refused = StorageUnavailable("the conversation store refuses writes")
         now = time.monotonic()
         if now - self._probed_at < _PROBE_EVERY:
+            if health.refusing is None:
+                return
             raise refused
         self._probed_at = now
         try:
@@ -411,7 +422,11 @@ class Store(ConversationItems):
             else:
                 await self._run_write(_probe_write)
         except (sqlite3.Error, StorageUnavailable, SQLAlchemyError) as exc:
+            if health.refusing is None:  # another writer in the way: it says nothing
+                return
             raise refused from (exc.__cause__ if isinstance(exc, StorageUnavailable) else exc)
+        finally:
+            self._writes_seen = health.writes  # the probe's own write is not news
 
     async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` in one write transaction (see :meth:`_retried`)."""

@@ -59,15 +59,18 @@ def _root(exc: BaseException) -> BaseException:
 
 class WriteHealth:
     """How the store's latest write transaction ended: ``refusing`` holds why the database
-    refused it (for the log), None while writes go through."""
+    refused it (for the log), None while writes go through; ``writes`` counts those that
+    committed (``/v1/ready`` probes only when none did since it last looked)."""
 
-    __slots__ = ("refusing",)
+    __slots__ = ("refusing", "writes")
 
     def __init__(self) -> None:
         self.refusing: str | None = None
+        self.writes = 0
 
     def wrote(self) -> None:
         """A write transaction committed."""
+        self.writes += 1
         if self.refusing is not None:
             self.refusing = None
             log.warning("the conversation store takes writes again: /v1/ready is ready")
