@@ -16,13 +16,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from helpers import Process, free_port, upstream_url
+from helpers import Process, free_port, open_store, upstream_url
 from pg import connect, fetch
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from chatmem.errors import StorageUnavailable
 from chatmem.mock_upstream import create_mock_app
+from chatmem.storage import queries, sqlite_turns
 from chatmem.storage.write_health import WriteHealth
 
 REFUSED = {
@@ -218,6 +219,38 @@ async def test_an_idle_probe_that_finds_the_lock_taken_is_ready(
         other.close()
         logged(process)
     await assert_stored(f"sqlite+aiosqlite:///{db}", "sqlite", ["after"])
+
+
+async def test_the_probes_of_an_idle_gateway_do_not_grow_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the probes run on the loop's connection, which never checkpoints: they
+    count towards the checkpoint every ``_CHECKPOINT_EVERY`` commits as turns do, and
+    the next write after it starts the WAL over.  The WAL grew by every probe before
+    (some 20 KiB each: 1.7 GB a day for a gateway asked ``/v1/ready`` every second and
+    never given a turn)."""
+    monkeypatch.setattr(queries, "_PROBE_EVERY", 0.0)  # a probe on every check
+    store = await open_store(tmp_path / "chat.db")
+    wal = tmp_path / "chat.db-wal"
+
+    def started_over() -> bytes:
+        return wal.read_bytes()[12:24]  # the checkpoint sequence and salts of its header
+
+    try:
+        for _ in range(sqlite_turns._CHECKPOINT_EVERY):
+            await store.check_ready()
+        grown = wal.stat().st_size
+        assert grown > sqlite_turns._CHECKPOINT_EVERY * 4096  # a probe writes pages to it
+        before = started_over()
+        for _ in range(500):  # bounded: 10 s for the checkpoint on its thread
+            await asyncio.sleep(0.02)
+            await store.check_ready()
+            if started_over() != before:
+                break
+        assert started_over() != before
+        assert wal.stat().st_size <= grown
+    finally:
+        await store.close()
 
 
 async def test_every_worker_sees_a_disk_that_filled(upstream: TestServer, tmp_path: Path) -> None:

@@ -570,6 +570,11 @@ class SQLiteTurns:
                     self._as_read(rows, self._windows.last_role(key)),
                     rows[-1][1],  # a turn has its answer at least
                 )
+        self._count_commit()
+
+    def _count_commit(self) -> None:
+        """A commit on the loop's connection, which never checkpoints: one is due every
+        ``_CHECKPOINT_EVERY`` commits, or the WAL grows by every commit for good."""
         self._since_checkpoint += 1
         if self._since_checkpoint >= _CHECKPOINT_EVERY:
             self._since_checkpoint = 0
@@ -735,6 +740,7 @@ class SQLiteTurns:
             self._health.failed(exc)  # unless busy: contention says nothing of the disk
             raise
         self._health.wrote()
+        self._count_commit()  # an idle gateway's probes are its only commits
 
     def close(self) -> None:
         """Close the connections (on a thread: this waits for the database threads)."""
