@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, make_config, received, upstream_url
 from multidict import CIMultiDict, CIMultiDictProxy
 from scripted_upstream import Framing, Script, scripted_upstream
+from yarl import URL
 
 import chatmem
 from chatmem.mock_upstream import RECEIVED
@@ -689,3 +690,38 @@ async def test_a_websocket_the_client_closes_is_logged_as_its_101(
     await asyncio.sleep(0.1)  # and no second line after it
     lines = [r for r in caplog.records if r.name == "chatmem.access"]
     assert [(r.path, r.status) for r in lines] == [("/v1/realtime", 101)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/v1//conversations/{id}"),
+        ("GET", "/v1//conversations/{id}"),
+        ("POST", "/v1//conversations"),
+        ("GET", "/v1/Conversations/{id}"),
+        ("POST", "/v1/ask/"),
+        ("POST", "/v1//ask"),
+        ("GET", "/v1/health/"),
+        ("GET", "/v1/READY"),
+    ],
+)
+async def test_a_misspelt_path_of_the_gateways_own_is_not_relayed(
+    gateway_factory: GatewayFactory, method: str, path: str
+) -> None:
+    """h74: a doubled or trailing slash, or another case, on one of the gateway's own paths
+    was relayed with the upstream key (a delete the client took for done reached the
+    upstream's own Conversations API instead): a 404 now, and the upstream sees nothing."""
+    script = Script(headers={"Content-Type": "application/json"}, chunks=[b"{}"])
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": "sk-h74-0123456789"})
+        async with client.post("/v1/conversations", json={"items": []}) as made:
+            conversation = (await made.json())["id"]
+        url = URL(str(client.make_url("/"))).with_path(path.format(id=conversation), encoded=True)
+        async with client.session.request(method, url, json={}) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "not_found"
+        async with client.get(f"/v1/conversations/{conversation}") as kept:
+            assert kept.status == 200
+        async with client.get("/v1/asks") as relayed:  # not the gateway's: relayed
+            assert relayed.status == 200
+    assert [request[1] for request in up.requests] == ["/v1/asks"]

@@ -9,6 +9,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,7 @@ from ..auth import authenticate
 from ..errors import (
     InvalidRequest,
     NotAllowed,
+    NotFound,
     NotRelayed,
     PayloadTooLarge,
     UpstreamError,
@@ -59,6 +61,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if request.method == "POST" and _names_chat(request):
         request[COUNTED_AS] = "chat"
         return await chat_completions(request)
+    if _names_own_path(request):
+        raise NotFound(
+            f"{request.rel_url.raw_path} is not a path of the gateway's: its own are written"
+            " without a doubled or trailing slash, in lower case, and are never relayed"
+        )
     gateway = gateway_of(request)
     authenticate(request)
     upstream = gateway.upstream
@@ -444,6 +451,19 @@ def _names_chat(request: web.Request) -> bool:
 
 
 _CHAT = ["chat", "completions"]
+_OWN = frozenset({"conversations", "ask", "health", "ready"})
+"""The gateway's own paths under ``/v1/``, by their first segment."""
+
+
+def _names_own_path(request: web.Request) -> bool:
+    """``/v1//conversations``, ``/v1/ask/``, ``/v1/Conversations/x``: a spelling of one of
+    the gateway's own paths that its routes do not match (h74).  Relayed, a Conversations
+    API call would reach the upstream's API of that name with the gateway's key (shared
+    by every tenant), and a delete the client believes done would not be."""
+    path = request.rel_url.raw_path
+    start = len(_mount(request)) + len("/v1/")
+    first = next((part for part in path[start:].split("/") if part), "")
+    return unquote(first).lower() in _OWN
 
 
 def _mount(request: web.Request) -> str:
