@@ -445,9 +445,7 @@ def _names_chat(request: web.Request) -> bool:
     """``/v1//chat/completions``, ``/v1/chat//completions/``: the chat route with a slash
     doubled (a base URL ending in ``/v1/`` joined to ``/chat/completions``).  Relayed, such
     a turn would have had no memory, and its ``conversation`` field would have gone up."""
-    path = request.rel_url.raw_path
-    start = len(_mount(request)) + len("/v1/")
-    return "chat" in path and [part for part in path[start:].split("/") if part] == _CHAT
+    return "chat" in request.rel_url.raw_path and _segments(request) == _CHAT
 
 
 _CHAT = ["chat", "completions"]
@@ -460,10 +458,14 @@ def _names_own_path(request: web.Request) -> bool:
     the gateway's own paths that its routes do not match (h74).  Relayed, a Conversations
     API call would reach the upstream's API of that name with the gateway's key (shared
     by every tenant), and a delete the client believes done would not be."""
+    segments = _segments(request)
+    return bool(segments) and unquote(segments[0]).lower() in _OWN
+
+
+def _segments(request: web.Request) -> list[str]:
+    """The path's segments after chatmem's ``/v1/``, as written, empty ones left out."""
     path = request.rel_url.raw_path
-    start = len(_mount(request)) + len("/v1/")
-    first = next((part for part in path[start:].split("/") if part), "")
-    return unquote(first).lower() in _OWN
+    return [part for part in path[len(_mount(request)) + len("/v1/") :].split("/") if part]
 
 
 def _mount(request: web.Request) -> str:

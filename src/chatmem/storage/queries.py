@@ -409,24 +409,22 @@ class Store(ConversationItems):
         if health.refusing is None and health.writes != self._writes_seen:
             self._writes_seen = health.writes
             return
-        refused = StorageUnavailable("the conversation store refuses writes")
+        cause: BaseException | None = None
         now = time.monotonic()
-        if now - self._probed_at < _PROBE_EVERY:
-            if health.refusing is None:
-                return
-            raise refused
-        self._probed_at = now
-        try:
-            if self._turns is not None:
-                self._turns.probe_write(_PROBE_ID)
-            else:
-                await self._run_write(_probe_write)
-        except (sqlite3.Error, StorageUnavailable, SQLAlchemyError) as exc:
-            if health.refusing is None:  # another writer in the way: it says nothing
-                return
-            raise refused from (exc.__cause__ if isinstance(exc, StorageUnavailable) else exc)
-        finally:
-            self._writes_seen = health.writes  # the probe's own write is not news
+        if now - self._probed_at >= _PROBE_EVERY:
+            self._probed_at = now
+            try:
+                if self._turns is not None:
+                    self._turns.probe_write(_PROBE_ID)
+                else:
+                    await self._run_write(_probe_write)
+            except (sqlite3.Error, StorageUnavailable, SQLAlchemyError) as exc:
+                # Another writer in the way leaves ``refusing`` as it was: it says nothing.
+                cause = exc.__cause__ if isinstance(exc, StorageUnavailable) else exc
+            finally:
+                self._writes_seen = health.writes  # the probe's own write is not news
+        if health.refusing is not None:
+            raise StorageUnavailable("the conversation store refuses writes") from cause
 
     async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run ``work`` in one write transaction (see :meth:`_retried`)."""
