@@ -41,6 +41,7 @@ import uvloop
 from yarl import URL
 
 from chatmem.proxy.pool import UpstreamPool
+from chatmem.storage.blocks import Blocks
 
 from .procs import ChildExited, Proc, cpu_seconds, free_port, rss_mb, start
 
@@ -248,9 +249,13 @@ def history_pool(chosen: list[Scenario], rounds: int) -> int:
 
 
 def prefill(db: Path, sizes: list[int], pool: int) -> None:
-    """Store conversations of each size straight into the gateway's SQLite file."""
+    """Store conversations of each size straight into the gateway's SQLite file, as the
+    gateway would have stored them: with the history blocks that the turns completing
+    them would have written (``chatmem.storage.blocks``)."""
     now = int(time.time())
+    blocks = Blocks("tool_turns", 200)  # the gateway's defaults, as the benchmark runs it
     with sqlite3.connect(db, timeout=60) as conn:
+        conn.text_factory = bytes  # as the gateway reads them
         for size in sizes:
             for i in range(pool):
                 cur = conn.execute(
@@ -259,6 +264,7 @@ def prefill(db: Path, sizes: list[int], pool: int) -> None:
                     (f"hist-{size}-{i}", size, now, now),
                 )
                 pk = cur.lastrowid
+                assert pk is not None
                 conn.executemany(
                     "INSERT INTO messages (conversation_pk, seq, role, content, created_at)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -273,6 +279,7 @@ def prefill(db: Path, sizes: list[int], pool: int) -> None:
                         for s in range(size)
                     ),
                 )
+                blocks.write(conn, pk, 1, size)
 
 
 def pct(values: list[float], q: float) -> float:

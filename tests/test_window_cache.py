@@ -212,8 +212,8 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
 def test_a_window_cut_by_the_byte_budget_reads_no_further_rows() -> None:
     """A conversation of large items: the window is read newest first only until the
     budget is spent (read whole and cut afterwards, it held the event loop a second)."""
+    from chatmem.storage.blocks import _AFTER, Window
     from chatmem.storage.rows import resent_reasoning
-    from chatmem.storage.sqlite_turns import _WINDOW, _newest_rows
 
     db = sqlite3.connect(":memory:")
     db.execute(
@@ -225,12 +225,14 @@ def test_a_window_cut_by_the_byte_budget_reads_no_further_rows() -> None:
         "INSERT INTO messages VALUES (1, ?, ?, ?, NULL, NULL, NULL, NULL)",
         [(seq, b"user", text) for seq in range(1, 51)],
     )
-    query = _WINDOW.format(reasoning=resent_reasoning("tool_turns"))
-    rows = db.execute(query, (1, 200))
-    window, cut = _newest_rows(rows, 3500)
-    assert cut and len(window) == 3  # the 3 newest of 1,027 bytes each
-    assert window[0] == ("user", b'{"role":"user","content":' + text + b"}")
+    query = _AFTER.format(reasoning=resent_reasoning("tool_turns"))
+    rows = db.execute(query, (1, 0, 200))
+    window = Window(200, 3500)
+    window.add_rows(rows)
+    assert window.cut and len(window.messages()) == 3  # the 3 newest of 1,027 bytes each
+    assert window.messages()[0] == ("user", b'{"role":"user","content":' + text + b"}")
     with pytest.raises(sqlite3.ProgrammingError):  # closed: the other 46 were never read
         rows.fetchone()
-    whole, cut = _newest_rows(db.execute(query, (1, 200)), 0)
-    assert not cut and len(whole) == 50
+    whole = Window(200, 0)
+    whole.add_rows(db.execute(query, (1, 0, 200)))
+    assert not whole.cut and len(whole.messages()) == 50

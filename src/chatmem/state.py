@@ -53,6 +53,7 @@ class Gateway:
             create_engine(storage),
             busy_timeout_ms=storage.busy_timeout_ms,
             resend_reasoning=self.config.memory.resend_reasoning,
+            window_messages=self.config.memory.max_history_messages,
         )
         try:
             await self.store.check_schema()

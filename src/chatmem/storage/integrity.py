@@ -7,6 +7,9 @@ What holds for every store, checked with plain queries:
   grows: a turn reserves its numbers by bumping it in the transaction that inserts them,
   and deleting an item bumps it by one).
 
+On SQLite, every history block is an exact copy of the messages it holds (see
+``blocks``): the window would otherwise go upstream as the block has it.
+
 What holds besides for a store written by chat turns alone (``chat_only=True``,
 ``chatmem db check --chat-only``; the Conversations API may delete single items, leaving
 gaps, and append items that end a conversation on any role):
@@ -19,8 +22,14 @@ gaps, and append items that end a conversation on any role):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
+
 from sqlalchemy import select
 
+from . import blocks
+from .engine import in_memory, is_sqlite
 from .queries import Store
 from .schema import Base, Conversation, Message
 
@@ -51,12 +60,23 @@ async def check_integrity(store: Store, *, chat_only: bool = False) -> list[str]
     for pk, orphans in found.items():
         if pk not in known:
             problems.append(f"{len(orphans)} orphan message(s) of missing conversation pk={pk}")
+    copies: dict[int, list[str]] = {}
+    if is_sqlite(store.engine) and store.engine.url.database and not in_memory(store.engine.url):
+        for pk, problem in await asyncio.to_thread(_check_blocks, store.engine.url.database):
+            copies.setdefault(pk, []).append(problem)
+    for pk in copies.keys() - known.keys():
+        problems.append(f"{len(copies[pk])} history block(s) of missing conversation pk={pk}")
     for pk, (conversation_id, last_seq) in known.items():
         name = f"conversation {conversation_id!r} (pk={pk})"
-        problems += [
-            f"{name}: {problem}" for problem in _problems(last_seq, found.get(pk, []), chat_only)
-        ]
+        found_here = _problems(last_seq, found.get(pk, []), chat_only) + copies.get(pk, [])
+        problems += [f"{name}: {problem}" for problem in found_here]
     return problems
+
+
+def _check_blocks(path: str) -> list[tuple[int, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.text_factory = bytes  # as the gateway reads them
+        return blocks.check(conn)
 
 
 def _problems(last_seq: int, stored: list[tuple[int, str]], chat_only: bool) -> list[str]:

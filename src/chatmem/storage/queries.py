@@ -44,6 +44,7 @@ from .rows import (
     RESULT_ROLES,
     Owner,
     conversations,
+    history_blocks,
     messages,
     owned,
     resent_reasoning,
@@ -252,11 +253,14 @@ class Store(ConversationItems):
         busy_timeout_ms: int = 30_000,
         direct: bool = True,
         resend_reasoning: ResendReasoning = "tool_turns",
+        window_messages: int = 200,
     ) -> None:
         """``direct``: the per-request queries take the fast path, SQLite's own connection
         (see sqlite_turns) or asyncpg itself (see postgres_turns); off, SQLAlchemy's
         statements, as every other query (the tests compare the two).
-        ``resend_reasoning``: ``memory.resend_reasoning``, for the histories read."""
+        ``resend_reasoning``: ``memory.resend_reasoning``, for the histories read.
+        ``window_messages``: ``memory.max_history_messages``, the window SQLite's history
+        blocks are kept for (see ``blocks``)."""
         self.engine = engine
         self._sqlite = is_sqlite(engine)
         self._resend_reasoning: ResendReasoning = resend_reasoning
@@ -268,7 +272,13 @@ class Store(ConversationItems):
         self._writes_seen = 0
         """``health.writes`` when ``/v1/ready`` last looked."""
         self._turns = (
-            SQLiteTurns(database, busy_timeout_ms, resend_reasoning, self.health)
+            SQLiteTurns(
+                database,
+                busy_timeout_ms,
+                resend_reasoning,
+                self.health,
+                window_messages=window_messages,
+            )
             if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
@@ -715,6 +725,7 @@ class Store(ConversationItems):
             if pk is None:
                 return False
             await conn.execute(delete(messages).where(messages.c.conversation_pk == pk))
+            await conn.execute(delete(history_blocks).where(history_blocks.c.conversation_pk == pk))
             # Found under the conversation's lock: it is there to delete.
             await conn.execute(delete(conversations).where(conversations.c.pk == pk))
             return True
@@ -740,6 +751,9 @@ class Store(ConversationItems):
             pks = list((await conn.execute(pick)).scalars())
             if pks:  # messages explicitly, as delete_conversation does, then the rows
                 await conn.execute(delete(messages).where(messages.c.conversation_pk.in_(pks)))
+                await conn.execute(
+                    delete(history_blocks).where(history_blocks.c.conversation_pk.in_(pks))
+                )
                 await conn.execute(delete(conversations).where(conversations.c.pk.in_(pks)))
             return len(pks)
 

@@ -12,12 +12,13 @@ from sqlalchemy import Text, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..config import ResendReasoning
-from .schema import Base, Conversation, Message
+from .schema import Base, Conversation, HistoryBlock, Message
 
 __all__ = [
     "RESULT_ROLES",
     "Owner",
     "conversations",
+    "history_blocks",
     "messages",
     "owned",
     "resends_reasoning",
@@ -30,6 +31,7 @@ __all__ = [
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
+history_blocks = Base.metadata.tables[HistoryBlock.__tablename__]
 
 stored_size = func.coalesce(func.length(cast(messages.c.content, Text)), 0) + func.coalesce(
     func.length(cast(messages.c.tool_calls, Text)), 0

@@ -1,14 +1,23 @@
-"""The database schema: conversations and their messages."""
+"""The database schema: conversations, their messages, and blocks of their history."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Conversation", "Message"]
+__all__ = ["Base", "Conversation", "HistoryBlock", "Message"]
 
 # SQL NULL for None (not the JSON text "null"), so "IS NULL" means what it says.
 Json = JSON(none_as_null=True)
@@ -68,3 +77,22 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     usage: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
     created_at: Mapped[int] = mapped_column(Integer)
+
+
+class HistoryBlock(Base):
+    """The messages ``first_seq..last_seq`` of a conversation as the JSON text a window
+    read sends upstream, in one row (see ``storage.blocks``): a copy, kept on SQLite for
+    the newest ``memory.max_history_messages`` of long conversations, so that reading a
+    window is a few rows and not hundreds.  ``resend`` is the ``memory.resend_reasoning``
+    the texts were made under; ``roles`` and ``ends`` (offsets into ``body``) are ASCII."""
+
+    __tablename__ = "history_blocks"
+    conversation_pk: Mapped[int] = mapped_column(
+        ForeignKey("conversations.pk", ondelete="CASCADE"), primary_key=True
+    )
+    last_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_seq: Mapped[int] = mapped_column(Integer)
+    resend: Mapped[str] = mapped_column(String(16))
+    roles: Mapped[bytes] = mapped_column(LargeBinary)
+    ends: Mapped[bytes] = mapped_column(LargeBinary)
+    body: Mapped[bytes] = mapped_column(LargeBinary)

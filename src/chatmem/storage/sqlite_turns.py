@@ -28,9 +28,10 @@ from typing import Any, TypeVar, cast
 from .. import jsonio
 from ..config import ResendReasoning
 from ..errors import StorageUnavailable
+from .blocks import Blocks, Message, message_json
 from .engine import sqlite_pragmas
 from .pairing import check_still_there, check_turn, overtaken
-from .rows import resends_reasoning, resent_reasoning
+from .rows import resends_reasoning
 from .window_cache import WindowCache
 from .write_health import WriteHealth
 
@@ -44,11 +45,6 @@ _FIND = (
     "SELECT pk, system_prompt, last_seq FROM conversations"
     " WHERE tenant = ? AND user_id = ? AND id = ?"
 )
-_WINDOW = (
-    "SELECT role, content, name, tool_calls, tool_call_id, {reasoning} FROM messages"
-    " WHERE conversation_pk = ? ORDER BY seq DESC LIMIT ?"
-)
-"""The window, newest first; ``{reasoning}`` is :func:`rows.resent_reasoning`."""
 _TAIL = (
     "SELECT role, tool_calls, tool_call_id FROM messages WHERE conversation_pk = ?"
     " AND seq <= ? AND seq >= coalesce((SELECT max(seq) FROM messages"
@@ -185,76 +181,6 @@ def _load(value: bytes | None) -> Any:
     return None if value is None else jsonio.loads(value)
 
 
-def _json_text(value: bytes | float) -> bytes:
-    """A JSON column's value as JSON text.  The columns are declared ``JSON``, which gives
-    them SQLite's NUMERIC affinity: a stored number (``"tool_calls": 5``) comes back as an
-    int or a float, not as text."""
-    return value if isinstance(value, bytes) else jsonio.dumps(value)
-
-
-def _quote(text: bytes) -> bytes:
-    return jsonio.dumps(text.decode())
-
-
-# How a message's JSON object starts, for each role the gateway accepts.
-_HEADS = {
-    role.encode(): b'{"role":' + _quote(role.encode()) + b',"content":'
-    for role in ("system", "developer", "user", "assistant", "tool", "function")
-}
-
-
-def _message_json(
-    role: bytes,
-    content: bytes | float | None,
-    name: bytes | None,
-    tool_calls: bytes | float | None,
-    tool_call_id: bytes | None,
-    reasoning: bytes | None,
-) -> bytes:
-    """One stored message as the JSON object sent upstream: role and content, then name,
-    tool_calls, tool_call_id and the reasoning to send again (as ``reasoning_content``)
-    when not NULL (the keys ``queries._to_wire`` gives on the SQLAlchemy path).  The JSON
-    columns go in as the text they are stored as."""
-    head = _HEADS.get(role) or b'{"role":' + _quote(role) + b',"content":'
-    if (
-        name is None
-        and tool_calls is None
-        and tool_call_id is None
-        and reasoning is None
-        and type(content) is bytes
-    ):
-        return head + content + b"}"  # most messages: role and text
-    parts = [head, b"null" if content is None else _json_text(content)]
-    if name is not None:
-        parts += (b',"name":', _quote(name))
-    if tool_calls is not None:
-        parts += (b',"tool_calls":', _json_text(tool_calls))
-    if tool_call_id is not None:
-        parts += (b',"tool_call_id":', _quote(tool_call_id))
-    if reasoning is not None:
-        parts += (b',"reasoning_content":', _quote(reasoning))
-    parts.append(b"}")
-    return b"".join(parts)
-
-
-def _newest_rows(rows: sqlite3.Cursor, max_bytes: int) -> tuple[list[tuple[str, bytes]], bool]:
-    """The window from ``rows`` (newest first), oldest first, and whether ``max_bytes`` cut
-    it: the rows are read only until their JSON text is that long.  Read whole and cut
-    afterwards, a conversation of large items held the event loop for a second a turn."""
-    newest: list[tuple[str, bytes]] = []
-    total = 0
-    for row in rows:
-        text = _message_json(*row)
-        total += len(text)
-        if max_bytes and total > max_bytes:
-            rows.close()  # the rest is never read
-            newest.reverse()
-            return newest, True
-        newest.append((row[0].decode(), text))
-    newest.reverse()
-    return newest, False
-
-
 class SQLiteTurns:
     """``load_window`` and ``append_turn_soon`` on one SQLite file.
 
@@ -270,13 +196,17 @@ class SQLiteTurns:
         busy_timeout_ms: int,
         resend_reasoning: ResendReasoning,
         health: WriteHealth | None = None,
+        *,
+        window_messages: int = 200,
     ) -> None:
+        """``window_messages``: ``memory.max_history_messages``, the window blocks are kept
+        for (see ``blocks``)."""
         _bind_none_cheaply()
         self._path = path
         self._health = health or WriteHealth()
         """Told how each write transaction ended (``/v1/ready``)."""
         self._resend_reasoning: ResendReasoning = resend_reasoning
-        self._window_sql = _WINDOW.format(reasoning=resent_reasoning(resend_reasoning))
+        self._blocks = Blocks(resend_reasoning, window_messages)
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-read")
@@ -336,7 +266,7 @@ class SQLiteTurns:
 
     async def load_window(
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
-    ) -> tuple[int, Any, list[tuple[str, bytes]], bool, int]:
+    ) -> tuple[int, Any, list[Message], bool, int]:
         """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
         first, each as its role and its JSON text, whether ``max_bytes`` left older ones
         out, its ``last_seq``; pk and ``last_seq`` 0 if it is not stored); with
@@ -388,7 +318,7 @@ class SQLiteTurns:
         conversation_id: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[int, Any, list[tuple[str, bytes]], int | None, bool, int]:
+    ) -> tuple[int, Any, list[Message], int | None, bool, int]:
         """(the conversation's pk, its system prompt, its window, ``data_version`` of the
         snapshot it was read in, whether ``max_bytes`` cut the window, its ``last_seq``;
         pk and ``last_seq`` 0 if it is not stored).
@@ -408,7 +338,7 @@ class SQLiteTurns:
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
                 return 0, None, [], None, False, 0
-            window, cut = _newest_rows(conn.execute(self._window_sql, (found[0], limit)), max_bytes)
+            window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
         finally:
             conn.execute("COMMIT")
         return found[0], _load(found[1]), window, version, cut, found[2]
@@ -608,8 +538,8 @@ class SQLiteTurns:
             return  # closed meanwhile
         self._ahead_of_writes(_checkpoint).add_done_callback(_failed_checkpoint)
 
-    def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[tuple[str, bytes]]:
-        """A turn's rows as a read of the window gives them back (``_window_sql``), after a
+    def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[Message]:
+        """A turn's rows as a read of the window gives them back (``blocks``), after a
         message of ``previous_role``."""
         messages = []
         for row in rows:
@@ -619,7 +549,7 @@ class SQLiteTurns:
             ):
                 reasoning = None
             wire = map(_utf8, (content, name, tool_calls, tool_call_id, reasoning))
-            messages.append((role, _message_json(role.encode(), *wire)))
+            messages.append((role, message_json(role.encode(), *wire)))
             previous_role = role
         return messages
 
@@ -638,6 +568,8 @@ class SQLiteTurns:
                 turns = [self._upsert(conn, *args, alone=alone) for args in batch]
                 # One statement run for the messages of every turn in the batch.
                 conn.executemany(_INSERT, [row for rows, _ in turns for row in rows])
+                for rows, _ in turns:
+                    self._blocks.write(conn, rows[0][0], rows[0][1], rows[-1][1])
                 outcome: list[_Written] = [*turns]
             except Exception:
                 if len(batch) == 1:
@@ -659,6 +591,7 @@ class SQLiteTurns:
         try:
             turn = self._upsert(conn, *args, alone=True)
             conn.executemany(_INSERT, turn[0])
+            self._blocks.write(conn, turn[0][0][0], turn[0][0][1], turn[0][-1][1])
             return turn
         except Exception as exc:  # that turn's caller gets it
             conn.execute("ROLLBACK TO turn")

@@ -1,0 +1,265 @@
+"""History blocks (``storage/blocks.py``): a long conversation's window read from a few
+rows of joined JSON texts must be, byte for byte, the window read message by message, on
+a real SQLite file, whatever the window's size, budget, deletes and ``resend_reasoning``;
+and what the upstream receives through the gateway must not change."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+from helpers import GatewayFactory, received, strict_loads, upstream_url
+from test_history_splice import AWKWARD, wires
+
+from chatmem.config import ResendReasoning, StorageConfig
+from chatmem.storage import Owner, Store, create_engine
+from chatmem.storage.blocks import BLOCK, Blocks
+from chatmem.storage.integrity import check_integrity
+
+OWNER = Owner("default")
+
+
+async def open_store(
+    db_path: Path, resend: ResendReasoning = "tool_turns", *, direct: bool = True, keep: int = 200
+) -> Store:
+    url = f"sqlite+aiosqlite:///{db_path}"
+    store = Store(
+        create_engine(StorageConfig(url=url)),
+        direct=direct,
+        resend_reasoning=resend,
+        window_messages=keep,
+    )
+    await store.create_schema()
+    return store
+
+
+def turns(count: int) -> list[list[dict[str, Any]]]:
+    """Turns of 11 messages (tool calls, their results, reasoning, names, odd text) and of
+    2, so that blocks start and end in the middle of turns and of tool exchanges."""
+    done: list[list[dict[str, Any]]] = []
+    for k in range(count):
+        answer = {"role": "assistant", "content": f"answer {k}", "reasoning": f"why {k}"}
+        if k % 3 == 1:
+            done.append([{"role": "user", "content": f"q {k} \u00e9 \"'"}, answer])
+        else:
+            done.append([*AWKWARD, answer])
+    return done
+
+
+async def stored(db_path: Path, count: int, keep: int = 200) -> list[dict[str, Any]]:
+    """A conversation "c" of ``count`` turns written by the SQLite fast path; its messages."""
+    store = await open_store(db_path, keep=keep)
+    try:
+        for turn in turns(count):
+            await store.commit_turn(OWNER, "c", system=None, turn=turn)
+    finally:
+        await store.close()
+    return [m for turn in turns(count) for m in turn]
+
+
+def block_ends(db_path: Path) -> list[int]:
+    with sqlite3.connect(db_path) as conn:
+        return [row[0] for row in conn.execute("SELECT last_seq FROM history_blocks ORDER BY 1")]
+
+
+def drop_blocks(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM history_blocks")
+
+
+async def read(
+    db_path: Path,
+    limit: int,
+    max_bytes: int = 0,
+    resend: ResendReasoning = "tool_turns",
+    *,
+    direct: bool = True,
+) -> bytes:
+    """The history text a chat request would send, read by a store just opened (nothing
+    cached); ``direct=False``: through SQLAlchemy, row by row, as the oracle."""
+    store = await open_store(db_path, resend, direct=direct)
+    try:
+        history = await store.load_history(OWNER, "c", limit, max_bytes=max_bytes)
+    finally:
+        await store.close()
+    return history.encoded
+
+
+async def test_a_window_from_blocks_is_the_window_read_row_by_row(db_path: Path) -> None:
+    messages = await stored(db_path, 24)  # 192 messages
+    last = len(messages)
+    assert block_ends(db_path) == list(range(BLOCK, last + 1, BLOCK))
+    cases = [(limit, 0) for limit in (1, 2, 7, 31, 32, 33, 64, 100, 167, 168, 200)]
+    cases += [(200, budget) for budget in (1, 300, 2_000, 5_000, 9_999, 20_000)]
+    cases += [(40, 2_000), (140, 9_000)]
+    # Budgets that the newest k messages fill exactly, and one byte short of that.
+    with sqlite3.connect(db_path) as conn:
+        conn.text_factory = bytes
+        window, _ = Blocks("tool_turns", 200).read(conn, 1, last, 200, 0)
+    sizes = list(accumulate(len(text) for _, text in reversed(window)))
+    cases += [(200, sizes[k] - d) for k in (0, 5, 31, 32, 40, 77, 150) for d in (0, 1)]
+    with_blocks = {case: await read(db_path, *case) for case in cases}
+    oracle = {case: await read(db_path, *case, direct=False) for case in cases}
+    drop_blocks(db_path)
+    for case in cases:
+        rows = await read(db_path, *case)
+        assert with_blocks[case] == rows, case
+        assert json.loads(b"[" + rows + b"]") == json.loads(b"[" + oracle[case] + b"]"), case
+    assert len(json.loads(b"[" + with_blocks[(200, 0)] + b"]")) == last
+
+
+async def test_the_window_is_read_from_the_blocks(db_path: Path) -> None:
+    """Change a block behind the store's back and the window changes with it: the test
+    above compares blocks with rows, so it must be the blocks that were read."""
+    await stored(db_path, 24)
+    with sqlite3.connect(db_path) as conn:
+        body = conn.execute("SELECT body FROM history_blocks WHERE last_seq = 64").fetchone()[0]
+        assert b'"answer 5"' in body
+        conn.execute(
+            "UPDATE history_blocks SET body = ? WHERE last_seq = 64",
+            (body.replace(b'"answer 5"', b'"ANSWER 5"'),),
+        )
+    sent = await read(db_path, 200)
+    assert b'"ANSWER 5"' in sent and b'"answer 5"' not in sent
+
+
+async def test_db_check_finds_a_block_that_is_not_a_copy(db_path: Path) -> None:
+    await stored(db_path, 24)
+    store = await open_store(db_path)
+    try:
+        assert await check_integrity(store, chat_only=True) == []
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(
+                "UPDATE history_blocks SET body = CAST(replace(body, 'answer 3', 'ANSWER 3')"
+                " AS BLOB) WHERE last_seq = 64"
+            )
+            conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 96")
+            conn.execute("UPDATE history_blocks SET body = body || 'x' WHERE last_seq = 192")
+            conn.execute("UPDATE history_blocks SET resend = 'often' WHERE last_seq = 128")
+            conn.execute("UPDATE history_blocks SET conversation_pk = 9 WHERE last_seq = 160")
+        assert await check_integrity(store) == [
+            "1 history block(s) of missing conversation pk=9",
+            "conversation 'c' (pk=1): history block 33..64 differs from the messages it copies",
+            "conversation 'c' (pk=1): history block 65..96 cannot be read",
+            "conversation 'c' (pk=1): history block 97..128 is not one this chatmem writes",
+            "conversation 'c' (pk=1): history block 161..192 cannot be read",
+        ]
+    finally:
+        await store.close()
+
+
+async def test_deleting_an_item_drops_its_block_and_the_next(db_path: Path) -> None:
+    """Its messages' block goes, and the block of the message after them, whose
+    reasoning may go upstream again by the role of the one before (a tool result)."""
+    await stored(db_path, 24)
+    store = await open_store(db_path)
+    try:
+        with sqlite3.connect(db_path) as conn:
+            roles = dict(conn.execute("SELECT seq, role FROM messages"))
+        user = next(seq for seq in range(40, 60) if roles[seq] == "user")
+        deleted = await store.delete_item(OWNER, "c", user)
+        assert deleted is not None and deleted.seqs == [user]
+        assert block_ends(db_path) == [32, 96, 128, 160, 192]  # 64 held it
+        # The last message of a block: that block goes, and the next (its message follows).
+        assert roles[128] == "assistant"
+        deleted = await store.delete_item(OWNER, "c", 128)
+        assert deleted is not None and deleted.seqs == [128]
+        assert block_ends(db_path) == [32, 96, 192]
+        # An assistant message with tool calls goes with its results.
+        call = next(seq for seq in range(1, 30) if roles[seq] == "assistant")
+        deleted = await store.delete_item(OWNER, "c", call)
+        assert deleted is not None and deleted.seqs == [call, call + 1, call + 2]
+        assert block_ends(db_path) == [96, 192]
+        # The turn that reaches the next multiple of a block writes it, gaps and all
+        # (193..195 are numbers the deletes took).
+        for _ in range(15):
+            await store.commit_turn(OWNER, "c", system=None, turn=turns(2)[1])
+        assert block_ends(db_path) == [96, 192, 224]
+        assert await check_integrity(store) == []
+    finally:
+        await store.close()
+    with_blocks = await read(db_path, 200)
+    oracle = await read(db_path, 200, direct=False)
+    drop_blocks(db_path)
+    assert with_blocks == await read(db_path, 200)
+    assert json.loads(b"[" + with_blocks + b"]") == json.loads(b"[" + oracle + b"]")
+
+
+async def test_blocks_of_another_resend_reasoning_are_not_used(db_path: Path) -> None:
+    await stored(db_path, 24)  # under "tool_turns"
+    for resend in ("always", "never"):
+        got = await read(db_path, 200, resend=resend)
+        oracle = await read(db_path, 200, resend=resend, direct=False)
+        assert json.loads(b"[" + got + b"]") == json.loads(b"[" + oracle + b"]")
+    assert b"why 0" not in await read(db_path, 200, resend="tool_turns")
+    assert b"why 0" in await read(db_path, 200, resend="always")
+
+
+async def test_blocks_are_kept_for_the_window_only(db_path: Path) -> None:
+    """Blocks go once they are further back than ``max_history_messages`` and a block:
+    the copy stays small however long the conversation grows."""
+    messages = await stored(db_path, 40, keep=40)  # 280 messages
+    last = len(messages)
+    newest = last - last % BLOCK
+    assert block_ends(db_path) == [e for e in range(BLOCK, newest + 1, BLOCK) if e > newest - 72]
+    with_blocks = await read(db_path, 40)
+    drop_blocks(db_path)
+    assert with_blocks == await read(db_path, 40)
+
+
+async def test_deleting_conversations_deletes_their_blocks(db_path: Path) -> None:
+    await stored(db_path, 12)
+    store = await open_store(db_path)
+    try:
+        for turn in turns(12):
+            await store.commit_turn(OWNER, "d", system=None, turn=turn)
+        with sqlite3.connect(db_path) as conn:
+            owners = "SELECT count(DISTINCT conversation_pk) FROM history_blocks"
+            assert conn.execute(owners).fetchone()[0] == 2
+        assert await store.delete_conversation(OWNER, "c")
+        with sqlite3.connect(db_path) as conn:
+            conn.execute("UPDATE conversations SET updated_at = ?", (int(time.time()) - 7200,))
+        assert await store.prune(3600) == 1
+    finally:
+        await store.close()
+    assert block_ends(db_path) == []
+
+
+async def test_through_the_gateway_a_long_history_survives_a_restart(
+    gateway_factory: GatewayFactory, upstream: TestServer, db_path: Path
+) -> None:
+    """``memory.max_history_messages`` reaches the store: blocks are kept for it; a gateway
+    started afresh (nothing cached) sends the same window."""
+    url = upstream_url(upstream)
+    first = await gateway_factory(url, memory={"max_history_messages": 8})
+    answers = []
+    for k in range(50):
+        resp = await first.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": f"q{k}"}]},
+            headers={"X-Conversation-Id": "c"},
+        )
+        assert resp.status == 200, await resp.text()
+        answers.append((await resp.json())["choices"][0]["message"]["content"])
+    assert block_ends(db_path) == [64, 96]  # 32 dropped when 96 came (8 + a block back)
+    stored_messages = []
+    for k, answer in enumerate(answers):
+        stored_messages += [
+            {"role": "user", "content": f"q{k}"},
+            {"role": "assistant", "content": answer},
+        ]
+    second = await gateway_factory(url, memory={"max_history_messages": 8})
+    new = {"role": "user", "content": "and now?"}
+    resp = await second.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [new]},
+        headers={"X-Conversation-Id": "c"},
+    )
+    assert resp.status == 200, await resp.text()
+    sent = [r for r in received(upstream) if r.path == "/v1/chat/completions"][-1]
+    assert strict_loads(sent.body)["messages"] == [*wires(stored_messages)[-8:], new]
