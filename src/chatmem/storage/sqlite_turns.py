@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 from .. import jsonio
 from ..config import ResendReasoning
 from ..errors import StorageUnavailable
-from .blocks import Blocks, Message, message_json
+from .blocks import BLOCK, Blocks, Message, message_json
 from .engine import sqlite_pragmas
 from .pairing import check_still_there, check_turn, overtaken
 from .rows import resends_reasoning
@@ -569,7 +569,7 @@ class SQLiteTurns:
                 # One statement run for the messages of every turn in the batch.
                 conn.executemany(_INSERT, [row for rows, _ in turns for row in rows])
                 for rows, _ in turns:
-                    self._blocks.write(conn, rows[0][0], rows[0][1], rows[-1][1])
+                    self._write_blocks(conn, rows)
                 outcome: list[_Written] = [*turns]
             except Exception:
                 if len(batch) == 1:
@@ -586,12 +586,18 @@ class SQLiteTurns:
             raise
         return outcome
 
+    def _write_blocks(self, conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+        """The history blocks a turn's ``rows``, just inserted, complete (see ``blocks``)."""
+        first, last = rows[0][1], rows[-1][1]
+        if last % BLOCK <= last - first:  # a multiple of BLOCK among them
+            self._blocks.write(conn, rows[0][0], first, last)
+
     def _write_alone(self, conn: sqlite3.Connection, args: _TurnArgs) -> _Written:
         conn.execute("SAVEPOINT turn")
         try:
             turn = self._upsert(conn, *args, alone=True)
             conn.executemany(_INSERT, turn[0])
-            self._blocks.write(conn, turn[0][0][0], turn[0][0][1], turn[0][-1][1])
+            self._write_blocks(conn, turn[0])
             return turn
         except Exception as exc:  # that turn's caller gets it
             conn.execute("ROLLBACK TO turn")
