@@ -5,6 +5,7 @@ and what the upstream receives through the gateway must not change."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -12,8 +13,11 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from helpers import GatewayFactory, received, strict_loads, upstream_url
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_history_splice import AWKWARD, wires
 
 from chatmem.config import ResendReasoning, StorageConfig
@@ -190,6 +194,32 @@ async def test_deleting_an_item_drops_its_block_and_the_next(db_path: Path) -> N
     assert json.loads(b"[" + with_blocks + b"]") == json.loads(b"[" + oracle + b"]")
 
 
+async def test_deleting_the_message_before_a_block_remakes_its_first_message(
+    db_path: Path,
+) -> None:
+    """An assistant message's reasoning goes again when the message before it is a tool
+    result ("tool_turns"): with that result deleted, the block that starts with the
+    answer no longer holds what a read makes of it, and must go too."""
+    store = await open_store(db_path)
+    try:
+        before = made(["user"] * 31 + ["tool"], 0)  # seq 32: a result of no stored call
+        after = made(["assistant+reasoning"] + ["user"] * 31, 32)  # seq 33 answers it
+        await store.commit_turn(OWNER, "c", system=None, turn=before)
+        await store.commit_turn(OWNER, "c", system=None, turn=after)
+        assert block_ends(db_path) == [32, 64]
+        assert b'"reasoning_content":"r32"' in await read(db_path, 200)
+        deleted = await store.delete_item(OWNER, "c", 32)
+        assert deleted is not None and deleted.seqs == [32]
+        assert block_ends(db_path) == []
+    finally:
+        await store.close()
+    sent = await read(db_path, 200)
+    assert b"r32" not in sent
+    assert json.loads(b"[" + sent + b"]") == json.loads(
+        b"[" + await read(db_path, 200, direct=False) + b"]"
+    )
+
+
 async def test_blocks_of_another_resend_reasoning_are_not_used(db_path: Path) -> None:
     await stored(db_path, 24)  # under "tool_turns"
     for resend in ("always", "never"):
@@ -263,3 +293,73 @@ async def test_through_the_gateway_a_long_history_survives_a_restart(
     assert resp.status == 200, await resp.text()
     sent = [r for r in received(upstream) if r.path == "/v1/chat/completions"][-1]
     assert strict_loads(sent.body)["messages"] == [*wires(stored_messages)[-8:], new]
+
+
+ROLES = ["user", "assistant", "assistant+calls", "assistant+reasoning", "tool"]
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("turn"), st.lists(st.sampled_from(ROLES), min_size=1, max_size=40)),
+        st.tuples(st.just("append"), st.lists(st.sampled_from(ROLES), min_size=1, max_size=8)),
+        st.tuples(st.just("delete"), st.integers(1, 400)),
+    ),
+    min_size=1,
+    max_size=14,
+)
+
+
+def made(roles: list[str], start: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for k, kind in enumerate(roles, start):
+        if kind == "assistant+calls":
+            call = {
+                "id": f"call_{k}",
+                "type": "function",
+                "function": {"name": "f", "arguments": "{}"},
+            }
+            messages.append(
+                {"role": "assistant", "content": None, "tool_calls": [call], "reasoning": f"r{k}"}
+            )
+        elif kind == "assistant+reasoning":
+            messages.append({"role": "assistant", "content": f"a{k}", "reasoning": f"r{k}"})
+        elif kind == "tool":
+            messages.append({"role": "tool", "tool_call_id": f"call_{k - 1}", "content": f"t{k}"})
+        else:
+            messages.append({"role": kind, "content": f"{kind[0]}{k} \u00e9"})
+    return messages
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations, resend=st.sampled_from(["tool_turns", "always", "never"]))
+def test_any_history_reads_the_same_from_blocks_and_rows(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, Any]], resend: ResendReasoning
+) -> None:
+    """Turns of any length and roles, items appended and deleted through the
+    Conversations API, any ``resend_reasoning``: every window and budget reads the same
+    from the blocks as row by row, and as through SQLAlchemy; ``db check`` is clean."""
+    db_path = tmp_path_factory.mktemp("blocks") / "chatmem.db"
+
+    async def run() -> None:
+        store = await open_store(db_path, resend, keep=64)
+        try:
+            count = 0
+            for op, arg in ops:
+                if op == "turn":
+                    await store.commit_turn(OWNER, "c", system=None, turn=made(arg, count))
+                    count += len(arg)
+                elif op == "append" and count:
+                    await store.append_items(OWNER, "c", system=None, items=made(arg, count))
+                    count += len(arg)
+                elif op == "delete" and count:
+                    await store.delete_item(OWNER, "c", arg)
+            assert await check_integrity(store) == []
+        finally:
+            await store.close()
+        cases = [(limit, 0) for limit in (1, 20, 33, 64, 100)] + [(64, 900), (100, 2_500)]
+        with_blocks = [await read(db_path, *case, resend=resend) for case in cases]
+        oracle = [await read(db_path, *case, resend=resend, direct=False) for case in cases]
+        drop_blocks(db_path)
+        for case, got, expected in zip(cases, with_blocks, oracle, strict=True):
+            assert got == await read(db_path, *case, resend=resend), case
+            assert json.loads(b"[" + got + b"]") == json.loads(b"[" + expected + b"]"), case
+
+    asyncio.run(run())
