@@ -220,6 +220,29 @@ async def test_deleting_the_message_before_a_block_remakes_its_first_message(
     )
 
 
+async def test_blocks_of_another_size_are_not_used(db_path: Path) -> None:
+    """A block of 64 messages ending where one of 32 would (as another chatmem might
+    write them) would put messages 1..32 into the window twice."""
+    await stored(db_path, 24)
+    with sqlite3.connect(db_path) as conn:
+        first, second = conn.execute(
+            "SELECT roles, ends, body FROM history_blocks WHERE last_seq IN (32, 64)"
+            " ORDER BY last_seq"
+        ).fetchall()
+        shift = len(first[2])
+        ends = first[1] + b"," + b",".join(b"%d" % (int(e) + shift) for e in second[1].split(b","))
+        conn.execute(
+            "UPDATE history_blocks SET first_seq = 1, roles = ?, ends = ?, body = ?"
+            " WHERE last_seq = 64",
+            (first[0] + b" " + second[0], ends, first[2] + second[2]),
+        )
+        conn.execute("DELETE FROM history_blocks WHERE last_seq = 32")
+    got = await read(db_path, 200)
+    assert json.loads(b"[" + got + b"]") == json.loads(
+        b"[" + await read(db_path, 200, direct=False) + b"]"
+    )
+
+
 async def test_blocks_of_another_resend_reasoning_are_not_used(db_path: Path) -> None:
     await stored(db_path, 24)  # under "tool_turns"
     for resend in ("always", "never"):

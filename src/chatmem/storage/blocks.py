@@ -51,7 +51,7 @@ _UP_TO = _COLUMNS + " WHERE conversation_pk = ? AND seq <= ? ORDER BY seq DESC L
 _RANGE = _COLUMNS + " WHERE conversation_pk = ? AND seq >= ? AND seq <= ? ORDER BY seq"
 """``{reasoning}`` is :func:`rows.resent_reasoning`."""
 _BLOCKS = (
-    "SELECT last_seq, resend, roles, ends, body FROM history_blocks"
+    "SELECT last_seq, first_seq, resend, roles, ends, body FROM history_blocks"
     " WHERE conversation_pk = ? AND last_seq <= ? ORDER BY last_seq DESC"
 )
 _PUT = (
@@ -206,8 +206,9 @@ class Blocks:
         window.add_rows(conn.execute(self.after, (pk, top, limit)))
         if top and not window.full:
             rows = conn.execute(_BLOCKS, (pk, top))
-            for last, resend, roles, ends, body in rows:
-                if last != top or resend != self.resend:
+            for last, first, resend, roles, ends, body in rows:
+                # A block of another size (another chatmem) or mode ends the blocks read.
+                if last != top or first != top - BLOCK + 1 or resend != self.resend:
                     break
                 window.add_block(roles, ends, body)
                 top -= BLOCK
