@@ -243,6 +243,25 @@ async def test_blocks_of_another_size_are_not_used(db_path: Path) -> None:
     )
 
 
+async def test_a_role_with_a_space_in_it_gets_no_block(db_path: Path) -> None:
+    """No role the gateway takes has one, but a row written by hand may: its block would
+    hold one role more than messages."""
+    await stored(db_path, 1)  # 11 messages
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE messages SET role = 'odd\u2003role' WHERE seq = 3")
+    store = await open_store(db_path)
+    try:
+        for turn in turns(12)[1:]:
+            await store.commit_turn(OWNER, "c", system=None, turn=turn)
+    finally:
+        await store.close()
+    assert block_ends(db_path)[0] == 64  # not 32, which holds seq 3
+    sent = await read(db_path, 200)
+    assert '{"role":"odd\u2003role"'.encode() in sent
+    drop_blocks(db_path)
+    assert sent == await read(db_path, 200)
+
+
 async def test_blocks_of_another_resend_reasoning_are_not_used(db_path: Path) -> None:
     await stored(db_path, 24)  # under "tool_turns"
     for resend in ("always", "never"):
