@@ -132,6 +132,16 @@ async def test_the_window_is_read_from_the_blocks(db_path: Path) -> None:
     assert b'"ANSWER 5"' in sent and b'"answer 5"' not in sent
 
 
+async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path) -> None:
+    await stored(db_path, 24)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 160")
+        conn.execute("UPDATE history_blocks SET roles = 'user' WHERE last_seq = 96")
+    sent = await read(db_path, 200)
+    drop_blocks(db_path)
+    assert sent == await read(db_path, 200)
+
+
 async def test_db_check_finds_a_block_that_is_not_a_copy(db_path: Path) -> None:
     await stored(db_path, 24)
     store = await open_store(db_path)

@@ -210,7 +210,10 @@ class Blocks:
                 # A block of another size (another chatmem) or mode ends the blocks read.
                 if last != top or first != top - BLOCK + 1 or resend != self.resend:
                     break
-                window.add_block(roles, ends, body)
+                try:
+                    window.add_block(roles, ends, body)
+                except ValueError:  # not as this chatmem writes them (db check says so)
+                    break
                 top -= BLOCK
                 if window.full:
                     break
