@@ -253,6 +253,29 @@ async def test_blocks_of_another_size_are_not_used(db_path: Path) -> None:
     )
 
 
+async def test_large_messages_are_read_row_by_row(db_path: Path) -> None:
+    """A block is at most 256 KiB (``BLOCK_MAX_BYTES``): 32 messages of 2 MiB copied in
+    one commit held the event loop 116 ms, and a read loaded all of them whatever its
+    budget (helper-117's review)."""
+    store = await open_store(db_path)
+    try:
+        for size in (20_000, 7_000):  # 32 x 20 kB is over the limit, 32 x 7 kB under
+            for k in range(16):
+                turn = [
+                    {"role": "user", "content": f"{size} {k} " + "q" * size},
+                    {"role": "assistant", "content": "a" * size},
+                ]
+                await store.commit_turn(OWNER, "c", system=None, turn=turn)
+        await store.commit_turn(OWNER, "c", system=None, turn=[])  # nothing to add: fine
+    finally:
+        await store.close()
+    assert block_ends(db_path) == [64]  # 33..64 holds the 7 kB messages, 1..32 none
+    sent = {budget: await read(db_path, 200, budget) for budget in (0, 100_000, 300_000)}
+    drop_blocks(db_path)
+    for budget, got in sent.items():
+        assert got == await read(db_path, 200, budget), budget
+
+
 async def test_a_role_with_a_space_in_it_gets_no_block(db_path: Path) -> None:
     """No role the gateway takes has one, but a row written by hand may: its block would
     hold one role more than messages."""

@@ -588,6 +588,8 @@ class SQLiteTurns:
 
     def _write_blocks(self, conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
         """The history blocks a turn's ``rows``, just inserted, complete (see ``blocks``)."""
+        if not rows:
+            return
         first, last = rows[0][1], rows[-1][1]
         if last % BLOCK <= last - first:  # a multiple of BLOCK among them
             self._blocks.write(conn, rows[0][0], first, last)
