@@ -99,7 +99,7 @@ def main() -> int:
     parser.add_argument("--db", action="append", default=[], help="a database URL to measure")
     parser.add_argument("--quick", action="store_true", help="a tenth of the requests (CI)")
     args = parser.parse_args()
-    scenarios = SCENARIOS
+    scenarios: tuple[Scenario, ...] = SCENARIOS
     if args.quick:
         scenarios = tuple(
             Scenario(sc.name, sc.clients, sc.requests // 10, sc.stream) for sc in SCENARIOS
