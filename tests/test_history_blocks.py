@@ -137,9 +137,11 @@ async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path) -> Non
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 160")
         conn.execute("UPDATE history_blocks SET roles = 'user' WHERE last_seq = 96")
-    sent = await read(db_path, 200)
+        conn.execute("UPDATE history_blocks SET ends = '3,4' WHERE last_seq = 192")
+    cases = [(200, 0), (1, 10_000)]
+    sent = [await read(db_path, *case) for case in cases]
     drop_blocks(db_path)
-    assert sent == await read(db_path, 200)
+    assert sent == [await read(db_path, *case) for case in cases]
 
 
 async def test_db_check_finds_a_block_that_is_not_a_copy(db_path: Path) -> None:

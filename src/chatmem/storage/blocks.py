@@ -161,6 +161,8 @@ class Window:
         """A block's messages, as many of its newest as are still wanted."""
         names = roles.decode().split()
         offsets = [0, *map(int, ends.split(b","))]
+        if len(offsets) != len(names) + 1:
+            raise ValueError("a block's roles and ends disagree")
         first = max(0, len(names) - (self.limit - self.count))
         end = offsets[-1]
         if self.max_bytes and self.size + end - offsets[first] > self.max_bytes:
