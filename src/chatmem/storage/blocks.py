@@ -16,14 +16,16 @@ reaches ``n * BLOCK``, as a window read makes them under that ``resend_reasoning
 Numbers are never given twice and messages never change, only go: deleting an item
 drops the blocks of its messages and of the message after them, whose reasoning may
 depend on the one before (``items.delete_item``); deleting a conversation drops all of
-them.  So a block is an exact copy of its range.  A read takes the rows after the newest
-whole block, then blocks for as long as they follow one another and were made under the
-same ``resend_reasoning``, then rows for whatever is still missing: without blocks (a
-short conversation, one stored before migration 0004, another ``resend_reasoning``) it
-reads what it always read.  Blocks further back than ``max_history_messages`` are dropped
-as new ones come, so the copy is at most that many messages and two blocks per long
-conversation.  PostgreSQL keeps none (its reads are one round trip to a server that
-steps rows in C).
+them, and so does pruning it.  So a block is an exact copy of its range.  A read takes
+the rows after the newest whole block, then blocks for as long as they follow one another
+and were made under the same ``resend_reasoning`` and :data:`BLOCK`, then rows for
+whatever is still missing: without blocks (a short conversation, one stored before
+migration 0004, another ``resend_reasoning``, large messages, a damaged block) it reads
+what it always read.  Blocks further back than ``max_history_messages`` are dropped as
+new ones come, so the copy is at most that many messages and two blocks per long
+conversation, and a block is at most :data:`BLOCK_MAX_BYTES`.  ``chatmem db check``
+compares each block with its messages (:func:`check`).  PostgreSQL keeps none (its reads
+are one round trip to a server that steps rows in C).
 """
 
 from __future__ import annotations

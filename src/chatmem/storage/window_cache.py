@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .blocks import Message
+
 __all__ = ["Key", "Message", "WindowCache"]
 
 Key = tuple[str, str, str]
 """tenant, user, conversation id"""
-Message = tuple[str, bytes]
-"""a stored message: its role, and its JSON text as sent upstream"""
 
 _MAX_BYTES = 64 * 1024 * 1024
 _MAX_CONVERSATIONS = 10_000
