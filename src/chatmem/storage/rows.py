@@ -1,5 +1,6 @@
-"""The two tables and what every query of them shares: whose a conversation is, a
-message as a row, and a walk over a conversation's messages."""
+"""The tables (conversations, messages, and SQLite's copies of history in blocks) and
+what every query of them shares: whose a conversation is, a message as a row, and a walk
+over a conversation's messages."""
 
 from __future__ import annotations
 
