@@ -232,6 +232,21 @@ async def test_deleting_the_message_before_a_block_remakes_its_first_message(
     )
 
 
+async def test_messages_changed_in_the_file_itself_drop_their_blocks(db_path: Path) -> None:
+    """Triggers (migration 0004) keep the blocks exact whoever changes a message: here a
+    plain ``sqlite3`` connection, as an operator fixing a row by hand would."""
+    await stored(db_path, 24)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM messages WHERE seq = 40")
+        conn.execute("UPDATE messages SET content = '\"fixed\"' WHERE seq = 100")
+        conn.execute("UPDATE messages SET seq = 999 WHERE seq = 150")  # to the end
+    assert block_ends(db_path) == [32, 96]  # 64 (40), 128 (100), 160 and on (150 moved)
+    sent = await read(db_path, 200)
+    assert b'"fixed"' in sent
+    drop_blocks(db_path)
+    assert sent == await read(db_path, 200)
+
+
 async def test_blocks_of_another_size_are_not_used(db_path: Path) -> None:
     """A block of 64 messages ending where one of 32 would (as another chatmem might
     write them) would put messages 1..32 into the window twice."""

@@ -13,10 +13,10 @@ each (table ``history_blocks``): their JSON texts joined, their roles, where eac
 ends.  The block that ends at ``seq`` ``n * BLOCK`` holds the messages numbered
 ``n * BLOCK - BLOCK + 1 .. n * BLOCK`` and is written in the transaction of the turn that
 reaches ``n * BLOCK``, as a window read makes them under that ``resend_reasoning``.
-Numbers are never given twice and messages never change, only go: deleting an item
-drops the blocks of its messages and of the message after them, whose reasoning may
-depend on the one before (``items.delete_item``); deleting a conversation drops all of
-them, and so does pruning it.  So a block is an exact copy of its range.  A read takes
+Numbers are never given twice, and triggers on ``messages`` (migration 0004) drop the
+blocks of a message deleted or changed, by the Conversations API or by hand, and of the
+message after it, whose reasoning may depend on the one before; deleting a conversation
+drops all of them, and so does pruning it.  So a block is an exact copy of its range.  A read takes
 the rows after the newest whole block, then blocks for as long as they follow one another
 and were made under the same ``resend_reasoning`` and :data:`BLOCK`, then rows for
 whatever is still missing: without blocks (a short conversation, one stored before

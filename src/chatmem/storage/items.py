@@ -11,21 +11,11 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .pairing import call_ids, open_calls
-from .rows import (
-    Owner,
-    conversations,
-    history_blocks,
-    messages,
-    owned,
-    stored_size,
-    tail_before,
-    to_row,
-    walk,
-)
+from .rows import Owner, conversations, messages, owned, stored_size, tail_before, to_row, walk
 
 __all__ = ["ITEM_FIELDS", "ConversationInfo", "ConversationItems", "Deletion", "Page"]
 
@@ -337,8 +327,8 @@ class ConversationItems(ABC):
             elif row.role == "assistant" and (calls := call_ids(row.tool_calls)):
                 seqs += await _results_of(conn, ours, seq, calls)
             # Found under the conversation's lock: a concurrent delete found nothing.
+            # On SQLite a trigger drops the history blocks these messages were in (0004).
             await conn.execute(delete(messages).where(ours, m.seq.in_(seqs)))
-            await _drop_blocks(conn, pk, seqs)
             # last_seq moves too (a number no message takes): a turn whose history was read
             # before the delete is checked against what is left when it commits (pairing).
             await conn.execute(
@@ -361,22 +351,3 @@ class ConversationItems(ABC):
             find = find.with_for_update()
         pk: int | None = (await conn.execute(find)).scalar_one_or_none()
         return pk
-
-
-async def _drop_blocks(conn: AsyncConnection, pk: int, seqs: list[int]) -> None:
-    """The history blocks (see ``blocks``) that held the messages ``seqs``, just deleted,
-    and the one of the message after them: an assistant message's reasoning goes upstream
-    again or not by the message before it (``rows.resends_reasoning``)."""
-    b = history_blocks.c
-    after = await conn.scalar(
-        select(func.min(messages.c.seq)).where(
-            messages.c.conversation_pk == pk, messages.c.seq > max(seqs)
-        )
-    )
-    await conn.execute(
-        delete(history_blocks).where(
-            b.conversation_pk == pk,
-            b.last_seq >= min(seqs),
-            b.first_seq <= (max(seqs) if after is None else after),
-        )
-    )
