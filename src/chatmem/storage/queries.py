@@ -44,7 +44,6 @@ from .rows import (
     RESULT_ROLES,
     Owner,
     conversations,
-    history_blocks,
     messages,
     owned,
     resent_reasoning,
@@ -725,7 +724,6 @@ class Store(ConversationItems):
             if pk is None:
                 return False
             await conn.execute(delete(messages).where(messages.c.conversation_pk == pk))
-            await conn.execute(delete(history_blocks).where(history_blocks.c.conversation_pk == pk))
             # Found under the conversation's lock: it is there to delete.
             await conn.execute(delete(conversations).where(conversations.c.pk == pk))
             return True
@@ -751,9 +749,6 @@ class Store(ConversationItems):
             pks = list((await conn.execute(pick)).scalars())
             if pks:  # messages explicitly, as delete_conversation does, then the rows
                 await conn.execute(delete(messages).where(messages.c.conversation_pk.in_(pks)))
-                await conn.execute(
-                    delete(history_blocks).where(history_blocks.c.conversation_pk.in_(pks))
-                )
                 await conn.execute(delete(conversations).where(conversations.c.pk.in_(pks)))
             return len(pks)
 

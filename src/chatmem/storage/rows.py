@@ -1,6 +1,6 @@
-"""The tables (conversations, messages, and SQLite's copies of history in blocks) and
-what every query of them shares: whose a conversation is, a message as a row, and a walk
-over a conversation's messages."""
+"""The two tables every query reads (conversations and messages; SQLite's history blocks
+are ``blocks``'s alone) and what those queries share: whose a conversation is, a message
+as a row, and a walk over a conversation's messages."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from sqlalchemy import Text, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..config import ResendReasoning
-from .schema import Base, Conversation, HistoryBlock, Message
+from .schema import Base, Conversation, Message
 
 __all__ = [
     "RESULT_ROLES",
     "Owner",
     "conversations",
-    "history_blocks",
     "messages",
     "owned",
     "resends_reasoning",
@@ -32,7 +31,6 @@ __all__ = [
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
-history_blocks = Base.metadata.tables[HistoryBlock.__tablename__]
 
 stored_size = func.coalesce(func.length(cast(messages.c.content, Text)), 0) + func.coalesce(
     func.length(cast(messages.c.tool_calls, Text)), 0
