@@ -24,6 +24,8 @@ from chatmem.config import ResendReasoning, StorageConfig
 from chatmem.storage import Owner, Store, create_engine
 from chatmem.storage.blocks import BLOCK, Blocks
 from chatmem.storage.integrity import check_integrity
+from chatmem.storage.migrate import downgrade, upgrade
+from chatmem.storage.texts import Texts
 
 OWNER = Owner("default")
 
@@ -105,7 +107,7 @@ async def test_a_window_from_blocks_is_the_window_read_row_by_row(db_path: Path)
     with sqlite3.connect(db_path) as conn:
         conn.text_factory = bytes
         window, _ = Blocks("tool_turns", 200).read(conn, 1, last, 200, 0)
-    sizes = list(accumulate(len(text) for _, text in reversed(window)))
+    sizes = list(accumulate(reversed(window.sizes())))
     cases += [(200, sizes[k] - d) for k in (0, 5, 31, 32, 40, 77, 150) for d in (0, 1)]
     with_blocks = {case: await read(db_path, *case) for case in cases}
     oracle = {case: await read(db_path, *case, direct=False) for case in cases}
@@ -138,10 +140,55 @@ async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path) -> Non
         conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 160")
         conn.execute("UPDATE history_blocks SET roles = 'user' WHERE last_seq = 96")
         conn.execute("UPDATE history_blocks SET ends = '3,4' WHERE last_seq = 192")
+        # Offsets that are numbers but not integers, and one past 64 bits.
+        conn.execute(
+            "UPDATE history_blocks SET ends = replace(ends, ',', '.0,') WHERE last_seq = 64"
+        )
+        conn.execute("UPDATE history_blocks SET ends = '1' || ends WHERE last_seq = 128")
     cases = [(200, 0), (1, 10_000)]
     sent = [await read(db_path, *case) for case in cases]
     drop_blocks(db_path)
     assert sent == [await read(db_path, *case) for case in cases]
+
+
+async def test_blocks_of_0004_are_dropped_and_never_read(db_path: Path) -> None:
+    """0004 kept the texts without commas.  Such a block is read as rows, and migration
+    0005 drops them, both ways (each revision's chatmem would misread the other's)."""
+    await stored(db_path, 24)
+    with sqlite3.connect(db_path) as conn:
+        conn.text_factory = bytes
+        roles, ends, body = conn.execute(
+            "SELECT roles, ends, body FROM history_blocks WHERE last_seq = 192"
+        ).fetchone()
+        texts = Texts(roles.decode().split(), body, [0, *json.loads(b"[" + ends + b"]")])
+        old = [text for _, text in texts.pairs()]
+        conn.execute(
+            "UPDATE history_blocks SET ends = ?, body = ? WHERE last_seq = 192",
+            (",".join(map(str, accumulate(map(len, old)))).encode(), b"".join(old)),
+        )
+    sent = await read(db_path, 200)
+    drop_blocks(db_path)
+    assert sent == await read(db_path, 200)
+    assert json.loads(b"[" + sent + b"]")[-1]["content"] == "answer 23"
+
+    def blocks() -> int:
+        with sqlite3.connect(db_path) as conn:
+            return int(conn.execute("SELECT count(*) FROM history_blocks").fetchone()[0])
+
+    await stored(db_path, 24)  # 24 turns more, and their blocks
+    engine = create_engine(StorageConfig(url=f"sqlite+aiosqlite:///{db_path}"))
+    try:
+        assert blocks() == 6
+        await downgrade(engine, "0004")
+        assert blocks() == 0
+        with sqlite3.connect(db_path) as conn:  # as chatmem at 0004 wrote them
+            conn.execute(
+                "INSERT INTO history_blocks VALUES (1, 32, 1, 'tool_turns', 'user', '2', '{}')"
+            )
+        await upgrade(engine)
+        assert blocks() == 0
+    finally:
+        await engine.dispose()
 
 
 async def test_db_check_finds_a_block_that_is_not_a_copy(db_path: Path) -> None:

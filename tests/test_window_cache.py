@@ -18,6 +18,7 @@ import pytest
 from helpers import open_store
 
 from chatmem.storage import Owner, Store
+from chatmem.storage.texts import Texts
 from chatmem.storage.window_cache import WindowCache, _size
 
 ALICE = Owner("team-a", "alice")
@@ -173,18 +174,18 @@ async def test_a_commit_that_waited_on_the_writer_thread_is_seen(
 
 def test_the_cache_is_bounded() -> None:
     cache = WindowCache(max_bytes=1000, max_conversations=3)
+
+    def user(text: bytes) -> Texts:
+        return Texts.of([("user", text)])
+
     for i in range(5):
-        cache.put(
-            ("t", "u", f"c{i}"), None, [("user", b"x" * 10)], version=1, limit=10, last_seq=1, pk=1
-        )
+        cache.put(("t", "u", f"c{i}"), None, user(b"x" * 10), version=1, limit=10, last_seq=1, pk=1)
     assert len(cache) == 3 and cache.get(("t", "u", "c0")) is None
-    cache.put(
-        ("t", "u", "big"), None, [("user", b"x" * 2000)], version=1, limit=10, last_seq=1, pk=1
-    )
+    cache.put(("t", "u", "big"), None, user(b"x" * 2000), version=1, limit=10, last_seq=1, pk=1)
     assert len(cache) == 0  # a window larger than the whole cache is not kept
-    cache.put(("t", "u", "a"), None, [("user", b"1")], version=1, limit=10, last_seq=1, pk=1)
+    cache.put(("t", "u", "a"), None, user(b"1"), version=1, limit=10, last_seq=1, pk=1)
     # Read after another connection wrote: the windows read before may be stale.
-    cache.put(("t", "u", "b"), None, [("user", b"2")], version=2, limit=10, last_seq=1, pk=1)
+    cache.put(("t", "u", "b"), None, user(b"2"), version=2, limit=10, last_seq=1, pk=1)
     assert cache.get(("t", "u", "a")) is None and cache.get(("t", "u", "b")) is not None
     cache.validate(sqlite3.connect(":memory:"), limit=20)  # another window size
     assert cache.get(("t", "u", "b")) is None
@@ -194,18 +195,25 @@ def test_the_cache_counts_its_bytes_as_windows_slide() -> None:
     """A commit adjusts the window's size by what came and what was cut off the front."""
     cache = WindowCache()
     key = ("t", "u", "c")
-    cache.put(key, None, [("user", b"x" * 10), ("assistant", b"y" * 20)], 1, 3, last_seq=2, pk=1)
+    first = Texts.of([("user", b"x" * 10), ("assistant", b"y" * 20)])
+    cache.put(key, None, first, 1, 3, last_seq=2, pk=1)
     for i in range(5):
-        turn = [("user", b"q" * i), ("assistant", b"a" * (7 * i))]
+        turn = Texts.of([("user", b"q" * i), ("assistant", b"a" * (7 * i))])
         cache.committed(key, None, turn, last_seq=4 + 2 * i)
         window = cache._windows[key]
         assert len(window.messages) == 3
         assert window.size == cache._bytes == _size(window.messages)
-    assert cache.get(key) == (
-        None,
-        [("assistant", b"a" * 21), ("user", b"q" * 4), ("assistant", b"a" * 28)],
-        12,
-        1,
+    kept = cache.get(key)
+    assert kept is not None and kept[0] is None and kept[2:] == (12, 1)
+    assert kept[1].pairs() == [
+        ("assistant", b"a" * 21),
+        ("user", b"q" * 4),
+        ("assistant", b"a" * 28),
+    ]
+    assert kept[1] == Texts(
+        ["assistant", "user", "assistant"],
+        b"a" * 21 + b"," + b"q" * 4 + b"," + b"a" * 28 + b",",
+        [0, 22, 27, 56],
     )
 
 
@@ -230,7 +238,7 @@ def test_a_window_cut_by_the_byte_budget_reads_no_further_rows() -> None:
     window = Window(200, 3500)
     window.add_rows(rows)
     assert window.cut and len(window.messages()) == 3  # the 3 newest of 1,027 bytes each
-    assert window.messages()[0] == ("user", b'{"role":"user","content":' + text + b"}")
+    assert window.messages().pairs()[0] == ("user", b'{"role":"user","content":' + text + b"}")
     with pytest.raises(sqlite3.ProgrammingError):  # closed: the other 46 were never read
         rows.fetchone()
     whole = Window(200, 0)

@@ -9,36 +9,42 @@ long conversation's first request after a start, and on ``--workers N`` nearly e
 request, since another process's commit clears the cache.
 
 So the messages of a long conversation are also kept in blocks of :data:`BLOCK`, one row
-each (table ``history_blocks``): their JSON texts joined, their roles, where each text
-ends.  The block that ends at ``seq`` ``n * BLOCK`` holds the messages numbered
-``n * BLOCK - BLOCK + 1 .. n * BLOCK`` and is written in the transaction of the turn that
-reaches ``n * BLOCK``, as a window read makes them under that ``resend_reasoning``.
-Numbers are never given twice, and triggers on ``messages`` (migration 0004) drop the
-blocks of a message deleted or changed, by the Conversations API or by hand, and of the
-message after it, whose reasoning may depend on the one before; deleting a conversation
-drops all of them, and so does pruning it.  So a block is an exact copy of its range.  A read takes
-the rows after the newest whole block, then blocks for as long as they follow one another
-and were made under the same ``resend_reasoning`` and :data:`BLOCK`, then rows for
-whatever is still missing: without blocks (a short conversation, one stored before
-migration 0004, another ``resend_reasoning``, large messages, a damaged block) it reads
-what it always read.  Blocks further back than ``max_history_messages`` are dropped as
-new ones come, so the copy is at most that many messages and two blocks per long
-conversation, and a block is at most :data:`BLOCK_MAX_BYTES`.  ``chatmem db check``
-compares each block with its messages (:func:`check`).  PostgreSQL keeps none (its reads
-are one round trip to a server that steps rows in C).
+each (table ``history_blocks``): their JSON texts each followed by a comma, as a window
+keeps them (:class:`~.texts.Texts`), their roles, and where each text ends, after its
+comma.  A read puts a block into the window as it is, without cutting it into messages
+(migration 0005 dropped the blocks of 0004, which kept no commas).  The block that ends at
+``seq`` ``n * BLOCK`` holds the messages numbered ``n * BLOCK - BLOCK + 1 .. n * BLOCK``
+and is written in the transaction of the turn that reaches ``n * BLOCK``, as a window read
+makes them under that ``resend_reasoning``.  Numbers are never given twice, and triggers
+on ``messages`` (migration 0004) drop the blocks of a message deleted or changed, by the
+Conversations API or by hand, and of the message after it, whose reasoning may depend on
+the one before; deleting a conversation drops all of them, and so does pruning it.  So a
+block is an exact copy of its range.  A read takes the rows after the newest whole block,
+then blocks for as long as they follow one another and were made under the same
+``resend_reasoning`` and :data:`BLOCK`, then rows for whatever is still missing: without
+blocks (a short conversation, one stored before migration 0005, another
+``resend_reasoning``, large messages, a damaged block) it reads what it always read.
+Blocks further back than ``max_history_messages`` are dropped as new ones come, so the
+copy is at most that many messages and two blocks per long conversation, and a block is
+at most :data:`BLOCK_MAX_BYTES`.  ``chatmem db check`` compares each block with its
+messages (:func:`check`).  PostgreSQL keeps none (its reads are one round trip to a
+server that steps rows in C).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from itertools import accumulate
+from array import array
 from typing import cast, get_args
+
+import orjson
 
 from .. import jsonio
 from ..config import ResendReasoning
 from .rows import resent_reasoning
+from .texts import Texts
 
-__all__ = ["BLOCK", "BLOCK_MAX_BYTES", "Blocks", "Message", "Window", "check", "message_json"]
+__all__ = ["BLOCK", "BLOCK_MAX_BYTES", "Blocks", "Window", "check", "message_json"]
 
 BLOCK = 32
 """Messages a block holds.  A window read steps up to ``BLOCK - 1`` rows after the newest
@@ -49,9 +55,6 @@ BLOCK_MAX_BYTES = 256 * 1024
 counts for many small messages; messages of 8 KiB and more on average are read row by
 row, so that a turn never copies megabytes in its commit (32 messages of 2 MiB held the
 event loop 116 ms) and a read never loads a block much larger than its byte budget."""
-
-Message = tuple[str, bytes]
-"""A message of a window: its role, and its JSON text."""
 
 _COLUMNS = "SELECT role, content, name, tool_calls, tool_call_id, {reasoning} FROM messages"
 _AFTER = _COLUMNS + " WHERE conversation_pk = ? AND seq > ? ORDER BY seq DESC LIMIT ?"
@@ -135,7 +138,7 @@ class Window:
         """The JSON text's length so far."""
         self.cut = False
         """Whether the budget left a message out."""
-        self._parts: list[list[Message]] = []
+        self._parts: list[Texts] = []
         """Each oldest first; the newest part first."""
 
     @property
@@ -146,7 +149,8 @@ class Window:
         """Rows of a window query, newest first; the query's LIMIT says how many are
         wanted.  They are read only until the budget is spent: read whole and cut
         afterwards, a conversation of large items held the event loop a second a turn."""
-        newest: list[Message] = []
+        roles: list[str] = []
+        texts: list[bytes] = []
         total = self.size
         for row in rows:
             text = message_json(*row)
@@ -155,43 +159,41 @@ class Window:
                 self.cut = True
                 break
             total += len(text)
-            newest.append((row[0].decode(), text))
-        newest.reverse()
-        self._add(newest, total)
+            roles.append(row[0].decode())
+            texts.append(text)
+        roles.reverse()
+        texts.reverse()
+        self._add(Texts.made(roles, texts))
 
     def add_block(self, roles: bytes, ends: bytes, body: bytes) -> None:
         """A block's messages, as many of its newest as are still wanted."""
         names = roles.decode().split()
-        offsets = [0, *map(int, ends.split(b","))]
-        if len(offsets) != len(names) + 1:
-            raise ValueError("a block's roles and ends disagree")
+        # Integers only (an array takes nothing else), as many as the roles, the last at
+        # the end of a body whose texts each end with a comma.
+        try:
+            starts = [0, *array("q", orjson.loads(b"[" + ends + b"]"))]
+        except (TypeError, OverflowError) as exc:
+            raise ValueError("a block's ends are not offsets") from exc
+        if len(starts) != len(names) + 1 or starts[-1] != len(body) or body[-1:] != b",":
+            raise ValueError("a block's roles, ends and body disagree")
+        block = Texts(names, body, starts)
         first = max(0, len(names) - (self.limit - self.count))
-        end = offsets[-1]
-        if self.max_bytes and self.size + end - offsets[first] > self.max_bytes:
+        if self.max_bytes and self.size + block.size_from(first) > self.max_bytes:
             budget = self.max_bytes - self.size
             first = len(names)  # the newest of them that fit, as add_rows takes them
-            while end - offsets[first - 1] <= budget:
+            while first and block.size_from(first - 1) <= budget:
                 first -= 1
             self.cut = True
-        texts = [
-            body[start:stop]
-            for start, stop in zip(offsets[first:-1], offsets[first + 1 :], strict=True)
-        ]
-        self._add(list(zip(names[first:], texts, strict=True)), self.size + end - offsets[first])
+        self._add(block.since(first))
 
-    def _add(self, messages: list[Message], size: int) -> None:
-        self._parts.append(messages)
-        self.count += len(messages)
-        self.size = size
+    def _add(self, part: Texts) -> None:
+        self._parts.append(part)
+        self.count += len(part)
+        self.size += part.size
 
-    def messages(self) -> list[Message]:
+    def messages(self) -> Texts:
         """The window, oldest first."""
-        if len(self._parts) == 1:
-            return self._parts[0]
-        window: list[Message] = []
-        for part in reversed(self._parts):
-            window += part
-        return window
+        return Texts.join(self._parts[::-1])
 
 
 class Blocks:
@@ -208,7 +210,7 @@ class Blocks:
 
     def read(
         self, conn: sqlite3.Connection, pk: int, last_seq: int, limit: int, max_bytes: int
-    ) -> tuple[list[Message], bool]:
+    ) -> tuple[Texts, bool]:
         """The window of conversation ``pk``, oldest first, and whether ``max_bytes`` cut
         it; in the caller's transaction (one snapshot for blocks and rows)."""
         window = Window(limit, max_bytes)
@@ -241,22 +243,23 @@ class Blocks:
     def _put(self, conn: sqlite3.Connection, pk: int, last: int) -> None:
         first = last - BLOCK + 1
         rows = conn.execute(self.range, (pk, first, last))
-        roles: list[bytes] = []
+        roles: list[str] = []
         texts: list[bytes] = []
         size = 0
         for row in rows:
             texts.append(message_json(*row))
-            roles.append(row[0])
+            roles.append(row[0].decode())
             size += len(texts[-1])
             if size > BLOCK_MAX_BYTES:
                 rows.close()  # large messages: read row by row, the rest never loaded here
                 texts = []
                 break
-        joined = b" ".join(roles)
+        joined = " ".join(roles)
         # A role with a space in it (no role the gateway takes) would split in two: no block.
-        if texts and len(joined.decode().split()) == len(texts):
-            ends = b",".join(b"%d" % end for end in accumulate(map(len, texts)))
-            conn.execute(_PUT, (pk, last, first, self.resend, joined, ends, b"".join(texts)))
+        if texts and len(joined.split()) == len(texts):
+            block = Texts.made(roles, texts)
+            ends = b",".join(b"%d" % end for end in block.starts[1:])
+            conn.execute(_PUT, (pk, last, first, self.resend, joined.encode(), ends, block.body))
         conn.execute(_DROP_UP_TO, (pk, last - self.keep - BLOCK))
 
 
@@ -278,12 +281,9 @@ def check(conn: sqlite3.Connection) -> list[tuple[int, str]]:
         window = Window(BLOCK, 0)
         try:
             window.add_block(roles, ends, body)
-        except ValueError:  # ends that are not numbers, or not as many as the roles
+        except ValueError:  # ends that are not offsets, or not as many as the roles
             problems.append((pk, f"{name} cannot be read"))
             continue
-        if window.size != len(body):
-            problems.append((pk, f"{name} cannot be read"))
-            continue
-        if window.messages() != [(row[0].decode(), message_json(*row)) for row in rows]:
+        if window.messages() != Texts.of((row[0].decode(), message_json(*row)) for row in rows):
             problems.append((pk, f"{name} differs from the messages it copies"))
     return problems

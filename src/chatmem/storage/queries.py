@@ -52,6 +52,7 @@ from .rows import (
     to_row,
 )
 from .sqlite_turns import SQLiteTurns
+from .texts import Texts
 from .write_health import WriteHealth
 
 __all__ = ["ConversationInfo", "Deletion", "History", "Owner", "Page", "Store"]
@@ -161,15 +162,15 @@ def _older_left_out(window: Sized, limit: int, last_seq: int) -> bool:
     return len(window) >= limit and last_seq > len(window)
 
 
-def _texts(wire: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
-    """A window read through SQLAlchemy or asyncpg as (role, JSON text) messages, each
-    encoded once (the byte budget counts each one's text)."""
-    return [(message["role"], jsonio.dumps(message)) for message in wire]
+def _texts(wire: list[dict[str, Any]]) -> Texts:
+    """A window read through SQLAlchemy or asyncpg, each message encoded once (the byte
+    budget counts each one's text)."""
+    return Texts.made([message["role"] for message in wire], [jsonio.dumps(m) for m in wire])
 
 
 def _encoded_history(
     system: Any,
-    window: list[tuple[str, bytes]],
+    window: Texts,
     max_bytes: int,
     start_at_user: bool,
     cut: bool,
@@ -177,22 +178,20 @@ def _encoded_history(
     last_seq: int,
     pk: int,
 ) -> History | None:
-    """The history to send of a window of (role, JSON text) messages: ``cut``, older
+    """The history to send of a window: ``cut``, older
     messages were left out already; ``start_at_user``, ``memory.start_at_user``;
     ``answering``, the request starts with tool results (see :func:`window_start`).
     None when ``answering`` and the limits left out the call they answer: read it with
     :meth:`Store._call_tail`."""
-    kept = window_start(window, start_at_user and cut, answering)
-    encoded = b",".join([text for _, text in kept])
-    # The usual window fits: its size is the joined text's less the commas, no loop.
-    if max_bytes and len(encoded) - max(len(kept) - 1, 0) > max_bytes:
-        window = newest_within(window, [len(text) for _, text in window], max_bytes)
-        kept = window_start(window, start_at_user, answering)
-        encoded = b",".join([text for _, text in kept])
+    start = window_start(window.roles, start_at_user and cut, answering)
+    # The usual window fits: its size is known, no loop.
+    if max_bytes and window.size_from(start) > max_bytes:
+        newest = newest_within(window.sizes(), max_bytes)
+        start = window_start(window.roles, start_at_user, answering, newest)
         cut = True
-    if answering and cut and _call_left_out([role for role, _ in kept], start_at_user):
+    if answering and cut and _call_left_out(window.roles[start:], start_at_user):
         return None
-    return History(system=system, encoded=encoded, last_seq=last_seq, pk=pk)
+    return History(system=system, encoded=window.encoded(start), last_seq=last_seq, pk=pk)
 
 
 def _call_over_budget(max_bytes: int) -> InvalidRequest:
@@ -206,39 +205,37 @@ def _call_over_budget(max_bytes: int) -> InvalidRequest:
     )
 
 
-def newest_within(window: list[T], sizes: Sequence[int], max_bytes: int) -> list[T]:
-    """The newest messages of ``window`` whose ``sizes`` add up to at most ``max_bytes``."""
-    start, total = len(window), 0
+def newest_within(sizes: Sequence[int], max_bytes: int) -> int:
+    """Where the newest messages whose ``sizes`` add up to at most ``max_bytes`` start."""
+    start, total = len(sizes), 0
     while start and total + sizes[start - 1] <= max_bytes:
         start -= 1
         total += sizes[start]
-    return window[start:]
+    return start
 
 
-def window_start(
-    window: list[tuple[str, bytes]], cut: bool, answering: bool = False
-) -> list[tuple[str, bytes]]:
-    """``window`` (of (role, JSON text) messages) from where a history may start.  Never
+def window_start(roles: list[str], cut: bool, answering: bool = False, begin: int = 0) -> int:
+    """Where a history may start in a window of messages of ``roles``, from ``begin`` on.  Never
     with tool (or function) results whose call was left out.  When older messages were
     left out (``cut``), at a user message, the start of a turn (nothing, if the window has
     none): the assistant's half of a turn first broke, turn after turn, the chat templates
     that want user and assistant to alternate (Mistral's, Llama 2's).  ``answering``: the
     request starts with tool results, so the window's last assistant message, the call
     they answer, is kept whatever else is left out."""
-    end = len(window)
-    start = 0
-    while start < end and window[start][0] in RESULT_ROLES:
+    end = len(roles)
+    start = begin
+    while start < end and roles[start] in RESULT_ROLES:
         start += 1
     if cut:
-        while start < end and window[start][0] != "user":
+        while start < end and roles[start] != "user":
             start += 1
     if answering:
         call = end - 1
-        while call >= 0 and window[call][0] != "assistant":
+        while call >= begin and roles[call] != "assistant":
             call -= 1
-        if call >= 0:
+        if call >= begin:
             start = min(start, call)
-    return window[start:] if start else window
+    return start
 
 
 class Store(ConversationItems):

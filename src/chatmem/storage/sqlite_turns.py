@@ -28,10 +28,11 @@ from typing import Any, TypeVar, cast
 from .. import jsonio
 from ..config import ResendReasoning
 from ..errors import StorageUnavailable
-from .blocks import BLOCK, Blocks, Message, message_json
+from .blocks import BLOCK, Blocks, message_json
 from .engine import sqlite_pragmas
 from .pairing import check_still_there, check_turn, overtaken
 from .rows import resends_reasoning
+from .texts import Texts
 from .window_cache import WindowCache
 from .write_health import WriteHealth
 
@@ -266,7 +267,7 @@ class SQLiteTurns:
 
     async def load_window(
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
-    ) -> tuple[int, Any, list[Message], bool, int]:
+    ) -> tuple[int, Any, Texts, bool, int]:
         """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
         first, each as its role and its JSON text, whether ``max_bytes`` left older ones
         out, its ``last_seq``; pk and ``last_seq`` 0 if it is not stored); with
@@ -318,7 +319,7 @@ class SQLiteTurns:
         conversation_id: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[int, Any, list[Message], int | None, bool, int]:
+    ) -> tuple[int, Any, Texts, int | None, bool, int]:
         """(the conversation's pk, its system prompt, its window, ``data_version`` of the
         snapshot it was read in, whether ``max_bytes`` cut the window, its ``last_seq``;
         pk and ``last_seq`` 0 if it is not stored).
@@ -331,13 +332,13 @@ class SQLiteTurns:
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
         if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
-            return 0, None, [], None, False, 0
+            return 0, None, Texts.empty(), None, False, 0
         conn.execute("BEGIN")  # one snapshot for the version and both statements
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
             if found is None:
-                return 0, None, [], None, False, 0
+                return 0, None, Texts.empty(), None, False, 0
             window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
         finally:
             conn.execute("COMMIT")
@@ -538,10 +539,11 @@ class SQLiteTurns:
             return  # closed meanwhile
         self._ahead_of_writes(_checkpoint).add_done_callback(_failed_checkpoint)
 
-    def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> list[Message]:
+    def _as_read(self, rows: Sequence[_Row], previous_role: str | None) -> Texts:
         """A turn's rows as a read of the window gives them back (``blocks``), after a
         message of ``previous_role``."""
-        messages = []
+        roles: list[str] = []
+        texts: list[bytes] = []
         for row in rows:
             role, content, name, tool_calls, tool_call_id, reasoning = row[2:8]
             if reasoning is not None and not resends_reasoning(
@@ -549,9 +551,10 @@ class SQLiteTurns:
             ):
                 reasoning = None
             wire = map(_utf8, (content, name, tool_calls, tool_call_id, reasoning))
-            messages.append((role, message_json(role.encode(), *wire)))
+            roles.append(role)
+            texts.append(message_json(role.encode(), *wire))
             previous_role = role
-        return messages
+        return Texts.made(roles, texts)
 
     def _write(self, conn: sqlite3.Connection, batch: Sequence[_TurnArgs]) -> list[_Written]:
         """Write ``batch`` in one ``BEGIN IMMEDIATE`` transaction; what became of each turn.

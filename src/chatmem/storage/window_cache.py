@@ -4,7 +4,8 @@ A conversation that goes on is read again at its next turn: the newest
 ``memory.max_history_messages`` messages, the same ones as last time plus the turn this
 process just committed.  Reading them is the one per-request cost that grows with the
 history (an index walk and a table lookup per message), so the fast path keeps each
-window as the JSON text it sends upstream and extends it when it commits a turn.
+window as the JSON text it sends upstream (:class:`~.texts.Texts`) and extends it when it
+commits a turn.
 
 The cache can only be trusted while no other connection wrote to the database: the
 writer thread's, the SQLAlchemy engine of the Conversations API and of retention, another
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .blocks import Message
+from .texts import Texts
 
-__all__ = ["Key", "Message", "WindowCache"]
+__all__ = ["Key", "WindowCache"]
 
 Key = tuple[str, str, str]
 """tenant, user, conversation id"""
@@ -39,7 +39,7 @@ _MAX_CONVERSATIONS = 10_000
 @dataclass(slots=True)
 class _Window:
     system: Any
-    messages: list[Message]
+    messages: Texts
     size: int
     last_seq: int
     """The conversation's ``last_seq`` as of this window."""
@@ -47,9 +47,10 @@ class _Window:
     """The conversation's row."""
 
 
-def _size(messages: Sequence[Message]) -> int:
-    # The text, and what Python spends around it: the bytes object, its tuple, a list slot.
-    return sum(len(text) for _, text in messages) + 160 * len(messages)
+def _size(messages: Texts) -> int:
+    # The text, and what Python spends around each message: its start (an int and a list
+    # slot), its role's list slot.
+    return len(messages.body) + 48 * len(messages)
 
 
 class WindowCache:
@@ -80,24 +81,24 @@ class WindowCache:
             self._version = version
             self._limit = limit
 
-    def get(self, key: Key) -> tuple[Any, list[Message], int, int] | None:
+    def get(self, key: Key) -> tuple[Any, Texts, int, int] | None:
         """(system prompt, window, ``last_seq``, pk) of ``key``, if kept."""
         window = self._windows.get(key)
         if window is None:
             return None
         self._windows.move_to_end(key)
-        return window.system, list(window.messages), window.last_seq, window.pk
+        return window.system, window.messages, window.last_seq, window.pk
 
     def last_role(self, key: Key) -> str | None:
         """The role of the newest message in the window of ``key`` (None: none kept)."""
         window = self._windows.get(key)
-        return window.messages[-1][0] if window is not None and window.messages else None
+        return window.messages.roles[-1] if window is not None and window.messages else None
 
     def put(
         self,
         key: Key,
         system: Any,
-        messages: list[Message],
+        messages: Texts,
         version: int,
         limit: int,
         last_seq: int,
@@ -111,7 +112,7 @@ class WindowCache:
             self._limit = limit
         self._store(key, _Window(system, messages, _size(messages), last_seq, pk))
 
-    def committed(self, key: Key, system: Any, messages: Sequence[Message], last_seq: int) -> None:
+    def committed(self, key: Key, system: Any, messages: Texts, last_seq: int) -> None:
         """A turn of ``key`` was committed on the validated connection: ``messages`` go at
         the end of its window, ``system`` (when not None) replaces its system prompt, and
         the conversation's ``last_seq`` is now ``last_seq``.
@@ -126,13 +127,10 @@ class WindowCache:
         if window is None:
             return  # not known here: the next load reads it
         self._bytes -= window.size
-        joined = [*window.messages, *messages]
-        cut = len(joined) - self._limit
-        # The size changes by what comes and goes, not by a sum over the whole window.
-        size = window.size + _size(messages) - (_size(joined[:cut]) if cut > 0 else 0)
+        joined = window.messages + messages
+        kept = joined.since(max(len(joined) - self._limit, 0))
         kept_system = window.system if system is None else system
-        kept = joined[cut:] if cut > 0 else joined
-        self._store(key, _Window(kept_system, kept, size, last_seq, window.pk))
+        self._store(key, _Window(kept_system, kept, _size(kept), last_seq, window.pk))
 
     def clear(self) -> None:
         self._windows.clear()

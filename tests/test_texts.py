@@ -1,0 +1,84 @@
+"""``Texts``: a window kept as its JSON texts joined.  Every operation is checked against
+the same operation on the plain list of (role, text) pairs it replaced."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatmem.storage.queries import newest_within, window_start
+from chatmem.storage.texts import Texts
+
+ROLES = st.sampled_from(["system", "user", "assistant", "tool", "function"])
+# Texts of every length from 1 byte, commas and brackets in them (as in JSON strings).
+TEXTS = st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"\x00", b","))
+MESSAGES = st.lists(st.tuples(ROLES, TEXTS), max_size=12)
+
+
+@given(MESSAGES)
+def test_texts_keep_each_message(messages: list[tuple[str, bytes]]) -> None:
+    texts = Texts.of(messages)
+    assert texts.pairs() == messages
+    assert texts.roles == [role for role, _ in messages]
+    assert texts.body == b"".join(text + b"," for _, text in messages)
+    assert texts.sizes() == [len(text) for _, text in messages]
+    assert len(texts) == len(messages)
+    assert texts.size == sum(len(text) for _, text in messages)
+    for start in range(len(messages) + 1):
+        kept = messages[start:]
+        assert texts.encoded(start) == b",".join(text for _, text in kept)
+        assert texts.size_from(start) == sum(len(text) for _, text in kept)
+        assert texts.since(start) == Texts.of(kept)
+
+
+@given(st.lists(MESSAGES, max_size=5))
+def test_texts_joined_are_the_messages_one_after_the_other(parts: list[list[Any]]) -> None:
+    joined = Texts.join([Texts.of(part) for part in parts])
+    assert joined == Texts.of([message for part in parts for message in part])
+    if len(parts) == 2:
+        assert Texts.of(parts[0]) + Texts.of(parts[1]) == joined
+
+
+def test_an_empty_window() -> None:
+    empty = Texts.empty()
+    assert empty == Texts.of([]) == Texts.join([]) == Texts.of([("user", b"1")]).since(1)
+    assert empty.encoded() == b"" and empty.size == 0 and empty.sizes() == []
+    assert Texts.empty() is not empty  # each its own: a window is never shared by accident
+
+
+def test_a_window_encoded_is_the_json_array_of_its_messages() -> None:
+    messages = [{"role": "user", "content": "a, [b]"}, {"role": "assistant", "content": "}"}]
+    texts = Texts.of((m["role"], json.dumps(m).encode()) for m in messages)
+    assert json.loads(b"[" + texts.encoded() + b"]") == messages
+    assert json.loads(b"[" + texts.encoded(1) + b"]") == messages[1:]
+
+
+@given(MESSAGES, st.integers(0, 60))
+def test_newest_within_a_budget(messages: list[tuple[str, bytes]], budget: int) -> None:
+    texts = Texts.of(messages)
+    start = newest_within(texts.sizes(), budget)
+    assert texts.size_from(start) <= budget
+    assert start == 0 or texts.size_from(start - 1) > budget
+
+
+@given(st.lists(ROLES, max_size=10), st.booleans(), st.booleans(), st.integers(0, 10))
+def test_where_a_history_starts(roles: list[str], cut: bool, answering: bool, begin: int) -> None:
+    """``window_start`` on the roles from ``begin`` on is the rule in its docstring."""
+    begin = min(begin, len(roles))
+    start = window_start(roles, cut, answering, begin)
+    assert begin <= start <= len(roles)
+    calls = [i for i in range(begin, len(roles)) if roles[i] == "assistant"]
+    # The first message that may start a history: no result, and a user's after a cut.
+    first = next(
+        (
+            i
+            for i in range(begin, len(roles))
+            if roles[i] not in ("tool", "function") and (not cut or roles[i] == "user")
+        ),
+        len(roles),
+    )
+    # ... unless that would leave out the call the request's results answer.
+    assert start == (min(first, calls[-1]) if answering and calls else first)
