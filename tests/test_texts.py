@@ -4,7 +4,6 @@ the same operation on the plain list of (role, text) pairs it replaced."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,12 +33,25 @@ def test_texts_keep_each_message(messages: list[tuple[str, bytes]]) -> None:
         assert texts.since(start) == Texts.of(kept)
 
 
-@given(st.lists(MESSAGES, max_size=5))
-def test_texts_joined_are_the_messages_one_after_the_other(parts: list[list[Any]]) -> None:
-    joined = Texts.join([Texts.of(part) for part in parts])
-    assert joined == Texts.of([message for part in parts for message in part])
+@given(st.lists(st.tuples(MESSAGES, st.integers(0, 12)), max_size=5))
+def test_texts_joined_are_the_messages_one_after_the_other(
+    parts: list[tuple[list[tuple[str, bytes]], int]],
+) -> None:
+    """Parts cut from the front first (their starts no longer count from 0), as a window
+    that slides is."""
+    cut = [(messages, min(start, len(messages))) for messages, start in parts]
+    joined = Texts.join([Texts.of(messages).since(start) for messages, start in cut])
+    expected = [message for messages, start in cut for message in messages[start:]]
+    assert joined == Texts.of(expected)
+    assert joined.pairs() == expected
+    assert joined.sizes() == [len(text) for _, text in expected]
+    for start in range(len(expected) + 1):
+        assert joined.encoded(start) == b",".join(text for _, text in expected[start:])
+        assert joined.size_from(start) == sum(len(text) for _, text in expected[start:])
+        assert joined.since(start).pairs() == expected[start:]
     if len(parts) == 2:
-        assert Texts.of(parts[0]) + Texts.of(parts[1]) == joined
+        first, second = (Texts.of(messages).since(start) for messages, start in cut)
+        assert first + second == joined
 
 
 def test_an_empty_window() -> None:

@@ -18,16 +18,21 @@ from itertools import pairwise
 __all__ = ["Texts"]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Texts:
     """Messages, oldest first: their roles, and their JSON texts each followed by a comma.
-    Never changed once made (windows are shared with the window cache)."""
+    Never changed once made (windows are shared with the window cache).
+
+    ``starts`` counts from wherever ``body`` begins (``starts[0]``), not from 0: the
+    messages from ``k`` on are slices of the three (:meth:`since`), so a window that
+    slides by a turn at each commit does not count its 200 positions again."""
 
     roles: list[str]
     body: bytes
     """The texts, each followed by a comma."""
     starts: list[int]
-    """Where each text starts in ``body``, then ``len(body)``: one more than ``roles``."""
+    """Where each text starts, then where the last one ends after its comma: one more
+    than ``roles``; ``body`` begins at ``starts[0]``."""
 
     @classmethod
     def empty(cls) -> Texts:
@@ -55,20 +60,21 @@ class Texts:
 
     @classmethod
     def join(cls, parts: Sequence[Texts]) -> Texts:
-        """``parts`` one after the other."""
+        """``parts`` one after the other, counted from where the first begins."""
         if len(parts) == 1:
             return parts[0]
         roles: list[str] = []
         starts: list[int] = []
-        base = 0
+        end: int | None = None
         for part in parts:
             roles += part.roles
-            if base:
-                starts += [start + base for start in part.starts[:-1]]
+            shift = 0 if end is None else end - part.starts[0]
+            if shift:
+                starts += [start + shift for start in part.starts[:-1]]
             else:
                 starts += part.starts[:-1]
-            base += len(part.body)
-        starts.append(base)
+            end = part.starts[-1] + shift
+        starts.append(0 if end is None else end)
         return cls(roles, b"".join([part.body for part in parts]), starts)
 
     def __len__(self) -> int:
@@ -76,6 +82,13 @@ class Texts:
 
     def __add__(self, other: Texts) -> Texts:
         return Texts.join((self, other))
+
+    def __eq__(self, other: object) -> bool:
+        """The same messages, wherever each counts its starts from."""
+        if not isinstance(other, Texts):
+            return NotImplemented
+        same = self.roles == other.roles and self.body == other.body
+        return same and self.sizes() == other.sizes()
 
     @property
     def size(self) -> int:
@@ -85,7 +98,7 @@ class Texts:
 
     def size_from(self, start: int) -> int:
         """The length of the texts from message ``start`` on."""
-        return len(self.body) - self.starts[start] - (len(self.roles) - start)
+        return self.starts[-1] - self.starts[start] - (len(self.roles) - start)
 
     def sizes(self) -> list[int]:
         """Each text's length."""
@@ -93,22 +106,22 @@ class Texts:
 
     def encoded(self, start: int = 0) -> bytes:
         """The texts from message ``start`` on, joined by commas (b"" for none)."""
-        return self.body[self.starts[start] : -1]
+        return self.body[self.starts[start] - self.starts[0] : -1]
 
     def since(self, start: int) -> Texts:
         """The messages from ``start`` on."""
         if not start:
             return self
-        offset = self.starts[start]
         return Texts(
             self.roles[start:],
-            self.body[offset:],
-            [position - offset for position in self.starts[start:]],
+            self.body[self.starts[start] - self.starts[0] :],
+            self.starts[start:],
         )
 
     def pairs(self) -> list[tuple[str, bytes]]:
         """The messages as (role, JSON text)."""
+        origin = self.starts[0]
         return [
-            (role, self.body[start : end - 1])
+            (role, self.body[start - origin : end - origin - 1])
             for role, (start, end) in zip(self.roles, pairwise(self.starts), strict=True)
         ]
