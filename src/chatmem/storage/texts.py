@@ -34,9 +34,10 @@ class Texts:
     """Where each text starts, then where the last one ends after its comma: one more
     than ``roles``; ``body`` begins at ``starts[0]``."""
 
-    @classmethod
-    def empty(cls) -> Texts:
-        return cls([], b"", [0])
+    @staticmethod
+    def empty() -> Texts:
+        """No messages (one object for all: Texts are never changed)."""
+        return _EMPTY
 
     @classmethod
     def of(cls, messages: Iterable[tuple[str, bytes]]) -> Texts:
@@ -125,3 +126,6 @@ class Texts:
             (role, self.body[start - origin : end - origin - 1])
             for role, (start, end) in zip(self.roles, pairwise(self.starts), strict=True)
         ]
+
+
+_EMPTY = Texts([], b"", [0])
