@@ -134,17 +134,23 @@ async def test_the_window_is_read_from_the_blocks(db_path: Path) -> None:
     assert b'"ANSWER 5"' in sent and b'"answer 5"' not in sent
 
 
-async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "ends = 'x'",
+        "roles = 'user'",
+        "ends = '3,4'",
+        "ends = replace(ends, ',', '.0,')",  # numbers, but not integers
+        "ends = '\"a\",' || ends",
+        "ends = '9223372036854775808,' || ends",  # past 64 bits
+        "ends = '[' || ends || ']'",
+        "body = substr(body, 1, length(body) - 1)",  # no comma after the last text
+    ],
+)
+async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path, damage: str) -> None:
     await stored(db_path, 24)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 160")
-        conn.execute("UPDATE history_blocks SET roles = 'user' WHERE last_seq = 96")
-        conn.execute("UPDATE history_blocks SET ends = '3,4' WHERE last_seq = 192")
-        # Offsets that are numbers but not integers, and one past 64 bits.
-        conn.execute(
-            "UPDATE history_blocks SET ends = replace(ends, ',', '.0,') WHERE last_seq = 64"
-        )
-        conn.execute("UPDATE history_blocks SET ends = '1' || ends WHERE last_seq = 128")
+    with sqlite3.connect(db_path) as conn:  # the newest block, read by every window
+        conn.execute(f"UPDATE history_blocks SET {damage} WHERE last_seq = 192")
     cases = [(200, 0), (1, 10_000)]
     sent = [await read(db_path, *case) for case in cases]
     drop_blocks(db_path)
