@@ -137,13 +137,13 @@ async def test_the_window_is_read_from_the_blocks(db_path: Path) -> None:
 @pytest.mark.parametrize(
     "damage",
     [
-        "ends = 'x'",
+        "sizes = 'x'",
         "roles = 'user'",
-        "ends = '3,4'",
-        "ends = replace(ends, ',', '.0,')",  # numbers, but not integers
-        "ends = '\"a\",' || ends",
-        "ends = '9223372036854775808,' || ends",  # past 64 bits
-        "ends = '[' || ends || ']'",
+        "sizes = '3,4'",
+        "sizes = replace(sizes, ',', '.0,')",  # numbers, but not integers
+        "sizes = '\"a\",' || sizes",
+        "sizes = '9223372036854775808,' || sizes",  # past 64 bits
+        "sizes = '[' || sizes || ']'",
         "body = substr(body, 1, length(body) - 1)",  # no comma after the last text
     ],
 )
@@ -158,18 +158,19 @@ async def test_a_block_that_cannot_be_read_is_read_as_rows(db_path: Path, damage
 
 
 async def test_blocks_of_0004_are_dropped_and_never_read(db_path: Path) -> None:
-    """0004 kept the texts without commas.  Such a block is read as rows, and migration
+    """0004 kept the texts without commas, and where each ended instead of its size.  Such
+    a block is read as rows, and migration
     0005 drops them, both ways (each revision's chatmem would misread the other's)."""
     await stored(db_path, 24)
     with sqlite3.connect(db_path) as conn:
         conn.text_factory = bytes
-        roles, ends, body = conn.execute(
-            "SELECT roles, ends, body FROM history_blocks WHERE last_seq = 192"
+        roles, sizes, body = conn.execute(
+            "SELECT roles, sizes, body FROM history_blocks WHERE last_seq = 192"
         ).fetchone()
-        texts = Texts(roles.decode().split(), body, [0, *json.loads(b"[" + ends + b"]")])
-        old = [text for _, text in texts.pairs()]
+        starts = [0, *accumulate(json.loads(b"[" + sizes + b"]"))]
+        old = [text for _, text in Texts(roles.decode().split(), body, starts).pairs()]
         conn.execute(
-            "UPDATE history_blocks SET ends = ?, body = ? WHERE last_seq = 192",
+            "UPDATE history_blocks SET sizes = ?, body = ? WHERE last_seq = 192",
             (",".join(map(str, accumulate(map(len, old)))).encode(), b"".join(old)),
         )
     sent = await read(db_path, 200)
@@ -207,7 +208,7 @@ async def test_db_check_finds_a_block_that_is_not_a_copy(db_path: Path) -> None:
                 "UPDATE history_blocks SET body = CAST(replace(body, 'answer 3', 'ANSWER 3')"
                 " AS BLOB) WHERE last_seq = 64"
             )
-            conn.execute("UPDATE history_blocks SET ends = 'x' WHERE last_seq = 96")
+            conn.execute("UPDATE history_blocks SET sizes = 'x' WHERE last_seq = 96")
             conn.execute("UPDATE history_blocks SET body = body || 'x' WHERE last_seq = 192")
             conn.execute("UPDATE history_blocks SET resend = 'often' WHERE last_seq = 128")
             conn.execute("UPDATE history_blocks SET conversation_pk = 9 WHERE last_seq = 160")
@@ -306,15 +307,13 @@ async def test_blocks_of_another_size_are_not_used(db_path: Path) -> None:
     await stored(db_path, 24)
     with sqlite3.connect(db_path) as conn:
         first, second = conn.execute(
-            "SELECT roles, ends, body FROM history_blocks WHERE last_seq IN (32, 64)"
+            "SELECT roles, sizes, body FROM history_blocks WHERE last_seq IN (32, 64)"
             " ORDER BY last_seq"
         ).fetchall()
-        shift = len(first[2])
-        ends = first[1] + b"," + b",".join(b"%d" % (int(e) + shift) for e in second[1].split(b","))
         conn.execute(
-            "UPDATE history_blocks SET first_seq = 1, roles = ?, ends = ?, body = ?"
+            "UPDATE history_blocks SET first_seq = 1, roles = ?, sizes = ?, body = ?"
             " WHERE last_seq = 64",
-            (first[0] + b" " + second[0], ends, first[2] + second[2]),
+            (first[0] + b" " + second[0], first[1] + b"," + second[1], first[2] + second[2]),
         )
         conn.execute("DELETE FROM history_blocks WHERE last_seq = 32")
     got = await read(db_path, 200)

@@ -84,7 +84,8 @@ class HistoryBlock(Base):
     read sends upstream, in one row (see ``storage.blocks``): a copy, kept on SQLite for
     the newest ``memory.max_history_messages`` of long conversations, so that reading a
     window is a few rows and not hundreds.  ``resend`` is the ``memory.resend_reasoning``
-    the texts were made under; ``roles`` and ``ends`` (offsets into ``body``) are ASCII."""
+    the texts were made under; ``roles`` and ``sizes`` (each text's, with the comma that
+    follows it in ``body``) are ASCII."""
 
     __tablename__ = "history_blocks"
     conversation_pk: Mapped[int] = mapped_column(
@@ -94,5 +95,5 @@ class HistoryBlock(Base):
     first_seq: Mapped[int] = mapped_column(Integer)
     resend: Mapped[str] = mapped_column(String(16))
     roles: Mapped[bytes] = mapped_column(LargeBinary)
-    ends: Mapped[bytes] = mapped_column(LargeBinary)
+    sizes: Mapped[bytes] = mapped_column(LargeBinary)
     body: Mapped[bytes] = mapped_column(LargeBinary)
