@@ -68,7 +68,7 @@ _RANGE = _COLUMNS + " WHERE conversation_pk = ? AND seq >= ? AND seq <= ? ORDER 
 """``{reasoning}`` is :func:`rows.resent_reasoning`."""
 _BLOCKS = (
     "SELECT last_seq, first_seq, resend, roles, sizes, body FROM history_blocks"
-    " WHERE conversation_pk = ? AND last_seq <= ? ORDER BY last_seq DESC"
+    " WHERE conversation_pk = ? AND last_seq <= ? ORDER BY last_seq DESC LIMIT ?"
 )
 _PUT = (
     "INSERT OR REPLACE INTO history_blocks (conversation_pk, last_seq, first_seq, resend,"
@@ -231,18 +231,19 @@ class Blocks:
         top = last_seq - last_seq % BLOCK
         window.add_rows(conn.execute(self.after, (pk, top, limit)))
         if top and not window.full:
-            top -= self._add_blocks(window, conn.execute(_BLOCKS, (pk, top)), top)
+            top -= self._add_blocks(window, conn, pk, top)
             if top and not window.full:
                 window.add_rows(conn.execute(self.up_to, (pk, top, limit - window.count)))
         return window.messages(), window.cut
 
-    def _add_blocks(self, window: Window, rows: sqlite3.Cursor, top: int) -> int:
-        """The blocks of ``rows`` (newest first) that follow one another down from message
+    def _add_blocks(self, window: Window, conn: sqlite3.Connection, pk: int, top: int) -> int:
+        """The blocks of conversation ``pk`` that follow one another down from message
         ``top``, as many as ``window`` still wants; how many messages they took the place
         of (0: none could be read)."""
         blocks: list[Block] = []
         wanted = window.limit - window.count
         size = window.size
+        rows = conn.execute(_BLOCKS, (pk, top, -(-wanted // BLOCK)))
         for last, first, resend, roles, sizes, body in rows:
             # A block of another size (another chatmem) or mode ends the blocks read.
             if last != top or first != top - BLOCK + 1 or resend != self.resend:
