@@ -251,8 +251,8 @@ class Blocks:
             blocks.append((roles, sizes, body))
             top -= BLOCK
             size += len(body) - BLOCK  # its texts, the commas left out
-            if BLOCK * len(blocks) >= wanted or (window.max_bytes and size > window.max_bytes):
-                break
+            if window.max_bytes and size > window.max_bytes:
+                break  # the budget is spent (more would be read as rows, not wrongly)
         rows.close()
         if not blocks:
             return 0
