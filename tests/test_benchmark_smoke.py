@@ -62,6 +62,21 @@ def test_instruction_count_runs_with_tiny_counts(answers: list[str]) -> None:
     assert 0.05 < millions < 100, result.stdout
 
 
+def test_first_visits_side_by_side_run_with_tiny_counts() -> None:
+    """Two gateways (this checkout twice) on files each pre-filled by its own code: every
+    size has a figure for both visits on both, and the summary lines come out."""
+    result = run_module("benchmarks.first_visit", "--base", str(ROOT), "--conversations", "2")
+    rows = [line.split() for line in result.stdout.splitlines()[1:5]]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("base", "10"),
+        ("base", "10000"),
+        ("this", "10"),
+        ("this", "10000"),
+    ], result.stdout
+    assert all(float(ms) > 0 for row in rows for ms in row[2:]), result.stdout
+    assert result.stdout.count("a first visit costs") == 2, result.stdout
+
+
 def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # The hooks in the relays must still find their functions in aiohttp and chatmem:
     # every step of both relays gets a figure, never a negative one (0 where the head
