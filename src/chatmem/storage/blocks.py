@@ -252,7 +252,7 @@ class Blocks:
             top -= BLOCK
             size += len(body) - BLOCK  # its texts, the commas left out
             if window.max_bytes and size > window.max_bytes:
-                break  # the budget is spent (more would be read as rows, not wrongly)
+                break  # the budget is spent: the window takes what fits of these
         rows.close()
         if not blocks:
             return 0

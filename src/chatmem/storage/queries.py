@@ -178,11 +178,10 @@ def _encoded_history(
     last_seq: int,
     pk: int,
 ) -> History | None:
-    """The history to send of a window: ``cut``, older
-    messages were left out already; ``start_at_user``, ``memory.start_at_user``;
-    ``answering``, the request starts with tool results (see :func:`window_start`).
-    None when ``answering`` and the limits left out the call they answer: read it with
-    :meth:`Store._call_tail`."""
+    """The history to send of a window: ``cut``, older messages were left out already;
+    ``start_at_user``, ``memory.start_at_user``; ``answering``, the request starts with
+    tool results (see :func:`window_start`).  None when ``answering`` and the limits left
+    out the call they answer: read it with :meth:`Store._call_tail`."""
     start = window_start(window.roles, start_at_user and cut, answering)
     # The usual window fits: its size is known, no loop.
     if max_bytes and window.size_from(start) > max_bytes:
@@ -215,13 +214,13 @@ def newest_within(sizes: Sequence[int], max_bytes: int) -> int:
 
 
 def window_start(roles: list[str], cut: bool, answering: bool = False, begin: int = 0) -> int:
-    """Where a history may start in a window of messages of ``roles``, from ``begin`` on.  Never
-    with tool (or function) results whose call was left out.  When older messages were
-    left out (``cut``), at a user message, the start of a turn (nothing, if the window has
-    none): the assistant's half of a turn first broke, turn after turn, the chat templates
-    that want user and assistant to alternate (Mistral's, Llama 2's).  ``answering``: the
-    request starts with tool results, so the window's last assistant message, the call
-    they answer, is kept whatever else is left out."""
+    """Where a history may start in a window of messages of ``roles``, from ``begin`` on.
+    Never with tool (or function) results whose call was left out.  When older messages
+    were left out (``cut``), at a user message, the start of a turn (nothing, if the
+    window has none): the assistant's half of a turn first broke, turn after turn, the
+    chat templates that want user and assistant to alternate (Mistral's, Llama 2's).
+    ``answering``: the request starts with tool results, so the window's last assistant
+    message, the call they answer, is kept whatever else is left out."""
     end = len(roles)
     start = begin
     while start < end and roles[start] in RESULT_ROLES:
