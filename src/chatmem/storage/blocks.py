@@ -231,12 +231,12 @@ class Blocks:
         top = last_seq - last_seq % BLOCK
         window.add_rows(conn.execute(self.after, (pk, top, limit)))
         if top and not window.full:
-            top -= self._add_blocks(window, conn, pk, top)
+            top -= self._read_blocks(window, conn, pk, top)
             if top and not window.full:
                 window.add_rows(conn.execute(self.up_to, (pk, top, limit - window.count)))
         return window.messages(), window.cut
 
-    def _add_blocks(self, window: Window, conn: sqlite3.Connection, pk: int, top: int) -> int:
+    def _read_blocks(self, window: Window, conn: sqlite3.Connection, pk: int, top: int) -> int:
         """The blocks of conversation ``pk`` that follow one another down from message
         ``top``, as many as ``window`` still wants; how many messages they took the place
         of (0: none could be read)."""

@@ -269,9 +269,10 @@ class SQLiteTurns:
         self, tenant: str, user: str, conversation_id: str, limit: int, max_bytes: int = 0
     ) -> tuple[int, Any, Texts, bool, int]:
         """(the conversation's pk, its system prompt, its newest ``limit`` messages oldest
-        first, each as its role and its JSON text, whether ``max_bytes`` left older ones
-        out, its ``last_seq``; pk and ``last_seq`` 0 if it is not stored); with
-        ``max_bytes``, only the newest of them whose JSON text fits in that many bytes."""
+        first as the JSON texts sent upstream (:class:`~.texts.Texts`), whether
+        ``max_bytes`` left older ones out, its ``last_seq``; pk and ``last_seq`` 0 if it is
+        not stored); with ``max_bytes``, only the newest of them whose JSON text fits in
+        that many bytes."""
         args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
         conn = self._loop_connection()
