@@ -23,12 +23,19 @@ thread of each, on given cores (``sched_setaffinity``), to show how much the ker
 placement of the three processes on two cores decides.
 ``--sched`` records the scheduler while measuring (``benchmarks.waits``): how long the
 client waited for a core once the response head was written, and behind which process.
+
+The mock runs with the same hooks, so the tool also says, for each target, how often the
+client had the answer's first bytes only after the mock had written the last of them
+(the end of its burst), and each round's median: when the kernel leaves the client no
+core while the mock bursts and the relay relays, the client waits for the burst to end,
+and that goes by rounds, not streams.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import gc
 import json
@@ -163,11 +170,15 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw, bp = free_port(), free_port(), free_port()
-        mock = start(["mock-upstream", "--port", str(up)], f"http://127.0.0.1:{up}/v1/models")
-        running.callback(mock.stop)
         os.environ["CHATMEM_TTFT_TRACE"] = f"{tmp}/trace"
         hooked = f"{_HOOKS}:{SRC}"
         try:
+            mock = start(
+                ["mock-upstream", "--port", str(up)],
+                f"http://127.0.0.1:{up}/v1/models",
+                pythonpath=hooked,
+            )
+            running.callback(mock.stop)
             gateway = start(
                 [
                     *("serve", "--port", str(gw), "--upstream", f"http://127.0.0.1:{up}/v1"),
@@ -201,9 +212,10 @@ def main() -> int:
         if recorder is not None:
             recorder.send_signal(signal.SIGINT)
             recorder.wait(60)
-        running.close()  # the relays write their traces as they exit
+        running.close()  # the relays and the mock write their traces as they exit
         relays = {"bare": bare, "memory": gateway}
         _report(seen, {t: Path(f"{tmp}/trace.{p.pid}.json") for t, p in relays.items()})
+        _report_bursts(seen, _burst_ends(Path(f"{tmp}/trace.{mock.pid}.json")))
         if recorder is not None:
             pids = {name: proc.pid for name, proc in relays.items()}
             waits.print_head_waits(sched, os.getpid(), mock.pid, pids)
@@ -247,6 +259,39 @@ def _report(seen: dict[str, list[Sent]], traces: dict[str, Path]) -> None:
         columns[target] = [statistics.median(step) for step in steps]
     for i, step in enumerate(_STEPS):
         print(f"  {step:<38}{columns['bare'][i]:8.0f}{columns['memory'][i]:8.0f}")
+
+
+def _burst_ends(trace: Path) -> list[tuple[int, int]]:
+    """(handler start, last write) of each request the mock answered, in order."""
+    events: list[tuple[str, int]] = json.loads(trace.read_text())
+    answered: list[tuple[int, int]] = []
+    for kind, at in events:
+        if kind == "h":
+            answered.append((at, at))
+        elif answered and kind in "wW":
+            answered[-1] = (answered[-1][0], at)
+    return answered
+
+
+def _report_bursts(seen: dict[str, list[Sent]], answered: list[tuple[int, int]]) -> None:
+    """For each target, how often the client's first bytes came after the mock's last
+    write of that answer, and each round's median time to first token: one client asks
+    one thing at a time, so the mock's first request after a stream was sent is its."""
+    starts = [start for start, _ in answered]
+    print("\nthe client's first bytes after the mock's burst had ended (the burst: the mock's")
+    print("writes of one answer), and the time to first token of each round, us:")
+    for target in ("direct", "bare", "memory"):
+        after = total = 0
+        by_round: dict[int, list[float]] = {}
+        for sent, first, rnd in seen[target]:
+            at = bisect.bisect_left(starts, sent)
+            if not rnd or at == len(answered):
+                continue
+            total += 1
+            after += first > answered[at][1]
+            by_round.setdefault(rnd, []).append((first - sent) / 1e3)
+        medians = " ".join(f"{statistics.median(v):.0f}" for v in by_round.values())
+        print(f"  {target:<7} after the burst in {after:4} of {total:4}; rounds: {medians}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     for line in steps:
         bare, memory = line.split()[-2:]
         assert float(bare) >= 0 and float(memory) >= 0, line
+    # The mock's hooks found its writes: each target's streams were matched to its answers
+    # (one round of 5 after the warm-up) and the round has a median.
+    bursts = [line.split() for line in result.stdout.splitlines() if "after the burst in" in line]
+    assert [row[0] for row in bursts] == ["direct", "bare", "memory"], result.stdout
+    for row in bursts:
+        after, total, rounds = int(row[5]), int(row[7].rstrip(";")), row[9:]
+        assert total == 5 and 0 <= after <= total and len(rounds) == 1, row
 
 
 def test_stalled_clients_run_with_tiny_counts() -> None:

@@ -1,8 +1,10 @@
-"""Timestamps inside a relay, for ``benchmarks.ttft`` only.
+"""Timestamps inside a relay (and the mock), for ``benchmarks.ttft`` only.
 
 Python imports ``sitecustomize`` at start-up from the path; ``benchmarks.ttft`` puts this
-directory on the ``PYTHONPATH`` of the relays it starts, with ``CHATMEM_TTFT_TRACE`` set
-to a file prefix.  Without that variable this module does nothing.
+directory on the ``PYTHONPATH`` of the relays and the mock it starts, with
+``CHATMEM_TTFT_TRACE`` set to a file prefix.  Without that variable this module does
+nothing.  In the mock, the handler starts and the writes are what count: its last write
+of an answer ends the burst the relays pass on.
 
 It wraps a few aiohttp and chatmem functions to note, on the clock every process shares
 (``perf_counter``): a request's handler starting (``h``), the POST upstream leaving
