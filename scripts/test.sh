@@ -31,4 +31,6 @@ if [ "$(id -u)" = 0 ] && command -v psql >/dev/null 2>&1; then
     fi
 fi
 
-exec python3 -m pytest -q "$@"
+# Two processes (pytest-xdist), each taking whole test files, so a file's module-scoped
+# servers start once: about 2 min 45 s on two cores instead of 5. `-n 0` runs it in one.
+exec python3 -m pytest -q -n 2 --dist loadfile "$@"
