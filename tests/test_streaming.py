@@ -513,7 +513,7 @@ async def test_head_and_first_token_reach_the_client_in_one_segment(
     gateway_factory: GatewayFactory,
 ) -> None:
     """The upstream's head came with its first event: the client gets chatmem's head and
-    that event in one TCP segment, one wake-up instead of two (see README, Performance).
+    that event in one TCP segment, one wake-up instead of two (benchmarks/README.md).
     Counted by the client's own kernel, while the upstream holds the rest back."""
     release = asyncio.Event()
     first, *rest = answer_events("Hello world")
