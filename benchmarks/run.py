@@ -44,6 +44,7 @@ from chatmem.proxy.pool import UpstreamPool
 from chatmem.storage.blocks import Blocks
 
 from .procs import ChildExited, Proc, cpu_seconds, free_port, rss_mb, start
+from .slices import set_process_slice_ns
 
 HERE = Path(__file__).resolve().parent
 WARMUP_MAX = 50
@@ -531,6 +532,7 @@ async def measure(args: argparse.Namespace, bench: Bench, chosen: list[Scenario]
         },
         "rounds": args.rounds,
         "gateway_workers": args.workers,
+        "client_slice_us": args.client_slice_us,
         "scenarios": {},
         "raw": {},
     }
@@ -738,7 +740,16 @@ def main() -> int:
     parser.add_argument("--only", help="run the scenarios whose name contains this")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
+    parser.add_argument(
+        "--client-slice-us",
+        type=float,
+        help="the load generator's scheduler slice (Linux 6.12+; a diagnostic, see ttft)",
+    )
     args = parser.parse_args()
+    if args.client_slice_us:
+        # A woken task takes a busy core at once only with a shorter slice than the task
+        # running there: with one, the load generator no longer waits behind a burst.
+        set_process_slice_ns(os.getpid(), round(args.client_slice_us * 1000))
     if args.quick:
         args.rounds = min(args.rounds, 2)
     _terminate_on_sigterm()

@@ -5,6 +5,7 @@
     python -m benchmarks.ttft --tokens 1          # answers of one token: no burst after it
     python -m benchmarks.ttft --tokens 16 --delay-ms 1   # tokens 1 ms apart, like a model
     python -m benchmarks.ttft --sched             # and who the client waits behind (perf)
+    python -m benchmarks.ttft --slice c=100       # the client's scheduler slice at 0.1 ms
 
 One client streams 64-token answers from the mock upstream, alternating between three
 targets as ``benchmarks.run`` does: direct, the bare aiohttp relay and chatmem with
@@ -23,6 +24,9 @@ thread of each, on given cores (``sched_setaffinity``), to show how much the ker
 placement of the three processes on two cores decides.
 ``--sched`` records the scheduler while measuring (``benchmarks.waits``): how long the
 client waited for a core once the response head was written, and behind which process.
+``--slice`` gives the client, the relays or the mock, every thread of each, a scheduler
+slice of its own in us (``benchmarks.slices``; Linux 6.12 and later): a woken task takes
+a busy core at once only if its slice is shorter than that of the task running there.
 
 The mock runs with the same hooks, so the tool also says, for each target, how often the
 client had the answer's first bytes only after the mock had written the last of them
@@ -55,6 +59,7 @@ from chatmem.proxy.pool import UpstreamPool
 
 from . import waits
 from .procs import ROOT, SRC, free_port, start
+from .slices import set_process_slice_ns
 
 __all__ = ["main"]
 
@@ -156,6 +161,15 @@ def _pin(spec: str, procs: dict[str, list[int]]) -> None:
                 os.sched_setaffinity(int(task.name), cpus)
 
 
+def _slice(spec: str, procs: dict[str, list[int]]) -> None:
+    """Give every thread of the processes ``spec`` names (``c``, ``r``, ``m``) a scheduler
+    slice of that many us; threads started later inherit it."""
+    for part in spec.split(","):
+        who, _, micros = part.partition("=")
+        for pid in procs.get(who, []):
+            set_process_slice_ns(pid, round(float(micros) * 1000))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -167,6 +181,7 @@ def main() -> int:
     parser.add_argument(
         "--sched", action="store_true", help="also record the scheduler (perf) while measuring"
     )
+    parser.add_argument("--slice", help="c=US,r=US,m=US: scheduler slices (Linux 6.12+)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw, bp = free_port(), free_port(), free_port()
@@ -197,8 +212,11 @@ def main() -> int:
             running.callback(bare.stop)
         finally:
             del os.environ["CHATMEM_TTFT_TRACE"]
+        procs = {"c": [os.getpid()], "r": [bare.pid, gateway.pid], "m": [mock.pid]}
         if args.pin:
-            _pin(args.pin, {"c": [os.getpid()], "r": [bare.pid, gateway.pid], "m": [mock.pid]})
+            _pin(args.pin, procs)
+        if args.slice:
+            _slice(args.slice, procs)
         bases = {
             "direct": f"http://127.0.0.1:{up}/v1",
             "bare": f"http://127.0.0.1:{bp}/v1",

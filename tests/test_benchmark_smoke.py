@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.slices import get_slice_ns, set_process_slice_ns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +33,12 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
-    result = run_module("benchmarks.run", "--quick", "--rounds", "1", "--out", str(tmp_path))
+    # With the load generator's scheduler slice set (the diagnostic of the time to first
+    # token), which the results record.
+    quick = ("--quick", "--rounds", "1", "--out", str(tmp_path))
+    result = run_module("benchmarks.run", *quick, "--client-slice-us", "100")
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["client_slice_us"] == 100
     assert set(results["scenarios"]) == {
         "plain c=1",
         "plain c=32",
@@ -82,7 +89,8 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     # every step of both relays gets a figure, never a negative one (0 where the head
     # and the first token went out in one write).
     result = run_module(
-        "benchmarks.ttft", "--rounds", "1", "--requests", "5", "--tokens", "3", "--delay-ms", "1"
+        *("benchmarks.ttft", "--rounds", "1", "--requests", "5", "--tokens", "3"),
+        *("--delay-ms", "1", "--slice", "c=100,r=200,m=300"),
     )
     steps = [line for line in result.stdout.splitlines() if "->" in line]
     assert len(steps) == 6, result.stdout
@@ -96,6 +104,28 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
     for row in bursts:
         after, total, rounds = int(row[5]), int(row[7].rstrip(";")), row[9:]
         assert total == 5 and 0 <= after <= total and len(rounds) == 1, row
+
+
+def test_a_scheduler_slice_is_set_on_every_thread_and_read_back() -> None:
+    """``benchmarks.slices`` packs ``struct sched_attr`` itself: a slice set on another
+    process (a thread of its own too) is the one the kernel then reports, and each later
+    setting replaces it."""
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start()"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        tasks = Path(f"/proc/{child.pid}/task")
+        for _ in range(100):  # until the thread is there (5 s at most)
+            threads = [int(task.name) for task in tasks.iterdir()]
+            if len(threads) == 2:
+                break
+            time.sleep(0.05)
+        assert len(threads) == 2
+        for micros in (250, 1000):
+            set_process_slice_ns(child.pid, micros * 1000)
+            assert [get_slice_ns(tid) for tid in threads] == [micros * 1000] * 2
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_stalled_clients_run_with_tiny_counts() -> None:
