@@ -167,8 +167,8 @@ async def test_blocks_of_0004_are_dropped_and_never_read(db_path: Path) -> None:
         roles, sizes, body = conn.execute(
             "SELECT roles, sizes, body FROM history_blocks WHERE last_seq = 192"
         ).fetchone()
-        starts = [0, *accumulate(json.loads(b"[" + sizes + b"]"))]
-        old = [text for _, text in Texts(roles.decode().split(), body, starts).pairs()]
+        widths = json.loads(b"[" + sizes + b"]")
+        old = [text for _, text in Texts(roles.decode().split(), body, widths).pairs()]
         conn.execute(
             "UPDATE history_blocks SET sizes = ?, body = ? WHERE last_seq = 192",
             (",".join(map(str, accumulate(map(len, old)))).encode(), b"".join(old)),

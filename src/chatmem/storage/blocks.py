@@ -37,7 +37,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import accumulate
 from typing import cast, get_args
 
 import orjson
@@ -194,22 +193,22 @@ class Window:
         sizes = orjson.loads(b"[" + b",".join([sizes for _, sizes, _ in oldest_first]) + b"]")
         body = b"".join([body for _, _, body in oldest_first])
         try:
-            starts = [0, *accumulate(sizes)]
+            end = sum(sizes)
         except TypeError as exc:  # strings and numbers, lists
             raise ValueError("a block's sizes are not numbers") from exc
-        # Integers (a float, a string, a list among them makes their total one), as many
-        # as the roles, adding up to the body, whose texts each end with a comma.
-        end = starts[-1]
+        # Integers (a float among them makes their total one), as many as the roles,
+        # adding up to the body, whose texts each end with a comma.
         if type(end) is not int or len(sizes) != len(names) or end != len(body):
             raise ValueError("a block's roles, sizes and body disagree")
         if body[-1:] != b",":
             raise ValueError("a block's texts do not end with commas")
-        texts = Texts(names, body, starts)
+        texts = Texts(names, body, sizes)
         first = max(0, len(names) - (self.limit - self.count))
         if self.max_bytes and self.size + texts.size_from(first) > self.max_bytes:
             budget = self.max_bytes - self.size
-            first = len(names)  # the newest of them that fit, as add_rows takes them
-            while first and texts.size_from(first - 1) <= budget:
+            first, taken = len(names), 0  # the newest of them that fit, as add_rows takes them
+            while first and taken + sizes[first - 1] - 1 <= budget:
+                taken += sizes[first - 1] - 1
                 first -= 1
             self.cut = True
         self._add(texts.since(first))

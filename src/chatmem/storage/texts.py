@@ -5,15 +5,19 @@ stored messages' JSON texts joined by commas.  Kept as a list of (role, text) pa
 window paid per message to be made and joined again: a 200-message window read from the
 history blocks took 36 us to cut into pairs, and each request joined the 200 texts once
 more.  :class:`Texts` keeps the texts as they are joined, each followed by a comma (the
-history blocks store them so), with the roles and where each text starts: a window is a
-few ``bytes`` joined, and the body's history one slice.
+history blocks store them so), with the roles and each text's width: a window is a few
+``bytes`` joined, and the body's history one slice.
+
+Widths, not where each text starts: a window read from the history blocks, whose sizes
+are stored, takes them as they are, and parts join without a position counted again.
+Kept as starts, a 200-message window made 200 new integers from the blocks' sizes at
+every first visit, and more to shift a part's starts behind the one before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 
 __all__ = ["Texts"]
 
@@ -21,18 +25,13 @@ __all__ = ["Texts"]
 @dataclass(slots=True, eq=False)
 class Texts:
     """Messages, oldest first: their roles, and their JSON texts each followed by a comma.
-    Never changed once made (windows are shared with the window cache).
-
-    ``starts`` counts from wherever ``body`` begins (``starts[0]``), not from 0: the
-    messages from ``k`` on are slices of the three (:meth:`since`), so a window that
-    slides by a turn at each commit does not count its 200 positions again."""
+    Never changed once made (windows are shared with the window cache)."""
 
     roles: list[str]
     body: bytes
     """The texts, each followed by a comma."""
-    starts: list[int]
-    """Where each text starts, then where the last one ends after its comma: one more
-    than ``roles``; ``body`` begins at ``starts[0]``."""
+    widths: list[int]
+    """Each text's length with its comma: as many as ``roles``, adding up to ``body``."""
 
     @staticmethod
     def empty() -> Texts:
@@ -52,31 +51,20 @@ class Texts:
     @classmethod
     def made(cls, roles: list[str], texts: list[bytes]) -> Texts:
         """The messages of ``roles`` and their ``texts``."""
-        starts = [0]
-        end = 0
-        for text in texts:
-            end += len(text) + 1
-            starts.append(end)
-        return cls(roles, b",".join(texts) + b"," if texts else b"", starts)
+        body = b",".join(texts) + b"," if texts else b""
+        return cls(roles, body, [len(text) + 1 for text in texts])
 
     @classmethod
     def join(cls, parts: Sequence[Texts]) -> Texts:
-        """``parts`` one after the other, counted from where the first begins."""
+        """``parts`` one after the other."""
         if len(parts) == 1:
             return parts[0]
         roles: list[str] = []
-        starts: list[int] = []
-        end: int | None = None
+        widths: list[int] = []
         for part in parts:
             roles += part.roles
-            shift = 0 if end is None else end - part.starts[0]
-            if shift:
-                starts += [start + shift for start in part.starts[:-1]]
-            else:
-                starts += part.starts[:-1]
-            end = part.starts[-1] + shift
-        starts.append(0 if end is None else end)
-        return cls(roles, b"".join([part.body for part in parts]), starts)
+            widths += part.widths
+        return cls(roles, b"".join([part.body for part in parts]), widths)
 
     def __len__(self) -> int:
         return len(self.roles)
@@ -85,11 +73,11 @@ class Texts:
         return Texts.join((self, other))
 
     def __eq__(self, other: object) -> bool:
-        """The same messages, wherever each counts its starts from."""
+        """The same messages."""
         if not isinstance(other, Texts):
             return NotImplemented
         same = self.roles == other.roles and self.body == other.body
-        return same and self.sizes() == other.sizes()
+        return same and self.widths == other.widths
 
     @property
     def size(self) -> int:
@@ -99,33 +87,30 @@ class Texts:
 
     def size_from(self, start: int) -> int:
         """The length of the texts from message ``start`` on."""
-        return self.starts[-1] - self.starts[start] - (len(self.roles) - start)
+        return len(self.body) - sum(self.widths[:start]) - (len(self.roles) - start)
 
     def sizes(self) -> list[int]:
         """Each text's length."""
-        return [end - start - 1 for start, end in pairwise(self.starts)]
+        return [width - 1 for width in self.widths]
 
     def encoded(self, start: int = 0) -> bytes:
         """The texts from message ``start`` on, joined by commas (b"" for none)."""
-        return self.body[self.starts[start] - self.starts[0] : -1]
+        return self.body[sum(self.widths[:start]) : -1]
 
     def since(self, start: int) -> Texts:
         """The messages from ``start`` on."""
         if not start:
             return self
-        return Texts(
-            self.roles[start:],
-            self.body[self.starts[start] - self.starts[0] :],
-            self.starts[start:],
-        )
+        return Texts(self.roles[start:], self.body[sum(self.widths[:start]) :], self.widths[start:])
 
     def pairs(self) -> list[tuple[str, bytes]]:
         """The messages as (role, JSON text)."""
-        origin = self.starts[0]
-        return [
-            (role, self.body[start - origin : end - origin - 1])
-            for role, (start, end) in zip(self.roles, pairwise(self.starts), strict=True)
-        ]
+        pairs: list[tuple[str, bytes]] = []
+        start = 0
+        for role, width in zip(self.roles, self.widths, strict=True):
+            pairs.append((role, self.body[start : start + width - 1]))
+            start += width
+        return pairs
 
 
-_EMPTY = Texts([], b"", [0])
+_EMPTY = Texts([], b"", [])

@@ -48,9 +48,10 @@ class _Window:
 
 
 def _size(messages: Texts) -> int:
-    # The text, and what Python spends around each message: its start (an int and a list
+    # The text, and what Python spends around each message: its width (an int and a list
     # slot) and its role (a str and a list slot); tracemalloc counted 108 bytes a message
-    # for windows read from blocks, 127 for windows of 10 read from rows.
+    # for windows read from blocks, 127 for windows of 10 read from rows, when each kept
+    # where its text started (a new int each) and its own role string.
     return len(messages.body) + 120 * len(messages)
 
 
