@@ -32,7 +32,8 @@ The mock runs with the same hooks, so the tool also says, for each target, how o
 client had the answer's first bytes only after the mock had written the last of them
 (the end of its burst), and each round's median: when the kernel leaves the client no
 core while the mock bursts and the relay relays, the client waits for the burst to end,
-and that goes by rounds, not streams.
+and that goes by rounds, not streams.  With ``--slice c=100`` it no longer waits: a woken
+client with a slice shorter than the busy task's takes the core at once.
 """
 
 from __future__ import annotations
