@@ -298,9 +298,9 @@ class Blocks:
         joined = " ".join(roles)
         # A role with a space in it (no role the gateway takes) would split in two: no block.
         if texts and len(joined.split()) == len(texts):
-            sizes = b",".join([b"%d" % (len(text) + 1) for text in texts])
-            body = b",".join(texts) + b","
-            conn.execute(_PUT, (pk, last, first, self.resend, joined.encode(), sizes, body))
+            block = Texts.made(roles, texts)  # stored as a window keeps it
+            sizes = b",".join([b"%d" % width for width in block.widths])
+            conn.execute(_PUT, (pk, last, first, self.resend, joined.encode(), sizes, block.body))
         conn.execute(_DROP_UP_TO, (pk, last - self.keep - BLOCK))
 
 
