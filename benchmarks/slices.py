@@ -6,7 +6,8 @@ until it sleeps, its slice is used up or the next tick comes (``RUN_TO_PARITY``)
 normal task's slice is the kernel's base slice (1.4 ms on this 2-core VM); a task can ask
 for another, 0.1-100 ms, with ``sched_setattr``'s ``sched_runtime``, which Python's
 ``os`` module does not offer.  ``benchmarks.ttft --slice`` uses it to show who waits
-behind whom in the time to first token.
+behind whom in the time to first token, and ``benchmarks.run`` to give its load
+generator, which stands in for clients on other machines, a core when it wakes.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def get_slice_ns(tid: int = 0) -> int:
 
 
 def set_slice_ns(tid: int, ns: int) -> None:
-    """Give thread ``tid`` (0: the calling one) a slice of ``ns``, as a normal task, nice
-    0; raises OSError where the kernel does not keep it (before 6.12)."""
+    """Give thread ``tid`` (0: the calling one) a slice of ``ns`` (0: the kernel's own),
+    as a normal task, nice 0; raises OSError where the kernel does not keep it (before
+    6.12)."""
     buf = ctypes.create_string_buffer(_ATTR.pack(_ATTR.size, 0, 0, 0, 0, ns, 0, 0, 0, 0))
     _syscall(0, tid, buf, 0)
-    if get_slice_ns(tid) != ns:
+    if ns and get_slice_ns(tid) != ns:
         raise OSError(f"this kernel does not keep a task's own slice ({platform.release()})")
 
 

@@ -33,16 +33,22 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
-    # With the load generator's scheduler slice set (the diagnostic of the time to first
-    # token), which the results record.
     quick = ("--quick", "--rounds", "1", "--out", str(tmp_path))
-    result = run_module("benchmarks.run", *quick, "--client-slice-us", "100")
+    result = run_module("benchmarks.run", *quick, "--client-slice-us", "150")
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["client_slice_us"] == 100
+    # The load generator ran with the slice asked for, read back from the kernel, but in
+    # the scenario that measures the wait behind a burst, with the kernel's own slice.
+    assert results["client_slice_us"] == 150
+    kernel = results["kernel_slice_us"]
+    assert kernel != 150 and kernel > 0
+    slices = results["load_generator_slice_us"]
+    assert slices.pop("stream64 c=1, kernel slice") == kernel
+    assert set(slices.values()) == {150}
     assert set(results["scenarios"]) == {
         "plain c=1",
         "plain c=32",
         "stream64 c=1",
+        "stream64 c=1, kernel slice",
         "stream64 c=32",
         "stream 256x20ms",
         "history 10",
@@ -108,8 +114,8 @@ def test_time_to_first_token_steps_with_tiny_counts() -> None:
 
 def test_a_scheduler_slice_is_set_on_every_thread_and_read_back() -> None:
     """``benchmarks.slices`` packs ``struct sched_attr`` itself: a slice set on another
-    process (a thread of its own too) is the one the kernel then reports, and each later
-    setting replaces it."""
+    process (a thread of its own too) is the one the kernel then reports, each later
+    setting replaces it, and 0 gives the threads the kernel's own slice back."""
     code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start()"
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
@@ -120,9 +126,13 @@ def test_a_scheduler_slice_is_set_on_every_thread_and_read_back() -> None:
                 break
             time.sleep(0.05)
         assert len(threads) == 2
+        kernel = [get_slice_ns(tid) for tid in threads]
+        assert kernel[0] == kernel[1] and kernel[0] not in (250_000, 1_000_000)
         for micros in (250, 1000):
             set_process_slice_ns(child.pid, micros * 1000)
             assert [get_slice_ns(tid) for tid in threads] == [micros * 1000] * 2
+        set_process_slice_ns(child.pid, 0)
+        assert [get_slice_ns(tid) for tid in threads] == kernel
     finally:
         child.kill()
         child.wait()
