@@ -33,7 +33,9 @@ client had the answer's first bytes only after the mock had written the last of 
 (the end of its burst), and each round's median: when the kernel leaves the client no
 core while the mock bursts and the relay relays, the client waits for the burst to end,
 and that goes by rounds, not streams.  With ``--slice c=100`` it no longer waits: a woken
-client with a slice shorter than the busy task's takes the core at once.
+client with a slice shorter than the busy task's takes the core at once.  (Since
+8f42411 ``benchmarks.run`` gives its load generator that slice by default; this tool
+leaves every process the kernel's own unless ``--slice`` says otherwise.)
 """
 
 from __future__ import annotations

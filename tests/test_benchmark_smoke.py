@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import run
 from benchmarks.slices import get_slice_ns, set_process_slice_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,28 @@ def test_a_scheduler_slice_is_set_on_every_thread_and_read_back() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_kernel_that_keeps_no_slice_of_a_task_leaves_the_run_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before Linux 6.12 (or off Linux) a task's own slice cannot be set: the run goes on
+    with the kernel's, records none, and says why; where it can, it is set and read back
+    for the block, and the kernel's is back after it."""
+    kernel = get_slice_ns(0)
+    assert run.usable_slice(250) == 250
+    with run.client_slice(250):
+        assert get_slice_ns(0) == 250_000
+    assert get_slice_ns(0) == kernel
+
+    def refuse(pid: int, ns: int) -> None:
+        raise OSError("this kernel does not keep a task's own slice (6.6.0)")
+
+    monkeypatch.setattr(run, "set_process_slice_ns", refuse)
+    assert run.usable_slice(100) is None
+    assert "keeps the kernel's slice (this kernel does not keep" in capsys.readouterr().out
+    with run.client_slice(None):  # what the scenarios then do: nothing
+        assert get_slice_ns(0) == kernel
 
 
 def test_stalled_clients_run_with_tiny_counts() -> None:
