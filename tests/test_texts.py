@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatmem.storage.queries import newest_within, window_start
+from chatmem.storage.queries import window_start
 from chatmem.storage.texts import Texts
 
 ROLES = st.sampled_from(["system", "user", "assistant", "tool", "function"])
@@ -70,7 +70,7 @@ def test_a_window_encoded_is_the_json_array_of_its_messages() -> None:
 @given(MESSAGES, st.integers(0, 60))
 def test_newest_within_a_budget(messages: list[tuple[str, bytes]], budget: int) -> None:
     texts = Texts.of(messages)
-    start = newest_within(texts.sizes(), budget)
+    start = texts.newest_within(budget)
     assert texts.size_from(start) <= budget
     assert start == 0 or texts.size_from(start - 1) > budget
 

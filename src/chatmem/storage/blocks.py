@@ -205,11 +205,8 @@ class Window:
         texts = Texts(names, body, sizes)
         first = max(0, len(names) - (self.limit - self.count))
         if self.max_bytes and self.size + texts.size_from(first) > self.max_bytes:
-            budget = self.max_bytes - self.size
-            first, taken = len(names), 0  # the newest of them that fit, as add_rows takes them
-            while first and taken + sizes[first - 1] - 1 <= budget:
-                taken += sizes[first - 1] - 1
-                first -= 1
+            # the newest of them that fit, as add_rows takes them
+            first = texts.newest_within(self.max_bytes - self.size)
             self.cut = True
         self._add(texts.since(first))
 

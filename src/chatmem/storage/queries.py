@@ -185,7 +185,7 @@ def _encoded_history(
     start = window_start(window.roles, start_at_user and cut, answering)
     # The usual window fits: its size is known, no loop.
     if max_bytes and window.size_from(start) > max_bytes:
-        newest = newest_within(window.sizes(), max_bytes)
+        newest = window.newest_within(max_bytes)
         start = window_start(window.roles, start_at_user, answering, newest)
         cut = True
     if answering and cut and _call_left_out(window.roles[start:], start_at_user):
@@ -202,15 +202,6 @@ def _call_over_budget(max_bytes: int) -> InvalidRequest:
         param="messages",
         code="context_length_exceeded",
     )
-
-
-def newest_within(sizes: Sequence[int], max_bytes: int) -> int:
-    """Where the newest messages whose ``sizes`` add up to at most ``max_bytes`` start."""
-    start, total = len(sizes), 0
-    while start and total + sizes[start - 1] <= max_bytes:
-        start -= 1
-        total += sizes[start]
-    return start
 
 
 def window_start(roles: list[str], cut: bool, answering: bool = False, begin: int = 0) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 __all__ = ["Texts"]
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True)
 class Texts:
     """Messages, oldest first: their roles, and their JSON texts each followed by a comma.
     Never changed once made (windows are shared with the window cache)."""
@@ -72,13 +72,6 @@ class Texts:
     def __add__(self, other: Texts) -> Texts:
         return Texts.join((self, other))
 
-    def __eq__(self, other: object) -> bool:
-        """The same messages."""
-        if not isinstance(other, Texts):
-            return NotImplemented
-        same = self.roles == other.roles and self.body == other.body
-        return same and self.widths == other.widths
-
     @property
     def size(self) -> int:
         """The texts' length, the commas left out (what ``memory.max_history_bytes``
@@ -87,7 +80,16 @@ class Texts:
 
     def size_from(self, start: int) -> int:
         """The length of the texts from message ``start`` on."""
-        return len(self.body) - sum(self.widths[:start]) - (len(self.roles) - start)
+        return len(self.body) - self._offset(start) - (len(self.roles) - start)
+
+    def newest_within(self, max_bytes: int) -> int:
+        """Where the newest messages whose texts add up to at most ``max_bytes`` start."""
+        widths = self.widths
+        start, total = len(widths), 0
+        while start and total + widths[start - 1] - 1 <= max_bytes:
+            start -= 1
+            total += widths[start] - 1
+        return start
 
     def sizes(self) -> list[int]:
         """Each text's length."""
@@ -95,13 +97,17 @@ class Texts:
 
     def encoded(self, start: int = 0) -> bytes:
         """The texts from message ``start`` on, joined by commas (b"" for none)."""
-        return self.body[sum(self.widths[:start]) : -1]
+        return self.body[self._offset(start) : -1]
 
     def since(self, start: int) -> Texts:
         """The messages from ``start`` on."""
         if not start:
             return self
-        return Texts(self.roles[start:], self.body[sum(self.widths[:start]) :], self.widths[start:])
+        return Texts(self.roles[start:], self.body[self._offset(start) :], self.widths[start:])
+
+    def _offset(self, start: int) -> int:
+        """Where message ``start``'s text begins in ``body``."""
+        return sum(self.widths[:start])
 
     def pairs(self) -> list[tuple[str, bytes]]:
         """The messages as (role, JSON text)."""
