@@ -33,7 +33,7 @@ from yarl import URL
 from chatmem.proxy.pool import UpstreamPool
 
 from .procs import ROOT, chat_turn, child_env, free_port, start
-from .run import VISITS
+from .run import VISITS, prefilled
 
 __all__ = ["main"]
 
@@ -67,10 +67,10 @@ async def _visits(ports: dict[str, int], pool: int) -> dict[tuple[str, int, bool
     try:
         for number in range(pool):
             for size in SIZES:
+                conversation = prefilled(size, number)
                 for name in names if number % 2 else names[::-1]:
                     for visit in range(VISITS):
                         sent = time.perf_counter()
-                        conversation = f"hist-{size}-{number}"
                         await chat_turn(pools[name], conversation, tokens=16, stream=False)
                         if number >= min(_WARMUP, pool - 1):
                             ms = (time.perf_counter() - sent) * 1000

@@ -248,12 +248,17 @@ VISITS = 4
 """Requests in a row on one pre-filled conversation in the history scenarios."""
 
 
+def prefilled(size: int, number: int) -> str:
+    """The id of pre-filled conversation ``number`` of ``size`` messages (:func:`prefill`)."""
+    return f"hist-{size}-{number}"
+
+
 def history_conversation(size: int, counter: int, pool: int) -> str:
     """A user going on with a chat: ``VISITS`` requests in a row on one pre-filled
     conversation of ``size`` messages, then the next one.  The first request of each
     reads the window from the database, the others find it in the gateway's window
     cache; every size has the same pattern, and grows by only ``2 * VISITS`` messages."""
-    return f"hist-{size}-{(counter // VISITS) % pool}"
+    return prefilled(size, (counter // VISITS) % pool)
 
 
 def history_pool(chosen: list[Scenario], rounds: int) -> int:
@@ -276,7 +281,7 @@ def prefill(db: Path, sizes: list[int], pool: int) -> None:
                 cur = conn.execute(
                     "INSERT INTO conversations (id, tenant, user_id, last_seq, created_at,"
                     " updated_at) VALUES (?, 'default', '', ?, ?, ?)",
-                    (f"hist-{size}-{i}", size, now, now),
+                    (prefilled(size, i), size, now, now),
                 )
                 pk = cur.lastrowid
                 assert pk is not None

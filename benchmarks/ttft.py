@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvloop
@@ -153,24 +154,28 @@ def _inside(trace: Path) -> list[tuple[int, int, int, int, int]]:
     return found
 
 
+def _named(spec: str, procs: dict[str, list[int]]) -> Iterator[tuple[int, str]]:
+    """(pid, value) for every process that ``spec`` (``c=V,r=V,m=V``) names."""
+    for part in spec.split(","):
+        who, _, value = part.partition("=")
+        for pid in procs.get(who, []):
+            yield pid, value
+
+
 def _pin(spec: str, procs: dict[str, list[int]]) -> None:
     """Pin every thread of the processes ``spec`` names (``c``, ``r``, ``m``) to its cores;
     threads started later inherit it from the thread that starts them."""
-    for part in spec.split(","):
-        who, _, cores = part.partition("=")
+    for pid, cores in _named(spec, procs):
         cpus = {int(core) for core in cores.split("+")}
-        for pid in procs.get(who, []):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                os.sched_setaffinity(int(task.name), cpus)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def _slice(spec: str, procs: dict[str, list[int]]) -> None:
     """Give every thread of the processes ``spec`` names (``c``, ``r``, ``m``) a scheduler
     slice of that many us; threads started later inherit it."""
-    for part in spec.split(","):
-        who, _, micros = part.partition("=")
-        for pid in procs.get(who, []):
-            set_process_slice_ns(pid, round(float(micros) * 1000))
+    for pid, micros in _named(spec, procs):
+        set_process_slice_ns(pid, round(float(micros) * 1000))
 
 
 def main() -> int:
