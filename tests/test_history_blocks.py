@@ -107,7 +107,7 @@ async def test_a_window_from_blocks_is_the_window_read_row_by_row(db_path: Path)
     with sqlite3.connect(db_path) as conn:
         conn.text_factory = bytes
         window, _ = Blocks("tool_turns", 200).read(conn, 1, last, 200, 0)
-    sizes = list(accumulate(reversed(window.sizes())))
+    sizes = list(accumulate(reversed([width - 1 for width in window.widths])))
     cases += [(200, sizes[k] - d) for k in (0, 5, 31, 32, 40, 77, 150) for d in (0, 1)]
     with_blocks = {case: await read(db_path, *case) for case in cases}
     oracle = {case: await read(db_path, *case, direct=False) for case in cases}

@@ -91,10 +91,6 @@ class Texts:
             total += widths[start] - 1
         return start
 
-    def sizes(self) -> list[int]:
-        """Each text's length."""
-        return [width - 1 for width in self.widths]
-
     def encoded(self, start: int = 0) -> bytes:
         """The texts from message ``start`` on, joined by commas (b"" for none)."""
         return self.body[self._offset(start) : -1]
