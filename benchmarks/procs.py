@@ -95,14 +95,31 @@ def start(
     paths in ``args`` must be absolute) with :func:`child_env`.  If it does not come up,
     or anything (a signal's exception too) interrupts the wait, it is killed."""
     name = module if not args or args[0].startswith(("-", "http")) else f"{module} {args[0]}"
-    cwd = tempfile.mkdtemp(prefix="chatmem-bench-")
+    command = [*prefix, sys.executable, "-m", module, *args]
+    return spawn(
+        command,
+        ready_url,
+        name,
+        child_env(pythonpath),
+        tempfile.mkdtemp(prefix="chatmem-bench-"),
+        timeout,
+    )
+
+
+def spawn(
+    command: Sequence[str],
+    ready_url: str,
+    name: str,
+    env: dict[str, str],
+    cwd: str,
+    timeout: float = 30.0,
+) -> Proc:
+    """``command`` in ``cwd`` (a directory of its own, removed when it stops), once
+    ``ready_url`` answers; killed, and ``cwd`` removed, if it does not come up or anything
+    (a signal's exception too) interrupts the wait."""
     try:
         popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", module, *args],
-            env=child_env(pythonpath),
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
     except BaseException:
         shutil.rmtree(cwd, ignore_errors=True)
@@ -112,7 +129,7 @@ def start(
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if popen.poll() is not None:
-                raise RuntimeError(f"{module} {' '.join(args)} exited with {popen.returncode}")
+                raise RuntimeError(f"{' '.join(command)} exited with {popen.returncode}")
             try:
                 with urllib.request.urlopen(ready_url, timeout=1):
                     return proc

@@ -6,7 +6,8 @@
 It starts the mock upstream and the gateway as real processes on 127.0.0.1, then runs each
 scenario against its targets in alternating rounds (so machine drift hits all alike):
 ``direct`` (the upstream itself), ``bare`` (a 40-line relay on aiohttp's server and
-client, benchmarks/bare_hop.py: the issue's "bare aiohttp hop"), ``memory`` (chatmem's
+client, benchmarks/bare_hop.py: the issue's "bare aiohttp hop"), with ``--caddy`` also
+``caddy`` (Caddy's reverse proxy, benchmarks/caddy_hop.py), ``memory`` (chatmem's
 /v1/chat/completions with a conversation id), ``passthrough`` (chatmem's plain relay,
 /v1/completions) and ``direct-legacy`` (the upstream's /v1/completions, which passthrough
 is compared with). It prints a table of medians, writes the raw samples as JSON and draws
@@ -43,6 +44,7 @@ from yarl import URL
 from chatmem.proxy.pool import UpstreamPool
 from chatmem.storage.blocks import Blocks
 
+from .caddy_hop import caddy_binary, start_caddy
 from .procs import ChildExited, Proc, cpu_seconds, free_port, rss_mb, start
 from .slices import get_slice_ns, set_process_slice_ns
 
@@ -57,6 +59,9 @@ FIRST_TOKEN = re.compile(rb'"(?:content|text)":"[^"]')
 BASELINE = {"passthrough": "direct-legacy", "direct-legacy": "direct-legacy"}
 """The direct target a relay is compared with, when it is not ``direct``: passthrough
 goes to the mock's /v1/completions, whose answers cost the mock more than chat's."""
+RELAYS = ("bare", "caddy")
+"""The targets that relay the client's request as it is to the mock: a client of theirs
+sends the history itself, as one of direct does."""
 
 
 @dataclass
@@ -90,9 +95,11 @@ class Sample:
     errors: int = 0
 
 
-def scenarios(quick: bool) -> list[Scenario]:
+def scenarios(quick: bool, caddy: bool = False) -> list[Scenario]:
+    """The scenarios of a run (``quick``: tiny counts); ``caddy``: with the Caddy relay
+    next to the bare one."""
     n = 10 if quick else 1
-    return [
+    chosen = [
         Scenario("plain c=1", False, 1, 300 // n),
         Scenario("plain c=32", False, 32, 1600 // n),
         Scenario("stream64 c=1", True, 1, 150 // n, tokens=64),
@@ -125,6 +132,11 @@ def scenarios(quick: bool) -> list[Scenario]:
             "history 10000", False, 1, 150 // n, history=10000, targets=("direct", "bare", "memory")
         ),
     ]
+    if caddy:
+        for sc in chosen:
+            at = sc.targets.index("bare") + 1
+            sc.targets = (*sc.targets[:at], "caddy", *sc.targets[at:])
+    return chosen
 
 
 class Bench:
@@ -139,17 +151,22 @@ class Bench:
     """
 
     def __init__(
-        self, upstream: str, bare: str, gateway: str, gateway_proc: Proc, upstream_proc: Proc
+        self,
+        upstream: str,
+        gateway: str,
+        gateway_proc: Proc,
+        upstream_proc: Proc,
+        relays: dict[str, tuple[str, Proc]],
     ) -> None:
+        """``relays``: the base URL and the process of each of :data:`RELAYS` that runs."""
         self.upstream = upstream
-        self.bare = bare
-        self.bare_proc: Proc | None = None
         self.gateway = gateway
         self.gateway_proc = gateway_proc
         self.upstream_proc = upstream_proc
+        self.relays = relays
         self.pools = {
             base: UpstreamPool(URL(base), connect_timeout=30, read_timeout=300)
-            for base in (upstream, bare, gateway)
+            for base in (upstream, gateway, *(base for base, _ in relays.values()))
         }
         self.counter = 0
         self.visits = 0  # memory requests in the history scenarios
@@ -169,10 +186,10 @@ class Bench:
             headers["X-Mock-Delay-Ms"] = str(sc.delay_ms)
         question = {"role": "user", "content": f"question {self.counter} from client {client}"}
         body: dict[str, Any] = {"model": "bench", "messages": [question], "stream": sc.stream}
-        if target in ("direct", "bare"):
+        if target == "direct" or target in RELAYS:
             # A client without chatmem must send the history itself.
             body["messages"] = [*self.window(sc.history), question]
-            base = self.upstream if target == "direct" else self.bare
+            base = self.upstream if target == "direct" else self.relays[target][0]
             return base, "/v1/chat/completions", body, headers
         if target in ("passthrough", "direct-legacy"):
             # The plain relay: legacy completions, no memory involved; and the same
@@ -229,8 +246,8 @@ class Bench:
             for _ in queue:
                 await self.one(sc, target, client, sample)
 
-        # CPU of the relay the target goes through: the gateway, or the bare hop.
-        relay = self.bare_proc if target == "bare" and self.bare_proc else self.gateway_proc
+        # CPU of the relay the target goes through: the gateway, or another relay.
+        relay = self.relays[target][1] if target in self.relays else self.gateway_proc
         cpu0 = cpu_seconds(relay.pid)
         upstream_cpu0 = cpu_seconds(self.upstream_proc.pid)
         self_cpu0 = time.process_time()
@@ -450,11 +467,18 @@ TARGETS = [
 """Issue #8's targets that one scenario decides."""
 
 
-def targets(results: dict[str, Any]) -> list[tuple[str, float, float, float, str]]:
-    """Issue #8's targets: (what, chatmem with memory, the bare relay, target, kind)."""
+def compared(results: dict[str, Any]) -> tuple[str, ...]:
+    """chatmem with memory, and the relays the run had, in the order of the table."""
+    ran = {target for figures in results["scenarios"].values() for target in figures}
+    return ("memory", *(relay for relay in RELAYS if relay in ran))
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, dict[str, float], float, str]]:
+    """Issue #8's targets: (what, the figure of each of :func:`compared`, target, kind)."""
     sc = results["scenarios"]
+    who = compared(results)
     rows = [
-        (what, figure(sc[name], "memory"), figure(sc[name], "bare"), target, kind)
+        (what, {t: figure(sc[name], t) for t in who}, target, kind)
         for what, name, figure, target, kind in TARGETS
         if name in sc
     ]
@@ -473,28 +497,22 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, float, float, str
             # than direct): not a number, so never "met".
             return added("history 10000") / small if small > 0.05 else float("nan")
 
-        rows.append(
-            ("added p50, 10,000 / 10, going on", growth("memory"), growth("bare"), 1.2, "<=")
-        )
-        rows.append(
-            (
-                "added p50, 10,000 / 10, first visit",
-                growth("memory", True),
-                growth("bare", True),
-                1.2,
-                "<=",
-            )
-        )
+        going_on = {t: growth(t) for t in who}
+        rows.append(("added p50, 10,000 / 10, going on", going_on, 1.2, "<="))
+        first_visit = {t: growth(t, True) for t in who}
+        rows.append(("added p50, 10,000 / 10, first visit", first_visit, 1.2, "<="))
     return rows
 
 
 def print_targets(results: dict[str, Any]) -> None:
-    print(f"{'target (issue #8)':<38}{'memory':>9}{'bare':>9}{'target':>10}  met")
-    for what, memory, bare, target, kind in targets(results):
+    """Issue #8's targets, met or not by chatmem with memory; the relays' figures beside."""
+    columns = "".join(f"{who:>9}" for who in compared(results))
+    print(f"{'target (issue #8)':<38}{columns}{'target':>10}  met")
+    for what, figures, target, kind in targets(results):
+        memory = figures["memory"]
         met = memory <= target if kind == "<=" else memory >= target
-        print(
-            f"{what:<38}{memory:>9.3f}{bare:>9.3f}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}"
-        )
+        shown = "".join(f"{figure:>9.3f}" for figure in figures.values())
+        print(f"{what:<38}{shown}{kind:>5}{target:>5.2f}  {'yes' if met else 'no'}")
     if (budget := cpu_budget(results)) is not None:
         print(
             f"at 32 clients, 0.6x direct on one event loop needs <= {budget:.3f} ms of relay"
@@ -509,6 +527,10 @@ def cpu_budget(results: dict[str, Any]) -> float | None:
     return 1000 / (0.6 * direct["rps"]) if direct and direct["rps"] else None
 
 
+LABELS = {"bare": "bare aiohttp relay", "caddy": "Caddy"}
+"""The chart's names of the targets that are not chatmem."""
+
+
 def draw(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -517,8 +539,10 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     names = list(results["scenarios"])
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.27
-    for offset, target in ((-width, "bare"), (0.0, "memory"), (width, "passthrough")):
+    series = [*compared(results)[1:], "memory", "passthrough"]
+    width = 0.8 / len(series)
+    for number, target in enumerate(series):
+        offset = (number - (len(series) - 1) / 2) * width
         values = [
             results["scenarios"][n][target]["p50_ms"]
             - baseline(results["scenarios"][n], target)["p50_ms"]
@@ -530,7 +554,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
             [i + offset for i in range(len(names))],
             values,
             width,
-            label="bare aiohttp relay" if target == "bare" else f"chatmem {target}",
+            label=LABELS.get(target, f"chatmem {target}"),
         )
         labels = [
             f"{v:.2f}" if target in results["scenarios"][n] else ""
@@ -634,7 +658,7 @@ def usable_slice(micros: float) -> float | None:
 
 
 def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict[str, Any]:
-    """Start the mock, the gateway and the bare relay on a fresh database; measure.
+    """Start the mock, the gateway and the relays on a fresh database; measure.
 
     Every process started is stopped however this ends; the database is removed after
     the gateway stopped.  A process that exits meanwhile aborts the run
@@ -670,19 +694,24 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
             module="benchmarks.bare_hop",
         )
         running.callback(bare.stop)
-        children = (upstream, gateway, bare)
+        relays = {"bare": (f"http://127.0.0.1:{bare_port}/v1", bare)}
+        if args.caddy:
+            caddy_port = free_port()
+            caddy = start_caddy(caddy_port, up_port)
+            running.callback(caddy.stop)
+            relays["caddy"] = (f"http://127.0.0.1:{caddy_port}/v1", caddy)
+        children = (upstream, gateway, *(proc for _, proc in relays.values()))
         pool = history_pool(chosen, args.rounds)
         prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
         async def run() -> dict[str, Any]:
             bench = Bench(
                 f"http://127.0.0.1:{up_port}/v1",
-                f"http://127.0.0.1:{bare_port}/v1",
                 f"http://127.0.0.1:{gw_port}/v1",
                 gateway,
                 upstream,
+                relays,
             )
-            bench.bare_proc = bare
             bench.pool = pool
             watch_children(bench, children)
             results = await measure(args, bench, chosen)
@@ -808,12 +837,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     parser.add_argument(
+        "--caddy", action="store_true", help="Caddy's reverse proxy as one more relay"
+    )
+    parser.add_argument(
         "--client-slice-us",
         type=float,
         default=CLIENT_SLICE_US,
         help="the load generator's scheduler slice in us, Linux 6.12+ (0: the kernel's own)",
     )
     args = parser.parse_args()
+    if args.caddy and caddy_binary() is None:
+        parser.error("--caddy: caddy is not installed (apt-get install -y caddy)")
     args.client_slice_us = usable_slice(args.client_slice_us)
     args.kernel_slice_us = get_slice_ns(0) / 1000 if args.client_slice_us is not None else None
     if args.quick:
@@ -821,7 +855,7 @@ def main() -> int:
     _terminate_on_sigterm()
     out = Path(args.out).resolve()  # absolute: the servers run in a directory of their own
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [s for s in scenarios(args.quick) if not args.only or args.only in s.name]
+    chosen = [s for s in scenarios(args.quick, args.caddy) if not args.only or args.only in s.name]
     tee = _Tee(sys.stdout)
     with contextlib.redirect_stdout(tee):
         try:

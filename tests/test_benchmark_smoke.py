@@ -7,6 +7,8 @@ that every scenario ran against every target without an error and left its resul
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -34,7 +36,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
-    quick = ("--quick", "--rounds", "1", "--out", str(tmp_path))
+    quick = ("--quick", "--rounds", "1", "--out", str(tmp_path), "--caddy")
     result = run_module("benchmarks.run", *quick, "--client-slice-us", "150")
     results = json.loads((tmp_path / "results.json").read_text())
     # The load generator ran with the slice asked for, read back from the kernel, but in
@@ -57,14 +59,33 @@ def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
         "history 10000",
     }
     for name, targets in results["scenarios"].items():
-        assert "direct" in targets and "memory" in targets, name
+        # Caddy (--caddy) relays wherever the bare relay does, and uses CPU of its own.
+        assert {"direct", "bare", "caddy", "memory"} <= set(targets), name
         for target, figures in targets.items():
             assert figures["errors"] == 0, (name, target)
             assert figures["requests"] > 0, (name, target)
+    assert results["scenarios"]["plain c=32"]["caddy"]["gateway_cpu_ms_per_req"] > 0
     held = results["held_streams"]
     assert held["completed"] == held["streams"] == 100
     assert (tmp_path / "added_latency.png").stat().st_size > 1000
     assert "x direct" in result.stdout
+    assert re.search(r"target \(issue #8\) +memory +bare +caddy +target", result.stdout)
+
+
+def test_caddy_asked_for_but_not_installed_is_said_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--caddy", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PATH": str(tmp_path)},  # no caddy there
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--caddy: caddy is not installed (apt-get install -y caddy)" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 
 @pytest.mark.parametrize("answers", [[], ["--stream", "8"]], ids=["plain", "stream"])
