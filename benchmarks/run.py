@@ -518,6 +518,11 @@ def print_targets(results: dict[str, Any]) -> None:
             f"at 32 clients, 0.6x direct on one event loop needs <= {budget:.3f} ms of relay"
             " CPU per request"
         )
+    if "caddy" in compared(results):
+        print(
+            "with --caddy the target measured right after Caddy's round runs slower (README,"
+            ' "With Caddy"): judge the targets on a run without it'
+        )
 
 
 def cpu_budget(results: dict[str, Any]) -> float | None:
@@ -837,7 +842,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     parser.add_argument(
-        "--caddy", action="store_true", help="Caddy's reverse proxy as one more relay"
+        "--caddy",
+        action="store_true",
+        help="Caddy's reverse proxy as one more relay (the target after it runs slower)",
     )
     parser.add_argument(
         "--client-slice-us",

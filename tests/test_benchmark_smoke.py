@@ -70,6 +70,7 @@ def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert (tmp_path / "added_latency.png").stat().st_size > 1000
     assert "x direct" in result.stdout
     assert re.search(r"target \(issue #8\) +memory +bare +caddy +target", result.stdout)
+    assert "judge the targets on a run without it" in result.stdout
 
 
 def test_caddy_asked_for_but_not_installed_is_said_before_anything_starts(
