@@ -157,10 +157,10 @@ def test_a_flag_does_not_hide_a_bad_value_in_the_file(
     [
         ("[server]\nprot = 1\n", "server.prot: unknown key"),
         ("[srever]\nport = 1\n", "[srever]: unknown section"),
-        ('[server]\nport = "abc"\n', "server.port: must be int"),
-        ("[server]\nport = true\n", "server.port: must be int"),
+        ('[server]\nport = "abc"\n', "server.port: must be a whole number, not 'abc'"),
+        ("[server]\nport = true\n", "server.port: must be a whole number, not true"),
         ("[server]\nport = 0\n", "server.port: must be greater than 0"),
-        ('[upstream]\nread_timeout = "x"\n', "upstream.read_timeout: must be float"),
+        ('[upstream]\nread_timeout = "x"\n', "upstream.read_timeout: must be a number, not 'x'"),
         ('[upstream]\nurl = "ftp://x"\n', "upstream.url: must be an http"),
         (
             '[upstream]\napi_key = "${NOPE_NOT_SET}"\n',

@@ -58,7 +58,7 @@ def test_systemd_unit_runs_serve_and_outwaits_the_grace_period() -> None:
         ("server", {"workers": 0}, "server.workers: must be greater than 0"),
         ("metrics", {"path": "metrics"}, "metrics.path: must start with '/'"),
         ("log", {"format": "xml"}, "log.format: must be 'text' or 'json'"),
-        ("log", {"debug_content": "yes"}, "log.debug_content: must be bool"),
+        ("log", {"debug_content": "yes"}, "log.debug_content: must be true or false, not 'yes'"),
     ],
 )
 def test_deployment_keys_are_checked(section: str, values: dict[str, object], message: str) -> None:

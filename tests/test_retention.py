@@ -160,7 +160,7 @@ def test_parse_age_refuses(text: str) -> None:
         ("memory", {"retention_days": -1}, "memory.retention_days: must not be negative"),
         ("storage", {"pool_size": 0}, "storage.pool_size: must be greater than 0"),
         ("storage", {"max_overflow": -1}, "storage.max_overflow: must not be negative"),
-        ("storage", {"pool_timeout": "x"}, "storage.pool_timeout: must be float, not 'x'"),
+        ("storage", {"pool_timeout": "x"}, "storage.pool_timeout: must be a number, not 'x'"),
     ],
 )
 def test_storage_and_retention_settings_are_checked(

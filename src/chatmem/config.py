@@ -244,8 +244,12 @@ def _check_plain(text: str, key: str) -> None:
         )
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+"""How an error names the TOML type a key wants."""
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return _TYPE_WORDS.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -276,8 +280,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: must be {_type_name(tp)}, not {value!r}") from None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: must be {_type_name(tp)}, not {type(value).__name__}")
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value)}")
     return value
+
+
+def _given(value: Any) -> str:
+    """A value of the wrong type, as TOML spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
 
 
 def _build_section(cls: type[Any], raw: Any, section: str) -> Any:
