@@ -60,8 +60,8 @@ BASELINE = {"passthrough": "direct-legacy", "direct-legacy": "direct-legacy"}
 """The direct target a relay is compared with, when it is not ``direct``: passthrough
 goes to the mock's /v1/completions, whose answers cost the mock more than chat's."""
 RELAYS = ("bare", "caddy")
-"""The targets that relay the client's request as it is to the mock: a client of theirs
-sends the history itself, as one of direct does."""
+"""The targets that relay the client's request as it is to the mock (a client of theirs
+sends the history itself, as one of direct does), in the order of the tables."""
 
 
 @dataclass
@@ -186,7 +186,7 @@ class Bench:
             headers["X-Mock-Delay-Ms"] = str(sc.delay_ms)
         question = {"role": "user", "content": f"question {self.counter} from client {client}"}
         body: dict[str, Any] = {"model": "bench", "messages": [question], "stream": sc.stream}
-        if target == "direct" or target in RELAYS:
+        if target == "direct" or target in self.relays:
             # A client without chatmem must send the history itself.
             body["messages"] = [*self.window(sc.history), question]
             base = self.upstream if target == "direct" else self.relays[target][0]

@@ -278,7 +278,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"{key}: must be {_type_name(tp)}, not {value!r}") from None
+            raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value)}") from None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value)}")
     return value
