@@ -672,55 +672,22 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
     with contextlib.ExitStack() as running:
         remove_db(db)
         running.callback(remove_db, db)  # registered first: runs after every stop
-        up_port, gw_port, bare_port = free_port(), free_port(), free_port()
-        upstream = start(
-            ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
-            f"http://127.0.0.1:{up_port}/v1/models",
-        )
-        running.callback(upstream.stop)
-        gateway = start(
-            [
-                "serve",
-                "--port",
-                str(gw_port),
-                "--upstream",
-                f"http://127.0.0.1:{up_port}/v1",
-                "--db",
-                f"sqlite+aiosqlite:///{db}",
-                "--workers",
-                str(args.workers),
-            ],
-            f"http://127.0.0.1:{gw_port}/v1/health",
-        )
-        running.callback(gateway.stop)
-        bare = start(
-            [f"http://127.0.0.1:{up_port}", str(bare_port)],
-            f"http://127.0.0.1:{bare_port}/health",
-            module="benchmarks.bare_hop",
-        )
-        running.callback(bare.stop)
-        relays = {"bare": (f"http://127.0.0.1:{bare_port}/v1", bare)}
-        if args.caddy:
-            caddy_port = free_port()
-            caddy = start_caddy(caddy_port, up_port)
-            running.callback(caddy.stop)
-            relays["caddy"] = (f"http://127.0.0.1:{caddy_port}/v1", caddy)
-        children = (upstream, gateway, *(proc for _, proc in relays.values()))
+        started = start_targets(running, db, workers=args.workers, caddy=args.caddy)
         pool = history_pool(chosen, args.rounds)
         prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
         async def run() -> dict[str, Any]:
             bench = Bench(
-                f"http://127.0.0.1:{up_port}/v1",
-                f"http://127.0.0.1:{gw_port}/v1",
-                gateway,
-                upstream,
-                relays,
+                started.upstream_url,
+                started.gateway_url,
+                started.gateway,
+                started.upstream,
+                started.relays,
             )
             bench.pool = pool
-            watch_children(bench, children)
+            watch_children(bench, started.children)
             results = await measure(args, bench, chosen)
-            check_children(children)
+            check_children(started.children)
             return results
 
         # uvloop in the load generator too: the cheaper it is, the less it limits "direct";
@@ -733,8 +700,71 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
                 raise
             # Requests to a dead port can fail in ways the load generator does not count
             # as errors: name the process that is gone, not the symptom.
-            check_children(children, cause=exc)
+            check_children(started.children, cause=exc)
             raise
+
+
+@dataclass
+class Started:
+    """The processes of a run (:func:`start_targets`) and where they listen."""
+
+    upstream: Proc
+    gateway: Proc
+    upstream_url: str
+    gateway_url: str
+    relays: dict[str, tuple[str, Proc]]
+    """The base URL and the process of each relay of :data:`RELAYS` that runs."""
+
+    @property
+    def children(self) -> tuple[Proc, ...]:
+        return (self.upstream, self.gateway, *(proc for _, proc in self.relays.values()))
+
+
+def start_targets(
+    running: contextlib.ExitStack, db: Path, *, workers: int = 1, caddy: bool = False
+) -> Started:
+    """The mock, the gateway on the SQLite file ``db``, the bare relay and, with ``caddy``,
+    Caddy; each is stopped when ``running`` closes."""
+    up_port, gw_port, bare_port = free_port(), free_port(), free_port()
+    upstream = start(
+        ["mock-upstream", "--port", str(up_port), "--tokens", "16"],
+        f"http://127.0.0.1:{up_port}/v1/models",
+    )
+    running.callback(upstream.stop)
+    gateway = start(
+        [
+            "serve",
+            "--port",
+            str(gw_port),
+            "--upstream",
+            f"http://127.0.0.1:{up_port}/v1",
+            "--db",
+            f"sqlite+aiosqlite:///{db}",
+            "--workers",
+            str(workers),
+        ],
+        f"http://127.0.0.1:{gw_port}/v1/health",
+    )
+    running.callback(gateway.stop)
+    bare = start(
+        [f"http://127.0.0.1:{up_port}", str(bare_port)],
+        f"http://127.0.0.1:{bare_port}/health",
+        module="benchmarks.bare_hop",
+    )
+    running.callback(bare.stop)
+    relays = {"bare": (f"http://127.0.0.1:{bare_port}/v1", bare)}
+    if caddy:
+        caddy_port = free_port()
+        caddy_proc = start_caddy(caddy_port, up_port)
+        running.callback(caddy_proc.stop)
+        relays["caddy"] = (f"http://127.0.0.1:{caddy_port}/v1", caddy_proc)
+    return Started(
+        upstream,
+        gateway,
+        f"http://127.0.0.1:{up_port}/v1",
+        f"http://127.0.0.1:{gw_port}/v1",
+        relays,
+    )
 
 
 def remove_db(db: Path) -> None:

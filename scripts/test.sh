@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install chatmem with its test dependencies and everything the tests run for real
-# (Caddy and valgrind from Debian's packages, the machine's PostgreSQL 15), then run the test suite.
+# (Caddy, wrk and valgrind from Debian's packages, the machine's PostgreSQL 15), then run the test suite.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k streaming`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,10 @@ python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 export DEBIAN_FRONTEND=noninteractive
 if ! command -v caddy >/dev/null 2>&1; then
     apt-get install -y -q caddy >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q caddy; }
+fi
+# benchmarks.wrk_check loads the gateway with wrk, a load generator in C.
+if ! command -v wrk >/dev/null 2>&1; then
+    apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q wrk; }
 fi
 # benchmarks.instructions counts the gateway's instructions with callgrind.
 if ! command -v callgrind_control >/dev/null 2>&1; then

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import run
+from benchmarks import run, wrk_check
 from benchmarks.slices import get_slice_ns, set_process_slice_ns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,65 @@ def test_caddy_asked_for_but_not_installed_is_said_before_anything_starts(
     assert result.returncode == 2
     assert "--caddy: caddy is not installed (apt-get install -y caddy)" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+def test_wrk_check_runs_with_tiny_counts(tmp_path: Path) -> None:
+    """``benchmarks.wrk_check`` loads every target with wrk (installed by scripts/test.sh)."""
+    out = tmp_path / "wrk.json"
+    args = ("--rounds", "1", "--seconds", "1", "--caddy", "--json", str(out))
+    result = run_module("benchmarks.wrk_check", *args)
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    assert list(summary) == ["direct", "bare", "caddy", "memory"]
+    for target, figures in summary.items():
+        assert figures["errors"] == 0, target
+        assert figures["rps"] > 0 and figures["upstream_cpu_ms_per_req"] > 0, target
+        assert figures["wrk_cpu_ms_per_req"] > 0, target
+    assert summary["direct"]["relay_cpu_ms_per_req"] == 0
+    for relay in ("bare", "caddy", "memory"):
+        assert summary[relay]["relay_cpu_ms_per_req"] > 0, relay
+    assert [r["round"] for r in data["rounds"]] == [1, 1, 1, 1]  # round 0 warmed up
+    # Every request to chatmem was a new conversation, and every one wrk saw answered is
+    # stored; the ones in flight when a round ended (at most 32) may be stored too.
+    assert data["answered"] <= data["stored"] <= data["answered"] + 2 * wrk_check.CONNECTIONS
+    assert "0.6x direct is" in result.stdout
+
+
+def test_wrk_report_is_read_with_its_units_and_errors() -> None:
+    report = """\
+Running 4s test @ http://127.0.0.1:40000/v1/chat/completions
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.19ms    1.52ms  30.11ms   80.54%
+    Req/Sec     7.52k   350.21     8.10k    72.50%
+  Latency Distribution
+     50%  850.00us
+     75%    4.80ms
+     90%    5.73ms
+     99%    1.20s
+  30031 requests in 4.00s, 18.27MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   7507.36
+Transfer/sec:      4.57MB
+"""
+    assert wrk_check.parse(report) == (30031, 7507.36, 0.85, 1200.0, 7)
+    with pytest.raises(ValueError, match="no 99% latency"):
+        wrk_check.parse(report.replace("     99%    1.20s\n", ""))
+
+
+def test_wrk_asked_for_but_not_installed_is_said_before_anything_starts(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.wrk_check", "--json", str(tmp_path / "w.json")],
+        cwd=ROOT,
+        env={**os.environ, "PATH": str(tmp_path)},  # no wrk there
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "wrk is not installed (apt-get install -y wrk)" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("answers", [[], ["--stream", "8"]], ids=["plain", "stream"])
