@@ -4,10 +4,10 @@
     python -m benchmarks.wrk_check --rounds 1 --seconds 1 --caddy
 
 Issue #8 asks that the load generator not be the bottleneck.  ``benchmarks.run``'s own is
-Python (chatmem's lean client on uvloop): at 32 clients it uses about 0.036 ms of CPU a
+Python (chatmem's lean client on uvloop): at 32 clients it uses about 0.03 ms of CPU a
 request, CPU the relays on the same two cores do not get.  This check runs the same
 requests (a new conversation each for ``memory``, the same body for every target, 16
-tokens an answer) from wrk, Debian's ``wrk``, which uses about half of that, in
+tokens an answer) from wrk, Debian's ``wrk``, which uses about 0.6 of that, in
 alternating rounds: ``direct``, ``bare``, ``caddy`` (with ``--caddy``) and ``memory``
 (chatmem).  For each target it prints the median requests per second, the ratio to
 direct, the relay's CPU per request and the share of a core that comes to, the mock's and
