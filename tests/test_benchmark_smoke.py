@@ -73,19 +73,33 @@ def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert "judge the targets on a run without it" in result.stdout
 
 
-def test_caddy_asked_for_but_not_installed_is_said_before_anything_starts(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (
+            ["benchmarks.run", "--caddy", "--out", "{tmp}"],
+            "--caddy: caddy is not installed (apt-get install -y caddy)",
+        ),
+        (
+            ["benchmarks.wrk_check", "--json", "{tmp}/w.json"],
+            "wrk is not installed (apt-get install -y wrk)",
+        ),
+    ],
+    ids=["caddy", "wrk"],
+)
+def test_a_tool_not_installed_is_said_before_anything_starts(
+    tmp_path: Path, command: list[str], said: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--caddy", "--out", str(tmp_path)],
+        [sys.executable, "-m", *(arg.format(tmp=tmp_path) for arg in command)],
         cwd=ROOT,
-        env={**os.environ, "PATH": str(tmp_path)},  # no caddy there
+        env={**os.environ, "PATH": str(tmp_path)},  # neither caddy nor wrk there
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert "--caddy: caddy is not installed (apt-get install -y caddy)" in result.stderr
+    assert said in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
 
 
@@ -132,20 +146,6 @@ Transfer/sec:      4.57MB
     assert wrk_check.parse(report) == (30031, 7507.36, 0.85, 1200.0, 7)
     with pytest.raises(ValueError, match="no 99% latency"):
         wrk_check.parse(report.replace("     99%    1.20s\n", ""))
-
-
-def test_wrk_asked_for_but_not_installed_is_said_before_anything_starts(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.wrk_check", "--json", str(tmp_path / "w.json")],
-        cwd=ROOT,
-        env={**os.environ, "PATH": str(tmp_path)},  # no wrk there
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "wrk is not installed (apt-get install -y wrk)" in result.stderr
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("answers", [[], ["--stream", "8"]], ids=["plain", "stream"])
