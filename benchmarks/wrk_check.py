@@ -240,6 +240,8 @@ def main() -> int:
                     answered += done.requests if target == "memory" else 0
                     if number:
                         rounds.append(done)
+            for child in started.children:
+                child.check()
         except ChildExited as exc:
             print(f"benchmarks.wrk_check: aborted, {exc}", file=sys.stderr)
             return 2
@@ -265,6 +267,11 @@ def main() -> int:
                 indent=1,
             )
         )
+    if stored < answered:
+        print(
+            f"benchmarks.wrk_check: {answered - stored} answered turns not stored", file=sys.stderr
+        )
+        return 1
     return 1 if any(m["errors"] for m in table.values()) else 0
 
 
