@@ -150,23 +150,12 @@ class Bench:
     which one limits "direct".
     """
 
-    def __init__(
-        self,
-        upstream: str,
-        gateway: str,
-        gateway_proc: Proc,
-        upstream_proc: Proc,
-        relays: dict[str, tuple[str, Proc]],
-    ) -> None:
-        """``relays``: the base URL and the process of each of :data:`RELAYS` that runs."""
-        self.upstream = upstream
-        self.gateway = gateway
-        self.gateway_proc = gateway_proc
-        self.upstream_proc = upstream_proc
-        self.relays = relays
+    def __init__(self, started: Started) -> None:
+        """``started``: the processes measured (:func:`start_targets`)."""
+        self.started = started
         self.pools = {
             base: UpstreamPool(URL(base), connect_timeout=30, read_timeout=300)
-            for base in (upstream, gateway, *(base for base, _ in relays.values()))
+            for base in started.bases()
         }
         self.counter = 0
         self.visits = 0  # memory requests in the history scenarios
@@ -186,16 +175,15 @@ class Bench:
             headers["X-Mock-Delay-Ms"] = str(sc.delay_ms)
         question = {"role": "user", "content": f"question {self.counter} from client {client}"}
         body: dict[str, Any] = {"model": "bench", "messages": [question], "stream": sc.stream}
-        if target == "direct" or target in self.relays:
+        base = self.started.base(target)
+        if target == "direct" or target in self.started.relays:
             # A client without chatmem must send the history itself.
             body["messages"] = [*self.window(sc.history), question]
-            base = self.upstream if target == "direct" else self.relays[target][0]
             return base, "/v1/chat/completions", body, headers
         if target in ("passthrough", "direct-legacy"):
             # The plain relay: legacy completions, no memory involved; and the same
             # request straight to the upstream, to compare it with.
             prompt = {"model": "bench", "prompt": question["content"], "stream": sc.stream}
-            base = self.gateway if target == "passthrough" else self.upstream
             return base, "/v1/completions", prompt, headers
         if sc.history:
             conv = history_conversation(sc.history, self.visits, self.pool)
@@ -203,7 +191,7 @@ class Bench:
         else:
             conv = f"bench-{self.counter}"  # a new conversation: a miss, then an insert
         headers["X-Conversation-Id"] = conv
-        return self.gateway, "/v1/chat/completions", body, headers
+        return base, "/v1/chat/completions", body, headers
 
     def window(self, history: int) -> list[dict[str, Any]]:
         return [
@@ -246,18 +234,17 @@ class Bench:
             for _ in queue:
                 await self.one(sc, target, client, sample)
 
-        # CPU of the relay the target goes through: the gateway, or another relay.
-        relay = self.relays[target][1] if target in self.relays else self.gateway_proc
-        cpu0 = cpu_seconds(relay.pid)
-        upstream_cpu0 = cpu_seconds(self.upstream_proc.pid)
+        relay = self.started.relay(target)
+        upstream = self.started.upstream
+        cpu0 = cpu_seconds(relay.pid) if relay is not None else 0.0
+        upstream_cpu0 = cpu_seconds(upstream.pid)
         self_cpu0 = time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in range(sc.concurrency)))
         sample.wall_s = time.perf_counter() - t0
-        direct = target.startswith("direct")
-        sample.gateway_cpu_s = 0.0 if direct else cpu_seconds(relay.pid) - cpu0
+        sample.gateway_cpu_s = cpu_seconds(relay.pid) - cpu0 if relay is not None else 0.0
         sample.loadgen_cpu_s = time.process_time() - self_cpu0
-        sample.upstream_cpu_s = cpu_seconds(self.upstream_proc.pid) - upstream_cpu0
+        sample.upstream_cpu_s = cpu_seconds(upstream.pid) - upstream_cpu0
         return sample
 
 
@@ -359,7 +346,7 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
     """``count`` concurrent memory streams held open at once; the gateway's RSS meanwhile,
     the most streams in flight at one time and the wall time of them all."""
     sc = Scenario("held", True, count, count, tokens=50, delay_ms=40)
-    before = rss_mb(bench.gateway_proc.pid)
+    before = rss_mb(bench.started.gateway.pid)
     peak = before
     sample = Sample("memory", 0)
     in_flight = most_in_flight = 0
@@ -367,7 +354,7 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, rss_mb(bench.gateway_proc.pid))
+            peak = max(peak, rss_mb(bench.started.gateway.pid))
             await asyncio.sleep(0.1)
 
     async def one(client: int) -> None:
@@ -395,7 +382,7 @@ async def held_streams(bench: Bench, count: int) -> dict[str, float]:
         "wall_s": wall,
         "rss_before_mb": before,
         "rss_peak_mb": peak,
-        "rss_after_mb": rss_mb(bench.gateway_proc.pid),
+        "rss_after_mb": rss_mb(bench.started.gateway.pid),
     }
 
 
@@ -677,13 +664,7 @@ def one_run(args: argparse.Namespace, out: Path, chosen: list[Scenario]) -> dict
         prefill(db, sorted({s.history for s in chosen if s.history}), pool)
 
         async def run() -> dict[str, Any]:
-            bench = Bench(
-                started.upstream_url,
-                started.gateway_url,
-                started.gateway,
-                started.upstream,
-                started.relays,
-            )
+            bench = Bench(started)
             bench.pool = pool
             watch_children(bench, started.children)
             results = await measure(args, bench, chosen)
@@ -718,6 +699,21 @@ class Started:
     @property
     def children(self) -> tuple[Proc, ...]:
         return (self.upstream, self.gateway, *(proc for _, proc in self.relays.values()))
+
+    def bases(self) -> tuple[str, ...]:
+        return (self.upstream_url, self.gateway_url, *(base for base, _ in self.relays.values()))
+
+    def base(self, target: str) -> str:
+        """The base URL a request to ``target`` goes to."""
+        if target.startswith("direct"):
+            return self.upstream_url
+        return self.relays[target][0] if target in self.relays else self.gateway_url
+
+    def relay(self, target: str) -> Proc | None:
+        """The process between the client and the mock for ``target``: None for direct."""
+        if target.startswith("direct"):
+            return None
+        return self.relays[target][1] if target in self.relays else self.gateway
 
 
 def start_targets(

@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .procs import ChildExited, Proc, cpu_seconds
+from .procs import ChildExited, cpu_seconds
 from .run import Started, start_targets
 
 CONNECTIONS = 32
@@ -114,14 +114,9 @@ def _children_cpu() -> float:
 def one_round(started: Started, target: str, number: int, seconds: int, script: Path) -> Round:
     """``seconds`` of wrk at :data:`CONNECTIONS` connections on ``target``."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    relay: Proc | None = None
-    if target == "direct":
-        base = started.upstream_url
-    elif target == "memory":
-        base, relay = started.gateway_url, started.gateway
+    if target == "memory":
         env["WRK_CONVERSATION_PREFIX"] = f"wrk-{number}-"
-    else:
-        base, relay = started.relays[target]
+    relay = started.relay(target)
     relay0 = cpu_seconds(relay.pid) if relay is not None else 0.0
     upstream0 = cpu_seconds(started.upstream.pid)
     wrk0 = _children_cpu()
@@ -134,7 +129,7 @@ def one_round(started: Started, target: str, number: int, seconds: int, script: 
             "--latency",
             "-s",
             str(script),
-            f"{base}/chat/completions",
+            f"{started.base(target)}/chat/completions",
         ],
         env=env,
         capture_output=True,
