@@ -9,9 +9,10 @@ processes.  ``--clients`` chat clients send turns of new conversations one after
 while one more sends ``POST /v1/conversations`` with two items at a steady ``--rates``
 (a write every 1/rate seconds, whether the last one answered or not).  It prints, for
 each run, the chat turns a second with their p50 and p99, and the API writes' p50 and p99.
-An API write holds SQLite's write lock over several passes of the event loop; this shows
-what the chat turns that finish meanwhile pay for it (README, "The gateway's own writes
-and its turns").  Runs of this checkout and ``--src`` alternate, so machine drift hits
+An API write on aiosqlite's thread held SQLite's write lock over several passes of the
+event loop, and under chat each pass takes milliseconds; on the loop's own connection it
+is one step (README, "The gateway's own writes and its turns").  This shows what each
+costs the other.  Runs of this checkout and ``--src`` alternate, so machine drift hits
 both alike.
 """
 

@@ -356,16 +356,30 @@ async def test_an_in_memory_database_survives_requests_cancelled_while_they_read
         await store.close()
 
 
-async def test_a_connection_is_rolled_back_when_given_back_only_if_it_is_in_a_transaction(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On SQLite every call on a pooled connection is a pass of the event loop (aiosqlite's
-    thread), and the pool rolled back every connection given back, after a COMMIT too:
-    one pass more for each query, which a busy loop makes long.  Now only a connection
-    still in a transaction is rolled back, and that one is: it would hold the write lock
-    for every other writer."""
+class _Passes:
+    """Counts the passes of the event loop while it is on (a callback that schedules
+    itself again on every pass)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._handle: asyncio.Handle | None = None
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def __enter__(self) -> _Passes:
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._handle is not None
+        self._handle.cancel()
+
+
+def _count_aiosqlite_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The calls that go to aiosqlite's thread from now on, by name."""
     import aiosqlite
-    from sqlalchemy.util import greenlet_spawn
 
     calls: list[str] = []
     execute = aiosqlite.Connection._execute
@@ -375,7 +389,105 @@ async def test_a_connection_is_rolled_back_when_given_back_only_if_it_is_in_a_tr
         return await execute(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return calls
+
+
+async def test_api_queries_take_no_pass_of_the_event_loop(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the Conversations API's queries run on the loop's own connection, each
+    within one step of the loop: no call on aiosqlite's thread, no pass of the loop in
+    between (under load each pass takes milliseconds, and a write held the lock across
+    all of them).  Deleting a whole conversation, whose size nothing bounds, still takes
+    the thread."""
     store = await open_store(db_path)
+    calls = _count_aiosqlite_calls(monkeypatch)
+    items = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    try:
+        with _Passes() as passes:
+            await store.create_conversation(
+                ALICE, "c", metadata={"k": "v"}, system=None, items=items
+            )
+            await store.append_items(ALICE, "c", system=None, items=items)
+            await store.update_metadata(ALICE, "c", {"k": "w"})
+            deleted = await store.delete_item(ALICE, "c", 4)
+            info = await store.get_conversation(ALICE, "c")
+            listed = await store.list_conversations(ALICE, limit=10, after=None, newest_first=True)
+            page = await store.list_items(ALICE, "c", limit=10, after_seq=None, newest_first=False)
+            assert (calls, passes.count) == ([], 0)
+            assert deleted is not None and deleted.seqs == [4]
+            assert info is not None and info.metadata == {"k": "w"}
+            assert listed is not None and [c.id for c in listed.data] == ["c"]
+            assert page is not None and [i["content"] for i in page.data] == ["q", "a", "q"]
+            assert await store.delete_conversation(ALICE, "c")
+            assert calls and passes.count > 0
+        assert await all_rows(store, "SELECT count(*) FROM messages") == [(0,)]
+    finally:
+        await store.close()
+
+
+async def test_an_api_write_waits_on_the_thread_when_the_lock_is_taken(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's own connection never waits for SQLite's lock: with another process's
+    write open, an API write takes the thread path, whose connection waits for it
+    (``busy_timeout_ms``), and the loop goes on meanwhile."""
+    store = await open_store(db_path)
+    calls = _count_aiosqlite_calls(monkeypatch)
+    other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with _Passes() as passes:
+            creating = asyncio.ensure_future(
+                store.create_conversation(ALICE, "c", metadata={}, system=None, items=[])
+            )
+            await asyncio.sleep(0.2)
+            assert not creating.done() and passes.count > 10
+        other.execute("COMMIT")
+        info = await asyncio.wait_for(creating, 10)
+        assert info.id == "c" and "commit" in calls
+        assert await all_rows(store, "SELECT id FROM conversations") == [("c",)]
+        calls.clear()
+        await store.create_conversation(ALICE, "d", metadata={}, system=None, items=[])
+        assert calls == []  # the lock is free again: the loop's connection
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_api_writes_on_the_loop_are_seen_by_the_next_turn(db_path: Path) -> None:
+    """A window the turns' connection keeps (``window_cache``) is checked against what
+    other connections committed, the loop's API connection among them."""
+    store = await open_store(db_path)
+    try:
+        await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+        assert len((await store.load_history(ALICE, "c", limit=10)).messages) == 2  # cached
+        await store.append_items(
+            ALICE, "c", system=None, items=[{"role": "user", "content": "from the API"}]
+        )
+        history = await store.load_history(ALICE, "c", limit=10)
+        assert [m["content"] for m in history.messages] == ["q1", "a1", "from the API"]
+        assert (await store.delete_item(ALICE, "c", 3)) is not None
+        history = await store.load_history(ALICE, "c", limit=10)
+        assert [m["content"] for m in history.messages] == ["q1", "a1"]
+    finally:
+        await store.close()
+
+
+async def test_a_connection_is_rolled_back_when_given_back_only_if_it_is_in_a_transaction(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite every call on a pooled connection is a pass of the event loop (aiosqlite's
+    thread), and the pool rolled back every connection given back, after a COMMIT too:
+    one pass more for each query, which a busy loop makes long.  Now only a connection
+    still in a transaction is rolled back, and that one is: it would hold the write lock
+    for every other writer."""
+    from sqlalchemy.util import greenlet_spawn
+
+    calls = _count_aiosqlite_calls(monkeypatch)
+    # Every query on SQLAlchemy's pool (the Conversations API's take the loop's own
+    # connection otherwise, see test_api_queries_take_no_pass_of_the_event_loop).
+    store = await open_store(db_path, one_hop=False)
     try:
         calls.clear()
         await store.create_conversation(ALICE, "c", metadata={}, system=None, items=[])

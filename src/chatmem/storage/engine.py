@@ -8,15 +8,17 @@ import os
 import tempfile
 from typing import Any
 
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from .. import jsonio
 from ..config import StorageConfig
 
-__all__ = ["WRITE", "create_engine", "in_memory", "is_sqlite"]
+__all__ = ["WRITE", "create_engine", "create_inline_engine", "in_memory", "is_sqlite"]
 
 # Execution option that marks a connection whose transaction will write.  On SQLite such a
 # transaction starts with BEGIN IMMEDIATE: it takes the write lock up front (waiting up to
@@ -150,9 +152,24 @@ def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
     )
 
 
-def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
-    sync_engine = engine.sync_engine
+def create_inline_engine(path: str) -> Engine:
+    """A synchronous engine of one connection to the SQLite file at ``path``, for the
+    event loop's thread (see ``inline_sqlite``): the async engine's JSON and pragmas, but
+    a ``busy_timeout`` of 0, since the loop must never wait for a lock; and no BEGIN of
+    SQLAlchemy's, as its user begins each transaction itself."""
+    engine = sa_create_engine(
+        URL.create("sqlite+pysqlite", database=path),
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False},  # closed from another thread at exit
+        hide_parameters=True,
+        json_serializer=_json_text,
+        pool_reset_on_return=None,
+    )
+    _set_up_connections(engine, 0)
+    return engine
 
+
+def _set_up_connections(sync_engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is deferred and late).
@@ -161,6 +178,11 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
         for pragma in sqlite_pragmas(busy_timeout_ms):
             cursor.execute(pragma)
         cursor.close()
+
+
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    sync_engine = engine.sync_engine
+    _set_up_connections(sync_engine, busy_timeout_ms)
 
     @event.listens_for(sync_engine, "reset")
     def on_reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:

@@ -7,6 +7,8 @@ connections all arrive as a plain ``DBAPIError``), so the class of the code deci
 
 from __future__ import annotations
 
+import sqlite3
+
 import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -17,6 +19,7 @@ __all__ = [
     "is_connection_lost",
     "is_retryable",
     "is_unavailable",
+    "sqlite_busy",
     "sqlstate",
 ]
 
@@ -87,4 +90,14 @@ def is_unavailable(exc: BaseException) -> bool:
     code = sqlstate(exc)
     return code is not None and (
         code[:2] in _UNAVAILABLE_CLASSES or code in _UNAVAILABLE_CODES or code in _RETRYABLE_CODES
+    )
+
+
+def sqlite_busy(exc: BaseException | None) -> bool:
+    """Whether sqlite3's ``exc`` (or SQLAlchemy's error around it) failed because another
+    connection held a lock (``SQLITE_BUSY``, ``SQLITE_LOCKED``)."""
+    exc = getattr(exc, "orig", exc)
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
     )

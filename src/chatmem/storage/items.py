@@ -12,10 +12,19 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import and_, delete, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .pairing import call_ids, open_calls
-from .rows import Owner, conversations, messages, owned, stored_size, tail_before, to_row, walk
+from .rows import (
+    Executes,
+    Owner,
+    conversations,
+    messages,
+    owned,
+    stored_size,
+    tail_before,
+    to_row,
+    walk,
+)
 
 __all__ = ["ITEM_FIELDS", "ConversationInfo", "ConversationItems", "Deletion", "Page"]
 
@@ -89,7 +98,7 @@ def _page_seqs(sized: Sequence[Any], limit: int) -> list[int]:
     return seqs
 
 
-async def _results_of(conn: AsyncConnection, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
+async def _results_of(conn: Executes, ours: Any, seq: int, call_ids: set[str]) -> list[int]:
     """The seqs of the tool results in the run right after ``seq`` that answer
     ``call_ids``."""
     m = messages.c
@@ -110,15 +119,18 @@ class ConversationItems(ABC):
     _sqlite: bool
 
     @abstractmethod
-    async def _run_read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _run_read(self, work: Callable[[Executes], Awaitable[T]]) -> T:
         """Run ``work`` on a connection, with no transaction of its own."""
 
     @abstractmethod
-    async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``work`` in one write transaction, again if the database asks for it."""
+    async def _run_write(
+        self, work: Callable[[Executes], Awaitable[T]], *, bounded: bool = True
+    ) -> T:
+        """Run ``work`` in one write transaction, again if the database asks for it.
+        ``bounded``: its size is bounded by a request's (see ``inline_sqlite``)."""
 
     @abstractmethod
-    def _write(self) -> AbstractAsyncContextManager[AsyncConnection]:
+    def _write(self) -> AbstractAsyncContextManager[Executes]:
         """A connection in a write transaction, committed at the end of the block."""
 
     async def create_conversation(
@@ -160,7 +172,7 @@ class ConversationItems(ABC):
     async def get_conversation(self, owner: Owner, conversation_id: str) -> ConversationInfo | None:
         query = select(*_INFO_COLUMNS).where(owned(owner, conversation_id))
 
-        async def read(conn: AsyncConnection) -> Any:
+        async def read(conn: Executes) -> Any:
             return (await conn.execute(query)).first()
 
         row = await self._run_read(read)
@@ -188,7 +200,7 @@ class ConversationItems(ABC):
         mine = select(*_INFO_COLUMNS).where(c.tenant == owner.tenant, c.user_id == owner.user)
         order = (c.created_at.desc(), c.pk.desc()) if newest_first else (c.created_at, c.pk)
 
-        async def read(conn: AsyncConnection) -> Sequence[Any] | None:
+        async def read(conn: Executes) -> Sequence[Any] | None:
             query = mine
             if after is not None:
                 cursor = (
@@ -229,7 +241,7 @@ class ConversationItems(ABC):
         """Stored messages with every field; None if the owner has no such conversation."""
         m = messages.c
 
-        async def read(conn: AsyncConnection) -> Page[dict[str, Any]] | None:
+        async def read(conn: Executes) -> Page[dict[str, Any]] | None:
             pk = (
                 await conn.execute(select(conversations.c.pk).where(owned(owner, conversation_id)))
             ).scalar_one_or_none()
@@ -307,7 +319,7 @@ class ConversationItems(ABC):
         """
         m = messages.c
 
-        async def delete_it(conn: AsyncConnection) -> Deletion | None:
+        async def delete_it(conn: Executes) -> Deletion | None:
             pk = await self._lock_conversation(conn, owner, conversation_id)
             if pk is None:
                 return None
@@ -341,7 +353,7 @@ class ConversationItems(ABC):
         return await self._run_write(delete_it)
 
     async def _lock_conversation(
-        self, conn: AsyncConnection, owner: Owner, conversation_id: str
+        self, conn: Executes, owner: Owner, conversation_id: str
     ) -> int | None:
         """The conversation's pk, its row locked for the transaction on PostgreSQL (SQLite's
         writers are one at a time already): deletes take the conversation's row before its

@@ -36,12 +36,20 @@ from ..config import ResendReasoning
 from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
 from .engine import WRITE, in_memory, is_sqlite
-from .faults import BROKEN_CONNECTION, is_connection_lost, is_retryable, is_unavailable
+from .faults import (
+    BROKEN_CONNECTION,
+    is_connection_lost,
+    is_retryable,
+    is_unavailable,
+    sqlite_busy,
+)
+from .inline_sqlite import InlineSQLite
 from .items import ConversationInfo, ConversationItems, Deletion, Page
 from .migrate import ensure_schema, upgrade
 from .pairing import check_still_there, check_turn, overtaken
 from .rows import (
     RESULT_ROLES,
+    Executes,
     Owner,
     conversations,
     messages,
@@ -124,7 +132,7 @@ def _wire_columns(resend_reasoning: ResendReasoning) -> tuple[Any, ...]:
 
 
 async def _window(
-    conn: AsyncConnection, owned: Any, limit: int, resend_reasoning: ResendReasoning
+    conn: Executes, owned: Any, limit: int, resend_reasoning: ResendReasoning
 ) -> tuple[Any, Sequence[Any]]:
     """The conversation's pk, system prompt and ``last_seq`` (None if it is not stored),
     and its newest ``limit`` messages, newest first."""
@@ -268,6 +276,8 @@ class Store(ConversationItems):
             if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
+        self._inline = InlineSQLite(database) if self._turns is not None and database else None
+        """The Conversations API's statements within one step of the loop (SQLite)."""
         # One writer at a time per process on SQLite: waiting here is cheaper than
         # waiting on the file lock, which stays for writers in other processes.
         self._write_lock = asyncio.Lock() if self._sqlite else None
@@ -300,12 +310,29 @@ class Store(ConversationItems):
         if self._turns is not None:
             self._turns.commit_queued()  # a group commit still gathering is not dropped
             await asyncio.get_running_loop().run_in_executor(None, self._turns.close)
+        if self._inline is not None:
+            self._inline.close()
         await self.engine.dispose()
 
-    async def _run_read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``work`` on a pooled connection; again on the next one if the server had
-        ended it (:meth:`_retried`): a read changes nothing.  Before, killing the gateway's
-        connections under load cost 3 in 120 Conversations API reads a 503."""
+    async def _run_read(
+        self, work: Callable[[Executes], Awaitable[T]], *, pooled: bool = False
+    ) -> T:
+        """Run ``work`` on the loop's own SQLite connection within this step of the loop
+        (see ``inline_sqlite``), else (or ``pooled``) on a pooled connection; again on
+        the next one if the server had ended it (:meth:`_retried`): a read changes
+        nothing.  Before, killing the gateway's connections under load cost 3 in 120
+        Conversations API reads a 503."""
+        inline = self._inline if not pooled else None
+        if inline is not None and (conn := inline.begin(write=False)):
+            try:
+                with _store_failures():
+                    return await work(conn)
+            except StorageUnavailable as exc:
+                if not sqlite_busy(exc.__cause__):
+                    raise
+                # A lock in the way of a read (rare in WAL mode): the thread path waits.
+            finally:
+                inline.end(commit=False)
 
         async def read() -> T:
             async with _checked_out(self._reads) as conn:
@@ -314,7 +341,33 @@ class Store(ConversationItems):
         return await self._retried(read, harmless=True)
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+    async def _write(self, *, bounded: bool = True) -> AsyncIterator[Executes]:
+        """A connection in a write transaction, committed at the end of the block: the
+        loop's own SQLite connection when the work is ``bounded`` and SQLite's lock is
+        free (see ``inline_sqlite``), else one of the engine's."""
+        inline = self._inline.begin(write=True) if self._inline and bounded else None
+        if inline is None:
+            async with self._write_on_thread() as conn:
+                yield conn
+            return
+        assert self._inline is not None and self._turns is not None
+        done = False
+        try:
+            # Turns are held back only if the work awaits something that leaves this
+            # step of the loop, as none does (see ``SQLiteTurns.holding_commits``).
+            with _store_failures(), self._turns.holding_commits():
+                try:
+                    yield inline
+                    done = True
+                finally:
+                    self._inline.end(commit=done)
+        except StorageUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        self.health.wrote()
+
+    @asynccontextmanager
+    async def _write_on_thread(self) -> AsyncIterator[AsyncConnection]:
         try:
             async with (
                 self._write_lock or contextlib.nullcontext(),
@@ -378,8 +431,11 @@ class Store(ConversationItems):
         return overflow is None or overflow() > 0
 
     async def ping(self) -> None:
-        """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not."""
-        await self._run_read(lambda conn: conn.execute(select(conversations.c.pk).limit(1)))
+        """Prove the database answers and holds our schema; :class:`StorageUnavailable` if not.
+        On a pooled connection, which opens the file as it is now: the loop's own has
+        kept it open since it started, also if it was removed or replaced since."""
+        query = select(conversations.c.pk).limit(1)
+        await self._run_read(lambda conn: conn.execute(query), pooled=True)
 
     async def check_ready(self) -> None:
         """``/v1/ready``: the database answers a read (:meth:`ping`) and takes a write.
@@ -422,11 +478,14 @@ class Store(ConversationItems):
         if health.refusing is not None:
             raise StorageUnavailable("the conversation store refuses writes") from cause
 
-    async def _run_write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Run ``work`` in one write transaction (see :meth:`_retried`)."""
+    async def _run_write(
+        self, work: Callable[[Executes], Awaitable[T]], *, bounded: bool = True
+    ) -> T:
+        """Run ``work`` in one write transaction (see :meth:`_retried`); ``bounded``: see
+        :meth:`_write`."""
 
         async def transaction() -> T:
-            async with self._write() as conn:
+            async with self._write(bounded=bounded) as conn:
                 return await work(conn)
 
         return await self._retried(transaction)
@@ -556,7 +615,7 @@ class Store(ConversationItems):
         with_calls = and_(ours, m.role == "assistant", m.tool_calls.is_not(None))
         call = select(m.seq).where(with_calls).order_by(m.seq.desc()).limit(1)
 
-        async def read(conn: AsyncConnection) -> Sequence[Any]:
+        async def read(conn: Executes) -> Sequence[Any]:
             seq = (await conn.execute(call)).scalar_one_or_none()
             if seq is None:
                 return ()
@@ -686,7 +745,7 @@ class Store(ConversationItems):
             index_elements=["tenant", "user_id", "id"], set_=changes
         ).returning(conversations.c.pk, conversations.c.last_seq)
 
-        async def write(conn: AsyncConnection) -> None:
+        async def write(conn: Executes) -> None:
             pk, last_seq = (await conn.execute(stmt)).one()
             first = last_seq - count + 1
             if overtaken(after, pk, first - 1):
@@ -706,7 +765,7 @@ class Store(ConversationItems):
         """Delete a conversation and its messages (explicitly: not every database that
         holds the schema is guaranteed to cascade)."""
 
-        async def delete_it(conn: AsyncConnection) -> bool:
+        async def delete_it(conn: Executes) -> bool:
             pk = await self._lock_conversation(conn, owner, conversation_id)
             if pk is None:
                 return False
@@ -715,7 +774,8 @@ class Store(ConversationItems):
             await conn.execute(delete(conversations).where(conversations.c.pk == pk))
             return True
 
-        return await self._run_write(delete_it)
+        # A conversation's messages are as many as it has: not on the loop's step.
+        return await self._run_write(delete_it, bounded=False)
 
     async def prune(self, older_than: float, *, batch_size: int = 200) -> int:
         """Delete whole conversations (with their messages) not updated for
@@ -732,7 +792,7 @@ class Store(ConversationItems):
         if not self._sqlite:
             pick = pick.with_for_update(skip_locked=True)
 
-        async def prune_batch(conn: AsyncConnection) -> int:
+        async def prune_batch(conn: Executes) -> int:
             pks = list((await conn.execute(pick)).scalars())
             if pks:  # messages explicitly, as delete_conversation does, then the rows
                 await conn.execute(delete(messages).where(messages.c.conversation_pk.in_(pks)))
@@ -741,14 +801,14 @@ class Store(ConversationItems):
 
         total = 0
         while True:
-            deleted = await self._run_write(prune_batch)
+            deleted = await self._run_write(prune_batch, bounded=False)
             total += deleted
             if deleted < batch_size:
                 return total
             await asyncio.sleep(0)
 
 
-async def _probe_write(conn: AsyncConnection) -> None:
+async def _probe_write(conn: Executes) -> None:
     """``Store.check_ready``'s probe: a conversation row inserted and deleted."""
     probe = (
         insert(conversations)

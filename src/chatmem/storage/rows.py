@@ -7,16 +7,16 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Text, and_, cast, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import CursorResult, Executable, Text, and_, cast, func, select
 
 from ..config import ResendReasoning
 from .schema import Base, Conversation, Message
 
 __all__ = [
     "RESULT_ROLES",
+    "Executes",
     "Owner",
     "conversations",
     "messages",
@@ -28,6 +28,17 @@ __all__ = [
     "to_row",
     "walk",
 ]
+
+
+class Executes(Protocol):
+    """What the Conversations API's work asks of a connection: SQLAlchemy's
+    ``AsyncConnection``, or an :class:`InlineConnection`."""
+
+    async def execute(
+        self, statement: Executable, parameters: Any = None
+    ) -> CursorResult[*tuple[Any, ...]]:
+        """Run ``statement``; its rows come back buffered."""
+
 
 conversations = Base.metadata.tables[Conversation.__tablename__]
 messages = Base.metadata.tables[Message.__tablename__]
@@ -110,7 +121,7 @@ _PAGE = 256
 
 
 async def walk(
-    conn: AsyncConnection, columns: Sequence[Any], ours: Any, seq: int | None, *, newer: bool
+    conn: Executes, columns: Sequence[Any], ours: Any, seq: int | None, *, newer: bool
 ) -> AsyncGenerator[Any, None]:
     """The messages after ``seq`` (``newer``, oldest first) or before it (newest first;
     ``seq`` None: from the end), read ``_PAGE`` at a time."""
@@ -128,7 +139,7 @@ async def walk(
         seq = int(rows[-1].seq)
 
 
-async def tail_before(conn: AsyncConnection, ours: Any, seq: int) -> tuple[int | None, list[Any]]:
+async def tail_before(conn: Executes, ours: Any, seq: int) -> tuple[int | None, list[Any]]:
     """The messages before ``seq``, newest first, back to the last that is not a tool
     result, as (role, tool_calls, tool_call_id), what :func:`pairing.open_calls` reads;
     and the seq of that last one (None: the run of results starts the conversation)."""

@@ -30,6 +30,7 @@ from ..config import ResendReasoning
 from ..errors import StorageUnavailable
 from .blocks import BLOCK, Blocks, message_json
 from .engine import sqlite_pragmas
+from .faults import sqlite_busy
 from .pairing import check_still_there, check_turn, overtaken
 from .rows import resends_reasoning
 from .texts import Texts
@@ -152,10 +153,6 @@ def _settle_from(futures: Sequence[asyncio.Future[None]], done: asyncio.Future[A
         _settle(futures, [error] * len(futures))
     else:
         _settle(futures, done.result())
-
-
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    return exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> int:
@@ -290,7 +287,7 @@ class SQLiteTurns:
             else:
                 self.expect_new(*key)
         except sqlite3.OperationalError as exc:
-            if not _busy(exc):
+            if not sqlite_busy(exc):
                 raise
             pk, system, window, _, cut, last_seq = await self._run(
                 self._reader, self._on_thread, self._load_window, *args
@@ -449,7 +446,7 @@ class SQLiteTurns:
         try:
             written = self._write(self._loop_connection(), batch)
         except sqlite3.OperationalError as exc:
-            if _busy(exc):
+            if sqlite_busy(exc):
                 self._wait_for_lock(batch, futures)
             else:
                 self._health.failed(exc)
