@@ -17,6 +17,7 @@ from helpers import EVERY_FIELD_TURN, TOOL_CALL, open_store
 from sqlalchemy import event, text
 
 from chatmem.storage import Owner, Store
+from chatmem.storage.items import INLINE_ITEMS
 
 ALICE = Owner("team-a", "alice")
 
@@ -422,6 +423,34 @@ async def test_api_queries_take_no_pass_of_the_event_loop(
             assert await store.delete_conversation(ALICE, "c")
             assert calls and passes.count > 0
         assert await all_rows(store, "SELECT count(*) FROM messages") == [(0,)]
+    finally:
+        await store.close()
+
+
+async def test_a_large_import_is_written_on_the_thread(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to ``INLINE_ITEMS`` items are written within one step of the loop; more would
+    hold every stream up (20,000 short items: 140 ms), so they go to aiosqlite's thread
+    and the loop goes on meanwhile."""
+    store = await open_store(db_path)
+    calls = _count_aiosqlite_calls(monkeypatch)
+    many = [{"role": "user", "content": str(i)} for i in range(INLINE_ITEMS + 1)]
+    try:
+        with _Passes() as passes:
+            await store.create_conversation(
+                ALICE, "small", metadata={}, system=None, items=many[:INLINE_ITEMS]
+            )
+            await store.append_items(ALICE, "small", system=None, items=many[:INLINE_ITEMS])
+            assert (calls, passes.count) == ([], 0)
+            await store.create_conversation(ALICE, "large", metadata={}, system=None, items=many)
+            assert "commit" in calls and passes.count > 0
+            calls.clear()
+            await store.append_items(ALICE, "large", system=None, items=many)
+            assert "commit" in calls
+        counted = "SELECT c.id, count(*) FROM messages m JOIN conversations c"
+        rows = await all_rows(store, counted + " ON c.pk = m.conversation_pk GROUP BY c.id")
+        assert sorted(rows) == [("large", 2 * len(many)), ("small", 2 * INLINE_ITEMS)]
     finally:
         await store.close()
 

@@ -11,10 +11,11 @@ microseconds, so here the same statements run on a synchronous connection in the
 thread: a write is one step of the loop, with no pass, no thread and no lock held
 between steps, as a turn's commit already is (``sqlite_turns``).
 
-Only for work whose size a request bounds, as a turn's is: a request body's items, a
-page of a list, one item.  Deleting a whole conversation (all its messages) and
-retention's batches stay on aiosqlite's thread, where a long statement does not hold
-up every stream.  When SQLite's write lock is taken (another process, or a write of
+Only for work small enough for one step: up to ``items.INLINE_ITEMS`` items written, a
+page of a list, one item deleted.  A larger import, deleting a whole conversation (all
+its messages) and retention's batches stay on aiosqlite's thread, where a long
+statement does not hold up every stream (20,000 items inserted held the loop for
+140 ms).  When SQLite's write lock is taken (another process, or a write of
 the thread path still open in this one) the work takes the thread path, whose
 connection waits for the lock (``storage.busy_timeout_ms``): the loop never does.
 """

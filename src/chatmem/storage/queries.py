@@ -343,8 +343,9 @@ class Store(ConversationItems):
     @asynccontextmanager
     async def _write(self, *, bounded: bool = True) -> AsyncIterator[Executes]:
         """A connection in a write transaction, committed at the end of the block: the
-        loop's own SQLite connection when the work is ``bounded`` and SQLite's lock is
-        free (see ``inline_sqlite``), else one of the engine's."""
+        loop's own SQLite connection when the work is ``bounded`` (small enough for one
+        step of the event loop) and SQLite's lock is free (see ``inline_sqlite``), else
+        one of the engine's."""
         inline = self._inline.begin(write=True) if self._inline and bounded else None
         if inline is None:
             async with self._write_on_thread() as conn:
