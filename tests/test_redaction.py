@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
 
-from chatmem.proxy.upstream import Redactor
+from chatmem.proxy.redact import Redactor
 
 KEY = "sk-test-SECRET-0123456789"
 MASK = b"[upstream key]"
@@ -500,3 +500,176 @@ async def test_a_body_only_labelled_compressed_is_masked_as_it_came(
     assert got == body.replace(KEY.encode(), b"*" * len(KEY))
     assert response.headers["Content-Encoding"] == encoding
     assert response.headers["Content-Length"] == str(len(body))
+
+
+# A key some JSON encoders write another way: base64's "/", "+" and "=", HTML's "<>&'",
+# and the '"' and "\" every encoder escapes (an HTTP header may hold both).
+ODD_KEY = "cm-8f/Q+xY=<k&'9\"z\\w"
+
+
+def _json_string(text: str, escapes: dict[str, str]) -> str:
+    """``text`` as a JSON string's inside, as an encoder that escapes ``escapes`` writes it."""
+    return "".join(escapes.get(c, {'"': '\\"', "\\": "\\\\"}.get(c, c)) for c in text)
+
+
+_ENCODERS = {
+    "python": {},  # json.dumps, JavaScript, serde: only '"' and "\"
+    "php": {"/": "\\/"},
+    "go": {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"},
+    "gson": {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "=": "\\u003d", "'": "\\u0027"},
+    "dotnet": {
+        c: f"\\u{ord(c):04X}" for c in "<>&'+\"`"
+    },  # System.Text.Json: upper-case hex, '"' too
+    "every": {c: f"\\u{ord(c):04x}" for c in ODD_KEY if not c.isalnum() and c not in "-_.~"},
+}
+SPELLINGS = {name: _json_string(ODD_KEY, table).encode() for name, table in _ENCODERS.items()}
+
+
+def test_the_spellings_are_the_key_as_json() -> None:
+    """The test's own spellings: each is the key, as JSON reads it, and they all differ."""
+    for spelling in SPELLINGS.values():
+        assert json.loads(b'"' + spelling + b'"') == ODD_KEY
+    assert len(set(SPELLINGS.values())) == len(SPELLINGS)
+    assert SPELLINGS["python"] == json.dumps(ODD_KEY)[1:-1].encode()
+
+
+@given(
+    parts=st.lists(
+        st.sampled_from(
+            [
+                *SPELLINGS.values(),
+                ODD_KEY.encode(),
+                *(b"cm-", b"cm-8f\\/", b"\\u00", b"\\", b"\n", b'"x":', b"a" * 30),
+            ]
+        )
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=8),
+)
+def test_every_spelling_of_the_key_is_masked_wherever_the_pieces_are_cut(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    """In whatever spelling the key comes, cut anywhere, it goes out masked, and nothing
+    else is changed."""
+    body = b"".join(parts)
+    pieces, start = [], 0
+    for cut in sorted(c for c in cuts if c <= len(body)):
+        pieces.append(body[start:cut])
+        start = cut
+    pieces.append(body[start:])
+    key = ODD_KEY.encode()
+    redactor = Redactor(key)
+    out = b"".join(redactor.feed(p) for p in pieces) + redactor.end()
+    keys = {key, *SPELLINGS.values()}
+    assert out == b"".join(MASK if part in keys else part for part in parts)
+    stars = Redactor(key, keep_length=True)
+    same_length = b"".join(stars.feed(p) for p in pieces) + stars.end()
+    assert same_length == b"".join(b"*" * len(p) if p in keys else p for p in parts)
+
+
+def test_an_event_that_ends_is_not_held_back() -> None:
+    """A piece that ends with a line break goes on whole: no spelling holds one."""
+    redactor = Redactor(ODD_KEY.encode())
+    event = b'data: {"text": "cm-8f\\/Q"}\n\n'
+    assert redactor.feed(event) == event
+    assert redactor.feed(b'data: {"text": "cm-8f\\/Q') == b'data: {"text": "'
+    assert redactor.end() == b"cm-8f\\/Q"
+
+
+@pytest.mark.parametrize("encoder", ["php", "go", "dotnet"])
+async def test_an_upstream_error_quoting_the_key_as_json_escapes_it_does_not_hand_it_on(
+    gateway_factory: GatewayFactory, rows: Rows, encoder: str
+) -> None:
+    """A PHP, Go or .NET upstream quotes the key with its own JSON escapes, across two
+    reads: the client gets the mask, on the chat route as on the passthrough."""
+    spelling = SPELLINGS[encoder]
+    error = b'{"error": {"message": "invalid key: Bearer ' + spelling + b'"}}'
+    cut = error.index(spelling) + 7
+    script = Script(
+        status=401,
+        headers={"Content-Type": "application/json"},
+        chunks=[error[:cut], 0.05, error[cut:]],
+        framing="length",
+    )
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        async with scripted_upstream(script) as up:
+            client = await gateway_factory(up.url, upstream={"api_key": ODD_KEY})
+            response = await client.post(
+                path,
+                json={"model": "m", "input": "x", "messages": [{"role": "user", "content": "x"}]},
+                headers={"X-Conversation-Id": "e1"},
+            )
+            got = await response.read()
+        assert response.status == 401
+        assert json.loads(got)["error"]["message"] == "invalid key: Bearer [upstream key]"
+        assert spelling not in got
+    assert rows.messages("e1") == []
+
+
+async def test_a_streamed_answer_with_the_key_json_escaped_is_masked_sent_and_stored(
+    gateway_factory: GatewayFactory, rows: Rows
+) -> None:
+    """A Go upstream streams the key in its answer, escaped in the event's JSON: the
+    client gets the mask in that event and the stored turn holds it too."""
+    said = f"the key is {ODD_KEY}."
+    event = json.dumps(chunk(said, role="assistant"))
+    go = event.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    assert go != event and json.loads(go) == json.loads(event)
+    script = Script(
+        headers={"Content-Type": "text/event-stream"},
+        chunks=[b"data: " + go.encode() + b"\n\n", sse(chunk(finish="stop")), sse("[DONE]")],
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": ODD_KEY})
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            headers={"X-Conversation-Id": "e2"},
+        )
+        got = await response.read()
+    assert SPELLINGS["go"] not in got
+    first = got.split(b"\n\n")[0]
+    assert json.loads(first.removeprefix(b"data: "))["choices"][0]["delta"]["content"] == (
+        "the key is [upstream key]."
+    )
+    assert json.loads(rows.messages("e2")[-1]["content"]) == "the key is [upstream key]."
+
+
+async def test_a_passthrough_answer_with_the_key_json_escaped_keeps_its_length(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A PHP upstream echoes the key in a 200, ``/`` escaped, cut by the reads: it goes out
+    as as many ``*`` as its spelling has bytes, so ``Content-Length`` still holds."""
+    spelling = SPELLINGS["php"]
+    body = b'{"you sent": "Bearer ' + spelling + b'", "data": []}'
+    cut = body.index(spelling) + 6
+    script = Script(
+        headers={"Content-Type": "application/json"},
+        chunks=[body[:cut], 0.05, body[cut:]],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": ODD_KEY})
+        response = await client.get("/v1/models")
+        got = await response.read()
+    assert response.headers["Content-Length"] == str(len(body))
+    assert got == body.replace(spelling, b"*" * len(spelling))
+
+
+async def test_websocket_text_with_the_key_json_escaped_is_masked(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """A Realtime upstream in Go writes its error message's key with Go's escapes."""
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str('{"message": "bad key ' + SPELLINGS["go"].decode() + '"}')
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": ODD_KEY})
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        assert await ws.receive_str() == '{"message": "bad key [upstream key]"}'

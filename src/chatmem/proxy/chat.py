@@ -42,16 +42,9 @@ from .chat_request import (
 from .http import read_body
 from .passthrough import relay
 from .pool import MAX_RESPONSE_HEAD, BodyTooLarge
+from .redact import mask_bytes, masked, masked_json
 from .tee import Renderer, tee_stream
-from .upstream import (
-    MASK,
-    MAX_RESPONSE_HEADERS,
-    content_encoding,
-    masked,
-    masked_json,
-    response_headers,
-    shown_coding,
-)
+from .upstream import MAX_RESPONSE_HEADERS, content_encoding, response_headers, shown_coding
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -309,8 +302,7 @@ async def _forward(
             await commit(answer)
             if turn.render is not None:  # asked to stream, the upstream answered at once
                 body = jsonio.utf8(answer.content or "")
-            if upstream.secret is not None:
-                body = body.replace(upstream.secret, MASK)
+            body = mask_bytes(body, upstream.secret)
             return web.Response(status=response.status, body=body, headers=reply_headers)
 
 

@@ -33,16 +33,8 @@ from ..state import GATEWAY, gateway_of
 from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
 from .inflate import INFLATABLE, Inflater
-from .upstream import (
-    MASK,
-    Answer,
-    Redactor,
-    Upstream,
-    content_encoding,
-    masked,
-    response_headers,
-    shown_coding,
-)
+from .redact import Redactor, mask_bytes, masked
+from .upstream import Answer, Upstream, content_encoding, response_headers, shown_coding
 
 __all__ = [
     "keep_offered_subprotocols_out_of_logs",
@@ -289,11 +281,11 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
         if kind is aiohttp.WSMsgType.TEXT:
             await sink.send_str(masked(message.data, secret))
         elif kind is aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(_masked_bytes(message.data, secret))
+            await sink.send_bytes(mask_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PING:
-            await sink.ping(_masked_bytes(message.data, secret))
+            await sink.ping(mask_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PONG:
-            await sink.pong(_masked_bytes(message.data, secret))
+            await sink.pong(mask_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.CLOSE:
             code = message.data
             if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
@@ -317,10 +309,6 @@ def passthrough_early_headers(request: web.Request) -> dict[str, str]:
         return {}
     request[COUNTED_AS] = "chat"
     return early_headers(request)
-
-
-def _masked_bytes(data: bytes, secret: bytes | None) -> bytes:
-    return data if secret is None or secret not in data else data.replace(secret, MASK)
 
 
 def _masked_reason(reason: str | None, secret: bytes | None) -> str | None:
@@ -554,7 +542,7 @@ async def relay(
     if secret is not None and error:
         redactor = Redactor(secret)
     elif secret is not None:  # in whatever encoding it says it is in: it may not be
-        redactor = Redactor(secret, b"*" * len(secret))
+        redactor = Redactor(secret, keep_length=True)
     dropped = ("content-length",) if redactor is not None and error else ()
     headers = response_headers(upstream.headers, dropped, secret)
     if extra_headers:

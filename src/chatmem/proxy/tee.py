@@ -23,8 +23,9 @@ from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
 from .http import error_event
+from .redact import mask_bytes
 from .sse import SSEParser, only_data_events
-from .upstream import MASK, StreamedAnswer
+from .upstream import StreamedAnswer
 
 __all__ = ["Renderer", "tee_stream"]
 
@@ -168,7 +169,7 @@ class _Client:
         if self.gone or not (data or self.head_waits):
             return
         if self.secret is not None:
-            data = data.replace(self.secret, MASK)
+            data = mask_bytes(data, self.secret)
         self.head_waits = False
         try:
             await self.response.write(data)

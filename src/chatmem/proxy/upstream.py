@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -14,6 +14,7 @@ from ..config import UpstreamConfig
 from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
 from .pool import MAX_RESPONSE_HEAD, UpstreamPool, UpstreamResponse
+from .redact import masked
 
 __all__ = [
     "HOP_BY_HOP",
@@ -66,7 +67,6 @@ never goes upstream): passed on, they would only hand that session to every clie
 _SHORTEST_SECRET = 8
 """A key shorter than this is not looked for in what the upstream sends: masking every
 ``abc`` of a body would garble it, and such a key protects nothing anyway."""
-MASK = b"[upstream key]"
 _PASSTHROUGH_IDLE = 4.0
 """Seconds an idle passthrough connection is used again: less than the 5 s after which
 uvicorn (vLLM), llama.cpp's server and Node close theirs.  A request sent as the upstream
@@ -87,22 +87,6 @@ def response_headers(
     if lowered in "\n".join(out.keys()).lower():  # one look at them all
         out = CIMultiDict((n, v) for n, v in out.items() if lowered not in n.lower())
     return CIMultiDict((name, masked(value, secret)) for name, value in out.items())
-
-
-def masked_json(value: Any, secret: bytes | None) -> Any:
-    """``value`` (decoded JSON) with ``secret`` masked in every string in it, object
-    names included (h56: a name in ``usage`` was stored as sent, and listed back by the
-    Conversations API): a message to store, whose text the upstream may have quoted the
-    key in."""
-    if secret is None:
-        return value
-    if isinstance(value, str):
-        return masked(value, secret)
-    if isinstance(value, list):
-        return [masked_json(item, secret) for item in value]
-    if isinstance(value, dict):
-        return {masked(key, secret): masked_json(item, secret) for key, item in value.items()}
-    return value
 
 
 def filter_headers(headers: MultiMapping[str], drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
@@ -269,50 +253,3 @@ def shown_coding(encoding: str) -> str:
     if all(coding in _KNOWN_CODINGS for coding in encoding.split(", ")):
         return repr(encoding)
     return "a coding HTTP does not know"
-
-
-def masked(text: str, secret: bytes | None) -> str:
-    """``text`` with ``secret`` masked, as :class:`Redactor` masks a body."""
-    if secret is None:
-        return text
-    return text.replace(secret.decode("utf-8", "replace"), MASK.decode())
-
-
-def _start_of_a_key(data: bytes, secret: bytes) -> int:
-    """Where the longest end of ``data`` that ``secret`` starts with begins (``len(data)``
-    if none does): the bytes that may be the first part of a key cut in two."""
-    end = len(data)
-    at = data.find(secret[:1], max(0, end - len(secret) + 1))
-    while at != -1 and not secret.startswith(data[at:]):
-        at = data.find(secret[:1], at + 1)
-    return end if at == -1 else at
-
-
-class Redactor:
-    """Masks ``secret`` in a body that arrives in pieces, also where one piece ends inside
-    it: the end of a piece that could be the start of the key waits for the next piece
-    (or :meth:`end`); nothing else waits, so an event stream (whose events end with a
-    line break, which no key holds) goes on event by event as it came.
-
-    For the bodies the gateway relays: an upstream that quotes the credential it was sent
-    (``"bad key Bearer sk-..."``) must not hand the gateway's key to a client.  ``mask``
-    is what the key becomes: :data:`MASK`, or as many bytes as the key where the body's
-    length is already said (``Content-Length``).
-    """
-
-    def __init__(self, secret: bytes, mask: bytes = MASK) -> None:
-        self.secret = secret
-        self.mask = mask
-        self._held = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        if self.secret in data:
-            data = data.replace(self.secret, self.mask)
-        start = _start_of_a_key(data, self.secret)
-        self._held = data[start:]
-        return data[:start]
-
-    def end(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
