@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import sqlite3
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import brotli  # type: ignore[import-untyped]
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatmem.config import Config, StorageConfig, load_config
@@ -19,6 +21,19 @@ from chatmem.mock_upstream import RECEIVED, ReceivedRequest
 from chatmem.storage import Store, create_engine
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+COMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "br": brotli.compress,
+    "zstd": zstd.compress,
+}
+"""The ``Content-Encoding`` codings chatmem decodes, other than deflate, each one's
+compressor."""
 
 # This checkout's code, whichever copy of chatmem happens to be installed.
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, Rows, chat_completion, received, upstream_url
+from helpers import COMPRESS, GatewayFactory, Rows, chat_completion, received, upstream_url
 from scripted_upstream import Script, scripted_upstream
 from yarl import URL
 
@@ -317,14 +316,15 @@ async def test_messages_every_chat_server_takes_still_pass(gateway: Client, rows
     ]
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
 async def test_a_compressed_request_body_is_read_and_sent_on_as_plain_json(
-    gateway: Client, upstream: TestServer
+    gateway: Client, upstream: TestServer, encoding: str
 ) -> None:
     raw = json.dumps({"model": "m", "messages": [user("zipped")]}).encode()
     resp = await gateway.post(
         "/v1/chat/completions",
-        data=gzip.compress(raw),
-        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        data=COMPRESS[encoding](raw),
+        headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
     )
     assert resp.status == 200
     sent = received(upstream)[-1]

@@ -510,6 +510,8 @@ async def test_a_body_that_cannot_be_decoded_is_a_400(
         for encoding, body in (
             ("gzip", b"\x1f\x8b\x08\x00garbagegarbage"),
             ("deflate", b"garbage"),
+            ("br", b"garbage"),
+            ("zstd", b"garbage"),
         ):
             headers["Content-Encoding"] = encoding
             resp = await client.post(path, data=body, headers=headers)

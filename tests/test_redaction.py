@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
 import zlib
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from helpers import GatewayFactory, Rows, chat_completion, chunk, sse, upstream_url
+from helpers import COMPRESS, GatewayFactory, Rows, chat_completion, chunk, sse, upstream_url
 from hypothesis import given
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
@@ -86,6 +87,8 @@ async def test_a_compressed_error_body_goes_decoded_with_the_key_masked(
     error = json.dumps({"error": {"message": f"invalid key: Bearer {KEY}"}}).encode()
     for encoding, wire, expected in (
         ("gzip", gzip.compress(error), "invalid key: Bearer [upstream key]"),
+        ("br", COMPRESS["br"](error), "invalid key: Bearer [upstream key]"),
+        ("zstd", COMPRESS["zstd"](error), "invalid key: Bearer [upstream key]"),
         ("br", b"\x1b\x00 not brotli", None),
     ):
         script = Script(
@@ -423,9 +426,24 @@ def _raw_deflate(body: bytes) -> bytes:
     return compressor.compress(body) + compressor.flush()
 
 
+_INCOMPRESSIBLE = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(64))
+
+
+def _zstd_frames(body: bytes) -> bytes:
+    """``body`` in two zstd frames, cut inside the key, as ``_gzip_members``."""
+    cut = body.index(KEY.encode()) + 6
+    return COMPRESS["zstd"](body[:cut]) + COMPRESS["zstd"](body[cut:])
+
+
 @pytest.mark.parametrize(
     ("encoding", "compress"),
-    [("gzip", _gzip_members), ("deflate", zlib.compress), ("deflate", _raw_deflate)],
+    [
+        ("gzip", _gzip_members),
+        ("deflate", zlib.compress),
+        ("deflate", _raw_deflate),
+        ("br", COMPRESS["br"]),
+        ("zstd", _zstd_frames),
+    ],
 )
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_a_compressed_passthrough_answer_goes_on_decoded_with_the_key_masked(
@@ -454,20 +472,29 @@ async def test_a_compressed_passthrough_answer_goes_on_decoded_with_the_key_mask
 
 
 @pytest.mark.parametrize(
-    "wire",
+    ("encoding", "wire"),
     [
-        gzip.compress(f"Bearer {KEY}".encode(), mtime=0)[:-8],  # no trailer: cut short
-        gzip.compress(b"{}", mtime=0) + b"not a second member",
+        ("gzip", gzip.compress(f"Bearer {KEY}".encode(), mtime=0)[:-8]),  # no trailer
+        ("gzip", gzip.compress(b"{}", mtime=0) + b"not a second member"),
+        ("br", COMPRESS["br"](f"Bearer {KEY}".encode() * 50)[:-4]),
+        # A brotli stream has no second one (past the first KiB, which is checked
+        # before the body is taken for brotli at all).
+        ("br", COMPRESS["br"](_INCOMPRESSIBLE) + b"more"),
+        ("zstd", COMPRESS["zstd"](f"Bearer {KEY}".encode())[:-4]),
+        ("zstd", COMPRESS["zstd"](b"{}") + b"not a second frame"),
     ],
-    ids=["cut short", "not gzip after a member"],
+    ids=[
+        *("gzip cut short", "not gzip after a member", "br cut short", "bytes after br"),
+        *("zstd cut short", "not zstd after a frame"),
+    ],
 )
 async def test_a_compressed_passthrough_answer_that_breaks_is_cut_off(
-    gateway_factory: GatewayFactory, wire: bytes
+    gateway_factory: GatewayFactory, encoding: str, wire: bytes
 ) -> None:
     """Decoded as it goes, a body that turns out cut short or not gzip after all cannot
     end as a whole one: the client's connection is cut, as for any broken body."""
     script = Script(
-        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
         chunks=[wire],
         framing="close",
     )

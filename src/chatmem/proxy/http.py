@@ -50,11 +50,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise undecodable_body(request) from None
 
 
-UNSUPPORTED_ENCODING = "the request body's Content-Encoding is not supported (gzip and deflate are)"
+UNSUPPORTED_ENCODING = (
+    "the request body's Content-Encoding is not supported (gzip, deflate, br and zstd are)"
+)
 
 _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
-"""What aiohttp's server decodes (brotli and zstd with their modules installed; without,
-its parser refuses them before any handler runs)."""
+"""What aiohttp's server decodes (brotli and zstd with their modules, which chatmem
+depends on)."""
 
 
 def check_content_encoding(request: web.Request) -> None:

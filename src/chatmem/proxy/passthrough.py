@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,7 +31,7 @@ from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
 from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
-from .inflate import INFLATABLE, Inflater
+from .inflate import INFLATABLE, Inflater, NotInItsCoding
 from .redact import Redactor, mask_bytes, masked
 from .upstream import Answer, Upstream, content_encoding, response_headers, shown_coding
 
@@ -351,7 +350,7 @@ async def _inflated(
         async for chunk in rest:
             for piece in inflater.feed(chunk):
                 yield piece
-    except zlib.error:
+    except NotInItsCoding:
         raise aiohttp.ClientPayloadError("the upstream's body is not in its coding") from None
     if not inflater.complete:
         raise aiohttp.ClientPayloadError("the upstream's compressed body was cut short")
@@ -362,8 +361,8 @@ async def _decoded_error(
 ) -> web.Response:
     """An error body in a ``Content-Encoding`` (the client asked for gzip, say): the key
     cannot be looked for in compressed bytes, so the body goes decoded, with it masked.
-    One that cannot be decoded here (``br``, a bomb, too large) is withheld: the status
-    goes on with an error body of the gateway's own."""
+    One that cannot be decoded here (not in its coding, a bomb, too large) is withheld:
+    the status goes on with an error body of the gateway's own."""
     del headers["Content-Encoding"]
     raw = bytearray()
     async for chunk in upstream.content.iter_any():
@@ -533,9 +532,9 @@ async def relay(
     ``secret`` masked: in an error's body (status 400 or more) as :data:`MASK`, decoded
     from a ``Content-Encoding`` if need be; in another's body, as it comes, as as many
     ``*`` as it has bytes, so that its ``Content-Length`` still holds.  Such a body in
-    gzip or deflate indeed (asked for none, an upstream may compress all the same) goes
-    on decoded as it comes, the key as :data:`MASK`; one only labelled so is masked as
-    it came."""
+    gzip, deflate, br or zstd indeed (asked for none, an upstream may compress all the
+    same) goes on decoded as it comes, the key as :data:`MASK`; one only labelled so is
+    masked as it came."""
     encoding = content_encoding(upstream.headers)
     error = upstream.status >= 400
     redactor = None
