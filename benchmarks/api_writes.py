@@ -3,6 +3,7 @@
     python -m benchmarks.api_writes                         # 0, 100, 200, 300 writes/s
     python -m benchmarks.api_writes --src OTHER/src         # and another checkout, alternating
     python -m benchmarks.api_writes --rates 100 --pairs 3 --seconds 10
+    python -m benchmarks.api_writes --workers 2           # two gateway processes, one file
 
 Starts the mock upstream and ``chatmem serve`` (a fresh SQLite file each run) as
 processes.  ``--clients`` chat clients send turns of new conversations one after another
@@ -90,7 +91,7 @@ async def _load(
     return chat, api
 
 
-def _run(src: str, clients: int, rate: float, seconds: float) -> dict[str, float]:
+def _run(src: str, clients: int, rate: float, seconds: float, workers: int) -> dict[str, float]:
     """One run on fresh processes of the checkout at ``src``."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         up, gw = free_port(), free_port()
@@ -105,6 +106,7 @@ def _run(src: str, clients: int, rate: float, seconds: float) -> dict[str, float
             [
                 *("serve", "--port", str(gw), "--upstream", f"http://127.0.0.1:{up}/v1"),
                 *("--db", f"sqlite+aiosqlite:///{tmp}/api_writes.db"),
+                *(("--workers", str(workers)) if workers > 1 else ()),
             ],
             f"http://127.0.0.1:{gw}/v1/health",
             pythonpath=path,
@@ -129,6 +131,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="of load per run")
     parser.add_argument("--pairs", type=int, default=1, help="runs of each target per rate")
     parser.add_argument("--src", help="another checkout's src/ to run alternately")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     args = parser.parse_args()
     targets = {"this": str(ROOT / "src")}
     if args.src:
@@ -138,7 +141,7 @@ def main() -> int:
         for pair in range(args.pairs):
             order = list(targets.items())
             for name, src in order if pair % 2 == 0 else order[::-1]:
-                r = _run(src, args.clients, rate, args.seconds)
+                r = _run(src, args.clients, rate, args.seconds, args.workers)
                 print(
                     f"{name:6} {rate:13.0f} {r['chat_per_s']:7.0f} {r['chat_p50_ms']:9.2f}"
                     f" {r['chat_p99_ms']:9.2f} {r['api_p50_ms']:9.2f} {r['api_p99_ms']:9.2f}",

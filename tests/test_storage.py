@@ -484,6 +484,39 @@ async def test_an_api_write_waits_on_the_thread_when_the_lock_is_taken(
         await store.close()
 
 
+async def test_turns_held_by_a_write_on_the_thread_survive_an_api_write_on_the_loop(
+    db_path: Path,
+) -> None:
+    """An API write that finds another process's lock takes the thread path, and holds
+    the turns back until it is done.  When the lock came free, the next API write, on
+    the loop's connection, got it before the waiting one's next try, began holding turns
+    anew and dropped those already held: their chat requests waited for good (all 16
+    chat clients of ``benchmarks.api_writes --workers 2`` at 300 writes a second).  The
+    held turn is committed once both writes are done."""
+    store = await open_store(db_path)
+    other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+    try:
+        await store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.ensure_future(
+            store.create_conversation(ALICE, "thread", metadata={}, system=None, items=[])
+        )
+        await asyncio.sleep(0.3)  # SQLite's busy handler now sleeps up to 100 ms a try
+        held = asyncio.ensure_future(store.commit_turn(ALICE, "c", system=None, turn=turn(2)))
+        await asyncio.sleep(0.05)
+        assert not held.done() and not waiting.done()
+        other.execute("COMMIT")
+        await store.create_conversation(ALICE, "loop", metadata={}, system=None, items=[])
+        await asyncio.wait_for(asyncio.gather(waiting, held), 10)
+        history = await store.load_history(ALICE, "c", limit=10)
+        assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
+        ids = await all_rows(store, "SELECT id FROM conversations ORDER BY id")
+        assert ids == [("c",), ("loop",), ("thread",)]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_api_writes_on_the_loop_are_seen_by_the_next_turn(db_path: Path) -> None:
     """A window the turns' connection keeps (``window_cache``) is checked against what
     other connections committed, the loop's API connection among them."""

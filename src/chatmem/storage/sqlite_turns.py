@@ -223,9 +223,12 @@ class SQLiteTurns:
         plain insert, 2.3 us cheaper than the upsert; a hint only: when the conversation
         was created meanwhile the insert fails and the upsert runs after all."""
         self._waiting: set[asyncio.Future[Any]] = set()
-        self._held: list[tuple[Sequence[_TurnArgs], list[asyncio.Future[None]]]] | None = None
+        self._held: list[tuple[Sequence[_TurnArgs], list[asyncio.Future[None]]]] = []
         """The batches held back while the process's own SQLAlchemy engine writes
-        (:meth:`holding_commits`); None when it does not."""
+        (:meth:`holding_commits`)."""
+        self._holders = 0
+        """The writes holding them back: one on the thread may be waiting for another
+        process's lock while one on the loop's connection starts and ends."""
 
     def _open(self, busy_timeout_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -405,7 +408,7 @@ class SQLiteTurns:
     @contextlib.contextmanager
     def holding_commits(self) -> Iterator[None]:
         """Hold back the turns that finish while the process's own SQLAlchemy engine has a
-        write transaction open (the Conversations API, retention: one at a time, see
+        write transaction open (the Conversations API, retention; see
         ``Store._write``), and commit them after it in one transaction, in the order
         they came.
 
@@ -414,13 +417,20 @@ class SQLiteTurns:
         lock taken went to the writer thread, whose busy handler sleeps (1, 2, 5, 10 ms
         ...) between tries, every later turn queued behind it there, and after
         ``busy_timeout`` the turn failed: 100 Conversations API writes a second cut chat's
-        throughput by a third and put its p99 at 30-40 ms."""
-        self._held = []
+        throughput by a third and put its p99 at 30-40 ms.
+
+        Such writes may overlap: a write on the thread that waits for another process's
+        lock, and an API write on the loop's connection that got the lock first.  The
+        turns are held until the last of them ends (the loop's one began holding anew
+        and dropped what was held: those turns' requests waited for good)."""
+        self._holders += 1
         try:
             yield
         finally:
-            held, self._held = self._held, None
-            if held:
+            self._holders -= 1
+            held = self._held
+            if held and not self._holders:
+                self._held = []
                 self._commit(
                     [args for batch, _ in held for args in batch],
                     [future for _, futures in held for future in futures],
@@ -437,7 +447,7 @@ class SQLiteTurns:
         handler wakes up for only after its next sleep (up to 100 ms).  A client that
         left before ``[DONE]`` and asked again at once found its two turns stored the
         wrong way round (a soak test, one cut in 3,596)."""
-        if self._held is not None:
+        if self._holders:
             self._held.append((batch, futures))
             return
         if self._waiting:
