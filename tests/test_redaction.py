@@ -16,10 +16,11 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 from helpers import COMPRESS, GatewayFactory, Rows, chat_completion, chunk, sse, upstream_url
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
 
+from chatmem.proxy import redact
 from chatmem.proxy.redact import Redactor
 
 KEY = "sk-test-SECRET-0123456789"
@@ -427,6 +428,23 @@ async def test_the_key_as_an_object_name_in_the_answer_is_masked_where_stored(
     assert KEY.encode() not in items
 
 
+async def test_an_empty_error_body_labelled_compressed_goes_on_empty(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Nothing to look for the key in, so nothing is withheld (it got the gateway's
+    "could not check" error, as a gzip body cut short does)."""
+    script = Script(
+        status=401,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        chunks=[],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.get("/v1/models", auto_decompress=False)
+        assert (response.status, await response.read()) == (401, b"")
+
+
 @pytest.mark.parametrize("key", [KEY, None])
 async def test_with_a_key_the_passthrough_asks_for_an_uncompressed_answer(
     gateway_factory: GatewayFactory, key: str | None
@@ -534,18 +552,26 @@ async def test_a_compressed_passthrough_answer_that_breaks_is_cut_off(
             await response.read()
 
 
-@pytest.mark.parametrize("encoding", ["br", "gzip"])
+@pytest.mark.parametrize("encoding", ["br", "gzip", "deflate", "zstd"])
+@pytest.mark.parametrize(
+    "body",
+    [f"echo: Bearer {KEY}".encode(), b'[{"id": 1}]' + b" " * 80 + f"{KEY}".encode()],
+    ids=["text", "json"],
+)
+@pytest.mark.parametrize("first", [None, 1], ids=["one read", "a byte first"])
 async def test_a_body_only_labelled_compressed_is_masked_as_it_came(
-    gateway_factory: GatewayFactory, encoding: str
+    gateway_factory: GatewayFactory, encoding: str, body: bytes, first: int | None
 ) -> None:
     """A 200 that says it is compressed but holds plain text (h47): the key in it went
-    out as written, as compressed bodies did.  It goes on as it came (one labelled
-    ``gzip`` too: its first bytes are not gzip, so it is not decoded), the key masked in
-    place."""
-    body = f"echo: Bearer {KEY}".encode()
+    out as written, as compressed bodies did.  It goes on as it came (its first bytes are
+    not in the coding, so it is not decoded), the key masked in place.  Also when the
+    first read brings one byte: on ``[`` or ``{`` alone a deflate or brotli stream may
+    start, and the body was decoded into garbage and then cut off; the gateway now looks
+    at 64 bytes at least (or all of a shorter body)."""
+    chunks: list[bytes | float] = [body] if first is None else [body[:first], 0.05, body[first:]]
     script = Script(
         headers={"Content-Type": "text/plain", "Content-Encoding": encoding},
-        chunks=[body],
+        chunks=chunks,
         framing="length",
     )
     async with scripted_upstream(script) as up:
@@ -591,6 +617,68 @@ def test_every_spelling_of_the_key_is_masked_wherever_the_pieces_are_cut(
     stars = Redactor(key, keep_length=True)
     same_length = b"".join(stars.feed(p) for p in pieces) + stars.end()
     assert same_length == b"".join(b"*" * len(p) if p in keys else p for p in parts)
+
+
+@st.composite
+def _key_and_body(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A key of the characters JSON encoders escape, self-overlapping ones among them,
+    and a body of its spellings (each character spelt as any encoder may), pieces of
+    them and its characters, cut anywhere."""
+    alphabet = '\\"u02cCf/<=*a'
+    key = draw(st.text(alphabet, min_size=8, max_size=12)).encode()
+
+    def spelling(chars: int = len(key)) -> bytes:
+        forms = _escaped_forms(key)[:chars]
+        return b"".join(draw(st.sampled_from(spellings)) for spellings in forms)
+
+    parts = []
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["spelling", "all but the end", "part", "text"]))
+        if kind == "spelling":
+            parts.append(spelling())
+        elif kind == "all but the end":
+            parts.append(spelling(len(key) - draw(st.integers(1, 2))))
+        elif kind == "part":
+            whole = spelling()
+            parts.append(whole[: draw(st.integers(1, len(whole) - 1))])
+        else:
+            parts.append(draw(st.text(alphabet + "\n", max_size=8)).encode())
+    return key, _cut(b"".join(parts), draw(st.lists(st.integers(0, 300), max_size=6)))
+
+
+def _escaped_forms(key: bytes) -> list[tuple[bytes, ...]]:
+    escaped = redact._escaped(key)
+    return list(escaped.spellings) if escaped else [(bytes([b]),) for b in key]
+
+
+@settings(max_examples=400)
+@given(case=_key_and_body(), keep_length=st.booleans())
+@example(  # found by a review: the stars finished the spelling before them
+    case=(b'c0cC0"<""u*', [b'0c""\nc0cC0\\"<\\u0022\\"uc0cC0\\"<\\"\\u0022u\\u002a']),
+    keep_length=True,
+)
+def test_no_spelling_of_any_key_survives(
+    case: tuple[bytes, list[bytes]], keep_length: bool
+) -> None:
+    """Keys that start as they end, with ``*`` (a length-keeping mask's own byte) or
+    ``\\`` in them: whatever the cuts, no spelling is left, and the length is kept
+    where it must be (found by a review: ``*`` finished a spelling the body held all
+    but the end of, and the mask is ``#`` for such a key now)."""
+    key, pieces = case
+    redactor = Redactor(key, keep_length=keep_length)
+    out = b"".join(redactor.feed(p) for p in pieces) + redactor.end()
+    escaped = redact._escaped(key)
+    assert key not in out
+    assert escaped is None or escaped.pattern.search(out) is None
+    if keep_length:
+        assert len(out) == sum(map(len, pieces))
+
+
+def test_a_tab_in_the_key_is_found_as_json_writes_it() -> None:
+    """A header value may hold a tab, which every JSON encoder writes ``\\t``."""
+    key = b"sk-with\ttab-0123"
+    body = b'{"error": "bad key sk-with\\ttab-0123"}'
+    assert redact.mask_bytes(body, key) == b'{"error": "bad key [upstream key]"}'
 
 
 def test_an_event_that_ends_is_not_held_back() -> None:

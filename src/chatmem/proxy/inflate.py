@@ -16,7 +16,7 @@ if sys.version_info >= (3, 14):
 else:
     from backports import zstd
 
-__all__ = ["INFLATABLE", "Inflater", "NotInItsCoding"]
+__all__ = ["INFLATABLE", "SNIFF", "Inflater", "NotInItsCoding"]
 
 INFLATABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 """The ``Content-Encoding`` values (:func:`.upstream.content_encoding`'s) decoded here."""
@@ -24,7 +24,12 @@ INFLATABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 _GZIP_OR_ZLIB = 47  # 32 + 15: the header says which, the largest window
 _RAW_DEFLATE = -15
 _PIECE = 64 * 1024
-_SNIFF = 1024
+SNIFF = 64
+"""The bytes of a body :meth:`Inflater.for_body` needs at least, unless the body is
+shorter: a gzip header is 10, and on a byte or two, plain text passed for the start of
+a deflate or brotli stream."""
+_SNIFFED = 1024
+_SNIFF_OUTPUT = 1024 * 1024
 
 
 class NotInItsCoding(ValueError):
@@ -116,6 +121,21 @@ _ERRORS = (zlib.error, zstd.ZstdError, brotli.error, EOFError)
 after its frame's end: a brotli stream has one, and bytes after it are an error)."""
 
 
+def _starts(member: _Member, data: bytes) -> bool:
+    """Whether ``data`` is the start of ``member``, as far as it goes, its member's end
+    (what follows is another's), or :data:`_SNIFF_OUTPUT` bytes of output."""
+    decoded = 0
+    try:
+        while not member.ended and decoded <= _SNIFF_OUTPUT:
+            out, data = member.decode(data, _PIECE)
+            decoded += len(out)
+            if not data and not member.more:
+                break
+    except _ERRORS:
+        return False
+    return True
+
+
 class Inflater:
     """A compressed body decoded piece by piece, every gzip member or zstd frame of it
     (h54: a second member was dropped, and the client got half a body), each piece at
@@ -134,10 +154,13 @@ class Inflater:
 
     @classmethod
     def for_body(cls, encoding: str, first: bytes) -> Inflater | None:
-        """An inflater for a body in ``encoding`` that starts with ``first``; None if
-        ``first`` is not in that coding (a label may lie: one that says gzip on plain
-        text).  Decided on the first bytes' header and first block, not on all of them:
-        their whole output may be large."""
+        """An inflater for a body in ``encoding`` that starts with ``first`` (:data:`SNIFF`
+        bytes or more, unless the body is shorter); None if ``first`` is not in that
+        coding (a label may lie: one that says gzip on plain text).  Decided on up to
+        1 KiB of it, and on no more than 1 MiB of what that decodes to, so that a bomb is
+        not decoded whole here.  A short body that is a valid start but does not end
+        (``[]`` read as raw deflate) is taken: it could as well be a body cut short, which
+        must not go on undecoded, with the key in it, to a client that decodes it."""
         members: list[Callable[[], _Member]]
         if encoding == "br":
             members = [_Brotli]
@@ -148,11 +171,8 @@ class Inflater:
         else:
             members = [lambda: _Zlib(_GZIP_OR_ZLIB)]
         for member in members:
-            try:
-                member().decode(first[:_SNIFF], 1)
-            except _ERRORS:
-                continue
-            return cls(member)
+            if _starts(member(), first[:_SNIFFED]):
+                return cls(member)
         return None
 
     @property

@@ -31,7 +31,7 @@ from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
 from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import HostMethodNotAllowed, already_read, check_content_encoding, undecodable_body
-from .inflate import INFLATABLE, Inflater, NotInItsCoding
+from .inflate import INFLATABLE, SNIFF, Inflater, NotInItsCoding
 from .redact import Redactor, mask_bytes, masked
 from .upstream import Answer, Upstream, content_encoding, response_headers, shown_coding
 
@@ -327,11 +327,25 @@ async def _inflating(
     coding, and whether they are; else as it came.  A body that turns out not to be
     whole, or not in the coding after all, ends in ``ClientPayloadError``, as a body cut
     short does."""
-    first = await anext(body, b"")
+    first = await _first_bytes(body)
     inflater = Inflater.for_body(encoding, first) if first else None
     if inflater is None:
         return _after(first, body), False
     return _inflated(inflater, first, body), True
+
+
+async def _first_bytes(body: AsyncIterator[bytes]) -> bytes:
+    """The first :data:`.inflate.SNIFF` bytes of ``body`` or more (what came in the
+    reads that brought them), or all of a shorter one."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < SNIFF:
+        piece = await anext(body, None)
+        if piece is None:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -370,9 +384,9 @@ async def _decoded_error(
         if len(raw) > _ERROR_BODY_LIMIT:
             upstream.close()
             break
-    body = None
+    body = b"" if not raw else None  # nothing to look at: nothing to withhold
     inflater = None
-    if len(raw) <= _ERROR_BODY_LIMIT and encoding in INFLATABLE:
+    if raw and len(raw) <= _ERROR_BODY_LIMIT and encoding in INFLATABLE:
         inflater = Inflater.for_body(encoding, bytes(raw))
     if inflater is not None:
         decoded = inflater.whole(bytes(raw), _ERROR_BODY_LIMIT)

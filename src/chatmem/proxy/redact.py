@@ -22,7 +22,17 @@ MASK = b"[upstream key]"
 _NEVER_ESCAPED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~")
 """Key bytes no JSON encoder writes any other way."""
 
-_SHORT_ESCAPES = {ord("/"): b"\\/", ord('"'): b'\\"', ord("\\"): b"\\\\"}
+_SHORT_ESCAPES = {
+    ord("/"): b"\\/",
+    ord('"'): b'\\"',
+    ord("\\"): b"\\\\",
+    ord("\t"): b"\\t",
+    ord("\n"): b"\\n",
+    ord("\r"): b"\\r",
+    ord("\b"): b"\\b",
+    ord("\f"): b"\\f",
+}
+"""JSON's two-character escapes (a header value may hold a tab)."""
 
 
 def _spellings(byte: int) -> tuple[bytes, ...]:
@@ -81,19 +91,22 @@ def _escaped(secret: bytes) -> _Escaped | None:
 
 def mask_bytes(data: bytes, secret: bytes | None, *, keep_length: bool = False) -> bytes:
     """``data`` with ``secret`` masked in every spelling: as :data:`MASK`, or as as many
-    ``*`` as the spelling has bytes where the length of the body is already said."""
+    ``*`` as the spelling has bytes where the length of the body is already said (``#``
+    for a key with a ``*`` in it: the stars could finish a spelling that the body held
+    all but the end of)."""
     if secret is None:
         return data
     if secret in data:
-        data = data.replace(secret, b"*" * len(secret) if keep_length else MASK)
+        data = data.replace(secret, _fill(secret) * len(secret) if keep_length else MASK)
     escaped = _escaped(secret)
     if escaped is not None and b"\\" in data:  # every other spelling has an escape
-        data = escaped.pattern.sub(_stars if keep_length else MASK, data)
+        fill = _fill(secret)
+        data = escaped.pattern.sub((lambda m: fill * len(m[0])) if keep_length else MASK, data)
     return data
 
 
-def _stars(match: re.Match[bytes]) -> bytes:
-    return b"*" * len(match[0])
+def _fill(secret: bytes) -> bytes:
+    return b"#" if b"*" in secret else b"*"
 
 
 def masked(text: str, secret: bytes | None) -> str:
@@ -146,8 +159,9 @@ class Redactor:
     (or :meth:`end`); nothing else waits, so an event stream (whose events end with a
     line break, which no spelling of a key holds) goes on event by event as it came.
 
-    ``keep_length``: the key becomes as many ``*`` as it has bytes, where the body's
-    length is already said (``Content-Length``); else :data:`MASK`.
+    ``keep_length``: the key becomes as many ``*`` as it has bytes (see
+    :func:`mask_bytes`), where the body's length is already said (``Content-Length``);
+    else :data:`MASK`.
     """
 
     def __init__(self, secret: bytes, *, keep_length: bool = False) -> None:
