@@ -26,10 +26,10 @@ _RAW_DEFLATE = -15
 _PIECE = 64 * 1024
 SNIFF = 64
 """The bytes of a body :meth:`Inflater.for_body` needs at least, unless the body is
-shorter: a gzip header is 10, and on a byte or two, plain text passed for the start of
-a deflate or brotli stream."""
-_SNIFFED = 1024
-_SNIFF_OUTPUT = 1024 * 1024
+shorter: a gzip header is 10, and a byte or two of plain text pass for the start of a
+deflate or brotli stream."""
+_SNIFFED = 1024  # the most of a body's first bytes for_body decodes,
+_SNIFF_OUTPUT = 1024 * 1024  # and the most of their output
 
 
 class NotInItsCoding(ValueError):
@@ -122,8 +122,9 @@ after its frame's end: a brotli stream has one, and bytes after it are an error)
 
 
 def _starts(member: _Member, data: bytes) -> bool:
-    """Whether ``data`` is the start of ``member``, as far as it goes, its member's end
-    (what follows is another's), or :data:`_SNIFF_OUTPUT` bytes of output."""
+    """Whether ``data`` decodes as the start of ``member``: up to the member's end (what
+    follows is another member, judged as it comes), the end of ``data``, or
+    :data:`_SNIFF_OUTPUT` bytes of output, whichever comes first."""
     decoded = 0
     try:
         while not member.ended and decoded <= _SNIFF_OUTPUT:
