@@ -484,6 +484,33 @@ async def test_an_api_write_waits_on_the_thread_when_the_lock_is_taken(
         await store.close()
 
 
+async def test_an_api_write_waits_a_moment_for_the_lock_on_the_loop(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's commit holds SQLite's lock for a fraction of a millisecond: an
+    API write that meets it tries again a few times on the loop's connection before it
+    takes the thread path, which held the turns back while it waited.  With two workers
+    at 300 API writes a second, their p99 went from 23-50 ms to 10-12 ms (and chat's from
+    13-22 to 12-14 ms, ``benchmarks.api_writes --workers 2``)."""
+    store = await open_store(db_path)
+    calls = _count_aiosqlite_calls(monkeypatch)
+    other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        creating = asyncio.ensure_future(
+            store.create_conversation(ALICE, "c", metadata={}, system=None, items=[])
+        )
+        await asyncio.sleep(0)  # it met the lock, and waits to try again
+        assert not creating.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(creating, 10)
+        assert calls == []  # not on the thread
+        assert await all_rows(store, "SELECT id FROM conversations") == [("c",)]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_turns_held_by_a_write_on_the_thread_survive_an_api_write_on_the_loop(
     db_path: Path,
 ) -> None:

@@ -43,7 +43,7 @@ from .faults import (
     is_unavailable,
     sqlite_busy,
 )
-from .inline_sqlite import InlineSQLite
+from .inline_sqlite import InlineConnection, InlineSQLite
 from .items import ConversationInfo, ConversationItems, Deletion, Page
 from .migrate import ensure_schema, upgrade
 from .pairing import check_still_there, check_turn, overtaken
@@ -72,6 +72,10 @@ log = logging.getLogger("chatmem.storage")
 # A write transaction that fails with a serialization failure or a deadlock is re-run this
 # many times in all (with a short random pause) before the client gets a 503.
 WRITE_ATTEMPTS = 5
+
+_INLINE_RETRIES = (0.0005, 0.001, 0.002)
+"""Seconds an API write waits, one after the other, for SQLite's lock to come free
+before it takes the thread path (see ``Store._inline_write``)."""
 
 _PROBE_EVERY = 1.0
 """Seconds between two write probes of :meth:`Store.check_ready`."""
@@ -346,7 +350,7 @@ class Store(ConversationItems):
         loop's own SQLite connection when the work is ``bounded`` (small enough for one
         step of the event loop) and SQLite's lock is free (see ``inline_sqlite``), else
         one of the engine's."""
-        inline = self._inline.begin(write=True) if self._inline and bounded else None
+        inline = await self._inline_write() if bounded else None
         if inline is None:
             async with self._write_on_thread() as conn:
                 yield conn
@@ -366,6 +370,19 @@ class Store(ConversationItems):
             self.health.failed(exc)
             raise
         self.health.wrote()
+
+    async def _inline_write(self) -> InlineConnection | None:
+        """A write transaction on the loop's own SQLite connection, if SQLite's lock
+        comes free within a few milliseconds.  Another process's commit (``--workers``)
+        holds it for a fraction of one; the thread path would hold the turns back while
+        it waits, and hold the lock over several passes of the loop once it has it."""
+        if self._inline is None:
+            return None
+        for delay in (*_INLINE_RETRIES, None):
+            if (inline := self._inline.begin(write=True)) is not None or delay is None:
+                return inline
+            await asyncio.sleep(delay)
+        return None
 
     @asynccontextmanager
     async def _write_on_thread(self) -> AsyncIterator[AsyncConnection]:
