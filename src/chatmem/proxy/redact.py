@@ -96,17 +96,13 @@ def mask_bytes(data: bytes, secret: bytes | None, *, keep_length: bool = False) 
     all but the end of)."""
     if secret is None:
         return data
+    fill = (b"#" if b"*" in secret else b"*") if keep_length else None
     if secret in data:
-        data = data.replace(secret, _fill(secret) * len(secret) if keep_length else MASK)
+        data = data.replace(secret, MASK if fill is None else fill * len(secret))
     escaped = _escaped(secret)
     if escaped is not None and b"\\" in data:  # every other spelling has an escape
-        fill = _fill(secret)
-        data = escaped.pattern.sub((lambda m: fill * len(m[0])) if keep_length else MASK, data)
+        data = escaped.pattern.sub(MASK if fill is None else lambda m: fill * len(m[0]), data)
     return data
-
-
-def _fill(secret: bytes) -> bytes:
-    return b"#" if b"*" in secret else b"*"
 
 
 def masked(text: str, secret: bytes | None) -> str:

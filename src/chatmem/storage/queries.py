@@ -378,11 +378,11 @@ class Store(ConversationItems):
         it waits, and hold the lock over several passes of the loop once it has it."""
         if self._inline is None:
             return None
-        for delay in (*_INLINE_RETRIES, None):
-            if (inline := self._inline.begin(write=True)) is not None or delay is None:
+        for delay in _INLINE_RETRIES:
+            if (inline := self._inline.begin(write=True)) is not None:
                 return inline
             await asyncio.sleep(delay)
-        return None
+        return self._inline.begin(write=True)
 
     @asynccontextmanager
     async def _write_on_thread(self) -> AsyncIterator[AsyncConnection]:
