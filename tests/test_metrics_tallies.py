@@ -68,3 +68,14 @@ async def test_events_are_counted_when_read() -> None:
     assert 'chatmem_requests_total{route="chat",status="200"} 3.0' in text
     assert "chatmem_streams_in_flight 0.0" in text
     assert "chatmem_turns_committed_total 1.0" in text
+
+
+async def test_a_turn_already_committed_is_counted_before_its_answer_goes() -> None:
+    """A turn committed alone is decided before the handler awaits it, and the handler
+    answers without a pass of the loop: counted by a done-callback, it came a pass
+    after the answer, and a scrape of another worker could miss it."""
+    metrics = Metrics()
+    saved = asyncio.get_running_loop().create_future()
+    saved.set_result(None)
+    metrics.count_commit(saved, "team", None)
+    assert "chatmem_turns_committed_total 1.0" in metrics.exposition().decode()
