@@ -75,16 +75,41 @@ async def test_unreachable_upstream_is_502(gateway_factory: GatewayFactory, rows
     assert rows.messages() == []
 
 
-@pytest.mark.parametrize(("fault", "status"), [("reset", 502), ("garbage", 502), ("hang", 504)])
+_NOT_HTTP = (
+    "the upstream's answer is not valid HTTP/1.1, or its head is larger than the gateway"
+    " takes ({}, 1024 header lines)"
+)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "chat_says", "passthrough_says"),
+    [
+        ("reset", 502, "the upstream is unreachable or broke the connection", None),
+        ("garbage", 502, _NOT_HTTP.format("65536 bytes in all"), "65536 bytes a line"),
+        ("hang", 504, "the upstream did not answer in time", None),
+    ],
+)
 async def test_fault_before_headers(
-    gateway_factory: GatewayFactory, rows: Rows, fault: Any, status: int
+    gateway_factory: GatewayFactory,
+    rows: Rows,
+    fault: Any,
+    status: int,
+    chat_says: str,
+    passthrough_says: str | None,
 ) -> None:
+    """The client is told what went wrong: an answer that is not HTTP is not a broken
+    connection (the passthrough's limits are those of a line, the chat route's of the
+    whole head)."""
     async with scripted_upstream(Script(before_headers=fault)) as up:
         client = await gateway_factory(up.url, upstream=FAST_TIMEOUTS)
         for body in (PLAIN, STREAM):
             resp = await post(client, body)
             assert resp.status == status
-            assert "error" in await resp.json()
+            assert (await resp.json())["error"]["message"] == chat_says
+        passthrough = await client.get("/v1/models")
+        assert passthrough.status == status
+        said = _NOT_HTTP.format(passthrough_says) if passthrough_says else chat_says
+        assert (await passthrough.json())["error"]["message"] == said
     assert rows.messages() == []
 
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,41 @@ async def test_method_query_body_status_unchanged(echo_gateway: TestClient[Any, 
         assert seen["body"] == "raw \x00 body"
     teapot = await echo_gateway.get("/v1/x/status")
     assert teapot.status == 418 and await teapot.text() == "teapot"
+
+
+async def test_every_body_and_method_is_relayed_whichever_client_carries_it(
+    echo_gateway: TestClient[Any, Any], echo_upstream: TestServer
+) -> None:
+    """A body of up to 64 KiB with its length goes by the lean pool, read whole; a larger
+    or chunked one streams by aiohttp's client, as does a HEAD: each arrives as sent, with
+    the framing the client gave it (a length, or chunks), and its answer comes back."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first "
+        yield b"second"
+
+    small, large = b"s" * 65536, b"L" * 65537
+    cases: list[tuple[str, Any, str, str | None]] = [
+        ("POST", small, small.decode(), "65536"),
+        ("POST", large, large.decode(), "65537"),
+        ("PUT", chunks(), "first second", None),
+        ("GET", None, "", None),
+        ("DELETE", None, "", None),
+        ("POST", None, "", "0"),
+    ]
+    for method, data, echoed, length in cases:
+        resp = await echo_gateway.request(method, "/v1/files/f?x=1", data=data)
+        assert resp.status == 200, method
+        seen = await resp.json()
+        assert (seen["method"], seen["path"], seen["body"]) == (method, "/v1/files/f?x=1", echoed)
+        upstream_saw = echo_upstream.app[HEADERS_SEEN][-1]
+        assert upstream_saw.get("Content-Length") == length, method
+        chunked = upstream_saw.get("Transfer-Encoding") == "chunked"
+        assert chunked == (length is None and data is not None), method
+    head = await echo_gateway.head("/v1/files/f")
+    assert head.status == 200 and await head.read() == b""
+    assert int(head.headers["Content-Length"]) > 0  # the GET's answer would have that length
+    assert echo_upstream.app[HEADERS_SEEN][-1].get("Content-Length") is None
 
 
 async def test_headers_filtered_and_key_injected(

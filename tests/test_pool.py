@@ -13,14 +13,16 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+from helpers import GatewayFactory
 from yarl import URL
 
 from chatmem.errors import InvalidRequest
-from chatmem.proxy import pool as pool_module
 from chatmem.proxy.pool import (
     _HIGH_WATER,
+    HeadRefused,
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamPool,
@@ -68,9 +70,12 @@ class KeepAliveServer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,  # a GET, say
                 )
                 body = await reader.readexactly(length)
                 answer = self.script[len(self.requests)]
@@ -105,8 +110,10 @@ async def serving(*script: bytes | str | list[bytes | float]) -> AsyncIterator[K
         await asyncio.sleep(0.01)
 
 
-def pool_for(server: KeepAliveServer, read_timeout: float | None = 30.0) -> UpstreamPool:
-    return UpstreamPool(server.url, connect_timeout=5.0, read_timeout=read_timeout)
+def pool_for(
+    server: KeepAliveServer, read_timeout: float | None = 30.0, **options: Any
+) -> UpstreamPool:
+    return UpstreamPool(server.url, connect_timeout=5.0, read_timeout=read_timeout, **options)
 
 
 async def post(pool: UpstreamPool, body: bytes = b"{}") -> tuple[int, bytes]:
@@ -142,12 +149,11 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced() -> None
     assert up.requests[2][1].endswith(b'{"again":1}')
 
 
-async def test_connections_idle_for_a_while_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_connections_idle_for_a_while_are_closed() -> None:
     # After a burst, its connections must not stay open (here and on the upstream) for
     # good: the upstream may never close them itself.
-    monkeypatch.setattr(pool_module, "_IDLE_FOR", 0.3)
     async with serving(ok(b"a"), ok(b"b"), ok(b"c"), ok(b"d")) as up:
-        pool = pool_for(up)
+        pool = pool_for(up, idle_for=0.3)
         assert await asyncio.gather(post(pool), post(pool), post(pool)) == [
             (200, b"a"),
             (200, b"b"),
@@ -162,6 +168,75 @@ async def test_connections_idle_for_a_while_are_closed(monkeypatch: pytest.Monke
         assert await post(pool) == (200, b"d")  # on a new connection
         assert up.connections == 4
         await pool.close()
+
+
+async def test_a_request_that_cannot_be_repeated_does_not_go_again() -> None:
+    """``again=False`` (the passthrough's POST): the upstream may have read the request
+    before it closed the connection, so it is a 502, not a second request."""
+    async with serving(ok(b"first"), CLOSE, ok(b"never")) as up:
+        pool = pool_for(up)
+        assert await post(pool) == (200, b"first")
+        with pytest.raises(UpstreamBroken):
+            await pool.request("POST", "/v1/files", {}, b"{}", again=False)
+        response = await pool.request("GET", "/v1/models", {}, again=True)  # a new one
+        async with response:
+            assert await response.read() == b"never"
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 1, 2]
+
+
+async def test_the_passthrough_sends_again_only_what_can_be_repeated(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Through the gateway: its passthrough's kept-alive connection is closed by the
+    upstream after it read the next request.  A POST is a 502, sent once (the upstream may
+    have acted on it); a GET goes again on a new connection."""
+    answers = (ok(b"1"), CLOSE, ok(b"2"), CLOSE, ok(b"3"))
+    async with serving(*answers) as up:
+        client = await gateway_factory(str(up.url))
+        assert await (await client.post("/v1/files", data=b"a")).read() == b"1"
+        refused = await client.post("/v1/files", data=b"b")
+        assert refused.status == 502
+        assert (await refused.json())["error"]["code"] == "upstream_unavailable"
+        assert await (await client.post("/v1/files", data=b"c")).read() == b"2"
+        assert await (await client.get("/v1/models")).read() == b"3"
+    assert [(number, request.split(b" ")[0]) for number, request in up.requests] == [
+        (1, b"POST"),
+        (1, b"POST"),  # read, then the connection closed: not sent again
+        (2, b"POST"),
+        (2, b"GET"),  # read, then closed: sent again on a new connection
+        (3, b"GET"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "length"),
+    [
+        ("GET", b"", None),
+        ("DELETE", b"", None),
+        ("OPTIONS", b"", None),
+        ("POST", b"", b"0"),
+        ("PUT", b"", b"0"),
+        ("PATCH", b"", b"0"),
+        ("DELETE", b"{}", b"2"),
+    ],
+)
+async def test_a_request_says_its_length_as_aiohttps_client_does(
+    method: str, body: bytes, length: bytes | None
+) -> None:
+    """No ``Content-Length`` for a bodiless GET, DELETE or OPTIONS (some servers refuse
+    one on a GET); ``0`` for an empty POST, PUT or PATCH."""
+    async with serving(ok(b"x")) as up:
+        pool = pool_for(up)
+        response = await pool.request(method, "/v1/models?a=b%20c", {"X-A": "1"}, body, again=True)
+        async with response:
+            assert await response.read() == b"x"
+        await pool.close()
+    framing = b"" if length is None else b"Content-Length: " + length + b"\r\n"
+    assert up.requests[0][1] == (
+        b"%s /v1/models?a=b%%20c HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-A: 1\r\n%s\r\n%s"
+        % (method.encode(), up.port, framing, body)
+    )
 
 
 async def test_a_new_connection_closed_without_an_answer_is_an_error() -> None:
@@ -335,8 +410,31 @@ async def test_a_response_head_over_64_kib_is_refused() -> None:
     flood = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(70))
     async with serving(b"HTTP/1.1 200 OK\r\n" + flood + b"Content-Length: 0\r\n\r\n") as up:
         pool = pool_for(up)
-        with pytest.raises(UpstreamBroken, match="64 KiB"):
+        with pytest.raises(HeadRefused, match=r"\(65536 bytes in all, 1024 header lines\)"):
             await post(pool)
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("lines", "size", "taken"),
+    [(70, 1000, True), (1023, 10, True), (1024, 10, False), (1, 65536, True), (1, 65537, False)],
+)
+async def test_a_head_unbounded_in_all_takes_64_kib_a_line_and_1024_lines(
+    lines: int, size: int, taken: bool
+) -> None:
+    """``max_head=None`` (the passthrough's pool): aiohttp's client's limits as the
+    gateway sets them (its Content-Length the 1,024th line here), so a head is taken or
+    refused alike whichever client relays it."""
+    name = b"X-F-%04d: "
+    flood = b"".join(name % i + b"y" * (size - len(name % i) + 2) + b"\r\n" for i in range(lines))
+    assert all(len(line) - 2 == size for line in flood.split(b"\r\n")[:-1])  # name and value
+    async with serving(b"HTTP/1.1 200 OK\r\n" + flood + b"Content-Length: 2\r\n\r\nok") as up:
+        pool = pool_for(up, max_head=None)
+        if taken:
+            assert await post(pool) == (200, b"ok")
+        else:
+            with pytest.raises(HeadRefused, match=r"\(65536 bytes a line, 1024 header lines\)"):
+                await post(pool)
         await pool.close()
 
 

@@ -41,10 +41,10 @@ from .chat_request import (
 )
 from .http import read_body
 from .passthrough import relay
-from .pool import MAX_RESPONSE_HEAD, BodyTooLarge
+from .pool import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, BodyTooLarge, HeadRefused
 from .redact import mask_bytes, masked, masked_json
 from .tee import Renderer, tee_stream
-from .upstream import MAX_RESPONSE_HEADERS, content_encoding, response_headers, shown_coding
+from .upstream import content_encoding, response_headers, shown_coding
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -370,5 +370,7 @@ class upstream_failures:  # lower case, like contextlib.suppress
                 f" the gateway takes ({MAX_RESPONSE_HEAD} bytes a line,"
                 f" {MAX_RESPONSE_HEADERS} header lines)"
             ) from exc
+        if isinstance(exc, HeadRefused):  # the same from the pool
+            raise UpstreamError(str(exc)) from exc
         if isinstance(exc, aiohttp.ClientError):
             raise UpstreamError("the upstream is unreachable or broke the connection") from exc

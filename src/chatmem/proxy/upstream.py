@@ -13,7 +13,7 @@ from yarl import URL
 from ..config import UpstreamConfig
 from ..errors import InvalidRequest
 from ..logs import REQUEST_ID_HEADER, current_request_id
-from .pool import MAX_RESPONSE_HEAD, UpstreamPool, UpstreamResponse
+from .pool import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, UpstreamPool, UpstreamResponse
 from .redact import masked
 
 __all__ = [
@@ -53,9 +53,6 @@ _QUERY_SAFE = "!$%&'()*+,/:;=?@[]~"
 """What stays as it is in a query sent upstream (with letters, digits and ``-._``; ``%``
 too, so an escape the client made is not escaped again)."""
 
-
-MAX_RESPONSE_HEADERS = 1024
-"""Header lines a passthrough answer may have (aiohttp's default is 128)."""
 
 _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 """Headers aiohttp's client adds when they are missing; passthrough relays the client's."""
@@ -146,7 +143,8 @@ class Upstream:
     """Builds upstream URLs and headers; owns the connections to the upstream.
 
     ``pool`` carries the POST of every chat turn (see :mod:`.pool` for why it is not
-    aiohttp's client); ``session`` everything passed through, whatever its method and body.
+    aiohttp's client), ``relay_pool`` what is passed through with a small body or none, and
+    ``session`` the rest of it: large and chunked bodies, ``HEAD`` and WebSockets.
     """
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
@@ -164,6 +162,14 @@ class Upstream:
         self.pool = UpstreamPool(
             self.base, connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
         )
+        self.relay_pool = UpstreamPool(
+            self.base,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            idle_for=_PASSTHROUGH_IDLE,
+            max_head=None,  # the limits of ``session``'s
+        )
+        """The passthrough's requests whose body is in memory (see ``passthrough``)."""
         self._auth: tuple[str, str] | None = None
         if config.api_key:
             scheme = config.auth_scheme.strip()
@@ -192,6 +198,7 @@ class Upstream:
 
     async def close(self) -> None:
         await self.pool.close()
+        await self.relay_pool.close()
         await self.session.close()
 
     async def post(
