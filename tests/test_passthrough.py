@@ -111,16 +111,18 @@ async def test_every_body_and_method_is_relayed_whichever_client_carries_it(
         yield b"second"
 
     small, large = b"s" * 65536, b"L" * 65537
-    cases: list[tuple[str, Any, str, str | None]] = [
-        ("POST", small, small.decode(), "65536"),
-        ("POST", large, large.decode(), "65537"),
-        ("PUT", chunks(), "first second", None),
-        ("GET", None, "", None),
-        ("DELETE", None, "", None),
-        ("POST", None, "", "0"),
+    cases: list[tuple[str, Any, str, str | None, dict[str, str]]] = [
+        ("POST", small, small.decode(), "65536", {}),
+        ("POST", large, large.decode(), "65537", {}),
+        ("PUT", chunks(), "first second", None, {}),
+        ("GET", None, "", None, {}),
+        ("GET", None, "", "0", {"Content-Length": "0"}),  # as the client said
+        ("OPTIONS", None, "", None, {}),
+        ("DELETE", None, "", "0", {}),  # aiohttp's client says 0, the upstream sees it
+        ("POST", None, "", "0", {}),
     ]
-    for method, data, echoed, length in cases:
-        resp = await echo_gateway.request(method, "/v1/files/f?x=1", data=data)
+    for method, data, echoed, length, sent in cases:
+        resp = await echo_gateway.request(method, "/v1/files/f?x=1", data=data, headers=sent)
         assert resp.status == 200, method
         seen = await resp.json()
         assert (seen["method"], seen["path"], seen["body"]) == (method, "/v1/files/f?x=1", echoed)
@@ -132,6 +134,22 @@ async def test_every_body_and_method_is_relayed_whichever_client_carries_it(
     assert head.status == 200 and await head.read() == b""
     assert int(head.headers["Content-Length"]) > 0  # the GET's answer would have that length
     assert echo_upstream.app[HEADERS_SEEN][-1].get("Content-Length") is None
+
+
+async def test_a_small_body_that_does_not_arrive_in_time_is_a_408(
+    gateway_factory: GatewayFactory, echo_upstream: TestServer
+) -> None:
+    """A body read whole before it goes upstream must arrive within
+    ``server.idle_timeout``: a client that sends part of it and stops gets a 408, and the
+    upstream never sees a request cut short."""
+    client = await gateway_factory(upstream_url(echo_upstream), server={"idle_timeout": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+    assert echo_upstream.app[HEADERS_SEEN] == []
 
 
 async def test_headers_filtered_and_key_injected(

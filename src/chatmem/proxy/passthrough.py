@@ -92,7 +92,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         # The key is looked for in the answer, which it cannot be in compressed bytes.
         headers["Accept-Encoding"] = "identity"
     if _in_memory(request, length, decoded):
-        return await _relay_in_memory(request, upstream, url, headers, limit)
+        return await _relay_in_memory(request, upstream, url, headers, limit, length)
     if length is not None and not decoded:
         headers["Content-Length"] = str(length)
     body = _LimitedBody(request.content, limit)
@@ -129,6 +129,9 @@ _IN_MEMORY_BODY = 64 * 1024
 """The largest body relayed by :func:`_relay_in_memory`: a request of an API (a list of
 models, embeddings, a completion) has one of a few KiB or none; uploads stream."""
 _IN_MEMORY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_SAY_NO_LENGTH = frozenset({"GET", "OPTIONS"})
+"""Methods sent without ``Content-Length`` when they have no body and the client gave
+none (aiohttp's client sends ``0`` for the others)."""
 _REPEATABLE = frozenset({"GET", "PUT", "DELETE", "OPTIONS"})
 """Idempotent methods (RFC 9110, 9.2.2): sent again on a new connection when a kept-alive
 one closed before a byte of answer."""
@@ -152,18 +155,25 @@ async def _relay_in_memory(
     url: URL,
     headers: CIMultiDict[str],
     limit: int,
+    length: int | None,
 ) -> web.StreamResponse:
     """The request relayed by the pool of :mod:`.pool`, which costs a third of what
-    aiohttp's client does; its answer streams back as the client's does.
+    aiohttp's client does; its answer streams back as the client's does.  The body is
+    read whole first, within ``server.idle_timeout`` (a 408 otherwise: the upstream never
+    gets a request cut short).
 
     A kept-alive connection is used for 4 s at most (``_PASSTHROUGH_IDLE``) and a request
     the upstream may have read before it closed one is sent again only when repeating it
     is harmless: a ``POST`` is not (aiohttp's client does the same)."""
     from .chat import upstream_failures
 
-    body = await read_body(request, limit) if request.body_exists else b""
-    timer = gateway_of(request).metrics.upstream_timer("passthrough")
     method = request.method
+    body: bytes | None = None  # no Content-Length: a GET's or an OPTIONS' that gave none
+    if request.body_exists:
+        body = await read_body(request, limit)
+    elif length is not None or method not in _SAY_NO_LENGTH:
+        body = b""  # Content-Length: 0, as the client said or aiohttp's client would
+    timer = gateway_of(request).metrics.upstream_timer("passthrough")
     with upstream_failures():
         response = await upstream.relay_pool.request(
             method, url.raw_path_qs, headers, body, again=method in _REPEATABLE

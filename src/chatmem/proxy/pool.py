@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -52,9 +53,8 @@ _MAX_IDLE = 512
 _IDLE_FOR = 60.0
 """Seconds a connection is kept idle by default: then it is closed, so that the
 connections of a burst do not hold descriptors here and sockets on the upstream for good."""
-_BODILESS = frozenset({"GET", "DELETE", "OPTIONS"})
-"""Methods whose request says nothing of its length when it has no body (aiohttp's client
-sends ``Content-Length: 0`` only for the others)."""
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""Bytes a header value must not hold (RFC 9110, 5.5): no server writes them on."""
 MAX_RESPONSE_HEAD = 64 * 1024
 """The largest response header line, name and value (aiohttp's client takes 8 KiB), and
 by default the largest head in all."""
@@ -91,6 +91,14 @@ class _Connection(asyncio.Protocol):
         self.max_head = max_head
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # What aiohttp's client takes of a response, so that an answer is relayed or refused
+        # alike by either client: a folded header line, a line ended by LF alone, spaces
+        # after a chunk's size.
+        self.parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self.closed = False
         self.idle = False
         """In the pool between two requests."""
@@ -132,6 +140,9 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 to a request that asked for none
+            self._fail(HeadRefused(self._refusal()))
+            self.close()
         except httptools.HttpParserError as exc:  # HttpParserCallbackError: one of ours
             # After a whole response, bytes nobody asked for (garbage, or a second
             # response) are not part of it: only the connection cannot be reused.
@@ -167,6 +178,11 @@ class _Connection(asyncio.Protocol):
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer: not a header of the answer (nor relayed, as by aiohttp)
+        if _CONTROL.search(value):  # which the lenient parser lets through
+            raise HeadRefused(self._refusal())
+        value = value.rstrip(b" \t")  # the parser strips the spaces before it only
         size = len(name) + len(value)
         if self.max_head is not None:
             self.head_size += size
@@ -449,13 +465,14 @@ class UpstreamPool:
         method: str,
         target: str,
         headers: Mapping[str, str],
-        body: bytes = b"",
+        body: bytes | None,
         *,
         again: bool,
     ) -> UpstreamResponse:
         """Send ``method`` with ``body`` to ``target`` (path and query) and wait for the
-        response head.  Not for ``HEAD``: the parser would wait for the body its answer's
-        ``Content-Length`` announces.
+        response head.  ``body`` None is a request without one that says nothing of its
+        length (a GET's); ``b""`` says ``Content-Length: 0``.  Not for ``HEAD``: the parser
+        would wait for the body its answer's ``Content-Length`` announces.
 
         A connection taken from the pool may have been closed by the upstream while it was
         idle.  With ``again``, when such a connection ends without a byte of answer, the
@@ -466,7 +483,7 @@ class UpstreamPool:
         items: list[tuple[str, str]] = list(headers.items())
         if self.authorization is not None and "Authorization" not in headers:
             items.append(("Authorization", self.authorization))
-        length = None if not body and method in _BODILESS else len(body)
+        length = None if body is None else len(body)
         head = _request_head(method, target, self.host_header, items, length)
         while True:
             conn = self._take_idle()

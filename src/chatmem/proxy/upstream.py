@@ -111,7 +111,7 @@ class Body(Protocol):
 
 
 class Answer(Protocol):
-    """An upstream response being relayed: aiohttp's, or the chat path's :mod:`.pool` one."""
+    """An upstream response being relayed: aiohttp's, or the lean client's (:mod:`.pool`)."""
 
     @property
     def status(self) -> int: ...
