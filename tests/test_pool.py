@@ -519,9 +519,9 @@ async def test_a_connect_timeout_is_a_timeout() -> None:
             [("X-Fold", "a b"), ("Content-Length", "2")],
             b"ok",
         ),
-        (  # lines ended by LF alone, and spaces after a value
-            b"HTTP/1.1 200 OK\nX-A: 1 \t\nContent-Length: 2\n\nok",
-            [("X-A", "1"), ("Content-Length", "2")],
+        (  # lines ended by LF alone, a tab in a value, a value not in ASCII
+            b"HTTP/1.1 200 OK\nX-A: 1\t2\nX-B: caf\xc3\xa9\nContent-Length: 2\n\nok",
+            [("X-A", "1\t2"), ("X-B", "caf\u00e9"), ("Content-Length", "2")],
             b"ok",
         ),
         (  # spaces after a chunk's size
@@ -556,6 +556,7 @@ async def test_an_answer_is_read_as_aiohttps_client_reads_it(
     [
         b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",  # a control byte
         b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-B: caf\xc3\xa9\r\nX-A: \x1b[2J\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
         b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
     ],
