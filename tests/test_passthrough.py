@@ -779,3 +779,26 @@ async def test_a_misspelt_path_of_the_gateways_own_is_not_relayed(
         async with client.get("/v1/asks") as relayed:  # not the gateway's: relayed
             assert relayed.status == 200
     assert [request[1] for request in up.requests] == ["/v1/asks"]
+
+
+@pytest.mark.parametrize("body", [b"small", b"x" * 70_000], ids=["pool", "aiohttp"])
+async def test_a_header_value_with_a_control_byte_is_a_502_by_either_client(
+    gateway_factory: GatewayFactory, body: bytes
+) -> None:
+    """aiohttp's server refuses to write such a value: relayed, it was a 500 "internal
+    error in the gateway" (a body over 64 KiB goes by aiohttp's client, a small one by
+    the pool)."""
+    script = Script(
+        headers={"Content-Type": "text/plain"},
+        more_head_lines=["X-Odd: a\x01b"],
+        chunks=[b"ok"],
+        framing="length",
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        response = await client.post("/v1/files", data=body)
+        assert response.status == 502
+        assert (await response.json())["error"]["message"] == (
+            "the upstream's answer is not valid HTTP/1.1, or its head is larger than the"
+            " gateway takes (65536 bytes a line, 1024 header lines)"
+        )

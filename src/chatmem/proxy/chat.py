@@ -41,7 +41,7 @@ from .chat_request import (
 )
 from .http import read_body
 from .passthrough import relay
-from .pool import MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, BodyTooLarge, HeadRefused
+from .pool import BodyTooLarge, HeadRefused, head_refused
 from .redact import mask_bytes, masked, masked_json
 from .tee import Renderer, tee_stream
 from .upstream import content_encoding, response_headers, shown_coding
@@ -365,11 +365,7 @@ class upstream_failures:  # lower case, like contextlib.suppress
         if isinstance(exc, aiohttp.ClientResponseError) and isinstance(
             exc.__cause__, HttpProcessingError
         ):  # the passthrough's aiohttp could not parse the head (never quoted: the key?)
-            raise UpstreamError(
-                "the upstream's answer is not valid HTTP/1.1, or its head is larger than"
-                f" the gateway takes ({MAX_RESPONSE_HEAD} bytes a line,"
-                f" {MAX_RESPONSE_HEADERS} header lines)"
-            ) from exc
+            raise UpstreamError(head_refused(None)) from exc
         if isinstance(exc, HeadRefused):  # the same from the pool
             raise UpstreamError(str(exc)) from exc
         if isinstance(exc, aiohttp.ClientError):

@@ -38,6 +38,7 @@ from .http import (
     undecodable_body,
 )
 from .inflate import INFLATABLE, SNIFF, Inflater, NotInItsCoding
+from .pool import UpstreamResponse, head_refused, writable
 from .redact import Redactor, mask_bytes, masked
 from .upstream import Answer, Upstream, content_encoding, response_headers, shown_coding
 
@@ -115,6 +116,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 allow_redirects=False,
             ) as response:
                 timer.answered()
+                if not all(writable(value) for value in response.headers.values()):
+                    raise UpstreamError(head_refused(None))  # as the pool refuses it
                 return await relay(request, response, secret=upstream.secret)
     except UpstreamError:
         # The client library reports a failed upload as a broken upstream.
@@ -601,6 +604,14 @@ class _AsItCame(web.StreamResponse):
             self.headers.popall("Content-Type", None)
 
 
+class _WholeAsItCame(_AsItCame):
+    """An answer whose body has all arrived: its head is held at ``prepare`` and goes out
+    in one send with the body (aiohttp's own switch, the one ``web.Response`` uses), so
+    the client is woken once, and the gateway makes one system call, not two."""
+
+    _send_headers_immediately = False
+
+
 async def relay(
     request: web.Request,
     upstream: Answer,
@@ -636,7 +647,10 @@ async def relay(
             headers.popall("Content-Length", None)
             redactor = Redactor(secret)
     reason = _masked_reason(upstream.reason, secret)
-    response = _AsItCame(status=upstream.status, reason=reason, headers=headers)
+    whole = isinstance(upstream, UpstreamResponse) and upstream.arrived_whole
+    response = (_WholeAsItCame if whole else _AsItCame)(
+        status=upstream.status, reason=reason, headers=headers
+    )
     try:
         await response.prepare(request)
     except ConnectionError:  # the client left before the answer started

@@ -62,6 +62,24 @@ MAX_RESPONSE_HEADERS = 1024
 """Header lines a response may have (aiohttp's client takes 128)."""
 
 
+def writable(value: str) -> bool:
+    """Whether a header value holds no control byte (a tab is none): what a server writes
+    on (aiohttp's fails the request with a 500 otherwise)."""
+    return _CONTROL.search(value) is None
+
+
+def head_refused(max_head: int | None) -> str:
+    """Why an answer's head is refused, for the client: the limits named, never the head
+    quoted (it may hold the key).  ``max_head`` None: the limits are a line's."""
+    bounds = (
+        f"{max_head} bytes in all" if max_head is not None else f"{MAX_RESPONSE_HEAD} bytes a line"
+    )
+    return (
+        "the upstream's answer is not valid HTTP/1.1, or its head is larger than the"
+        f" gateway takes ({bounds}, {MAX_RESPONSE_HEADERS} header lines)"
+    )
+
+
 class UpstreamBroken(aiohttp.ClientConnectionError):
     """The upstream could not be reached, broke the connection or sent invalid HTTP."""
 
@@ -191,14 +209,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def _refusal(self) -> str:
-        if self.max_head is None:
-            bounds = f"{MAX_RESPONSE_HEAD} bytes a line"
-        else:
-            bounds = f"{self.max_head} bytes in all"
-        return (
-            "the upstream's answer is not valid HTTP/1.1, or its head is larger than the"
-            f" gateway takes ({bounds}, {MAX_RESPONSE_HEADERS} header lines)"
-        )
+        return head_refused(self.max_head)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -208,7 +219,7 @@ class _Connection(asyncio.Protocol):
         for name, value in self.raw_headers:
             # A control byte, which the lenient parser lets through and no server writes
             # on (aiohttp's would fail the request with a 500); a tab is not one.
-            if not value.isprintable() and _CONTROL.search(value):
+            if not value.isprintable() and not writable(value):
                 raise HeadRefused(self._refusal())
             if not framed and name.lower() in ("content-length", "transfer-encoding"):
                 framed = True
@@ -376,6 +387,11 @@ class UpstreamResponse:
     def buffered(self) -> bool:
         """Whether body bytes have arrived that the next read returns without waiting."""
         return bool(self.conn.chunks)
+
+    @property
+    def arrived_whole(self) -> bool:
+        """Whether all of the body has arrived: reading it waits for nothing."""
+        return self.conn.complete and self.conn.error is None
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; :class:`BodyTooLarge` (and the connection closed) as soon as
