@@ -573,3 +573,33 @@ async def test_an_answer_no_server_could_relay_is_refused(
             await post(pool)
         await pool.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_request_goes_again_once_and_on_a_new_connection() -> None:
+    """Two idle connections, the upstream closing the one taken after it read the
+    request: the request goes once more, on a new connection, not on the other idle one
+    (which may be as dead: with ten of them it went out eleven times)."""
+    async with serving(ok(b"a"), ok(b"b"), CLOSE, ok(b"again")) as up:
+        pool = pool_for(up)
+        assert sorted(await asyncio.gather(post(pool), post(pool))) == [(200, b"a"), (200, b"b")]
+        assert await post(pool) == (200, b"again")
+        await pool.close()
+    numbers = [number for number, _ in up.requests]
+    assert len(numbers) == 4 and numbers[3] == 3  # the fourth on a third connection
+
+
+async def test_a_connection_put_back_old_is_not_used_again() -> None:
+    """An answer read slowly puts its connection back with its last activity long past:
+    it is closed when it comes to be taken, not used after ``idle_for``."""
+    async with serving(ok(b"slow"), ok(b"a"), ok(b"b"), ok(b"c")) as up:
+        pool = pool_for(up, idle_for=1.0)
+        slow = await pool.post("/v1/x", {}, b"")  # connection 1, its answer not read yet
+        assert await post(pool) == (200, b"a")  # connection 2, back at once
+        await asyncio.sleep(0.6)
+        assert await post(pool) == (200, b"b")  # connection 2 again: 0.6 s idle
+        await asyncio.sleep(0.6)
+        async with slow:  # connection 1 back now, its last byte 1.2 s ago
+            assert await slow.read() == b"slow"
+        assert await post(pool) == (200, b"c")  # connection 2 (0.6 s), not 1 (1.2 s)
+        await pool.close()
+    assert [number for number, _ in up.requests] == [1, 2, 2, 2]

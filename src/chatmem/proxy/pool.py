@@ -498,17 +498,19 @@ class UpstreamPool:
 
         A connection taken from the pool may have been closed by the upstream while it was
         idle.  With ``again``, when such a connection ends without a byte of answer, the
-        request goes once more on a new connection: the upstream most likely closed it
-        before it read the request, but it may have read it, so ``again`` is for requests
-        that can be repeated (RFC 9110, 9.2.2).
+        request goes once more, on a new connection (not on another idle one, which may be
+        as dead: the upstream would get it once per idle connection): the upstream most
+        likely closed it before it read the request, but it may have read it, so ``again``
+        is for requests that can be repeated (RFC 9110, 9.2.2).
         """
         items: list[tuple[str, str]] = list(headers.items())
         if self.authorization is not None and "Authorization" not in headers:
             items.append(("Authorization", self.authorization))
         length = None if body is None else len(body)
         head = _request_head(method, target, self.host_header, items, length)
+        take_idle = True
         while True:
-            conn = self._take_idle()
+            conn = self._take_idle() if take_idle else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
@@ -521,6 +523,7 @@ class UpstreamPool:
             except UpstreamBroken:
                 conn.close()
                 if again and reused and not conn.received:
+                    take_idle = False
                     continue
                 raise
             except BaseException:
@@ -529,12 +532,21 @@ class UpstreamPool:
             return UpstreamResponse(self, conn)
 
     def _take_idle(self) -> _Connection | None:
+        """The idle connection put back last that is still open and idle for less than
+        ``idle_for``; the older ones met on the way are closed.  (The stack is in the
+        order connections came back, not of their last activity: one whose answer was
+        read slowly comes back old, and the sweep, which stops at the first connection
+        still young, may not have closed it.)"""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
-                conn.idle = False
-                conn._reset()
-                return conn
+            if conn.closed:
+                continue
+            if conn.loop.time() - conn.last_activity >= self.idle_for:
+                conn.close()
+                continue
+            conn.idle = False
+            conn._reset()
+            return conn
         return None
 
     async def _connect(self) -> _Connection:
