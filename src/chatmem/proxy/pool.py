@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 client for the one request every turn makes, the POST upstream, and for
 the passthrough's requests whose body is in memory.
 
-Why not aiohttp's client, which chatmem uses for everything else: a profile of the gateway
+Why not aiohttp's client, which chatmem uses for the rest: a profile of the gateway
 showed aiohttp's ``ClientSession.post`` spending about 140 us of CPU per request (URL and
 cookie handling, tracing signals, timeout contexts, generic payload writers), a fifth of
 what a whole remembered turn costs.  The chat path needs none of that: one origin, a body
