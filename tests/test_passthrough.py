@@ -802,3 +802,22 @@ async def test_a_header_value_with_a_control_byte_is_a_502_by_either_client(
             "the upstream's answer is not valid HTTP/1.1, or its head is larger than the"
             " gateway takes (65536 bytes a line, 1024 header lines)"
         )
+
+
+@pytest.mark.parametrize("size", [10, 70_000], ids=["pool", "aiohttp"])
+async def test_a_header_repeated_in_other_letter_cases_goes_up_whole(
+    gateway_factory: GatewayFactory, echo_upstream: TestServer, size: int
+) -> None:
+    """``X-R: 1``, ``X-R: 2``, ``x-r: 3`` (aiohttp's client kept only the last, and the
+    test client would too: the request is written by hand)."""
+    client = await gateway_factory(upstream_url(echo_upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"POST /v1/files HTTP/1.1\r\nHost: x\r\nX-R: 1\r\nX-R: 2\r\nx-r: 3\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (size, b"b" * size)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert echo_upstream.app[HEADERS_SEEN][-1].getall("X-R") == ["1", "2", "3"]

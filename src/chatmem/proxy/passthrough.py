@@ -111,7 +111,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 request.method,
                 url,
                 data=data,
-                headers=headers,
+                headers=_one_spelling(headers),
                 timeout=upstream.timeout,
                 allow_redirects=False,
             ) as response:
@@ -128,6 +128,16 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         if body.undecodable:
             raise undecodable_body(request) from None
         raise
+
+
+def _one_spelling(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """``headers`` with each name written as it first came: aiohttp's client keeps only
+    the last of a header repeated in other letter cases (``X-R: 1``, ``x-r: 2``)."""
+    spelled: dict[str, str] = {}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        out.add(spelled.setdefault(name.lower(), name), value)
+    return out
 
 
 _IN_MEMORY_BODY = 64 * 1024
@@ -247,7 +257,7 @@ async def relay_websocket(request: web.Request, upstream: Upstream, url: URL) ->
         async with asyncio.timeout(config.connect_timeout + config.read_timeout):
             theirs = await upstream.session.ws_connect(
                 url,
-                headers=headers,
+                headers=_one_spelling(headers),
                 protocols=protocols,
                 autoping=False,  # pings and pongs are relayed like any other frame
                 max_msg_size=limit + 1,
