@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +124,31 @@ def test_a_short_secret_is_one_warning_line(capsys: pytest.CaptureFixture[str]) 
         "chatmem token: warning: The HMAC key is 5 bytes long, which is below the minimum"
         " recommended length of 32 bytes for SHA256. See RFC 7518 Section 3.2."
     ]
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """``chatmem token encode ... | head -c 20``: the pipe closes before the token is
+    written; the command ends with status 1 and says nothing on stderr, as Unix tools do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command writes: every write fails
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chatmem",
+                "token",
+                "--secret",
+                "s" * 32,
+                "encode",
+                '{"team_id": "t", "token_id": "x"}',
+            ],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""

@@ -315,6 +315,21 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``chatmem`` command; its exit status.
+
+    A reader that stops early (``chatmem token encode ... | head -c 20``) ends the output
+    quietly, as it does any Unix tool's: Python would print a traceback, and another one
+    when it flushes standard output at exit."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "token":
