@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install chatmem with its test dependencies and everything the tests run for real
-# (Caddy, wrk and valgrind from Debian's packages, the machine's PostgreSQL 15), then run the test suite.
+# (Caddy, wrk, valgrind and strace from Debian's packages, the machine's PostgreSQL 15), then run the test suite.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k streaming`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,10 @@ fi
 # benchmarks.instructions counts the gateway's instructions with callgrind.
 if ! command -v callgrind_control >/dev/null 2>&1; then
     apt-get install -y -q valgrind >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q valgrind; }
+fi
+# benchmarks.syscalls counts the gateway's system calls with strace.
+if ! command -v strace >/dev/null 2>&1; then
+    apt-get install -y -q strace >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q strace; }
 fi
 # Debian starts a system Caddy on port 80/443 when it installs the package; the tests
 # run their own, so stop the system one if it is running (harmless when it is not).

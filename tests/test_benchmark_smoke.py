@@ -157,6 +157,20 @@ def test_instruction_count_runs_with_tiny_counts(answers: list[str]) -> None:
     assert 0.05 < millions < 100, result.stdout
 
 
+def test_syscall_count_runs_with_tiny_counts() -> None:
+    """``benchmarks.syscalls`` splits both relays' CPU into user and system time and counts
+    their system calls under strace (installed by scripts/test.sh): each relay read its
+    requests and wrote their answers, and only the gateway wrote to its SQLite file."""
+    result = run_module(
+        "benchmarks.syscalls", "--requests", "200", "--rounds", "1", "--strace-requests", "100"
+    )
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line}
+    assert float(rows["memory"][0]) > 0 and float(rows["bare"][0]) > 0, result.stdout
+    assert float(rows["read"][0]) >= 1 and float(rows["read"][1]) >= 1, result.stdout
+    assert float(rows["write"][0]) >= 1 and float(rows["write"][1]) >= 1, result.stdout
+    assert float(rows["pwrite64"][0]) > 0 and float(rows["pwrite64"][1]) == 0, result.stdout
+
+
 def test_first_visits_side_by_side_run_with_tiny_counts() -> None:
     """Two gateways (this checkout twice) on files each pre-filled by its own code: every
     size has a figure for both visits on both, and the summary lines come out."""
