@@ -152,3 +152,18 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
         os.close(write_end)
     assert result.returncode == 1
     assert result.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_standard_output_still_fails_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``BrokenPipeError`` from a socket (a database's) is no reader that stopped early:
+    it is not swallowed into a quiet status 1."""
+    from chatmem import cli
+
+    def broken(_argv: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main([])

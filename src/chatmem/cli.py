@@ -10,6 +10,7 @@ import gc
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -324,9 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _main(argv)
         sys.stdout.flush()  # here, where a closed pipe can still be caught
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket's (a database's, say): not a reader that stopped
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return status
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (``poll`` says
+    ``POLLERR`` for such a pipe's write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor behind it
+        return False
 
 
 def _main(argv: Sequence[str] | None) -> int:
