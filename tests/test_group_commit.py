@@ -195,6 +195,55 @@ async def test_a_caller_that_stops_waiting_does_not_lose_its_turn(
     assert {cid for cid, _, _ in rows(db_path)} == {"left", "stayed"}
 
 
+async def test_every_turn_is_told_how_it_went_its_waiter_gone_or_not(
+    sqlite_store: Store, db_path: Path
+) -> None:
+    """``decided`` comes from the store, not from the future a caller awaits: the waiter
+    of one turn is cancelled while its group gathers (the handler's cancellation goes on
+    to the future it awaits, now that no shield stands between), and it is still told
+    its turn was committed; a turn that fails is told why."""
+    told: dict[str, BaseException | None] = {}
+
+    def soon(cid: str, messages: list[dict[str, object]]) -> asyncio.Future[None]:
+        return sqlite_store.commit_turn_soon(
+            ALICE,
+            cid,
+            system=None,
+            turn=messages,
+            together=True,
+            decided=lambda failure: told.__setitem__(cid, failure),
+        )
+
+    async def waiting(future: asyncio.Future[None]) -> None:
+        await future
+
+    leaving = asyncio.ensure_future(waiting(soon("left", turn(1))))
+    broken = soon("broken", [{"role": None, "content": "no role"}])  # NOT NULL fails
+    staying = soon("stayed", turn(3))
+    await asyncio.sleep(0)  # the three are gathering, the first one's waiter awaits
+    leaving.cancel()
+    await asyncio.wait_for(staying, 10)
+    with pytest.raises(StorageUnavailable):
+        await broken
+    assert leaving.cancelled()
+    assert told["left"] is None and told["stayed"] is None
+    assert isinstance(told["broken"], StorageUnavailable)
+    assert {cid for cid, _, _ in rows(db_path)} == {"left", "stayed"}
+    assert sqlite_store._turns is not None and not sqlite_store._turns._deciders
+
+
+async def test_a_turn_alone_is_told_before_its_future_comes_back(sqlite_store: Store) -> None:
+    """A turn committed alone is decided before ``commit_turn_soon`` returns, so the
+    metrics count it before the handler answers (a scrape of another worker could miss
+    a count that came a pass of the loop later)."""
+    told: list[BaseException | None] = []
+    saving = sqlite_store.commit_turn_soon(
+        ALICE, "c", system=None, turn=turn(1), decided=told.append
+    )
+    assert told == [None]
+    assert saving.done()
+
+
 async def test_a_conversation_read_as_new_is_created_with_a_plain_insert(
     sqlite_store: Store, db_path: Path
 ) -> None:

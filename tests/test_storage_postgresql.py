@@ -59,6 +59,30 @@ async def inject_failures(url: str, code: str, times: int) -> None:
         await conn.close()
 
 
+async def test_a_caller_that_stops_waiting_does_not_stop_the_commit(
+    store: Store, pg_url: str
+) -> None:
+    """On PostgreSQL a turn commits in a task of its own; the future a caller awaits only
+    reports on it, so cancelling that future (a handler cancelled while it waits, with no
+    ``asyncio.shield``) leaves the commit to finish, and ``decided`` is still told."""
+    told: list[BaseException | None] = []
+    decided = asyncio.get_running_loop().create_future()
+
+    def tell(failure: BaseException | None) -> None:
+        told.append(failure)
+        decided.set_result(None)
+
+    waiter = store.commit_turn_soon(ALICE, "c", system=None, turn=turn(1), decided=tell)
+    waiter.cancel()
+    await asyncio.wait_for(decided, 20)
+    assert told == [None]
+    assert await fetch(pg_url, "SELECT seq, content FROM messages ORDER BY seq") == [
+        {"seq": 1, "content": '"q1"'},
+        {"seq": 2, "content": '"a1"'},
+    ]
+    assert not store._committing
+
+
 @pytest.mark.parametrize("code", ["40001", "40P01"])  # serialization failure, deadlock
 async def test_conflicts_are_retried(store: Store, pg_url: str, code: str) -> None:
     await inject_failures(pg_url, code, WRITE_ATTEMPTS - 1)

@@ -17,7 +17,6 @@ than the one that counted, so there every event goes into the metrics at once.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from bisect import bisect_left
@@ -204,24 +203,20 @@ class Metrics:
     def upstream_timer(self, route: str) -> UpstreamTimer:
         return UpstreamTimer(self, route)
 
-    def count_commit(
-        self, saving: asyncio.Future[None], tenant: str, usage: Mapping[str, Any] | None
-    ) -> None:
-        """Count how ``saving`` (a turn being committed) went, once it is decided, whether
-        or not anyone still waits for it: at once if it is (a turn committed alone), not
-        a loop pass later, by when its answer may have gone and a scrape of another
-        worker missed it (a test of ``--workers 2`` found 5 turns of 6)."""
-        if saving.done():
-            self._counted(saving, tenant, usage)
-        else:
-            saving.add_done_callback(lambda done: self._counted(done, tenant, usage))
+    def commit_counter(
+        self, tenant: str, usage: Mapping[str, Any] | None
+    ) -> Callable[[BaseException | None], None]:
+        """What the store calls once a turn's commit is decided (``decided`` of
+        ``Store.commit_turn_soon``): with None when it is committed, else with the
+        failure.  Called by the store itself, so it counts the turn whether or not anyone
+        still waits for it, and at once: before its answer goes, where a scrape of
+        another worker could otherwise miss it (a test of ``--workers 2`` found 5 turns
+        of 6)."""
+        return lambda error: self._counted(error, tenant, usage)
 
     def _counted(
-        self, done: asyncio.Future[None], tenant: str, usage: Mapping[str, Any] | None
+        self, error: BaseException | None, tenant: str, usage: Mapping[str, Any] | None
     ) -> None:
-        if done.cancelled():
-            return
-        error = done.exception()  # retrieved here even when its waiter has gone
         if error is not None:
             if isinstance(error, ChatmemError):
                 self._failed += 1

@@ -3,7 +3,6 @@ the older services' endpoints all run through :func:`run_turn`)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -219,8 +218,9 @@ async def _forward(
         # The upstream may have quoted the key it was sent: not in the store, nor the log.
         message = masked_json(assistant_message(answer), upstream.secret)
         # Under way once this returns, and not stopped by a handler that is cancelled
-        # meanwhile: the turn is never left half-decided.
-        saving = gateway.store.commit_turn_soon(
+        # meanwhile (that only stops the waiting): the turn is never left half-decided,
+        # and the metrics hear how it went from the store, waited for or not.
+        await gateway.store.commit_turn_soon(
             turn.owner,
             chat.conversation_id,
             system=chat.system,
@@ -228,11 +228,8 @@ async def _forward(
             # Other requests in flight: let turns that finish together commit together.
             together=len(gateway.live.tasks) > 1,
             after=history.read_at,
+            decided=gateway.metrics.commit_counter(turn.owner.tenant, answer.usage),
         )
-        gateway.metrics.count_commit(saving, turn.owner.tenant, answer.usage)
-        # Shielded so that a cancelled handler does not cancel the future itself (free
-        # when it is already done, as a turn committed alone is).
-        await asyncio.shield(saving)
         log_content(gateway.config.log.debug_content, "turn committed", message.get("content"))
 
     log_content(gateway.config.log.debug_content, "messages", chat.messages)

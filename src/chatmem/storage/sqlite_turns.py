@@ -95,6 +95,8 @@ _Row = tuple[Any, ...]
 _Turn = tuple[list[_Row], str | None]
 """A turn written: its rows in ``messages``, and the system prompt as stored."""
 _Written = _Turn | Exception
+Decided = Callable[[BaseException | None], None]
+"""Told how a turn's commit was decided: None, committed; else the failure."""
 
 
 class _Regroup(Exception):
@@ -131,28 +133,6 @@ def _failure(exc: BaseException) -> BaseException:
         unavailable.__cause__ = exc
         return unavailable
     return exc
-
-
-def _settle(
-    futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | _Turn | None]
-) -> None:
-    for future, result in zip(futures, outcome, strict=True):
-        if future.done():  # its caller was cancelled; the turn is committed all the same
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(_failure(result))
-        else:
-            future.set_result(None)
-
-
-def _settle_from(futures: Sequence[asyncio.Future[None]], done: asyncio.Future[Any]) -> None:
-    """Settle ``futures`` from a batch written on the writer thread."""
-    if done.cancelled():
-        _settle(futures, [asyncio.CancelledError()] * len(futures))
-    elif (error := done.exception()) is not None:
-        _settle(futures, [error] * len(futures))
-    else:
-        _settle(futures, done.result())
 
 
 def _checkpoint(conn: sqlite3.Connection) -> int:
@@ -222,6 +202,8 @@ class SQLiteTurns:
         """Conversations the last read found missing.  Their first turn is created with a
         plain insert, 2.3 us cheaper than the upsert; a hint only: when the conversation
         was created meanwhile the insert fails and the upsert runs after all."""
+        self._deciders: dict[asyncio.Future[None], Decided] = {}
+        """Who is told how a turn's commit was decided, by its future (``decided``)."""
         self._waiting: set[asyncio.Future[Any]] = set()
         self._held: list[tuple[Sequence[_TurnArgs], list[asyncio.Future[None]]]] = []
         """The batches held back while the process's own SQLAlchemy engine writes
@@ -356,15 +338,16 @@ class SQLiteTurns:
         *,
         together: bool = False,
         after: tuple[int, int] | None = None,
+        decided: Decided | None = None,
     ) -> asyncio.Future[None]:
         """Append ``turn`` in a transaction of its own or, ``together``, in one transaction
         with the other turns that finish with it; the future is done once the turn is
-        committed (or failed).
+        committed (or failed), and ``decided`` is called then, with None or the failure.
 
         The write is under way when this returns, and nothing the caller does stops it:
-        cancelling the future only stops waiting for it.  A turn alone is written at once
-        (the future comes back done) unless the lock is taken, when the writer thread
-        waits for it.
+        cancelling the future only stops waiting for it (``decided`` is still called).
+        A turn alone is written at once (the future comes back done) unless the lock is
+        taken, when the writer thread waits for it.
 
         Under load most of a commit's cost is shared (the same index and table pages go
         to the WAL, the same locks are taken), so turns that finish together commit
@@ -379,6 +362,8 @@ class SQLiteTurns:
         loop = asyncio.get_running_loop()
         args = (tenant, user, conversation_id, system, turn, now, after)
         future: asyncio.Future[None] = loop.create_future()
+        if decided is not None:
+            self._deciders[future] = decided
         if together:
             self._queued.append((args, future))
             if len(self._queued) == 1:
@@ -460,16 +445,16 @@ class SQLiteTurns:
                 self._wait_for_lock(batch, futures)
             else:
                 self._health.failed(exc)
-                _settle(futures, [exc] * len(futures))
+                self._settle(futures, [exc] * len(futures))
             return
         except Exception as exc:  # handed to every caller of the batch
             if isinstance(exc, sqlite3.Error):
                 self._health.failed(exc)
-            _settle(futures, [exc] * len(futures))
+            self._settle(futures, [exc] * len(futures))
             return
         self._health.wrote()
         self._committed(batch, written)
-        _settle(futures, written)
+        self._settle(futures, written)
 
     def _wait_for_lock(
         self, batch: Sequence[_TurnArgs], futures: list[asyncio.Future[None]]
@@ -487,7 +472,36 @@ class SQLiteTurns:
                 self._health.wrote()
             elif isinstance(error, sqlite3.Error):
                 self._health.failed(error)  # contention (a lock past busy_timeout) aside
-        _settle_from(futures, done)
+        self._settle_from(futures, done)
+
+    def _settle(
+        self, futures: Sequence[asyncio.Future[None]], outcome: Sequence[BaseException | _Turn]
+    ) -> None:
+        """Settle each turn's future with what became of it, then tell its ``decided``."""
+        failures = [_failure(r) if isinstance(r, BaseException) else None for r in outcome]
+        for future, failure in zip(futures, failures, strict=True):
+            if future.done():  # its waiter left; the turn is decided all the same
+                continue
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(None)
+        if self._deciders:  # after every future is settled: none waits for good on a fault
+            for future, failure in zip(futures, failures, strict=True):
+                decided = self._deciders.pop(future, None)
+                if decided is not None:
+                    decided(failure)
+
+    def _settle_from(
+        self, futures: Sequence[asyncio.Future[None]], done: asyncio.Future[Any]
+    ) -> None:
+        """Settle ``futures`` from a batch written on the writer thread."""
+        if done.cancelled():
+            self._settle(futures, [asyncio.CancelledError()] * len(futures))
+        elif (error := done.exception()) is not None:
+            self._settle(futures, [error] * len(futures))
+        else:
+            self._settle(futures, done.result())
 
     def _ahead_of_writes(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn`` on the writer thread; until it is done, the turns that finish queue
