@@ -27,8 +27,8 @@ from .tracking import (
     ROUTE_PREFIX,
     OwnRoutes,
     drain,
-    is_chatmem_route_name,
     metrics_endpoint,
+    own_routes,
     response_counter,
     tracker,
 )
@@ -69,7 +69,7 @@ def setup(app: web.Application, config: Config) -> None:
 
     app.cleanup_ctx.append(lifecycle)
     app[TRUSTED_PROXIES] = parse_networks(config.server.trusted_proxies)
-    own: OwnRoutes = set()  # filled below, once they are all added
+    own: OwnRoutes = {}  # filled below, once they are all added
     app.on_response_prepare.append(response_counter(gateway, own, app))
     app.on_shutdown.append(close_websockets)  # before the drain waits for them
     keep_offered_subprotocols_out_of_logs()
@@ -105,7 +105,7 @@ def setup(app: web.Application, config: Config) -> None:
         name=ROUTE_PREFIX + "passthrough",
         early_headers=passthrough_early_headers,
     )
-    own.update(route for route in app.router.routes() if is_chatmem_route_name(route.name))
+    own.update(own_routes(app.router.routes()))
     for resource in app.router.resources():
         if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
             hosts.discard(resource.canonical)  # once per path
