@@ -24,6 +24,7 @@ from .proxy.passthrough import (
 )
 from .state import GATEWAY, Gateway
 from .tracking import (
+    PASSTHROUGH_ROUTE,
     ROUTE_PREFIX,
     OwnRoutes,
     drain,
@@ -102,7 +103,7 @@ def setup(app: web.Application, config: Config) -> None:
         "*",
         "/v1/{tail:.*}",
         passthrough,
-        name=ROUTE_PREFIX + "passthrough",
+        name=ROUTE_PREFIX + PASSTHROUGH_ROUTE,
         early_headers=passthrough_early_headers,
     )
     own.update(own_routes(app.router.routes()))

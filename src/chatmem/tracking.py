@@ -30,6 +30,7 @@ ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 __all__ = [
     "COUNTED_AS",
+    "PASSTHROUGH_ROUTE",
     "REQUEST_ID",
     "ROUTE_PREFIX",
     "UPSTREAM_REQUEST_ID_HEADER",
@@ -83,8 +84,9 @@ def own_routes(routes: Iterable[web.AbstractRoute]) -> OwnRoutes:
     }
 
 
-_PASSTHROUGH = "passthrough"
-"""The one route whose requests may be counted under another's (``COUNTED_AS``)."""
+PASSTHROUGH_ROUTE = "passthrough"
+"""The passthrough's route name (after ``chatmem.``): the one route whose requests may be
+counted under another's (``COUNTED_AS``)."""
 
 
 def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
@@ -186,7 +188,7 @@ def response_counter(gateway: Gateway, own: OwnRoutes, app: web.Application) -> 
         response.headers[REQUEST_ID_HEADER] = request_id
         if route is None or (response.status == 405 and isinstance(response, HostMethodNotAllowed)):
             route = "other"  # a host route's (or one asked with another method)
-        elif route == _PASSTHROUGH:  # a request it handed to another route is counted there
+        elif route == PASSTHROUGH_ROUTE:  # a request it handed to another route is counted there
             # (looked up here only: ``get`` of a key a request does not hold raises and
             # catches a KeyError inside aiohttp's mapping, 0.8 % of a chat turn's cost)
             route = request.get(COUNTED_AS) or route

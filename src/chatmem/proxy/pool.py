@@ -188,7 +188,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(
                     HeadRefused(self._refusal())
                     if not self.headers_done
-                    else UpstreamBroken("the upstream sent a trailer or chunk line over 128 KiB")
+                    else UpstreamBroken(
+                        f"the upstream sent a trailer or chunk line over {_UNPARSED // 1024} KiB"
+                    )
                 )
                 self.close()
 

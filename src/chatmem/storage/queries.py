@@ -736,14 +736,17 @@ class Store(ConversationItems):
     ) -> None:
         """Pass a commit's outcome on to its waiter, if it still waits, and ``decided``."""
         self._committing.discard(done)
-        failure = asyncio.CancelledError() if done.cancelled() else done.exception()
-        if not waiter.done():
-            if failure is None:
-                waiter.set_result(None)
-            elif done.cancelled():
-                waiter.cancel()
-            else:
-                waiter.set_exception(failure)
+        failure: BaseException | None
+        if done.cancelled():
+            failure = asyncio.CancelledError()
+            waiter.cancel()  # a no-op when the waiter is done already
+        else:
+            failure = done.exception()
+            if not waiter.done():
+                if failure is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(failure)
         if decided is not None:
             decided(failure)
 
