@@ -61,10 +61,12 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
     statements = traced(sqlite_store)
     # As the gateway goes: read (a new conversation), commit, read, commit...
     assert (await sqlite_store.load_history(ALICE, "c", limit=10)).messages == []
-    # A new conversation, the cache still empty: one statement, no transaction, no pragma.
+    # A new conversation, the cache still empty: one statement, no pragma, in the read
+    # transaction of the event loop's pass.
     assert statements == [
+        "BEGIN",
         "SELECT pk, system_prompt, last_seq FROM conversations"
-        " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'c'"
+        " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'c'",
     ]
     await sqlite_store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
     for i in range(2, 5):
@@ -78,8 +80,8 @@ async def test_a_conversation_that_goes_on_is_not_read_again(
     # is cached from its second turn on); none after.
     conversation = "SELECT pk, system_prompt, last_seq FROM conversations WHERE"
     window = "SELECT role, content, name, tool_calls, tool_call_id, "  # the reasoning to send
-    assert [s[: len(conversation)] for s in reads[:3]] == [conversation] * 3
-    assert len(reads) == 4 and reads[3].startswith(window) and "FROM messages" in reads[3]
+    assert [s[: len(conversation)] for s in reads[:2]] == [conversation] * 2
+    assert len(reads) == 3 and reads[2].startswith(window) and "FROM messages" in reads[2]
     # Read in the transaction that cached the window, then checked before each hit.
     assert sum(s == "PRAGMA data_version" for s in statements) == 3
     await same_as_database(sqlite_store, reference, "c", 10)
@@ -141,13 +143,69 @@ async def test_a_miss_skips_the_pragma_and_a_write_elsewhere_is_still_seen(
     statements = traced(sqlite_store)
     assert (await sqlite_store.load_history(ALICE, "new", 10)).messages == []
     assert statements == [
+        "BEGIN",
         "SELECT pk, system_prompt, last_seq FROM conversations"
-        " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'new'"
+        " WHERE tenant = 'team-a' AND user_id = 'alice' AND id = 'new'",
     ]
     history = await sqlite_store.load_history(ALICE, "a", 10)
     assert [m["content"] for m in history.messages][-1] == "a2"
     # Checked before the hit (it moved: a miss), then read with the window again.
     assert statements.count("PRAGMA data_version") == 2
+
+
+async def test_the_reads_of_one_pass_share_one_transaction(sqlite_store: Store) -> None:
+    """Each read transaction takes and gives back a lock on the ``-shm`` file, two system
+    calls: the reads of one pass of the event loop share one, ended in the next pass."""
+    statements = traced(sqlite_store)
+    for cid in ("x", "y", "z"):  # none of these waits: all three in this pass
+        assert (await sqlite_store.load_history(ALICE, cid, 10)).messages == []
+    find = "SELECT pk, system_prompt, last_seq FROM conversations WHERE"
+    assert [s[: len(find)] for s in statements] == ["BEGIN", find, find, find]
+    await asyncio.sleep(0)
+    assert statements[4:] == ["COMMIT"]
+    await sqlite_store.load_history(ALICE, "x", 10)  # the next pass: a transaction anew
+    assert statements[5] == "BEGIN" and statements[6].startswith(find)
+
+
+async def test_the_pass_after_a_write_elsewhere_sees_it(sqlite_store: Store, db_path: Path) -> None:
+    """The reads of a pass see the database as it was at the first of them: the requests
+    they serve were received before it.  A commit of another connection during the pass
+    is seen from the next, where the loop gets what came after it."""
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).messages == []
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute(
+            "INSERT INTO conversations (id, tenant, user_id, last_seq, created_at, updated_at)"
+            " VALUES ('c', 'team-a', 'alice', 0, 0, 0)"
+        )
+    finally:
+        other.close()
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).pk == 0  # the same pass
+    await asyncio.sleep(0)
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).pk != 0
+
+
+async def test_a_commit_ends_the_pass_s_read(sqlite_store: Store, reference: Store) -> None:
+    """A turn commits on the same connection in the pass that read it (``BEGIN IMMEDIATE``
+    cannot start inside the read), and the next read, the same pass too, sees it."""
+    statements = traced(sqlite_store)
+    assert (await sqlite_store.load_history(ALICE, "c", 10)).messages == []
+    await sqlite_store.commit_turn(ALICE, "c", system=None, turn=turn(1))
+    assert statements[2:4] == ["COMMIT", "BEGIN IMMEDIATE"]
+    assert len((await sqlite_store.load_history(ALICE, "c", 10)).messages) == 2
+    await same_as_database(sqlite_store, reference, "c", 10)
+
+
+async def test_the_store_closes_with_the_pass_s_read_open(db_path: Path) -> None:
+    """The loop's connection is closed on a thread: the read is ended on the loop before,
+    so that its callback does not touch a connection being closed (it crashed Python)."""
+    for _ in range(10):  # a race, were it there: the callback and the thread at once
+        store = await open_store(db_path)
+        await store.load_history(ALICE, "c", 10)
+        await store.close()
+        await asyncio.sleep(0)  # the read's callback runs: nothing left to end
+    with sqlite3.connect(db_path) as conn:  # and the file is whole
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 async def test_a_deleted_conversation_is_gone(sqlite_store: Store) -> None:

@@ -315,6 +315,7 @@ class Store(ConversationItems):
     async def close(self) -> None:
         if self._turns is not None:
             self._turns.commit_queued()  # a group commit still gathering is not dropped
+            self._turns.end_read()  # the loop's, and its connection is closed on a thread
             await asyncio.get_running_loop().run_in_executor(None, self._turns.close)
         if self._inline is not None:
             self._inline.close()
@@ -368,6 +369,9 @@ class Store(ConversationItems):
                     done = True
                 finally:
                     self._inline.end(commit=done)
+                    # The turns' reads of this pass began before it: the next one
+                    # sees it.  (A write on a thread ends in a later pass, after them.)
+                    self._turns.end_read()
         except StorageUnavailable as exc:
             self.health.failed(exc)
             raise

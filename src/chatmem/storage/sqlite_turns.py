@@ -190,6 +190,9 @@ class SQLiteTurns:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-write")
         self._inline: sqlite3.Connection | None = None
+        self._reading = False
+        """The loop's connection is in the read transaction of this pass of the event loop
+        (:meth:`_reading_connection`)."""
         self._since_checkpoint = 0
         self._queued: list[tuple[_TurnArgs, asyncio.Future[None]]] = []
         self._gathered = 0
@@ -244,6 +247,46 @@ class SQLiteTurns:
             self._inline.execute("PRAGMA foreign_keys=OFF")
         return self._inline
 
+    def _reading_connection(self) -> sqlite3.Connection:
+        """The loop's connection, in a read transaction that the reads of this pass of the
+        event loop share, ended at the start of the next pass (or by a write before).
+
+        Every read transaction in WAL mode takes a shared lock on the ``-shm`` file and
+        gives it back, two ``fcntl`` calls, when no other connection of the process holds
+        that lock; under load several requests read in one pass, and with the read in
+        one transaction the gateway spent 2 % less CPU per request at 32 clients.
+
+        The snapshot is as fresh as separate reads would be for every request that
+        reads in it.  The transaction begins at the first read of a pass, and the
+        callback that ends it is queued right then: what ran before it in the queue was
+        set off by what happened before that read (a request the loop had already
+        received, a commit already done), and whatever happens after it (a client that
+        was answered and asks again, another connection's commit, seen through a
+        callback of its own) gets to the loop's reads only after it.  The loop's own
+        writes end it first (:meth:`end_read`): ``BEGIN IMMEDIATE`` needs a
+        connection that is not in a transaction, and the write reads the newest data."""
+        conn = self._loop_connection()
+        if not self._reading:
+            conn.execute("BEGIN")
+            self._reading = True
+            asyncio.get_running_loop().call_soon(self.end_read)
+        return conn
+
+    def end_read(self) -> None:
+        """End the read transaction of the pass, if one is open (see
+        :meth:`_reading_connection`); on the event loop, also before :meth:`close`."""
+        if not self._reading:
+            return
+        self._reading = False
+        conn = self._inline
+        if conn is None or not conn.in_transaction:  # closed, or a write ended it
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:  # a read ends whichever way: never leave a write unable to begin
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
     async def _run(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
@@ -257,7 +300,7 @@ class SQLiteTurns:
         that many bytes."""
         args = (tenant, user, conversation_id, limit, max_bytes)
         key = (tenant, user, conversation_id)
-        conn = self._loop_connection()
+        conn = self._reading_connection()
         try:
             # A cached window is trusted only if nobody else wrote since; a miss reads the
             # database anyway.
@@ -307,24 +350,37 @@ class SQLiteTurns:
         snapshot it was read in, whether ``max_bytes`` cut the window, its ``last_seq``;
         pk and ``last_seq`` 0 if it is not stored).
 
-        A new conversation costs one statement: no transaction, no version (nothing is
-        cached for it).
+        All in one snapshot: the loop's connection is in the read transaction of its
+        pass (:meth:`_reading_connection`), a thread's begins one here.  A new
+        conversation costs one statement, and no version (nothing is cached for it).
 
         The messages are never decoded: each one's JSON text is put together from the
         stored JSON columns, to be spliced into the request body.  Decoding them to str
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
-        if conn.execute(_FIND, (tenant, user, conversation_id)).fetchone() is None:
-            return 0, None, Texts.empty(), None, False, 0
-        conn.execute("BEGIN")  # one snapshot for the version and both statements
+        if conn.in_transaction:
+            return self._read_window(conn, tenant, user, conversation_id, limit, max_bytes)
+        conn.execute("BEGIN")
         try:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
-            if found is None:
-                return 0, None, Texts.empty(), None, False, 0
-            window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
+            return self._read_window(conn, tenant, user, conversation_id, limit, max_bytes)
         finally:
             conn.execute("COMMIT")
+
+    def _read_window(
+        self,
+        conn: sqlite3.Connection,
+        tenant: str,
+        user: str,
+        conversation_id: str,
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[int, Any, Texts, int | None, bool, int]:
+        """:meth:`_load_window` in a transaction."""
+        found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
+        if found is None:
+            return 0, None, Texts.empty(), None, False, 0
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
         return found[0], _load(found[1]), window, version, cut, found[2]
 
     def append_turn_soon(
@@ -438,6 +494,7 @@ class SQLiteTurns:
         if self._waiting:
             self._wait_for_lock(batch, futures)
             return
+        self.end_read()
         try:
             written = self._write(self._loop_connection(), batch)
         except sqlite3.OperationalError as exc:
@@ -691,6 +748,7 @@ class SQLiteTurns:
         connection, which never waits (``Store.check_ready``): raises SQLite's error, busy
         at once when another writer holds the lock (a readiness check that waited for it
         would hang for ``busy_timeout``)."""
+        self.end_read()
         conn = self._loop_connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -709,7 +767,9 @@ class SQLiteTurns:
         self._count_commit()  # an idle gateway's probes are its only commits
 
     def close(self) -> None:
-        """Close the connections (on a thread: this waits for the database threads)."""
+        """Close the connections (on a thread: this waits for the database threads), after
+        :meth:`end_read` on the loop: its callback must not run on a connection being
+        closed."""
         if self._inline is not None:
             self._inline.close()
             self._inline = None
