@@ -90,7 +90,7 @@ class LiveRequests:
     async def detached(self, work: asyncio.Task[T]) -> T:
         """The result of ``work``, a task the handler's cancellation cannot reach; while the
         handler waits, shutdown knows which work it waits for (see ``drain``)."""
-        handler = asyncio.current_task()
+        handler = asyncio.current_task(work.get_loop())
         if handler is not None:
             self.waiting[handler] = work
         try:

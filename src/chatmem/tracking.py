@@ -115,7 +115,7 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
         try:
             if request.match_info.route not in own:
                 return await handler(request)
-            task = asyncio.current_task()
+            task = asyncio.current_task(gateway.loop)
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
             started = 0.0
