@@ -568,6 +568,19 @@ async def test_a_model_name_may_hold_slashes(gateway: Client, upstream: TestServ
     assert chats(upstream)[-1]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
+async def test_a_trailing_slash_is_not_part_of_the_model(
+    gateway: Client, upstream: TestServer, rows: Rows
+) -> None:
+    resp = await gateway.post("/conversation/meta-llama/Llama-3.1-8B-Instruct/", json={"text": "x"})
+    assert resp.status == 200
+    assert chats(upstream)[-1]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    sent = len(chats(upstream))
+    resp = await gateway.post("/conversation//", json={"text": "x"})  # no model at all
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "model"
+    assert len(chats(upstream)) == sent and len(rows.messages()) == 2
+
+
 async def test_conversation_sends_only_the_fields_given(
     gateway: Client, upstream: TestServer
 ) -> None:

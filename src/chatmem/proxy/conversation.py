@@ -21,7 +21,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from .. import jsonio
 from ..auth import authenticate
 from ..config import CompatConfig
-from ..errors import ChatmemError, error_response
+from ..errors import ChatmemError, InvalidRequest, error_response
 from ..state import gateway_of
 from ..storage.queries import Owner
 from .accumulate import StreamAccumulator
@@ -118,6 +118,16 @@ class PlainText:
         return f"\n[error: {message}]\n".encode()
 
 
+def _model(request: web.Request) -> str:
+    """The model the path names.  Its name may hold slashes (``meta-llama/...``) but
+    never ends in one: a trailing slash (a base URL joined with one) is not sent upstream,
+    where the model ``m/`` would be refused by name."""
+    model = request.match_info["model"].rstrip("/")
+    if not model:
+        raise InvalidRequest("the path names no model: POST /conversation/{model}", param="model")
+    return model
+
+
 def _upstream_body(model: str, body: dict[str, Any]) -> dict[str, Any]:
     """The chat completion fields: the seed's names, OpenAI's meaning (``top_k`` is the
     extra parameter vLLM, llama.cpp and TGI accept)."""
@@ -139,7 +149,7 @@ async def conversation(request: web.Request) -> web.StreamResponse:
         owner = authenticate(request)
         body = json_object(await read_body(request, gateway.config.server.max_body_bytes))
         text = required_str(body, "text")
-        upstream_body = _upstream_body(request.match_info["model"], body)
+        upstream_body = _upstream_body(_model(request), body)
         sessions = request.config_dict[COOKIE_SESSIONS]
         session, conversation_id = await sessions.load(request, owner)
         headers["Set-Cookie"] = await sessions.set_cookie_header(request, session)
