@@ -196,6 +196,22 @@ async def test_a_commit_ends_the_pass_s_read(sqlite_store: Store, reference: Sto
     await same_as_database(sqlite_store, reference, "c", 10)
 
 
+async def test_a_read_on_the_reader_thread_begins_and_ends_its_own(sqlite_store: Store) -> None:
+    """A read that finds the lock taken goes to the reader thread, whose connection is
+    in no read of a pass: it reads in a transaction of its own, and ends it."""
+    turns = sqlite_store._turns
+    assert turns is not None
+    await sqlite_store.commit_turn(ALICE, "c", system=SYSTEM, turn=turn(1))
+    args = ("team-a", "alice", "c", 10, 0)
+    on_loop = turns._load_window(turns._reading_connection(), *args)
+    on_thread = await turns._run(turns._reader, turns._on_thread, turns._load_window, *args)
+    pk, system, window, version, cut, last_seq = on_thread
+    assert (pk, system, cut, last_seq) == (on_loop[0], SYSTEM, False, 2)
+    assert window.body == on_loop[2].body and version is not None
+    in_transaction = turns._reader.submit(lambda: turns._connection().in_transaction)
+    assert in_transaction.result() is False
+
+
 async def test_the_store_closes_with_the_pass_s_read_open(db_path: Path) -> None:
     """The loop's connection is closed on a thread: the read is ended on the loop before,
     so that its callback does not touch a connection being closed (it crashed Python)."""

@@ -358,29 +358,18 @@ class SQLiteTurns:
         stored JSON columns, to be spliced into the request body.  Decoding them to str
         and dicts, and encoding the dicts again, cost ~1.2 us per message of the window
         (up to ``memory.max_history_messages``); putting the text together costs ~0.3."""
-        if conn.in_transaction:
-            return self._read_window(conn, tenant, user, conversation_id, limit, max_bytes)
-        conn.execute("BEGIN")
+        own = not conn.in_transaction  # a thread's connection: not in a read of its pass
+        if own:
+            conn.execute("BEGIN")
         try:
-            return self._read_window(conn, tenant, user, conversation_id, limit, max_bytes)
+            found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
+            if found is None:
+                return 0, None, Texts.empty(), None, False, 0
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
         finally:
-            conn.execute("COMMIT")
-
-    def _read_window(
-        self,
-        conn: sqlite3.Connection,
-        tenant: str,
-        user: str,
-        conversation_id: str,
-        limit: int,
-        max_bytes: int,
-    ) -> tuple[int, Any, Texts, int | None, bool, int]:
-        """:meth:`_load_window` in a transaction."""
-        found = conn.execute(_FIND, (tenant, user, conversation_id)).fetchone()
-        if found is None:
-            return 0, None, Texts.empty(), None, False, 0
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        window, cut = self._blocks.read(conn, found[0], found[2], limit, max_bytes)
+            if own:
+                conn.execute("COMMIT")
         return found[0], _load(found[1]), window, version, cut, found[2]
 
     def append_turn_soon(
