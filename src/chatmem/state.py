@@ -34,8 +34,9 @@ class Gateway:
     store: Store
     upstream: Upstream
     loop: asyncio.AbstractEventLoop
-    """The event loop the app runs on: asked for by name, it costs no ``getpid`` system
-    call, which ``asyncio.get_running_loop`` makes on Python 3.11 (three a turn)."""
+    """The event loop the app runs on, set by :meth:`start`: passed by name, it costs no
+    ``getpid`` system call, which ``asyncio.get_running_loop`` and ``current_task()``
+    make on Python 3.11 each time (3.07 a plain turn before, 2.04 since)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
