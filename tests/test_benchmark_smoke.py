@@ -73,6 +73,24 @@ def test_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert "judge the targets on a run without it" in result.stdout
 
 
+def test_a_ratio_to_direct_is_taken_within_each_round() -> None:
+    """The machine sped up for the third round: a ratio of the two medians would pair the
+    relay's median round (60 req/s, round 3) with direct's (100, round 1) and say 0.6;
+    within each round the relay made 0.5, 0.9 and 0.2 of direct, median 0.5."""
+
+    def sample(target: str, rnd: int, rps: int) -> run.Sample:
+        return run.Sample(target, rnd, latencies_ms=[1.0] * rps, wall_s=1.0)
+
+    rounds = [(100, 50), (100, 90), (300, 60)]
+    samples = [sample("direct", r, d) for r, (d, _) in enumerate(rounds)]
+    samples += [sample("memory", r, m) for r, (_, m) in enumerate(rounds)]
+    assert run.paired(samples, "memory", run._round_rps) == pytest.approx(0.5)
+    # passthrough is compared with the mock's /v1/completions, not its chat route
+    samples += [sample("direct-legacy", r, 200) for r in range(3)]
+    samples += [sample("passthrough", r, 100) for r in range(3)]
+    assert run.paired(samples, "passthrough", run._round_rps) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     ("command", "said"),
     [
