@@ -73,8 +73,9 @@ are checked only then, so an upstream that never ended a line would fill the mem
 
 def writable(value: str) -> bool:
     """Whether a header value holds no control byte (a tab is none): what a server writes
-    on (aiohttp's fails the request with a 500 otherwise)."""
-    return _CONTROL.search(value) is None
+    on (aiohttp's fails the request with a 500 otherwise).  Most values are all
+    printable, which is quick to tell; a tab is not printable, nor a control byte."""
+    return value.isprintable() or _CONTROL.search(value) is None
 
 
 def head_refused(max_head: int | None) -> str:
@@ -240,14 +241,13 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         if 100 <= self.status < 200:
             return  # an interim response: the real one follows
-        if not self.reason.isprintable() and not writable(self.reason):
+        if not writable(self.reason):
             raise HeadRefused(self._refusal())
         framed = False
         for name, value in self.raw_headers:
             # A control byte, which the lenient parser lets through and no server writes
-            # on (aiohttp's would fail the request with a 500).  Most values are all
-            # printable, which is quick to tell; a tab is not printable, nor a control byte.
-            if not value.isprintable() and not writable(value):
+            # on (aiohttp's would fail the request with a 500).
+            if not writable(value):
                 raise HeadRefused(self._refusal())
             if not framed and name.lower() in ("content-length", "transfer-encoding"):
                 framed = True

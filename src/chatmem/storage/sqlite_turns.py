@@ -192,7 +192,9 @@ class SQLiteTurns:
         self._inline: sqlite3.Connection | None = None
         self._reading = False
         """The loop's connection is in the read transaction of this pass of the event loop
-        (:meth:`_reading_connection`)."""
+        (:meth:`_reading_connection`).  Not ``in_transaction``: the callback that ends the
+        read checks this, so that after :meth:`end_read` it never touches a connection a
+        thread may be closing."""
         self._since_checkpoint = 0
         self._queued: list[tuple[_TurnArgs, asyncio.Future[None]]] = []
         self._gathered = 0
@@ -264,14 +266,19 @@ class SQLiteTurns:
         received, a commit already done), and whatever happens after it (a client that
         was answered and asks again, another connection's commit, seen through a
         callback of its own) gets to the loop's reads only after it.  The loop's own
-        writes end it first (:meth:`end_read`): ``BEGIN IMMEDIATE`` needs a
-        connection that is not in a transaction, and the write reads the newest data."""
+        writes end it first (:meth:`_writing_connection`)."""
         conn = self._loop_connection()
         if not self._reading:
             conn.execute("BEGIN")
             self._reading = True
             asyncio.get_running_loop().call_soon(self.end_read)
         return conn
+
+    def _writing_connection(self) -> sqlite3.Connection:
+        """The loop's connection, out of its pass's read (``BEGIN IMMEDIATE`` cannot start
+        in a transaction, and a write reads the newest data)."""
+        self.end_read()
+        return self._loop_connection()
 
     def end_read(self) -> None:
         """End the read transaction of the pass, if one is open (see
@@ -484,9 +491,8 @@ class SQLiteTurns:
         if self._waiting:
             self._wait_for_lock(batch, futures)
             return
-        self.end_read()
         try:
-            written = self._write(self._loop_connection(), batch)
+            written = self._write(self._writing_connection(), batch)
         except sqlite3.OperationalError as exc:
             if sqlite_busy(exc):
                 self._wait_for_lock(batch, futures)
@@ -738,8 +744,7 @@ class SQLiteTurns:
         connection, which never waits (``Store.check_ready``): raises SQLite's error, busy
         at once when another writer holds the lock (a readiness check that waited for it
         would hang for ``busy_timeout``)."""
-        self.end_read()
-        conn = self._loop_connection()
+        conn = self._writing_connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
