@@ -142,6 +142,22 @@ def test_openai_style_tool_call_fragments() -> None:
     ]
 
 
+def test_arguments_streamed_as_an_object_are_kept_as_its_json() -> None:
+    """As a plain answer's are (``turn_from_completion``): they were stored as "", and a
+    history whose call has no arguments is refused by servers that parse them."""
+    calls = tool_calls_of(
+        chunk(
+            {"tool_calls": [tool_delta(0, id="c1", type="function", name="g", arguments={"a": 1})]}
+        ),
+        chunk({"tool_calls": [tool_delta(1, id="c2", type="function", name="h", arguments=[])]}),
+        chunk({}, finish_reason="tool_calls"),
+    )
+    assert calls == [
+        {"id": "c1", "type": "function", "function": {"name": "g", "arguments": '{"a": 1}'}},
+        {"id": "c2", "type": "function", "function": {"name": "h", "arguments": "[]"}},
+    ]
+
+
 def test_same_index_twice_in_one_chunk_is_merged_in_order() -> None:
     calls = tool_calls_of(
         chunk(

@@ -68,8 +68,14 @@ async def test_a_trailing_slash_keeps_the_memory(
     have forwarded ``conversation`` and remembered nothing)."""
     first = await chat(gateway, [user("one")])
     answers = [(await first.json())["choices"][0]["message"]["content"]]
-    # A doubled slash too: a base URL ending in /v1/ joined to /chat/completions.
-    paths = ("/v1/chat/completions/", "/v1//chat/completions", "/v1/chat//completions//")
+    # A doubled slash too: a base URL ending in /v1/ joined to /chat/completions; and an
+    # escaped one, which aiohttp's router keeps escaped and uvicorn decodes (item 134).
+    paths = (
+        "/v1/chat/completions/",
+        "/v1//chat/completions",
+        "/v1/chat//completions//",
+        "/v1/chat%2Fcompletions",
+    )
     for number, path in enumerate(paths):
         resp = await gateway.post(
             path, json={"model": "m", "messages": [user(path)], "conversation": "c1"}
@@ -82,10 +88,10 @@ async def test_a_trailing_slash_keeps_the_memory(
             history += [user(earlier), {"role": "assistant", "content": answer}]
         assert sent_messages(upstream) == [*history, user(path)]
         answers.append((await resp.json())["choices"][0]["message"]["content"])
-    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 4
+    assert [m["role"] for m in rows.messages("c1")] == ["user", "assistant"] * 5
     # And counted as the chat route's, not as relayed (h69).
     metrics = await (await gateway.get("/metrics")).text()
-    assert 'chatmem_requests_total{route="chat",status="200"} 4.0' in metrics
+    assert 'chatmem_requests_total{route="chat",status="200"} 5.0' in metrics
     assert 'route="passthrough"' not in metrics
 
 
@@ -127,8 +133,22 @@ async def test_a_null_conversation_field_names_none(gateway: Client, upstream: T
         ("h1", b'{"model": "m", "messages": [], "conversation": "b1"}', "h1"),
         (None, b"{not json", None),
         ("bad id!", b'{"model": "m", "messages": []}', None),
+        # Named in the body, then a later field refused: under the body's id (item 135).
+        (None, b'{"model": "m", "messages": "bad", "conversation": "b1"}', "b1"),
+        (None, b'{"messages": [], "stream": "no", "conversation": {"id": "b2"}}', "b2"),
+        ("b3", b'{"messages": [], "functions": [], "conversation": "b3"}', "b3"),
+        (None, b'{"messages": [], "conversation": "bad id!"}', None),
     ],
-    ids=["bad-json", "body-names-another", "bad-json-no-header", "invalid-header"],
+    ids=[
+        "bad-json",
+        "body-names-another",
+        "bad-json-no-header",
+        "invalid-header",
+        "body-names-then-bad-messages",
+        "body-object-names-then-bad-stream",
+        "both-name-then-deprecated-field",
+        "invalid-body-id",
+    ],
 )
 async def test_an_error_names_the_headers_conversation_or_a_fresh_one(
     gateway: Client, rows: Rows, header: str | None, body: bytes, named: str | None

@@ -757,6 +757,16 @@ async def test_a_websocket_the_client_closes_is_logged_as_its_101(
         ("POST", "/v1//ask"),
         ("GET", "/v1/health/"),
         ("GET", "/v1/READY"),
+        # An escaped slash, which servers such as uvicorn decode before they route, and
+        # what follows the name to some servers (item 134).
+        ("GET", "/v1/conversations%2F{id}"),
+        ("DELETE", "/v1/conversations%2f{id}"),
+        ("GET", "/v1/conversations%2F{id}%2Fitems"),
+        ("POST", "/v1/conversations%2F"),
+        ("GET", "/v1/conversations.json"),
+        ("GET", "/v1/conversations;x"),
+        ("GET", "/v1/conversations%20"),
+        ("POST", "/v1/ask%2F"),
     ],
 )
 async def test_a_misspelt_path_of_the_gateways_own_is_not_relayed(
@@ -776,9 +786,10 @@ async def test_a_misspelt_path_of_the_gateways_own_is_not_relayed(
             assert (await response.json())["error"]["code"] == "not_found"
         async with client.get(f"/v1/conversations/{conversation}") as kept:
             assert kept.status == 200
-        async with client.get("/v1/asks") as relayed:  # not the gateway's: relayed
-            assert relayed.status == 200
-    assert [request[1] for request in up.requests] == ["/v1/asks"]
+        for theirs in ("/v1/asks", "/v1/health-check"):  # not the gateway's: relayed
+            async with client.get(theirs) as relayed:
+                assert relayed.status == 200
+    assert [request[1] for request in up.requests] == ["/v1/asks", "/v1/health-check"]
 
 
 @pytest.mark.parametrize("body", [b"small", b"x" * 70_000], ids=["pool", "aiohttp"])

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from chatmem import jsonio
 from chatmem.proxy.chat_request import ChatRequest, parse_chat_request
+from chatmem.proxy.http import json_object
 from chatmem.storage import History
 
 SYSTEM = [{"role": "system", "content": "stored system é"}]
@@ -33,7 +34,7 @@ def dict_path(chat: ChatRequest, history: History) -> dict[str, Any]:
 
 
 def request(body: dict[str, Any]) -> ChatRequest:
-    return parse_chat_request(jsonio.dumps(body), "c")
+    return parse_chat_request(json_object(jsonio.dumps(body)), "c")
 
 
 histories = [

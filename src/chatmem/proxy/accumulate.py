@@ -268,6 +268,10 @@ class _ToolCall:
         if isinstance(name, str) and name and name != self.name:
             self.name = name if self.name is None else self.name + name
         arguments = function.get("arguments")
+        if isinstance(arguments, dict | list) and self.type != "custom":
+            # A few servers send the object itself, whole, as in a plain answer (where it
+            # is taken the same way, ``_tool_calls_of``): dropped, it was stored as "".
+            arguments = json.dumps(arguments)
         if isinstance(arguments, str):
             self.arguments.append(arguments)
 

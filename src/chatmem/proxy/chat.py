@@ -33,12 +33,13 @@ from .accumulate import (
 )
 from .chat_request import (
     ChatRequest,
+    named_conversation,
     new_conversation_id,
     parse_chat_request,
     reasoning_content,
     valid_conversation_id,
 )
-from .http import read_body
+from .http import json_object, read_body
 from .passthrough import relay
 from .pool import BodyTooLarge, HeadRefused, head_refused
 from .redact import mask_bytes, masked, masked_json
@@ -112,8 +113,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if header_id is not None:
             headers[CONVERSATION_HEADER] = header_id
         owner = authenticate(request)
-        raw = await read_body(request, gateway.config.server.max_body_bytes)
-        chat = parse_chat_request(raw, header_id)
+        body = json_object(await read_body(request, gateway.config.server.max_body_bytes))
+        conversation_id = named_conversation(body, header_id)
+        if conversation_id is not None:
+            headers[CONVERSATION_HEADER] = conversation_id
+        chat = parse_chat_request(body, conversation_id)
         headers[CONVERSATION_HEADER] = chat.conversation_id
         turn = Turn(owner, chat, query=request.rel_url.raw_query_string)
         return await run_turn(request, turn, headers)

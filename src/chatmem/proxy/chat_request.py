@@ -10,13 +10,13 @@ from typing import Any
 from .. import jsonio
 from ..errors import InvalidRequest
 from ..storage import RESULT_ROLES, History
-from .http import json_object
 
 __all__ = [
     "DEPRECATED_FUNCTIONS",
     "MAX_MESSAGES",
     "ChatRequest",
     "check_message",
+    "named_conversation",
     "new_conversation_id",
     "parse_chat_request",
     "reasoning_content",
@@ -236,18 +236,28 @@ def check_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
     return calls
 
 
-def parse_chat_request(raw: bytes, conversation_id: str | None) -> ChatRequest:
-    """Validate the body; ``conversation_id`` is the (already valid) header value if any."""
-    body = json_object(raw)
-    named = body.pop("conversation", None)  # null: not named (removed all the same)
-    if named is not None:
-        from_body = _conversation_from_body(named)
-        if conversation_id is not None and conversation_id != from_body:
-            raise InvalidRequest(
-                "X-Conversation-Id header and body field conversation name different conversations",
-                param="conversation",
-            )
-        conversation_id = from_body
+def named_conversation(body: dict[str, Any], header_id: str | None) -> str | None:
+    """The conversation the request names: its body's ``conversation`` field, which is
+    removed (null too: not named), else ``header_id``, the (already valid) header value;
+    400 when the field is not a valid id or names another conversation than the header.
+
+    A step of its own, before the rest of the body is checked: a request that named its
+    conversation and fails later is answered under that id, not a fresh one."""
+    named = body.pop("conversation", None)
+    if named is None:
+        return header_id
+    from_body = _conversation_from_body(named)
+    if header_id is not None and header_id != from_body:
+        raise InvalidRequest(
+            "X-Conversation-Id header and body field conversation name different conversations",
+            param="conversation",
+        )
+    return from_body
+
+
+def parse_chat_request(body: dict[str, Any], conversation_id: str | None) -> ChatRequest:
+    """Check the body (its ``conversation`` taken out by :func:`named_conversation`, which
+    gave ``conversation_id``)."""
     for deprecated in ("functions", "function_call"):
         if body.get(deprecated) is not None:
             raise InvalidRequest(DEPRECATED_FUNCTIONS, param=deprecated)

@@ -524,30 +524,40 @@ def _upstream_path(request: web.Request) -> str:
 
 
 def _names_chat(request: web.Request) -> bool:
-    """``/v1//chat/completions``, ``/v1/chat//completions/``: the chat route with a slash
-    doubled (a base URL ending in ``/v1/`` joined to ``/chat/completions``).  Relayed, such
-    a turn would have had no memory, and its ``conversation`` field would have gone up."""
-    return "chat" in request.rel_url.raw_path and _segments(request) == _CHAT
+    """``/v1//chat/completions``, ``/v1/chat//completions/``, ``/v1/chat%2Fcompletions``:
+    the chat route with a slash doubled (a base URL ending in ``/v1/`` joined to
+    ``/chat/completions``) or escaped.  Relayed, such a turn would have had no memory, and
+    its ``conversation`` field would have gone up."""
+    raw = request.rel_url.raw_path
+    return ("chat" in raw or "%" in raw) and _segments(request) == _CHAT
 
 
 _CHAT = ["chat", "completions"]
 _OWN = frozenset({"conversations", "ask", "health", "ready"})
 """The gateway's own paths under ``/v1/``, by their first segment."""
+_NOT_WORD = re.compile(r"[^\w-]", re.ASCII)
+_SLASH = re.compile("/|%2[Ff]")
 
 
 def _names_own_path(request: web.Request) -> bool:
-    """``/v1//conversations``, ``/v1/ask/``, ``/v1/Conversations/x``: a spelling of one of
-    the gateway's own paths that its routes do not match (h74).  Relayed, a Conversations
-    API call would reach the upstream's API of that name with the gateway's key (shared
-    by every tenant), and a delete the client believes done would not be."""
+    """``/v1//conversations``, ``/v1/ask/``, ``/v1/Conversations/x``,
+    ``/v1/conversations%2Fx``, ``/v1/conversations.json``: a spelling of one of the
+    gateway's own paths that its routes do not match (h74, and RELIABILITY.md's item 134).
+    Relayed, a Conversations API call would reach the upstream's API of that name with
+    the gateway's key (shared by every tenant), and a delete the client believes done
+    would not be.  The first segment counts by the word it starts with: what follows a
+    ``.`` or a ``;`` is a format or a parameter to some servers, and a space is trimmed
+    by others."""
     segments = _segments(request)
-    return bool(segments) and unquote(segments[0]).lower() in _OWN
+    return bool(segments) and _NOT_WORD.split(segments[0], 1)[0].lower() in _OWN
 
 
 def _segments(request: web.Request) -> list[str]:
-    """The path's segments after chatmem's ``/v1/``, as written, empty ones left out."""
-    path = request.rel_url.raw_path
-    return [part for part in path[len(_mount(request)) + len("/v1/") :].split("/") if part]
+    """The path's segments after chatmem's ``/v1/``, decoded, empty ones left out.  An
+    escaped slash (``%2F``) separates them too: aiohttp's router keeps it escaped, and
+    servers such as uvicorn (vLLM's) decode it before they route."""
+    tail = request.rel_url.raw_path[len(_mount(request)) + len("/v1/") :]
+    return [unquote(part) for part in _SLASH.split(tail) if part]
 
 
 def _mount(request: web.Request) -> str:
