@@ -94,6 +94,31 @@ def test_a_broken_placeholder_is_an_error_not_text(tmp_path: Path, placeholder: 
     assert "secret" not in str(caught.value)  # the value itself is never shown
 
 
+@pytest.mark.parametrize(
+    ("section", "name", "value", "kind"),
+    [
+        ("upstream", "api_key", "12345678901", "a whole number"),
+        ("auth", "jwt_secret", "987654.321", "a number"),
+        ("compat", "session_secret", "true", "true or false"),
+        ("upstream", "api_key", '["sk-in-a-list"]', "a list"),
+    ],
+)
+def test_a_secret_of_the_wrong_type_is_not_quoted(
+    tmp_path: Path, section: str, name: str, value: str, kind: str
+) -> None:
+    """A secret written without its quotes is a number to TOML: the error named the key
+    and printed the number, which is the secret all the same (item 137)."""
+    path = write(tmp_path, f"[{section}]\n{name} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == f"{section}.{name}: must be a string, not {kind}"
+    # A key that holds no secret still quotes what it was given.
+    path = write(tmp_path, '[server]\nport = "seven"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == "server.port: must be a whole number, not 'seven'"
+
+
 def test_a_value_is_expanded_once_and_dollar_brace_can_be_written(tmp_path: Path) -> None:
     # What a variable holds is taken as it is (a secret may hold "${"), "$${" is a literal
     # "${", and a flag is not expanded at all: the shell did that.

@@ -258,6 +258,11 @@ async def test_chat_conversations_are_listed(gateway: Client) -> None:
         ("limit=0", "limit must be an integer from 1 to 100", "limit"),
         ("limit=101", "limit must be an integer from 1 to 100", "limit"),
         ("limit=ten", "limit must be an integer from 1 to 100", "limit"),
+        # What int() takes and a decimal integer is not (item 137).
+        ("limit=1_0", "limit must be an integer from 1 to 100", "limit"),
+        ("limit=%EF%BC%95", "limit must be an integer from 1 to 100", "limit"),  # fullwidth 5
+        ("limit=%2B5", "limit must be an integer from 1 to 100", "limit"),
+        ("limit=%205", "limit must be an integer from 1 to 100", "limit"),
         ("order=newest", "order must be 'asc' or 'desc'", "order"),
         ("after=conv_unknown", "after does not name one of your conversations", "after"),
     ],

@@ -252,15 +252,16 @@ def _type_name(tp: Any) -> str:
     return _TYPE_WORDS.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``."""
+def _coerce(value: Any, tp: Any, key: str, *, secret: bool = False) -> Any:
+    """Check ``value`` against the annotation ``tp``; an error quotes it unless ``secret``
+    (a key whose value is never printed, even when it has the wrong type)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None or (value == "" and type(None) in args):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, inner[0], key, secret=secret)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -278,20 +279,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value)}") from None
+            given = _given(value, secret)
+            raise ConfigError(f"{key}: must be {_type_name(tp)}, not {given}") from None
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value)}")
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value, secret)}")
     return value
 
 
-def _given(value: Any) -> str:
-    """A value of the wrong type, as TOML spells it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
+def _given(value: Any, secret: bool) -> str:
+    """A value of the wrong type, as TOML spells it; a secret's only by its type (the
+    number a secret was mistyped as is the secret all the same)."""
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a table"
+    if secret:
+        kinds = {bool: "true or false", int: "a whole number", float: "a number"}
+        return kinds.get(type(value), "a string")
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return repr(value)
 
 
@@ -299,13 +305,14 @@ def _build_section(cls: type[Any], raw: Any, section: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}]: must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
         key = f"{section}.{name}"
-        if name not in names:
+        if name not in fields:
             raise ConfigError(f"{key}: unknown key")
-        values[name] = _coerce(value, hints[name], key)
+        # A field left out of the config's repr holds a secret (or a key's text).
+        values[name] = _coerce(value, hints[name], key, secret=not fields[name].repr)
     if section == "storage" and "url" in values:
         values["url"] = _storage_url(values["url"])
     _validate(section, values)

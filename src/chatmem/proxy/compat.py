@@ -34,13 +34,14 @@ def add_compat_routes(
     # The api-server's README shows its health check under /api (/api/v1/health): a
     # client whose base URL ends in /api must find /v1/ask there too.
     routes.add_post("/api/v1/ask", ask, name=prefix + "ask_api")
-    # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
-    routes.add_post("/conversation/{model:.+}", conversation, name=prefix + "conversation")
+    # A model name may hold slashes (meta-llama/Llama-3.1-8B-Instruct); an empty one is
+    # the handler's 400 naming the model, not a 404 that says nothing of it.
+    routes.add_post("/conversation/{model:.*}", conversation, name=prefix + "conversation")
     paths = (
         ("ready", "/v1/ready"),
         ("ask", "/v1/ask"),
         ("ask_api", "/api/v1/ask"),
-        ("conversation", "/conversation/{model:.+}"),
+        ("conversation", "/conversation/{model:.*}"),
     )
     for name, path in paths:
         # Other methods on the gateway's own paths must not fall through to the upstream.
