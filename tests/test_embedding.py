@@ -251,6 +251,52 @@ async def test_chatmem_in_a_sub_app_and_host_routes_under_v1(
     assert 'route="other",status="405"' in metrics
 
 
+async def test_a_host_path_under_v1_is_the_host_s_with_auth_cors_and_its_own_request_id(
+    aiohttp_client: Any, upstream: TestServer, db_path: Path
+) -> None:
+    """Item 138, three ways a host route under /v1/ came to be answered as chatmem's: with
+    auth on, asked with another method, it was chatmem's 401 (the token was checked
+    before the path was found to be the host's); with CORS on, its preflight was answered
+    by chatmem (204 for whatever method was asked, then the host's 405 with chatmem's CORS
+    headers); and the X-Request-Id the host set on its answer was replaced by chatmem's,
+    the host's relabelled X-Upstream-Request-Id."""
+    from jwt_keys import SECRET
+
+    import chatmem
+
+    async def host_thing(_request: web.Request) -> web.Response:
+        return web.json_response({"host": True}, headers={"X-Request-Id": "host-trace-1"})
+
+    host = web.Application()
+    host.router.add_get("/v1/host-thing", host_thing)
+    config = make_config(
+        db_path,
+        upstream_url(upstream),
+        auth={"jwt_secret": SECRET},
+        server={"cors_origins": ["https://a.example"]},
+    )
+    chatmem.setup(host, config)
+    client = await aiohttp_client(host)
+    answer = await client.get("/v1/host-thing")  # no token: the host's route needs none
+    assert await answer.json() == {"host": True}
+    assert answer.headers["X-Request-Id"] == "host-trace-1"
+    assert "X-Upstream-Request-Id" not in answer.headers
+    refused = await client.post("/v1/host-thing", json={})  # no token either
+    assert (refused.status, refused.headers["Allow"]) == (405, "GET,HEAD")
+    assert await refused.text() == "405: Method Not Allowed"
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    asked = await client.options("/v1/host-thing", headers=preflight)
+    assert (asked.status, asked.headers["Allow"]) == (405, "GET,HEAD")
+    assert not [name for name in asked.headers if name.lower().startswith("access-control-")]
+    refused = await client.post("/v1/host-thing", headers={"Origin": "https://a.example"})
+    assert refused.status == 405 and "Access-Control-Allow-Origin" not in refused.headers
+    # chatmem's own paths keep all three: the token, the preflight and its id.
+    assert (await client.get("/v1/models")).status == 401
+    ours = await client.options("/v1/models", headers=preflight)
+    assert ours.status == 204 and ours.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert received(upstream) == []  # nothing reached the model server
+
+
 async def test_setup_says_what_is_wrong(
     upstream: TestServer, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ from .proxy.conversations import add_conversation_routes
 from .proxy.http import ChatmemRoutes, http_error_as_json, method_not_allowed
 from .proxy.passthrough import (
     close_websockets,
+    host_methods,
     keep_offered_subprotocols_out_of_logs,
     passthrough,
     passthrough_early_headers,
@@ -77,7 +78,7 @@ def setup(app: web.Application, config: Config) -> None:
     app.on_shutdown.append(drain)
     app.middlewares.append(tracker(gateway, own))
     if config.server.cors_origins:
-        cors = Cors(config.server.cors_origins, own)
+        cors = Cors(config.server.cors_origins, own, host_methods)
         app.middlewares.append(cors.preflight())
         app.on_response_prepare.append(cors.response_headers())
     setup_auth(app, config.auth)

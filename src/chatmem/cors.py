@@ -14,11 +14,16 @@ works through the router's protected internals.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .logs import REQUEST_ID_HEADER
-from .tracking import UPSTREAM_REQUEST_ID_HEADER, OwnRoutes, ResponseHook
+from .proxy.http import HostMethodNotAllowed
+from .tracking import PASSTHROUGH_ROUTE, UPSTREAM_REQUEST_ID_HEADER, OwnRoutes, ResponseHook
+
+HostMethods = Callable[[web.Request], Awaitable[list[str] | None]]
 
 __all__ = ["Cors"]
 
@@ -40,10 +45,14 @@ def _serialized(origin: str) -> str:
 
 class Cors:
     """The allowed origins (``"*"``: any) and the two pieces that apply them, to the
-    gateway's own routes (see ``tracking.OwnRoutes``)."""
+    gateway's own routes (see ``tracking.OwnRoutes``).  ``host_methods`` tells a host
+    app's path under ``/v1/`` that reached the passthrough's catch-all (the host's route
+    does not take the method): not chatmem's, so its preflight and its 405 are the host's
+    (``passthrough.host_methods``)."""
 
-    def __init__(self, origins: tuple[str, ...], own: OwnRoutes) -> None:
+    def __init__(self, origins: tuple[str, ...], own: OwnRoutes, host_methods: HostMethods) -> None:
         self.own = own
+        self.host_methods = host_methods
         self.any = "*" in origins
         self.origins = frozenset(_serialized(origin) for origin in origins)
 
@@ -59,11 +68,13 @@ class Cors:
             headers = request.headers
             origin = headers.get(hdrs.ORIGIN)
             method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD)
+            route = self.own.get(request.match_info.route)
             if (
                 request.method != hdrs.METH_OPTIONS
                 or origin is None
                 or method is None
-                or request.match_info.route not in self.own
+                or route is None
+                or (route == PASSTHROUGH_ROUTE and await self.host_methods(request) is not None)
             ):
                 return await handler(request)
             if not self.allows(origin):
@@ -87,8 +98,12 @@ class Cors:
         chatmem's headers; an upstream's own CORS headers are replaced, not doubled."""
 
         async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-            if request.get(_ANSWERED) or request.match_info.route not in self.own:
-                return  # our own preflight answer, or the host app's route
+            if (
+                request.get(_ANSWERED)
+                or request.match_info.route not in self.own
+                or isinstance(response, HostMethodNotAllowed)
+            ):
+                return  # our own preflight answer, or the host app's route (or path)
             headers = response.headers
             for name in [name for name in headers if name.lower().startswith("access-control-")]:
                 del headers[name]

@@ -183,8 +183,11 @@ def response_counter(gateway: Gateway, own: OwnRoutes, app: web.Application) -> 
             request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
         else:
             theirs = response.headers.get(REQUEST_ID_HEADER)
-            if theirs is not None and theirs != request_id:  # relayed from the upstream
-                response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
+            if theirs is not None and theirs != request_id:
+                if route is None:  # a host route's own id: its own, as without chatmem
+                    request_id = theirs
+                else:  # relayed from the upstream
+                    response.headers[UPSTREAM_REQUEST_ID_HEADER] = theirs
         response.headers[REQUEST_ID_HEADER] = request_id
         if route is None or (response.status == 405 and isinstance(response, HostMethodNotAllowed)):
             route = "other"  # a host route's (or one asked with another method)

@@ -43,6 +43,7 @@ from .redact import Redactor, mask_bytes, masked
 from .upstream import Answer, Upstream, content_encoding, response_headers, shown_coding
 
 __all__ = [
+    "host_methods",
     "keep_offered_subprotocols_out_of_logs",
     "passthrough",
     "passthrough_early_headers",
@@ -64,6 +65,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             f"{request.rel_url.raw_path} is not a path of the gateway's: its own are written"
             " without a doubled or trailing slash, in lower case, and are never relayed"
         )
+    # The host's before the token: its path answers as it does without chatmem (item 138).
+    await _refuse_host_paths(request)
     gateway = gateway_of(request)
     authenticate(request)
     upstream = gateway.upstream
@@ -75,7 +78,6 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     _refuse_what_cannot_be_relayed(request, upgrade)
     check_content_encoding(request)
     path = _upstream_path(request)
-    await _refuse_host_paths(request)
     allowed = upstream.config.passthrough
     if not relayed(path, allowed):
         raise NotAllowed(f"the gateway does not relay /v1{path} (see upstream.passthrough)")
@@ -573,6 +575,15 @@ async def _refuse_host_paths(request: web.Request) -> None:
     """A host app's own route under ``/v1/`` asked with another method: aiohttp's router
     went on to chatmem's catch-all, but the path is the host's, not the upstream's (405,
     as without chatmem)."""
+    allowed = await host_methods(request)
+    if allowed is not None:
+        raise HostMethodNotAllowed(request.method, allowed)
+
+
+async def host_methods(request: web.Request) -> list[str] | None:
+    """The methods a host app's route takes on this path, a request to the passthrough's
+    catch-all (the host's route under ``/v1/`` does not take its method); None when the
+    path is not the host's."""
     gateway = gateway_of(request)
     host = gateway.host_paths
     if host is None:
@@ -586,7 +597,8 @@ async def _refuse_host_paths(request: web.Request) -> None:
     for resource in host:
         match, allowed = await resource.resolve(request)
         if match is None and allowed:
-            raise HostMethodNotAllowed(request.method, sorted(allowed))
+            return sorted(allowed)
+    return None
 
 
 class _LimitedBody:
