@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -62,7 +63,7 @@ def setup(app: web.Application, config: Config) -> None:
         )
     gateway = Gateway(config)
     app[GATEWAY] = gateway
-    hosts = {resource.canonical for resource in app.router.resources()}
+    hosts = {_shape(resource.canonical): resource.canonical for resource in app.router.resources()}
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await gateway.start()
@@ -109,13 +110,24 @@ def setup(app: web.Application, config: Config) -> None:
     )
     own.update(own_routes(app.router.routes()))
     for resource in app.router.resources():
-        if (resource.name or "").startswith(ROUTE_PREFIX) and resource.canonical in hosts:
-            hosts.discard(resource.canonical)  # once per path
+        if not (resource.name or "").startswith(ROUTE_PREFIX):
+            continue
+        theirs = hosts.pop(_shape(resource.canonical), None)  # once per path
+        if theirs is not None:
             log.warning(
                 "chatmem.setup: the host app's route %s was added first and answers"
                 " instead of chatmem's",
-                resource.canonical,
+                theirs,
             )
+
+
+_VARIABLE = re.compile(r"\{[^}]*\}")
+
+
+def _shape(canonical: str) -> str:
+    """A route's path with its variables unnamed: ``/v1/conversations/{cid}`` takes the
+    requests of chatmem's ``/v1/conversations/{conversation_id}`` all the same."""
+    return _VARIABLE.sub("{}", canonical)
 
 
 def create_app(config: Config) -> web.Application:
