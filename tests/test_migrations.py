@@ -55,7 +55,7 @@ async def test_migrations_make_exactly_the_models_schema(engine: AsyncEngine) ->
             "history_blocks",
             "messages",
         }
-    assert await current_revision(engine) == head_revision() == "0005"
+    assert await current_revision(engine) == head_revision() == "0006"
 
 
 async def test_downgrade_to_base_and_up_again(engine: AsyncEngine) -> None:
@@ -79,9 +79,9 @@ async def test_downgrade_to_base_and_up_again(engine: AsyncEngine) -> None:
 
 
 async def test_startup_creates_an_empty_database(engine: AsyncEngine) -> None:
-    assert await ensure_schema(engine) == "0005"
+    assert await ensure_schema(engine) == "0006"
     assert await ensure_schema(engine) is None  # already at head: nothing to do
-    assert await current_revision(engine) == "0005"
+    assert await current_revision(engine) == "0006"
 
 
 async def test_startup_refuses_an_out_of_date_schema(engine: AsyncEngine) -> None:
@@ -90,7 +90,7 @@ async def test_startup_refuses_an_out_of_date_schema(engine: AsyncEngine) -> Non
         await ensure_schema(engine)
     message = str(caught.value)
     assert "\n" not in message
-    assert "revision 0001" in message and "needs 0005" in message
+    assert "revision 0001" in message and "needs 0006" in message
     assert "chatmem db upgrade" in message
     assert await current_revision(engine) == "0001"  # refused, not touched
 
@@ -118,10 +118,10 @@ async def test_a_database_made_before_migrations_is_adopted(engine: AsyncEngine)
     with pytest.raises(SchemaError, match="made before migrations"):
         await ensure_schema(engine)
     assert await describe_current(engine) == (
-        "none: made before migrations (newest is 0005; `chatmem db upgrade` adopts it)"
+        "none: made before migrations (newest is 0006; `chatmem db upgrade` adopts it)"
     )
     await upgrade(engine)
-    assert await current_revision(engine) == "0005"
+    assert await current_revision(engine) == "0006"
     async with engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
 
@@ -143,21 +143,21 @@ def test_db_commands_and_serve_refusal(storage_url: str, tmp_path: Path) -> None
             assert missing.stderr == f"chatmem db: no database at {path} (db upgrade creates one)\n"
         assert not Path(path).exists()
         Path(path).touch()  # an empty file is a database without a schema
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0005)\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "none (newest is 0006)\n"
     upgraded = chatmem("db", "upgrade", "0001", *db, cwd=tmp_path)
     assert upgraded.returncode == 0 and upgraded.stdout == "schema at revision 0001\n"
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0005)\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0001 (newest is 0006)\n"
 
     for workers in ("1", "2"):  # the master of several workers checks it too
         refused = chatmem("serve", "--port", "1", "--workers", workers, *db, cwd=tmp_path)
         assert refused.returncode == 1
         assert refused.stderr.strip().splitlines()[-1] == (
-            "chatmem: database schema is at revision 0001, this chatmem needs 0005: "
+            "chatmem: database schema is at revision 0001, this chatmem needs 0006: "
             "run `chatmem db upgrade` (same --config/--db) first"
         )
 
-    assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0005\n"
-    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0005 (up to date)\n"
+    assert chatmem("db", "upgrade", *db, cwd=tmp_path).stdout == "schema at revision 0006\n"
+    assert chatmem("db", "current", *db, cwd=tmp_path).stdout == "0006 (up to date)\n"
     down = chatmem("db", "downgrade", "base", *db, cwd=tmp_path)
     assert down.returncode == 0 and down.stdout == "schema at revision base\n"
     bad = chatmem("db", "downgrade", "nonsense", *db, cwd=tmp_path)
@@ -188,7 +188,7 @@ async def test_db_commands_leave_alone_a_schema_they_do_not_know(
         await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     current = chatmem("db", "current", *db, cwd=tmp_path)
     assert current.stdout == (
-        "0099 (newer than this chatmem knows; its newest is 0005: upgrade chatmem)\n"
+        "0099 (newer than this chatmem knows; its newest is 0006: upgrade chatmem)\n"
     )
     for command in (
         ["upgrade"],
@@ -200,7 +200,7 @@ async def test_db_commands_leave_alone_a_schema_they_do_not_know(
         assert refused.returncode == 1, command
         assert refused.stderr.strip().splitlines()[-1] == (
             "chatmem db: database schema is at revision 0099, newer than this chatmem knows"
-            " (its newest is 0005): upgrade chatmem"
+            " (its newest is 0006): upgrade chatmem"
         )
     assert await current_revision(engine) == "0099"
 
@@ -233,7 +233,7 @@ async def test_adopting_tables_made_from_the_current_models(engine: AsyncEngine)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     await upgrade(engine)
-    assert await current_revision(engine) == "0005"
+    assert await current_revision(engine) == "0006"
     async with engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
 
@@ -297,6 +297,6 @@ async def test_a_migration_after_which_rows_point_at_no_row_is_rolled_back(
             )
         with pytest.raises(SchemaError, match="1 rows point at no row: nothing was changed"):
             await downgrade(engine, "0002")
-        assert await current_revision(engine) == "0005"
+        assert await current_revision(engine) == "0006"
     finally:
         await engine.dispose()

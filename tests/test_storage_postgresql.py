@@ -490,6 +490,80 @@ async def test_a_database_dropped_under_the_gateway_is_unavailable_quietly(
     assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= 40]
 
 
+async def test_row_numbers_and_times_go_past_32_bits(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 141: ``integer`` row numbers, never given back, stopped every commit after
+    2**31 of them (a turn takes one of each sequence, a deleted item or a readiness probe
+    one too), once the model had answered; the Unix times would have ended in 2038.
+    Migration 0006 makes them ``bigint``: upgraded from 0005 with rows in it, the rows
+    are kept and the numbers go on past 2**31."""
+    from chatmem.storage.migrate import downgrade, upgrade
+
+    store = await open_store(pg_url)
+    try:
+        await store.commit_turn(ALICE, "before", system=None, turn=turn(0))
+        await downgrade(store.engine, "0005")
+        conn = await connect(pg_url)
+        try:
+            assert await column_types(conn) == {"integer"}
+            await upgrade(store.engine)
+            assert await column_types(conn) == {"bigint"}
+            for table in ("conversations", "messages"):
+                await conn.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'pk'), 3000000000)"
+                )
+        finally:
+            await conn.close()
+        later = 2**32 + 5  # a time past January 2038, as Unix seconds
+        monkeypatch.setattr("chatmem.storage.queries.time.time", lambda: float(later))
+        for i in (1, 2):
+            await store.commit_turn(ALICE, "after", system=None, turn=turn(i))
+        history = await store.load_history(ALICE, "after", 10)
+        assert [m["content"] for m in history.messages] == ["q1", "a1", "q2", "a2"]
+        kept = await store.load_history(ALICE, "before", 10)
+        assert [m["content"] for m in kept.messages] == ["q0", "a0"]
+        rows = await fetch(pg_url, "SELECT pk, created_at FROM messages ORDER BY pk")
+        assert [row["pk"] > 3_000_000_000 for row in rows] == [False, False, True, True, True, True]
+        assert {row["created_at"] for row in rows[2:]} == {later}
+    finally:
+        await store.close()
+
+
+async def column_types(conn: asyncpg.Connection) -> set[str]:
+    """The types of the row numbers, what points at them, and the times."""
+    rows = await conn.fetch(
+        "SELECT data_type FROM information_schema.columns WHERE table_name IN"
+        " ('conversations', 'messages', 'history_blocks') AND column_name IN"
+        " ('pk', 'conversation_pk', 'created_at', 'updated_at')"
+    )
+    sequences = await conn.fetch("SELECT data_type FROM information_schema.sequences")
+    return {row["data_type"] for row in [*rows, *sequences]}
+
+
+async def test_tables_dropped_under_the_gateway_are_unavailable(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The schema taken away while the gateway runs (``chatmem db downgrade base``, a
+    database made anew): a 503 for every turn, as SQLite's "no such table" is, where it
+    was a 500 with a traceback for every request (item 140)."""
+    store = await open_store(pg_url)
+    try:
+        await store.commit_turn(ALICE, "c", system=None, turn=turn(0))
+        conn = await connect(pg_url)
+        try:
+            await conn.execute("DROP TABLE history_blocks, messages, conversations CASCADE")
+        finally:
+            await conn.close()
+        for _ in range(2):
+            await turns_are_unavailable(store)
+        with pytest.raises(StorageUnavailable):
+            await store.check_ready()
+    finally:
+        await store.close()
+    assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= 40]
+
+
 async def test_connections_given_back_while_cancelled_are_given_back_whole(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

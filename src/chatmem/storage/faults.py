@@ -26,9 +26,12 @@ __all__ = [
 # 08 connection exception, 53 insufficient resources (too many connections, disk full),
 # 57 operator intervention (statement_timeout, admin shutdown, cannot connect now),
 # 58 system error (I/O), 55P03 lock not available (lock_timeout), 25006 read-only SQL
-# transaction (a database set read-only, a hot standby after a failover: was a 500).
+# transaction (a database set read-only, a hot standby after a failover: was a 500);
+# 42P01 undefined table and 42703 undefined column (the schema was dropped or taken back
+# under a running gateway, `chatmem db downgrade`: was a 500, where SQLite's "no such
+# table" is a 503), 2200H a sequence at its end.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-_UNAVAILABLE_CODES = ("55P03", "25006")
+_UNAVAILABLE_CODES = ("55P03", "25006", "42P01", "42703", "2200H")
 # Serialization failure and deadlock: the transaction was rolled back and may be re-run.
 _RETRYABLE_CODES = ("40001", "40P01")
 BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.InternalClientError)

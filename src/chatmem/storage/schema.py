@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ForeignKey,
     Index,
     Integer,
@@ -21,6 +22,9 @@ __all__ = ["Base", "Conversation", "HistoryBlock", "Message"]
 
 # SQL NULL for None (not the JSON text "null"), so "IS NULL" means what it says.
 Json = JSON(none_as_null=True)
+# Row numbers and Unix times: 64 bits on PostgreSQL (migration 0006), never given back
+# there; SQLite's INTEGER is 64 bits already, and only INTEGER PRIMARY KEY numbers rows.
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(AsyncAttrs, DeclarativeBase):
@@ -47,15 +51,15 @@ class Conversation(Base):
         {"sqlite_autoincrement": True},
     )
 
-    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pk: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(128))
     tenant: Mapped[str] = mapped_column(String(255))
     user_id: Mapped[str] = mapped_column(String(255), default="")
     system_prompt: Mapped[list[dict[str, Any]] | None] = mapped_column(Json, nullable=True)
     meta: Mapped[dict[str, str] | None] = mapped_column("metadata", Json, nullable=True)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[int] = mapped_column(Integer)
-    updated_at: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInt)
+    updated_at: Mapped[int] = mapped_column(BigInt)
 
 
 class Message(Base):
@@ -64,8 +68,10 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (UniqueConstraint("conversation_pk", "seq", name="uq_messages_seq"),)
 
-    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    conversation_pk: Mapped[int] = mapped_column(ForeignKey("conversations.pk", ondelete="CASCADE"))
+    pk: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
+    conversation_pk: Mapped[int] = mapped_column(
+        BigInt, ForeignKey("conversations.pk", ondelete="CASCADE")
+    )
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(32))
     content: Mapped[Any] = mapped_column(Json, nullable=True)
@@ -76,7 +82,7 @@ class Message(Base):
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     usage: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
-    created_at: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInt)
 
 
 class HistoryBlock(Base):
@@ -89,7 +95,7 @@ class HistoryBlock(Base):
 
     __tablename__ = "history_blocks"
     conversation_pk: Mapped[int] = mapped_column(
-        ForeignKey("conversations.pk", ondelete="CASCADE"), primary_key=True
+        BigInt, ForeignKey("conversations.pk", ondelete="CASCADE"), primary_key=True
     )
     last_seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     first_seq: Mapped[int] = mapped_column(Integer)
