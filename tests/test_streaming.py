@@ -561,6 +561,29 @@ async def test_head_is_not_held_for_a_first_token_that_has_not_come(
             assert await resp.read() == b"".join(answer_events("Hello world"))
 
 
+async def test_head_is_not_held_for_the_rest_of_an_unfinished_first_event(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The upstream's head came with the start of its first event, and the rest waits
+    (a slow first token): chatmem's head, held to go out with the first bytes, waited
+    for the whole event, up to ``upstream.read_timeout`` (item 142). It goes at once
+    now; the unfinished event is still held, as ever."""
+    release = asyncio.Event()
+    first, *rest = answer_events("Hello world")
+    script = Script(chunks=[first[:20], release, first[20:], *rest], head_with_first_chunk=True)
+    async with scripted_upstream(script) as up:
+        gateway = await gateway_factory(up.url)
+        async with await asyncio.wait_for(
+            gateway.post("/v1/chat/completions", json=REQUEST, headers={"X-Conversation-Id": "h"}),
+            10,
+        ) as resp:
+            assert resp.status == 200 and not release.is_set()
+            with pytest.raises(TimeoutError):  # nothing of the event yet
+                await asyncio.wait_for(resp.content.read(1), 0.2)
+            release.set()
+            assert await resp.read() == b"".join(answer_events("Hello world"))
+
+
 @pytest.mark.parametrize(
     ("path", "body", "before_commit", "after_commit"),
     [

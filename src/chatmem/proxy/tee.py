@@ -245,6 +245,10 @@ class _Client:
                 self._held_done = _DONE in held
             if end:
                 await self.write(chunk if end == len(chunk) else chunk[:end])
+            elif self.head_waits:
+                # The head waited for these bytes, all held: it goes without them, or an
+                # unfinished first event would hold it as long as the upstream (item 142).
+                await self.write(b"")
             return
         grown_from = len(held)
         held += chunk
