@@ -181,6 +181,29 @@ def test_sighup_stops_the_master_and_its_workers(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()
 
 
+def test_a_demo_answer_in_flight_does_not_hold_the_master_at_a_stop(tmp_path: Path) -> None:
+    """``--demo --workers 2`` stopped while a plain answer of 5,000 demo tokens (100 s) is
+    being made: the workers end at their grace, and the master, which runs the demo
+    model, waited for that answer to finish, up to aiohttp's 60 s (item 143). The demo
+    model now gives its answers a second at a stop."""
+    toml = "[server]\nshutdown_grace = 1\n"
+    gateway = serve(tmp_path, "http://unused.invalid/v1", toml, "--workers", "2", "--demo")
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Mock-Tokens: 5000\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body.encode())
+        )
+        time.sleep(1)  # the worker has asked the demo model by now
+        started = time.monotonic()
+        code, stderr = gateway.stop(timeout=50)
+        stopped_in = time.monotonic() - started
+    assert code == 0, stderr
+    # A bound for a hang, not a speed: 60 s before, about 2 s now (grace 1 s, then 1 s).
+    assert stopped_in < 30, stderr
+
+
 def test_workers_do_not_share_a_port_another_gateway_listens_on(tmp_path: Path) -> None:
     """Another ``serve --workers`` (its sockets set ``SO_REUSEPORT``, as this one stands for)
     already listens: the kernel would let the new workers in beside it, to take half of

@@ -1,4 +1,5 @@
-"""The ``chatmem`` command: serve, mock-upstream, token."""
+"""The chatmem command: serve the gateway, run the mock model (mock-upstream), make and
+read JWTs (token), and manage the database schema (db)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="TOML config file (else $CHATMEM_CONFIG, ./chatmem.toml)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 7001)")
     serve.add_argument("--upstream", help="base URL of the OpenAI-compatible server, with /v1")
     serve.add_argument("--db", help="storage URL, e.g. sqlite+aiosqlite:///chatmem.db")
     serve.add_argument(
@@ -51,11 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal
 
     mock = commands.add_parser("mock-upstream", help="run the built-in fake model server")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=_port, default=8000, help="0: one the system chooses")
-    mock.add_argument("--tokens", type=_at_least_0(int), default=16, help="tokens per answer")
+    mock.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     mock.add_argument(
-        "--delay-ms", type=_at_least_0(float), default=0.0, help="delay between tokens"
+        "--port", type=_port, default=8000, help="default 8000; 0: one the system chooses"
+    )
+    mock.add_argument(
+        "--tokens", type=_at_least_0(int), default=16, help="tokens per answer (default 16)"
+    )
+    mock.add_argument(
+        "--delay-ms",
+        type=_at_least_0(float),
+        default=0.0,
+        help="milliseconds between tokens (default 0)",
     )
 
     add_token_parser(commands)
@@ -195,7 +203,11 @@ def _at_least_0(kind: Callable[[str], float]) -> Callable[[str], float]:
     """An argparse type: ``kind`` (int or float) of the text, refused below 0."""
 
     def parse(text: str) -> float:
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            word = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {word}, not {text!r}") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
         return value

@@ -676,7 +676,12 @@ async def run_mock_upstream(
 ) -> None:
     """Serve the mock on ``host:port`` until cancelled or ``stop`` is set; ``on_ready``
     with the port it listens on (the one the system chose for port 0)."""
-    runner = web.AppRunner(create_mock_app(tokens=tokens, delay_ms=delay_ms), access_log=None)
+    # A second to finish at a stop, not aiohttp's 60: a plain answer is made whole before
+    # it is written, and one whose client went (the workers of `serve --demo --workers`,
+    # stopped) kept the process up until it was done (item 143).
+    runner = web.AppRunner(
+        create_mock_app(tokens=tokens, delay_ms=delay_ms), access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024).start()
