@@ -302,7 +302,8 @@ async def test_a_stream_without_its_content_type_is_still_a_stream(
     gateway_factory: GatewayFactory, rows: Rows, content_type: str | None
 ) -> None:
     """Starlette's StreamingResponse without a media_type sends no Content-Type; the SDKs
-    parse by the request's "stream" flag, and so does the gateway."""
+    parse by the request's "stream" flag, and so does the gateway.  The client gets the
+    upstream's type, or none, not aiohttp's application/octet-stream (item 144)."""
     headers = {} if content_type is None else {"Content-Type": content_type}
     chunks: list[bytes | float] = [
         sse(chunk("Hi", role="assistant")),
@@ -315,6 +316,9 @@ async def test_a_stream_without_its_content_type_is_still_a_stream(
             "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "s"}
         )
         assert resp.status == 200
+        assert resp.headers.getall("Content-Type", []) == (
+            [] if content_type is None else [content_type]
+        )
         assert await resp.read() == b"".join(chunks)  # type: ignore[arg-type]
     assert json.loads(rows.messages("s")[-1]["content"]) == "Hi"
 

@@ -22,6 +22,7 @@ from ..errors import (
 from ..state import GATEWAY
 
 __all__ = [
+    "AsItCame",
     "ChatmemRoutes",
     "HostMethodNotAllowed",
     "already_read",
@@ -284,6 +285,19 @@ class ChatmemRoutes:
 
     def add_delete(self, path: str, handler: Handler, **kwargs: Any) -> web.AbstractRoute:
         return self.add_route(hdrs.METH_DELETE, path, handler, **kwargs)
+
+
+class AsItCame(web.StreamResponse):
+    """aiohttp's ``StreamResponse`` without the ``Content-Type:
+    application/octet-stream`` it gives a body that has none: a relayed answer's headers
+    are the upstream's (a client may sniff an untyped body, or take its absence to mean
+    something)."""
+
+    async def _prepare_headers(self) -> None:
+        typed = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall("Content-Type", None)
 
 
 class HostMethodNotAllowed(web.HTTPMethodNotAllowed):

@@ -31,6 +31,7 @@ from ..logs import CLIENT_LEFT, UPGRADED
 from ..state import GATEWAY, gateway_of
 from ..tracking import COUNTED_AS, ROUTE_PREFIX
 from .http import (
+    AsItCame,
     HostMethodNotAllowed,
     already_read,
     check_content_encoding,
@@ -625,20 +626,7 @@ class _LimitedBody:
             raise
 
 
-class _AsItCame(web.StreamResponse):
-    """aiohttp's ``StreamResponse`` without the ``Content-Type:
-    application/octet-stream`` it gives a body that has none: a relayed answer's headers
-    are the upstream's (a client may sniff an untyped body, or take its absence to mean
-    something)."""
-
-    async def _prepare_headers(self) -> None:
-        typed = "Content-Type" in self.headers
-        await super()._prepare_headers()
-        if not typed:
-            self.headers.popall("Content-Type", None)
-
-
-class _WholeAsItCame(_AsItCame):
+class _WholeAsItCame(AsItCame):
     """An answer whose body has all arrived: its head is held at ``prepare`` and goes out
     in one send with the body (aiohttp's own switch, the one ``web.Response`` uses), so
     the client is woken once, and the gateway makes one system call, not two."""
@@ -682,7 +670,7 @@ async def relay(
             redactor = Redactor(secret)
     reason = _masked_reason(upstream.reason, secret)
     whole = isinstance(upstream, UpstreamResponse) and upstream.arrived_whole
-    response = (_WholeAsItCame if whole else _AsItCame)(
+    response = (_WholeAsItCame if whole else AsItCame)(
         status=upstream.status, reason=reason, headers=headers
     )
     try:

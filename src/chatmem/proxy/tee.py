@@ -22,7 +22,7 @@ from ..errors import ChatmemError, failures
 from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
-from .http import error_event
+from .http import AsItCame, error_event
 from .redact import mask_bytes
 from .sse import SSEParser, only_data_events
 from .upstream import StreamedAnswer
@@ -125,7 +125,7 @@ class Renderer(Protocol):
         """The bytes that end an answer that failed with ``message``."""
 
 
-class _HeadWithFirstBytes(web.StreamResponse):
+class _HeadWithFirstBytes(AsItCame):
     """A response whose head is held at ``prepare`` and goes out in one send with the
     first body bytes: aiohttp's own switch, the one its ``web.Response`` uses."""
 
@@ -347,7 +347,9 @@ async def tee_stream(
     # gets our head and them in one send: one wake-up, not two.  When they did not, the
     # head goes now, so that a slow first token does not hold it.
     head_waits = upstream.buffered
-    response = (_HeadWithFirstBytes if head_waits else web.StreamResponse)(
+    # An upstream's stream without a Content-Type goes on without one (aiohttp would add
+    # application/octet-stream), as on the passthrough.
+    response = (_HeadWithFirstBytes if head_waits else AsItCame)(
         status=upstream.status, headers=headers
     )
     response.headers["X-Accel-Buffering"] = "no"
