@@ -208,8 +208,9 @@ class Authenticator:
             raise Unauthorized(f"token claim {user_claim!r} must be a string")
         if not (jsonio.is_text(tenant) and jsonio.is_text(user)) or "\x00" in tenant + user:
             raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} must be text")
-        if len(tenant) > _MAX_ID or len(user) > _MAX_ID:
-            raise Unauthorized(f"token claims {tenant_claim!r} and {user_claim!r} are too long")
+        for name, value in ((tenant_claim, tenant), (user_claim, user)):
+            if len(value) > _MAX_ID:
+                raise Unauthorized(f"token claim {name!r} is too long (at most {_MAX_ID})")
         return Owner(tenant=tenant, user=user)
 
 
