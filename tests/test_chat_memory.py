@@ -257,6 +257,8 @@ async def test_a_conversation_the_gateway_names_is_not_read_first(
     ("field", "value", "fragment"),
     [
         ("reasoning", {"x": 1}, "reasoning must be a string"),
+        # Stored as reasoning: it was dropped without a word (item 145).
+        ("reasoning_content", {"x": 1}, "reasoning_content must be a string"),
         ("model", "m" * 256, "model must be a string of at most 255 characters"),
         ("finish_reason", "s" * 65, "finish_reason must be a string of at most 64"),
         ("name", ["n"], "name must be a string of at most 255"),

@@ -218,6 +218,30 @@ async def test_a_streamed_call_without_an_id_is_stored_with_one(
     assert sent[1]["tool_calls"] == [stored_call]
 
 
+@pytest.mark.parametrize(
+    "function",
+    [{"name": "now"}, {"name": "now", "arguments": ""}, {"name": "now", "arguments": " "}],
+    ids=["no arguments", "empty", "blank"],
+)
+async def test_a_call_with_no_arguments_is_stored_with_the_empty_object(
+    gateway_factory: GatewayFactory, rows: Rows, function: dict[str, Any]
+) -> None:
+    """A tool without parameters called with no arguments, or "": stored so, it went
+    upstream with every later turn, and servers that parse a history's arguments (vLLM)
+    refuse "", which is no JSON (item 145). The client still gets the upstream's bytes."""
+    fragment = {"index": 0, "id": "e1", "type": "function", "function": function}
+    stored, sent = await stored_then_sent(
+        gateway_factory, rows, tool_call_stream(fragment), [{"role": "user", "content": "q"}]
+    )
+    (stored_call,) = json.loads(stored["tool_calls"])
+    assert stored_call == {
+        "id": "e1",
+        "type": "function",
+        "function": {"name": "now", "arguments": "{}"},
+    }
+    assert sent[1]["tool_calls"] == [stored_call]
+
+
 async def test_a_call_without_an_id_or_name_in_a_completion_gets_both(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:

@@ -379,7 +379,8 @@ def sendable_calls(
     ``call_`` and 96 random bits, and a missing name becomes ""; they went upstream as
     null, which those servers then refuse on every later turn.  A call cut off by
     ``length``, its arguments not a whole JSON value, is left out: servers parse the
-    arguments of the calls in a history (vLLM), and no one can run a cut call.  None
+    arguments of the calls in a history (vLLM), and no one can run a cut call; a whole
+    one with no arguments at all gets ``{}``, which they parse.  None
     for none (vLLM's answers say ``"tool_calls": []``, which OpenAI refuses in a later
     request, and which is no call)."""
     if not calls:
@@ -393,6 +394,11 @@ def sendable_calls(
                 json.loads(body["arguments"])
             except ValueError:
                 continue
+        if kind == "function" and not body["arguments"].strip():
+            # A tool without parameters, called with no arguments at all (none sent, or
+            # ""): no JSON value either, so the empty object, as OpenAI sends it.
+            body = {**body, "arguments": "{}"}
+            call = {**call, kind: body}
         if not call["id"] or not isinstance(body["name"], str):
             call = {
                 **call,

@@ -102,6 +102,7 @@ STORED_STRINGS: dict[str, int | None] = {
     "model": 255,
     "finish_reason": 64,
     "reasoning": None,
+    "reasoning_content": None,  # DeepSeek's and vLLM's name, stored as reasoning
 }
 """Message fields stored in string columns, and their sizes (None: unlimited text)."""
 
