@@ -295,8 +295,14 @@ async def test_a_migration_after_which_rows_point_at_no_row_is_rolled_back(
                 "INSERT INTO messages (conversation_pk, seq, role, created_at)"
                 " VALUES (99, 1, 'user', 0)"
             )
-        with pytest.raises(SchemaError, match="1 rows point at no row: nothing was changed"):
+        with pytest.raises(SchemaError) as refused:
             await downgrade(engine, "0002")
+        # Each row named: `chatmem db check` refuses a database at an older revision.
+        assert str(refused.value) == (
+            "after the migration 1 rows point at no row: messages row 1 (no conversations"
+            " row); nothing was changed (delete those rows, or restore what they point at,"
+            " and run it again)"
+        )
         assert await current_revision(engine) == "0006"
     finally:
         await engine.dispose()

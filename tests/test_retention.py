@@ -128,6 +128,13 @@ def test_db_prune_needs_an_age(tmp_path: Path) -> None:
     assert unitless.stderr.strip().splitlines()[-1] == (
         "chatmem db: '30': an age needs its unit, s, m, h, d or w (30d is 30 days)"
     )
+    # A batch's numbers go to the database as parameters: asyncpg takes 32,767 at most.
+    for size in ("0", "10001"):
+        refused = chatmem("db", "prune", "--older-than", "30d", "--batch-size", size, cwd=tmp_path)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "chatmem db: --batch-size must be from 1 to 10000"
+        )
     for age in ("0d", "infs", "nand"):  # 0 would delete everything; inf overflowed
         refused = chatmem("db", "prune", "--older-than", age, cwd=tmp_path)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -158,6 +165,12 @@ def test_parse_age_refuses(text: str) -> None:
     ("section", "values", "message"),
     [
         ("memory", {"retention_days": -1}, "memory.retention_days: must not be negative"),
+        # As prune's --older-than: a larger one overflowed the store's times (item 146).
+        (
+            "memory",
+            {"retention_days": 10**17},
+            "memory.retention_days: must be less than 1000 years (365000)",
+        ),
         ("storage", {"pool_size": 0}, "storage.pool_size: must be greater than 0"),
         ("storage", {"max_overflow": -1}, "storage.max_overflow: must not be negative"),
         ("storage", {"pool_timeout": "x"}, "storage.pool_timeout: must be a number, not 'x'"),

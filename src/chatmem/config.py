@@ -342,6 +342,9 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("compat.session_max_age: must be greater than 0")
     if section == "server" and values.get("port", 1) > 65535:
         raise ConfigError("server.port: must be at most 65535")
+    if section == "memory" and values.get("retention_days", 0) >= 365_000:
+        # As `db prune --older-than`: an age the store's times cannot go back by (item 146).
+        raise ConfigError("memory.retention_days: must be less than 1000 years (365000)")
     if section == "server":
         _validate_networks(values.get("trusted_proxies", ()))
         _validate_origins(values.get("cors_origins", ()))

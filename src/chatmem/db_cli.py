@@ -32,6 +32,11 @@ from .storage.retention import parse_age
 
 __all__ = ["add_db_commands", "driver_error", "one_line", "run_db", "sqlite_path_problem"]
 
+MAX_BATCH = 10_000
+"""The most conversations ``db prune`` deletes in one transaction: a batch's numbers go
+to the database as parameters, and asyncpg takes at most 32,767 in one statement (a
+larger batch failed there, item 146); a batch this large is already one long write."""
+
 
 def add_db_commands(commands: Any) -> None:
     """Add ``db`` and its subcommands to the ``chatmem`` parser's subcommands."""
@@ -46,7 +51,12 @@ def add_db_commands(commands: Any) -> None:
     prune.add_argument(
         "--older-than", help="age like 30d, 12h, 2w (default: memory.retention_days)"
     )
-    prune.add_argument("--batch-size", type=int, default=200, help="conversations per batch")
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=200,
+        help=f"conversations per batch (1 to {MAX_BATCH}; default 200)",
+    )
     check = actions.add_parser("check", help="check the store's integrity (exit 1 on problems)")
     check.add_argument(
         "--chat-only",
@@ -85,8 +95,8 @@ async def _run(args: argparse.Namespace, config: Config) -> str:
 
 def _prune_age(args: argparse.Namespace, config: Config) -> tuple[str, float]:
     """``db prune``'s age, as given and in seconds (ValueError: a usage error)."""
-    if args.batch_size <= 0:
-        raise ValueError("--batch-size must be greater than 0")
+    if not 0 < args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size must be from 1 to {MAX_BATCH}")
     if args.older_than is not None:
         return args.older_than, parse_age(args.older_than)
     if config.memory.retention_days:

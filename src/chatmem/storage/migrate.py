@@ -162,12 +162,19 @@ def _foreign_keys(connection: Connection, on: bool) -> None:
 
 
 def _check_foreign_keys(connection: Connection) -> None:
-    """Refuse (roll back) a migration after which a row points at no row."""
+    """Refuse (roll back) a migration after which a row points at no row, naming the first
+    few: ``chatmem db check``, which lists such rows too, refuses a database that is not
+    at the newest revision, which this one then never reaches (item 146)."""
     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if broken:
+        named = ", ".join(
+            f"{table} row {row} (no {parent} row)" for table, row, parent, _ in broken[:5]
+        )
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
         raise SchemaError(
-            f"after the migration {len(broken)} rows point at no row: nothing was changed"
-            " (`chatmem db check` lists them)"
+            f"after the migration {len(broken)} rows point at no row: {named}{more};"
+            " nothing was changed (delete those rows, or restore what they point at, and"
+            " run it again)"
         )
 
 
