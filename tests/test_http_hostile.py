@@ -136,6 +136,28 @@ def test_malformed_framing_is_refused_and_closed(server: Server, name: str) -> N
     assert error["code"] == "malformed_request"
 
 
+def test_a_refused_request_has_its_id_and_is_counted(server: Server) -> None:
+    """Answered by the connection before any route or middleware, such a 400 had no
+    X-Request-Id and was in no count of /metrics, where every other answer has both
+    (item 147): a flood of malformed requests did not show."""
+
+    def refused() -> float:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            scrape = b""
+            while chunk := sock.recv(65536):
+                scrape += chunk
+        line = re.search(rb'chatmem_requests_total\{route="other",status="400"\} (\S+)', scrape)
+        return 0.0 if line is None else float(line[1])
+
+    before = refused()
+    for _ in range(3):
+        _, _, response = exchange_bytes(server, SMUGGLING["nul-in-header"])
+        head = response.partition(b"\r\n\r\n")[0]
+        assert re.search(rb"\r\nX-Request-Id: [0-9a-f]{32}\r\n", head), head
+    assert refused() == before + 3
+
+
 TOKEN = "sk-token-of-the-client-0123456789"
 QUOTING = {
     "bad-char-in-value": f"Authorization: Bearer {TOKEN}\x01".encode(),

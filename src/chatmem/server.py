@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -30,7 +31,10 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import error_body
+from .logs import REQUEST_ID_HEADER, accept_request_id
+from .metrics import Metrics
 from .proxy.http import UNSUPPORTED_ENCODING
+from .state import GATEWAY
 
 __all__ = ["GatewayRunner", "malformed_request_message"]
 
@@ -95,11 +99,20 @@ class _Connection(RequestHandler):
             status=status, body=json.dumps(body).encode(), content_type="application/json"
         )
         response.force_close()  # the rest of the connection cannot be trusted
+        if getattr(request, "_match_info", None) is None:  # no route's hook will see it
+            # An id and a count like every other answer, as route "other" (item 147).
+            response.headers[REQUEST_ID_HEADER] = accept_request_id(None)
+            metrics = self._manager.metrics if isinstance(self._manager, _Server) else None
+            if metrics is not None:
+                metrics.response_started("other", status)
         return response
 
 
 class _Server(web.Server):
     __slots__ = ()
+
+    metrics: Metrics | None = None
+    """The gateway's, which counts the answers of its connections to malformed HTTP."""
 
     def __call__(self) -> RequestHandler:
         connection = super().__call__()
@@ -115,4 +128,8 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server
-        return server
+        ours = cast(_Server, server)
+        gateway = self.app.get(GATEWAY)
+        if gateway is not None:
+            ours.metrics = gateway.metrics
+        return ours
