@@ -158,6 +158,23 @@ def test_arguments_streamed_as_an_object_are_kept_as_its_json() -> None:
     ]
 
 
+def test_a_call_sent_bare_not_in_a_list_is_one_call() -> None:
+    """TGI before 3.2 streamed ``delta.tool_calls`` as the call itself (TGI #2949): the
+    call was dropped, and the answer stored as one that called nothing (item 148)."""
+    bare = {
+        "index": 0,
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "g", "arguments": "{}"},
+    }
+    calls = tool_calls_of(chunk({"tool_calls": bare}), chunk({}, finish_reason="eos_token"))
+    one = [{"id": "c1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    assert calls == one
+    message = {"role": "assistant", "content": None, "tool_calls": bare}
+    turn = turn_from_completion(completion(message))
+    assert turn is not None and turn.tool_calls == one
+
+
 def test_same_index_twice_in_one_chunk_is_merged_in_order() -> None:
     calls = tool_calls_of(
         chunk(

@@ -362,8 +362,17 @@ async def test_an_error_answered_with_a_200_keeps_its_message(
     gateway_factory: GatewayFactory, rows: Rows, error: Any, said: str | None
 ) -> None:
     """Some servers answer an error with a 200: the client's 502 says what the upstream
-    said (the gateway's key masked), not only that it was no chat completion."""
-    script = json_answer(json.dumps({"error": error}).encode())
+    said (the gateway's key masked), not only that it was no chat completion; vLLM's
+    error is the object itself, {"object": "error", "message": ...} (item 148)."""
+    body = {"object": "error", **error} if isinstance(error, dict) else {"error": error}
+    for answer in ({"error": error}, body):
+        await _answered_with_a_200(gateway_factory, rows, answer, said)
+
+
+async def _answered_with_a_200(
+    gateway_factory: GatewayFactory, rows: Rows, error: Any, said: str | None
+) -> None:
+    script = json_answer(json.dumps(error).encode())
     async with scripted_upstream(script) as up:
         client = await gateway_factory(up.url, upstream={"api_key": "sk-gateway-0123456789"})
         resp = await post_plain(client, "e")
@@ -372,6 +381,38 @@ async def test_an_error_answered_with_a_200_keeps_its_message(
     expected = "the upstream answered with an invalid chat completion"
     assert message == (expected if said is None else f"the upstream answered with an error: {said}")
     assert rows.messages("e") == []
+
+
+@pytest.mark.parametrize("done", [True, False], ids=["then [DONE]", "then the end"])
+async def test_llama_cpp_s_error_field_is_quoted(
+    gateway_factory: GatewayFactory, rows: Rows, done: bool
+) -> None:
+    """llama.cpp's server says why a stream failed in an ``error:`` field, which an SSE
+    client passes over, then sends [DONE]: the gateway's own error event said only that
+    no finish_reason came. It quotes the upstream now (the key masked; item 148)."""
+    said = json.dumps(
+        {"code": 500, "message": "context shift disabled, sk-gateway-0123456789", "type": "e"}
+    )
+    chunks: list[bytes | float] = [
+        sse(chunk("a", role="assistant")),
+        b"error: " + said.encode() + b"\n\n",
+        *([sse("[DONE]")] if done else []),
+    ]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": "sk-gateway-0123456789"})
+        resp = await client.post(
+            "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "l"}
+        )
+        body = await resp.read()
+    assert b"sk-gateway" not in body  # nor in the upstream's own field, relayed
+    events = [event for event in body.split(b"\n\n") if event]
+    error = json.loads(events[2].removeprefix(b"data: "))["error"]
+    assert (error["message"], error["code"]) == (
+        "the upstream reported an error: context shift disabled, [upstream key]",
+        "upstream_error",
+    )
+    assert events[3:] == ([b"data: [DONE]"] if done else [])
+    assert rows.messages("l") == []
 
 
 CUSTOM = {"id": "call_c1", "type": "custom", "custom": {"name": "shell", "input": "ls -la"}}

@@ -209,7 +209,9 @@ class _Choice:
         if "tool_calls" not in delta:
             return
         tool_calls = delta.get("tool_calls")
-        if not isinstance(tool_calls, list):
+        if isinstance(tool_calls, dict):  # TGI before 3.2 streamed its one call bare
+            tool_calls = [tool_calls]
+        elif not isinstance(tool_calls, list):
             return
         for position, raw in enumerate(tool_calls):
             if not isinstance(raw, dict):
@@ -338,6 +340,8 @@ def turn_from_completion(body: dict[str, Any]) -> AssistantTurn | None:
 
 
 def _tool_calls_of(value: object) -> list[dict[str, Any]] | None:
+    if isinstance(value, dict):  # one call, bare, as TGI before 3.2 streamed it
+        value = [value]
     if not isinstance(value, list):
         return None
     calls: list[dict[str, Any]] = []

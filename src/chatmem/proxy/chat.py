@@ -39,7 +39,7 @@ from .chat_request import (
     reasoning_content,
     valid_conversation_id,
 )
-from .http import json_object, read_body
+from .http import QUOTED, json_object, read_body, upstream_says
 from .passthrough import relay
 from .pool import BodyTooLarge, HeadRefused, head_refused
 from .redact import mask_bytes, masked, masked_json
@@ -330,16 +330,13 @@ def _not_an_answer(body: bytes, secret: bytes | None) -> str:
         parsed = jsonio.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
         parsed = None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict):
-        error = error.get("message")
-    if not isinstance(error, str) or not error.strip():
+    error = None
+    if isinstance(parsed, dict):
+        # vLLM's errors are the object itself: {"object": "error", "message": ...}
+        error = upstream_says(parsed if parsed.get("object") == "error" else parsed.get("error"))
+    if error is None:
         return "the upstream answered with an invalid chat completion"
-    return f"the upstream answered with an error: {masked(error, secret)[:_QUOTED]}"
-
-
-_QUOTED = 1000
-"""Characters of an upstream's error message quoted in the gateway's."""
+    return f"the upstream answered with an error: {masked(error, secret)[:QUOTED]}"
 
 
 class upstream_failures:  # lower case, like contextlib.suppress

@@ -22,6 +22,7 @@ from ..errors import (
 from ..state import GATEWAY
 
 __all__ = [
+    "QUOTED",
     "AsItCame",
     "ChatmemRoutes",
     "HostMethodNotAllowed",
@@ -34,6 +35,7 @@ __all__ = [
     "method_not_allowed",
     "read_body",
     "undecodable_body",
+    "upstream_says",
 ]
 
 
@@ -49,6 +51,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return await _read_body(request, limit)
     except web.RequestPayloadError:
         raise undecodable_body(request) from None
+
+
+QUOTED = 1000
+"""Characters of an upstream's error message quoted in the gateway's."""
+
+
+def upstream_says(value: object) -> str | None:
+    """An upstream's error as text to quote, from the shapes servers send: a string, or an
+    object with a string ``message`` (OpenAI's ``error``, vLLM's ``{"object": "error",
+    ...}``, llama.cpp's ``error:`` field); None when it says nothing.  Whole: the caller
+    masks the key in it, then cuts it to ``QUOTED`` (cut first, half a key would show)."""
+    if isinstance(value, dict):
+        value = value.get("message")
+    return value if isinstance(value, str) and value.strip() else None
 
 
 UNSUPPORTED_ENCODING = (

@@ -60,6 +60,7 @@ class SSEParser:
         "_partial_size",
         "_pending_cr",
         "_started",
+        "error_field",
         "overflowed",
     )
 
@@ -73,6 +74,10 @@ class SSEParser:
         self._partial_size = 0
         self._data: list[bytes] = []  # data lines of the event being built
         self._data_size = 0
+        self.error_field: bytes | None = None
+        """The last ``error:`` line's value: llama.cpp's server says so why a stream
+        failed (then ``data: [DONE]``), where others send an error object as data.  An
+        SSE client passes such a field over; the gateway quotes it in its own error."""
 
     def feed(self, chunk: bytes) -> list[str]:
         """Consume ``chunk``; return the data payloads of the events it completed, in order."""
@@ -139,6 +144,8 @@ class SSEParser:
             elif line == b"data":
                 value = b""
             else:
+                if line.startswith(b"error:"):
+                    self.error_field = line[7:] if line[6:7] == b" " else line[6:]
                 continue  # a comment (":..."), or event/id/retry/unknown: not needed here
             data.append(value)
             self._data_size += len(value) + 1

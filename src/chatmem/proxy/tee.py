@@ -18,12 +18,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .. import jsonio
 from ..errors import ChatmemError, failures
 from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
-from .http import AsItCame, error_event
-from .redact import mask_bytes
+from .http import QUOTED, AsItCame, error_event, upstream_says
+from .redact import mask_bytes, masked
 from .sse import SSEParser, only_data_events
 from .upstream import StreamedAnswer
 
@@ -395,7 +396,7 @@ async def tee_stream(
                     break  # events after [DONE] (in the same read) decide nothing
                 answer.add(data)
             if answer.done:
-                await _finish(client, answer, chunk, commit)
+                await _finish(client, answer, chunk, commit, parser)
                 if client.chunks_only or render is not None:
                     # Nothing after [DONE] reaches these clients: done.  The connection
                     # goes back to the pool if the body has ended (as it usually has).
@@ -428,7 +429,9 @@ async def tee_stream(
                 return response
             await client.end_with(failure)
             return response
-        await client.end_with(_NOT_A_CHUNK if answer.malformed else _CUT_OFF)
+        await client.end_with(
+            _said(parser, client.secret) or (_NOT_A_CHUNK if answer.malformed else _CUT_OFF)
+        )
         return response
     await client.flush()
     if not answer.done and answer.error is not None:
@@ -461,7 +464,25 @@ async def _commit(answer: StreamAccumulator, commit: Commit) -> Failure | None:
     return None
 
 
-async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit) -> None:
+def _said(parser: SSEParser, secret: bytes | None) -> Failure | None:
+    """The upstream's own ``error:`` field (llama.cpp's), quoted (the key masked), for a
+    stream that did not complete: the client's SSE parser passes such a field over."""
+    if parser.error_field is None:
+        return None
+    try:
+        value: object = jsonio.loads(parser.error_field)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = parser.error_field.decode("utf-8", "replace")
+    said = upstream_says(value)
+    if said is None:
+        return None
+    quoted = masked(said, secret)[:QUOTED]
+    return f"the upstream reported an error: {quoted}", "upstream_error", "upstream_error"
+
+
+async def _finish(
+    client: _Client, answer: StreamAccumulator, chunk: bytes, commit: Commit, parser: SSEParser
+) -> None:
     """``[DONE]`` arrived in ``chunk``: commit a completed answer, then release ``[DONE]``.
 
     When the answer is incomplete or cannot be saved, the error event goes in front of the
@@ -487,7 +508,7 @@ async def _finish(client: _Client, answer: StreamAccumulator, chunk: bytes, comm
         message = failed_finish_message(answer.failed_finish)
         failure = (message, "upstream_incomplete", "upstream_error")
     elif not answer.completed:
-        failure = _NOT_A_CHUNK if answer.malformed else _NO_FINISH
+        failure = _said(parser, client.secret) or (_NOT_A_CHUNK if answer.malformed else _NO_FINISH)
     else:
         failure = await _commit(answer, commit)
     if failure is None:
