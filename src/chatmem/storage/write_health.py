@@ -8,8 +8,10 @@ transactions end (turns, Conversations API writes, retention), and once one was 
 and deleted in one transaction, :meth:`Store.check_ready`) or a turn.
 
 Only the database's refusal counts.  A write that found another writer in its way (a lock
-held past ``busy_timeout``, a serialization failure) says nothing about the database, and
-neither does a turn refused for what it holds (its conversation deleted meanwhile).
+held past ``busy_timeout``, a serialization failure) says nothing about the database, nor
+does one whose connection the server ended under it (a restart, ``pg_terminate_backend``:
+the next connection writes), nor a turn refused for what it holds (its conversation
+deleted meanwhile).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sqlite3
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import described
-from .faults import is_retryable, sqlstate
+from .faults import is_connection_lost, is_retryable, sqlstate
 
 __all__ = ["WriteHealth"]
 
@@ -31,7 +33,8 @@ _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's lock_timeout
 
 
 def _contention(exc: BaseException) -> bool:
-    """Whether ``exc``, or an error it was raised from, is another writer in the way."""
+    """Whether ``exc``, or an error it was raised from, is another writer in the way, or
+    a connection that ended under the write (item 149)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a chain of causes is short; never loop on a cycle
         if seen is None:
@@ -42,7 +45,7 @@ def _contention(exc: BaseException) -> bool:
             return True
         if isinstance(seen, PoolTimeout) or is_retryable(seen):
             return True
-        if sqlstate(seen) == _LOCK_NOT_AVAILABLE:
+        if sqlstate(seen) == _LOCK_NOT_AVAILABLE or is_connection_lost(seen):
             return True
         seen = seen.__cause__
     return False
