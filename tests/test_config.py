@@ -198,6 +198,7 @@ def test_a_flag_does_not_hide_a_bad_value_in_the_file(
             "memory.resend_reasoning: must be 'tool_turns' or 'always' or 'never', not 'tools'",
         ),
         ('[auth]\ntenant_claim = ""\n', "auth.tenant_claim: must name a claim"),
+        ('[compat]\nask_model = " "\n', "compat.ask_model: must not be empty"),  # item 150
         ('[storage]\nurl = "mysql://u:pw@h/db"\n', "storage.url: use sqlite+aiosqlite"),
         ("server = 1\n", "[server]: must be a table"),
         ("[server\n", "invalid TOML"),

@@ -337,6 +337,8 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
     for name in positive.get(section, ()):
         if name in values and values[name] <= 0:
             raise ConfigError(f"{section}.{name}: must be greater than 0")
+    if section == "compat" and "ask_model" in values and not values["ask_model"].strip():
+        raise ConfigError("compat.ask_model: must not be empty")  # every /v1/ask a 400 else
     max_age = values.get("session_max_age") if section == "compat" else None
     if max_age is not None and max_age <= 0:
         raise ConfigError("compat.session_max_age: must be greater than 0")

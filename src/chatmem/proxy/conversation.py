@@ -120,9 +120,9 @@ class PlainText:
 
 def _model(request: web.Request) -> str:
     """The model the path names.  Its name may hold slashes (``meta-llama/...``) but
-    never ends in one: a trailing slash (a base URL joined with one) is not sent upstream,
-    where the model ``m/`` would be refused by name."""
-    model = request.match_info["model"].rstrip("/")
+    never starts or ends with one: a slash there (a base URL joined with one) is not sent
+    upstream, where the model ``m/`` or ``/m`` would be refused by name."""
+    model = request.match_info["model"].strip("/")
     if not model:
         raise InvalidRequest("the path names no model: POST /conversation/{model}", param="model")
     return model
