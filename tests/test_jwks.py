@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import GatewayFactory, upstream_url
 from jwt_keys import bearer, private_key, public_jwk, token
+
+from chatmem.config import ConfigError, load_config
 
 CLAIMS = {"team_id": "acme", "sub": "alice"}
 
@@ -23,16 +26,30 @@ class KeyServer:
     status: int = 200
     fetches: int = 0
     url: str = ""
+    delay: float = 0.0
+    """Seconds the endpoint takes to answer."""
+    body: bytes | None = None
+    """A document of its own, served instead of ``keys``."""
 
 
 @pytest.fixture
 async def key_server(aiohttp_server: Any) -> KeyServer:
     state = KeyServer(keys=[public_jwk("rsa", "k1", "RS256"), public_jwk("ec", "e1")])
 
-    async def jwks(_request: web.Request) -> web.Response:
+    async def jwks(_request: web.Request) -> web.StreamResponse:
         state.fetches += 1
+        await asyncio.sleep(state.delay)
         if state.status != 200:
             return web.Response(status=state.status, text="down")
+        if state.body is not None:  # in two writes, as a large document comes
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(_request)
+            half = len(state.body) // 2
+            await response.write(state.body[:half])
+            await asyncio.sleep(0.05)
+            await response.write(state.body[half:])
+            await response.write_eof()
+            return response
         return web.json_response({"keys": state.keys})
 
     app = web.Application()
@@ -178,3 +195,56 @@ async def test_concurrent_requests_share_one_fetch(
     statuses = await asyncio.gather(*(status(client, rs("k1")) for _ in range(10)))
     assert statuses == [200] * 10
     assert key_server.fetches == 1
+
+
+async def test_requests_during_a_fetch_wait_for_it(
+    gateway_factory: GatewayFactory, upstream: TestServer, key_server: KeyServer
+) -> None:
+    """Item 151: the first token sets a fetch off; those that came while it ran were
+    refused at once (the refetch interval had begun), 49 of 50 valid tokens a 401. They
+    wait for that fetch now, and it is still the only one."""
+    key_server.delay = 0.3
+    client = await make(gateway_factory, upstream, key_server)  # the default interval
+    es = bearer(token(CLAIMS, private_key("ec"), "ES256", headers={"kid": "e1"}))
+    statuses = await asyncio.gather(*(status(client, rs("k1") if i % 2 else es) for i in range(20)))
+    assert statuses == [200] * 20
+    assert key_server.fetches == 1
+
+
+async def test_a_document_larger_than_one_read_is_read_whole(
+    gateway_factory: GatewayFactory, upstream: TestServer, key_server: KeyServer
+) -> None:
+    """Item 151: only what the first read brought was parsed (64 KiB here), and a
+    document larger than that never loaded."""
+    padding = [public_jwk("rsa", f"pad{i}", "RS256") for i in range(250)]
+    key_server.body = json.dumps({"keys": [*padding, *key_server.keys]}).encode()
+    assert len(key_server.body) > 100_000
+    client = await make(gateway_factory, upstream, key_server)
+    assert await status(client, rs("k1")) == 200
+
+
+async def test_a_document_nested_too_deep_is_a_failed_fetch(
+    gateway_factory: GatewayFactory,
+    upstream: TestServer,
+    key_server: KeyServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Item 151: the parser's RecursionError was no failed fetch: a 500 with a traceback
+    for the request, again after every refetch interval."""
+    key_server.body = b"[" * 200_000
+    client = await make(gateway_factory, upstream, key_server)
+    assert await status(client, rs("k1")) == 401
+    assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= 40]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "chatmem.auth"]
+    assert warning.endswith("failed (RecursionError); keeping 0 cached keys")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999/jwks.json", "http://[::1/jwks.json"], ids=["port", "ipv6"]
+)
+def test_a_url_that_cannot_be_fetched_is_a_config_error(url: str) -> None:
+    """Item 151: it passed the config's check, and every request was a 500 whose log line
+    quoted the URL whole."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides={"auth": {"jwks_url": url, "algorithms": ["RS256"]}}, env={})
+    assert str(caught.value) == "auth.jwks_url: not a valid URL (its host or port)"

@@ -555,6 +555,12 @@ def _validate_auth(values: Mapping[str, Any]) -> None:
         else:
             fault = f"not {scheme.group()}"
         raise ConfigError(f"auth.jwks_url: must be an http:// or https:// URL ({fault})")
+    if url:
+        try:
+            _ = URL(url).port  # parses the host and port: a bad one failed every request
+        except ValueError:
+            # Not quoted either.  (Item 151: a 500 for every token, the URL in the log.)
+            raise ConfigError("auth.jwks_url: not a valid URL (its host or port)") from None
     for number, claim in enumerate(values.get("require", ())):
         if not claim.strip():  # "${REQ:-}" with REQ unset: no token carries that claim
             raise ConfigError(f"auth.require[{number}]: must name a claim, not be empty")

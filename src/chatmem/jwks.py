@@ -28,9 +28,25 @@ _FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 def _shown(url: str) -> str:
     """``url`` fit for a log line: without a user, password or query (which may hold
-    the key server's credentials)."""
-    parsed = URL(url)
-    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    the key server's credentials); never raises (the config checks the URL, but a log
+    line must not fail the request that writes it)."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        return "the JWKS URL"
+
+
+def _why(exc: BaseException) -> str:
+    """Why a fetch failed, for the log: aiohttp's errors say it by their class (their
+    text quotes the URL whole, its query token too, and what the server sent)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {_FETCH_TIMEOUT.total:g} s"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}, status {exc.status}"
+    if isinstance(exc, aiohttp.ClientError | RecursionError):
+        return type(exc).__name__
+    return str(exc)  # ours, or the JSON parser's (where in the document it broke)
 
 
 class _Key:
@@ -107,21 +123,26 @@ class JwksKeys:
         return last is None or self.clock() - last >= self.refetch_interval
 
     async def ensure(self, kid: str | None) -> None:
-        """Refresh the keys if they are stale or lack ``kid``, unless rate-limited."""
-        if not (self._wanted(kid) and self._may_fetch()):
+        """Refresh the keys if they are stale or lack ``kid``, unless rate-limited.  A
+        request that needs keys while a fetch is under way waits for that fetch: refused
+        at once, a valid token signed with a key the fetch was bringing got a 401 (item
+        151: 49 of 50 tokens sent together to a gateway that had not fetched yet)."""
+        if not self._wanted(kid) or not (self._may_fetch() or self._lock.locked()):
             return
         async with self._lock:
             if not (self._wanted(kid) and self._may_fetch()):
-                return  # another request refreshed (or tried) while we waited
+                return  # the fetch waited for brought it, or another was tried just now
             self._attempted_at = self.clock()
             self.fetches += 1
             try:
                 keys = parse_jwks(await self._fetch())
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+                # A broken document (nested past the parser's depth, say) is a failed
+                # fetch like any other: the cached keys stay, the token is refused (401).
                 log.warning(
                     "JWKS fetch from %s failed (%s); keeping %d cached keys",
                     _shown(self.url),
-                    exc,
+                    _why(exc),
                     len(self._keys),
                 )
                 return
@@ -135,10 +156,16 @@ class JwksKeys:
         async with self._session.get(self.url, allow_redirects=False) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP status {response.status}")
-            body = await response.content.read(_MAX_JWKS_BYTES + 1)
-            if len(body) > _MAX_JWKS_BYTES:
-                raise ValueError("the JWKS document is too large")
-        return json.loads(body)
+            # All of it: read(n) gives what has arrived, up to n (a document over 64 KiB
+            # came in pieces, and only the first was parsed: item 151).
+            pieces: list[bytes] = []
+            size = 0
+            async for piece in response.content.iter_any():
+                size += len(piece)
+                if size > _MAX_JWKS_BYTES:
+                    raise ValueError("the JWKS document is too large")
+                pieces.append(piece)
+        return json.loads(b"".join(pieces))
 
     async def close(self) -> None:
         if self._session is not None:
