@@ -398,6 +398,39 @@ async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
     assert seen == ["a" * 1000, ("closed", 1009)]
 
 
+async def test_an_upstream_websocket_message_over_the_body_limit_is_a_1009(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """Item 152: the other way, the upstream's message over the limit closed the client's
+    socket with 1014 (aiohttp's client hands the error over in the message, where its
+    server keeps it for ``exception()``). A 1009 for both sides now."""
+    closed: list[int | None] = []
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("a" * 1000)
+        await ws.send_str("b" * 1001)
+        async for _ in ws:
+            pass
+        closed.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), server={"max_body_bytes": 1000})
+    async with gateway.ws_connect("/v1/realtime") as ws:
+        assert await ws.receive_str() == "a" * 1000
+        closing = await ws.receive()
+        assert closing.type is WSMsgType.CLOSE and closing.data == 1009
+    for _ in range(100):  # bounded: up to 5 s for the close to reach the upstream
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert closed == [1009]
+
+
 async def test_an_upstream_websocket_that_drops_without_a_close_is_a_1014(
     gateway_factory: GatewayFactory, aiohttp_server: Any
 ) -> None:

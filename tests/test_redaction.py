@@ -749,6 +749,35 @@ async def test_a_streamed_answer_with_the_key_json_escaped_is_masked_sent_and_st
     assert json.loads(rows.messages("e2")[-1]["content"]) == "the key is [upstream key]."
 
 
+async def test_a_control_frame_masked_past_125_bytes_is_cut_to_fit(
+    gateway_factory: GatewayFactory, aiohttp_server: Any
+) -> None:
+    """Item 152: ``[upstream key]`` is 14 bytes, and a key of 8 grows a ping's payload or
+    a close reason past the 125 bytes a control frame holds: the client refused the
+    frame ("Control frame payload cannot be larger than 125 bytes") and never got the
+    close code. Masked, then cut to fit."""
+    short = "sk-12345"
+
+    async def realtime(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.ping(short.encode() + b"p" * 117)  # 125 bytes
+        await ws.close(code=4001, message=short.encode() + b"r" * 115)  # 2 + 123 bytes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", realtime)
+    server: TestServer = await aiohttp_server(app)
+    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": short})
+    async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
+        ping = await ws.receive()
+        assert ping.type is WSMsgType.PING
+        assert ping.data == (b"[upstream key]" + b"p" * 117)[:125]
+        closing = await ws.receive()
+    assert (closing.type, closing.data) == (WSMsgType.CLOSE, 4001)
+    assert closing.extra == ("[upstream key]" + "r" * 115)[:123]
+
+
 async def test_websocket_text_with_the_key_json_escaped_is_masked(
     gateway_factory: GatewayFactory, aiohttp_server: Any
 ) -> None:

@@ -352,6 +352,12 @@ _NOT_SENT = frozenset({1005, 1006, 1015})
 """Close codes that say what happened to a connection and are never sent in a frame."""
 
 
+_CONTROL = 125
+"""The most bytes a control frame's payload holds (a close frame's: its code's two and its
+reason's).  A key masked in one can grow it (``[upstream key]`` is 14 bytes): it is cut
+to fit, where the frame was refused by the other side (item 152)."""
+
+
 async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> tuple[int, str]:
     """Every message of ``source`` to ``sink``, as it comes, with ``secret`` masked in it,
     until ``source`` closes; the close to give the other side: ``source``'s own code and
@@ -366,16 +372,19 @@ async def _pump(source: _Socket, sink: _Socket, secret: bytes | None = None) -> 
         elif kind is aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(mask_bytes(message.data, secret))
         elif kind is aiohttp.WSMsgType.PING:
-            await sink.ping(mask_bytes(message.data, secret))
+            await sink.ping(mask_bytes(message.data, secret)[:_CONTROL])
         elif kind is aiohttp.WSMsgType.PONG:
-            await sink.pong(mask_bytes(message.data, secret))
+            await sink.pong(mask_bytes(message.data, secret)[:_CONTROL])
         elif kind is aiohttp.WSMsgType.CLOSE:
             code = message.data
             if not isinstance(code, int) or code < 1000 or code in _NOT_SENT:
                 code = aiohttp.WSCloseCode.OK  # a close frame without a code
-            return code, masked(message.extra or "", secret)
+            reason = masked(message.extra or "", secret).encode()[: _CONTROL - 2]
+            return code, reason.decode("utf-8", "ignore")  # not a character cut in two
         else:  # CLOSING, CLOSED, ERROR: this side is done
-            error = source.exception()
+            # aiohttp's client hands its error over in the message, its server keeps it.
+            error = message.data if kind is aiohttp.WSMsgType.ERROR else None
+            error = error if isinstance(error, BaseException) else source.exception()
             if isinstance(error, aiohttp.WebSocketError):
                 return error.code, ""  # 1009 for a message over the limit
             if isinstance(source, aiohttp.ClientWebSocketResponse):
