@@ -192,6 +192,25 @@ def test_mock_upstream_refuses_what_it_cannot_do() -> None:
     negative = run("mock-upstream", "--tokens", "-1")
     assert negative.returncode == 2
     assert "argument --tokens: must be at least 0, not -1" in negative.stderr
+    # What it wants, where argparse said "invalid parse value" (item 143).
+    for flag, value, wanted in (
+        ("--delay-ms", "abc", "a number"),
+        ("--tokens", "1.5", "a whole number"),
+    ):
+        refused = run("mock-upstream", flag, value)
+        assert refused.returncode == 2
+        assert f"argument {flag}: must be {wanted}, not '{value}'" in refused.stderr
+
+
+def test_the_help_names_every_command_and_the_defaults() -> None:
+    """Item 143: the top help named three of the four commands (not db), with reST
+    backticks, and serve's --host and --port said nothing of their defaults."""
+    top = run("--help")
+    assert top.returncode == 0
+    assert "``" not in top.stdout
+    assert all(name in top.stdout for name in ("mock-upstream", "token", "(db)"))
+    serve = run("serve", "--help").stdout
+    assert "(default 127.0.0.1)" in serve and "(default 7001)" in serve
     beyond = run("mock-upstream", "--port", "99999")  # used to listen on 99999 - 65536
     assert beyond.returncode == 2
     assert "argument --port: must be 0 to 65535, not 99999" in beyond.stderr
