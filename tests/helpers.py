@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import brotli  # type: ignore[import-untyped]
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatmem.config import Config, StorageConfig, load_config
@@ -55,6 +56,15 @@ def run_chatmem(
 
 def upstream_url(server: TestServer) -> str:
     return str(server.make_url("/v1"))
+
+
+async def realtime_upstream(aiohttp_server: Any, handler: Any) -> str:
+    """The base URL of an upstream whose ``/v1/realtime`` is ``handler`` (a WebSocket's,
+    for the relay's tests)."""
+    app = web.Application()
+    app.router.add_get("/v1/realtime", handler)
+    server: TestServer = await aiohttp_server(app)
+    return upstream_url(server)
 
 
 def received(server: TestServer) -> list[ReceivedRequest]:

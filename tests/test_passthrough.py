@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import GatewayFactory, make_config, received, upstream_url
+from helpers import GatewayFactory, make_config, realtime_upstream, received, upstream_url
 from multidict import CIMultiDict, CIMultiDictProxy
 from scripted_upstream import Framing, Script, scripted_upstream
 from yarl import URL
@@ -316,10 +316,8 @@ async def test_the_subprotocols_a_client_offers_are_not_logged(
         await ws.close()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server))
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up)
     offered = ["realtime", "openai-insecure-api-key.sk-live-123"]
     caplog.set_level(logging.DEBUG)
     for path in ("/v1/realtime", "/v1/realtime?take=realtime"):
@@ -382,10 +380,8 @@ async def test_a_websocket_message_over_the_body_limit_ends_the_socket(
         seen.append(("closed", ws.close_code))
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server), server={"max_body_bytes": 1000})
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up, server={"max_body_bytes": 1000})
     async with gateway.ws_connect("/v1/realtime") as ws:
         await ws.send_str("a" * 1000)
         await ws.send_str("b" * 1001)
@@ -416,10 +412,8 @@ async def test_an_upstream_websocket_message_over_the_body_limit_is_a_1009(
         closed.append(ws.close_code)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server), server={"max_body_bytes": 1000})
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up, server={"max_body_bytes": 1000})
     async with gateway.ws_connect("/v1/realtime") as ws:
         assert await ws.receive_str() == "a" * 1000
         closing = await ws.receive()
@@ -447,10 +441,8 @@ async def test_an_upstream_websocket_that_drops_without_a_close_is_a_1014(
         request.transport.abort()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server))
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up)
     async with gateway.ws_connect("/v1/realtime") as ws:
         first = await ws.receive(timeout=5)
         closing = await ws.receive(timeout=5)
@@ -467,12 +459,8 @@ async def test_a_websocket_handshake_the_upstream_does_not_answer_is_a_504(
         await ws.prepare(request)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", slow)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(
-        upstream_url(server), upstream={"connect_timeout": 0.3, "read_timeout": 0.3}
-    )
+    up = await realtime_upstream(aiohttp_server, slow)
+    gateway = await gateway_factory(up, upstream={"connect_timeout": 0.3, "read_timeout": 0.3})
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await gateway.ws_connect("/v1/realtime")
     assert refused.value.status == 504

@@ -14,8 +14,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestServer
-from helpers import COMPRESS, GatewayFactory, Rows, chat_completion, chunk, sse, upstream_url
+from helpers import (
+    COMPRESS,
+    GatewayFactory,
+    Rows,
+    chat_completion,
+    chunk,
+    realtime_upstream,
+    sse,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scripted_upstream import Script, scripted_upstream
@@ -282,10 +289,8 @@ async def test_websocket_messages_quoting_the_key_are_masked(
         await ws.close(code=4000, message=f"closing, key {KEY}".encode())
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": KEY})
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up, upstream={"api_key": KEY})
     async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
         assert await ws.receive_str() == '{"type": "error", "message": "bad key [upstream key]"}'
         assert await ws.receive_bytes() == b"key=[upstream key]"
@@ -765,10 +770,8 @@ async def test_a_control_frame_masked_past_125_bytes_is_cut_to_fit(
         await ws.close(code=4001, message=short.encode() + b"r" * 115)  # 2 + 123 bytes
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": short})
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up, upstream={"api_key": short})
     async with gateway.ws_connect("/v1/realtime", autoping=False) as ws:
         ping = await ws.receive()
         assert ping.type is WSMsgType.PING
@@ -790,9 +793,7 @@ async def test_websocket_text_with_the_key_json_escaped_is_masked(
         await ws.close()
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/realtime", realtime)
-    server: TestServer = await aiohttp_server(app)
-    gateway = await gateway_factory(upstream_url(server), upstream={"api_key": ODD_KEY})
+    up = await realtime_upstream(aiohttp_server, realtime)
+    gateway = await gateway_factory(up, upstream={"api_key": ODD_KEY})
     async with gateway.ws_connect("/v1/realtime") as ws:
         assert await ws.receive_str() == '{"message": "bad key [upstream key]"}'

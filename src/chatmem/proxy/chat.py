@@ -39,10 +39,10 @@ from .chat_request import (
     reasoning_content,
     valid_conversation_id,
 )
-from .http import QUOTED, json_object, read_body, upstream_says
+from .http import json_object, read_body, upstream_says
 from .passthrough import relay
 from .pool import BodyTooLarge, HeadRefused, head_refused
-from .redact import mask_bytes, masked, masked_json
+from .redact import mask_bytes, masked_json
 from .tee import Renderer, tee_stream
 from .upstream import content_encoding, response_headers, shown_coding
 
@@ -330,13 +330,14 @@ def _not_an_answer(body: bytes, secret: bytes | None) -> str:
         parsed = jsonio.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
         parsed = None
-    error = None
+    said = None
     if isinstance(parsed, dict):
         # vLLM's errors are the object itself: {"object": "error", "message": ...}
-        error = upstream_says(parsed if parsed.get("object") == "error" else parsed.get("error"))
-    if error is None:
+        error = parsed if parsed.get("object") == "error" else parsed.get("error")
+        said = upstream_says(error, secret)
+    if said is None:
         return "the upstream answered with an invalid chat completion"
-    return f"the upstream answered with an error: {masked(error, secret)[:QUOTED]}"
+    return f"the upstream answered with an error: {said}"
 
 
 class upstream_failures:  # lower case, like contextlib.suppress

@@ -20,9 +20,9 @@ from ..errors import (
     error_response,
 )
 from ..state import GATEWAY
+from .redact import masked
 
 __all__ = [
-    "QUOTED",
     "AsItCame",
     "ChatmemRoutes",
     "HostMethodNotAllowed",
@@ -53,18 +53,21 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise undecodable_body(request) from None
 
 
-QUOTED = 1000
+_QUOTED = 1000
 """Characters of an upstream's error message quoted in the gateway's."""
 
 
-def upstream_says(value: object) -> str | None:
-    """An upstream's error as text to quote, from the shapes servers send: a string, or an
-    object with a string ``message`` (OpenAI's ``error``, vLLM's ``{"object": "error",
-    ...}``, llama.cpp's ``error:`` field); None when it says nothing.  Whole: the caller
-    masks the key in it, then cuts it to ``QUOTED`` (cut first, half a key would show)."""
+def upstream_says(value: object, secret: bytes | None) -> str | None:
+    """An upstream's error as the gateway quotes it, from the shapes servers send: a
+    string, or an object with a string ``message`` (OpenAI's ``error``, vLLM's
+    ``{"object": "error", ...}``, llama.cpp's ``error:`` field); None when it says
+    nothing.  ``secret`` is masked in it before it is cut to its first 1,000 characters
+    (cut first, half a key would show)."""
     if isinstance(value, dict):
         value = value.get("message")
-    return value if isinstance(value, str) and value.strip() else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return masked(value, secret)[:_QUOTED]
 
 
 UNSUPPORTED_ENCODING = (

@@ -23,8 +23,8 @@ from ..errors import ChatmemError, failures
 from ..logs import CLIENT_LEFT
 from ..shutdown import GatewayStopping
 from .accumulate import AssistantTurn, StreamAccumulator, failed_finish_message
-from .http import QUOTED, AsItCame, error_event, upstream_says
-from .redact import mask_bytes, masked
+from .http import AsItCame, error_event, upstream_says
+from .redact import mask_bytes
 from .sse import SSEParser, only_data_events
 from .upstream import StreamedAnswer
 
@@ -473,11 +473,10 @@ def _said(parser: SSEParser, secret: bytes | None) -> Failure | None:
         value: object = jsonio.loads(parser.error_field)
     except (UnicodeDecodeError, ValueError, RecursionError):
         value = parser.error_field.decode("utf-8", "replace")
-    said = upstream_says(value)
+    said = upstream_says(value, secret)
     if said is None:
         return None
-    quoted = masked(said, secret)[:QUOTED]
-    return f"the upstream reported an error: {quoted}", "upstream_error", "upstream_error"
+    return f"the upstream reported an error: {said}", "upstream_error", "upstream_error"
 
 
 async def _finish(
