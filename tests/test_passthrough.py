@@ -52,6 +52,7 @@ async def echo_upstream(aiohttp_server: Any) -> TestServer:
             "X-Secret-Hop": "no",
             "Keep-Alive": "timeout=5",
             "Set-Cookie": "up=1",
+            "Set-Cookie2": "up2=1; Version=1",  # RFC 2965's, obsolete but still sent
         }
         if request.path.endswith("/gzip"):
             payload = gzip.compress(b"compressed body")
@@ -181,7 +182,7 @@ async def test_headers_filtered_and_key_injected(
     assert resp.headers["X-Echo"] == "1"
     assert "X-Secret-Hop" not in resp.headers and "Keep-Alive" not in resp.headers
     # The upstream's cookies are its session with the gateway, never the client's.
-    assert "Set-Cookie" not in resp.headers
+    assert "Set-Cookie" not in resp.headers and "Set-Cookie2" not in resp.headers
 
 
 async def test_trace_and_other_upgrades_are_not_relayed(

@@ -522,6 +522,29 @@ async def test_a_compressed_passthrough_answer_goes_on_decoded_with_the_key_mask
     assert got == body.replace(KEY.encode(), MASK)
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+async def test_head_of_a_compressed_passthrough_answer_says_what_get_would(
+    gateway_factory: GatewayFactory, encoding: str
+) -> None:
+    """HEAD answers with the headers GET would have: with a key, GET decodes a compressed
+    answer (above), so HEAD relayed ``Content-Encoding`` and the compressed length where
+    GET sends neither, and a cache that keeps HEAD's headers for GET's body got them
+    wrong."""
+    script = Script(
+        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        more_head_lines=["Content-Length: 2048"],
+        framing="close",  # a HEAD's answer has no body, whatever its length says
+    )
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url, upstream={"api_key": KEY})
+        response = await client.head("/v1/models", auto_decompress=False)
+        await response.read()
+    assert response.status == 200
+    assert "Content-Encoding" not in response.headers
+    assert "Content-Length" not in response.headers
+    assert response.headers["Content-Type"] == "application/json"
+
+
 @pytest.mark.parametrize(
     ("encoding", "wire"),
     [

@@ -656,7 +656,7 @@ async def relay(
     ``*`` as it has bytes, so that its ``Content-Length`` still holds.  Such a body in
     gzip, deflate, br or zstd indeed (asked for none, an upstream may compress all the
     same) goes on decoded as it comes, the key as :data:`MASK`; one only labelled so is
-    masked as it came."""
+    masked as it came.  A ``HEAD`` answer says what ``GET``'s would: decoded."""
     encoding = content_encoding(upstream.headers)
     error = upstream.status >= 400
     redactor = None
@@ -672,7 +672,10 @@ async def relay(
         return await _decoded_error(upstream, headers, encoding, redactor)
     body: AsyncIterator[bytes] = upstream.content.iter_any()
     if secret is not None and not error and encoding in INFLATABLE:
-        body, inflated = await _inflating(body, encoding)
+        if request.method == "HEAD":  # no body to look at: the headers GET's would have
+            inflated = True
+        else:
+            body, inflated = await _inflating(body, encoding)
         if inflated:
             del headers["Content-Encoding"]
             headers.popall("Content-Length", None)

@@ -58,9 +58,11 @@ _NOT_OURS_TO_ADD = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 """Headers aiohttp's client adds when they are missing; passthrough relays the client's."""
 
 
-_NOT_TO_THE_CLIENT = ("set-cookie",)
+_NOT_TO_THE_CLIENT = ("set-cookie", "set-cookie2")
 """The upstream's cookies belong to the gateway's session with it (a client's ``Cookie``
-never goes upstream): passed on, they would only hand that session to every client."""
+never goes upstream): passed on, they would only hand that session to every client.
+``Set-Cookie2`` is RFC 2965's, obsolete, but a browser or client that still reads it
+would take the same session."""
 _SHORTEST_SECRET = 8
 """A key shorter than this is not looked for in what the upstream sends: masking every
 ``abc`` of a body would garble it, and such a key protects nothing anyway."""
