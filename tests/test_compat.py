@@ -798,7 +798,7 @@ def split_everywhere(data: bytes, step: int) -> list[bytes | float]:
         *(
             (
                 split_everywhere(b"".join(answer_events(newline=nl)), 3),
-                answer_events(newline=nl)[:-1],
+                answer_events()[:-1],  # in the old service's LF framing
                 True,
             )
             for nl in (b"\r\n", b"\r")
@@ -853,12 +853,47 @@ async def test_ask_streams_end_without_done(
         assert rows.messages() == []
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+async def test_ask_streams_come_in_the_old_services_framing(
+    gateway_factory: GatewayFactory, rows: Rows, newline: bytes
+) -> None:
+    """The old api-server's README promises events that start with ``data: `` and end
+    with ``\n\n``, and its clients split on that: an upstream's comments (keep-alives,
+    OpenRouter's ``: OPENROUTER PROCESSING``), its ``event:``, ``id:`` and ``retry:``
+    fields and its CRLF or CR line ends broke them.  Each event goes out as its data
+    alone, one ``data: `` line a line of it, in LF framing; the turn is stored as ever."""
+    events = answer_events(newline=newline)
+    nl = newline
+    chunks: list[bytes | float | asyncio.Event] = [
+        b": keep-alive" + nl + nl,
+        b"retry: 100" + nl + b"id: 1" + nl + events[0],
+        b": OPENROUTER PROCESSING" + nl + nl + b"event: delta" + nl + events[1][:9],
+        0.01,
+        events[1][9:] + events[2],
+        b"data: " + json.dumps(chunk("")).encode() + nl + b"data: " + nl + nl,  # two lines
+        events[3],
+        events[4],
+    ]
+    async with scripted_upstream(Script(chunks=chunks)) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/ask", json={"question": "q", "client_id": "1", "user_id": "2", "stream": True}
+        )
+        body = await resp.read()
+    two_lines = b"data: " + json.dumps(chunk("")).encode() + b"\ndata: \n\n"
+    lf = answer_events()
+    assert body == lf[0] + lf[1] + lf[2] + two_lines + lf[3]
+    stored = rows.messages()
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert json.loads(stored[1]["content"]) == "Hello world"
+
+
 async def test_the_old_services_end_their_body_at_done(
     gateway_factory: GatewayFactory, rows: Rows
 ) -> None:
     """Nothing after [DONE] reaches their clients, so an upstream that keeps sending
     after it does not keep their body open; and the LF of a CRLF split from its CR is
-    theirs (the body ended on a lone CR)."""
+    not taken for a line of its own (they get the old service's LF framing)."""
     events = answer_events(newline=b"\r\n")
     last = events[-2]  # the finish_reason chunk
     release = asyncio.Event()
@@ -879,7 +914,7 @@ async def test_the_old_services_end_their_body_at_done(
             body = await asyncio.wait_for(ask.read(), 10)  # while the upstream holds on
         finally:
             release.set()
-    assert body == b"".join(events[:-1])
+    assert body == b"".join(answer_events()[:-1])
     assert [m["role"] for m in rows.messages()] == ["user", "assistant"]
 
 

@@ -133,12 +133,34 @@ class _HeadWithFirstBytes(AsItCame):
     _send_headers_immediately = False
 
 
+class _SeedFraming:
+    """Whole events as the old api-server's clients read them: its README promises
+    events that start with ``data: `` and end with ``\n\n``, and they split the body on
+    that.  So each event goes out as its data alone, a ``data: `` line for each of its
+    lines, in LF framing; comments (keep-alives), other fields and events without data
+    are left out.  Fed every write in order, so a CR that ended one write and the LF that
+    starts the next are one line end."""
+
+    __slots__ = ("_parser",)
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+
+    def events(self, data: bytes) -> bytes:
+        return b"".join(
+            b"".join(b"data: " + line + b"\n" for line in payload.encode().split(b"\n")) + b"\n"
+            for payload in self._parser.feed(data)
+        )
+
+
 class _Client:
     """The client side of the tee: remembers whether the client is still there and
     whether the bytes sent so far end between two events.
 
     ``head_waits``: the response head was held back to go out with the first write
-    (which then goes out even when it is empty).  ``secret``: the upstream key, masked
+    (which then goes out even when it is empty).  ``chunks_only``: for the old
+    api-server's clients, which also get its framing (:class:`_SeedFraming`).
+    ``secret``: the upstream key, masked
     wherever the upstream quoted it (an error event that quotes the credential it
     refused); each write is whole events, so the key is never cut in two.
     """
@@ -156,6 +178,7 @@ class _Client:
         self.secret = secret
         self.render = render
         self.chunks_only = chunks_only
+        self._seed = _SeedFraming() if chunks_only else None
         self.gone = False
         self.head_waits = head_waits
         self._tail = b"\n\n"  # the last bytes written, to tell whether an event is open
@@ -167,6 +190,8 @@ class _Client:
         every read, a long held event would cost its length each time)."""
 
     async def write(self, data: bytes) -> None:
+        if self._seed is not None:
+            data = self._seed.events(data)
         if self.gone or not (data or self.head_waits):
             return
         if self.secret is not None:
