@@ -25,13 +25,14 @@ async def ok(response: Any) -> Any:
     return await response.json()
 
 
-async def bad(response: Any, fragment: str, param: str | None = None) -> None:
+async def bad(response: Any, fragment: str, param: str | None = None) -> dict[str, Any]:
     assert response.status == 400, await response.text()
-    error = (await response.json())["error"]
+    error: dict[str, Any] = (await response.json())["error"]
     assert error["type"] == "invalid_request_error"
     assert fragment in error["message"], error["message"]
     if param is not None:
         assert error["param"] == param
+    return error
 
 
 async def test_create_get_update_delete(gateway: Client, rows: Rows) -> None:
@@ -306,6 +307,24 @@ async def test_metadata_validation(
     assert (await ok(await gateway.get(f"/v1/conversations/{made['id']}")))["metadata"] == {
         "keep": "me"
     }
+
+
+async def test_a_field_the_request_does_not_take_is_a_400(gateway: Client, rows: Rows) -> None:
+    """As OpenAI's API answers: a typo (``item``) made an empty conversation, and
+    ``items`` sent with an update, which only sets metadata, were dropped unseen."""
+    items = [{"role": "user", "content": "q"}]
+    typo = await gateway.post("/v1/conversations", json={"item": items})
+    error = await bad(typo, "unknown parameter 'item'", "item")
+    assert error["code"] == "unknown_parameter"
+    assert rows.conversations() == []
+    made = await create(gateway, {"metadata": {"keep": "me"}})
+    update = f"/v1/conversations/{made['id']}"
+    sent = {"metadata": {"new": "1"}, "items": items}
+    await bad(await gateway.post(update, json=sent), "unknown parameter 'items'", "items")
+    appended = {"items": items, "metadata": {"new": "1"}}
+    await bad(await gateway.post(update + "/items", json=appended), "'metadata'", "metadata")
+    assert (await ok(await gateway.get(update)))["metadata"] == {"keep": "me"}
+    assert rows.messages() == []
 
 
 async def test_metadata_at_the_limits_is_accepted(gateway: Client) -> None:
@@ -644,7 +663,8 @@ async def test_unknown_ids_are_404_and_ids_no_conversation_can_have_400(
             ("GET", "/items/msg_1"),
             ("DELETE", "/items/msg_1"),
         ):
-            body = {"metadata": {}, "items": [{"role": "user", "content": "x"}]}
+            items = [{"role": "user", "content": "x"}]
+            body = {"items": items} if suffix == "/items" else {"metadata": {}}
             response = await gateway.request(method, path + suffix, json=body)
             assert response.status == status, (method, path + suffix)
             error = (await response.json())["error"]

@@ -313,6 +313,21 @@ async def test_a_page_of_large_items_ends_at_8_mib(store: Store) -> None:
     assert seen == [2, 4]  # 3 MB, 3 MB | 3 MB, 3 MB, q1, a1
 
 
+async def test_a_page_counts_the_reasoning_of_its_items(store: Store) -> None:
+    """A reasoning model's answers carry their reasoning apart from their content: 12 of
+    3 MB each were one page of 37 MB, as only content and tool calls were counted."""
+    big = "r" * (3 * 1024 * 1024)
+    for n in range(4):
+        answer = {"role": "assistant", "content": "ok", "reasoning": f"{n}{big}"}
+        await store.commit_turn(
+            ALICE, "thinks", system=None, turn=[{"role": "user", "content": "q"}, answer]
+        )
+    page = await store.list_items(ALICE, "thinks", limit=100, after_seq=None, newest_first=False)
+    assert page is not None and page.has_more
+    # 3 MB, 3 MB, then the question before the third: its answer would pass 8 MiB.
+    assert [item["role"] for item in page.data] == ["user", "assistant"] * 2 + ["user"]
+
+
 async def test_an_in_memory_database_takes_concurrent_turns_of_one_conversation() -> None:
     """``:memory:`` lives in one connection, shared by every task: a read that ended (and
     rolled back) while a write's transaction was open on it cut that write short, a 503

@@ -63,11 +63,24 @@ def add_conversation_routes(router: ChatmemRoutes, prefix: str) -> None:
 # --- requests -------------------------------------------------------------------------
 
 
-async def _json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+async def _json_body(
+    request: web.Request, fields: tuple[str, ...], *, optional: bool = False
+) -> dict[str, Any]:
+    """The request's JSON object, which may hold only ``fields`` (as OpenAI's API, which
+    answers any other with 400 ``unknown_parameter``): a typo (``item``), or ``items``
+    sent to the update, which only sets metadata, would otherwise be dropped unseen."""
     raw = await read_body(request, gateway_of(request).config.server.max_body_bytes)
     if optional and not raw.strip():
         return {}
-    return json_object(raw)
+    body = json_object(raw)
+    for name in body:
+        if name not in fields:
+            raise InvalidRequest(
+                f"unknown parameter {name!r}: this request takes {' and '.join(fields)}",
+                param=name,
+                code="unknown_parameter",
+            )
+    return body
 
 
 def _limit(request: web.Request) -> int:
@@ -107,7 +120,7 @@ def _item_seq(value: str) -> int | None:
 
 async def create_conversation(request: web.Request) -> web.Response:
     owner = authenticate(request)
-    body = await _json_body(request, optional=True)
+    body = await _json_body(request, ("metadata", "items"), optional=True)
     metadata = parse_metadata(body.get("metadata"))
     system, items = parse_items(body.get("items"))
     check_tool_results(items, set(), set())
@@ -143,7 +156,7 @@ async def get_conversation(request: web.Request) -> web.Response:
 async def update_conversation(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
-    body = await _json_body(request)
+    body = await _json_body(request, ("metadata",))
     if "metadata" not in body:
         raise InvalidRequest("metadata is required", param="metadata")
     metadata = parse_metadata(body["metadata"])
@@ -181,7 +194,7 @@ async def list_items(request: web.Request) -> web.Response:
 async def append_items(request: web.Request) -> web.Response:
     owner = authenticate(request)
     conversation_id = _conversation_id(request)
-    body = await _json_body(request)
+    body = await _json_body(request, ("items",))
     if not isinstance(body.get("items"), list) or not body["items"]:
         raise InvalidRequest("items must be a non-empty array of message objects", param="items")
     system, items = parse_items(body["items"])

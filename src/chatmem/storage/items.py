@@ -18,9 +18,9 @@ from .rows import (
     Executes,
     Owner,
     conversations,
+    item_size,
     messages,
     owned,
-    stored_size,
     tail_before,
     to_row,
     walk,
@@ -95,7 +95,8 @@ ITEM_FIELDS = (
 
 
 _PAGE_BYTES = 8 * 1024 * 1024
-"""A page of items ends once its items' content is this large (one item at least)."""
+"""A page of items ends once its items' content, tool calls and reasoning are this large
+(one item at least)."""
 
 
 def _page_seqs(sized: Sequence[Any], limit: int) -> list[int]:
@@ -267,7 +268,7 @@ class ConversationItems(ABC):
             order = m.seq.desc() if newest_first else m.seq
             # Sizes first: a page of large items ends at _PAGE_BYTES (has_more says so),
             # and only its rows are read (100 items of 3 MB each made one page 300 MB).
-            sizes = select(m.seq, stored_size).where(*where).order_by(order).limit(limit + 1)
+            sizes = select(m.seq, item_size).where(*where).order_by(order).limit(limit + 1)
             sized = (await conn.execute(sizes)).all()
             seqs = _page_seqs(sized, limit)
             query = select(*(m[name] for name in ITEM_FIELDS)).where(m.seq.in_(seqs), *where)

@@ -19,6 +19,7 @@ __all__ = [
     "Executes",
     "Owner",
     "conversations",
+    "item_size",
     "messages",
     "owned",
     "resends_reasoning",
@@ -48,6 +49,10 @@ stored_size = func.coalesce(func.length(cast(messages.c.content, Text)), 0) + fu
 )
 """A message's size in SQL: its content's and tool calls' JSON text (a lower bound of its
 text as sent), so that pages and budgets read sizes before rows."""
+
+item_size = stored_size + func.coalesce(func.length(messages.c.reasoning), 0)
+"""A message's size as an item of the Conversations API, which shows its reasoning too (a
+reasoning model's answer can hold far more of that than of content)."""
 
 
 @dataclass(frozen=True, slots=True)
