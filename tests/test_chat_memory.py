@@ -643,6 +643,28 @@ async def test_an_answers_empty_tool_calls_are_no_calls(
     assert [m["tool_calls"] for m in rows.messages("c1")] == [None] * 6
 
 
+async def test_a_clients_assistant_message_without_content_is_stored_as_an_answer_is(
+    gateway: Client, upstream: TestServer
+) -> None:
+    """OpenAI's typed assistant message may carry a ``refusal``, or ``audio: {"id"}``
+    naming an earlier audio answer, and no content.  Stored as ``content: null``, both
+    went up on every later turn as a message OpenAI refuses; they are stored as an
+    answer is: the refusal as what was said, else ""."""
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that"}
+    spoken = {"role": "assistant", "audio": {"id": "audio_abc123"}}
+    turn = [user("a"), refused, user("b"), spoken, user("c")]
+    assert (await chat(gateway, turn)).status == 200
+    assert sent_messages(upstream)[:5] == turn  # this turn's go up as they came
+    assert (await chat(gateway, [user("d")])).status == 200
+    assert sent_messages(upstream)[:5] == [
+        user("a"),
+        {"role": "assistant", "content": "I can't help with that"},
+        user("b"),
+        {"role": "assistant", "content": ""},
+        user("c"),
+    ]
+
+
 async def test_a_clients_reasoning_content_is_stored_as_reasoning(
     gateway: Client, upstream: TestServer, rows: Rows
 ) -> None:

@@ -201,8 +201,15 @@ CALL_ID = re.compile(r"call_[0-9a-f]{24}")
     [
         {"index": 0, "type": "function", "function": {"name": "f", "arguments": "{}"}},
         {"index": 0, "id": "", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        # No tool result can name it: chatmem refuses a NUL in a tool_call_id.
+        {
+            "index": 0,
+            "id": "c\x001",
+            "type": "function",
+            "function": {"name": "f", "arguments": "{}"},
+        },
     ],
-    ids=["no id (llama.cpp b4761)", "empty id"],
+    ids=["no id (llama.cpp b4761)", "empty id", "an id with a NUL"],
 )
 async def test_a_streamed_call_without_an_id_is_stored_with_one(
     gateway_factory: GatewayFactory, rows: Rows, fragment: dict[str, Any]
@@ -319,6 +326,42 @@ async def test_an_aborted_completion_is_a_502_and_not_stored(
         == f"the upstream ended the answer with finish_reason {reason!r}; it was not saved"
     )
     assert rows.messages("b") == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
+async def test_a_legacy_function_call_answer_is_not_stored(
+    gateway_factory: GatewayFactory, rows: Rows, stream: bool
+) -> None:
+    """A call of the deprecated functions API has no place in the store: it was committed
+    as ``content: ""``, the call gone, and the client's ``function`` result then went up
+    after an assistant message that called nothing."""
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    if stream:
+        chunks: list[bytes | float] = [
+            sse(chunk(role="assistant", function_call=call)),
+            sse(chunk(finish="function_call")),
+            sse("[DONE]"),
+        ]
+        script = Script(chunks=chunks)  # type: ignore[arg-type]
+    else:
+        message = {"role": "assistant", "content": None, "function_call": call}
+        script = json_answer(completion(message, "function_call"))
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        if stream:
+            resp = await client.post(
+                "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "f"}
+            )
+            events = [e for e in (await resp.read()).split(b"\n\n") if e]
+            assert events[-1] == b"data: [DONE]"
+            error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+        else:
+            resp = await post_plain(client, "f")
+            assert resp.status == 502
+            error = (await resp.json())["error"]
+    assert error["code"] == ("upstream_incomplete" if stream else "upstream_unavailable")
+    assert "deprecated functions API" in error["message"] and "send tools" in error["message"]
+    assert rows.messages("f") == []
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain"])

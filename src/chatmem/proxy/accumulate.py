@@ -24,15 +24,23 @@ __all__ = [
     "turn_from_completion",
 ]
 
-FAILED_FINISH = frozenset({"abort", "error"})
+FAILED_FINISH = frozenset({"abort", "error", "function_call"})
 """Finish reasons of an answer that did not complete: vLLM ends a request its engine
 aborted (shutdown, sleep, scale-down) with ``abort`` and then ``[DONE]``; some servers
-use ``error``."""
+use ``error``.  And one that cannot be stored: ``function_call``, the deprecated
+functions API's call, which has no place in the store (a client's is refused with a
+400); stored without it, the turn was a history servers refuse on every later turn."""
 
 
 def failed_finish_message(reason: str) -> str:
     """What the client is told of an answer that ended with one of :data:`FAILED_FINISH`."""
-    return f"the upstream ended the answer with finish_reason {reason!r}; it was not saved"
+    said = f"the upstream ended the answer with finish_reason {reason!r}"
+    if reason == "function_call":
+        return (
+            f"{said}, a call of the deprecated functions API, which chatmem cannot store"
+            " with the conversation; it was not saved (send tools, for tool_calls)"
+        )
+    return f"{said}; it was not saved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +389,8 @@ def sendable_calls(
     turn: in the shape chat servers take (and chatmem takes from a client).  A call
     without a string ``id`` (llama.cpp and LM Studio have sent none, or "") gets one,
     ``call_`` and 96 random bits, and a missing name becomes ""; they went upstream as
-    null, which those servers then refuse on every later turn.  A call cut off by
+    null, which those servers then refuse on every later turn.  So does an id holding a
+    NUL character, which no tool result can name (chatmem refuses it there).  A call cut off by
     ``length``, its arguments not a whole JSON value, is left out: servers parse the
     arguments of the calls in a history (vLLM), and no one can run a cut call; a whole
     one with no arguments at all gets ``{}``, which they parse.  None
@@ -403,10 +412,11 @@ def sendable_calls(
             # ""): no JSON value either, so the empty object, as OpenAI sends it.
             body = {**body, "arguments": "{}"}
             call = {**call, kind: body}
-        if not call["id"] or not isinstance(body["name"], str):
+        usable_id = bool(call["id"]) and "\x00" not in call["id"]
+        if not usable_id or not isinstance(body["name"], str):
             call = {
                 **call,
-                "id": call["id"] or "call_" + secrets.token_hex(12),
+                "id": call["id"] if usable_id else "call_" + secrets.token_hex(12),
                 kind: {**body, "name": body["name"] or ""},
             }
         sendable.append(call)

@@ -185,10 +185,16 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
 def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request's messages as they are stored: a ``reasoning_content`` (DeepSeek's and
     vLLM's name) as ``reasoning``, as an answer's is, and no empty ``tool_calls`` (OpenAI
-    refuses ``[]`` in a later request, and it made no call); they go upstream as they
-    came."""
+    refuses ``[]`` in a later request, and it made no call); an assistant's null content
+    without tool calls as an answer's is (:func:`assistant_message`): its ``refusal``,
+    else "" (one that only names an earlier audio answer, ``audio: {"id"}``), since
+    OpenAI refuses null in a later request's history.  They go upstream as they came."""
     for m in messages:
-        if "reasoning_content" in m or m.get("tool_calls") == []:
+        if (
+            "reasoning_content" in m
+            or m.get("tool_calls") == []
+            or (m.get("content") is None and m["role"] == "assistant")
+        ):
             break
     else:
         return messages  # the usual turn: nothing to copy
@@ -199,6 +205,9 @@ def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = {**m, "reasoning": reasoning}
         if m.get("tool_calls") == []:
             m = {k: v for k, v in m.items() if k != "tool_calls"}
+        if m.get("content") is None and m["role"] == "assistant" and not m.get("tool_calls"):
+            refusal = m.get("refusal")
+            m = {**m, "content": refusal if isinstance(refusal, str) else ""}
         stored.append(m)
     return stored
 
