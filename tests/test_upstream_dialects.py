@@ -364,6 +364,27 @@ async def test_a_legacy_function_call_answer_is_not_stored(
     assert rows.messages("f") == []
 
 
+@pytest.mark.parametrize("content_type", ["text/html", "application/xml"])
+async def test_a_200_of_another_type_to_a_stream_is_a_502(
+    gateway_factory: GatewayFactory, rows: Rows, content_type: str
+) -> None:
+    """A proxy's or a login page's 200 in HTML: relayed as a stream, the client got a 200
+    labelled text/html holding one SSE error event that said the stream had ended too
+    soon, and the page was lost."""
+    page = b"<html><body>Please log in</body></html>"
+    script = Script(headers={"Content-Type": content_type}, chunks=[page], framing="length")
+    async with scripted_upstream(script) as up:
+        client = await gateway_factory(up.url)
+        resp = await client.post(
+            "/v1/chat/completions", json=STREAM, headers={"X-Conversation-Id": "h"}
+        )
+        assert resp.status == 502
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+    assert error["message"] == "the upstream answered with an invalid chat completion"
+    assert rows.messages("h") == []
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain"])
 async def test_a_stream_without_its_content_type_is_still_a_stream(
     gateway_factory: GatewayFactory, rows: Rows, content_type: str | None

@@ -281,8 +281,9 @@ async def _forward(
             # An event stream, or what a client that asked for one takes for one: the
             # SDKs parse by the request's "stream", so an SSE body without its content
             # type (Starlette's StreamingResponse without a media_type) works for them.
+            # Any other type (a login page's text/html) is read whole, as JSON is.
             kind = response.content_type
-            if kind == "text/event-stream" or (chat.stream and kind != "application/json"):
+            if kind == "text/event-stream" or (chat.stream and kind in _UNTYPED_STREAMS):
                 with gateway.live.stream(response):
                     return await tee_stream(
                         request,
@@ -314,6 +315,14 @@ async def _forward(
                 body = jsonio.utf8(answer.content or "")
             body = mask_bytes(body, upstream.secret)
             return web.Response(status=response.status, body=body, headers=reply_headers)
+
+
+_UNTYPED_STREAMS = frozenset({"application/octet-stream", "text/plain"})
+"""Content types an event stream comes with from a server that does not name it (none:
+aiohttp reads that as ``application/octet-stream``; or plain text), relayed as one when
+the client asked for a stream.  With another type (a proxy's or a login page's
+``text/html``) the 200 is read whole: it is a chat completion or a 502, never the
+client's 200 with an error event in that type."""
 
 
 _ANSWERS = frozenset({200, 201, 203})
