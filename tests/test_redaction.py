@@ -51,6 +51,8 @@ _ENCODERS = {
     # System.Text.Json: upper-case hex, '"' too.
     "dotnet": {c: f"\\u{ord(c):04X}" for c in "<>&'+\"`"},
     "every": {c: f"\\u{ord(c):04x}" for c in ODD_KEY if not c.isalnum() and c not in "-_.~"},
+    # No encoder's by itself, but JSON's all the same: any character as \u00XX.
+    "all": {c: f"\\u{ord(c):04X}" for c in ODD_KEY if c.isalnum() or c in "-_.~"},
 }
 SPELLINGS = {name: _json_string(ODD_KEY, table).encode() for name, table in _ENCODERS.items()}
 
@@ -700,6 +702,56 @@ def test_no_spelling_of_any_key_survives(
     assert escaped is None or escaped.pattern.search(out) is None
     if keep_length:
         assert len(out) == sum(map(len, pieces))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["completion", "stream"])
+async def test_a_plain_key_written_with_json_escapes_is_masked(
+    gateway_factory: GatewayFactory, rows: Rows, stream: bool
+) -> None:
+    """A key of letters, digits and ``-`` was taken to have one spelling, but JSON may
+    write any character ``\\u00XX``: ``sk\\u002dtest...`` reached the client, which read
+    the key from it, in an answer and in an error, through chat and the passthrough."""
+    spelling = KEY.replace("-", "\\u002d").replace("S", "\\u0053").encode()
+    said = b'{"error": {"message": "bad key ' + spelling + b'"}}'
+    answer = json.dumps(chunk("x")).replace("x", "KEY").encode().replace(b"KEY", spelling)
+    if stream:
+        chunks: list[bytes | float] = [
+            b"data: " + answer + b"\n\n",
+            sse(chunk(finish="stop")),
+            sse("[DONE]"),
+        ]
+        ok = Script(chunks=chunks)  # type: ignore[arg-type]
+    else:
+        body = json.dumps(chat_completion("KEY")).encode().replace(b"KEY", spelling)
+        ok = Script(headers={"Content-Type": "application/json"}, chunks=[body], framing="length")
+    cut = said.index(spelling) + 9  # inside the spelling, in two reads
+    error = Script(
+        status=401,
+        headers={"Content-Type": "application/json"},
+        chunks=[said[:cut], 0.05, said[cut:]],
+        framing="length",
+    )
+    for script, path in (
+        (ok, "/v1/chat/completions"),
+        (error, "/v1/chat/completions"),
+        (error, "/v1/embeddings"),
+        (ok, "/v1/embeddings"),
+    ):
+        async with scripted_upstream(script) as up:
+            client = await gateway_factory(up.url, upstream={"api_key": KEY})
+            response = await client.post(
+                path,
+                json={
+                    "model": "m",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "q"}],
+                },
+                headers={"X-Conversation-Id": "u1"},
+            )
+            got = await response.read()
+        assert spelling not in got and b"\\u002d" not in got, (path, got)
+        assert KEY.encode() not in got
+    assert KEY not in json.dumps(rows.messages("u1"))
 
 
 def test_a_tab_in_the_key_is_found_as_json_writes_it() -> None:

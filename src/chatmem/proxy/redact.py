@@ -1,12 +1,12 @@
 """The upstream key, masked in what the upstream sends before a client gets it.
 
 An upstream that quotes the credential it was sent (``"bad key Bearer sk-..."``) must not
-hand the gateway's key to a client.  The key is looked for as it is and, when it has
-characters that some JSON encoder escapes, as any JSON string would write it: Go writes
-``<``, ``>`` and ``&`` as ``\\u003c``..., Gson also ``=`` and ``'``, .NET ``+`` as
-``\\u002B``, PHP ``/`` as ``\\/``; ``"`` and ``\\`` are escaped by every one.  A key of
-letters, digits and ``-_.~`` (``sk-proj-...``, a JWT, hex) has no other spelling, and is
-looked for with one ``bytes.replace``.
+hand the gateway's key to a client.  The key is looked for as it is and as any JSON string
+may write it: Go writes ``<``, ``>`` and ``&`` as ``\\u003c``..., Gson also ``=`` and
+``'``, .NET ``+`` as ``\\u002B``, PHP ``/`` as ``\\/``; ``"`` and ``\\`` are escaped by
+every one; and any character at all may be written ``\\u00XX`` (``sk\\u002dproj...``,
+which a JSON client reads as the key).  Every spelling but the key as it is has a
+backslash, so a piece without one is looked at with ``bytes.replace`` alone.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ __all__ = ["MASK", "Redactor", "mask_bytes", "masked", "masked_json"]
 MASK = b"[upstream key]"
 
 _NEVER_ESCAPED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~")
-"""Key bytes no JSON encoder writes any other way."""
+"""Key bytes no JSON encoder writes any other way by itself (JSON still lets a string
+write them ``\\u00XX``)."""
 
 _SHORT_ESCAPES = {
     ord("/"): b"\\/",
@@ -38,8 +39,6 @@ _SHORT_ESCAPES = {
 def _spellings(byte: int) -> tuple[bytes, ...]:
     """Every way a JSON string may write the key's ``byte``; each starts differently from
     the others or is no prefix of them, so a body is read against them one way only."""
-    if byte in _NEVER_ESCAPED:
-        return (bytes([byte]),)
     code = f"\\u{byte:04x}".encode()
     forms = [code, code.upper().replace(b"\\U", b"\\u")]
     if byte in _SHORT_ESCAPES:
@@ -58,8 +57,21 @@ class _Escaped:
         either = (b"|".join(map(re.escape, forms)) for forms in self.spellings)
         self.pattern = re.compile(b"".join(b"(?:" + forms + b")" for forms in either))
         self.text = re.compile(self.pattern.pattern.decode("ascii"))
-        self.starts = frozenset(form[0] for form in self.spellings[0])
         self.longest = sum(max(map(len, forms)) for forms in self.spellings)
+        self.marker = b"\\u" if all(byte in _NEVER_ESCAPED for byte in secret) else b"\\"
+        """What every spelling but the key as it is holds: a text without it has none
+        (``\\n`` and the like are everywhere in JSON; ``\\u`` is not)."""
+        # Where a piece may end inside a spelling: its first character whole, then the
+        # second's first byte or the end (found by the regex engine, so :meth:`cut_at`
+        # looks at a few places, not every byte); or the first cut short at the end.
+        first, *rest = self.spellings
+        then = dict.fromkeys(re.escape(form[:1]) for form in rest[0]) if rest else {}
+        self.maybe = re.compile(
+            b"(?:" + b"|".join(map(re.escape, first)) + b")(?=" + b"|".join([*then, b"\\Z"]) + b")"
+        )
+        cut = {form[:n] for form in first for n in range(1, len(form))}
+        self.cut_first = sorted(cut, key=len, reverse=True)
+        """The first character's spellings cut short, longest (the earliest start) first."""
 
     def cut_at(self, data: bytes, start: int) -> bool:
         """Whether ``data[start:]`` is the first part of the key in one of its spellings
@@ -82,9 +94,9 @@ class _Escaped:
 
 @functools.lru_cache(maxsize=8)
 def _escaped(secret: bytes) -> _Escaped | None:
-    """The key's JSON spellings, or ``None`` if it has only the one it was given (also a
-    key that is not ASCII, which no HTTP header carries: it is looked for as it is)."""
-    if not secret.isascii() or all(byte in _NEVER_ESCAPED for byte in secret):
+    """The key's JSON spellings, or ``None`` for a key that is not ASCII, which no HTTP
+    header carries: it is looked for as it is."""
+    if not secret.isascii():
         return None
     return _Escaped(secret)
 
@@ -100,7 +112,7 @@ def mask_bytes(data: bytes, secret: bytes | None, *, keep_length: bool = False) 
     if secret in data:
         data = data.replace(secret, MASK if fill is None else fill * len(secret))
     escaped = _escaped(secret)
-    if escaped is not None and b"\\" in data:  # every other spelling has an escape
+    if escaped is not None and escaped.marker in data:  # every other spelling has it
         data = escaped.pattern.sub(MASK if fill is None else lambda m: fill * len(m[0]), data)
     return data
 
@@ -111,7 +123,7 @@ def masked(text: str, secret: bytes | None) -> str:
         return text
     text = text.replace(secret.decode("utf-8", "replace"), MASK.decode())
     escaped = _escaped(secret)
-    if escaped is not None and "\\" in text:
+    if escaped is not None and escaped.marker.decode() in text:
         text = escaped.text.sub(MASK.decode(), text)
     return text
 
@@ -136,6 +148,8 @@ def _start_of_a_key(data: bytes, secret: bytes) -> int:
     """Where the longest end of ``data`` that may be the first part of a key cut in two
     begins, in any of its spellings (``len(data)`` if none may)."""
     end = len(data)
+    if data[-1:] == b"\n":  # no spelling holds one (the key cannot: see config)
+        return end
     at = data.find(secret[:1], max(0, end - len(secret) + 1))
     while at != -1 and not secret.startswith(data[at:]):
         at = data.find(secret[:1], at + 1)
@@ -143,9 +157,17 @@ def _start_of_a_key(data: bytes, secret: bytes) -> int:
     escaped = _escaped(secret)
     if escaped is None:
         return raw
-    for start in range(max(0, end - escaped.longest + 1), raw):
-        if data[start] in escaped.starts and escaped.cut_at(data, start):
+    start = max(0, end - escaped.longest + 1, data.rfind(b"\n") + 1)
+    if start >= raw:
+        return raw
+    while (maybe := escaped.maybe.search(data, start)) is not None and maybe.start() < raw:
+        start = maybe.start()
+        if escaped.cut_at(data, start):
             return start
+        start += 1
+    for piece in escaped.cut_first:
+        if end - len(piece) < raw and data.endswith(piece):
+            return end - len(piece)
     return raw
 
 
