@@ -119,6 +119,15 @@ def test_a_secret_of_the_wrong_type_is_not_quoted(
     assert str(caught.value) == "server.port: must be a whole number, not 'seven'"
 
 
+def test_true_and_false_may_come_from_the_environment(tmp_path: Path) -> None:
+    """As numbers may (``port = "${PORT:-7001}"``): a boolean set per deployment."""
+    text = '[log]\naccess = "${ACCESS:-false}"\n[compat]\nsession_cookie_secure = "${SECURE}"\n'
+    path = write(tmp_path, text)
+    config = load_config(path, env={"ACCESS": "true", "SECURE": "false"})
+    assert config.log.access is True and config.compat.session_cookie_secure is False
+    assert load_config(path, env={"SECURE": "true"}).log.access is False
+
+
 def test_a_value_is_expanded_once_and_dollar_brace_can_be_written(tmp_path: Path) -> None:
     # What a variable holds is taken as it is (a secret may hold "${"), "$${" is a literal
     # "${", and a flag is not expanded at all: the shell did that.
@@ -223,6 +232,19 @@ def test_a_flag_does_not_hide_a_bad_value_in_the_file(
             '[storage]\nurl = "postgresql://u:pw@h/db?sslcert=x"\n',
             "storage.url: asyncpg does not take 'sslcert' (it takes database,",
         ),
+        # Found by this session's review of the config (item 163): each started, and then
+        # every request (or the shutdown) failed, or the value was taken as written.
+        ("[upstream]\nread_timeout = nan\n", "upstream.read_timeout: must be a finite number"),
+        ('[upstream]\nconnect_timeout = "inf"\n', "upstream.connect_timeout: must be a finite"),
+        ("[server]\nshutdown_grace = nan\n", "server.shutdown_grace: must be a finite number"),
+        ("[storage]\npool_timeout = inf\n", "storage.pool_timeout: must be a finite number"),
+        ("[server]\nworkers = 100000\n", "server.workers: must be at most 256"),
+        ('[upstream]\napi_key = "${A:-${B}}"\n', "upstream.api_key: has a '${' that is not"),
+        ("[upstream]\napi_key = 1979-05-27\n", "upstream.api_key: must be a string, not a date"),
+        ("[server]\nhost = 07:32:00\n", "server.host: must be a string, not a date or time"),
+        ('[log]\naccess = "yes"\n', "log.access: must be true or false, not 'yes'"),
+        ('[storage]\nurl = "sqlite:///x.db?mode=ro"\n', "storage.url: a SQLite URL takes no"),
+        ('[storage]\nurl = "sqlite:///x.db?foo=bar"\n', "(not 'foo=bar')"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -72,6 +72,30 @@ def test_pem_keys(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str,
     assert (code, json.loads(decoded)) == (0, json.loads(SEED))
 
 
+@pytest.mark.parametrize(("kind", "alg"), [("rsa", "RS256"), ("ec", "ES256"), ("ed", "EdDSA")])
+def test_a_key_of_the_wrong_kind_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, alg: str
+) -> None:
+    """A public key to sign with was a traceback (``AttributeError: ... no attribute
+    'sign'``), a key of another family quoted PyJWT's ``<generator object ...>``; a
+    private key verifies, as its public half would."""
+    private, public, other = tmp_path / "private.pem", tmp_path / "public.pem", tmp_path / "o.pem"
+    private.write_text(private_pem(kind))
+    public.write_text(public_pem(kind))
+    other.write_text(private_pem("ec" if kind == "rsa" else "rsa"))
+    code, out, err = run(capsys, "encode", "--key", str(public), "--alg", alg, SEED)
+    assert (code, out) == (2, "")
+    assert err == f"chatmem token: {alg} signs with a private key; --key holds a public one\n"
+    code, out, err = run(capsys, "encode", "--key", str(other), "--alg", alg, SEED)
+    assert (code, out) == (2, "")
+    assert err == f"chatmem token: --key does not hold a key {alg} can use\n"
+    code, encoded, _ = run(capsys, "encode", "--key", str(private), "--alg", alg, SEED)
+    code, decoded, err = run(capsys, "decode", "--key", str(private), "--alg", alg, encoded)
+    assert (code, json.loads(decoded)) == (0, json.loads(SEED)), err
+    code, out, err = run(capsys, "decode", "--key", str(other), "--alg", alg, encoded)
+    assert (code, out) == (2, "") and "does not hold a key" in err
+
+
 def test_refusals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     unsigned = raw_token({"alg": "none"}, json.loads(SEED), None)
     assert run(capsys, "decode", "--secret", "", "--alg", "none", unsigned)[0] == 2

@@ -160,6 +160,36 @@ def test_a_stop_while_the_workers_start_is_a_clean_exit(tmp_path: Path) -> None:
     assert process.stop(signal.SIGTERM) == 0
 
 
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def test_a_stop_while_many_workers_start_starts_no_more(tmp_path: Path) -> None:
+    """The master started every worker asked for before it looked at a signal: with a
+    large ``workers`` (a typo), SIGTERM was ignored while more and more processes came
+    (found by a review: 46, then 84 of 100,000 after the SIGTERM).  A stop now ends the
+    starting."""
+    db = tmp_path / "chatmem.db"
+    config = tmp_path / "chatmem.toml"
+    config.write_text(f'[storage]\nurl = "sqlite+aiosqlite:///{db}"\n[server]\nworkers = 40\n')
+    process = Process(["serve", "--config", str(config), "--port", str(free_port()), "--demo"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(_children(process.proc.pid)) < 3 and time.monotonic() < deadline:
+            assert process.proc.poll() is None
+            time.sleep(0.01)
+        process.proc.send_signal(signal.SIGTERM)
+        process.proc.wait(60)
+        stderr = process.proc.stderr.read().decode() if process.proc.stderr else ""
+    finally:
+        process.stop(signal.SIGKILL)
+    started = next(line for line in stderr.splitlines() if "started" in line and "workers" in line)
+    count = int(started.split("started ", 1)[1].split()[0])
+    assert count < 40, started
+    assert process.proc.returncode == 0, stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

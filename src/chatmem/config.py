@@ -8,7 +8,9 @@ unset ``${VAR}``) raises :class:`ConfigError` with a one-line message naming the
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -205,6 +207,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+MAX_WORKERS = 256
+"""``server.workers`` at most: far more processes than any machine has cores for."""
+
+
 _TOKEN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 """``$${`` (a literal ``${``), or a placeholder: ``${VAR}`` or ``${VAR:-default}``."""
 
@@ -220,6 +226,8 @@ def _expand(value: str, key: str, env: Mapping[str, str]) -> str:
             return "${"
         name, default = match.group(1), match.group(2)
         if default is not None:
+            # "${A:-${B}}": the shell would expand B; as text, "${B}" would be the value.
+            _check_plain(default, key)
             return env.get(name) or default
         if name in env:
             return env[name]
@@ -277,12 +285,17 @@ def _coerce(value: Any, tp: Any, key: str, *, secret: bool = False) -> Any:
     if tp in (int, float) and isinstance(value, str):
         # Numbers may come from the environment: port = "${PORT:-7001}".
         try:
-            return tp(value)
+            value = tp(value)
         except ValueError:
             given = _given(value, secret)
             raise ConfigError(f"{key}: must be {_type_name(tp)}, not {given}") from None
+    if tp is bool and value in ("true", "false"):  # so may true and false
+        return value == "true"
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: must be {_type_name(tp)}, not {_given(value, secret)}")
+    if tp is float and not math.isfinite(value):
+        # nan passed every range check, then every request (or the shutdown) failed.
+        raise ConfigError(f"{key}: must be a finite number, not {_given(value, secret)}")
     return value
 
 
@@ -293,6 +306,8 @@ def _given(value: Any, secret: bool) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a table"
+    if isinstance(value, (datetime.date, datetime.time)):  # TOML's own, unquoted
+        return "a date or time"
     if secret:
         kinds = {bool: "true or false", int: "a whole number", float: "a number"}
         return kinds.get(type(value), "a string")
@@ -344,6 +359,9 @@ def _validate(section: str, values: Mapping[str, Any]) -> None:
         raise ConfigError("compat.session_max_age: must be greater than 0")
     if section == "server" and values.get("port", 1) > 65535:
         raise ConfigError("server.port: must be at most 65535")
+    if section == "server" and values.get("workers", 1) > MAX_WORKERS:
+        # A typo (100000) forked until the machine gave out.
+        raise ConfigError(f"server.workers: must be at most {MAX_WORKERS}")
     if section == "memory" and values.get("retention_days", 0) >= 365_000:
         # As `db prune --older-than`: an age the store's times cannot go back by (item 146).
         raise ConfigError("memory.retention_days: must be less than 1000 years (365000)")
@@ -449,7 +467,22 @@ def _storage_url(url: str) -> str:
         raise ConfigError(f"storage.url: {wanted} ({named})")
     if driver == "postgresql+asyncpg":
         return _asyncpg_url(f"{driver}://{rest}")
+    _check_sqlite_query(rest)
     return f"{driver}://{rest}"
+
+
+def _check_sqlite_query(rest: str) -> None:
+    """A SQLite URL's query may only ask for an in-memory database: the driver warned
+    about any other name and left it out, and the gateway's own connections open the
+    file by its path alone (``mode=ro`` would have been read-write)."""
+    _path, sep, query = rest.partition("?")
+    if not sep:
+        return
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if (name, value) != ("mode", "memory"):
+            shown = f"not {pair!r}" if len(pair) <= 60 and pair.isprintable() else "not that"
+            raise ConfigError(f"storage.url: a SQLite URL takes no query but mode=memory ({shown})")
 
 
 _ASYNCPG_QUERY = frozenset(

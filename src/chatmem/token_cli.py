@@ -81,12 +81,16 @@ def run_token(args: argparse.Namespace) -> int:
         return _fail(problem)
     if args.alg is not None and (args.alg in HMAC_ALGORITHMS) != (args.secret is not None):
         return _fail(f"{args.alg} needs {'--secret' if args.secret is None else '--key'}")
-    key: str = args.secret
+    key: Any = args.secret
     if args.key is not None:
         try:
             key = Path(args.key).read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError) as exc:
             return _fail(f"cannot read key file {args.key}: {exc}")
+        if args.alg is not None:
+            key, problem = _usable_key(args.alg, key, signing=args.token_command == "encode")
+            if problem is not None:
+                return _fail(problem)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", jwt.InsecureKeyLengthWarning)
         code = _encode(args, key) if args.token_command == "encode" else _decode(args, key)
@@ -95,7 +99,25 @@ def run_token(args: argparse.Namespace) -> int:
     return code
 
 
-def _decode(args: argparse.Namespace, key: str) -> int:
+def _usable_key(alg: str, text: str, *, signing: bool) -> tuple[Any, str | None]:
+    """The key ``alg`` signs or verifies with, read from ``text``; or why there is none.
+
+    PyJWT itself fails with a traceback on a public key to sign with (``no attribute
+    'sign'``) and names a key of another family with a ``<generator object ...>``.  A
+    private key verifies as its public half does."""
+    try:
+        key = jwt.get_algorithm_by_name(alg).prepare_key(text)
+    except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError):
+        return None, f"--key does not hold a key {alg} can use"
+    private = hasattr(key, "sign")
+    if signing and not private:
+        return None, f"{alg} signs with a private key; --key holds a public one"
+    if not signing and private:
+        key = key.public_key()
+    return key, None
+
+
+def _decode(args: argparse.Namespace, key: Any) -> int:
     try:
         algorithms = [args.alg] if args.alg is not None else list(HMAC_ALGORITHMS)
         decoded = jwt.decode(args.token, key, algorithms=algorithms, options={"verify_aud": False})
@@ -116,7 +138,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def _encode(args: argparse.Namespace, key: str) -> int:
+def _encode(args: argparse.Namespace, key: Any) -> int:
     try:
         claims = json.loads(args.claims, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:  # NaN and Infinity too: no JWT library would read them back

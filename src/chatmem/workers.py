@@ -248,7 +248,9 @@ async def _supervise(config: Config, worker_args: list[str], demo: bool) -> int:
     metrics_dir, owned = _metrics_dir(env)
     env[MULTIPROC_ENV] = metrics_dir
     command = [sys.executable, "-m", "chatmem", "serve", *worker_args, "--worker"]
-    workers = [await _start_worker(command, env) for _ in range(config.server.workers)]
+    workers: list[_Worker] = []
+    while len(workers) < config.server.workers and not stop.is_set():  # a stop ends it
+        workers.append(await _start_worker(command, env))
     pids = " ".join(str(w.process.pid) for w in workers)
     log.info("started %d workers: %s", len(workers), pids)
     stopping = asyncio.create_task(stop.wait())
