@@ -466,3 +466,53 @@ async def test_a_host_server_writes_chatmem_access_lines_when_given_its_logger(
         200,
         "embedded-access-1",
     )
+
+
+@pytest.mark.parametrize("chatmem_format", [True, False], ids=["chatmem's", "aiohttp's"])
+async def test_a_host_server_logs_a_client_that_left_as_499(
+    db_path: Path, caplog: pytest.LogCaptureFixture, chatmem_format: bool
+) -> None:
+    """A request whose client left before a plain answer came has its handler cancelled,
+    and aiohttp writes no access line for that: embedded, with the host writing access
+    lines (chatmem's ``AccessLogger``, or aiohttp's own) and ``log.access`` off, such a
+    request left no line at all.  It is the host server's logger that writes the 499."""
+    import logging
+
+    import chatmem
+
+    name = "chatmem.access" if chatmem_format else "aiohttp.access"
+    caplog.set_level(logging.INFO, logger=name)
+    hold = asyncio.Event()
+    async with scripted_upstream(Script(chunks=[hold])) as up:
+        app = web.Application()
+        chatmem.setup(app, make_config(db_path, up.url))
+        server = TestServer(app)
+        logger: dict[str, Any] = {"access_log": logging.getLogger(name)}
+        if chatmem_format:
+            logger["access_log_class"] = chatmem.AccessLogger
+        await server.start_server(**logger)
+        try:
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: left-embedded"
+                b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body.encode())
+            )
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            writer.close()  # the client leaves before the answer
+            for _ in range(300):  # bounded: the gateway looks for gone clients every second
+                lines = [r for r in caplog.records if r.name == name]
+                if lines:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            hold.set()
+            await server.close()
+    [line] = lines
+    if chatmem_format:
+        assert (line.status, line.request_id) == (499, "left-embedded")  # type: ignore[attr-defined]
+    assert '"POST /v1/chat/completions HTTP/1.1" 499' in line.getMessage() or (
+        chatmem_format and line.getMessage().startswith("POST /v1/chat/completions 499 ")
+    )

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ChatmemError, NotAllowed, error_body, error_response
@@ -19,8 +20,6 @@ from .logs import (
     REQUEST_ID_HEADER,
     UPGRADED,
     accept_request_id,
-    access_log,
-    log_access,
     request_id_var,
 )
 from .proxy.http import HostMethodNotAllowed, http_error_as_json, json_response
@@ -104,7 +103,6 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
     chain of apps is several more.
     """
     in_flight = gateway.live.tasks
-    clock = time.perf_counter if gateway.config.log.access else None  # for access lines
 
     @web.middleware
     async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -118,19 +116,18 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
             task = asyncio.current_task(gateway.loop)
             if task is not None:  # handlers always run in a task
                 in_flight[task] = request.protocol
-            started = 0.0
-            if clock is not None:
-                started = request[ACCESS_STARTED] = clock()
+            # The server's access logger, if it writes access lines: chatmem's under
+            # ``chatmem serve`` with ``log.access``, the host's own when embedded.
+            logger = request.protocol.access_logger
+            if logger is not None:
+                request[ACCESS_STARTED] = time.perf_counter()
             try:
                 return await handler(request)
             except asyncio.CancelledError:
                 # The client left (or shutdown's grace ran out): aiohttp logs no line for
                 # a cancelled handler, and these are the requests one looks for.
-                if clock is not None:
-                    # A WebSocket's handler is cancelled when its connection goes, also
-                    # after a clean close (h55): its answer was the 101, given in full.
-                    status = 101 if request.get(UPGRADED) else CLIENT_GONE
-                    log_access(access_log, request, status, clock() - started, request_id)
+                if logger is not None and logger.enabled:
+                    _log_cancelled(logger, request, request_id)
                 raise
             except ChatmemError as exc:
                 return error_response(exc)
@@ -151,6 +148,15 @@ def tracker(gateway: Gateway, own: OwnRoutes) -> Middleware:
             request_id_var.reset(token)
 
     return track
+
+
+def _log_cancelled(logger: AbstractAccessLogger, request: web.Request, request_id: str) -> None:
+    """The access line of a request whose handler was cancelled, in the server's own
+    format: 499, or 101 for a WebSocket, whose handler is cancelled when its connection
+    goes, also after a clean close (h55): its answer was the 101, given in full."""
+    status = 101 if request.get(UPGRADED) else CLIENT_GONE
+    answer = web.Response(status=status, headers={REQUEST_ID_HEADER: request_id})
+    logger.log(request, answer, time.perf_counter() - request[ACCESS_STARTED])
 
 
 def _counted_elsewhere(request: web.Request, app: web.Application) -> bool:
