@@ -30,6 +30,7 @@ from test_workers import sample
 from chatmem.app import create_app
 from chatmem.proxy.sse import SSEParser
 from chatmem.state import GATEWAY
+from chatmem.storage import Owner
 
 STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 PLAIN = {**STREAM, "stream": False}
@@ -468,6 +469,35 @@ async def test_with_finish_a_client_gone_before_the_upstream_answers_still_gets_
         assert not app[GATEWAY].live.tasks
         head.set()
         await hello_world_is_committed(rows)
+
+
+async def test_with_finish_a_client_that_leaves_at_once_still_gets_its_turn(
+    aiohttp_client: Any, db_path: Path, storage_url: str
+) -> None:
+    """A client that sends its whole request and closes at once (fire and forget, or
+    ``nc -N``): the handler is cancelled at its first wait.  On PostgreSQL that was the
+    history's read, before "finish" took over, so the turn never went upstream (found by
+    a review: 9 of 10), where on SQLite, whose read does not wait, it was committed."""
+    async with scripted_upstream(Script(chunks=answer_events())) as up:
+        finish = {"on_client_disconnect": "finish"}
+        app = create_app(make_config(db_path, up.url, memory=finish, storage={"url": storage_url}))
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        body = json.dumps(STREAM).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Conversation-Id: gone"
+            b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        writer.close()  # the whole request, then gone
+        store = app[GATEWAY].store
+        for _ in range(100):  # bounded: up to 5 s for the turn to be committed
+            history = await store.load_history(Owner("default"), "gone", 10)
+            if len(history.messages) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert len(up.requests) == 1
+    assert len(history.messages) == 2
 
 
 async def test_a_client_leaving_during_the_commit_does_not_stop_it(

@@ -3,6 +3,7 @@ the older services' endpoints all run through :func:`run_turn`)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -136,25 +137,48 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     answer started.
     """
     gateway = gateway_of(request)
-    history = turn.history
-    if history is None and turn.chat.named_here:
-        history = gateway.store.new_conversation(turn.owner, turn.chat.conversation_id)
-    elif history is None:
-        memory = gateway.config.memory
-        history = await gateway.store.load_history(
-            turn.owner,
-            turn.chat.conversation_id,
-            memory.max_history_messages,
-            max_bytes=memory.max_history_bytes,
-            start_at_user=memory.start_at_user,
-            answering=turn.chat.answering,
-        )
-    forwarding = _forward(request, gateway, turn, history, headers)
     if gateway.config.memory.on_client_disconnect == "discard":
-        return await forwarding
-    # "finish": a client that leaves must not stop the answer from being committed,
-    # so the work runs in its own task that the handler's cancellation cannot reach.
-    return await gateway.live.detached(gateway.detach(forwarding))
+        history = _known_history(gateway, turn)
+        if history is None:
+            history = await _read_history(gateway, turn)
+        return await _forward(request, gateway, turn, history, headers)
+    # "finish": a client that leaves must not stop the answer from being committed, so
+    # the work runs in its own task that the handler's cancellation cannot reach, from
+    # the history's read on: the handler of a client that sent its request and left at
+    # once is cancelled at its first wait, which on PostgreSQL is that read.
+    return await gateway.live.detached(gateway.detach(_read_and_forward(request, turn, headers)))
+
+
+def _known_history(gateway: Gateway, turn: Turn) -> History | None:
+    """The turn's history when it needs no read: given (``/v1/ask`` with ``history``), or
+    a new conversation's (an id the request made up); else None."""
+    if turn.history is not None:
+        return turn.history
+    if turn.chat.named_here:
+        return gateway.store.new_conversation(turn.owner, turn.chat.conversation_id)
+    return None
+
+
+def _read_history(gateway: Gateway, turn: Turn) -> Awaitable[History]:
+    memory = gateway.config.memory
+    return gateway.store.load_history(
+        turn.owner,
+        turn.chat.conversation_id,
+        memory.max_history_messages,
+        max_bytes=memory.max_history_bytes,
+        start_at_user=memory.start_at_user,
+        answering=turn.chat.answering,
+    )
+
+
+async def _read_and_forward(
+    request: web.Request, turn: Turn, headers: dict[str, str]
+) -> web.StreamResponse:
+    gateway = gateway_of(request)
+    history = _known_history(gateway, turn)
+    if history is None:
+        history = await _read_history(gateway, turn)
+    return await _forward(request, gateway, turn, history, headers)
 
 
 _NOT_FROM_THE_CLIENT = ("accept-encoding", "content-type", "content-encoding")
