@@ -156,3 +156,38 @@ async def test_at_the_deadline_other_requests_are_cancelled_at_once(tmp_path: Pa
     assert answered is None
     assert code == 0, stderr
     assert _messages(gateway.db) == []
+
+
+async def test_an_idle_kept_alive_connection_is_closed_at_the_signal(tmp_path: Path) -> None:
+    """aiohttp (3.14) cancels an idle connection's wait for its next request at shutdown
+    but leaves the connection open: a request sent on it (an SDK's next call on its
+    pooled connection) was never answered, and the connection closed only when the drain
+    ended, up to ``shutdown_grace`` later (found by a review).  It is closed at once now,
+    while a stream on another connection is still being drained, so the client's next
+    request goes on a new connection, which is refused."""
+    release = asyncio.Event()
+    first, *rest = answer_events("Hello world")
+    async with scripted_upstream(Script(chunks=[first, release, *rest])) as upstream:
+        gateway = serve(tmp_path, upstream.url, "[server]\nshutdown_grace = 60\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"keep-alive" not in head.lower()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)  # the answer whole: the connection is idle now
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(gateway.url + "/v1/chat/completions", json=BODY) as response,
+        ):
+            assert await response.content.readuntil(b"\n\n") == first
+            exited = await _signal(gateway, signal.SIGTERM)
+            # bounded: the drain goes on until the stream is released, which is after this
+            closed = await asyncio.wait_for(reader.read(), 30)
+            assert closed == b""  # closed by the gateway, with nothing more sent
+            assert not exited.done() and not response.content.at_eof()  # still draining
+            release.set()
+            await response.content.read()
+        writer.close()
+        code, stderr = await exited
+    assert code == 0, stderr

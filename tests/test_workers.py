@@ -190,6 +190,45 @@ def test_a_stop_while_many_workers_start_starts_no_more(tmp_path: Path) -> None:
     assert process.proc.returncode == 0, stderr
 
 
+def test_a_terminals_ctrl_c_while_the_workers_start_is_no_traceback(tmp_path: Path) -> None:
+    """Ctrl-C sends SIGINT to the terminal's whole process group: a worker still
+    importing chatmem raised KeyboardInterrupt and printed (half of) its traceback before
+    the master's SIGTERM ended it (found by a review).  Workers have a group of their
+    own: the master alone gets the SIGINT, and stops them."""
+    import subprocess
+    import sys
+
+    from helpers import SRC
+
+    db = tmp_path / "chatmem.db"
+    config = tmp_path / "chatmem.toml"
+    config.write_text(f'[storage]\nurl = "sqlite+aiosqlite:///{db}"\n[server]\nworkers = 2\n')
+    args = ["serve", "--config", str(config), "--port", str(free_port()), "--demo"]
+    master = subprocess.Popen(
+        [sys.executable, "-m", "chatmem", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": SRC},
+        start_new_session=True,  # a group of its own, as a terminal's job is
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(_children(master.pid)) < 2 and time.monotonic() < deadline:
+            assert master.poll() is None
+            time.sleep(0.005)
+        workers = _children(master.pid)
+        assert all(os.getpgid(pid) != master.pid for pid in workers)  # not in its group
+        time.sleep(0.15)  # into their imports (which take longer), past Python's start
+        os.killpg(master.pid, signal.SIGINT)  # the terminal's Ctrl-C, to the whole group
+        _, stderr = master.communicate(timeout=60)
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(5)
+    assert "Traceback" not in stderr.decode(), stderr.decode()
+    assert master.returncode == 0, stderr.decode()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

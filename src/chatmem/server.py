@@ -73,9 +73,24 @@ def _phrase(status: int) -> str:
 
 
 class _Connection(RequestHandler):
-    """aiohttp's connection handler with errors outside any handler answered as JSON."""
+    """aiohttp's connection handler with errors outside any handler answered as JSON, and
+    closed at once at shutdown when it is idle."""
 
     __slots__ = ()
+
+    def close(self) -> None:
+        """Close once the request in flight is answered, or now when there is none.
+
+        At shutdown aiohttp (3.14) closes every connection this way, which for an idle
+        one cancels its wait for the next request and leaves it open: a request sent on it
+        then (an SDK's next call on its pooled connection) was never answered, and the
+        connection closed only when the drain ended, up to ``shutdown_grace`` later.
+        Closed now, the client's next request goes on a new connection, which is refused,
+        so it knows at once."""
+        if self._waiter is not None:  # between requests: nothing to finish
+            self.force_close()
+            return
+        super().close()
 
     def handle_error(
         self,

@@ -140,6 +140,10 @@ async def _start_worker(command: list[str], env: dict[str, str]) -> _Worker:
             *command,
             env={**env, READY_FD_ENV: str(write_end), MASTER_PID_ENV: str(os.getpid())},
             pass_fds=(write_end,),
+            # A group of its own: a terminal's Ctrl-C (SIGINT to the foreground group)
+            # reaches the master alone, which stops the workers with SIGTERM.  A worker
+            # still importing chatmem took it for a KeyboardInterrupt, with a traceback.
+            process_group=0,
         )
     except BaseException:
         os.close(read_end)
