@@ -399,3 +399,39 @@ def test_the_workers_stop_when_their_master_is_killed(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()
+
+
+def test_a_dead_masters_metrics_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A master killed with SIGKILL leaves its directory of metric files in the temporary
+    directory (found by a review: 126 of them); the next master removes those of masters
+    that are gone, and no other."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from chatmem.workers import _metrics_dir
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(gone.stdout)
+    temp = Path(tempfile.gettempdir())
+    dead = temp / f"chatmem-metrics-{dead_pid}-test"
+    alive = temp / f"chatmem-metrics-{os.getpid()}-test"
+    other = temp / "chatmem-metrics-notapid"
+    made = None
+    try:
+        for path in (dead, alive, other):
+            path.mkdir(exist_ok=True)
+            (path / "counter_1.db").write_bytes(b"x")
+        made, owned = _metrics_dir({})
+        assert owned and Path(made).name.startswith(f"chatmem-metrics-{os.getpid()}-")
+        assert not dead.exists()
+        assert alive.exists() and other.exists()
+    finally:
+        for path in (dead, alive, other, *([Path(made)] if made else [])):
+            shutil.rmtree(path, ignore_errors=True)

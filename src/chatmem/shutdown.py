@@ -105,7 +105,8 @@ class LiveRequests:
         if not pending:
             return
         requests = pending - set(self.waiting.values())
-        log.info("waiting up to %ss for %d requests in flight", grace, len(requests))
+        count = len(requests)
+        log.info("waiting up to %ss for %d request%s in flight", grace, count, "s"[count == 1 :])
         _, pending = await asyncio.wait(pending, timeout=grace)
         if not pending:
             return

@@ -180,12 +180,33 @@ def _metrics_dir(env: dict[str, str]) -> tuple[str, bool]:
     """The multiprocess directory, emptied; and whether we created it (and remove it)."""
     given = env.get(MULTIPROC_ENV)
     if not given:
-        return tempfile.mkdtemp(prefix="chatmem-metrics-"), True
+        _remove_dead_masters_dirs()
+        return tempfile.mkdtemp(prefix=f"{_OWN_DIRS}{os.getpid()}-"), True
     path = Path(given)
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):  # values of a previous run must not be added up
         stale.unlink()
     return given, False
+
+
+_OWN_DIRS = "chatmem-metrics-"
+"""The prefix of the directories masters make, followed by the master's pid."""
+
+
+def _remove_dead_masters_dirs() -> None:
+    """Remove the directories of masters that died without removing theirs (``kill -9``,
+    a crash): each held its workers' metric files, and they piled up in the temporary
+    directory with every such death."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_OWN_DIRS}*-*"):
+        pid = path.name[len(_OWN_DIRS) :].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # dead (a pid taken again since is left alone)
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 async def _replace(
