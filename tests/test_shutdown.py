@@ -189,5 +189,6 @@ async def test_an_idle_kept_alive_connection_is_closed_at_the_signal(tmp_path: P
             release.set()
             await response.content.read()
         writer.close()
+        await writer.wait_closed()
         code, stderr = await exited
     assert code == 0, stderr
