@@ -383,3 +383,54 @@ def test_only_the_databases_refusal_counts() -> None:
         assert health.refusing == said
     health.wrote()
     assert health.refusing is None
+
+
+async def test_a_sqlite_file_read_only_when_the_gateway_started_is_written_once_it_can_be(
+    gateway_factory: Any, upstream: TestServer, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite opens a file it cannot write (a read-only mount, the wrong owner) read-only,
+    and the connection stays so: a gateway started then answered 503 to every write
+    until it was restarted, long after the file could be written.  Each connection is
+    opened again at its next use once the database refused a write as read-only.
+
+    The file's refusal is SQLite's own: while ``read_only`` holds, every connection the
+    gateway opens to it (its three kinds: the loop's and threads' own, SQLAlchemy's
+    engine, the Conversations API's) is opened ``mode=ro``, as SQLite opens a file whose
+    write access the system refuses (which a test running as root cannot make it do)."""
+    store = await open_store(db_path)  # the schema, made while the file could be written
+    await store.close()
+    read_only = True
+    real_connect = sqlite3.connect
+
+    def connect(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if read_only and str(database) == str(db_path):
+            kwargs["uri"] = True
+            return real_connect(f"file:{database}?mode=ro", *args, **kwargs)
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", connect)  # SQLAlchemy's pysqlite's
+    client = await gateway_factory(upstream_url(upstream))
+    turn = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    refused = await client.post(
+        "/v1/chat/completions", json=turn, headers={"X-Conversation-Id": "r"}
+    )
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "storage_unavailable"
+    api = await client.post("/v1/conversations", json={"items": [{"role": "user", "content": "x"}]})
+    assert api.status == 503
+    assert (await client.get("/v1/ready")).status == 503
+    read_only = False  # the file can be written now: remounted, its owner changed
+    for _ in range(60):  # bounded: the probe runs at most once a second
+        if (await client.get("/v1/ready")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert (await client.get("/v1/ready")).status == 200
+    stored = await client.post(
+        "/v1/chat/completions", json=turn, headers={"X-Conversation-Id": "r"}
+    )
+    assert stored.status == 200
+    api = await client.post("/v1/conversations", json={"items": [{"role": "user", "content": "x"}]})
+    assert api.status == 200
+    items = await client.get("/v1/conversations/r/items?order=asc")
+    assert [item["role"] for item in (await items.json())["data"]] == ["user", "assistant"]

@@ -17,6 +17,7 @@ from sqlalchemy.pool import StaticPool
 
 from .. import jsonio
 from ..config import StorageConfig
+from .write_health import WriteHealth
 
 __all__ = ["WRITE", "create_engine", "create_inline_engine", "in_memory", "is_sqlite"]
 
@@ -113,6 +114,23 @@ def _replace_dead_connections(engine: AsyncEngine) -> None:
             raise DisconnectionError("the database closed this connection")
         if driver.is_in_transaction():  # given back inside one: it must not carry a turn
             raise DisconnectionError("the connection was given back inside a transaction")
+
+
+def reopen_after_read_only_refusals(engine: AsyncEngine, health: WriteHealth) -> None:
+    """A SQLite connection of ``engine``'s pool opened before SQLite last refused a write
+    as read-only is replaced at checkout (see ``WriteHealth.reopen``)."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_OPENED_AT] = health.reopen
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get(_OPENED_AT, health.reopen) != health.reopen:
+            raise DisconnectionError("opened before SQLite refused a write as read-only")
+
+
+_OPENED_AT = "chatmem.opened_at"
 
 
 def _postgresql_args(config: StorageConfig) -> dict[str, Any]:

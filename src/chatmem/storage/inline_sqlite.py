@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult, Executable
 
 from .engine import create_inline_engine
+from .write_health import WriteHealth
 
 __all__ = ["InlineConnection", "InlineSQLite"]
 
@@ -51,8 +52,11 @@ class InlineSQLite:
     """One synchronous connection to the SQLite file at ``path``, for the event loop's
     thread, with one transaction at a time on it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, health: WriteHealth) -> None:
         self._engine = create_inline_engine(path)
+        self._health = health
+        self._opened_at = 0
+        """``health.reopen`` when the connection was opened (see ``WriteHealth.reopen``)."""
         self._conn: Connection | None = None
         self._driver: sqlite3.Connection | None = None
         self._open = False
@@ -67,7 +71,10 @@ class InlineSQLite:
         if self._open:
             return None
         try:
+            if self._conn is not None and self._opened_at != self._health.reopen:
+                self.close()  # opened read-only, perhaps: again (the engine opens anew)
             if self._conn is None:
+                self._opened_at = self._health.reopen
                 self._conn = self._engine.connect()
                 self._driver = self._conn.connection.driver_connection
             assert self._driver is not None

@@ -35,7 +35,7 @@ from .. import jsonio
 from ..config import ResendReasoning
 from ..errors import InvalidRequest, StorageUnavailable
 from . import postgres_turns
-from .engine import WRITE, in_memory, is_sqlite
+from .engine import WRITE, in_memory, is_sqlite, reopen_after_read_only_refusals
 from .faults import (
     BROKEN_CONNECTION,
     is_connection_lost,
@@ -280,7 +280,11 @@ class Store(ConversationItems):
             if direct and self._sqlite and database and not in_memory(engine.url)
             else None
         )
-        self._inline = InlineSQLite(database) if self._turns is not None and database else None
+        self._inline = (
+            InlineSQLite(database, self.health) if self._turns is not None and database else None
+        )
+        if self._sqlite:
+            reopen_after_read_only_refusals(engine, self.health)
         """The Conversations API's statements within one step of the loop (SQLite)."""
         # One writer at a time per process on SQLite: waiting here is cheaper than
         # waiting on the file lock, which stays for writers in other processes.

@@ -190,6 +190,8 @@ class SQLiteTurns:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chatmem-sqlite-write")
         self._inline: sqlite3.Connection | None = None
+        self._inline_opened_at = 0
+        """``WriteHealth.reopen`` when the loop's connection was opened."""
         self._reading = False
         """The loop's connection is in the read transaction of this pass of the event loop
         (:meth:`_reading_connection`).  Not ``in_transaction``: the callback that ends the
@@ -232,16 +234,34 @@ class SQLiteTurns:
         return conn
 
     def _connection(self) -> sqlite3.Connection:
-        """The calling database thread's connection."""
+        """The calling database thread's connection (opened again after a refusal as
+        read-only, see ``WriteHealth.reopen``)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        stale = conn is not None and self._local.opened_at != self._health.reopen
+        if stale and conn is not None and not conn.in_transaction:
+            conn.close()
+            conn = self._local.conn = None
         if conn is None:
+            self._local.opened_at = self._health.reopen
             conn = self._local.conn = self._open(self._busy_timeout_ms)
         return conn
 
     def _loop_connection(self) -> sqlite3.Connection:
         """The event loop's own connection: it never waits for a lock (busy_timeout 0) and
         never checkpoints (the writer thread does, so the fsync happens there)."""
+        inline = self._inline
+        if (
+            inline is not None
+            and self._inline_opened_at != self._health.reopen
+            and not inline.in_transaction  # else at the next use after it
+        ):
+            # A new connection's data_version says nothing of the old one's windows.
+            inline.close()
+            self._inline = None
+            self._windows.clear()
+            self._unseen.clear()
         if self._inline is None:
+            self._inline_opened_at = self._health.reopen
             self._inline = self._open(0)
             self._inline.execute("PRAGMA wal_autocheckpoint=0")
             # Its writes need no foreign key checks: a turn's messages go in under the

@@ -51,6 +51,21 @@ def _contention(exc: BaseException) -> bool:
     return False
 
 
+def _read_only(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is SQLite's refusal of a write to
+    a connection that opened the file read-only."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error) and (
+            (seen.sqlite_errorcode or 0) & 0xFF == sqlite3.SQLITE_READONLY
+        ):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _root(exc: BaseException) -> BaseException:
     """The first cause of ``exc``: the driver's own error, which :func:`described` names."""
     for _ in range(8):
@@ -65,11 +80,16 @@ class WriteHealth:
     refused it (for the log), None while writes go through; ``writes`` counts those that
     committed (``/v1/ready`` probes only when none did since it last looked)."""
 
-    __slots__ = ("refusing", "writes")
+    __slots__ = ("refusing", "reopen", "writes")
 
     def __init__(self) -> None:
         self.refusing: str | None = None
         self.writes = 0
+        self.reopen = 0
+        """Counts SQLite's refusals of a write as read-only.  SQLite opens a file it cannot
+        write (a read-only mount, the wrong owner) read-only, and such a connection stays
+        so after the file can be written: each of the store's connections opened before
+        the latest refusal is opened again at its next use."""
 
     def wrote(self) -> None:
         """A write transaction committed."""
@@ -82,6 +102,8 @@ class WriteHealth:
         """A write transaction failed with ``exc``: noted unless it was contention."""
         if _contention(exc):
             return
+        if _read_only(exc):
+            self.reopen += 1
         first = self.refusing is None
         self.refusing = described(_root(exc))
         if first:
