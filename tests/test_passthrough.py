@@ -854,3 +854,27 @@ async def test_a_header_repeated_in_other_letter_cases_goes_up_whole(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert echo_upstream.app[HEADERS_SEEN][-1].getall("X-R") == ["1", "2", "3"]
+
+
+async def test_a_streamed_body_that_stops_coming_is_a_408(gateway_factory: GatewayFactory) -> None:
+    """A chunked upload is streamed upstream as it comes: a client that sent a piece and
+    went silent held its connection and the upstream's for as long as the upstream
+    waited (found by a review: 40 s and more with ``idle_timeout = 5``).  The body may not
+    pause longer than ``server.idle_timeout`` between two pieces."""
+    async with scripted_upstream(Script(chunks=[b"{}"], framing="length")) as up:
+        client = await gateway_factory(up.url, server={"idle_timeout": 0.5})
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n'
+        )
+        await writer.drain()
+        # bounded: the gateway answers once the body paused for idle_timeout
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        rest = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    error = json.loads(rest)["error"]
+    assert error["code"] == "request_timeout"
+    assert "within 0.5 seconds of its last piece" in error["message"]

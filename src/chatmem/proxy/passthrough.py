@@ -23,6 +23,7 @@ from ..errors import (
     NotFound,
     NotRelayed,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamError,
     UpstreamTimeout,
     error_body,
@@ -99,7 +100,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         return await _relay_in_memory(request, upstream, url, headers, limit, length)
     if length is not None and not decoded:
         headers["Content-Length"] = str(length)
-    body = _LimitedBody(request.content, limit)
+    body = _LimitedBody(request.content, limit, gateway.config.server.idle_timeout)
     data: AsyncIterator[bytes] | bytes | None = None
     if request.body_exists and request.content.at_eof():
         data = await already_read(request)  # by a host app's middleware, say
@@ -130,6 +131,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes") from None
         if body.undecodable:
             raise undecodable_body(request) from None
+        if body.timed_out:
+            raise RequestTimeout(
+                f"the request body did not arrive within {body.idle:g} seconds of its last piece"
+            ) from None
         raise
 
 
@@ -612,19 +617,28 @@ async def host_methods(request: web.Request) -> list[str] | None:
 
 
 class _LimitedBody:
-    """The client's body streamed upstream, cut off past ``limit`` bytes."""
+    """The client's body streamed upstream, cut off past ``limit`` bytes, or when the
+    client sends nothing of it for ``idle`` seconds (``server.idle_timeout``): one that
+    sent a piece and went silent held its connection and the upstream's for as long as
+    the upstream waited (found by a review)."""
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, idle: float) -> None:
         self.content = content
         self.limit = limit
+        self.idle = idle
         self.exceeded = False
         self.undecodable = False
         """The body's ``Content-Encoding`` could not be decoded."""
+        self.timed_out = False
 
     async def stream(self) -> AsyncIterator[bytes]:
         size = 0
         try:
-            async for chunk in self.content.iter_any():
+            while True:
+                async with asyncio.timeout(self.idle):
+                    chunk = await self.content.readany()
+                if not chunk:
+                    return
                 size += len(chunk)
                 if size > self.limit:
                     self.exceeded = True
@@ -632,6 +646,10 @@ class _LimitedBody:
                 yield chunk
         except web.RequestPayloadError:
             self.undecodable = True
+            raise
+        except TimeoutError:
+            self.timed_out = True
+            self.content.feed_eof()  # nothing more is read of it (aiohttp would linger)
             raise
 
 
