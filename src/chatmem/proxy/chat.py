@@ -209,16 +209,13 @@ def assistant_message(turn: AssistantTurn) -> dict[str, Any]:
 def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request's messages as they are stored: a ``reasoning_content`` (DeepSeek's and
     vLLM's name) as ``reasoning``, as an answer's is, and no empty ``tool_calls`` (OpenAI
-    refuses ``[]`` in a later request, and it made no call); an assistant's null content
-    without tool calls as an answer's is (:func:`assistant_message`): its ``refusal``,
-    else "" (one that only names an earlier audio answer, ``audio: {"id"}``), since
-    OpenAI refuses null in a later request's history.  They go upstream as they came."""
+    refuses ``[]`` in a later request, and it made no call); and an assistant's message
+    whose null content a field the store has no place for stood in for (OpenAI's
+    ``refusal``, or ``audio: {"id"}`` naming an earlier audio answer) as an answer's is
+    (:func:`assistant_message`): its refusal, else "", since without that field OpenAI
+    refuses null in a later request's history.  They go upstream as they came."""
     for m in messages:
-        if (
-            "reasoning_content" in m
-            or m.get("tool_calls") == []
-            or (m.get("content") is None and m["role"] == "assistant")
-        ):
+        if "reasoning_content" in m or m.get("tool_calls") == [] or _stands_in(m):
             break
     else:
         return messages  # the usual turn: nothing to copy
@@ -229,11 +226,21 @@ def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = {**m, "reasoning": reasoning}
         if m.get("tool_calls") == []:
             m = {k: v for k, v in m.items() if k != "tool_calls"}
-        if m.get("content") is None and m["role"] == "assistant" and not m.get("tool_calls"):
+        if _stands_in(m):
             refusal = m.get("refusal")
             m = {**m, "content": refusal if isinstance(refusal, str) else ""}
         stored.append(m)
     return stored
+
+
+def _stands_in(message: dict[str, Any]) -> bool:
+    """An assistant's message whose ``refusal`` or ``audio`` stands in for its content."""
+    return (
+        message.get("content") is None
+        and message["role"] == "assistant"
+        and ("refusal" in message or "audio" in message)
+        and not message.get("tool_calls")
+    )
 
 
 async def _forward(
