@@ -378,18 +378,24 @@ async def test_a_sub_app_with_its_own_setup_drains_with_its_own_grace(tmp_path: 
     assert [m["role"] for m in Rows(tmp_path / "sub.db").messages("c1")] == ["user", "assistant"]
 
 
+@pytest.mark.parametrize("host_first", [True, False], ids=["host first", "sub-app first"])
 async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_origins(
-    aiohttp_client: Any, upstream: TestServer, tmp_path: Path
+    aiohttp_client: Any, upstream: TestServer, tmp_path: Path, host_first: bool
 ) -> None:
     """The host's CORS middleware also sees the sub-app's preflights: it leaves them to
-    the sub-app's gateway, whose origins they are."""
+    the sub-app's gateway, whose origins they are.  With the sub-app added before the
+    host's ``setup``, the host took the sub-app's routes for its own (aiohttp lists them
+    among the host's): it answered their preflights with its origins and counted their
+    responses too (found by a review)."""
     import chatmem
 
     url = upstream_url(upstream)
     host = web.Application()
-    chatmem.setup(
-        host, make_config(tmp_path / "h.db", url, server={"cors_origins": ["https://a.example"]})
+    host_config = make_config(
+        tmp_path / "h.db", url, server={"cors_origins": ["https://a.example"]}
     )
+    if host_first:
+        chatmem.setup(host, host_config)
     sub = web.Application()
 
     async def own_page(_request: web.Request) -> web.Response:
@@ -400,6 +406,8 @@ async def test_a_sub_app_with_its_own_setup_answers_preflights_with_its_own_orig
         sub, make_config(tmp_path / "s.db", url, server={"cors_origins": ["https://b.example"]})
     )
     host.add_subapp("/ai/", sub)
+    if not host_first:
+        chatmem.setup(host, host_config)
     client = await aiohttp_client(host)
     assert (await client.get("/ai/page")).status == 200
     for path, origin, status in (
@@ -516,3 +524,31 @@ async def test_a_host_server_logs_a_client_that_left_as_499(
     assert '"POST /v1/chat/completions HTTP/1.1" 499' in line.getMessage() or (
         chatmem_format and line.getMessage().startswith("POST /v1/chat/completions 499 ")
     )
+
+
+async def test_a_body_a_host_middleware_read_and_did_not_keep_is_not_relayed_empty(
+    aiohttp_client: Any, db_path: Path
+) -> None:
+    """aiohttp's ``request.post()`` reads a multipart body without keeping a copy: an
+    upload behind a host middleware that called it went upstream with its headers and an
+    empty body, and the upstream's answer came back as if nothing were wrong (found by a
+    review).  It is a 500 that says why, and the upstream is not asked."""
+    import chatmem
+
+    @web.middleware
+    async def reads_forms(request: web.Request, handler: Any) -> web.StreamResponse:
+        await request.post()
+        return await handler(request)
+
+    async with scripted_upstream(Script(chunks=[b"{}"], framing="length")) as up:
+        app = web.Application(middlewares=[reads_forms])
+        chatmem.setup(app, make_config(db_path, up.url))
+        client = await aiohttp_client(app)
+        form = aiohttp.FormData()
+        form.add_field("model", "whisper-1")
+        form.add_field("file", b"RIFF....WAVE", filename="a.wav", content_type="audio/wav")
+        response = await client.post("/v1/audio/transcriptions", data=form)
+        error = (await response.json())["error"]
+        assert up.requests == []
+    assert response.status == 500
+    assert error["message"].startswith("the request body was read before chatmem's handler")

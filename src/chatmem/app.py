@@ -108,7 +108,16 @@ def setup(app: web.Application, config: Config) -> None:
         name=ROUTE_PREFIX + PASSTHROUGH_ROUTE,
         early_headers=passthrough_early_headers,
     )
-    own.update(own_routes(app.router.routes()))
+    # Its own router's routes: aiohttp holds a sub-app added before this setup as one resource,
+    # whose routes ``router.routes()`` lists too, and those are the sub-app's gateway's.
+    own.update(
+        own_routes(
+            route
+            for resource in app.router.resources()
+            if not isinstance(resource, web.PrefixedSubAppResource)
+            for route in resource
+        )
+    )
     for resource in app.router.resources():
         if not (resource.name or "").startswith(ROUTE_PREFIX):
             continue

@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 
 from .. import jsonio
 from ..errors import (
+    ChatmemError,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -141,8 +142,25 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 async def already_read(request: web.Request) -> bytes:
     """The body a host app's middleware read before chatmem's handler (``await
-    request.read()`` is usual in aiohttp, and keeps the body for the handler), or b""."""
-    return await request.read()  # aiohttp's copy; its stream is at its end by now
+    request.read()`` is usual in aiohttp, and keeps the body for the handler), or b"".
+
+    ``request.post()`` of a multipart body reads it without keeping a copy: that is a
+    500 that says so, where the upstream got the client's headers and an empty body."""
+    body = await request.read()  # aiohttp's copy; its stream is at its end by now
+    if not body and request.content.total_bytes:
+        raise BodyNotKept(
+            "the request body was read before chatmem's handler and not kept (a host"
+            " app's request.post() of a multipart body); nothing was sent upstream"
+        )
+    return body
+
+
+class BodyNotKept(ChatmemError):
+    """A host app read the body and kept no copy: the host's mistake, not the client's."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
