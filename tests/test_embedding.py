@@ -552,3 +552,34 @@ async def test_a_body_a_host_middleware_read_and_did_not_keep_is_not_relayed_emp
         assert up.requests == []
     assert response.status == 500
     assert error["message"].startswith("the request body was read before chatmem's handler")
+
+
+async def test_a_sub_app_gateways_conversation_cookie_is_its_own(
+    aiohttp_client: Any, upstream: TestServer, tmp_path: Path
+) -> None:
+    """With a gateway on the host and one on a sub-app, both set ``chatmem_session`` at
+    ``Path=/``: a turn on one replaced the other's cookie, whose conversation the next
+    turn there then lost (found by a review).  The sub-app's cookie has a name and a
+    path of its own; the host's is as it always was."""
+    import chatmem
+
+    url = upstream_url(upstream)
+    host = web.Application()
+    sub = web.Application()
+    chatmem.setup(sub, make_config(tmp_path / "s.db", url, compat={"session_secret": "s" * 32}))
+    host.add_subapp("/ai/", sub)
+    chatmem.setup(host, make_config(tmp_path / "h.db", url, compat={"session_secret": "h" * 32}))
+    client = await aiohttp_client(host)  # its cookie jar keeps both, as curl's would
+
+    async def turn(prefix: str) -> str:
+        response = await client.post(f"{prefix}/conversation/m", json={"text": "hi"})
+        await response.read()
+        assert response.status == 200
+        return response.headers["X-Conversation-Id"]
+
+    first = await turn("")
+    sub_first = await turn("/ai")
+    assert await turn("") == first  # the host's conversation goes on
+    assert await turn("/ai") == sub_first  # and so does the sub-app's
+    cookies = {cookie.key: cookie["path"] for cookie in client.session.cookie_jar}
+    assert cookies == {"chatmem_session": "/", "chatmem_session_ai": "/ai/"}

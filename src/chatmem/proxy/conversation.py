@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import secrets
 from typing import Any
 
@@ -57,22 +58,44 @@ class CookieSessions:
                 "signed with a random key and stop working when this process stops"
             )
             key = secrets.token_bytes(32)
-        self.storage = EncryptedCookieStorage(
-            key,
-            cookie_name=COOKIE_NAME,
-            max_age=config.session_max_age,
-            samesite="Lax",
-            secure=config.session_cookie_secure or None,
-        )
+        self._key = key
+        self._config = config
+        self._storages: dict[str, EncryptedCookieStorage] = {}
+
+    def _storage_at(self, prefix: str) -> EncryptedCookieStorage:
+        """The cookie storage of a gateway mounted at ``prefix`` ("" at the root).
+
+        A gateway in a sub-app (``add_subapp("/ai/", sub)``) has a cookie of its own name
+        and path: with one shared name and ``Path=/``, its ``/conversation`` and the
+        host's each took the other's cookie for theirs and dropped its conversation
+        (found by a review).  At the root, the name and path are as they always were."""
+        storage = self._storages.get(prefix)
+        if storage is None:
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", prefix).strip("_")
+            storage = self._storages[prefix] = EncryptedCookieStorage(
+                self._key,
+                cookie_name=f"{COOKIE_NAME}_{slug}" if slug else COOKIE_NAME,
+                path=f"{prefix}/" if prefix else "/",
+                max_age=self._config.session_max_age,
+                samesite="Lax",
+                secure=self._config.session_cookie_secure or None,
+            )
+        return storage
+
+    def _for(self, request: web.Request) -> EncryptedCookieStorage:
+        resource = request.match_info.route.resource
+        canonical = resource.canonical if resource is not None else ""
+        return self._storage_at(canonical[: max(canonical.find("/conversation/"), 0)])
 
     async def load(self, request: web.Request, owner: Owner) -> tuple[Session, str]:
         """The session and its conversation id: a new one for a new or unreadable cookie,
         or for one issued to another caller (replayed, it must not even tell them the id
         of someone else's conversation)."""
+        storage = self._for(request)
         try:
-            session = await self.storage.load_session(request)
+            session = await storage.load_session(request)
         except UnicodeError:  # a cookie value that is not UTF-8 (aiohttp-session fails)
-            session = Session(None, data=None, new=True, max_age=self.storage.max_age)
+            session = Session(None, data=None, new=True, max_age=storage.max_age)
         caller = [owner.tenant, owner.user]
         conversation_id = None
         # A cookie from before owners were recorded is taken as the caller's.
@@ -87,9 +110,10 @@ class CookieSessions:
 
     async def set_cookie_header(self, request: web.Request, session: Session) -> str:
         """The ``Set-Cookie`` value that saves ``session`` (re-sent to renew its max age)."""
+        storage = self._for(request)
         scratch = web.Response()
-        await self.storage.save_session(request, scratch, session)
-        return scratch.cookies[COOKIE_NAME].OutputString()
+        await storage.save_session(request, scratch, session)
+        return scratch.cookies[storage.cookie_name].OutputString()
 
 
 COOKIE_SESSIONS = web.AppKey("chatmem.cookie_sessions", CookieSessions)
