@@ -732,3 +732,22 @@ async def test_deletes_of_a_conversation_and_of_its_items_do_not_deadlock(store:
         )
         assert outcomes[1] is True
         assert await store.get_conversation(owner, info.id) is None
+
+
+async def test_a_read_whose_prepared_plan_a_migration_invalidated_runs_again(
+    pg_url: str,
+) -> None:
+    """``chatmem db downgrade``/``upgrade`` under a running gateway changes a column's
+    type; asyncpg then refuses each pooled connection's cached plan of a statement over it
+    once (``InvalidCachedStatementError``), and ``/v1/ready``'s read was a 500 with a
+    traceback (found by a review).  SQLAlchemy's adapter drops its caches on it: the read
+    runs again, and answers."""
+    store = await open_store(pg_url, pool_size=1)
+    admin = await connect(pg_url)
+    try:
+        await store.ping()  # the statement is prepared and cached on the one connection
+        await admin.execute("ALTER TABLE conversations ALTER COLUMN pk TYPE integer")
+        await store.ping()
+    finally:
+        await admin.close()
+        await store.close()

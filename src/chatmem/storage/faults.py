@@ -18,6 +18,7 @@ __all__ = [
     "CONNECTION_ENDED",
     "is_connection_lost",
     "is_retryable",
+    "is_stale_statement",
     "is_unavailable",
     "sqlite_busy",
     "sqlstate",
@@ -78,6 +79,16 @@ def is_connection_lost(exc: BaseException | None) -> bool:
     return isinstance(exc, CONNECTION_ENDED)
 
 
+def is_stale_statement(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is asyncpg's refusal of a statement it prepared before the schema
+    changed under it (``chatmem db downgrade`` or ``upgrade`` while the gateway runs):
+    SQLAlchemy's adapter drops its caches on it, so the statement may simply run again.
+    Left alone it was a 500 with a traceback (``/v1/ready``, once per pooled connection)."""
+    if isinstance(exc, DBAPIError):
+        exc = None if exc.orig is None else exc.orig.__cause__
+    return isinstance(exc, asyncpg.InvalidCachedStatementError)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True when the database could not do the work, through no fault of the request."""
     if isinstance(
@@ -86,6 +97,8 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, DBAPIError | asyncpg.PostgresError):
         return False
+    if is_stale_statement(exc):
+        return True
     if isinstance(exc, DBAPIError) and (
         exc.connection_invalidated or isinstance(exc.orig, OSError)  # a timeout, say
     ):

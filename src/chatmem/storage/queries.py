@@ -40,6 +40,7 @@ from .faults import (
     BROKEN_CONNECTION,
     is_connection_lost,
     is_retryable,
+    is_stale_statement,
     is_unavailable,
     sqlite_busy,
 )
@@ -534,7 +535,8 @@ class Store(ConversationItems):
             try:
                 return await work()
             except StorageUnavailable as exc:
-                lost = harmless and is_connection_lost(exc.__cause__)
+                cause = exc.__cause__
+                lost = harmless and (is_connection_lost(cause) or is_stale_statement(cause))
                 if lost and ended < self._pool_size():
                     ended += 1
                     continue
