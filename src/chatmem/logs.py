@@ -50,7 +50,6 @@ request_id_var: ContextVar[str | None] = ContextVar("chatmem_request_id", defaul
 """The id of the request being handled by the current task (None outside requests)."""
 
 content_log = logging.getLogger("chatmem.content")
-access_log = logging.getLogger("chatmem.access")
 
 # LogRecord attributes that are not "extra" fields given by the caller.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}

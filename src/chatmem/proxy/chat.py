@@ -138,6 +138,8 @@ async def run_turn(request: web.Request, turn: Turn, headers: dict[str, str]) ->
     """
     gateway = gateway_of(request)
     if gateway.config.memory.on_client_disconnect == "discard":
+        # _read_and_forward's steps, inline: through it, every turn costs one coroutine
+        # more, 0.4 % of a plain request's instructions (benchmarks.instructions).
         history = _known_history(gateway, turn)
         if history is None:
             history = await _read_history(gateway, turn)
@@ -174,6 +176,7 @@ def _read_history(gateway: Gateway, turn: Turn) -> Awaitable[History]:
 async def _read_and_forward(
     request: web.Request, turn: Turn, headers: dict[str, str]
 ) -> web.StreamResponse:
+    """The turn's history (read if need be), then :func:`_forward`."""
     gateway = gateway_of(request)
     history = _known_history(gateway, turn)
     if history is None:
@@ -215,7 +218,11 @@ def _as_stored(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (:func:`assistant_message`): its refusal, else "", since without that field OpenAI
     refuses null in a later request's history.  They go upstream as they came."""
     for m in messages:
-        if "reasoning_content" in m or m.get("tool_calls") == [] or _stands_in(m):
+        if (
+            "reasoning_content" in m
+            or m.get("tool_calls") == []
+            or (m.get("content") is None and _stands_in(m))  # no call for a usual message
+        ):
             break
     else:
         return messages  # the usual turn: nothing to copy

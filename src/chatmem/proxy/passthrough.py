@@ -106,7 +106,6 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         data = await already_read(request)  # by a host app's middleware, say
         if len(data) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-
     elif request.body_exists:
         data = body.stream()
     timer = gateway.metrics.upstream_timer("passthrough")
